@@ -1,0 +1,70 @@
+# Limits and layout constants of KVSvr, in one place.
+#
+# Every size that a client, a frame or a record can carry is bounded here; the Python shell
+# reads them through `kvsvr.limits` (re-exported from `_core`), so there is no second copy.
+
+# --- data model limits -------------------------------------------------------------------
+# LMDB refuses keys over 511 bytes. The longest LMDB key we build is the change index entry
+# (u16 key length + key + u64 version + row key), so key and row key share that budget.
+cdef enum:
+    _MAX_KEY_BYTES = 240
+    _MAX_ROW_KEY_BYTES = 240
+    _MAX_VALUE_BYTES = 1048576          # 1 MiB per value or row
+    _MAX_OPS_PER_BATCH = 256            # operations in one atomic batch on one key
+    _MAX_BATCH_BYTES = 4194304          # rows + values of one batch
+    _MAX_SCAN_ROWS = 10000              # rows returned by one scan / changes call
+    _DEFAULT_SCAN_ROWS = 1000
+
+# --- wire limits -------------------------------------------------------------------------
+cdef enum:
+    _MAX_FRAME_BYTES = 4259840          # one request or response frame: a full batch + slack
+    _MAX_FRAMES_PER_MESSAGE = 1024      # pipelined requests carried by one ZeroMQ message
+    _MAX_MESSAGE_BYTES = 16777216       # one ZeroMQ message (frames back to back)
+
+# --- binlog record layout (see _record.pxi) ------------------------------------------------
+cdef enum:
+    _RECORD_MAGIC = 0x4C42564B          # b"KVBL" little-endian
+    _RECORD_LAYOUT = 1
+    _RECORD_HEADER_BYTES = 56
+    _OP_HEADER_BYTES = 9
+
+# --- wire frame layout (see _frame.pxi) ----------------------------------------------------
+cdef enum:
+    _FRAME_MAGIC = 0x564B               # b"KV" little-endian
+    _FRAME_PROTOCOL = 1
+    _FRAME_HEADER_BYTES = 24
+
+MAX_KEY_BYTES = _MAX_KEY_BYTES
+MAX_ROW_KEY_BYTES = _MAX_ROW_KEY_BYTES
+MAX_VALUE_BYTES = _MAX_VALUE_BYTES
+MAX_OPS_PER_BATCH = _MAX_OPS_PER_BATCH
+MAX_BATCH_BYTES = _MAX_BATCH_BYTES
+MAX_SCAN_ROWS = _MAX_SCAN_ROWS
+DEFAULT_SCAN_ROWS = _DEFAULT_SCAN_ROWS
+MAX_FRAME_BYTES = _MAX_FRAME_BYTES
+MAX_FRAMES_PER_MESSAGE = _MAX_FRAMES_PER_MESSAGE
+MAX_MESSAGE_BYTES = _MAX_MESSAGE_BYTES
+RECORD_HEADER_BYTES = _RECORD_HEADER_BYTES
+FRAME_HEADER_BYTES = _FRAME_HEADER_BYTES
+FRAME_PROTOCOL = _FRAME_PROTOCOL
+
+# Operation kinds of a mutation (binlog records carry them as one byte).
+OP_PUT = 1          # value := value                      (row must be empty)
+OP_DELETE = 2       # value := absent                     (row and value empty)
+OP_INCR = 3         # value := int(value) + delta         (value = 8-byte signed delta)
+OP_ROW_PUT = 4      # rows[row] := value
+OP_ROW_DELETE = 5   # rows[row] := tombstone              (value empty)
+OP_APPEND = 6       # rows[u64be(next_seq)] := value; next_seq += 1   (row empty)
+cdef enum:
+    _OP_KIND_MAX = 6
+
+OP_NAMES = {
+    OP_PUT: "put", OP_DELETE: "delete", OP_INCR: "incr",
+    OP_ROW_PUT: "row_put", OP_ROW_DELETE: "row_delete", OP_APPEND: "append",
+}
+
+# Frame kinds.
+FRAME_REQUEST = 1
+FRAME_RESPONSE = 2
+cdef enum:
+    _FRAME_KIND_MAX = 2

@@ -1,0 +1,98 @@
+"""Every client call as data: which key routes it, the method, the request, and how the reply
+becomes the caller's result. The blocking client, the pipeline, batches and the asyncio
+client all run these specs; none of them builds a request on its own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from kvsvr import protocol as p
+
+
+class CallSpec(NamedTuple):
+    key: bytes | None          # routes the call; None: any node (ping, status)
+    method: int
+    request: Any
+    finish: Callable[[Any], Any]
+
+
+def _same(reply: Any) -> Any:
+    return reply
+
+
+def _version(reply: p.MutateReply) -> int:
+    return reply.version
+
+
+def _first_result(reply: p.MutateReply) -> int:
+    result = reply.results[0]
+    assert result is not None
+    return result
+
+
+def get(key: Any) -> CallSpec:
+    k = p.as_key(key)
+    return CallSpec(k, p.Method.GET, p.GetRequest(k), _same)
+
+
+def row_get(key: Any, row: Any) -> CallSpec:
+    k = p.as_key(key)
+    r = p.as_bytes("row", row, min_length=1, max_length=p.MAX_ROW_KEY_BYTES)
+    return CallSpec(k, p.Method.ROW_GET, p.RowGetRequest(k, r), _same)
+
+
+def scan(key: Any, start: Any, end: Any, limit: Any) -> CallSpec:
+    request = p.scan_request(key, start, end, limit)
+    return CallSpec(request.key, p.Method.SCAN, request, _same)
+
+
+def changes(key: Any, since_version: Any, after_row: Any, limit: Any) -> CallSpec:
+    request = p.changes_request(key, since_version, after_row, limit)
+    return CallSpec(request.key, p.Method.CHANGES, request, _same)
+
+
+def mutate(key: Any, ops: list[p.Op], expected_version: Any, op_id: tuple[int, int],
+           finish: Callable[[Any], Any] = _same) -> CallSpec:
+    k = p.as_key(key)
+    if not ops:
+        raise p.InvalidArgument("ops: a batch needs at least one operation", field="ops")
+    if len(ops) > p.MAX_OPS_PER_BATCH:
+        raise p.InvalidArgument(f"ops: {len(ops)} operations, the limit is {p.MAX_OPS_PER_BATCH}",
+                                field="ops")
+    request = p.MutateRequest(k, ops, p.as_version("expected_version", expected_version),
+                              op_id[0], op_id[1])
+    return CallSpec(k, p.Method.MUTATE, request, finish)
+
+
+def put(key: Any, value: Any, expected_version: Any, op_id: tuple[int, int]) -> CallSpec:
+    return mutate(key, [p.put_op(value)], expected_version, op_id, _version)
+
+
+def delete(key: Any, expected_version: Any, op_id: tuple[int, int]) -> CallSpec:
+    return mutate(key, [p.delete_op()], expected_version, op_id, _version)
+
+
+def incr(key: Any, delta: Any, expected_version: Any, op_id: tuple[int, int]) -> CallSpec:
+    return mutate(key, [p.incr_op(delta)], expected_version, op_id, _first_result)
+
+
+def row_put(key: Any, row: Any, value: Any, expected_version: Any,
+            op_id: tuple[int, int]) -> CallSpec:
+    return mutate(key, [p.row_put_op(row, value)], expected_version, op_id, _version)
+
+
+def row_delete(key: Any, row: Any, expected_version: Any, op_id: tuple[int, int]) -> CallSpec:
+    return mutate(key, [p.row_delete_op(row)], expected_version, op_id, _version)
+
+
+def append(key: Any, value: Any, op_id: tuple[int, int]) -> CallSpec:
+    return mutate(key, [p.append_op(value)], None, op_id, _first_result)
+
+
+def ping() -> CallSpec:
+    return CallSpec(None, p.Method.PING, p.PingRequest(), _same)
+
+
+def status() -> CallSpec:
+    return CallSpec(None, p.Method.STATUS, p.StatusRequest(), _same)

@@ -1,0 +1,209 @@
+"""`kvsvr`: the command-line client.
+
+Text output is for people (a get prints the value); --json prints every result as one JSON
+object for scripts. Exit status: 0 ok, 1 not found, 2 bad usage or argument, 3 version
+conflict, 4 timeout or unavailable, 5 any other error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from kvsvr.client import Client
+from kvsvr.errors import (
+    ConfigError,
+    InvalidArgument,
+    KvError,
+    NotFound,
+    Timeout,
+    Unavailable,
+    VersionConflict,
+)
+from kvsvr.limits import DEFAULT_SCAN_ROWS, DEFAULT_TIMEOUT_S
+from kvsvr.protocol import ChangesPage, RowValue, ScanPage, Versioned
+
+EXIT_CODES: list[tuple[type[Exception], int]] = [
+    (NotFound, 1), (InvalidArgument, 2), (ConfigError, 2), (VersionConflict, 3),
+    (Timeout, 4), (Unavailable, 4), (KvError, 5),
+]
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="backslashreplace")
+
+
+def _row_text(row: bytes) -> str:
+    """Rows made by `append` are 8-byte sequence numbers: show them as #SEQ."""
+    text = row.decode("utf-8", errors="replace")
+    if text.isprintable() and "\ufffd" not in text:
+        return text
+    if len(row) == 8:
+        return f"#{int.from_bytes(row, 'big')}"
+    return "0x" + row.hex()
+
+
+def _jsonable(result: Any) -> Any:
+    if isinstance(result, bytes):
+        return _text(result)
+    if isinstance(result, Versioned):
+        return {"version": result.version, "value": _text(result.value)}
+    if isinstance(result, RowValue):
+        return {"key_version": result.key_version, "row_version": result.row_version,
+                "value": _text(result.value)}
+    if isinstance(result, ScanPage):
+        return {"version": result.version,
+                "rows": [{"row": _row_text(r.row), "version": r.version, "value": _text(r.value)}
+                         for r in result.rows],
+                "next_start": None if result.next_start is None else _text(result.next_start)}
+    if isinstance(result, ChangesPage):
+        return {"version": result.version,
+                "changes": [{"row": _row_text(c.row), "version": c.version, "deleted": c.deleted,
+                             "value": _text(c.value)} for c in result.changes],
+                "resume": None if result.resume is None
+                else [result.resume[0], _text(result.resume[1])]}
+    return result
+
+
+def _print_text(command: str, result: Any) -> None:
+    if isinstance(result, Versioned):
+        print(_text(result.value))
+    elif isinstance(result, RowValue):
+        print(_text(result.value))
+    elif isinstance(result, ScanPage):
+        for row in result.rows:
+            print(f"{_row_text(row.row)}\t{row.version}\t{_text(row.value)}")
+        if result.next_start is not None:
+            print(f"# more rows from {_text(result.next_start)!r}", file=sys.stderr)
+    elif isinstance(result, ChangesPage):
+        for change in result.changes:
+            what = "deleted" if change.deleted else "put"
+            print(f"{change.version}\t{_row_text(change.row)}\t{what}\t{_text(change.value)}")
+        print(f"# key version {result.version}", file=sys.stderr)
+    elif isinstance(result, dict):
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif command in ("put", "delete", "row-put", "row-delete"):
+        print(f"version {result}")
+    else:
+        print(result)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvsvr", description="KVSvr command-line client.")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--config", help="cluster TOML (default: the embedded config)")
+    target.add_argument("--address", help="talk to one node, e.g. tcp://127.0.0.1:7400")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help="seconds to wait for an answer (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text)
+
+    def expect(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--expect-version", type=int, default=None,
+                       help="apply only if the key is at this version (compare-and-set)")
+
+    p = command("get", "print a key's value")
+    p.add_argument("key")
+    p = command("put", "store a value; prints the new version")
+    p.add_argument("key")
+    p.add_argument("value")
+    expect(p)
+    p = command("delete", "remove a key's value; prints the new version")
+    p.add_argument("key")
+    expect(p)
+    p = command("incr", "add to an integer value; prints the new value")
+    p.add_argument("key")
+    p.add_argument("delta", nargs="?", type=int, default=1)
+    expect(p)
+    p = command("row-get", "print a row of a key's table")
+    p.add_argument("key")
+    p.add_argument("row")
+    p = command("row-put", "store a row; prints the key's new version")
+    p.add_argument("key")
+    p.add_argument("row")
+    p.add_argument("value")
+    expect(p)
+    p = command("row-delete", "delete a row (a tombstone is kept); prints the new version")
+    p.add_argument("key")
+    p.add_argument("row")
+    expect(p)
+    p = command("scan", "list rows: ROW<TAB>VERSION<TAB>VALUE")
+    p.add_argument("key")
+    p.add_argument("--start", default="")
+    p.add_argument("--end", default=None)
+    p.add_argument("--limit", type=int, default=DEFAULT_SCAN_ROWS)
+    p = command("append", "append a row (an inbox message); prints its sequence number")
+    p.add_argument("key")
+    p.add_argument("value")
+    p = command("changes", "rows changed after a version: VERSION<TAB>ROW<TAB>put|deleted<TAB>VALUE")
+    p.add_argument("key")
+    p.add_argument("since_version", type=int)
+    p.add_argument("--limit", type=int, default=DEFAULT_SCAN_ROWS)
+    command("status", "show the node's status")
+    command("ping", "check that the node answers")
+    return parser
+
+
+def run(args: argparse.Namespace, client: Client) -> Any:
+    expected = getattr(args, "expect_version", None)
+    c = args.command
+    if c == "get":
+        return client.get(args.key)
+    if c == "put":
+        return client.put(args.key, args.value, expected_version=expected)
+    if c == "delete":
+        return client.delete(args.key, expected_version=expected)
+    if c == "incr":
+        return client.incr(args.key, args.delta, expected_version=expected)
+    if c == "row-get":
+        return client.row_get(args.key, args.row)
+    if c == "row-put":
+        return client.row_put(args.key, args.row, args.value, expected_version=expected)
+    if c == "row-delete":
+        return client.row_delete(args.key, args.row, expected_version=expected)
+    if c == "scan":
+        return client.scan(args.key, args.start, args.end, args.limit)
+    if c == "append":
+        return client.append(args.key, args.value)
+    if c == "changes":
+        return client.changes(args.key, args.since_version, limit=args.limit)
+    if c == "status":
+        return client.status()
+    if c == "ping":
+        return client.ping()
+    raise AssertionError(c)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        with Client(args.config, address=args.address, timeout=args.timeout,
+                    attempt_timeout=min(1.0, args.timeout)) as client:
+            result = run(args, client)
+    except (KvError, ConfigError) as e:
+        code = next(code for cls, code in EXIT_CODES if isinstance(e, cls))
+        kind = {NotFound: "not found", VersionConflict: "version conflict",
+                Timeout: "timeout", Unavailable: "unavailable"}.get(type(e), "error")
+        if code == 2:
+            kind = "invalid"
+        detail = f" (key version {e.version})" if getattr(e, "version", None) is not None else ""
+        if args.json:
+            print(json.dumps({"error": type(e).__name__, "message": str(e),
+                              "field": getattr(e, "field", None),
+                              "version": getattr(e, "version", None)}))
+        print(f"kvsvr: {kind}: {e}{detail}", file=sys.stderr)
+        return code
+    if args.json:
+        print(json.dumps(_jsonable(result)))
+    else:
+        _print_text(args.command, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Cluster configuration: one TOML file describes groups, replicas, campuses and storage.
+
+Decoding is strict (unknown fields are refused, so a typo is an error, not a silent default)
+and every error names the field, e.g. `groups[0].replicas[1].address: expected tcp://HOST:PORT`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta, Struct
+
+from kvsvr.errors import ConfigError
+from kvsvr.limits import BINLOG_MAX_RECORDS
+
+Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+_ADDRESS = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}|ipc://.+)$")
+_SHARD_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+class StorageConfig(Struct, forbid_unknown_fields=True):
+    map_size_mib: Annotated[int, Meta(ge=16, le=16 * 1024 * 1024)] = 4096
+    sync: bool = True
+    binlog_max_records: Annotated[int, Meta(ge=1000)] = BINLOG_MAX_RECORDS
+
+
+class ReplicaConfig(Struct, forbid_unknown_fields=True):
+    node: Name
+    campus: Name
+    address: str
+    data_dir: Annotated[str, Meta(min_length=1)]
+
+
+class GroupConfig(Struct, forbid_unknown_fields=True):
+    name: Name
+    shards: Annotated[list[str], Meta(min_length=1)]
+    replicas: Annotated[list[ReplicaConfig], Meta(min_length=1, max_length=7)]
+
+
+class ClusterConfig(Struct, forbid_unknown_fields=True):
+    groups: Annotated[list[GroupConfig], Meta(min_length=1)]
+    name: Name = "local"
+    virtual_shards: Annotated[int, Meta(ge=1, le=1 << 20)] = 4096
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    # Where the file was read from; relative data_dirs resolve against `base_dir`.
+    base_dir: str = "."
+
+    def replica(self, node: str) -> tuple[GroupConfig, ReplicaConfig]:
+        for group in self.groups:
+            for replica in group.replicas:
+                if replica.node == node:
+                    return group, replica
+        known = ", ".join(r.node for g in self.groups for r in g.replicas)
+        raise ConfigError(f"node: {node!r} is not in the config (nodes: {known})")
+
+    def data_dir(self, replica: ReplicaConfig) -> Path:
+        path = Path(replica.data_dir)
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+    def shard_table(self) -> list[int]:
+        """shard -> index of the group that owns it (validated to cover every shard once)."""
+        owner = [-1] * self.virtual_shards
+        for g_index, group in enumerate(self.groups):
+            for r_index, text in enumerate(group.shards):
+                field = f"groups[{g_index}].shards[{r_index}]"
+                match = _SHARD_RANGE.match(text.strip())
+                if not match:
+                    raise ConfigError(f"{field}: {text!r}, expected 'N' or 'FIRST-LAST'")
+                first = int(match.group(1))
+                last = int(match.group(2) or first)
+                if not first <= last < self.virtual_shards:
+                    raise ConfigError(
+                        f"{field}: {text!r} is outside 0-{self.virtual_shards - 1} or reversed"
+                    )
+                for shard in range(first, last + 1):
+                    if owner[shard] != -1:
+                        raise ConfigError(
+                            f"{field}: shard {shard} is already owned by group "
+                            f"{self.groups[owner[shard]].name!r}"
+                        )
+                    owner[shard] = g_index
+        if -1 in owner:
+            raise ConfigError(f"groups: shard {owner.index(-1)} is owned by no group")
+        return owner
+
+
+def _validate(config: ClusterConfig) -> ClusterConfig:
+    seen: dict[str, dict[str, str]] = {"node": {}, "address": {}, "data_dir": {}}
+    group_names: set[str] = set()
+    for g_index, group in enumerate(config.groups):
+        if group.name in group_names:
+            raise ConfigError(f"groups[{g_index}].name: {group.name!r} is used twice")
+        group_names.add(group.name)
+        campuses: set[str] = set()
+        for r_index, replica in enumerate(group.replicas):
+            field = f"groups[{g_index}].replicas[{r_index}]"
+            if not _ADDRESS.match(replica.address):
+                raise ConfigError(
+                    f"{field}.address: {replica.address!r}, expected tcp://HOST:PORT or ipc://PATH"
+                )
+            if replica.campus in campuses:
+                raise ConfigError(
+                    f"{field}.campus: group {group.name!r} has two replicas in campus "
+                    f"{replica.campus!r}; each replica of a group must be in its own campus"
+                )
+            campuses.add(replica.campus)
+            data_dir = str(config.data_dir(replica).resolve())
+            for attribute, value in (("node", replica.node), ("address", replica.address),
+                                     ("data_dir", data_dir)):
+                if value in seen[attribute]:
+                    raise ConfigError(
+                        f"{field}.{attribute}: {value!r} is already used by "
+                        f"{seen[attribute][value]}"
+                    )
+                seen[attribute][value] = field
+    config.shard_table()
+    return config
+
+
+def parse(text: str | bytes, *, base_dir: str | Path = ".",
+          source: str = "config") -> ClusterConfig:
+    """Decode and validate a cluster config; raises ConfigError naming the field."""
+    try:
+        config = msgspec.toml.decode(text, type=ClusterConfig)
+    except msgspec.ValidationError as e:
+        message, _, path = str(e).rpartition(" - at `")
+        field = path.rstrip("`").removeprefix("$.").removeprefix("$") if message else ""
+        raise ConfigError(f"{source}: {field + ': ' if field else ''}{message or e}") from None
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML ({e})") from None
+    config.base_dir = str(base_dir)
+    try:
+        return _validate(config)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load(path: str | Path | None) -> ClusterConfig:
+    """Load a config file, or the embedded default (data dirs under the current directory)."""
+    if path is None:
+        return default()
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    return parse(text, base_dir=path.resolve().parent, source=str(path))
+
+
+def default_text() -> str:
+    return (Path(__file__).parent / "default_cluster.toml").read_text()
+
+
+def default() -> ClusterConfig:
+    return parse(default_text(), base_dir=Path.cwd(), source="embedded default config")

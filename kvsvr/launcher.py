@@ -1,0 +1,175 @@
+"""Start a whole local cluster from one config: every node as its own process, on loopback.
+
+Used by the demo, the tests and the benchmarks (`LocalCluster`), and by hand:
+`kvsvr-cluster --config cluster.toml` runs every node until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from kvsvr.client import Client
+from kvsvr.config import ClusterConfig, default_text, load
+from kvsvr.errors import ConfigError, KvError
+
+READY_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_single_node_config(directory: str | Path, port: int | None = None) -> Path:
+    """`directory/cluster.toml`: the embedded default on a free port, data under `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = default_text().replace("tcp://127.0.0.1:7400",
+                                  f"tcp://127.0.0.1:{port or free_port()}")
+    text = text.replace('data_dir = "kvsvr-data/n1"', 'data_dir = "data/n1"')
+    path = directory / "cluster.toml"
+    path.write_text(text)
+    return path
+
+
+class LocalCluster:
+    """The nodes of `config_path` (or the embedded default) as child processes."""
+
+    def __init__(self, config_path: str | Path | None = None, *, log_dir: str | Path | None = None,
+                 extra_env: dict[str, str] | None = None):
+        self.config_path = str(config_path) if config_path is not None else None
+        self.config: ClusterConfig = load(config_path)
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.env = {**os.environ, **(extra_env or {})}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def nodes(self) -> list[str]:
+        return [r.node for g in self.config.groups for r in g.replicas]
+
+    def address(self, node: str) -> str:
+        return self.config.replica(node)[1].address
+
+    def start(self, node: str | None = None, *, wait: bool = True) -> None:
+        for name in [node] if node else self.nodes:
+            command = [sys.executable, "-m", "kvsvr.node", "--node", name]
+            if self.config_path:
+                command += ["--config", self.config_path]
+            output = None
+            if self.log_dir:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
+            self.processes[name] = subprocess.Popen(
+                command, stdout=output, stderr=output, env=self.env,
+                cwd=self.config.base_dir if not self.config_path else None)
+            if output:
+                output.close()
+        if wait:
+            for name in [node] if node else self.nodes:
+                self.wait_ready(name)
+
+    def wait_ready(self, node: str, timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        with Client(address=self.address(node), timeout=0.5, attempt_timeout=0.25) as client:
+            while True:
+                process = self.processes.get(node)
+                if process is not None and process.poll() is not None:
+                    raise RuntimeError(f"node {node} exited with status {process.returncode}"
+                                       + (f"; see {self.log_dir}/{node}.log" if self.log_dir
+                                          else ""))
+                try:
+                    client.ping()
+                    return
+                except KvError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"node {node} not ready in {timeout} s") from None
+
+    def signal(self, node: str, signum: int) -> None:
+        self.processes[node].send_signal(signum)
+
+    def kill(self, node: str) -> None:
+        """SIGKILL: the node gets no chance to clean up."""
+        process = self.processes.pop(node)
+        process.kill()
+        process.wait()
+
+    def stop(self, node: str | None = None, timeout: float = 10.0) -> dict[str, int]:
+        """SIGTERM and wait; returns each stopped node's exit status."""
+        names = [node] if node else list(self.processes)
+        for name in names:
+            process = self.processes.get(name)
+            if process and process.poll() is None:
+                process.send_signal(signal.SIGCONT)  # a paused node cannot act on SIGTERM
+                process.terminate()
+        statuses = {}
+        for name in names:
+            process = self.processes.pop(name, None)
+            if process is None:
+                continue
+            try:
+                statuses[name] = process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                statuses[name] = process.wait()
+        return statuses
+
+    def client(self, **options: object) -> Client:
+        return Client(self.config, **options)  # type: ignore[arg-type]
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvsvr-cluster",
+                                     description="Run every node of a cluster config locally.")
+    parser.add_argument("--config", help="cluster TOML (default: the embedded config)")
+    args = parser.parse_args(argv)
+    try:
+        cluster = LocalCluster(args.config)
+    except ConfigError as e:
+        print(f"kvsvr-cluster: config error: {e}", file=sys.stderr)
+        return 2
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        cluster.start()
+    except RuntimeError as e:
+        print(f"kvsvr-cluster: {e}", file=sys.stderr)
+        cluster.stop()
+        return 1
+    print(f"kvsvr-cluster: {len(cluster.nodes)} node(s) up: "
+          + ", ".join(f"{n} {cluster.address(n)}" for n in cluster.nodes), flush=True)
+    while not stopping:
+        for name, process in list(cluster.processes.items()):
+            if process.poll() is not None:
+                print(f"kvsvr-cluster: node {name} exited ({process.returncode})", flush=True)
+                del cluster.processes[name]
+        time.sleep(0.2)
+    cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

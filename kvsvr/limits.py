@@ -1,0 +1,43 @@
+"""Limits of KVSvr, as compiled into the core (`kvsvr/_consts.pxi` is the one definition)."""
+
+from kvsvr._core import (
+    DEFAULT_SCAN_ROWS,
+    FRAME_HEADER_BYTES,
+    MAX_BATCH_BYTES,
+    MAX_FRAME_BYTES,
+    MAX_FRAMES_PER_MESSAGE,
+    MAX_KEY_BYTES,
+    MAX_MESSAGE_BYTES,
+    MAX_OPS_PER_BATCH,
+    MAX_ROW_KEY_BYTES,
+    MAX_SCAN_ROWS,
+    MAX_VALUE_BYTES,
+)
+
+# Tunables of the Python shell that are not part of any on-disk or wire layout.
+OPS_REMEMBERED_PER_CLIENT = 10_000   # exactly-once window: retried op ids recognised per client
+GROUP_COMMIT_MAX_OPS = 2_048         # mutations folded into one durable LMDB transaction
+SCAN_MAX_ENTRIES_VISITED = 20_000    # tombstones skipped by one scan before it returns a page
+CLIENT_ATTEMPT_TIMEOUT_S = 1.0       # a request unanswered this long is resent (same op id)
+DEFAULT_TIMEOUT_S = 5.0              # overall deadline of a client call
+BINLOG_MAX_RECORDS = 1_000_000       # default bound on binlog length (trimmed oldest first)
+
+__all__ = [
+    "BINLOG_MAX_RECORDS",
+    "CLIENT_ATTEMPT_TIMEOUT_S",
+    "DEFAULT_SCAN_ROWS",
+    "DEFAULT_TIMEOUT_S",
+    "FRAME_HEADER_BYTES",
+    "GROUP_COMMIT_MAX_OPS",
+    "MAX_BATCH_BYTES",
+    "MAX_FRAMES_PER_MESSAGE",
+    "MAX_FRAME_BYTES",
+    "MAX_KEY_BYTES",
+    "MAX_MESSAGE_BYTES",
+    "MAX_OPS_PER_BATCH",
+    "MAX_ROW_KEY_BYTES",
+    "MAX_SCAN_ROWS",
+    "MAX_VALUE_BYTES",
+    "OPS_REMEMBERED_PER_CLIENT",
+    "SCAN_MAX_ENTRIES_VISITED",
+]

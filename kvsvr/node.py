@@ -1,0 +1,274 @@
+"""`kvsvr-node`: serve one storage node over ZeroMQ.
+
+The loop: wait for requests; drain what has arrived (bounded); answer reads from one LMDB read
+transaction; fold every mutation of the round into one durable write transaction (group
+commit); then send each client message's answers together, in request order. A write is
+answered only after its commit returned, so an acknowledged write survives SIGKILL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import lmdb
+import zmq
+
+from kvsvr import _core, protocol
+from kvsvr.config import ClusterConfig, load
+from kvsvr.errors import ConfigError, Internal, InvalidArgument, KvError, StorageFull
+from kvsvr.limits import MAX_MESSAGE_BYTES
+from kvsvr.protocol import Method, MutateRequest
+from kvsvr.store import Store, StoreLocked
+
+log = logging.getLogger("kvsvr.node")
+
+POLL_INTERVAL_MS = 100           # how often an idle node looks at its stop flag
+ROUND_MAX_MESSAGES = 256         # client messages drained before a round answers what it has
+ROUND_MAX_BYTES = 32 << 20       # ... or this many bytes of them
+
+_encode = protocol.encode
+_encode_frame = _core.encode_frame
+_REQUEST = _core.FRAME_REQUEST
+_RESPONSE = _core.FRAME_RESPONSE
+_MUTATE = Method.MUTATE
+_METHOD_COUNTER = {m.value: f"requests.{m.name.lower()}" for m in Method}
+
+
+def _error_frame(request_id: int, error: KvError) -> bytes:
+    return _encode_frame(_RESPONSE, error.code, request_id, 0, protocol.encode_error(error))
+
+
+class Node:
+    def __init__(self, config: ClusterConfig, name: str):
+        self.config = config
+        self.name = name
+        self.group, self.replica = config.replica(name)
+        self.store = Store(config.data_dir(self.replica),
+                           map_size_mib=config.storage.map_size_mib,
+                           sync=config.storage.sync,
+                           binlog_max_records=config.storage.binlog_max_records)
+        self.started = time.time()
+        self.stopping = False
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    # --- request handling (no sockets here) ------------------------------------------------
+    def _read(self, method: int, request: Any, txn: lmdb.Transaction) -> Any:
+        store = self.store
+        if method == Method.GET:
+            return store.get(txn, request.key)
+        if method == Method.ROW_GET:
+            return store.row_get(txn, request.key, request.row)
+        if method == Method.SCAN:
+            return store.scan(txn, request.key, request.start, request.end, request.limit)
+        if method == Method.CHANGES:
+            return store.changes(txn, request.key, request.since_version, request.after_row,
+                                 request.limit)
+        if method == Method.PING:
+            return {"node": self.name}
+        if method == Method.STATUS:
+            return self.status()
+        raise Internal(f"method {method} has no handler")
+
+    def handle_round(self, messages: list[list[bytes]]) -> list[list[bytes]]:
+        """Answer one round of client messages ([identity, payload...] each), in order."""
+        answers: list[list[Any]] = []
+        writes: list[tuple[list[Any], int, int, MutateRequest]] = []
+        written: set[bytes] = set()
+        deferred: list[tuple[list[Any], int, int, int, Any]] = []
+        counters = self.counters
+        method_counter = _METHOD_COUNTER
+        decode_request = protocol.decode_request
+        read = self._read
+        txn = self.store.read()
+        try:
+            for parts in messages:
+                out: list[Any] = []
+                answers.append([parts[0], out])  # type: ignore[list-item]
+                for payload in parts[1:]:
+                    frames, error, error_request_id = _core.decode_frames(payload)
+                    for kind, method, request_id, _budget_ms, body in frames:
+                        try:
+                            if kind != _REQUEST:
+                                raise InvalidArgument("frame.kind: a node only takes requests",
+                                                      field="frame.kind")
+                            request = decode_request(method, body)
+                            counters[method_counter[method]] += 1
+                            if method == _MUTATE:
+                                writes.append((out, len(out), request_id, request))  # type: ignore[arg-type]
+                                written.add(request.key)  # type: ignore[attr-defined]
+                                out.append(None)
+                                continue
+                            if written and getattr(request, "key", None) in written:
+                                # Keep pipeline order: read after this round's writes commit.
+                                deferred.append((out, len(out), request_id, method, request))
+                                out.append(None)
+                                continue
+                            out.append(_encode_frame(_RESPONSE, 0, request_id, 0,
+                                                     _encode(read(method, request, txn))))
+                        except KvError as e:
+                            counters[f"errors.{type(e).__name__}"] += 1
+                            out.append(_error_frame(request_id, e))
+                        except Exception:  # a bug must cost one request, never the node
+                            log.exception("request %d (method %d) failed", request_id, method)
+                            counters["errors.Internal"] += 1
+                            out.append(_error_frame(request_id, Internal("internal error")))
+                    if error is not None:
+                        counters["bad_frames"] += 1
+                        out.append(_error_frame(error_request_id,
+                                                InvalidArgument(error, field="frame")))
+        finally:
+            txn.abort()
+        if writes:
+            self._commit(writes)
+        if deferred:
+            self._answer_reads(deferred)
+        for answer in answers:
+            answer[1] = b"".join(answer[1])  # type: ignore[arg-type]
+        return answers
+
+    def _answer_reads(self, reads: list[tuple[list[Any], int, int, int, Any]]) -> None:
+        with self.store.read() as txn:
+            for out, index, request_id, method, request in reads:
+                try:
+                    out[index] = _encode_frame(_RESPONSE, 0, request_id, 0,
+                                               _encode(self._read(method, request, txn)))
+                except KvError as e:
+                    self.counters[f"errors.{type(e).__name__}"] += 1
+                    out[index] = _error_frame(request_id, e)
+
+    def _commit(self, writes: list[tuple[list[Any], int, int, MutateRequest]]) -> None:
+        counters = self.counters
+        try:
+            with self.store.write() as batch:
+                for out, index, request_id, request in writes:
+                    try:
+                        reply = batch.mutate(request.key, request.ops, request.expected_version,
+                                             request.client_id, request.client_seq)
+                        out[index] = _encode_frame(_RESPONSE, 0, request_id, 0, _encode(reply))
+                    except StorageFull:
+                        raise
+                    except KvError as e:
+                        counters[f"errors.{type(e).__name__}"] += 1
+                        out[index] = _error_frame(request_id, e)
+            counters["group_commits"] += 1
+            counters["mutations"] += batch.applied
+        except Exception as e:
+            # Nothing of the transaction was kept: every write of the round is answered with
+            # the error, including those that had looked successful before the abort.
+            error = e if isinstance(e, KvError) else Internal(f"commit failed: {e}")
+            if not isinstance(e, KvError):
+                log.exception("group commit of %d writes failed", len(writes))
+            counters[f"errors.{type(error).__name__}"] += len(writes)
+            for out, index, request_id, _ in writes:
+                out[index] = _error_frame(request_id, error)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.name,
+            "group": self.group.name,
+            "campus": self.replica.campus,
+            "address": self.replica.address,
+            "role": "single" if len(self.group.replicas) == 1 else "replica",
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "data_dir": str(self.store.path),
+            "sync": self.config.storage.sync,
+            "counters": dict(self.counters),
+            "store": self.store.stats(),
+            "version": _package_version(),
+        }
+
+    # --- the I/O edge ----------------------------------------------------------------------
+    def serve(self) -> None:
+        context = zmq.Context(io_threads=1)
+        socket = context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a larger message drops the peer
+        socket.setsockopt(zmq.SNDHWM, 100_000)
+        socket.setsockopt(zmq.RCVHWM, 100_000)
+        try:
+            socket.bind(self.replica.address)
+        except zmq.ZMQError as e:
+            socket.close()
+            context.term()
+            raise OSError(f"cannot listen on {self.replica.address}: {e}") from None
+        log.info("node %s (group %s, campus %s) serving on %s, data %s, binlog lsn %d..%d",
+                 self.name, self.group.name, self.replica.campus, self.replica.address,
+                 self.store.path, self.store.first_lsn, self.store.last_lsn)
+        recv, send, again = socket.recv_multipart, socket.send_multipart, zmq.Again
+        try:
+            while not self.stopping:
+                if not socket.poll(POLL_INTERVAL_MS):
+                    continue
+                messages = []
+                received = 0
+                while received < ROUND_MAX_BYTES and len(messages) < ROUND_MAX_MESSAGES:
+                    try:
+                        parts = recv(zmq.NOBLOCK)
+                    except again:
+                        break
+                    messages.append(parts)
+                    received += sum(len(part) for part in parts)
+                for answer in self.handle_round(messages):
+                    try:
+                        send(answer, zmq.NOBLOCK)
+                    except again:
+                        self.counters["replies_dropped"] += 1  # the client is not reading
+        finally:
+            socket.close()
+            context.term()
+            self.store.close()
+            log.info("node %s stopped", self.name)
+
+
+def _package_version() -> str:
+    from kvsvr import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvsvr-node", description="Serve one KVSvr node.")
+    parser.add_argument("--config", help="cluster TOML (default: the embedded one-node config)")
+    parser.add_argument("--node", help="node name in the config (default: the first node)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load(args.config)
+        name = args.node or config.groups[0].replicas[0].node
+        node = Node(config, name)
+    except ConfigError as e:
+        print(f"kvsvr-node: config error: {e}", file=sys.stderr)
+        return 2
+    except (StoreLocked, lmdb.Error, OSError) as e:
+        print(f"kvsvr-node: cannot open storage: {e}", file=sys.stderr)
+        return 1
+
+    def stop(signum: int, _frame: Any) -> None:
+        log.info("signal %s: finishing the current round and stopping",
+                 signal.Signals(signum).name)
+        node.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        node.serve()
+    except OSError as e:
+        print(f"kvsvr-node: {e}", file=sys.stderr)
+        node.store.close()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""KVSvr's request/response protocol, without I/O.
+
+Both clients (blocking and asyncio) and the node use this module: a client turns a call into
+`(method, body)` with the `*_request` builders and turns the node's `(status, body)` back into
+a result or a typed error with `parse_reply`; the node decodes requests with `decode_request`,
+which validates every field against the limits and names the field it rejects.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import struct
+import typing
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+from kvsvr import _core
+from kvsvr.errors import ERRORS_BY_CODE, InvalidArgument, KvError
+from kvsvr.limits import (
+    DEFAULT_SCAN_ROWS,
+    MAX_KEY_BYTES,
+    MAX_OPS_PER_BATCH,
+    MAX_ROW_KEY_BYTES,
+    MAX_SCAN_ROWS,
+    MAX_VALUE_BYTES,
+)
+
+U64_MAX = 2**64 - 1
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+
+
+class Method(enum.IntEnum):
+    PING = 1
+    STATUS = 2
+    GET = 10
+    ROW_GET = 11
+    SCAN = 12
+    CHANGES = 13
+    MUTATE = 20
+
+
+OK = 0
+
+Key = Annotated[bytes, Meta(min_length=1, max_length=MAX_KEY_BYTES)]
+RowKey = Annotated[bytes, Meta(min_length=1, max_length=MAX_ROW_KEY_BYTES)]
+RowBound = Annotated[bytes, Meta(max_length=MAX_ROW_KEY_BYTES)]
+Value = Annotated[bytes, Meta(max_length=MAX_VALUE_BYTES)]
+U64 = Annotated[int, Meta(ge=0)]  # msgpack itself caps it at 2^64-1
+Limit = Annotated[int, Meta(ge=1, le=MAX_SCAN_ROWS)]
+OpKind = Annotated[int, Meta(ge=_core.OP_PUT, le=_core.OP_APPEND)]
+
+
+# --- requests (array-like: compact on the wire; errors are mapped back to field names) ----
+class PingRequest(Struct, array_like=True, forbid_unknown_fields=True):
+    pass
+
+
+class StatusRequest(Struct, array_like=True, forbid_unknown_fields=True):
+    pass
+
+
+class GetRequest(Struct, array_like=True, forbid_unknown_fields=True):
+    key: Key
+
+
+class RowGetRequest(Struct, array_like=True, forbid_unknown_fields=True):
+    key: Key
+    row: RowKey
+
+
+class ScanRequest(Struct, array_like=True, forbid_unknown_fields=True):
+    key: Key
+    start: RowBound
+    end: RowBound | None
+    limit: Limit
+
+
+class ChangesRequest(Struct, array_like=True, forbid_unknown_fields=True):
+    key: Key
+    since_version: U64
+    after_row: RowBound
+    limit: Limit
+
+
+class Op(Struct, array_like=True, forbid_unknown_fields=True):
+    kind: OpKind
+    row: RowBound = b""
+    value: Value = b""
+
+
+class MutateRequest(Struct, array_like=True, forbid_unknown_fields=True):
+    key: Key
+    ops: Annotated[list[Op], Meta(min_length=1, max_length=MAX_OPS_PER_BATCH)]
+    expected_version: U64 | None
+    client_id: U64
+    client_seq: U64
+
+
+REQUEST_TYPES: dict[int, type[Struct]] = {
+    Method.PING: PingRequest,
+    Method.STATUS: StatusRequest,
+    Method.GET: GetRequest,
+    Method.ROW_GET: RowGetRequest,
+    Method.SCAN: ScanRequest,
+    Method.CHANGES: ChangesRequest,
+    Method.MUTATE: MutateRequest,
+}
+
+
+# --- replies: these are also the public result types of the clients ---------------------
+class Versioned(Struct, array_like=True, gc=False):
+    """A value and the key's version that holds it."""
+
+    version: int
+    value: bytes
+
+
+class RowValue(Struct, array_like=True, gc=False):
+    """A row's value, the version that last changed the row, and the key's current version."""
+
+    key_version: int
+    row_version: int
+    value: bytes
+
+
+class Row(Struct, array_like=True, gc=False):
+    row: bytes
+    version: int
+    value: bytes
+
+
+class Change(Struct, array_like=True, gc=False):
+    """A row changed after some version: `deleted` rows are tombstones (value empty)."""
+
+    row: bytes
+    version: int
+    deleted: bool
+    value: bytes
+
+
+class ScanPage(Struct, array_like=True):
+    """Rows in row-key order; `next_start` is where to continue, None when the range is done."""
+
+    version: int
+    rows: list[Row]
+    next_start: bytes | None
+
+
+class ChangesPage(Struct, array_like=True):
+    """Rows changed after a version, in version order; continue from `resume` while not None."""
+
+    version: int
+    changes: list[Change]
+    resume: tuple[int, bytes] | None
+
+
+class MutateReply(Struct, array_like=True, gc=False):
+    """The key's new version and per-op results (incr: new value, append: seq, else None)."""
+
+    version: int
+    results: list[int | None]
+
+
+class ErrorReply(Struct, array_like=True, gc=False):
+    message: str
+    field: str | None = None
+    version: int | None = None
+
+
+REPLY_TYPES: dict[int, Any] = {
+    Method.PING: dict[str, Any],
+    Method.STATUS: dict[str, Any],
+    Method.GET: Versioned,
+    Method.ROW_GET: RowValue,
+    Method.SCAN: ScanPage,
+    Method.CHANGES: ChangesPage,
+    Method.MUTATE: MutateReply,
+}
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+_request_decoders = {m: msgspec.msgpack.Decoder(t) for m, t in REQUEST_TYPES.items()}
+_reply_decoders = {m: msgspec.msgpack.Decoder(t) for m, t in REPLY_TYPES.items()}
+_error_decoder = msgspec.msgpack.Decoder(ErrorReply)
+
+
+# --- node side ----------------------------------------------------------------------------
+def decode_request(method: int, body: Any) -> Struct:
+    """Decode and validate a request body; raises InvalidArgument naming the field."""
+    decoder = _request_decoders.get(method)
+    if decoder is None:
+        from kvsvr.errors import UnknownMethod
+
+        raise UnknownMethod(f"method {method} is not known to this node", field="method")
+    try:
+        request = decoder.decode(body)
+    except msgspec.ValidationError as e:
+        message, field = _describe_validation_error(REQUEST_TYPES[method], str(e))
+        raise InvalidArgument(f"{Method(method).name.lower()}: {message}", field=field) from None
+    except msgspec.DecodeError as e:
+        raise InvalidArgument(f"body: malformed msgpack ({e})", field="body") from None
+    if method == Method.MUTATE:
+        check_ops(request.ops)  # type: ignore[attr-defined]
+    return request
+
+
+def check_ops(ops: list[Op]) -> None:
+    """Per-kind rules of ops (the core's check_op), plus the batch byte limit."""
+    total = 0
+    for i, op in enumerate(ops):
+        try:
+            _core.check_op(op.kind, op.row, op.value)
+        except ValueError as e:
+            raise InvalidArgument(f"ops[{i}]: {e}", field=f"ops[{i}]") from None
+        total += len(op.row) + len(op.value)
+    if total > _core.MAX_BATCH_BYTES:
+        raise InvalidArgument(
+            f"ops: {total} bytes of rows and values, the limit is {_core.MAX_BATCH_BYTES}",
+            field="ops",
+        )
+
+
+def encode_error(error: KvError) -> bytes:
+    return encode(ErrorReply(error.message, error.field, error.version))
+
+
+_PATH_SEGMENT = re.compile(r"\[(\d+)\]|\.(\w+)")
+
+
+def _describe_validation_error(root: type, text: str) -> tuple[str, str | None]:
+    """Turn msgspec's `... - at `$[1][0][2]`` into `ops[0].value` for array-like structs."""
+    message, sep, path = text.rpartition(" - at `")
+    if not sep:
+        return text, None
+    path = path.rstrip("`")
+    names: list[str] = []
+    current: Any = root
+    for index, attribute in _PATH_SEGMENT.findall(path.removeprefix("$")):
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, Struct) and index:
+            fields = current.__struct_fields__
+            name = fields[int(index)] if int(index) < len(fields) else f"[{index}]"
+            names.append(("." if names else "") + name)
+            current = typing.get_type_hints(current, include_extras=True).get(name)
+        elif index:
+            names.append(f"[{index}]")
+            args = typing.get_args(current)
+            current = args[0] if args else None
+        else:
+            names.append(("." if names else "") + attribute)
+            current = None
+    field = "".join(names) or None
+    return (f"{field}: {message}" if field else message), field
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = args[0] if len(args) == 1 else tp
+            if len(args) != 1:
+                return tp
+        else:
+            return tp
+
+
+# --- client side --------------------------------------------------------------------------
+def as_bytes(name: str, value: Any, *, max_length: int, min_length: int = 0) -> bytes:
+    """Accept bytes-like or str (UTF-8); check the length limit; name the field if not."""
+    if isinstance(value, bytes):
+        data = value
+    elif isinstance(value, str):
+        data = value.encode()
+    elif isinstance(value, bytearray | memoryview):
+        data = bytes(value)
+    else:
+        raise InvalidArgument(
+            f"{name}: expected bytes or str, got {type(value).__name__}", field=name
+        )
+    if not min_length <= len(data) <= max_length:
+        raise InvalidArgument(
+            f"{name}: {len(data)} bytes, expected {min_length}..{max_length}", field=name
+        )
+    return data
+
+
+def as_key(key: Any) -> bytes:
+    return as_bytes("key", key, min_length=1, max_length=MAX_KEY_BYTES)
+
+
+def as_version(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= U64_MAX:
+        raise InvalidArgument(f"{name}: expected an integer 0..2^64-1, got {value!r}", field=name)
+    return value
+
+
+_DELTA = struct.Struct("<q")
+
+
+def encode_delta(delta: Any) -> bytes:
+    if not isinstance(delta, int) or isinstance(delta, bool) or not I64_MIN <= delta <= I64_MAX:
+        raise InvalidArgument(f"delta: expected a signed 64-bit integer, got {delta!r}",
+                              field="delta")
+    return _DELTA.pack(delta)
+
+
+def decode_delta(value: bytes) -> int:
+    return int(_DELTA.unpack(value)[0])
+
+
+def put_op(value: Any) -> Op:
+    return Op(_core.OP_PUT, b"", as_bytes("value", value, max_length=MAX_VALUE_BYTES))
+
+
+def delete_op() -> Op:
+    return Op(_core.OP_DELETE)
+
+
+def incr_op(delta: Any) -> Op:
+    return Op(_core.OP_INCR, b"", encode_delta(delta))
+
+
+def row_put_op(row: Any, value: Any) -> Op:
+    return Op(_core.OP_ROW_PUT, as_bytes("row", row, min_length=1, max_length=MAX_ROW_KEY_BYTES),
+              as_bytes("value", value, max_length=MAX_VALUE_BYTES))
+
+
+def row_delete_op(row: Any) -> Op:
+    return Op(_core.OP_ROW_DELETE,
+              as_bytes("row", row, min_length=1, max_length=MAX_ROW_KEY_BYTES))
+
+
+def append_op(value: Any) -> Op:
+    return Op(_core.OP_APPEND, b"", as_bytes("value", value, max_length=MAX_VALUE_BYTES))
+
+
+def limit_arg(limit: Any) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_SCAN_ROWS:
+        raise InvalidArgument(f"limit: expected 1..{MAX_SCAN_ROWS}, got {limit!r}", field="limit")
+    return limit
+
+
+def scan_request(key: Any, start: Any = b"", end: Any = None,
+                 limit: Any = DEFAULT_SCAN_ROWS) -> ScanRequest:
+    return ScanRequest(
+        as_key(key),
+        as_bytes("start", start, max_length=MAX_ROW_KEY_BYTES),
+        None if end is None else as_bytes("end", end, max_length=MAX_ROW_KEY_BYTES),
+        limit_arg(limit),
+    )
+
+
+def changes_request(key: Any, since_version: Any, after_row: Any = b"",
+                    limit: Any = DEFAULT_SCAN_ROWS) -> ChangesRequest:
+    since = as_version("since_version", since_version)
+    if since is None:
+        raise InvalidArgument("since_version: required", field="since_version")
+    return ChangesRequest(as_key(key), since,
+                          as_bytes("after_row", after_row, max_length=MAX_ROW_KEY_BYTES),
+                          limit_arg(limit))
+
+
+def parse_reply(method: int, status: int, body: Any) -> Any:
+    """A node's answer as a result object, or raise the typed error it carries."""
+    if status == OK:
+        try:
+            return _reply_decoders[method].decode(body)
+        except msgspec.DecodeError as e:
+            from kvsvr.errors import Internal
+
+            raise Internal(f"malformed reply to {Method(method).name}: {e}") from None
+    error_class = ERRORS_BY_CODE.get(status, KvError)
+    try:
+        reply = _error_decoder.decode(body)
+    except msgspec.DecodeError:
+        reply = ErrorReply(f"status {status} with an unreadable body")
+    raise error_class(reply.message, field=reply.field, version=reply.version)
+
+
+__all__ = [
+    "MAX_OPS_PER_BATCH",
+    "MAX_ROW_KEY_BYTES",
+    "Change",
+    "ChangesPage",
+    "InvalidArgument",
+    "Method",
+    "MutateReply",
+    "Op",
+    "Row",
+    "RowValue",
+    "ScanPage",
+    "Versioned",
+]

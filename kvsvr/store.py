@@ -1,0 +1,377 @@
+"""The storage engine of one node: Key-Value and Key-Table data on LMDB.
+
+One LMDB environment per node, with sub-databases:
+
+  keys     key -> u64 version, u64 next_seq, u8 has_value, value
+  rows     u16be len(key) key row -> u64 version, u8 deleted, value   (tombstones kept)
+  changes  u16be len(key) key u64be version row -> ""    one entry per row: its last change
+  binlog   u64be lsn -> record (kvsvr._core record codec, xxh3-checksummed)
+  ops      u64be client_id u64be seq -> msgpack MutateReply           (exactly-once window)
+  meta     b"schema" -> u32, ...
+
+A mutation is checked in full before anything is written, so a rejected one changes nothing;
+its data, change index, binlog record and op id are written in the caller's one transaction,
+which is how many client operations share one durable commit (group commit).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import re
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgspec
+
+from kvsvr import _core
+from kvsvr.errors import InvalidArgument, NotFound, StorageFull, VersionConflict
+from kvsvr.limits import BINLOG_MAX_RECORDS, OPS_REMEMBERED_PER_CLIENT, SCAN_MAX_ENTRIES_VISITED
+from kvsvr.protocol import (
+    I64_MAX,
+    I64_MIN,
+    Change,
+    ChangesPage,
+    MutateReply,
+    Op,
+    Row,
+    RowValue,
+    ScanPage,
+    Versioned,
+    decode_delta,
+)
+
+SCHEMA_VERSION = 1
+_KEY_META = struct.Struct("<QQB")  # version, next_seq, has_value
+_ROW_META = struct.Struct("<QB")  # version, deleted
+_U64BE = struct.Struct(">Q")
+_U16BE = struct.Struct(">H")
+_OP_ID = struct.Struct(">QQ")
+_DECIMAL = re.compile(rb"-?[0-9]{1,19}")
+_reply_encoder = msgspec.msgpack.Encoder()
+_reply_decoder = msgspec.msgpack.Decoder(MutateReply)
+
+
+def seq_row(seq: int) -> bytes:
+    """The row key `append` gives to sequence number `seq` (sorts in sequence order)."""
+    return _U64BE.pack(seq)
+
+
+def seq_of_row(row: bytes) -> int:
+    """The sequence number of a row key made by `append`."""
+    if len(row) != 8:
+        raise ValueError(f"row: {len(row)} bytes, an appended row key is 8")
+    return int(_U64BE.unpack(row)[0])
+
+
+def _prefix(key: bytes) -> bytes:
+    return _U16BE.pack(len(key)) + key
+
+
+class StoreLocked(RuntimeError):
+    """Another process already serves this data directory."""
+
+
+class KeyState:
+    __slots__ = ("next_seq", "value", "version")
+
+    def __init__(self, version: int = 0, next_seq: int = 0, value: bytes | None = None):
+        self.version = version
+        self.next_seq = next_seq
+        self.value = value
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> KeyState:
+        if raw is None:
+            return cls()
+        version, next_seq, has_value = _KEY_META.unpack_from(raw)
+        return cls(version, next_seq, raw[_KEY_META.size:] if has_value else None)
+
+    def encode(self) -> bytes:
+        has_value = self.value is not None
+        return _KEY_META.pack(self.version, self.next_seq, has_value) + (self.value or b"")
+
+
+class Store:
+    def __init__(self, path: str | Path, *, map_size_mib: int = 4096, sync: bool = True,
+                 binlog_max_records: int = BINLOG_MAX_RECORDS):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        # LMDB itself allows many writer processes; two nodes on one directory would still
+        # interleave LSNs kept in memory, so one process owns a data directory.
+        self._lock_file = open(self.path / "LOCK", "a+")  # noqa: SIM115 (held for life)
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise StoreLocked(f"{self.path}: another process holds this data directory") from None
+        self.binlog_max_records = binlog_max_records
+        self.env = lmdb.open(
+            str(self.path), map_size=map_size_mib << 20, max_dbs=8, sync=sync, metasync=sync,
+            readahead=False, max_readers=256,
+        )
+        self._keys = self.env.open_db(b"keys")
+        self._rows = self.env.open_db(b"rows")
+        self._changes = self.env.open_db(b"changes")
+        self._binlog = self.env.open_db(b"binlog")
+        self._ops = self.env.open_db(b"ops")
+        self._meta = self.env.open_db(b"meta")
+        with self.env.begin(write=True) as txn:
+            schema = txn.get(b"schema", db=self._meta)
+            if schema is None:
+                txn.put(b"schema", struct.pack("<I", SCHEMA_VERSION), db=self._meta)
+            elif struct.unpack("<I", schema)[0] != SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path}: schema {struct.unpack('<I', schema)[0]}, "
+                                   f"this build reads {SCHEMA_VERSION}")
+            cursor = txn.cursor(db=self._binlog)
+            self.first_lsn = _U64BE.unpack(cursor.key())[0] if cursor.first() else 1
+            self.last_lsn = _U64BE.unpack(cursor.key())[0] if cursor.last() else 0
+            if self.last_lsn == 0:
+                # An empty binlog continues after the last LSN ever used, not at 1.
+                saved = txn.get(b"last_lsn", db=self._meta)
+                self.last_lsn = _U64BE.unpack(saved)[0] if saved else 0
+                self.first_lsn = self.last_lsn + 1
+
+    def close(self) -> None:
+        self.env.close()
+        self._lock_file.close()
+
+    # --- reads -----------------------------------------------------------------------------
+    def read(self) -> lmdb.Transaction:
+        return self.env.begin()
+
+    def key_state(self, txn: lmdb.Transaction, key: bytes) -> KeyState:
+        return KeyState.decode(txn.get(key, db=self._keys))
+
+    def get(self, txn: lmdb.Transaction, key: bytes) -> Versioned:
+        state = self.key_state(txn, key)
+        if state.value is None:
+            raise NotFound("key holds no value", field="key", version=state.version)
+        return Versioned(state.version, state.value)
+
+    def row_get(self, txn: lmdb.Transaction, key: bytes, row: bytes) -> RowValue:
+        state = self.key_state(txn, key)
+        raw = txn.get(_prefix(key) + row, db=self._rows)
+        if raw is None or raw[8]:
+            raise NotFound("row holds no value", field="row", version=state.version)
+        return RowValue(state.version, _ROW_META.unpack_from(raw)[0], raw[_ROW_META.size:])
+
+    def scan(self, txn: lmdb.Transaction, key: bytes, start: bytes, end: bytes | None,
+             limit: int) -> ScanPage:
+        prefix = _prefix(key)
+        stop = prefix + end if end is not None else None
+        rows: list[Row] = []
+        next_start = None
+        visited = 0
+        cursor = txn.cursor(db=self._rows)
+        if cursor.set_range(prefix + start):
+            for raw_key, raw in cursor:
+                if not raw_key.startswith(prefix) or (stop is not None and raw_key >= stop):
+                    break
+                row = raw_key[len(prefix):]
+                if len(rows) == limit or visited == SCAN_MAX_ENTRIES_VISITED:
+                    next_start = row  # more remain: continue from here
+                    break
+                visited += 1
+                if not raw[8]:
+                    rows.append(Row(row, _ROW_META.unpack_from(raw)[0], raw[_ROW_META.size:]))
+        return ScanPage(self.key_state(txn, key).version, rows, next_start)
+
+    def changes(self, txn: lmdb.Transaction, key: bytes, since_version: int, after_row: bytes,
+                limit: int) -> ChangesPage:
+        """Rows changed after (since_version, after_row), tombstones included, version order."""
+        prefix = _prefix(key)
+        if after_row:
+            start = prefix + _U64BE.pack(since_version) + after_row + b"\x00"
+        elif since_version >= 2**64 - 1:
+            return ChangesPage(self.key_state(txn, key).version, [], None)
+        else:
+            start = prefix + _U64BE.pack(since_version + 1)
+        changes: list[Change] = []
+        resume = None
+        cursor = txn.cursor(db=self._changes)
+        if cursor.set_range(start):
+            for index_key in cursor.iternext(keys=True, values=False):
+                if not index_key.startswith(prefix):
+                    break
+                version = _U64BE.unpack_from(index_key, len(prefix))[0]
+                row = index_key[len(prefix) + 8:]
+                if len(changes) == limit:
+                    last = changes[-1]
+                    resume = (last.version, last.row)
+                    break
+                raw = txn.get(prefix + row, db=self._rows)
+                assert raw is not None and _ROW_META.unpack_from(raw)[0] == version, \
+                    "change index out of step with rows"
+                changes.append(Change(row, version, bool(raw[8]), raw[_ROW_META.size:]))
+        return ChangesPage(self.key_state(txn, key).version, changes, resume)
+
+    def binlog(self, from_lsn: int = 0, limit: int = 1000) -> list[_core.Record]:
+        """Decoded binlog records from `from_lsn` (verifies each checksum)."""
+        records = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._binlog)
+            if cursor.set_range(_U64BE.pack(from_lsn)):
+                for _, raw in cursor:
+                    records.append(_core.decode_record(raw))
+                    if len(records) == limit:
+                        break
+        return records
+
+    def stats(self) -> dict[str, Any]:
+        with self.env.begin() as txn:
+            info = self.env.info()
+            return {
+                "keys": txn.stat(self._keys)["entries"],
+                "rows": txn.stat(self._rows)["entries"],
+                "binlog_first_lsn": self.first_lsn,
+                "binlog_last_lsn": self.last_lsn,
+                "remembered_op_ids": txn.stat(self._ops)["entries"],
+                "map_used_bytes": (info["last_pgno"] + 1) * self.env.stat()["psize"],
+                "map_size_bytes": info["map_size"],
+            }
+
+    # --- writes ----------------------------------------------------------------------------
+    @contextmanager
+    def write(self) -> Iterator[WriteBatch]:
+        """One durable transaction for many mutations; on any error nothing of it is kept."""
+        batch = WriteBatch(self)
+        try:
+            yield batch
+        except BaseException:
+            batch.abort()
+            raise
+        try:
+            batch.commit()
+        except lmdb.MapFullError:
+            batch.abort()
+            raise StorageFull("the node's LMDB map is full (storage.map_size_mib)") from None
+
+
+class WriteBatch:
+    def __init__(self, store: Store):
+        self.store = store
+        self.txn = store.env.begin(write=True)
+        self._first_lsn = store.first_lsn
+        self._last_lsn = store.last_lsn
+        self.applied = 0
+
+    def commit(self) -> None:
+        if self.store.first_lsn > self._first_lsn:
+            self.txn.put(b"last_lsn", _U64BE.pack(self.store.last_lsn), db=self.store._meta)
+        self.txn.commit()
+
+    def abort(self) -> None:
+        self.txn.abort()
+        self.store.first_lsn = self._first_lsn
+        self.store.last_lsn = self._last_lsn
+
+    def mutate(self, key: bytes, ops: list[Op], expected_version: int | None = None,
+               client_id: int = 0, client_seq: int = 0) -> MutateReply:
+        """Apply one atomic mutation of `key`, or raise a KvError having changed nothing."""
+        store, txn = self.store, self.txn
+        op_id = _OP_ID.pack(client_id, client_seq) if client_id else None
+        if op_id is not None:
+            remembered = txn.get(op_id, db=store._ops)
+            if remembered is not None:
+                return _reply_decoder.decode(remembered)  # a retry: answer as the first time
+        state = store.key_state(txn, key)
+        if expected_version is not None and expected_version != state.version:
+            raise VersionConflict(
+                f"expected version {expected_version}, the key is at {state.version}",
+                field="expected_version", version=state.version)
+
+        # Check and compute everything first; write only once nothing can fail.
+        value, next_seq = state.value, state.next_seq
+        row_writes: dict[bytes, bytes | None] = {}
+        results: list[int | None] = []
+        for op in ops:
+            kind = op.kind
+            result = None
+            if kind == _core.OP_PUT:
+                value = op.value
+            elif kind == _core.OP_DELETE:
+                value = None
+            elif kind == _core.OP_INCR:
+                current = 0
+                if value is not None:
+                    if not _DECIMAL.fullmatch(value):
+                        raise InvalidArgument("incr: the key's value is not a decimal integer",
+                                              field="key", version=state.version)
+                    current = int(value)
+                result = current + decode_delta(op.value)
+                if not I64_MIN <= result <= I64_MAX:
+                    raise InvalidArgument("incr: the result overflows a signed 64-bit integer",
+                                          field="delta", version=state.version)
+                value = str(result).encode()
+            elif kind == _core.OP_ROW_PUT:
+                row_writes[op.row] = op.value
+            elif kind == _core.OP_ROW_DELETE:
+                row_writes[op.row] = None
+            elif kind == _core.OP_APPEND:
+                row_writes[seq_row(next_seq)] = op.value
+                result = next_seq
+                next_seq += 1
+            else:  # decode_request validated kinds already; a new kind must be handled here
+                raise InvalidArgument(f"ops: kind {kind} is not applied by this node",
+                                      field="ops")
+            results.append(result)
+        if len(value or b"") > _core.MAX_VALUE_BYTES:
+            raise InvalidArgument("value: over the value limit", field="value")
+
+        version = state.version + 1
+        reply = MutateReply(version, results)
+        record = _core.encode_record(store.last_lsn + 1, version, client_id, client_seq, key,
+                                     [(op.kind, op.row, op.value) for op in ops])
+        try:
+            self._write(key, KeyState(version, next_seq, value), row_writes, record)
+            if op_id is not None:
+                self._remember(op_id, client_id, client_seq, reply)
+        except lmdb.MapFullError:
+            raise StorageFull("the node's LMDB map is full (storage.map_size_mib)") from None
+        self.applied += 1
+        return reply
+
+    def _write(self, key: bytes, state: KeyState, row_writes: dict[bytes, bytes | None],
+               record: bytes) -> None:
+        store, txn = self.store, self.txn
+        txn.put(key, state.encode(), db=store._keys)
+        if row_writes:
+            prefix = _prefix(key)
+            stamp = _U64BE.pack(state.version)
+            for row, row_value in row_writes.items():
+                row_key = prefix + row
+                old = txn.get(row_key, db=store._rows)
+                if old is None and row_value is None:
+                    continue  # deleting a row that never existed leaves no tombstone
+                if old is not None:
+                    old_stamp = old[:8][::-1]  # little-endian u64 -> big-endian index order
+                    txn.delete(prefix + old_stamp + row, db=store._changes)
+                deleted = row_value is None
+                txn.put(row_key, _ROW_META.pack(state.version, deleted) + (row_value or b""),
+                        db=store._rows)
+                txn.put(prefix + stamp + row, b"", db=store._changes)
+        store.last_lsn += 1
+        txn.put(_U64BE.pack(store.last_lsn), record, db=store._binlog, append=True)
+        if store.last_lsn - store.first_lsn + 1 > store.binlog_max_records:
+            txn.delete(_U64BE.pack(store.first_lsn), db=store._binlog)
+            store.first_lsn += 1
+
+    def _remember(self, op_id: bytes, client_id: int, client_seq: int,
+                  reply: MutateReply) -> None:
+        store, txn = self.store, self.txn
+        txn.put(op_id, _reply_encoder.encode(reply), db=store._ops)
+        # Keep a window of OPS_REMEMBERED_PER_CLIENT sequence numbers per client.
+        if client_seq > OPS_REMEMBERED_PER_CLIENT:
+            cursor = txn.cursor(db=store._ops)
+            horizon = _OP_ID.pack(client_id, client_seq - OPS_REMEMBERED_PER_CLIENT)
+            if cursor.set_range(_OP_ID.pack(client_id, 0)):
+                while cursor.key() < horizon and cursor.key()[:8] == op_id[:8]:
+                    if not cursor.delete():
+                        break
+
+
+__all__ = ["KeyState", "Store", "StoreLocked", "WriteBatch", "seq_of_row", "seq_row"]

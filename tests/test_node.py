@@ -1,0 +1,249 @@
+"""A real kvsvr-node process driven by real clients: every operation end to end, and the
+durability promise under SIGKILL, SIGSTOP and SIGTERM: every acknowledged write is there
+exactly once after a restart, and no multi-op batch is ever half applied."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import kvsvr
+from kvsvr import AsyncClient, Client, NotFound, VersionConflict
+from kvsvr.launcher import LocalCluster, write_single_node_config
+
+
+def test_every_operation_through_the_blocking_client(client: Client):
+    assert client.put("k", "v1") == 1
+    assert client.get("k") == kvsvr.Versioned(1, b"v1")
+    assert client.put("k", "v2", expected_version=1) == 2
+    with pytest.raises(VersionConflict) as conflict:
+        client.put("k", "v3", expected_version=1)
+    assert conflict.value.version == 2
+    assert client.delete("k") == 3
+    with pytest.raises(NotFound) as missing:
+        client.get("k")
+    assert missing.value.version == 3
+    assert client.incr("n") == 1 and client.incr("n", 41) == 42
+    assert [client.append("inbox", f"m{i}") for i in range(3)] == [0, 1, 2]
+    page = client.scan("inbox")
+    assert [kvsvr.seq_of_row(r.row) for r in page.rows] == [0, 1, 2]
+    assert [r.value for r in page.rows] == [b"m0", b"m1", b"m2"]
+    client.row_put("t", "a", "1")
+    client.row_put("t", "b", "2")
+    client.row_delete("t", "a")
+    assert client.row_get("t", "b").value == b"2"
+    with pytest.raises(NotFound):
+        client.row_get("t", "a")
+    changes = client.changes("t", 1)
+    assert [(c.row, c.deleted) for c in changes.changes] == [(b"b", False), (b"a", True)]
+    reply = client.batch("acct").put("7").incr(3).row_put("r", "x").append("e").commit()
+    assert reply.version == 1 and reply.results == [None, 10, None, 0]
+    pipeline = client.pipeline()
+    pipeline.put("p", "1")
+    pipeline.get("p")
+    pipeline.get("absent")
+    results = pipeline.execute()
+    assert results[0] == 1 and results[1].value == b"1" and isinstance(results[2], NotFound)
+    status = client.status()
+    assert status["store"]["binlog_last_lsn"] >= 12 and status["node"] == "n1"
+
+
+def test_asyncio_client_pipelines_many_concurrent_calls(cluster: LocalCluster):
+    async def run() -> None:
+        async with AsyncClient(cluster.config) as client:
+            versions = await asyncio.gather(*(client.put(f"a{i}", str(i)) for i in range(3000)))
+            assert versions == [1] * 3000
+            values = await asyncio.gather(*(client.get(f"a{i}") for i in range(3000)))
+            assert [v.value for v in values] == [str(i).encode() for i in range(3000)]
+            counts = await asyncio.gather(*(client.incr("shared") for _ in range(500)))
+            assert sorted(counts) == list(range(1, 501))
+            with pytest.raises(NotFound):
+                await client.get("nothing")
+
+    asyncio.run(run())
+
+
+def _worker(config_path: str, worker: int, seconds: float, results: multiprocessing.Queue):
+    """Writes until told to stop; reports what was acknowledged and what stayed ambiguous."""
+    acked_puts, acked_incrs, acked_appends, ambiguous = [], 0, [], 0
+    deadline = time.monotonic() + seconds
+    with Client(config_path, timeout=30.0, attempt_timeout=0.3) as client:
+        i = 0
+        while time.monotonic() < deadline:
+            try:
+                client.put(f"w{worker}:{i}", f"value-{worker}-{i}")
+                acked_puts.append(i)
+                client.incr("counter")
+                acked_incrs += 1
+                seq = client.append("inbox", f"{worker}:{i}")
+                acked_appends.append((seq, f"{worker}:{i}"))
+                client.batch(f"batch:{worker}:{i % 20}").put(str(i)).row_put("a", str(i)) \
+                    .row_put("b", str(i)).commit()
+            except kvsvr.Timeout:
+                ambiguous += 1
+            i += 1
+    results.put((worker, acked_puts, acked_incrs, acked_appends, ambiguous))
+
+
+def _check_acknowledged(client: Client, outcomes: list) -> None:
+    total_incrs = sum(o[2] for o in outcomes)
+    ambiguous = sum(o[4] for o in outcomes)
+    for worker, puts, _incrs, _appends, _amb in outcomes:
+        assert puts, f"worker {worker} got nothing acknowledged"
+        for i in puts:
+            assert client.get(f"w{worker}:{i}").value == f"value-{worker}-{i}".encode()
+        for i in range(20):
+            key = f"batch:{worker}:{i}"
+            try:
+                value = client.get(key).value
+            except NotFound:
+                continue
+            # A batch is all or nothing: the value and both rows come from the same commit.
+            assert client.row_get(key, "a").value == value == client.row_get(key, "b").value
+    counter = int(client.get("counter").value)
+    assert total_incrs <= counter <= total_incrs + ambiguous, "an incr was lost or doubled"
+    rows = []
+    start: bytes | None = b""
+    while start is not None:
+        page = client.scan("inbox", start)
+        rows.extend(page.rows)
+        start = page.next_start
+    stored = {kvsvr.seq_of_row(r.row): r.value.decode() for r in rows}
+    acked = {seq: body for o in outcomes for seq, body in o[3]}
+    for seq, body in acked.items():
+        assert stored.get(seq) == body, f"acknowledged append {seq} lost"
+    assert len(stored) <= len(acked) + ambiguous, "an append was applied twice"
+    assert len(set(stored.values())) == len(stored), "an append was applied twice"
+
+
+def _run_workers(config: Path, seconds: float, processes: int) -> tuple[list, list]:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_worker, args=(str(config), w, seconds, results))
+               for w in range(processes)]
+    for w in workers:
+        w.start()
+    return workers, [results]
+
+
+def test_sigkill_mid_workload_loses_nothing_acknowledged(tmp_path: Path):
+    config = write_single_node_config(tmp_path)
+    cluster = LocalCluster(config, log_dir=tmp_path / "logs")
+    cluster.start()
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_worker, args=(str(config), w, 6.0, results))
+               for w in range(3)]
+    # Threads in this process too: a Client is shared by threads.
+    thread_outcomes: list = []
+
+    def thread_worker(worker: int) -> None:
+        q: multiprocessing.Queue = multiprocessing.Queue()
+        _worker(str(config), worker, 6.0, q)
+        thread_outcomes.append(q.get())
+
+    threads = [threading.Thread(target=thread_worker, args=(10 + t,)) for t in range(2)]
+    try:
+        for w in workers:
+            w.start()
+        for t in threads:
+            t.start()
+        time.sleep(2.0)
+        cluster.kill("n1")                      # mid-workload, no warning
+        time.sleep(0.5)
+        cluster.start("n1")
+        time.sleep(1.0)
+        cluster.kill("n1")                      # and once more
+        cluster.start("n1")
+        outcomes = [results.get(timeout=60) for _ in workers]
+        for w in workers:
+            w.join(timeout=10)
+        for t in threads:
+            t.join(timeout=60)
+        outcomes += thread_outcomes
+        assert len(outcomes) == 5
+        cluster.kill("n1")                      # a final crash with nothing in flight
+        cluster.start("n1")
+        with cluster.client(timeout=10.0) as client:
+            _check_acknowledged(client, outcomes)
+    finally:
+        cluster.stop()
+
+
+def test_sigstop_pauses_the_node_and_clients_carry_on(tmp_path: Path):
+    config = write_single_node_config(tmp_path)
+    cluster = LocalCluster(config, log_dir=tmp_path / "logs")
+    cluster.start()
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_worker, args=(str(config), w, 5.0, results))
+               for w in range(2)]
+    try:
+        for w in workers:
+            w.start()
+        time.sleep(1.5)
+        cluster.signal("n1", signal.SIGSTOP)
+        time.sleep(2.0)                         # clients time out attempts and resend
+        cluster.signal("n1", signal.SIGCONT)
+        outcomes = [results.get(timeout=60) for _ in workers]
+        with cluster.client(timeout=10.0) as client:
+            _check_acknowledged(client, outcomes)
+            status = client.status()
+        # Resent requests that were answered from the op-id table did not apply twice.
+        assert status["counters"].get("mutations", 0) >= 1
+    finally:
+        cluster.stop()
+
+
+def test_sigterm_stops_cleanly_and_data_survives(tmp_path: Path):
+    cluster = LocalCluster(write_single_node_config(tmp_path), log_dir=tmp_path / "logs")
+    cluster.start()
+    with cluster.client() as client:
+        client.put("durable", "yes")
+    assert cluster.stop() == {"n1": 0}
+    assert "stopped" in (tmp_path / "logs" / "n1.log").read_text()
+    cluster.start()
+    try:
+        with cluster.client() as client:
+            assert client.get("durable").value == b"yes"
+    finally:
+        cluster.stop()
+
+
+def test_a_second_node_on_the_same_data_dir_is_refused(cluster: LocalCluster):
+    result = subprocess.run(
+        [sys.executable, "-m", "kvsvr.node", "--config", cluster.config_path, "--node", "n1"],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "another process holds this data directory" in result.stderr
+
+
+def test_a_busy_address_is_a_clear_error(cluster: LocalCluster, tmp_path: Path):
+    other = tmp_path / "other"
+    text = Path(cluster.config_path).read_text().replace('data_dir = "data/n1"',
+                                                         f'data_dir = "{other}"')
+    config = tmp_path / "busy.toml"
+    config.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "kvsvr.node", "--config", str(config)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "cannot listen on tcp://127.0.0.1:" in result.stderr
+
+
+def test_bad_config_exits_2_naming_the_field(tmp_path: Path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[[groups]]\nname = "g"\nshards = ["0-4095"]\n'
+                      '[[groups.replicas]]\nnode = "n1"\ncampus = "a"\n'
+                      'address = "localhost:1"\ndata_dir = "d"\n')
+    result = subprocess.run([sys.executable, "-m", "kvsvr.node", "--config", str(config)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "groups[0].replicas[0].address" in result.stderr
