@@ -121,7 +121,8 @@ def encode_record(uint64_t lsn, uint64_t version, uint64_t client_id, uint64_t c
         total += _OP_HEADER_BYTES + len(row) + len(value)
         payload += len(row) + len(value)
     if payload > _MAX_BATCH_BYTES:
-        raise ValueError(f"ops: {payload} bytes of rows and values, the limit is {_MAX_BATCH_BYTES}")
+        raise ValueError(
+            f"ops: {payload} bytes of rows and values, the limit is {_MAX_BATCH_BYTES}")
 
     cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
     cdef uint8_t* p = <uint8_t*> PyBytes_AS_STRING(out)
@@ -160,7 +161,8 @@ cdef Record _decode(const uint8_t[::1] view):
     if _load32(p + 8) != _RECORD_MAGIC:
         raise RecordError("bad magic: not a KVSvr binlog record")
     if _load16(p + 12) != _RECORD_LAYOUT:
-        raise RecordError(f"unknown record layout {_load16(p + 12)}, this build reads {_RECORD_LAYOUT}")
+        raise RecordError(
+            f"unknown record layout {_load16(p + 12)}, this build reads {_RECORD_LAYOUT}")
     cdef uint32_t body_len = _load32(p + 52)
     if <Py_ssize_t> body_len != n - _RECORD_HEADER_BYTES:
         raise RecordError(f"length mismatch: header says {body_len} body bytes, "

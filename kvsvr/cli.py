@@ -68,9 +68,7 @@ def _jsonable(result: Any) -> Any:
 
 
 def _print_text(command: str, result: Any) -> None:
-    if isinstance(result, Versioned):
-        print(_text(result.value))
-    elif isinstance(result, RowValue):
+    if isinstance(result, Versioned | RowValue):
         print(_text(result.value))
     elif isinstance(result, ScanPage):
         for row in result.rows:
@@ -140,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     p = command("append", "append a row (an inbox message); prints its sequence number")
     p.add_argument("key")
     p.add_argument("value")
-    p = command("changes", "rows changed after a version: VERSION<TAB>ROW<TAB>put|deleted<TAB>VALUE")
+    p = command("changes",
+                "rows changed after a version: VERSION<TAB>ROW<TAB>put|deleted<TAB>VALUE")
     p.add_argument("key")
     p.add_argument("since_version", type=int)
     p.add_argument("--limit", type=int, default=DEFAULT_SCAN_ROWS)
@@ -187,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
             result = run(args, client)
     except (KvError, ConfigError) as e:
         code = next(code for cls, code in EXIT_CODES if isinstance(e, cls))
-        kind = {NotFound: "not found", VersionConflict: "version conflict",
-                Timeout: "timeout", Unavailable: "unavailable"}.get(type(e), "error")
+        kinds: dict[type, str] = {NotFound: "not found", VersionConflict: "version conflict",
+                                  Timeout: "timeout", Unavailable: "unavailable"}
+        kind = kinds.get(type(e), "error")
         if code == 2:
             kind = "invalid"
-        detail = f" (key version {e.version})" if getattr(e, "version", None) is not None else ""
+        version = getattr(e, "version", None)
+        detail = f" (key version {version})" if version is not None else ""
         if args.json:
             print(json.dumps({"error": type(e).__name__, "message": str(e),
                               "field": getattr(e, "field", None),

@@ -259,8 +259,8 @@ class Client(_Api):
                     break
                 # A damaged answer is dropped: its request is resent or times out.
                 for _kind, status, rid, _budget, body in _decode_frames(payload)[0]:
-                    index = pending.pop(rid, None)
-                    if index is None:
+                    index = pending.pop(rid, -1)
+                    if index < 0:
                         continue  # answer to an earlier attempt or an abandoned call
                     spec = specs[index]
                     try:

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import shutil
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from kvsvr.aio import AsyncClient
 from kvsvr.client import Client
-from kvsvr.errors import KvError
+from kvsvr.errors import NotFound
 from kvsvr.launcher import LocalCluster, write_single_node_config
 
 CONCURRENCY = 32
@@ -49,7 +52,7 @@ async def workload(cluster: LocalCluster, users: int, messages: int, kill: bool,
     restart_s = 0.0
     async with AsyncClient(cluster.config, timeout=30.0, attempt_timeout=0.5) as client:
 
-        async def timed(kind: str, call):  # type: ignore[no-untyped-def]
+        async def timed(kind: str, call: Awaitable[Any]) -> Any:
             started = time.perf_counter()
             result = await call
             latencies.setdefault(kind, []).append(time.perf_counter() - started)
@@ -62,8 +65,8 @@ async def workload(cluster: LocalCluster, users: int, messages: int, kill: bool,
                 bar.update(1)
 
             for start in range(0, users, CONCURRENCY):
-                await asyncio.gather(*(register(u) for u in range(start,
-                                                                   min(users, start + CONCURRENCY))))
+                batch = range(start, min(users, start + CONCURRENCY))
+                await asyncio.gather(*(register(u) for u in batch))
 
         rng = random.Random(7)
         plan = [(rng.randrange(users), f"msg {i} hello".encode()) for i in range(messages)]
@@ -106,20 +109,18 @@ async def workload(cluster: LocalCluster, users: int, messages: int, kill: bool,
             if profile.value != f"name=user{u};campus=a".encode():
                 problems.append(f"user {u}: profile is {profile.value!r}")
             rows = []
-            start: bytes | None = b""
-            while start is not None:
-                page = check.scan(f"user:{u}:inbox", start)
+            cursor: bytes | None = b""
+            while cursor is not None:
+                page = check.scan(f"user:{u}:inbox", cursor)
                 rows.extend(page.rows)
-                start = page.next_start
+                cursor = page.next_start
             stored = [(int.from_bytes(r.row, "big"), r.value) for r in rows]
             if stored != sorted(acked_inbox[u]):
                 problems.append(f"user {u}: inbox has {len(stored)} rows, "
                                 f"{len(acked_inbox[u])} acknowledged")
             unread = 0
-            try:
+            with contextlib.suppress(NotFound):
                 unread = int(check.get(f"user:{u}:unread").value)
-            except KvError:
-                pass
             if unread != len(acked_inbox[u]):
                 problems.append(f"user {u}: unread counter {unread}, "
                                 f"{len(acked_inbox[u])} messages")

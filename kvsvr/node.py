@@ -90,7 +90,7 @@ class Node:
         try:
             for parts in messages:
                 out: list[Any] = []
-                answers.append([parts[0], out])  # type: ignore[list-item]
+                answers.append([parts[0], out])
                 for payload in parts[1:]:
                     frames, error, error_request_id = _core.decode_frames(payload)
                     for kind, method, request_id, _budget_ms, body in frames:
@@ -101,8 +101,8 @@ class Node:
                             request = decode_request(method, body)
                             counters[method_counter[method]] += 1
                             if method == _MUTATE:
-                                writes.append((out, len(out), request_id, request))  # type: ignore[arg-type]
-                                written.add(request.key)  # type: ignore[attr-defined]
+                                writes.append((out, len(out), request_id, request))
+                                written.add(request.key)
                                 out.append(None)
                                 continue
                             if written and getattr(request, "key", None) in written:
@@ -130,7 +130,7 @@ class Node:
         if deferred:
             self._answer_reads(deferred)
         for answer in answers:
-            answer[1] = b"".join(answer[1])  # type: ignore[arg-type]
+            answer[1] = b"".join(answer[1])
         return answers
 
     def _answer_reads(self, reads: list[tuple[list[Any], int, int, int, Any]]) -> None:
@@ -207,7 +207,7 @@ class Node:
             while not self.stopping:
                 if not socket.poll(POLL_INTERVAL_MS):
                     continue
-                messages = []
+                messages: list[list[bytes]] = []
                 received = 0
                 while received < ROUND_MAX_BYTES and len(messages) < ROUND_MAX_MESSAGES:
                     try:

@@ -18,7 +18,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from kvsvr import _core
-from kvsvr.errors import ERRORS_BY_CODE, InvalidArgument, KvError
+from kvsvr.errors import ERRORS_BY_CODE, Internal, InvalidArgument, KvError, UnknownMethod
 from kvsvr.limits import (
     DEFAULT_SCAN_ROWS,
     MAX_KEY_BYTES,
@@ -188,22 +188,20 @@ _error_decoder = msgspec.msgpack.Decoder(ErrorReply)
 
 
 # --- node side ----------------------------------------------------------------------------
-def decode_request(method: int, body: Any) -> Struct:
+def decode_request(method: int, body: Any) -> Any:
     """Decode and validate a request body; raises InvalidArgument naming the field."""
     decoder = _request_decoders.get(method)
     if decoder is None:
-        from kvsvr.errors import UnknownMethod
-
         raise UnknownMethod(f"method {method} is not known to this node", field="method")
     try:
-        request = decoder.decode(body)
+        request: Any = decoder.decode(body)
     except msgspec.ValidationError as e:
         message, field = _describe_validation_error(REQUEST_TYPES[method], str(e))
         raise InvalidArgument(f"{Method(method).name.lower()}: {message}", field=field) from None
     except msgspec.DecodeError as e:
         raise InvalidArgument(f"body: malformed msgpack ({e})", field="body") from None
     if method == Method.MUTATE:
-        check_ops(request.ops)  # type: ignore[attr-defined]
+        check_ops(request.ops)
     return request
 
 
@@ -374,8 +372,6 @@ def parse_reply(method: int, status: int, body: Any) -> Any:
         try:
             return _reply_decoders[method].decode(body)
         except msgspec.DecodeError as e:
-            from kvsvr.errors import Internal
-
             raise Internal(f"malformed reply to {Method(method).name}: {e}") from None
     error_class = ERRORS_BY_CODE.get(status, KvError)
     try:

@@ -127,7 +127,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.close()
         self.store = Store(self.directory, map_size_mib=64, sync=False)
 
-    @rule(key=st.sampled_from(KEYS), limit=st.integers(1, 3), start=st.sampled_from([b""] + ROWS))
+    @rule(key=st.sampled_from(KEYS), limit=st.integers(1, 3), start=st.sampled_from([b"", *ROWS]))
     def paged_scan(self, key, limit, start):
         got = []
         cursor = start
