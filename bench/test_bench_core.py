@@ -1,0 +1,135 @@
+"""Micro-benchmarks: the Cython codecs, and the store's get/put/append against raw py-lmdb
+doing the same LMDB work in the same run (the ratio is the engine's overhead).
+
+Run: bash tools/bench   (or: .venv/bin/python -m pytest bench/test_bench_core.py)
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from kvsvr import _core, protocol
+from kvsvr.store import Store
+
+VALUE = b"v" * 100
+KEYS = [f"user:{i}:profile".encode() for i in range(10_000)]
+OPS = [(_core.OP_ROW_PUT, b"row-1", VALUE)]
+RECORD = _core.encode_record(1, 2, 3, 4, KEYS[0], OPS)
+BATCH = 32  # puts per durable commit: the load generator's concurrency
+
+
+@pytest.mark.benchmark(group="record codec")
+def test_encode_record(timed):
+    timed(_core.encode_record, 1, 2, 3, 4, KEYS[0], OPS)
+
+
+@pytest.mark.benchmark(group="record codec")
+def test_decode_record(timed):
+    timed(_core.decode_record, RECORD)
+
+
+@pytest.mark.benchmark(group="record codec")
+def test_struct_pack_baseline(timed):
+    layout = struct.Struct("<QIHHQQQQII")
+    timed(lambda: layout.pack(0, 1, 1, 1, 1, 2, 3, 4, 5, 6) + KEYS[0] + b"\0" * 9 + b"row-1"
+          + VALUE)
+
+
+FRAME = _core.encode_frame(1, 10, 7, 0, protocol.encode(protocol.GetRequest(KEYS[0])))
+MESSAGE = FRAME * 32
+
+
+@pytest.mark.benchmark(group="frame codec")
+def test_encode_frame(timed):
+    timed(_core.encode_frame, 1, 10, 7, 0, b"x" * 40)
+
+
+@pytest.mark.benchmark(group="frame codec")
+def test_decode_32_frames(timed):
+    timed(_core.decode_frames, MESSAGE)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory):
+    s = Store(tmp_path_factory.mktemp("store"), map_size_mib=1024, sync=True)
+    with s.write() as batch:
+        for key in KEYS:
+            batch.mutate(key, [protocol.put_op(VALUE)])
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory: pytest.TempPathFactory):
+    env = lmdb.open(str(tmp_path_factory.mktemp("raw")), map_size=1 << 30, sync=True)
+    with env.begin(write=True) as txn:
+        for key in KEYS:
+            txn.put(key, VALUE)
+    yield env
+    env.close()
+
+
+@pytest.mark.benchmark(group="get")
+def test_store_get(timed, store):
+    keys = itertools.cycle(KEYS)
+
+    def get():
+        with store.read() as txn:
+            return store.get(txn, next(keys))
+    timed(get)
+
+
+@pytest.mark.benchmark(group="get")
+def test_raw_lmdb_get_baseline(timed, raw):
+    keys = itertools.cycle(KEYS)
+
+    def get():
+        with raw.begin() as txn:
+            return txn.get(next(keys))
+    timed(get)
+
+
+@pytest.mark.benchmark(group="put x32 fsync")
+def test_store_put_32_per_commit(timed, store):
+    keys = itertools.cycle(KEYS)
+    seq = itertools.count(1)
+
+    def put():
+        with store.write() as batch:
+            for _ in range(BATCH):
+                batch.mutate(next(keys), [protocol.put_op(VALUE)], None, 99, next(seq))
+    timed(put)
+
+
+@pytest.mark.benchmark(group="put x32 fsync")
+def test_store_append_32_per_commit(timed, store):
+    seq = itertools.count(1)
+    inboxes = itertools.cycle(KEYS[:100])
+
+    def append():
+        with store.write() as batch:
+            for _ in range(BATCH):
+                batch.mutate(next(inboxes), [protocol.append_op(VALUE)], None, 98, next(seq))
+    timed(append)
+
+
+@pytest.mark.benchmark(group="put x32 fsync")
+def test_raw_lmdb_put_32_per_commit_baseline(timed, raw):
+    keys = itertools.cycle(KEYS)
+
+    def put():
+        with raw.begin(write=True) as txn:
+            for _ in range(BATCH):
+                txn.put(next(keys), VALUE)
+    timed(put)
+
+
+def test_benchmarks_wrote_real_files(store, raw):
+    """Guard: the store under test is on disk and durable (sync on), not a tmpfs toy."""
+    assert Path(store.path, "data.mdb").stat().st_size > 1_000_000
+    assert store.env.flags()["sync"] is True
