@@ -16,6 +16,7 @@ from kvsvr._core import (
 
 # Tunables of the Python shell that are not part of any on-disk or wire layout.
 OPS_REMEMBERED_PER_CLIENT = 10_000   # exactly-once window: retried op ids recognised per client
+OPS_TRIM_STEP = 256                  # ... trimmed every this many ops (window + step at most)
 GROUP_COMMIT_MAX_OPS = 2_048         # mutations folded into one durable LMDB transaction
 SCAN_MAX_ENTRIES_VISITED = 20_000    # tombstones skipped by one scan before it returns a page
 CLIENT_ATTEMPT_TIMEOUT_S = 1.0       # a request unanswered this long is resent (same op id)
@@ -39,5 +40,6 @@ __all__ = [
     "MAX_SCAN_ROWS",
     "MAX_VALUE_BYTES",
     "OPS_REMEMBERED_PER_CLIENT",
+    "OPS_TRIM_STEP",
     "SCAN_MAX_ENTRIES_VISITED",
 ]

@@ -57,24 +57,20 @@ class Node:
         self.started = time.time()
         self.stopping = False
         self.counters: collections.Counter[str] = collections.Counter()
+        store = self.store
+        self._readers: dict[int, Any] = {
+            Method.GET: lambda r, txn: store.get(txn, r.key),
+            Method.ROW_GET: lambda r, txn: store.row_get(txn, r.key, r.row),
+            Method.SCAN: lambda r, txn: store.scan(txn, r.key, r.start, r.end, r.limit),
+            Method.CHANGES: lambda r, txn: store.changes(txn, r.key, r.since_version,
+                                                         r.after_row, r.limit),
+            Method.PING: lambda r, txn: {"node": self.name},
+            Method.STATUS: lambda r, txn: self.status(),
+        }
 
     # --- request handling (no sockets here) ------------------------------------------------
     def _read(self, method: int, request: Any, txn: lmdb.Transaction) -> Any:
-        store = self.store
-        if method == Method.GET:
-            return store.get(txn, request.key)
-        if method == Method.ROW_GET:
-            return store.row_get(txn, request.key, request.row)
-        if method == Method.SCAN:
-            return store.scan(txn, request.key, request.start, request.end, request.limit)
-        if method == Method.CHANGES:
-            return store.changes(txn, request.key, request.since_version, request.after_row,
-                                 request.limit)
-        if method == Method.PING:
-            return {"node": self.name}
-        if method == Method.STATUS:
-            return self.status()
-        raise Internal(f"method {method} has no handler")
+        return self._readers[method](request, txn)
 
     def handle_round(self, messages: list[list[bytes]]) -> list[list[bytes]]:
         """Answer one round of client messages ([identity, payload...] each), in order."""

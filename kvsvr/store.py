@@ -29,7 +29,12 @@ import msgspec
 
 from kvsvr import _core
 from kvsvr.errors import InvalidArgument, NotFound, StorageFull, VersionConflict
-from kvsvr.limits import BINLOG_MAX_RECORDS, OPS_REMEMBERED_PER_CLIENT, SCAN_MAX_ENTRIES_VISITED
+from kvsvr.limits import (
+    BINLOG_MAX_RECORDS,
+    OPS_REMEMBERED_PER_CLIENT,
+    OPS_TRIM_STEP,
+    SCAN_MAX_ENTRIES_VISITED,
+)
 from kvsvr.protocol import (
     I64_MAX,
     I64_MIN,
@@ -69,6 +74,47 @@ def seq_of_row(row: bytes) -> int:
 
 def _prefix(key: bytes) -> bytes:
     return _U16BE.pack(len(key)) + key
+
+
+def _plan(state: KeyState, ops: list[tuple[int, bytes, bytes]]
+          ) -> tuple[bytes | None, int, dict[bytes, bytes | None], list[int | None]]:
+    """What `ops` do to a key in `state`: (value, next_seq, row writes, per-op results).
+
+    Pure: it checks everything and raises a KvError before anything is written.
+    """
+    value, next_seq = state.value, state.next_seq
+    row_writes: dict[bytes, bytes | None] = {}
+    results: list[int | None] = []
+    for kind, row, operand in ops:
+        result = None
+        if kind == _core.OP_PUT:
+            value = operand
+        elif kind == _core.OP_DELETE:
+            value = None
+        elif kind == _core.OP_INCR:
+            current = 0
+            if value is not None:
+                if not _DECIMAL.fullmatch(value):
+                    raise InvalidArgument("incr: the key's value is not a decimal integer",
+                                          field="key", version=state.version)
+                current = int(value)
+            result = current + decode_delta(operand)
+            if not I64_MIN <= result <= I64_MAX:
+                raise InvalidArgument("incr: the result overflows a signed 64-bit integer",
+                                      field="delta", version=state.version)
+            value = str(result).encode()
+        elif kind == _core.OP_ROW_PUT:
+            row_writes[row] = operand
+        elif kind == _core.OP_ROW_DELETE:
+            row_writes[row] = None
+        elif kind == _core.OP_APPEND:
+            row_writes[seq_row(next_seq)] = operand
+            result = next_seq
+            next_seq += 1
+        else:  # decode_request validated kinds already; a new kind must be handled here
+            raise InvalidArgument(f"ops: kind {kind} is not applied by this node", field="ops")
+        results.append(result)
+    return value, next_seq, row_writes, results
 
 
 class StoreLocked(RuntimeError):
@@ -147,10 +193,11 @@ class Store:
         return KeyState.decode(txn.get(key, db=self._keys))
 
     def get(self, txn: lmdb.Transaction, key: bytes) -> Versioned:
-        state = self.key_state(txn, key)
-        if state.value is None:
-            raise NotFound("key holds no value", field="key", version=state.version)
-        return Versioned(state.version, state.value)
+        raw = txn.get(key, db=self._keys)
+        if raw is None or not raw[16]:  # has_value byte of the key record
+            version = _KEY_META.unpack_from(raw)[0] if raw is not None else 0
+            raise NotFound("key holds no value", field="key", version=version)
+        return Versioned(_KEY_META.unpack_from(raw)[0], raw[_KEY_META.size:])
 
     def row_get(self, txn: lmdb.Transaction, key: bytes, row: bytes) -> RowValue:
         state = self.key_state(txn, key)
@@ -283,53 +330,34 @@ class WriteBatch:
             raise VersionConflict(
                 f"expected version {expected_version}, the key is at {state.version}",
                 field="expected_version", version=state.version)
+        op_tuples = [(op.kind, op.row, op.value) for op in ops]
+        return self._commit_mutation(key, state, op_tuples, client_id, client_seq)
 
-        # Check and compute everything first; write only once nothing can fail.
-        value, next_seq = state.value, state.next_seq
-        row_writes: dict[bytes, bytes | None] = {}
-        results: list[int | None] = []
-        for op in ops:
-            kind = op.kind
-            result = None
-            if kind == _core.OP_PUT:
-                value = op.value
-            elif kind == _core.OP_DELETE:
-                value = None
-            elif kind == _core.OP_INCR:
-                current = 0
-                if value is not None:
-                    if not _DECIMAL.fullmatch(value):
-                        raise InvalidArgument("incr: the key's value is not a decimal integer",
-                                              field="key", version=state.version)
-                    current = int(value)
-                result = current + decode_delta(op.value)
-                if not I64_MIN <= result <= I64_MAX:
-                    raise InvalidArgument("incr: the result overflows a signed 64-bit integer",
-                                          field="delta", version=state.version)
-                value = str(result).encode()
-            elif kind == _core.OP_ROW_PUT:
-                row_writes[op.row] = op.value
-            elif kind == _core.OP_ROW_DELETE:
-                row_writes[op.row] = None
-            elif kind == _core.OP_APPEND:
-                row_writes[seq_row(next_seq)] = op.value
-                result = next_seq
-                next_seq += 1
-            else:  # decode_request validated kinds already; a new kind must be handled here
-                raise InvalidArgument(f"ops: kind {kind} is not applied by this node",
-                                      field="ops")
-            results.append(result)
-        if len(value or b"") > _core.MAX_VALUE_BYTES:
-            raise InvalidArgument("value: over the value limit", field="value")
+    def apply_record(self, record: _core.Record) -> MutateReply:
+        """Apply a binlog record taken from a peer's (or a replayed) binlog.
 
+        The record must be the key's next version: records of one key apply in version order,
+        which is what makes logical ops (incr, append) give the same result everywhere.
+        """
+        state = self.store.key_state(self.txn, record.key)
+        if record.version != state.version + 1:
+            raise ValueError(f"record of {record.key!r} at version {record.version}, "
+                             f"the key is at {state.version}: out of order")
+        return self._commit_mutation(record.key, state, record.ops, record.client_id,
+                                     record.client_seq)
+
+    def _commit_mutation(self, key: bytes, state: KeyState,
+                         ops: list[tuple[int, bytes, bytes]], client_id: int,
+                         client_seq: int) -> MutateReply:
+        value, next_seq, row_writes, results = _plan(state, ops)
         version = state.version + 1
         reply = MutateReply(version, results)
-        record = _core.encode_record(store.last_lsn + 1, version, client_id, client_seq, key,
-                                     [(op.kind, op.row, op.value) for op in ops])
+        record = _core.encode_record(self.store.last_lsn + 1, version, client_id, client_seq,
+                                     key, ops)
         try:
             self._write(key, KeyState(version, next_seq, value), row_writes, record)
-            if op_id is not None:
-                self._remember(op_id, client_id, client_seq, reply)
+            if client_id:
+                self._remember(_OP_ID.pack(client_id, client_seq), client_id, client_seq, reply)
         except lmdb.MapFullError:
             raise StorageFull("the node's LMDB map is full (storage.map_size_mib)") from None
         self.applied += 1
@@ -364,8 +392,9 @@ class WriteBatch:
                   reply: MutateReply) -> None:
         store, txn = self.store, self.txn
         txn.put(op_id, _reply_encoder.encode(reply), db=store._ops)
-        # Keep a window of OPS_REMEMBERED_PER_CLIENT sequence numbers per client.
-        if client_seq > OPS_REMEMBERED_PER_CLIENT:
+        # Keep a window of OPS_REMEMBERED_PER_CLIENT sequence numbers per client; trimmed in
+        # steps of OPS_TRIM_STEP so that most writes pay no cursor walk.
+        if client_seq % OPS_TRIM_STEP == 0 and client_seq > OPS_REMEMBERED_PER_CLIENT:
             cursor = txn.cursor(db=store._ops)
             horizon = _OP_ID.pack(client_id, client_seq - OPS_REMEMBERED_PER_CLIENT)
             if cursor.set_range(_OP_ID.pack(client_id, 0)):
