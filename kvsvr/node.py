@@ -50,6 +50,11 @@ class Node:
         self.config = config
         self.name = name
         self.group, self.replica = config.replica(name)
+        if len(self.group.replicas) > 1:
+            # Serving one replica of a larger group alone would let replicas silently diverge.
+            raise ConfigError(
+                f"groups: group {self.group.name!r} has {len(self.group.replicas)} replicas; "
+                "this build serves single-replica groups only (replication is not built yet)")
         self.store = Store(config.data_dir(self.replica),
                            map_size_mib=config.storage.map_size_mib,
                            sync=config.storage.sync,
@@ -171,7 +176,7 @@ class Node:
             "group": self.group.name,
             "campus": self.replica.campus,
             "address": self.replica.address,
-            "role": "single" if len(self.group.replicas) == 1 else "replica",
+            "role": "single",
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3),
             "data_dir": str(self.store.path),

@@ -247,3 +247,19 @@ def test_bad_config_exits_2_naming_the_field(tmp_path: Path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "groups[0].replicas[0].address" in result.stderr
+
+
+def test_a_group_of_three_is_refused_until_replication_exists(tmp_path: Path):
+    text = "".join(f'''
+[[groups.replicas]]
+node = "n{i}"
+campus = "{c}"
+address = "tcp://127.0.0.1:{7600 + i}"
+data_dir = "d{i}"
+''' for i, c in enumerate("abc"))
+    config = tmp_path / "three.toml"
+    config.write_text('[[groups]]\nname = "g1"\nshards = ["0-4095"]\n' + text)
+    result = subprocess.run([sys.executable, "-m", "kvsvr.node", "--config", str(config),
+                             "--node", "n1"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "single-replica groups only" in result.stderr
