@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"  verification    OK: {args.users} profiles, {outcome['messages']} messages in "
           "inboxes exactly once, unread counters exact")
-    print(f"\nThe data stays in {directory / 'data'}; try: kvsvr --config {config} status")
+    kvsvr = Path(sys.executable).parent / "kvsvr"
+    print(f"\nThe data stays in {directory / 'data'}; try: {kvsvr} --config {config} status")
     return 0
 
 
