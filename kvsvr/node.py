@@ -146,6 +146,7 @@ class Node:
 
     def _commit(self, writes: list[tuple[list[Any], int, int, MutateRequest]]) -> None:
         counters = self.counters
+        started = time.perf_counter()
         try:
             with self.store.write() as batch:
                 for out, index, request_id, request in writes:
@@ -160,6 +161,7 @@ class Node:
                         out[index] = _error_frame(request_id, e)
             counters["group_commits"] += 1
             counters["mutations"] += batch.applied
+            counters["group_commit_us"] += int((time.perf_counter() - started) * 1e6)
         except Exception as e:
             # Nothing of the transaction was kept: every write of the round is answered with
             # the error, including those that had looked successful before the abort.
