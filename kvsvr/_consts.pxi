@@ -68,3 +68,29 @@ FRAME_REQUEST = 1
 FRAME_RESPONSE = 2
 cdef enum:
     _FRAME_KIND_MAX = 2
+
+# --- version quorum (see _quorum.pxi) ----------------------------------------------------
+# Ballot = ((round << 24) | (incarnation << 8) | node) + 1: 0 means "no ballot", two lives of a
+# replica never share a ballot, and round 0 sorts below every round >= 1.
+cdef enum:
+    _MAX_REPLICAS = 7
+    _MAX_INCARNATION = 65535
+    _PROPOSAL_TIMEOUT_TICKS = 50        # a proposal phase without a majority is retried
+    _RETRY_BACKOFF_TICKS = 10           # first retry delay after a rejection (grows, per node)
+    _MAX_PROPOSALS_IN_FLIGHT = 65536    # per replica; beyond it propose() refuses
+
+MAX_REPLICAS = _MAX_REPLICAS
+MAX_INCARNATION = _MAX_INCARNATION
+PROPOSAL_TIMEOUT_TICKS = _PROPOSAL_TIMEOUT_TICKS
+RETRY_BACKOFF_TICKS = _RETRY_BACKOFF_TICKS
+MAX_PROPOSALS_IN_FLIGHT = _MAX_PROPOSALS_IN_FLIGHT
+
+# Quorum message kinds.
+MSG_PREPARE = 1         # proposer -> acceptors: promise me `ballot` for (key, version)
+MSG_PROMISE = 2         # acceptor -> proposer: promised; carries what it accepted (if any)
+MSG_ACCEPT = 3          # proposer -> acceptors: accept `value` at `ballot`
+MSG_ACCEPTED = 4        # acceptor -> proposer: accepted `ballot`
+MSG_REJECT = 5          # acceptor -> proposer: promised higher (`accepted_ballot` = promise)
+MSG_CHOSEN = 6          # anyone -> anyone: `value` is chosen for (key, version)
+MSG_STATE_REQUEST = 7   # rebuilding replica -> peers: send me your acceptor state
+MSG_STATE = 8           # peer -> rebuilding replica: all its acceptor records, in one message

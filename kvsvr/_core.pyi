@@ -54,3 +54,65 @@ def record_lsn(buf: Any) -> int: ...
 def encode_frame(kind: int, code: int, request_id: int, budget_ms: int, body: Any) -> bytes: ...
 def decode_frames(buf: Any) -> tuple[list[Frame], str | None, int]: ...
 def decode_frame(buf: Any) -> Frame: ...
+
+# --- version quorum (_quorum.pxi) ---------------------------------------------------------
+MAX_REPLICAS: int
+MAX_INCARNATION: int
+PROPOSAL_TIMEOUT_TICKS: int
+RETRY_BACKOFF_TICKS: int
+MAX_PROPOSALS_IN_FLIGHT: int
+MSG_PREPARE: int
+MSG_PROMISE: int
+MSG_ACCEPT: int
+MSG_ACCEPTED: int
+MSG_REJECT: int
+MSG_CHOSEN: int
+MSG_STATE_REQUEST: int
+MSG_STATE: int
+PENDING: int
+WON: int
+LOST: int
+
+def majority(replicas: int) -> int: ...
+def rebuild_quorum(replicas: int) -> int: ...
+def vote_result(yes: int, no: int, replicas: int) -> int: ...
+def make_ballot(round_number: int, node: int, incarnation: int = 1) -> int: ...
+def ballot_round(ballot: int) -> int: ...
+def ballot_node(ballot: int) -> int: ...
+def ballot_incarnation(ballot: int) -> int: ...
+
+class Message:
+    kind: int
+    source: int
+    target: int
+    incarnation: int
+    key: bytes
+    version: int
+    ballot: int
+    accepted_ballot: int
+    value: Any
+    def __init__(self, kind: int, source: int, target: int, incarnation: int, key: bytes,
+                 version: int, ballot: int = 0, accepted_ballot: int = 0,
+                 value: Any = None) -> None: ...
+
+# persist records: ("instance", key, version, promised, accepted_ballot, accepted_value,
+# chosen_value), ("fence", peer, incarnation), ("rebuilt", incarnation),
+# ("verified", incarnation)
+PersistRecord = tuple[Any, ...]
+Decided = tuple[bytes, int, Any, bool]
+
+class QuorumReplica:
+    node: int
+    replicas: int
+    incarnation: int
+    rebuilding: bool
+    fast_path: bool
+    proposals_in_flight: int
+    def __init__(self, node: int, replicas: int, incarnation: int = 1,
+                 rebuilding: bool = False) -> None: ...
+    def restore(self, records: list[PersistRecord]) -> None: ...
+    def acceptor_state(self, key: bytes, version: int) -> tuple[int, int, Any, Any]: ...
+    def ready(self) -> tuple[list[PersistRecord], list[Message], list[Decided]]: ...
+    def propose(self, key: bytes, version: int, value: Any, home: bool, now: float) -> bool: ...
+    def tick(self, now: float) -> None: ...
+    def step(self, message: Message, now: float) -> None: ...

@@ -1,10 +1,12 @@
 # cython: language_level=3
-"""KVSvr's compiled core: limits, the binlog record codec and the wire frame codec.
+"""KVSvr's compiled core: limits, the binlog record codec, the wire frame codec and the
+version quorum state machine.
 
-The core does no I/O: no sockets, no LMDB, no threads, no clock. Later parts (the version
-quorum state machine, the shared-memory counters) join it as further `include`d files.
+The core does no I/O: no sockets, no LMDB, no threads, no clock. Later parts (the
+shared-memory counters) join it as further `include`d files.
 """
 
 include "_consts.pxi"
 include "_record.pxi"
 include "_frame.pxi"
+include "_quorum.pxi"

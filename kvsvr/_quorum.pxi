@@ -1,0 +1,512 @@
+# The version quorum: committing version v of a key is one single-decree Paxos instance
+# among the group's replicas. This file is the whole protocol, as a state machine with no I/O.
+#
+# Inputs:  propose(key, version, value, home, now), step(message, now), tick(now).
+# Outputs: ready() -> (persist, send, decided)
+#   persist: records to make durable BEFORE any message of the same ready() is sent:
+#            ("instance", key, version, promised, accepted_ballot, accepted_value, chosen)
+#            ("fence", peer, incarnation)   drop that peer's messages from older lives
+#            ("rebuilt", incarnation)       this life may vote (it rebuilt from a quorum)
+#            ("verified", incarnation)      this life rebuilt from every peer: fast path ok
+#   send:    Message objects
+#   decided: (key, version, chosen_value, own) for proposals of this replica that finished;
+#            own is False when another value won the version (retry at version + 1, or
+#            report a compare-and-set conflict)
+# The caller persists, then sends, then acts on decided.
+#
+# Rules worth reading twice:
+# - Round 0 of every version belongs to the key's home replica. Its ballot is the lowest any
+#   proposer can hold, so no lower ballot can have been accepted and phase 1 is skipped: the
+#   home commits in one round trip to a majority. Everyone else starts at round 1 with a
+#   prepare, and a prepare adopts the value of the highest ballot reported accepted.
+# - An acceptor that lost its disk forgets its promises; voting at once could let two values
+#   be chosen for one version. A wiped replica restarts with a new incarnation in the
+#   `rebuilding` state: it answers no prepare or accept until it has merged the acceptor
+#   state of `rebuild_quorum(n)` other replicas (enough that every majority it was part of
+#   intersects them), taking the highest promise and highest accepted ballot of each instance.
+#   Each peer sends its whole state in one message, so a transfer is never half received.
+# - A life must not be confused with an earlier one: ballots carry the incarnation, and a peer
+#   that answers a state request fences the requester's older incarnations (persisted), so
+#   messages of a dead life still in the network are dropped. The fast path (round 0 without
+#   a prepare) is safe only if no earlier life may have used round 0 where this life cannot
+#   see it: a first life, or a life rebuilt from every peer (all of them fenced its past).
+
+
+cpdef int majority(int replicas):
+    return replicas // 2 + 1
+
+
+cpdef int rebuild_quorum(int replicas):
+    """Other replicas a wiped acceptor must hear from before it may vote again."""
+    return replicas - majority(replicas) + 1
+
+
+PENDING = 0
+WON = 1
+LOST = 2
+
+
+cpdef int vote_result(int yes, int no, int replicas):
+    """PENDING, WON or LOST for a vote with `yes` and `no` answers so far."""
+    cdef int need = majority(replicas)
+    if yes >= need:
+        return WON
+    if no > replicas - need:
+        return LOST
+    return PENDING
+
+
+cpdef uint64_t make_ballot(uint64_t round_number, int node, uint64_t incarnation=1):
+    return ((round_number << 24) | (incarnation << 8) | <uint64_t> node) + 1
+
+
+cpdef uint64_t ballot_round(uint64_t ballot):
+    return 0 if ballot == 0 else (ballot - 1) >> 24
+
+
+cpdef int ballot_node(uint64_t ballot):
+    return -1 if ballot == 0 else <int> ((ballot - 1) & 0xFF)
+
+
+cpdef uint64_t ballot_incarnation(uint64_t ballot):
+    return 0 if ballot == 0 else ((ballot - 1) >> 8) & 0xFFFF
+
+
+cdef class Message:
+    """One quorum message. `accepted_ballot` carries the acceptor's accepted ballot in a
+    PROMISE and STATE, and its promise in a REJECT."""
+    cdef readonly int kind
+    cdef readonly int source
+    cdef readonly int target
+    cdef readonly uint64_t incarnation
+    cdef readonly bytes key
+    cdef readonly uint64_t version
+    cdef readonly uint64_t ballot
+    cdef readonly uint64_t accepted_ballot
+    cdef readonly object value
+
+    def __init__(self, int kind, int source, int target, uint64_t incarnation, bytes key,
+                 uint64_t version, uint64_t ballot=0, uint64_t accepted_ballot=0,
+                 object value=None):
+        self.kind = kind
+        self.source = source
+        self.target = target
+        self.incarnation = incarnation
+        self.key = key
+        self.version = version
+        self.ballot = ballot
+        self.accepted_ballot = accepted_ballot
+        self.value = value
+
+    def __repr__(self):
+        return (f"Message(kind={self.kind}, {self.source}->{self.target}, key={self.key!r}, "
+                f"version={self.version}, ballot={self.ballot}, "
+                f"accepted_ballot={self.accepted_ballot}, value={self.value!r})")
+
+
+cdef class _Instance:
+    """An acceptor's state for one (key, version)."""
+    cdef public uint64_t promised
+    cdef public uint64_t accepted_ballot
+    cdef public object accepted_value
+    cdef public object chosen_value
+
+    def __init__(self):
+        self.promised = 0
+        self.accepted_ballot = 0
+        self.accepted_value = None
+        self.chosen_value = None
+
+    cdef tuple record(self, bytes key, uint64_t version):
+        return ("instance", key, version, self.promised, self.accepted_ballot,
+                self.accepted_value, self.chosen_value)
+
+
+cdef enum Phase:
+    PHASE_PREPARE = 1
+    PHASE_ACCEPT = 2
+    PHASE_WAIT = 3      # backing off before the next ballot
+
+
+cdef class _Proposal:
+    cdef bytes key
+    cdef uint64_t version
+    cdef object own_value
+    cdef object value            # what is being proposed at this ballot (own or adopted)
+    cdef bint home
+    cdef Phase phase
+    cdef uint64_t ballot
+    cdef uint64_t highest_seen   # highest ballot heard of for this instance
+    cdef dict promises           # node -> (accepted_ballot, accepted_value)
+    cdef set accepted
+    cdef set rejected
+    cdef double deadline
+    cdef int attempts
+
+
+cdef class QuorumReplica:
+    """One replica's side of the version quorum for every key of its group."""
+    cdef readonly int node
+    cdef readonly int replicas
+    cdef readonly uint64_t incarnation
+    cdef readonly bint rebuilding
+    cdef readonly bint fast_path  # round 0 without a prepare is safe for this life
+    cdef dict _instances         # (key, version) -> _Instance
+    cdef dict _fences            # peer -> lowest incarnation of it still listened to
+    cdef dict _proposals         # (key, version) -> _Proposal
+    cdef dict _rebuild_done      # node -> incarnation that finished sending its state
+    cdef list _persist
+    cdef list _send
+    cdef list _decided
+    cdef set _dirty
+    cdef double _next_state_request
+
+    def __init__(self, int node, int replicas, uint64_t incarnation=1, bint rebuilding=False):
+        if replicas < 1 or replicas > _MAX_REPLICAS:
+            raise ValueError(f"replicas: {replicas}, expected 1..{_MAX_REPLICAS}")
+        if node < 0 or node >= replicas:
+            raise ValueError(f"node: {node}, expected 0..{replicas - 1}")
+        if incarnation < 1 or incarnation > _MAX_INCARNATION:
+            raise ValueError(f"incarnation: {incarnation}, expected 1..{_MAX_INCARNATION}")
+        self.node = node
+        self.replicas = replicas
+        self.incarnation = incarnation
+        self.rebuilding = rebuilding
+        self.fast_path = incarnation == 1 and not rebuilding
+        self._instances = {}
+        self._fences = {}
+        self._proposals = {}
+        self._rebuild_done = {}
+        self._persist = []
+        self._send = []
+        self._decided = []
+        self._dirty = set()
+        self._next_state_request = 0
+        if rebuilding:
+            self._request_state(0)
+
+    # --- restoring from what was persisted ------------------------------------------------
+    def restore(self, records):
+        """Load persisted records after a restart that kept the disk. A life after the first
+        that had not finished rebuilding when it stopped goes on rebuilding."""
+        cdef _Instance instance
+        cdef bint rebuilt = self.incarnation == 1
+        for record in records:
+            if record[0] == "fence":
+                self._fences[record[1]] = max(self._fences.get(record[1], 0), record[2])
+                continue
+            if record[0] == "verified":
+                self.fast_path = self.fast_path or record[1] == self.incarnation
+                continue
+            if record[0] == "rebuilt":
+                rebuilt = rebuilt or record[1] == self.incarnation
+                continue
+            _, key, version, promised, accepted_ballot, accepted_value, chosen_value = record
+            instance = _Instance()
+            instance.promised = promised
+            instance.accepted_ballot = accepted_ballot
+            instance.accepted_value = accepted_value
+            instance.chosen_value = chosen_value
+            self._instances[(key, version)] = instance
+        if not rebuilt and not self.rebuilding:
+            self.rebuilding = True
+            self._request_state(0)
+
+    def acceptor_state(self, bytes key, uint64_t version):
+        """(promised, accepted_ballot, accepted_value, chosen_value), for tests and status."""
+        cdef _Instance instance = self._instances.get((key, version))
+        if instance is None:
+            return (0, 0, None, None)
+        return (instance.promised, instance.accepted_ballot, instance.accepted_value,
+                instance.chosen_value)
+
+    @property
+    def proposals_in_flight(self):
+        return len(self._proposals)
+
+    # --- outputs ----------------------------------------------------------------------------
+    def ready(self):
+        """(persist, send, decided) since the last call; persist before sending."""
+        cdef _Instance instance
+        for instance_key in self._dirty:
+            instance = self._instances[instance_key]
+            self._persist.append(instance.record(instance_key[0], instance_key[1]))
+        self._dirty.clear()
+        out = (self._persist, self._send, self._decided)
+        self._persist, self._send, self._decided = [], [], []
+        return out
+
+    cdef void _emit(self, int kind, int target, bytes key, uint64_t version, uint64_t ballot=0,
+                    uint64_t accepted_ballot=0, object value=None):
+        self._send.append(Message(kind, self.node, target, self.incarnation, key, version,
+                                  ballot, accepted_ballot, value))
+
+    cdef _Instance _instance(self, bytes key, uint64_t version):
+        cdef tuple instance_key = (key, version)
+        cdef _Instance instance = self._instances.get(instance_key)
+        if instance is None:
+            instance = _Instance()
+            self._instances[instance_key] = instance
+        return instance
+
+    # --- proposer -----------------------------------------------------------------------------
+    def propose(self, bytes key, uint64_t version, object value, bint home, double now):
+        """Start committing `value` as `version` of `key`. Returns False if this replica
+        cannot propose now (rebuilding, the instance is busy, or too many in flight)."""
+        cdef tuple instance_key = (key, version)
+        if self.rebuilding or instance_key in self._proposals:
+            return False
+        if len(self._proposals) >= _MAX_PROPOSALS_IN_FLIGHT:
+            return False
+        cdef _Instance instance = self._instances.get(instance_key)
+        if instance is not None and instance.chosen_value is not None:
+            self._decided.append((key, version, instance.chosen_value,
+                                  instance.chosen_value == value))
+            return True
+        cdef _Proposal proposal = _Proposal()
+        proposal.key = key
+        proposal.version = version
+        proposal.own_value = value
+        proposal.value = value
+        proposal.home = home
+        proposal.attempts = 0
+        proposal.highest_seen = instance.promised if instance is not None else 0
+        self._proposals[instance_key] = proposal
+        if home and self.fast_path and proposal.highest_seen == 0:
+            # Round 0 is ours alone and we never used it (our own acceptor would have
+            # recorded it): no lower ballot exists, so no prepare is needed.
+            self._start_accept(proposal, make_ballot(0, self.node, self.incarnation), now)
+        else:
+            self._start_prepare(proposal, now)
+        return True
+
+    cdef void _start_prepare(self, _Proposal proposal, double now):
+        cdef _Instance own = self._instance(proposal.key, proposal.version)
+        if own.chosen_value is not None:
+            self._finish(proposal, own.chosen_value)
+            return
+        proposal.phase = PHASE_PREPARE
+        proposal.ballot = make_ballot(
+            max(ballot_round(max(proposal.highest_seen, own.promised)) + 1, 1), self.node,
+            self.incarnation)
+        proposal.highest_seen = proposal.ballot
+        proposal.promises = {}
+        proposal.accepted = set()
+        proposal.rejected = set()
+        proposal.deadline = now + _PROPOSAL_TIMEOUT_TICKS
+        proposal.value = proposal.own_value
+        proposal.attempts += 1
+        # Our own promise is recorded (and persisted before anything is sent), so a restart
+        # can never reuse this ballot with another value.
+        own.promised = proposal.ballot
+        self._dirty.add((proposal.key, proposal.version))
+        proposal.promises[self.node] = (own.accepted_ballot, own.accepted_value)
+        self._send_to_peers(MSG_PREPARE, proposal.key, proposal.version, proposal.ballot, None)
+        self._check_promises(proposal, now)
+
+    cdef void _start_accept(self, _Proposal proposal, uint64_t ballot, double now):
+        cdef _Instance own = self._instance(proposal.key, proposal.version)
+        proposal.phase = PHASE_ACCEPT
+        proposal.ballot = ballot
+        if ballot > proposal.highest_seen:
+            proposal.highest_seen = ballot
+        proposal.accepted = set()
+        proposal.rejected = set()
+        proposal.deadline = now + _PROPOSAL_TIMEOUT_TICKS
+        if ballot < own.promised:
+            self._back_off(proposal, now)  # we promised someone higher meanwhile
+            return
+        own.promised = ballot
+        own.accepted_ballot = ballot
+        own.accepted_value = proposal.value
+        self._dirty.add((proposal.key, proposal.version))
+        proposal.accepted.add(self.node)
+        self._send_to_peers(MSG_ACCEPT, proposal.key, proposal.version, ballot, proposal.value)
+        self._check_accepts(proposal)
+
+    cdef void _send_to_peers(self, int kind, bytes key, uint64_t version, uint64_t ballot,
+                             object value):
+        cdef int peer
+        for peer in range(self.replicas):
+            if peer != self.node:
+                self._emit(kind, peer, key, version, ballot, 0, value)
+
+    cdef void _check_promises(self, _Proposal proposal, double now):
+        if vote_result(len(proposal.promises), len(proposal.rejected),
+                       self.replicas) != WON:
+            return
+        best_ballot, best_value = 0, None
+        for accepted_ballot, accepted_value in proposal.promises.values():
+            if accepted_ballot > best_ballot:
+                best_ballot, best_value = accepted_ballot, accepted_value
+        # Adopt a value some acceptor may have helped choose, else propose our own.
+        proposal.value = best_value if best_ballot else proposal.own_value
+        self._start_accept(proposal, proposal.ballot, now)
+
+    cdef void _check_accepts(self, _Proposal proposal):
+        if vote_result(len(proposal.accepted), len(proposal.rejected),
+                       self.replicas) != WON:
+            return
+        value = proposal.value
+        key, version = proposal.key, proposal.version
+        self._send_to_peers(MSG_CHOSEN, key, version, 0, value)
+        self._learn(key, version, value)
+
+    cdef void _back_off(self, _Proposal proposal, double now):
+        proposal.phase = PHASE_WAIT
+        # Grows with attempts and differs per node, so two proposers do not duel forever.
+        proposal.deadline = now + _RETRY_BACKOFF_TICKS * (1 + self.node) * min(
+            proposal.attempts, 8)
+
+    cdef void _finish(self, _Proposal proposal, object chosen_value):
+        del self._proposals[(proposal.key, proposal.version)]
+        self._decided.append((proposal.key, proposal.version, chosen_value,
+                              chosen_value == proposal.own_value))
+
+    cdef void _learn(self, bytes key, uint64_t version, object value):
+        cdef _Instance instance = self._instance(key, version)
+        if instance.chosen_value is None:
+            instance.chosen_value = value
+            self._dirty.add((key, version))
+        cdef _Proposal proposal = self._proposals.get((key, version))
+        if proposal is not None:
+            self._finish(proposal, value)
+
+    def tick(self, double now):
+        cdef _Proposal proposal
+        # Keep asking until every peer has answered: rebuilding ends at rebuild_quorum,
+        # the fast path needs them all.
+        if (self.rebuilding or not self.fast_path) and self.incarnation > 1 \
+                and now >= self._next_state_request:
+            self._request_state(now)
+        for proposal in list(self._proposals.values()):
+            if now < proposal.deadline:
+                continue
+            # A phase without a majority in time, or a back-off that ran out: a new ballot.
+            self._start_prepare(proposal, now)
+
+    # --- messages -----------------------------------------------------------------------------
+    def step(self, Message message not None, double now):
+        """Handle one message addressed to this replica."""
+        if message.target != self.node or message.source < 0 \
+                or message.source >= self.replicas or message.source == self.node:
+            return
+        cdef uint64_t fence = self._fences.get(message.source, 0)
+        if message.incarnation < fence:
+            return  # a message from a life of that peer that has ended
+        cdef int kind = message.kind
+        if message.incarnation > fence:
+            # A newer life of that peer: fence the older ones (persisted, so a restart of
+            # ours cannot forget it and accept a dead life's message still in the network).
+            self._set_fence(message.source, message.incarnation)
+        if kind == MSG_PREPARE or kind == MSG_ACCEPT:
+            self._on_acceptor_request(message)
+        elif kind == MSG_PROMISE or kind == MSG_ACCEPTED or kind == MSG_REJECT:
+            self._on_acceptor_reply(message, now)
+        elif kind == MSG_CHOSEN:
+            if message.value is not None:
+                self._learn(message.key, message.version, message.value)
+        elif kind == MSG_STATE_REQUEST:
+            self._on_state_request(message)
+        elif kind == MSG_STATE:
+            self._on_state(message)
+
+    cdef void _on_acceptor_request(self, Message message):
+        if self.rebuilding:
+            return  # amnesia guard: no vote before the state is rebuilt from peers
+        cdef _Instance instance = self._instance(message.key, message.version)
+        if instance.chosen_value is not None:
+            self._emit(MSG_CHOSEN, message.source, message.key, message.version, 0, 0,
+                       instance.chosen_value)
+            return
+        if message.kind == MSG_PREPARE:
+            if message.ballot > instance.promised:
+                instance.promised = message.ballot
+                self._dirty.add((message.key, message.version))
+                self._emit(MSG_PROMISE, message.source, message.key, message.version,
+                           message.ballot, instance.accepted_ballot, instance.accepted_value)
+            else:
+                self._emit(MSG_REJECT, message.source, message.key, message.version,
+                           message.ballot, instance.promised)
+        else:
+            if message.ballot >= instance.promised and message.value is not None:
+                instance.promised = message.ballot
+                instance.accepted_ballot = message.ballot
+                instance.accepted_value = message.value
+                self._dirty.add((message.key, message.version))
+                self._emit(MSG_ACCEPTED, message.source, message.key, message.version,
+                           message.ballot)
+            else:
+                self._emit(MSG_REJECT, message.source, message.key, message.version,
+                           message.ballot, instance.promised)
+
+    cdef void _on_acceptor_reply(self, Message message, double now):
+        cdef _Proposal proposal = self._proposals.get((message.key, message.version))
+        if proposal is None or message.ballot != proposal.ballot:
+            return  # a reply to a finished proposal or an older ballot
+        cdef int result
+        if message.kind == MSG_REJECT:
+            if message.accepted_ballot > proposal.highest_seen:
+                proposal.highest_seen = message.accepted_ballot
+            proposal.rejected.add(message.source)
+            if proposal.phase == PHASE_PREPARE:
+                result = vote_result(len(proposal.promises), len(proposal.rejected),
+                                     self.replicas)
+            else:
+                result = vote_result(len(proposal.accepted), len(proposal.rejected),
+                                     self.replicas)
+            if result == LOST:
+                self._back_off(proposal, now)
+            return
+        if message.kind == MSG_PROMISE and proposal.phase == PHASE_PREPARE:
+            proposal.promises[message.source] = (message.accepted_ballot, message.value)
+            self._check_promises(proposal, now)
+        elif message.kind == MSG_ACCEPTED and proposal.phase == PHASE_ACCEPT:
+            proposal.accepted.add(message.source)
+            self._check_accepts(proposal)
+
+    # --- rebuilding after a lost disk ----------------------------------------------------------
+    cdef void _set_fence(self, int peer, uint64_t incarnation):
+        self._fences[peer] = incarnation
+        self._persist.append(("fence", peer, incarnation))
+
+    cdef void _on_state_request(self, Message message):
+        if self.rebuilding:
+            return  # a rebuilding replica has nothing trustworthy to give
+        # All of it in one message: a transfer that could arrive in part would let a replica
+        # finish rebuilding with a hole exactly where a chosen value was.
+        cdef _Instance instance
+        records = [instance.record(key, version)
+                   for (key, version), instance in self._instances.items()]
+        self._emit(MSG_STATE, message.source, b"", 0, message.incarnation, 0, records)
+
+    cdef void _on_state(self, Message message):
+        # `ballot` echoes the incarnation that asked: answers to an older life do not count.
+        if message.ballot != self.incarnation or message.source in self._rebuild_done:
+            return
+        cdef _Instance instance
+        for _, key, version, promised, accepted_ballot, accepted_value, chosen_value \
+                in message.value:
+            instance = self._instance(key, version)
+            if promised > instance.promised:
+                instance.promised = promised
+            if accepted_ballot > instance.accepted_ballot:
+                instance.accepted_ballot = accepted_ballot
+                instance.accepted_value = accepted_value
+            if chosen_value is not None and instance.chosen_value is None:
+                instance.chosen_value = chosen_value
+            self._dirty.add((key, version))
+        self._rebuild_done[message.source] = message.incarnation
+        if self.rebuilding and len(self._rebuild_done) >= rebuild_quorum(self.replicas):
+            self.rebuilding = False
+            self._persist.append(("rebuilt", self.incarnation))
+        if len(self._rebuild_done) == self.replicas - 1 and not self.fast_path:
+            self.fast_path = True
+            self._persist.append(("verified", self.incarnation))
+
+    cdef void _request_state(self, double now):
+        cdef int peer
+        for peer in range(self.replicas):
+            if peer != self.node and peer not in self._rebuild_done:
+                self._emit(MSG_STATE_REQUEST, peer, b"", 0)
+        self._next_state_request = now + _PROPOSAL_TIMEOUT_TICKS

@@ -1,0 +1,1 @@
+"""Test support shipped with KVSvr: the deterministic simulator of a replica group."""

@@ -1,0 +1,250 @@
+"""A deterministic simulation of one replica group's version quorum.
+
+All replicas run in one process on a fake clock; a seeded random source drives a network
+that drops, duplicates, delays and reorders messages, and crashes (losing everything not
+persisted) and disk wipes. The same seed replays the same run exactly.
+
+Safety is checked against ground truth, not the replicas' own claims: every acceptance a
+replica persists is logged, and a value counts as chosen for (key, version) when a majority
+accepted it at one ballot. Two different chosen values for one (key, version), or a replica
+deciding a value that was not chosen, is a violation.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvsvr import _core
+from kvsvr.sharding import home_index
+
+
+@dataclass
+class Faults:
+    drop: float = 0.1          # chance a message is lost
+    duplicate: float = 0.05    # chance a message is delivered twice
+    max_delay: int = 20        # ticks; delays differ, so messages reorder
+    crash: float = 0.002       # chance per tick that an up replica crashes (keeps its disk)
+    wipe: float = 0.0005       # chance per tick that a crash also loses the disk
+    restart: float = 0.05      # chance per tick that a down replica comes back
+    propose: float = 0.3       # chance per tick that some replica starts a proposal
+
+
+@dataclass
+class _Node:
+    index: int
+    replica: _core.QuorumReplica
+    disk: dict[tuple, tuple] = field(default_factory=dict)  # record identity -> record
+    up: bool = True
+    wiped: bool = False        # lost its disk; comes back as a new incarnation that rebuilds
+    incarnation: int = 1
+    known_version: dict[bytes, int] = field(default_factory=dict)  # highest decided version
+    counter: int = 0
+
+
+class Violation(AssertionError):
+    pass
+
+
+class Simulation:
+    def __init__(self, seed: int, replicas: int = 3, keys: int = 3, faults: Faults | None = None,
+                 unsafe_amnesia: bool = False):
+        self.seed = seed
+        self.random = random.Random(seed)
+        self.replicas = replicas
+        self.keys = [f"key{i}".encode() for i in range(keys)]
+        self.faults = faults or Faults()
+        self.unsafe_amnesia = unsafe_amnesia  # a wiped replica votes at once (the bug to catch)
+        self.now = 0
+        self.nodes = [_Node(i, _core.QuorumReplica(i, replicas)) for i in range(replicas)]
+        self.in_flight: list[tuple[int, int, _core.Message]] = []
+        self.sequence = 0
+        # ground truth: (key, version, ballot) -> value and the nodes that accepted it
+        self.accepts: dict[tuple[bytes, int, int], tuple[object, set[int]]] = {}
+        self.chosen: dict[tuple[bytes, int], object] = {}
+        self.decided: list[tuple[int, bytes, int, object]] = []
+        self.messages_sent = 0
+
+    # --- plumbing: persist, then send ------------------------------------------------------
+    def _drain(self, node: _Node) -> None:
+        """Persist, then send, and log the acceptances this step made (the ground truth).
+
+        An acceptance is evidenced by the acceptor itself: an ACCEPTED reply it emitted (even
+        if the network then loses it), or a proposer accepting its own proposal, which shows
+        as a persisted accepted ballot of its own current life. Records a rebuild copied from
+        peers are not acceptances.
+        """
+        persist, send, decided = node.replica.ready()
+        for record in persist:
+            if record[0] != "instance":
+                node.disk[record[:2]] = record  # ("fence", peer), ("rebuilt"/"verified", inc)
+                continue
+            _, key, version, _promised, accepted_ballot, accepted_value, _chosen = record
+            node.disk[("instance", key, version)] = record
+            if (accepted_ballot and _core.ballot_node(accepted_ballot) == node.index
+                    and _core.ballot_incarnation(accepted_ballot) == node.incarnation):
+                self._record_accept(node.index, key, version, accepted_ballot, accepted_value)
+        for message in send:
+            if message.kind == _core.MSG_ACCEPTED:
+                record = node.disk[("instance", message.key, message.version)]
+                assert record[4] == message.ballot, "ACCEPTED without the acceptance persisted"
+                self._record_accept(node.index, message.key, message.version, message.ballot,
+                                    record[5])
+            self._send(message)
+        for key, version, value, _own in decided:
+            self.decided.append((node.index, key, version, value))
+            truth = self.chosen.get((key, version))
+            if truth is None or truth != value:
+                raise Violation(f"seed {self.seed}: node {node.index} decided {value!r} for "
+                                f"{key!r} v{version}, chosen is {truth!r}")
+            node.known_version[key] = max(node.known_version.get(key, 0), version)
+
+    def _record_accept(self, node: int, key: bytes, version: int, ballot: int,
+                       value: object) -> None:
+        entry = self.accepts.get((key, version, ballot))
+        if entry is None:
+            entry = self.accepts[(key, version, ballot)] = (value, set())
+        elif entry[0] != value:
+            raise Violation(f"seed {self.seed}: two values at one ballot {ballot} for "
+                            f"{key!r} v{version}: {entry[0]!r} and {value!r}")
+        entry[1].add(node)
+        if len(entry[1]) >= _core.majority(self.replicas):
+            earlier = self.chosen.setdefault((key, version), value)
+            if earlier != value:
+                raise Violation(f"seed {self.seed}: {key!r} v{version} chose {earlier!r} and "
+                                f"{value!r}")
+
+    def _send(self, message: _core.Message) -> None:
+        self.messages_sent += 1
+        faults = self.faults
+        if self.random.random() < faults.drop:
+            return
+        copies = 2 if self.random.random() < faults.duplicate else 1
+        for _ in range(copies):
+            self.sequence += 1
+            deliver_at = self.now + 1 + self.random.randrange(max(1, faults.max_delay))
+            self.in_flight.append((deliver_at, self.sequence, message))
+
+    # --- faults ---------------------------------------------------------------------------
+    def crash(self, index: int, wipe: bool = False) -> None:
+        node = self.nodes[index]
+        node.up = False
+        if wipe:
+            node.wiped = True
+            node.disk.clear()
+            node.known_version.clear()
+
+    def restart(self, index: int) -> None:
+        """Bring a replica back: from its disk, or, if the disk was wiped, as a new life.
+        (An empty disk that was never wiped is a replica that never voted: no past to fear.)"""
+        node = self.nodes[index]
+        wiped, node.wiped = node.wiped, False
+        if wiped:
+            node.incarnation += 1
+            node.replica = _core.QuorumReplica(index, self.replicas, node.incarnation,
+                                               rebuilding=not self.unsafe_amnesia)
+            if self.unsafe_amnesia:  # the bug to catch: vote at once, as if never wiped
+                node.replica.restore([("rebuilt", node.incarnation)])
+        else:
+            node.replica = _core.QuorumReplica(index, self.replicas, node.incarnation)
+            node.replica.restore(list(node.disk.values()))
+        node.up = True
+        self._drain(node)
+
+    def propose(self, index: int, key: bytes, value: object | None = None,
+                version: int | None = None) -> bool:
+        node = self.nodes[index]
+        if not node.up:
+            return False
+        node.counter += 1
+        value = value if value is not None else f"n{index}i{node.incarnation}c{node.counter}"
+        version = version or node.known_version.get(key, 0) + 1
+        started = node.replica.propose(key, version, value,
+                                       home_index(key, self.replicas) == index, self.now)
+        self._drain(node)
+        return bool(started)
+
+    # --- scripted control (for scenario tests) --------------------------------------------
+    def pending(self) -> list[_core.Message]:
+        return [m for _at, _seq, m in sorted(self.in_flight, key=lambda m: (m[0], m[1]))]
+
+    def deliver_where(self, predicate: Callable[[_core.Message], bool]) -> int:
+        """Deliver, now and in order, every in-flight message matching `predicate`."""
+        chosen = [m for m in sorted(self.in_flight, key=lambda m: (m[0], m[1]))
+                  if predicate(m[2])]
+        self.in_flight = [m for m in self.in_flight if m not in chosen]
+        for _at, _seq, message in chosen:
+            node = self.nodes[message.target]
+            if node.up:
+                node.replica.step(message, float(self.now))
+                self._drain(node)
+        return len(chosen)
+
+    def drop_where(self, predicate: Callable[[_core.Message], bool]) -> int:
+        before = len(self.in_flight)
+        self.in_flight = [m for m in self.in_flight if not predicate(m[2])]
+        return before - len(self.in_flight)
+
+    # --- the clock --------------------------------------------------------------------------
+    def deliver_due(self) -> None:
+        due = [m for m in self.in_flight if m[0] <= self.now]
+        if not due:
+            return
+        self.in_flight = [m for m in self.in_flight if m[0] > self.now]
+        for _at, _seq, message in sorted(due, key=lambda m: (m[0], m[1])):
+            node = self.nodes[message.target]
+            if node.up:
+                node.replica.step(message, float(self.now))
+                self._drain(node)
+
+    def tick(self, faults: bool = True) -> None:
+        self.now += 1
+        f = self.faults
+        if faults:
+            for node in self.nodes:
+                if node.up and self.random.random() < f.crash:
+                    # The promise is to survive the loss of any ONE replica's disk: wipe only
+                    # while every other replica is up, has its disk and has rebuilt.
+                    others_whole = all(o.up and not o.wiped and not o.replica.rebuilding
+                                       for o in self.nodes if o is not node)
+                    wipe = others_whole and self.random.random() < f.wipe / f.crash
+                    self.crash(node.index, wipe=wipe)
+                elif not node.up and self.random.random() < f.restart:
+                    self.restart(node.index)
+            if self.random.random() < f.propose:
+                self.propose(self.random.randrange(self.replicas), self.random.choice(self.keys))
+        self.deliver_due()
+        for node in self.nodes:
+            if node.up:
+                node.replica.tick(float(self.now))
+                self._drain(node)
+
+    def heal(self) -> None:
+        """Stop faults: every replica up, nothing dropped or duplicated from now on."""
+        self.faults = Faults(drop=0.0, duplicate=0.0, max_delay=self.faults.max_delay,
+                             crash=0.0, wipe=0.0, restart=0.0, propose=0.0)
+        for node in self.nodes:
+            if not node.up:
+                self.restart(node.index)
+
+    def run(self, ticks: int) -> None:
+        for _ in range(ticks):
+            self.tick()
+
+    def settle(self, max_ticks: int = 20_000) -> None:
+        """After heal(): run until no proposal is in flight; a live protocol must get there."""
+        for _ in range(max_ticks):
+            if not any(n.replica.proposals_in_flight for n in self.nodes) and not self.in_flight:
+                return
+            self.tick(faults=False)
+        stuck = {n.index: n.replica.proposals_in_flight for n in self.nodes}
+        raise Violation(f"seed {self.seed}: not settled after {max_ticks} ticks: {stuck}")
+
+    def summary(self) -> dict[str, int]:
+        by_key: dict[bytes, int] = defaultdict(int)
+        for key, _version in self.chosen:
+            by_key[key] += 1
+        return {"chosen": len(self.chosen), "decided": len(self.decided),
+                "messages": self.messages_sent, "ticks": self.now}
