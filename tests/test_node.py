@@ -263,3 +263,86 @@ data_dir = "d{i}"
                              "--node", "n1"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "single-replica groups only" in result.stderr
+
+
+def test_history_across_sigkills_is_linearizable(tmp_path: Path):
+    """Threads hammer a few hot keys (get, put, compare-and-set, incr, append, scan) while the
+    node is SIGKILLed and restarted twice; the recorded history must linearize per key."""
+    from kvsvr.testing.linearizability import INFINITY, UNKNOWN, Op, check
+
+    cluster = LocalCluster(write_single_node_config(tmp_path), log_dir=tmp_path / "logs")
+    cluster.start()
+    history: list[Op] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker(process: int) -> None:
+        rng = __import__("random").Random(process)
+        with cluster.client(timeout=8.0, attempt_timeout=0.3) as client:
+            while not stop.is_set():
+                register = f"reg:{rng.randrange(2)}".encode()
+                inbox = f"inbox:{rng.randrange(2)}".encode()
+                choice = rng.randrange(6)
+                if choice == 0:
+                    kind, key, argument = "get", register, None
+                    call = lambda: client.get(key)  # noqa: E731
+                elif choice == 1:
+                    kind, key = "put", register
+                    argument = (str(rng.randrange(100)).encode(), None)
+                    call = lambda: client.put(key, argument[0])  # noqa: E731
+                elif choice == 2:
+                    kind, key = "put", register
+                    argument = (str(rng.randrange(100)).encode(), rng.randrange(1, 40))
+                    call = lambda: client.put(key, argument[0],  # noqa: E731
+                                              expected_version=argument[1])
+                elif choice == 3:
+                    kind, key, argument = "incr", register, 1
+                    call = lambda: client.incr(key, 1)  # noqa: E731
+                elif choice == 4:
+                    kind, key, argument = "append", inbox, f"m{process}-{rng.random()}".encode()
+                    call = lambda: client.append(key, argument)  # noqa: E731
+                else:
+                    kind, key, argument = "scan", inbox, None
+                    call = lambda: client.scan(key)  # noqa: E731
+                started = time.monotonic()
+                try:
+                    value = call()
+                    if kind == "get":
+                        result = ("ok", (value.version, value.value))
+                    elif kind == "scan":
+                        result = ("ok", tuple(r.value for r in value.rows))
+                    else:
+                        result = ("ok", value)
+                    ended = time.monotonic()
+                except NotFound as e:
+                    result, ended = ("not_found", e.version), time.monotonic()
+                except VersionConflict as e:
+                    result, ended = ("conflict", e.version), time.monotonic()
+                except kvsvr.InvalidArgument:
+                    result, ended = ("invalid",), time.monotonic()
+                except kvsvr.Timeout:
+                    result, ended = UNKNOWN, INFINITY
+                with lock:
+                    history.append(Op(process, kind, key, argument, result, started, ended))
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        cluster.kill("n1")
+        cluster.start("n1")
+        time.sleep(1.5)
+        cluster.kill("n1")
+        time.sleep(0.3)
+        cluster.start("n1")
+        time.sleep(1.5)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        stop.set()
+        cluster.stop()
+    assert len(history) > 300
+    ok, problem = check(history)
+    assert ok, problem
