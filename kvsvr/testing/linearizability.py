@@ -30,7 +30,7 @@ class Op:
     process: int
     kind: str          # get, put, delete, incr, append, scan
     key: bytes
-    argument: Any      # put: (value, expected_version); delete: expected; incr: delta; append: value
+    argument: Any      # put/delete: (value, expected_version); incr: delta; append: value
     result: Any        # see above; UNKNOWN if the outcome is not known
     call: float
     ret: float = INFINITY
@@ -82,7 +82,8 @@ def _check_key(ops: list[Op], initial: State) -> tuple[bool, str | None]:
     op_of = [e[2] for e in events]
     prev = list(range(-1, count - 1))
     nxt = list(range(1, count + 1))
-    nxt[-1] = -1 if count else -1
+    if count:
+        nxt[-1] = -1
     head = -1
     first = 0 if count else -1
     match: dict[int, int] = {}
