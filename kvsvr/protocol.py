@@ -21,6 +21,7 @@ from kvsvr import _core
 from kvsvr.errors import ERRORS_BY_CODE, Internal, InvalidArgument, KvError, UnknownMethod
 from kvsvr.limits import (
     DEFAULT_SCAN_ROWS,
+    MAX_FRAME_BYTES,
     MAX_KEY_BYTES,
     MAX_OPS_PER_BATCH,
     MAX_ROW_KEY_BYTES,
@@ -40,6 +41,7 @@ class Method(enum.IntEnum):
     SCAN = 12
     CHANGES = 13
     MUTATE = 20
+    QUORUM = 30     # replica to replica: a batch of version-quorum messages (no reply)
 
 
 OK = 0
@@ -185,6 +187,105 @@ encode = _encoder.encode
 _request_decoders = {m: msgspec.msgpack.Decoder(t) for m, t in REQUEST_TYPES.items()}
 _reply_decoders = {m: msgspec.msgpack.Decoder(t) for m, t in REPLY_TYPES.items()}
 _error_decoder = msgspec.msgpack.Decoder(ErrorReply)
+
+
+# --- replica to replica: version-quorum messages -------------------------------------------
+MAX_QUORUM_MESSAGES = 4096  # per QUORUM frame
+RecordBytes = Annotated[bytes, Meta(min_length=1, max_length=MAX_FRAME_BYTES)]
+ReplicaIndex = Annotated[int, Meta(ge=0, lt=_core.MAX_REPLICAS)]
+
+
+class QuorumStateRecord(Struct, array_like=True, forbid_unknown_fields=True):
+    key: Key
+    version: U64
+    promised: U64
+    accepted_ballot: U64
+    accepted_value: RecordBytes | None
+    chosen_value: RecordBytes | None
+
+
+class QuorumMessage(Struct, array_like=True, forbid_unknown_fields=True):
+    kind: Annotated[int, Meta(ge=_core.MSG_PREPARE, le=_core.MSG_STATE)]
+    source: ReplicaIndex
+    target: ReplicaIndex
+    incarnation: Annotated[int, Meta(ge=1, le=_core.MAX_INCARNATION)]
+    key: Annotated[bytes, Meta(max_length=MAX_KEY_BYTES)]
+    version: U64
+    ballot: U64
+    accepted_ballot: U64
+    value: RecordBytes | list[QuorumStateRecord] | None = None
+
+
+_quorum_decoder = msgspec.msgpack.Decoder(
+    Annotated[list[QuorumMessage], Meta(max_length=MAX_QUORUM_MESSAGES)])
+_INSTANCE_KINDS = frozenset({_core.MSG_PREPARE, _core.MSG_PROMISE, _core.MSG_ACCEPT,
+                             _core.MSG_ACCEPTED, _core.MSG_REJECT, _core.MSG_CHOSEN})
+
+
+def encode_quorum(messages: list[_core.Message]) -> bytes:
+    """The body of a QUORUM frame."""
+    out = []
+    for m in messages:
+        value: Any = m.value
+        if m.kind == _core.MSG_STATE:
+            value = [QuorumStateRecord(*record[1:]) for record in m.value]
+        out.append(QuorumMessage(m.kind, m.source, m.target, m.incarnation, m.key, m.version,
+                                 m.ballot, m.accepted_ballot, value))
+    return encode(out)
+
+
+def _check_value(field: str, key: bytes, version: int, value: bytes | None) -> None:
+    """An accepted or chosen value is the binlog record of exactly that key and version."""
+    if value is None:
+        return
+    reason = _core.record_invalid(value)
+    if reason is not None:
+        raise InvalidArgument(f"{field}: not a binlog record ({reason})", field=field)
+    record = _core.decode_record(value)
+    if record.key != key or record.version != version:
+        raise InvalidArgument(f"{field}: a record of {record.key!r} v{record.version}, "
+                              f"the message is about {key!r} v{version}", field=field)
+
+
+def decode_quorum(body: Any) -> list[_core.Message]:
+    """Decode and validate a QUORUM frame body; raises InvalidArgument naming the field."""
+    try:
+        decoded = _quorum_decoder.decode(body)
+    except msgspec.ValidationError as e:
+        message, field = _describe_validation_error(list[QuorumMessage], str(e))
+        if field:
+            field, message = f"messages{field}", f"messages{message}"
+        raise InvalidArgument(f"quorum: {message}", field=field) from None
+    except msgspec.DecodeError as e:
+        raise InvalidArgument(f"body: malformed msgpack ({e})", field="body") from None
+    messages = []
+    for i, m in enumerate(decoded):
+        where = f"messages[{i}]"
+        if m.kind in _INSTANCE_KINDS:
+            if not m.key:
+                raise InvalidArgument(f"{where}.key: required for this kind", field="key")
+            if isinstance(m.value, list):
+                raise InvalidArgument(f"{where}.value: a record list only in a state message",
+                                      field="value")
+            _check_value(f"{where}.value", m.key, m.version, m.value)
+            value: Any = m.value
+        elif m.kind == _core.MSG_STATE:
+            if not isinstance(m.value, list):
+                raise InvalidArgument(f"{where}.value: a state message carries records",
+                                      field="value")
+            value = []
+            for j, r in enumerate(m.value):
+                _check_value(f"{where}.value[{j}].accepted_value", r.key, r.version,
+                             r.accepted_value)
+                _check_value(f"{where}.value[{j}].chosen_value", r.key, r.version,
+                             r.chosen_value)
+                value.append(("instance", r.key, r.version, r.promised, r.accepted_ballot,
+                              r.accepted_value, r.chosen_value))
+        else:  # MSG_STATE_REQUEST
+            value = None
+        messages.append(_core.Message(m.kind, m.source, m.target, m.incarnation, m.key,
+                                      m.version, m.ballot, m.accepted_ballot, value))
+    return messages
 
 
 # --- node side ----------------------------------------------------------------------------

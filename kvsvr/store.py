@@ -7,7 +7,10 @@ One LMDB environment per node, with sub-databases:
   changes  u16be len(key) key u64be version row -> ""    one entry per row: its last change
   binlog   u64be lsn -> record (kvsvr._core record codec, xxh3-checksummed)
   ops      u64be client_id u64be seq -> msgpack MutateReply           (exactly-once window)
-  meta     b"schema" -> u32, ...
+  paxos    u16be len(key) key u64be version -> msgpack [promised, accepted_ballot,
+           accepted_value, chosen_value]                             (version quorum acceptor)
+  meta     b"schema" -> u32; b"quorum/incarnation" -> u64; b"quorum/fence/" u8 peer -> u64;
+           b"quorum/rebuilt", b"quorum/verified" -> u64 incarnation
 
 A mutation is checked in full before anything is written, so a rejected one changes nothing;
 its data, change index, binlog record and op id are written in the caller's one transaction,
@@ -58,6 +61,8 @@ _OP_ID = struct.Struct(">QQ")
 _DECIMAL = re.compile(rb"-?[0-9]{1,19}")
 _reply_encoder = msgspec.msgpack.Encoder()
 _reply_decoder = msgspec.msgpack.Decoder(MutateReply)
+_paxos_encoder = msgspec.msgpack.Encoder()
+_paxos_decoder = msgspec.msgpack.Decoder(tuple[int, int, bytes | None, bytes | None])
 
 
 def seq_row(seq: int) -> bytes:
@@ -164,6 +169,7 @@ class Store:
         self._changes = self.env.open_db(b"changes")
         self._binlog = self.env.open_db(b"binlog")
         self._ops = self.env.open_db(b"ops")
+        self._paxos = self.env.open_db(b"paxos")
         self._meta = self.env.open_db(b"meta")
         with self.env.begin(write=True) as txn:
             schema = txn.get(b"schema", db=self._meta)
@@ -268,6 +274,38 @@ class Store:
                         break
         return records
 
+    def quorum_records(self) -> list[tuple[Any, ...]]:
+        """Every persisted record of the version quorum, in the form QuorumReplica.restore
+        takes (see _quorum.pxi)."""
+        records: list[tuple[Any, ...]] = []
+        with self.env.begin() as txn:
+            for raw_key, raw in txn.cursor(db=self._paxos):
+                key_len = _U16BE.unpack_from(raw_key)[0]
+                key = raw_key[2:2 + key_len]
+                version = _U64BE.unpack_from(raw_key, 2 + key_len)[0]
+                promised, accepted_ballot, accepted_value, chosen_value = \
+                    _paxos_decoder.decode(raw)
+                records.append(("instance", key, version, promised, accepted_ballot,
+                                accepted_value, chosen_value))
+            cursor = txn.cursor(db=self._meta)
+            if cursor.set_range(b"quorum/"):
+                for name, raw in cursor:
+                    if not name.startswith(b"quorum/"):
+                        break
+                    value = _U64BE.unpack(raw)[0]
+                    if name.startswith(b"quorum/fence/"):
+                        records.append(("fence", name[len(b"quorum/fence/")], value))
+                    elif name in (b"quorum/rebuilt", b"quorum/verified"):
+                        records.append((name[len(b"quorum/"):].decode(), value))
+        return records
+
+    @property
+    def incarnation(self) -> int:
+        """This node's life: 0 until a quorum member first sets it."""
+        with self.env.begin() as txn:
+            raw = txn.get(b"quorum/incarnation", db=self._meta)
+        return _U64BE.unpack(raw)[0] if raw else 0
+
     def stats(self) -> dict[str, Any]:
         with self.env.begin() as txn:
             info = self.env.info()
@@ -315,6 +353,27 @@ class WriteBatch:
         self.txn.abort()
         self.store.first_lsn = self._first_lsn
         self.store.last_lsn = self._last_lsn
+
+    def persist_quorum(self, records: list[tuple[Any, ...]]) -> None:
+        """Make the version quorum's records durable with the rest of this transaction."""
+        store, txn = self.store, self.txn
+        for record in records:
+            kind = record[0]
+            if kind == "instance":
+                _, key, version, promised, accepted_ballot, accepted_value, chosen = record
+                txn.put(_prefix(key) + _U64BE.pack(version),
+                        _paxos_encoder.encode([promised, accepted_ballot, accepted_value,
+                                               chosen]), db=store._paxos)
+            elif kind == "fence":
+                txn.put(b"quorum/fence/" + bytes([record[1]]), _U64BE.pack(record[2]),
+                        db=store._meta)
+            elif kind in ("rebuilt", "verified"):
+                txn.put(b"quorum/" + kind.encode(), _U64BE.pack(record[1]), db=store._meta)
+            else:
+                raise ValueError(f"record: unknown quorum record kind {kind!r}")
+
+    def set_incarnation(self, incarnation: int) -> None:
+        self.txn.put(b"quorum/incarnation", _U64BE.pack(incarnation), db=self.store._meta)
 
     def mutate(self, key: bytes, ops: list[Op], expected_version: int | None = None,
                client_id: int = 0, client_seq: int = 0) -> MutateReply:

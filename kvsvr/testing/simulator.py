@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvsvr import _core
+from kvsvr.protocol import decode_quorum, encode_quorum
 from kvsvr.sharding import home_index
 
 
@@ -50,13 +51,16 @@ class Violation(AssertionError):
 
 class Simulation:
     def __init__(self, seed: int, replicas: int = 3, keys: int = 3, faults: Faults | None = None,
-                 unsafe_amnesia: bool = False):
+                 unsafe_amnesia: bool = False, wire: bool = False):
+        """`wire`: every message goes through the QUORUM wire codec on its way, and proposed
+        values are real binlog records (as the replicated node will send them)."""
         self.seed = seed
         self.random = random.Random(seed)
         self.replicas = replicas
         self.keys = [f"key{i}".encode() for i in range(keys)]
         self.faults = faults or Faults()
         self.unsafe_amnesia = unsafe_amnesia  # a wiped replica votes at once (the bug to catch)
+        self.wire = wire
         self.now = 0
         self.nodes = [_Node(i, _core.QuorumReplica(i, replicas)) for i in range(replicas)]
         self.in_flight: list[tuple[int, int, _core.Message]] = []
@@ -118,6 +122,8 @@ class Simulation:
 
     def _send(self, message: _core.Message) -> None:
         self.messages_sent += 1
+        if self.wire:
+            message = decode_quorum(encode_quorum([message]))[0]
         faults = self.faults
         if self.random.random() < faults.drop:
             return
@@ -161,6 +167,9 @@ class Simulation:
         node.counter += 1
         value = value if value is not None else f"n{index}i{node.incarnation}c{node.counter}"
         version = version or node.known_version.get(key, 0) + 1
+        if self.wire and isinstance(value, str):
+            value = _core.encode_record(0, version, index + 1, node.counter, key,
+                                        [(_core.OP_PUT, b"", value.encode())])
         started = node.replica.propose(key, version, value,
                                        home_index(key, self.replicas) == index, self.now)
         self._drain(node)
