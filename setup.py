@@ -18,7 +18,8 @@ directives = {
     "embedsignature": True,
     "linetrace": debug,
 }
-macros = [("CYTHON_TRACE_NOGIL", "1")] if debug else [("NDEBUG", "1")]
+macros = ([("CYTHON_TRACE_NOGIL", "1"), ("KVSVR_DEBUG", "1")] if debug
+          else [("NDEBUG", "1"), ("KVSVR_DEBUG", "0")])
 extension = Extension(
     "kvsvr._core",
     ["kvsvr/_core.pyx"],

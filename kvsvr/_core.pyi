@@ -2,6 +2,8 @@
 
 from typing import Any
 
+DEBUG_BUILD: bool
+
 MAX_KEY_BYTES: int
 MAX_ROW_KEY_BYTES: int
 MAX_VALUE_BYTES: int
