@@ -21,9 +21,9 @@ import zmq.asyncio
 from kvsvr import _core
 from kvsvr import protocol as p
 from kvsvr.calls import CallSpec
-from kvsvr.client import _Api, make_router, send_frames
+from kvsvr.client import _Api, check_timeout, connect, make_router, send_frames
 from kvsvr.config import ClusterConfig
-from kvsvr.errors import KvError, Timeout, Unavailable
+from kvsvr.errors import Internal, KvError, Timeout, Unavailable
 from kvsvr.limits import CLIENT_ATTEMPT_TIMEOUT_S, DEFAULT_TIMEOUT_S
 
 _encode = p.encode
@@ -49,11 +49,8 @@ class _Connection:
     def __init__(self, client: AsyncClient, address: str):
         self.client = client
         self.address = address
-        self.socket = client._context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.SNDHWM, 100_000)
-        self.socket.setsockopt(zmq.RCVHWM, 100_000)
-        self.socket.connect(address)
+        # an asyncio socket: its recv() is awaited
+        self.socket: Any = connect(client._context, address, client._sockets)
         self.pending: dict[int, _Pending] = {}
         self.outbox: list[bytes] = []
         self.next_id = 1
@@ -114,6 +111,8 @@ class _Connection:
                     entry.future.set_result(spec.finish(p.parse_reply(spec.method, status, body)))
                 except KvError as e:
                     entry.future.set_exception(e)
+                except Exception as e:  # one bad answer fails its call, not the reader
+                    entry.future.set_exception(Internal(f"unreadable answer: {e!r}"))
 
     def close(self) -> None:
         self.reader.cancel()
@@ -130,12 +129,13 @@ class AsyncClient(_Api):
                  attempt_timeout: float = CLIENT_ATTEMPT_TIMEOUT_S,
                  client_id: int | None = None):
         self._router = make_router(config, address)
-        self.timeout = timeout
-        self.attempt_timeout = attempt_timeout
+        self.timeout = check_timeout("timeout", timeout)
+        self.attempt_timeout = check_timeout("attempt_timeout", attempt_timeout)
         self.client_id = client_id or (secrets.randbits(62) | 1)
         self._seq = itertools.count(1)
         self._context = zmq.asyncio.Context()
         self._connections: dict[str, _Connection] = {}
+        self._sockets: list[zmq.Socket] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
 from typing import Any
 
@@ -24,6 +25,7 @@ from kvsvr.errors import (
 )
 from kvsvr.limits import DEFAULT_SCAN_ROWS, DEFAULT_TIMEOUT_S
 from kvsvr.protocol import ChangesPage, RowValue, ScanPage, Versioned
+from kvsvr.store import seq_row
 
 EXIT_CODES: list[tuple[type[Exception], int]] = [
     (NotFound, 1), (InvalidArgument, 2), (ConfigError, 2), (VersionConflict, 3),
@@ -36,13 +38,40 @@ def _text(data: bytes) -> str:
 
 
 def _row_text(row: bytes) -> str:
-    """Rows made by `append` are 8-byte sequence numbers: show them as #SEQ."""
+    """A row key as the CLI writes and reads it: text; #N for row N of `append`; hex:... for
+    other bytes (and for text that would be read as one of those)."""
     text = row.decode("utf-8", errors="replace")
-    if text.isprintable() and "\ufffd" not in text:
+    if (text.isprintable() and "\ufffd" not in text
+            and not text.startswith(("#", "hex:"))):
         return text
     if len(row) == 8:
         return f"#{int.from_bytes(row, 'big')}"
-    return "0x" + row.hex()
+    return "hex:" + row.hex()
+
+
+def row_argument(text: str) -> bytes:
+    """Parse a row key given on the command line (the notation of _row_text)."""
+    if text.startswith("#"):
+        try:
+            return seq_row(int(text[1:]))
+        except (ValueError, OverflowError, struct.error):
+            raise argparse.ArgumentTypeError(f"{text!r}: #N needs a sequence number") from None
+    if text.startswith("hex:"):
+        try:
+            return bytes.fromhex(text[4:])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: hex: needs hex digits") from None
+    return text.encode()
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds in (0, 86400]")
+    return value
 
 
 def _jsonable(result: Any) -> Any:
@@ -57,13 +86,14 @@ def _jsonable(result: Any) -> Any:
         return {"version": result.version,
                 "rows": [{"row": _row_text(r.row), "version": r.version, "value": _text(r.value)}
                          for r in result.rows],
-                "next_start": None if result.next_start is None else _text(result.next_start)}
+                "next_start": (None if result.next_start is None
+                               else _row_text(result.next_start))}
     if isinstance(result, ChangesPage):
         return {"version": result.version,
                 "changes": [{"row": _row_text(c.row), "version": c.version, "deleted": c.deleted,
                              "value": _text(c.value)} for c in result.changes],
                 "resume": None if result.resume is None
-                else [result.resume[0], _text(result.resume[1])]}
+                else [result.resume[0], _row_text(result.resume[1])]}
     return result
 
 
@@ -74,12 +104,15 @@ def _print_text(command: str, result: Any) -> None:
         for row in result.rows:
             print(f"{_row_text(row.row)}\t{row.version}\t{_text(row.value)}")
         if result.next_start is not None:
-            print(f"# more rows from {_text(result.next_start)!r}", file=sys.stderr)
+            print(f"# more rows: --start {_row_text(result.next_start)}", file=sys.stderr)
     elif isinstance(result, ChangesPage):
         for change in result.changes:
             what = "deleted" if change.deleted else "put"
             print(f"{change.version}\t{_row_text(change.row)}\t{what}\t{_text(change.value)}")
         print(f"# key version {result.version}", file=sys.stderr)
+        if result.resume is not None:
+            print(f"# more changes: SINCE {result.resume[0]} --after-row "
+                  f"{_row_text(result.resume[1])}", file=sys.stderr)
     elif isinstance(result, dict):
         print(json.dumps(result, indent=2, sort_keys=True))
     elif command in ("put", "delete", "row-put", "row-delete"):
@@ -93,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--config", help="cluster TOML (default: the embedded config)")
     target.add_argument("--address", help="talk to one node, e.g. tcp://127.0.0.1:7400")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+    parser.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_S,
                         help="seconds to wait for an answer (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -118,22 +151,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("key")
     p.add_argument("delta", nargs="?", type=int, default=1)
     expect(p)
+    row_help = "row key: text, #N for appended row N, or hex:HEXDIGITS"
     p = command("row-get", "print a row of a key's table")
     p.add_argument("key")
-    p.add_argument("row")
+    p.add_argument("row", type=row_argument, help=row_help)
     p = command("row-put", "store a row; prints the key's new version")
     p.add_argument("key")
-    p.add_argument("row")
+    p.add_argument("row", type=row_argument, help=row_help)
     p.add_argument("value")
     expect(p)
     p = command("row-delete", "delete a row (a tombstone is kept); prints the new version")
     p.add_argument("key")
-    p.add_argument("row")
+    p.add_argument("row", type=row_argument, help=row_help)
     expect(p)
     p = command("scan", "list rows: ROW<TAB>VERSION<TAB>VALUE")
     p.add_argument("key")
-    p.add_argument("--start", default="")
-    p.add_argument("--end", default=None)
+    p.add_argument("--start", type=row_argument, default=b"", help=row_help)
+    p.add_argument("--end", type=row_argument, default=None, help=row_help)
     p.add_argument("--limit", type=int, default=DEFAULT_SCAN_ROWS)
     p = command("append", "append a row (an inbox message); prints its sequence number")
     p.add_argument("key")
@@ -142,6 +176,8 @@ def _parser() -> argparse.ArgumentParser:
                 "rows changed after a version: VERSION<TAB>ROW<TAB>put|deleted<TAB>VALUE")
     p.add_argument("key")
     p.add_argument("since_version", type=int)
+    p.add_argument("--after-row", type=row_argument, default=b"",
+                   help="continue a page: " + row_help)
     p.add_argument("--limit", type=int, default=DEFAULT_SCAN_ROWS)
     command("status", "show the node's status")
     command("ping", "check that the node answers")
@@ -170,7 +206,8 @@ def run(args: argparse.Namespace, client: Client) -> Any:
     if c == "append":
         return client.append(args.key, args.value)
     if c == "changes":
-        return client.changes(args.key, args.since_version, limit=args.limit)
+        return client.changes(args.key, args.since_version, after_row=args.after_row,
+                              limit=args.limit)
     if c == "status":
         return client.status()
     if c == "ping":

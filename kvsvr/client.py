@@ -26,14 +26,13 @@ import zmq
 from kvsvr import _core, calls
 from kvsvr import protocol as p
 from kvsvr.calls import CallSpec
-from kvsvr.config import ClusterConfig, load
-from kvsvr.errors import KvError, Timeout
+from kvsvr.config import ClusterConfig, check_client_address, load
+from kvsvr.errors import InvalidArgument, KvError, Timeout
 from kvsvr.limits import (
     CLIENT_ATTEMPT_TIMEOUT_S,
+    CLIENT_QUEUE_MESSAGES,
     DEFAULT_SCAN_ROWS,
     DEFAULT_TIMEOUT_S,
-    MAX_FRAMES_PER_MESSAGE,
-    MAX_MESSAGE_BYTES,
 )
 from kvsvr.protocol import MutateReply
 from kvsvr.sharding import Router
@@ -44,8 +43,17 @@ _decode_frames = _core.decode_frames
 _REQUEST = _core.FRAME_REQUEST
 
 
+def check_timeout(name: str, value: Any) -> float:
+    if (not isinstance(value, int | float) or isinstance(value, bool) or value != value
+            or not 0 < value <= 86_400):
+        raise InvalidArgument(f"{name}: expected seconds in (0, 86400], got {value!r}",
+                              field=name)
+    return float(value)
+
+
 def make_router(config: ClusterConfig | str | Path | None, address: str | None) -> Router:
     if address is not None:
+        check_client_address(address)
         return Router(address=address)
     if not isinstance(config, ClusterConfig):
         config = load(config)
@@ -163,8 +171,10 @@ class Client(_Api):
         """Connect to the cluster of `config` (a path, a ClusterConfig, or None for the
         embedded default), or to the single node at `address`."""
         self._router = make_router(config, address)
-        self.timeout = timeout
-        self.attempt_timeout = attempt_timeout
+        self.timeout = check_timeout("timeout", timeout)
+        self.attempt_timeout = check_timeout("attempt_timeout", attempt_timeout)
+        # Random per client instance: op ids (client_id, seq) must never repeat. Pass one only
+        # to resume a client's own sequence, never to share it between live clients.
         self.client_id = client_id or (secrets.randbits(62) | 1)
         self._seq = itertools.count(1)
         self._context = zmq.Context()
@@ -208,13 +218,8 @@ class Client(_Api):
             sockets = self._local.sockets = {}
         entry = sockets.get(address)
         if entry is None:
-            socket = self._context.socket(zmq.DEALER)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.setsockopt(zmq.SNDHWM, 100_000)
-            socket.setsockopt(zmq.RCVHWM, 100_000)
-            socket.connect(address)
             with self._lock:
-                self._sockets.append(socket)
+                socket = connect(self._context, address, self._sockets)
             entry = sockets[address] = (socket, [1])
         return entry
 
@@ -271,20 +276,30 @@ class Client(_Api):
 
 
 def send_frames(socket: zmq.Socket, frames: list[bytes]) -> None:
-    """Send frames back to back in as few messages as the limits allow; never block."""
-    start = 0
-    while start < len(frames):
-        end = start
-        size = 0
-        while (end < len(frames) and end - start < MAX_FRAMES_PER_MESSAGE
-               and (size + len(frames[end]) <= MAX_MESSAGE_BYTES or end == start)):
-            size += len(frames[end])
-            end += 1
+    """Send frames in as few messages as the limits allow; never block."""
+    for message in p.pack(frames):
         try:
-            socket.send(b"".join(frames[start:end]), zmq.NOBLOCK)
+            socket.send(message, zmq.NOBLOCK)
         except zmq.Again:
             return  # queue full or no peer yet: the attempt timer resends
-        start = end
+
+
+def connect(context: zmq.Context, address: str, register: list[zmq.Socket]) -> zmq.Socket:
+    """A DEALER socket connected to `address`, registered before connecting so that close()
+    always finds it; a bad address is an InvalidArgument, not a hang."""
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, CLIENT_QUEUE_MESSAGES)
+    socket.setsockopt(zmq.RCVHWM, CLIENT_QUEUE_MESSAGES)
+    register.append(socket)
+    try:
+        socket.connect(address)
+    except zmq.ZMQError as e:
+        register.remove(socket)
+        socket.close(linger=0)
+        raise InvalidArgument(f"address: cannot connect to {address!r} ({e})",
+                              field="address") from None
+    return socket
 
 
 class Pipeline(_Api):

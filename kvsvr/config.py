@@ -7,17 +7,34 @@ and every error names the field, e.g. `groups[0].replicas[1].address: expected t
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Annotated
 
 import msgspec
 from msgspec import Meta, Struct
 
-from kvsvr.errors import ConfigError
+from kvsvr.errors import ConfigError, InvalidArgument
 from kvsvr.limits import BINLOG_MAX_RECORDS
 
 Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
-_ADDRESS = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}|ipc://.+)$")
+_ADDRESS = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:]+:(\d{1,5})|ipc://.+)$")
+
+
+def address_problem(address: str) -> str | None:
+    """Why `address` cannot be both bound by a node and connected to by a client, or None."""
+    match = _ADDRESS.match(address)
+    if not match:
+        return f"{address!r}, expected tcp://HOST:PORT or ipc://PATH"
+    if match.group(2) is not None and not 1 <= int(match.group(2)) <= 65535:
+        return f"{address!r}: port out of range 1..65535"
+    return None
+
+
+def check_client_address(address: str) -> None:
+    problem = address_problem(address)
+    if problem:
+        raise InvalidArgument(f"address: {problem}", field="address")
 _SHARD_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
@@ -97,10 +114,9 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
         campuses: set[str] = set()
         for r_index, replica in enumerate(group.replicas):
             field = f"groups[{g_index}].replicas[{r_index}]"
-            if not _ADDRESS.match(replica.address):
-                raise ConfigError(
-                    f"{field}.address: {replica.address!r}, expected tcp://HOST:PORT or ipc://PATH"
-                )
+            problem = address_problem(replica.address)
+            if problem:
+                raise ConfigError(f"{field}.address: {problem}")
             if replica.campus in campuses:
                 raise ConfigError(
                     f"{field}.campus: group {group.name!r} has two replicas in campus "
@@ -124,12 +140,17 @@ def parse(text: str | bytes, *, base_dir: str | Path = ".",
           source: str = "config") -> ClusterConfig:
     """Decode and validate a cluster config; raises ConfigError naming the field."""
     try:
+        if b"base_dir" in (text.encode() if isinstance(text, str) else text):
+            document = tomllib.loads(text if isinstance(text, str) else text.decode())
+            if "base_dir" in document:
+                raise ConfigError(f"{source}: base_dir: not a config field (data dirs are "
+                                  "relative to the config file)")
         config = msgspec.toml.decode(text, type=ClusterConfig)
     except msgspec.ValidationError as e:
         message, _, path = str(e).rpartition(" - at `")
         field = path.rstrip("`").removeprefix("$.").removeprefix("$") if message else ""
         raise ConfigError(f"{source}: {field + ': ' if field else ''}{message or e}") from None
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{source}: not valid TOML ({e})") from None
     config.base_dir = str(base_dir)
     try:

@@ -15,7 +15,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,7 @@ async def workload(cluster: LocalCluster, users: int, messages: int, kill: bool,
             if unread != len(acked_inbox[u]):
                 problems.append(f"user {u}: unread counter {unread}, "
                                 f"{len(acked_inbox[u])} messages")
-        busiest = max(acked_inbox, key=lambda u: len(acked_inbox[u]))
+        busiest = max(acked_inbox, key=lambda u: len(acked_inbox[u]))  # users >= 1
         page = check.changes(f"user:{busiest}:inbox", since_version=0, limit=5)
         sync_line = (f"user {busiest}: inbox at version {page.version}, first "
                      f"{len(page.changes)} changes since version 0 synced")
@@ -132,11 +132,23 @@ async def workload(cluster: LocalCluster, users: int, messages: int, kill: bool,
             "messages": sum(len(v) for v in acked_inbox.values())}
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {minimum}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvsvr-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="kvsvr-demo", help="demo directory (default %(default)s)")
-    parser.add_argument("--users", type=int, default=2000)
-    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--users", type=_at_least(1), default=2000)
+    parser.add_argument("--messages", type=_at_least(0), default=20000)
     parser.add_argument("--no-kill", action="store_true", help="skip the SIGKILL/restart")
     args = parser.parse_args(argv)
     directory = Path(args.dir).resolve()

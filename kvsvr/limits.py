@@ -19,13 +19,22 @@ OPS_REMEMBERED_PER_CLIENT = 10_000   # exactly-once window: retried op ids recog
 OPS_TRIM_STEP = 256                  # ... trimmed every this many ops (window + step at most)
 GROUP_COMMIT_MAX_OPS = 2_048         # mutations folded into one durable LMDB transaction
 SCAN_MAX_ENTRIES_VISITED = 20_000    # tombstones skipped by one scan before it returns a page
+PAGE_MAX_BYTES = 2 << 20             # rows + values in one scan/changes page (fits a frame)
+BINLOG_TRIM_PER_WRITE = 64           # records trimmed per mutation when over the bound
 CLIENT_ATTEMPT_TIMEOUT_S = 1.0       # a request unanswered this long is resent (same op id)
 DEFAULT_TIMEOUT_S = 5.0              # overall deadline of a client call
+CLIENT_QUEUE_MESSAGES = 10_000       # ZeroMQ messages queued per client socket, each way
+NODE_QUEUE_MESSAGES = 1_000          # ... per peer of a node (each <= MAX_MESSAGE_BYTES)
 BINLOG_MAX_RECORDS = 1_000_000       # default bound on binlog length (trimmed oldest first)
+
+# A page of at least one maximal row must still fit in one frame.
+assert PAGE_MAX_BYTES + MAX_VALUE_BYTES + MAX_ROW_KEY_BYTES + 4096 <= MAX_FRAME_BYTES
 
 __all__ = [
     "BINLOG_MAX_RECORDS",
+    "BINLOG_TRIM_PER_WRITE",
     "CLIENT_ATTEMPT_TIMEOUT_S",
+    "CLIENT_QUEUE_MESSAGES",
     "DEFAULT_SCAN_ROWS",
     "DEFAULT_TIMEOUT_S",
     "FRAME_HEADER_BYTES",
@@ -39,7 +48,9 @@ __all__ = [
     "MAX_ROW_KEY_BYTES",
     "MAX_SCAN_ROWS",
     "MAX_VALUE_BYTES",
+    "NODE_QUEUE_MESSAGES",
     "OPS_REMEMBERED_PER_CLIENT",
     "OPS_TRIM_STEP",
+    "PAGE_MAX_BYTES",
     "SCAN_MAX_ENTRIES_VISITED",
 ]

@@ -23,7 +23,7 @@ import zmq
 from kvsvr import _core, protocol
 from kvsvr.config import ClusterConfig, load
 from kvsvr.errors import ConfigError, Internal, InvalidArgument, KvError, StorageFull
-from kvsvr.limits import MAX_MESSAGE_BYTES
+from kvsvr.limits import GROUP_COMMIT_MAX_OPS, MAX_MESSAGE_BYTES, NODE_QUEUE_MESSAGES
 from kvsvr.protocol import Method, MutateRequest
 from kvsvr.store import Store, StoreLocked
 
@@ -78,7 +78,8 @@ class Node:
         return self._readers[method](request, txn)
 
     def handle_round(self, messages: list[list[bytes]]) -> list[list[bytes]]:
-        """Answer one round of client messages ([identity, payload...] each), in order."""
+        """Answer one round of client messages ([identity, payload...] each): the messages
+        to send back, [identity, payload] each, answers in request order."""
         answers: list[list[Any]] = []
         writes: list[tuple[list[Any], int, int, MutateRequest]] = []
         written: set[bytes] = set()
@@ -126,13 +127,13 @@ class Node:
                                                 InvalidArgument(error, field="frame")))
         finally:
             txn.abort()
-        if writes:
-            self._commit(writes)
+        for start in range(0, len(writes), GROUP_COMMIT_MAX_OPS):
+            self._commit(writes[start:start + GROUP_COMMIT_MAX_OPS])
         if deferred:
             self._answer_reads(deferred)
-        for answer in answers:
-            answer[1] = b"".join(answer[1])
-        return answers
+        # Answers go back in as many messages as the size limits need (a client takes any).
+        return [[answer[0], message] for answer in answers
+                for message in protocol.pack(answer[1])]
 
     def _answer_reads(self, reads: list[tuple[list[Any], int, int, int, Any]]) -> None:
         with self.store.read() as txn:
@@ -143,6 +144,10 @@ class Node:
                 except KvError as e:
                     self.counters[f"errors.{type(e).__name__}"] += 1
                     out[index] = _error_frame(request_id, e)
+                except Exception:  # as in handle_round: one request fails, not the node
+                    log.exception("request %d (method %d) failed", request_id, method)
+                    self.counters["errors.Internal"] += 1
+                    out[index] = _error_frame(request_id, Internal("internal error"))
 
     def _commit(self, writes: list[tuple[list[Any], int, int, MutateRequest]]) -> None:
         counters = self.counters
@@ -194,8 +199,8 @@ class Node:
         socket = context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a larger message drops the peer
-        socket.setsockopt(zmq.SNDHWM, 100_000)
-        socket.setsockopt(zmq.RCVHWM, 100_000)
+        socket.setsockopt(zmq.SNDHWM, NODE_QUEUE_MESSAGES)  # memory per peer is bounded by
+        socket.setsockopt(zmq.RCVHWM, NODE_QUEUE_MESSAGES)  # these times MAX_MESSAGE_BYTES
         try:
             socket.bind(self.replica.address)
         except zmq.ZMQError as e:

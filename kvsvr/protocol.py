@@ -22,7 +22,9 @@ from kvsvr.errors import ERRORS_BY_CODE, Internal, InvalidArgument, KvError, Unk
 from kvsvr.limits import (
     DEFAULT_SCAN_ROWS,
     MAX_FRAME_BYTES,
+    MAX_FRAMES_PER_MESSAGE,
     MAX_KEY_BYTES,
+    MAX_MESSAGE_BYTES,
     MAX_OPS_PER_BATCH,
     MAX_ROW_KEY_BYTES,
     MAX_SCAN_ROWS,
@@ -285,6 +287,24 @@ def decode_quorum(body: Any) -> list[_core.Message]:
             value = None
         messages.append(_core.Message(m.kind, m.source, m.target, m.incarnation, m.key,
                                       m.version, m.ballot, m.accepted_ballot, value))
+    return messages
+
+
+# --- framing of messages ------------------------------------------------------------------
+def pack(frames: list[bytes]) -> list[bytes]:
+    """Frames back to back in as few ZeroMQ messages as the limits allow (at most
+    MAX_FRAMES_PER_MESSAGE frames and MAX_MESSAGE_BYTES each; a frame is never split)."""
+    messages: list[bytes] = []
+    start = 0
+    while start < len(frames):
+        end = start
+        size = 0
+        while (end < len(frames) and end - start < MAX_FRAMES_PER_MESSAGE
+               and (size + len(frames[end]) <= MAX_MESSAGE_BYTES or end == start)):
+            size += len(frames[end])
+            end += 1
+        messages.append(frames[start] if end == start + 1 else b"".join(frames[start:end]))
+        start = end
     return messages
 
 

@@ -29,13 +29,16 @@ from typing import Any
 
 import lmdb
 import msgspec
+from xxhash import xxh64_intdigest
 
 from kvsvr import _core
 from kvsvr.errors import InvalidArgument, NotFound, StorageFull, VersionConflict
 from kvsvr.limits import (
     BINLOG_MAX_RECORDS,
+    BINLOG_TRIM_PER_WRITE,
     OPS_REMEMBERED_PER_CLIENT,
     OPS_TRIM_STEP,
+    PAGE_MAX_BYTES,
     SCAN_MAX_ENTRIES_VISITED,
 )
 from kvsvr.protocol import (
@@ -60,7 +63,7 @@ _U16BE = struct.Struct(">H")
 _OP_ID = struct.Struct(">QQ")
 _DECIMAL = re.compile(rb"-?[0-9]{1,19}")
 _reply_encoder = msgspec.msgpack.Encoder()
-_reply_decoder = msgspec.msgpack.Decoder(MutateReply)
+_remembered_decoder = msgspec.msgpack.Decoder(tuple[int, MutateReply])
 _paxos_encoder = msgspec.msgpack.Encoder()
 _paxos_decoder = msgspec.msgpack.Decoder(tuple[int, int, bytes | None, bytes | None])
 
@@ -219,18 +222,21 @@ class Store:
         rows: list[Row] = []
         next_start = None
         visited = 0
+        size = 0
         cursor = txn.cursor(db=self._rows)
         if cursor.set_range(prefix + start):
             for raw_key, raw in cursor:
                 if not raw_key.startswith(prefix) or (stop is not None and raw_key >= stop):
                     break
                 row = raw_key[len(prefix):]
-                if len(rows) == limit or visited == SCAN_MAX_ENTRIES_VISITED:
+                if (len(rows) == limit or visited == SCAN_MAX_ENTRIES_VISITED
+                        or size > PAGE_MAX_BYTES):
                     next_start = row  # more remain: continue from here
                     break
                 visited += 1
                 if not raw[8]:
                     rows.append(Row(row, _ROW_META.unpack_from(raw)[0], raw[_ROW_META.size:]))
+                    size += len(raw_key) + len(raw)
         return ScanPage(self.key_state(txn, key).version, rows, next_start)
 
     def changes(self, txn: lmdb.Transaction, key: bytes, since_version: int, after_row: bytes,
@@ -245,6 +251,7 @@ class Store:
             start = prefix + _U64BE.pack(since_version + 1)
         changes: list[Change] = []
         resume = None
+        size = 0
         cursor = txn.cursor(db=self._changes)
         if cursor.set_range(start):
             for index_key in cursor.iternext(keys=True, values=False):
@@ -252,7 +259,7 @@ class Store:
                     break
                 version = _U64BE.unpack_from(index_key, len(prefix))[0]
                 row = index_key[len(prefix) + 8:]
-                if len(changes) == limit:
+                if len(changes) == limit or size > PAGE_MAX_BYTES:
                     last = changes[-1]
                     resume = (last.version, last.row)
                     break
@@ -260,6 +267,7 @@ class Store:
                 assert raw is not None and _ROW_META.unpack_from(raw)[0] == version, \
                     "change index out of step with rows"
                 changes.append(Change(row, version, bool(raw[8]), raw[_ROW_META.size:]))
+                size += len(index_key) + len(raw)
         return ChangesPage(self.key_state(txn, key).version, changes, resume)
 
     def binlog(self, from_lsn: int = 0, limit: int = 1000) -> list[_core.Record]:
@@ -334,6 +342,9 @@ class Store:
         except lmdb.MapFullError:
             batch.abort()
             raise StorageFull("the node's LMDB map is full (storage.map_size_mib)") from None
+        except BaseException:
+            batch.abort()  # EIO, ENOSPC...: nothing was kept, so the LSNs step back too
+            raise
 
 
 class WriteBatch:
@@ -379,17 +390,16 @@ class WriteBatch:
                client_id: int = 0, client_seq: int = 0) -> MutateReply:
         """Apply one atomic mutation of `key`, or raise a KvError having changed nothing."""
         store, txn = self.store, self.txn
-        op_id = _OP_ID.pack(client_id, client_seq) if client_id else None
-        if op_id is not None:
-            remembered = txn.get(op_id, db=store._ops)
+        op_tuples = [(op.kind, op.row, op.value) for op in ops]
+        if client_id:
+            remembered = self._remembered(key, op_tuples, client_id, client_seq)
             if remembered is not None:
-                return _reply_decoder.decode(remembered)  # a retry: answer as the first time
+                return remembered  # a retry: answer as the first time
         state = store.key_state(txn, key)
         if expected_version is not None and expected_version != state.version:
             raise VersionConflict(
                 f"expected version {expected_version}, the key is at {state.version}",
                 field="expected_version", version=state.version)
-        op_tuples = [(op.kind, op.row, op.value) for op in ops]
         return self._commit_mutation(key, state, op_tuples, client_id, client_seq)
 
     def apply_record(self, record: _core.Record) -> MutateReply:
@@ -416,7 +426,7 @@ class WriteBatch:
         try:
             self._write(key, KeyState(version, next_seq, value), row_writes, record)
             if client_id:
-                self._remember(_OP_ID.pack(client_id, client_seq), client_id, client_seq, reply)
+                self._remember(key, ops, client_id, client_seq, reply)
         except lmdb.MapFullError:
             raise StorageFull("the node's LMDB map is full (storage.map_size_mib)") from None
         self.applied += 1
@@ -443,23 +453,57 @@ class WriteBatch:
                 txn.put(prefix + stamp + row, b"", db=store._changes)
         store.last_lsn += 1
         txn.put(_U64BE.pack(store.last_lsn), record, db=store._binlog, append=True)
-        if store.last_lsn - store.first_lsn + 1 > store.binlog_max_records:
+        # Bounded work per write; a lowered bound is reached over the following writes.
+        trimmed = 0
+        while (store.last_lsn - store.first_lsn + 1 > store.binlog_max_records
+               and trimmed < BINLOG_TRIM_PER_WRITE):
             txn.delete(_U64BE.pack(store.first_lsn), db=store._binlog)
             store.first_lsn += 1
+            trimmed += 1
 
-    def _remember(self, op_id: bytes, client_id: int, client_seq: int,
-                  reply: MutateReply) -> None:
+    def _remembered(self, key: bytes, ops: list[tuple[int, bytes, bytes]], client_id: int,
+                    client_seq: int) -> MutateReply | None:
+        """The first answer to this op id, if it was applied; raises if the id is unusable."""
+        txn, db = self.txn, self.store._ops
+        raw = txn.get(_OP_ID.pack(client_id, client_seq), db=db)
+        if raw is not None:
+            digest, reply = _remembered_decoder.decode(raw)
+            if digest != _request_digest(key, ops):
+                raise InvalidArgument(
+                    f"client_seq: operation id ({client_id}, {client_seq}) was already used "
+                    "for a different request; a client id must never be reused",
+                    field="client_seq")
+            return reply
+        horizon = txn.get(_OP_ID.pack(client_id, 0), db=db)
+        if horizon is not None and client_seq < _U64BE.unpack(horizon)[0]:
+            raise InvalidArgument(
+                f"client_seq: operation ({client_id}, {client_seq}) is older than the "
+                f"exactly-once window of {OPS_REMEMBERED_PER_CLIENT} operations; whether it "
+                "was applied is unknown, so it is not applied now", field="client_seq")
+        return None
+
+    def _remember(self, key: bytes, ops: list[tuple[int, bytes, bytes]], client_id: int,
+                  client_seq: int, reply: MutateReply) -> None:
         store, txn = self.store, self.txn
-        txn.put(op_id, _reply_encoder.encode(reply), db=store._ops)
-        # Keep a window of OPS_REMEMBERED_PER_CLIENT sequence numbers per client; trimmed in
-        # steps of OPS_TRIM_STEP so that most writes pay no cursor walk.
+        txn.put(_OP_ID.pack(client_id, client_seq),
+                _reply_encoder.encode((_request_digest(key, ops), reply)), db=store._ops)
+        # Keep a window of OPS_REMEMBERED_PER_CLIENT sequence numbers per client, trimmed in
+        # steps of OPS_TRIM_STEP so that most writes pay no cursor walk. Seq 0 holds the
+        # horizon below which retries are refused rather than applied again.
         if client_seq % OPS_TRIM_STEP == 0 and client_seq > OPS_REMEMBERED_PER_CLIENT:
+            horizon_seq = client_seq - OPS_REMEMBERED_PER_CLIENT
+            horizon = _OP_ID.pack(client_id, horizon_seq)
             cursor = txn.cursor(db=store._ops)
-            horizon = _OP_ID.pack(client_id, client_seq - OPS_REMEMBERED_PER_CLIENT)
-            if cursor.set_range(_OP_ID.pack(client_id, 0)):
-                while cursor.key() < horizon and cursor.key()[:8] == op_id[:8]:
+            if cursor.set_range(_OP_ID.pack(client_id, 1)):
+                while cursor.key() < horizon and cursor.key()[:8] == horizon[:8]:
                     if not cursor.delete():
                         break
+            txn.put(_OP_ID.pack(client_id, 0), _U64BE.pack(horizon_seq), db=store._ops)
+
+
+def _request_digest(key: bytes, ops: list[tuple[int, bytes, bytes]]) -> int:
+    """Identifies a request, so an op id reused for another request is caught."""
+    return xxh64_intdigest(_reply_encoder.encode((key, ops)))
 
 
 __all__ = ["KeyState", "Store", "StoreLocked", "WriteBatch", "seq_of_row", "seq_row"]
