@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,24 +125,22 @@ def _check_acknowledged(client: Client, outcomes: list) -> None:
     assert len(set(stored.values())) == len(stored), "an append was applied twice"
 
 
-def _run_workers(config: Path, seconds: float, processes: int) -> tuple[list, list]:
+def _start_workers(config: Path, seconds: float, processes: int) -> tuple[list, Any]:
+    """`processes` spawned _worker processes and the queue their outcomes arrive on."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     workers = [context.Process(target=_worker, args=(str(config), w, seconds, results))
                for w in range(processes)]
     for w in workers:
         w.start()
-    return workers, [results]
+    return workers, results
 
 
 def test_sigkill_mid_workload_loses_nothing_acknowledged(tmp_path: Path):
     config = write_single_node_config(tmp_path)
     cluster = LocalCluster(config, log_dir=tmp_path / "logs")
     cluster.start()
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    workers = [context.Process(target=_worker, args=(str(config), w, 6.0, results))
-               for w in range(3)]
+    workers, results = _start_workers(config, 6.0, 3)
     # Threads in this process too: a Client is shared by threads.
     thread_outcomes: list = []
 
@@ -152,8 +151,6 @@ def test_sigkill_mid_workload_loses_nothing_acknowledged(tmp_path: Path):
 
     threads = [threading.Thread(target=thread_worker, args=(10 + t,)) for t in range(2)]
     try:
-        for w in workers:
-            w.start()
         for t in threads:
             t.start()
         time.sleep(2.0)
@@ -182,13 +179,8 @@ def test_sigstop_pauses_the_node_and_clients_carry_on(tmp_path: Path):
     config = write_single_node_config(tmp_path)
     cluster = LocalCluster(config, log_dir=tmp_path / "logs")
     cluster.start()
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    workers = [context.Process(target=_worker, args=(str(config), w, 5.0, results))
-               for w in range(2)]
+    workers, results = _start_workers(config, 5.0, 2)
     try:
-        for w in workers:
-            w.start()
         time.sleep(1.5)
         cluster.signal("n1", signal.SIGSTOP)
         time.sleep(2.0)                         # clients time out attempts and resend
