@@ -17,6 +17,8 @@ from kvsvr._core import (
 # Tunables of the Python shell that are not part of any on-disk or wire layout.
 OPS_REMEMBERED_PER_CLIENT = 10_000   # exactly-once window: retried op ids recognised per client
 OPS_TRIM_STEP = 256                  # ... trimmed every this many ops (window + step at most)
+CLIENT_IDLE_EXPIRY_S = 86_400        # a client silent this long is forgotten, op ids and all
+CLIENT_SWEEP_BATCH = 1_000           # clients looked at per sweep (bounded work per round)
 GROUP_COMMIT_MAX_OPS = 2_048         # mutations folded into one durable LMDB transaction
 SCAN_MAX_ENTRIES_VISITED = 20_000    # tombstones skipped by one scan before it returns a page
 PAGE_MAX_BYTES = 2 << 20             # rows + values in one scan/changes page (fits a frame)
@@ -34,7 +36,9 @@ __all__ = [
     "BINLOG_MAX_RECORDS",
     "BINLOG_TRIM_PER_WRITE",
     "CLIENT_ATTEMPT_TIMEOUT_S",
+    "CLIENT_IDLE_EXPIRY_S",
     "CLIENT_QUEUE_MESSAGES",
+    "CLIENT_SWEEP_BATCH",
     "DEFAULT_SCAN_ROWS",
     "DEFAULT_TIMEOUT_S",
     "FRAME_HEADER_BYTES",

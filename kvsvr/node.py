@@ -32,6 +32,7 @@ log = logging.getLogger("kvsvr.node")
 POLL_INTERVAL_MS = 100           # how often an idle node looks at its stop flag
 ROUND_MAX_MESSAGES = 256         # client messages drained before a round answers what it has
 ROUND_MAX_BYTES = 32 << 20       # ... or this many bytes of them
+CLIENT_SWEEP_INTERVAL_S = 60.0   # how often idle clients' op ids are looked for
 
 _encode = protocol.encode
 _encode_frame = _core.encode_frame
@@ -62,6 +63,8 @@ class Node:
         self.started = time.time()
         self.stopping = False
         self.counters: collections.Counter[str] = collections.Counter()
+        self._next_client_sweep = time.monotonic() + CLIENT_SWEEP_INTERVAL_S
+        self._client_sweep_from = b""
         store = self.store
         self._readers: dict[int, Any] = {
             Method.GET: lambda r, txn: store.get(txn, r.key),
@@ -177,6 +180,16 @@ class Node:
             for out, index, request_id, _ in writes:
                 out[index] = _error_frame(request_id, error)
 
+    def sweep_idle_clients(self) -> None:
+        """Forget clients idle past CLIENT_IDLE_EXPIRY_S, a bounded batch at a time."""
+        self._next_client_sweep = time.monotonic() + CLIENT_SWEEP_INTERVAL_S
+        try:
+            with self.store.write() as batch:
+                self._client_sweep_from = batch.forget_idle_clients(
+                    start=self._client_sweep_from)
+        except Exception:  # housekeeping must never take the node down
+            log.exception("sweeping idle clients failed")
+
     def status(self) -> dict[str, Any]:
         return {
             "node": self.name,
@@ -213,6 +226,8 @@ class Node:
         recv, send, again = socket.recv_multipart, socket.send_multipart, zmq.Again
         try:
             while not self.stopping:
+                if time.monotonic() >= self._next_client_sweep:
+                    self.sweep_idle_clients()
                 if not socket.poll(POLL_INTERVAL_MS):
                     continue
                 messages: list[list[bytes]] = []

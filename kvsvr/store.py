@@ -6,7 +6,8 @@ One LMDB environment per node, with sub-databases:
   rows     u16be len(key) key row -> u64 version, u8 deleted, value   (tombstones kept)
   changes  u16be len(key) key u64be version row -> ""    one entry per row: its last change
   binlog   u64be lsn -> record (kvsvr._core record codec, xxh3-checksummed)
-  ops      u64be client_id u64be seq -> msgpack MutateReply           (exactly-once window)
+  ops      u64be client_id u64be seq -> msgpack [request digest, MutateReply]  (exactly-once)
+  clients  u64be client_id -> u64 horizon (older seqs are refused), u64 last active (unix s)
   paxos    u16be len(key) key u64be version -> msgpack [promised, accepted_ballot,
            accepted_value, chosen_value]                             (version quorum acceptor)
   meta     b"schema" -> u32; b"quorum/incarnation" -> u64; b"quorum/fence/" u8 peer -> u64;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import re
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +38,8 @@ from kvsvr.errors import InvalidArgument, NotFound, StorageFull, VersionConflict
 from kvsvr.limits import (
     BINLOG_MAX_RECORDS,
     BINLOG_TRIM_PER_WRITE,
+    CLIENT_IDLE_EXPIRY_S,
+    CLIENT_SWEEP_BATCH,
     OPS_REMEMBERED_PER_CLIENT,
     OPS_TRIM_STEP,
     PAGE_MAX_BYTES,
@@ -61,6 +65,7 @@ _ROW_META = struct.Struct("<QB")  # version, deleted
 _U64BE = struct.Struct(">Q")
 _U16BE = struct.Struct(">H")
 _OP_ID = struct.Struct(">QQ")
+_CLIENT = struct.Struct("<QQ")  # horizon seq, last active (unix seconds)
 _DECIMAL = re.compile(rb"-?[0-9]{1,19}")
 _reply_encoder = msgspec.msgpack.Encoder()
 _remembered_decoder = msgspec.msgpack.Decoder(tuple[int, MutateReply])
@@ -173,6 +178,7 @@ class Store:
         self._binlog = self.env.open_db(b"binlog")
         self._ops = self.env.open_db(b"ops")
         self._paxos = self.env.open_db(b"paxos")
+        self._clients = self.env.open_db(b"clients")
         self._meta = self.env.open_db(b"meta")
         with self.env.begin(write=True) as txn:
             schema = txn.get(b"schema", db=self._meta)
@@ -323,6 +329,7 @@ class Store:
                 "binlog_first_lsn": self.first_lsn,
                 "binlog_last_lsn": self.last_lsn,
                 "remembered_op_ids": txn.stat(self._ops)["entries"],
+                "clients": txn.stat(self._clients)["entries"],
                 "map_used_bytes": (info["last_pgno"] + 1) * self.env.stat()["psize"],
                 "map_size_bytes": info["map_size"],
             }
@@ -474,8 +481,8 @@ class WriteBatch:
                     "for a different request; a client id must never be reused",
                     field="client_seq")
             return reply
-        horizon = txn.get(_OP_ID.pack(client_id, 0), db=db)
-        if horizon is not None and client_seq < _U64BE.unpack(horizon)[0]:
+        client = txn.get(_U64BE.pack(client_id), db=self.store._clients)
+        if client is not None and client_seq < _CLIENT.unpack(client)[0]:
             raise InvalidArgument(
                 f"client_seq: operation ({client_id}, {client_seq}) is older than the "
                 f"exactly-once window of {OPS_REMEMBERED_PER_CLIENT} operations; whether it "
@@ -487,18 +494,49 @@ class WriteBatch:
         store, txn = self.store, self.txn
         txn.put(_OP_ID.pack(client_id, client_seq),
                 _reply_encoder.encode((_request_digest(key, ops), reply)), db=store._ops)
-        # Keep a window of OPS_REMEMBERED_PER_CLIENT sequence numbers per client, trimmed in
-        # steps of OPS_TRIM_STEP so that most writes pay no cursor walk. Seq 0 holds the
-        # horizon below which retries are refused rather than applied again.
-        if client_seq % OPS_TRIM_STEP == 0 and client_seq > OPS_REMEMBERED_PER_CLIENT:
-            horizon_seq = client_seq - OPS_REMEMBERED_PER_CLIENT
-            horizon = _OP_ID.pack(client_id, horizon_seq)
+        client_key = _U64BE.pack(client_id)
+        # The clients entry is written on a client's first write and at each trim step, so
+        # most writes pay nothing for it; it says when the client was last active and below
+        # which seq retries are refused (their answers were trimmed).
+        first = not txn.get(client_key, db=store._clients)
+        if not first and client_seq % OPS_TRIM_STEP:
+            return
+        horizon = 0
+        if client_seq > OPS_REMEMBERED_PER_CLIENT:
+            horizon = client_seq - OPS_REMEMBERED_PER_CLIENT
+            end = _OP_ID.pack(client_id, horizon)
             cursor = txn.cursor(db=store._ops)
-            if cursor.set_range(_OP_ID.pack(client_id, 1)):
-                while cursor.key() < horizon and cursor.key()[:8] == horizon[:8]:
+            if cursor.set_range(_OP_ID.pack(client_id, 0)):
+                while cursor.key() < end and cursor.key()[:8] == client_key:
                     if not cursor.delete():
                         break
-            txn.put(_OP_ID.pack(client_id, 0), _U64BE.pack(horizon_seq), db=store._ops)
+        txn.put(client_key, _CLIENT.pack(horizon, int(time.time())), db=store._clients)
+
+    def forget_idle_clients(self, idle_s: float = CLIENT_IDLE_EXPIRY_S,
+                            start: bytes = b"", limit: int = CLIENT_SWEEP_BATCH) -> bytes:
+        """Drop clients silent for `idle_s` with their op ids, looking at `limit` clients from
+        `start`; returns where the next sweep starts (b"" when it wrapped around)."""
+        store, txn = self.store, self.txn
+        cutoff = time.time() - idle_s
+        cursor = txn.cursor(db=store._clients)
+        if not cursor.set_range(start):
+            return b""
+        next_start = b""
+        expired = []
+        for seen, (client_key, raw) in enumerate(cursor):
+            if seen == limit:
+                next_start = bytes(client_key)
+                break
+            if _CLIENT.unpack(raw)[1] < cutoff:
+                expired.append(bytes(client_key))
+        for client_key in expired:
+            txn.delete(client_key, db=store._clients)
+            ops = txn.cursor(db=store._ops)
+            if ops.set_range(client_key):
+                while ops.key()[:8] == client_key:
+                    if not ops.delete():
+                        break
+        return next_start
 
 
 def _request_digest(key: bytes, ops: list[tuple[int, bytes, bytes]]) -> int:

@@ -159,3 +159,29 @@ def test_quorum_records_survive_a_reopen_and_restore_a_replica(tmp_path):
             batch.persist_quorum([("bogus", 1)])
     finally:
         store.close()
+
+
+def test_idle_clients_are_forgotten_with_their_op_ids(tmp_path):
+    """Short-lived clients (every CLI call is one) must not pile up in the op-id table."""
+    store = Store(tmp_path, map_size_mib=64, sync=False)
+    put = [Op(_core.OP_PUT, b"", b"v")]
+    try:
+        for client in range(1, 31):
+            with store.write() as batch:
+                batch.mutate(b"k", put, None, client, 1)
+                batch.mutate(b"k", put, None, client, 2)
+        assert store.stats()["clients"] == 30 and store.stats()["remembered_op_ids"] == 60
+        with store.write() as batch:   # nobody is idle yet: nothing goes
+            assert batch.forget_idle_clients(idle_s=3600, limit=100) == b""
+        assert store.stats()["clients"] == 30
+        start, rounds = b"", 0
+        while True:                     # everyone counts as idle: swept in bounded batches
+            with store.write() as batch:
+                start = batch.forget_idle_clients(idle_s=-1, start=start, limit=7)
+            rounds += 1
+            if not start:
+                break
+        assert rounds == 5
+        assert store.stats()["clients"] == 0 and store.stats()["remembered_op_ids"] == 0
+    finally:
+        store.close()
