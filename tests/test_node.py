@@ -337,3 +337,41 @@ def test_history_across_sigkills_is_linearizable(tmp_path: Path):
     assert len(history) > 300
     ok, problem = check(history)
     assert ok, problem
+
+
+def test_two_groups_split_the_keys_by_shard(tmp_path: Path):
+    """A cluster of two single-replica groups: the client routes each key to its shard's
+    group, both nodes hold some of the keys, and every key reads back."""
+    from kvsvr.launcher import free_port
+    from kvsvr.sharding import ShardMap
+
+    config = tmp_path / "two.toml"
+    config.write_text("".join(f'''
+[[groups]]
+name = "g{g}"
+shards = ["{first}-{last}"]
+[[groups.replicas]]
+node = "n{g}"
+campus = "a"
+address = "tcp://127.0.0.1:{free_port()}"
+data_dir = "data/n{g}"
+''' for g, (first, last) in enumerate([(0, 2047), (2048, 4095)])))
+    cluster = LocalCluster(config, log_dir=tmp_path / "logs")
+    cluster.start()
+    try:
+        with cluster.client() as client:
+            pipeline = client.pipeline()
+            for i in range(200):
+                pipeline.put(f"user:{i}", f"v{i}")
+            assert pipeline.execute(raise_errors=True) == [1] * 200
+            for i in range(200):
+                assert client.get(f"user:{i}").value == f"v{i}".encode()
+            shards = ShardMap(cluster.config)
+            expected = {"g0": 0, "g1": 0}
+            for i in range(200):
+                expected[shards.group_of(f"user:{i}".encode()).name] += 1
+        for g in (0, 1):
+            with Client(address=cluster.address(f"n{g}")) as node_client:
+                assert node_client.status()["store"]["keys"] == expected[f"g{g}"] > 0
+    finally:
+        cluster.stop()
