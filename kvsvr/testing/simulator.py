@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 from kvsvr import _core
 from kvsvr.protocol import decode_quorum, encode_quorum
-from kvsvr.sharding import home_index
 
 
 @dataclass
@@ -85,8 +84,10 @@ class Simulation:
             if record[0] != "instance":
                 node.disk[record[:2]] = record  # ("fence", peer), ("rebuilt"/"verified", inc)
                 continue
-            _, key, version, _promised, accepted_ballot, accepted_value, _chosen = record
+            _, key, version, _promised, accepted_ballot, accepted_value, chosen = record
             node.disk[("instance", key, version)] = record
+            if chosen is not None:
+                self._check_learned(node.index, key, version, chosen)
             if (accepted_ballot and _core.ballot_node(accepted_ballot) == node.index
                     and _core.ballot_incarnation(accepted_ballot) == node.incarnation):
                 self._record_accept(node.index, key, version, accepted_ballot, accepted_value)
@@ -104,6 +105,14 @@ class Simulation:
                 raise Violation(f"seed {self.seed}: node {node.index} decided {value!r} for "
                                 f"{key!r} v{version}, chosen is {truth!r}")
             node.known_version[key] = max(node.known_version.get(key, 0), version)
+
+    def _check_learned(self, node: int, key: bytes, version: int, value: object) -> None:
+        """A value a replica records as chosen (from its own proposal, a CHOSEN message or a
+        rebuild) must be the value that really was chosen."""
+        truth = self.chosen.get((key, version))
+        if truth != value:
+            raise Violation(f"seed {self.seed}: node {node} learned {value!r} for {key!r} "
+                            f"v{version}, chosen is {truth!r}")
 
     def _record_accept(self, node: int, key: bytes, version: int, ballot: int,
                        value: object) -> None:
@@ -170,8 +179,7 @@ class Simulation:
         if self.wire and isinstance(value, str):
             value = _core.encode_record(0, version, index + 1, node.counter, key,
                                         [(_core.OP_PUT, b"", value.encode())])
-        started = node.replica.propose(key, version, value,
-                                       home_index(key, self.replicas) == index, self.now)
+        started = node.replica.propose(key, version, value, self.now)
         self._drain(node)
         return bool(started)
 
