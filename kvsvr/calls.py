@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from kvsvr import protocol as p
+from kvsvr.errors import Internal
 
 
 class CallSpec(NamedTuple):
@@ -26,8 +27,9 @@ def _version(reply: p.MutateReply) -> int:
 
 
 def _first_result(reply: p.MutateReply) -> int:
-    result = reply.results[0]
-    assert result is not None
+    result = reply.results[0] if reply.results else None
+    if result is None:  # incr and append always answer a number
+        raise Internal(f"answer without the expected result: {reply!r}")
     return result
 
 

@@ -27,7 +27,7 @@ from kvsvr import _core, calls
 from kvsvr import protocol as p
 from kvsvr.calls import CallSpec
 from kvsvr.config import ClusterConfig, check_client_address, load
-from kvsvr.errors import InvalidArgument, KvError, Timeout
+from kvsvr.errors import Internal, InvalidArgument, KvError, Timeout
 from kvsvr.limits import (
     CLIENT_ATTEMPT_TIMEOUT_S,
     CLIENT_QUEUE_MESSAGES,
@@ -272,6 +272,8 @@ class Client(_Api):
                         results[index] = spec.finish(p.parse_reply(spec.method, status, body))
                     except KvError as e:
                         results[index] = e
+                    except Exception as e:  # an answer that does not fit its call
+                        results[index] = Internal(f"unreadable answer: {e!r}")
         return results
 
 
