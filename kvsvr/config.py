@@ -39,7 +39,9 @@ _SHARD_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
 class StorageConfig(Struct, forbid_unknown_fields=True):
-    map_size_mib: Annotated[int, Meta(ge=16, le=16 * 1024 * 1024)] = 4096
+    # Address space only (the data file grows as data is written): big by default, so the
+    # disk, not the map, is what limits a node.
+    map_size_mib: Annotated[int, Meta(ge=16, le=16 * 1024 * 1024)] = 1024 * 1024
     sync: bool = True
     binlog_max_records: Annotated[int, Meta(ge=1000)] = BINLOG_MAX_RECORDS
 

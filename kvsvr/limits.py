@@ -23,6 +23,7 @@ GROUP_COMMIT_MAX_OPS = 2_048         # mutations folded into one durable LMDB tr
 SCAN_MAX_ENTRIES_VISITED = 20_000    # tombstones skipped by one scan before it returns a page
 PAGE_MAX_BYTES = 2 << 20             # rows + values in one scan/changes page (fits a frame)
 BINLOG_TRIM_PER_WRITE = 64           # records trimmed per mutation when over the bound
+DISK_FULL_BELOW_BYTES = 16 << 20     # a failed commit with less free disk than this: full
 CLIENT_ATTEMPT_TIMEOUT_S = 1.0       # a request unanswered this long is resent (same op id)
 DEFAULT_TIMEOUT_S = 5.0              # overall deadline of a client call
 CLIENT_QUEUE_MESSAGES = 10_000       # ZeroMQ messages queued per client socket, each way
@@ -41,6 +42,7 @@ __all__ = [
     "CLIENT_SWEEP_BATCH",
     "DEFAULT_SCAN_ROWS",
     "DEFAULT_TIMEOUT_S",
+    "DISK_FULL_BELOW_BYTES",
     "FRAME_HEADER_BYTES",
     "GROUP_COMMIT_MAX_OPS",
     "MAX_BATCH_BYTES",

@@ -21,6 +21,7 @@ which is how many client operations share one durable commit (group commit).
 from __future__ import annotations
 
 import fcntl
+import os
 import re
 import struct
 import time
@@ -40,6 +41,7 @@ from kvsvr.limits import (
     BINLOG_TRIM_PER_WRITE,
     CLIENT_IDLE_EXPIRY_S,
     CLIENT_SWEEP_BATCH,
+    DISK_FULL_BELOW_BYTES,
     OPS_REMEMBERED_PER_CLIENT,
     OPS_TRIM_STEP,
     PAGE_MAX_BYTES,
@@ -155,7 +157,7 @@ class KeyState:
 
 
 class Store:
-    def __init__(self, path: str | Path, *, map_size_mib: int = 4096, sync: bool = True,
+    def __init__(self, path: str | Path, *, map_size_mib: int = 1024 * 1024, sync: bool = True,
                  binlog_max_records: int = BINLOG_MAX_RECORDS):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -349,8 +351,15 @@ class Store:
         except lmdb.MapFullError:
             batch.abort()
             raise StorageFull("the node's LMDB map is full (storage.map_size_mib)") from None
+        except lmdb.Error:
+            batch.abort()  # nothing was kept, so the LSNs step back too
+            # LMDB reports a full disk as EIO; tell it apart by what is left on the disk.
+            stat = os.statvfs(self.path)
+            if stat.f_bavail * stat.f_frsize < DISK_FULL_BELOW_BYTES:
+                raise StorageFull(f"the disk holding {self.path} is full") from None
+            raise
         except BaseException:
-            batch.abort()  # EIO, ENOSPC...: nothing was kept, so the LSNs step back too
+            batch.abort()
             raise
 
 

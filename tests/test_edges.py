@@ -171,3 +171,39 @@ def test_demo_refuses_zero_users(tmp_path):
     result = subprocess.run([sys.executable, "-m", "kvsvr.demo", "--dir", str(tmp_path / "d"),
                              "--users", "0"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--users" in result.stderr
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 3 MiB filesystem (tmpfs), where this machine lets us mount one."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_a_full_disk_is_storage_full_and_reads_go_on(tiny_disk):
+    from kvsvr.errors import StorageFull
+    from kvsvr.protocol import put_op
+
+    store = Store(tiny_disk / "db", sync=True)
+    try:
+        with store.write() as batch:
+            batch.mutate(b"first", [put_op(b"kept")])
+        with pytest.raises(StorageFull, match=r"disk .* is full"):
+            for i in range(100):
+                with store.write() as batch:
+                    batch.mutate(f"big{i}".encode(), [put_op(b"x" * 500_000)])
+        lsn = store.last_lsn
+        with pytest.raises(StorageFull), store.write() as batch:
+            batch.mutate(b"more", [put_op(b"y" * 500_000)])
+        assert store.last_lsn == lsn
+        with store.read() as txn:
+            assert store.get(txn, b"first").value == b"kept"
+    finally:
+        store.close()
