@@ -55,12 +55,14 @@ OP_INCR = 3         # value := int(value) + delta         (value = 8-byte signed
 OP_ROW_PUT = 4      # rows[row] := value
 OP_ROW_DELETE = 5   # rows[row] := tombstone              (value empty)
 OP_APPEND = 6       # rows[u64be(next_seq)] := value; next_seq += 1   (row empty)
+OP_COMPACT = 7      # drop tombstones of versions <= value (8-byte u64)  (row empty)
 cdef enum:
-    _OP_KIND_MAX = 6
+    _OP_KIND_MAX = 7
 
 OP_NAMES = {
     OP_PUT: "put", OP_DELETE: "delete", OP_INCR: "incr",
     OP_ROW_PUT: "row_put", OP_ROW_DELETE: "row_delete", OP_APPEND: "append",
+    OP_COMPACT: "compact",
 }
 
 # Frame kinds.
@@ -94,3 +96,5 @@ MSG_REJECT = 5          # acceptor -> proposer: promised higher (`accepted_ballo
 MSG_CHOSEN = 6          # anyone -> anyone: `value` is chosen for (key, version)
 MSG_STATE_REQUEST = 7   # rebuilding replica -> peers: send me your acceptor state
 MSG_STATE = 8           # peer -> rebuilding replica: all its acceptor records, in one message
+MSG_BEHIND = 9          # acceptor -> proposer: this version is below my floor (already chosen
+                        # and applied here; `accepted_ballot` = my floor): catch up, retry

@@ -23,6 +23,7 @@ OP_INCR: int
 OP_ROW_PUT: int
 OP_ROW_DELETE: int
 OP_APPEND: int
+OP_COMPACT: int
 OP_NAMES: dict[int, str]
 FRAME_REQUEST: int
 FRAME_RESPONSE: int
@@ -71,6 +72,7 @@ MSG_REJECT: int
 MSG_CHOSEN: int
 MSG_STATE_REQUEST: int
 MSG_STATE: int
+MSG_BEHIND: int
 PENDING: int
 WON: int
 LOST: int
@@ -101,7 +103,7 @@ class Message:
 # chosen_value), ("fence", peer, incarnation), ("rebuilt", incarnation),
 # ("verified", incarnation)
 PersistRecord = tuple[Any, ...]
-Decided = tuple[bytes, int, Any, bool]
+Decided = tuple[bytes, int, Any, bool]   # chosen value None: taken, value unknown
 
 class QuorumReplica:
     node: int
@@ -110,12 +112,17 @@ class QuorumReplica:
     rebuilding: bool
     fast_path: bool
     proposals_in_flight: int
+    instances: int
     def __init__(self, node: int, replicas: int, incarnation: int = 1,
                  rebuilding: bool = False) -> None: ...
     def restore(self, records: list[PersistRecord]) -> None: ...
     def acceptor_state(self, key: bytes, version: int) -> tuple[int, int, Any, Any]: ...
     def ready(self) -> tuple[list[PersistRecord], list[Message], list[Decided]]: ...
-    def propose(self, key: bytes, version: int, value: Any, now: float) -> bool: ...
+    def propose(self, key: bytes, version: int, value: Any, now: float,
+                recover: bool = False) -> bool: ...
+    def proposing(self, key: bytes, version: int) -> bool: ...
+    def highest_open(self, key: bytes) -> int: ...
+    def forget(self, key: bytes, version: int, chosen_value: Any = None) -> None: ...
     def home(self, key: bytes) -> int: ...
     def tick(self, now: float) -> None: ...
-    def step(self, message: Message, now: float) -> None: ...
+    def step(self, message: Message, now: float, floor: int = 0) -> None: ...

@@ -1,7 +1,8 @@
 # The version quorum: committing version v of a key is one single-decree Paxos instance
 # among the group's replicas. This file is the whole protocol, as a state machine with no I/O.
 #
-# Inputs:  propose(key, version, value, home, now), step(message, now), tick(now).
+# Inputs:  propose(key, version, value, now), step(message, now, floor), tick(now),
+#          forget(key, version, chosen_value) once the caller applied a chosen version.
 # Outputs: ready() -> (persist, send, decided)
 #   persist: records to make durable BEFORE any message of the same ready() is sent:
 #            ("instance", key, version, promised, accepted_ballot, accepted_value, chosen)
@@ -11,7 +12,9 @@
 #   send:    Message objects
 #   decided: (key, version, chosen_value, own) for proposals of this replica that finished;
 #            own is False when another value won the version (retry at version + 1, or
-#            report a compare-and-set conflict)
+#            report a compare-and-set conflict). chosen_value is None when the version is
+#            known chosen but not its value (an acceptor was past it: catch up first), or
+#            when a recovery proposal (value None) found nothing that could have been chosen.
 # The caller persists, then sends, then acts on decided.
 #
 # Rules worth reading twice:
@@ -33,6 +36,11 @@
 #   see it: a first life, or a rebuilt life (every peer fenced its past).
 # - Round 0 belongs to the key's home (xxh64(key) % n), computed here, not taken from the
 #   caller; an acceptor refuses a round-0 ballot of any other node.
+# - Floors. Instances are kept only until the caller has applied them; then forget() drops
+#   them (memory and disk stay bounded by what is in flight). The caller passes the key's
+#   applied version as `floor` with every message: a version at or below it was chosen and
+#   applied, so an acceptor answers BEHIND instead of voting (it must never vote again on
+#   an instance it forgot), and a proposer that hears BEHIND stops: its version is taken.
 
 
 from xxhash import xxh64_intdigest as _xxh64
@@ -164,6 +172,7 @@ cdef class QuorumReplica:
     cdef readonly bint rebuilding
     cdef readonly bint fast_path  # round 0 without a prepare is safe for this life
     cdef dict _instances         # (key, version) -> _Instance
+    cdef dict _versions          # key -> set of versions in _instances (for highest_open)
     cdef dict _fences            # peer -> lowest incarnation of it still listened to
     cdef dict _proposals         # (key, version) -> _Proposal
     cdef dict _rebuild_done      # node -> incarnation that finished sending its state
@@ -189,6 +198,7 @@ cdef class QuorumReplica:
         self.rebuilding = rebuilding
         self.fast_path = incarnation == 1 and not rebuilding
         self._instances = {}
+        self._versions = {}
         self._fences = {}
         self._proposals = {}
         self._rebuild_done = {}
@@ -227,6 +237,7 @@ cdef class QuorumReplica:
             instance.accepted_value = accepted_value
             instance.chosen_value = chosen_value
             self._instances[(key, version)] = instance
+            self._versions.setdefault(key, set()).add(version)
         if not rebuilt and not self.rebuilding:
             self.rebuilding = True
             self._request_state(0)
@@ -242,6 +253,42 @@ cdef class QuorumReplica:
     @property
     def proposals_in_flight(self):
         return len(self._proposals)
+
+    @property
+    def instances(self):
+        """Instances held (not yet forgotten): what the caller has not applied."""
+        return len(self._instances)
+
+    def proposing(self, bytes key, uint64_t version):
+        return (key, version) in self._proposals
+
+    def highest_open(self, bytes key):
+        """The highest version of `key` this acceptor holds a value for (accepted or chosen,
+        not yet applied and forgotten), or 0. A linearizable read must not answer below it
+        without finishing that instance: it may already be chosen."""
+        cdef _Instance instance
+        cdef uint64_t best = 0
+        for version in self._versions.get(key, ()):
+            instance = self._instances[(key, version)]
+            if (instance.accepted_ballot or instance.chosen_value is not None) \
+                    and version > best:
+                best = version
+        return best
+
+    def forget(self, bytes key, uint64_t version, object chosen_value=None):
+        """The caller applied `version` of `key` (durably): drop the instance. A proposal of
+        ours still open on it finishes now, with `chosen_value` if known."""
+        cdef tuple instance_key = (key, version)
+        cdef _Proposal proposal = self._proposals.get(instance_key)
+        if proposal is not None:
+            self._finish(proposal, chosen_value)
+        if self._instances.pop(instance_key, None) is not None:
+            self._dirty.discard(instance_key)
+            versions = self._versions.get(key)
+            if versions is not None:
+                versions.discard(version)
+                if not versions:
+                    del self._versions[key]
 
     # --- outputs ----------------------------------------------------------------------------
     def ready(self):
@@ -269,14 +316,24 @@ cdef class QuorumReplica:
         if instance is None:
             instance = _Instance()
             self._instances[instance_key] = instance
+            self._versions.setdefault(key, set()).add(version)
         return instance
 
     # --- proposer -----------------------------------------------------------------------------
-    def propose(self, bytes key, uint64_t version, object value, double now):
+    def propose(self, bytes key, uint64_t version, object value, double now,
+                bint recover=False):
         """Start committing `value` as `version` of `key`. Returns False if this replica
-        cannot propose now (rebuilding, the instance is busy, or too many in flight)."""
-        if value is None:
-            raise ValueError("value: a proposal needs a value")
+        cannot propose now (rebuilding, the instance is busy, or too many in flight).
+
+        With recover=True and value None, finish the instance instead: a prepare, then the
+        highest accepted value found is chosen; if a majority has accepted nothing, nothing
+        can have been chosen and the proposal ends with chosen_value None."""
+        if value is None and not recover:
+            raise ValueError("value: a proposal needs a value (or recover=True)")
+        if value is not None and recover:
+            raise ValueError("value: a recovery proposes no value of its own")
+        if version == 0:
+            raise ValueError("version: versions start at 1")
         cdef bint home = self.home(key) == self.node
         cdef tuple instance_key = (key, version)
         if self.rebuilding or instance_key in self._proposals:
@@ -286,7 +343,7 @@ cdef class QuorumReplica:
         cdef _Instance instance = self._instances.get(instance_key)
         if instance is not None and instance.chosen_value is not None:
             self._decided.append((key, version, instance.chosen_value,
-                                  instance.chosen_value == value))
+                                  value is not None and instance.chosen_value == value))
             return True
         cdef _Proposal proposal = _Proposal()
         proposal.key = key
@@ -297,7 +354,7 @@ cdef class QuorumReplica:
         proposal.attempts = 0
         proposal.highest_seen = instance.promised if instance is not None else 0
         self._proposals[instance_key] = proposal
-        if home and self.fast_path and proposal.highest_seen == 0:
+        if home and self.fast_path and proposal.highest_seen == 0 and value is not None:
             # Round 0 is ours alone and we never used it (our own acceptor would have
             # recorded it): no lower ballot exists, so no prepare is needed.
             self._start_accept(proposal, make_ballot(0, self.node, self.incarnation), now)
@@ -366,6 +423,11 @@ cdef class QuorumReplica:
                 best_ballot, best_value = accepted_ballot, accepted_value
         # Adopt a value some acceptor may have helped choose, else propose our own.
         proposal.value = best_value if best_ballot else proposal.own_value
+        if proposal.value is None:
+            # A recovery that found nothing accepted in a majority: nothing was chosen (and
+            # our promises now stop the lower ballots that might still be under way).
+            self._finish(proposal, None)
+            return
         self._start_accept(proposal, proposal.ballot, now)
 
     cdef void _check_accepts(self, _Proposal proposal):
@@ -386,7 +448,7 @@ cdef class QuorumReplica:
     cdef void _finish(self, _Proposal proposal, object chosen_value):
         del self._proposals[(proposal.key, proposal.version)]
         self._decided.append((proposal.key, proposal.version, chosen_value,
-                              chosen_value == proposal.own_value))
+                              chosen_value is not None and chosen_value == proposal.own_value))
 
     cdef void _learn(self, bytes key, uint64_t version, object value):
         cdef _Instance instance = self._instance(key, version)
@@ -411,8 +473,9 @@ cdef class QuorumReplica:
             self._start_prepare(proposal, now)
 
     # --- messages -----------------------------------------------------------------------------
-    def step(self, Message message not None, double now):
-        """Handle one message addressed to this replica."""
+    def step(self, Message message not None, double now, uint64_t floor=0):
+        """Handle one message addressed to this replica. `floor`: the version of
+        message.key the caller has applied (see "Floors" above)."""
         if message.target != self.node or message.source < 0 \
                 or message.source >= self.replicas or message.source == self.node:
             return
@@ -424,12 +487,27 @@ cdef class QuorumReplica:
             # A newer life of that peer: fence the older ones (persisted, so a restart of
             # ours cannot forget it and accept a dead life's message still in the network).
             self._set_fence(message.source, message.incarnation)
+        cdef _Instance instance
+        cdef _Proposal proposal
         if kind == MSG_PREPARE or kind == MSG_ACCEPT:
+            if message.version <= floor:
+                instance = self._instances.get((message.key, message.version))
+                if instance is not None and instance.chosen_value is not None:
+                    self._emit(MSG_CHOSEN, message.source, message.key, message.version, 0, 0,
+                               instance.chosen_value)
+                elif not self.rebuilding:
+                    self._emit(MSG_BEHIND, message.source, message.key, message.version,
+                               message.ballot, floor)
+                return
             self._on_acceptor_request(message)
         elif kind == MSG_PROMISE or kind == MSG_ACCEPTED or kind == MSG_REJECT:
             self._on_acceptor_reply(message, now)
+        elif kind == MSG_BEHIND:
+            proposal = self._proposals.get((message.key, message.version))
+            if proposal is not None:
+                self._finish(proposal, None)  # taken: the caller catches up, then retries
         elif kind == MSG_CHOSEN:
-            if message.value is not None:
+            if message.value is not None and message.version > floor:
                 self._learn(message.key, message.version, message.value)
         elif kind == MSG_STATE_REQUEST:
             self._on_state_request(message)

@@ -42,6 +42,31 @@ def write_single_node_config(directory: str | Path, port: int | None = None) -> 
     return path
 
 
+def write_cluster_config(directory: str | Path, *, groups: int = 1, replicas: int = 3,
+                         sync: bool = True, virtual_shards: int = 4096) -> Path:
+    """`directory/cluster.toml`: `groups` groups of `replicas` replicas (campuses a, b, c, ...)
+    on free loopback ports, shards split evenly, data under `directory/data/NODE`."""
+    if not 1 <= groups <= virtual_shards or not 1 <= replicas <= 7:
+        raise ValueError(f"groups: {groups}, replicas: {replicas}: expected 1..shards, 1..7")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = ['name = "local"', f"virtual_shards = {virtual_shards}", "",
+             "[storage]", f"sync = {'true' if sync else 'false'}", ""]
+    per_group = virtual_shards // groups
+    for g in range(groups):
+        first = g * per_group
+        last = virtual_shards - 1 if g == groups - 1 else first + per_group - 1
+        lines += ["[[groups]]", f'name = "g{g + 1}"', f'shards = ["{first}-{last}"]', ""]
+        for r in range(replicas):
+            node = f"n{g * replicas + r + 1}"
+            lines += ["[[groups.replicas]]", f'node = "{node}"', f'campus = "{chr(97 + r)}"',
+                      f'address = "tcp://127.0.0.1:{free_port()}"',
+                      f'data_dir = "data/{node}"', ""]
+    path = directory / "cluster.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
 class LocalCluster:
     """The nodes of `config_path` (or the embedded default) as child processes."""
 

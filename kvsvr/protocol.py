@@ -48,13 +48,21 @@ class Method(enum.IntEnum):
 
 OK = 0
 
+# How a read is served. LINEARIZABLE: the replica asks a majority of its group for the key's
+# version and answers only from a copy at least that new. LOCAL: from the replica's own copy
+# at once (possibly stale; the reply carries the version it read).
+CONSISTENCY_LINEARIZABLE = 0
+CONSISTENCY_LOCAL = 1
+CONSISTENCY_NAMES = {"linearizable": CONSISTENCY_LINEARIZABLE, "local": CONSISTENCY_LOCAL}
+Consistency = Annotated[int, Meta(ge=CONSISTENCY_LINEARIZABLE, le=CONSISTENCY_LOCAL)]
+
 Key = Annotated[bytes, Meta(min_length=1, max_length=MAX_KEY_BYTES)]
 RowKey = Annotated[bytes, Meta(min_length=1, max_length=MAX_ROW_KEY_BYTES)]
 RowBound = Annotated[bytes, Meta(max_length=MAX_ROW_KEY_BYTES)]
 Value = Annotated[bytes, Meta(max_length=MAX_VALUE_BYTES)]
 U64 = Annotated[int, Meta(ge=0)]  # msgpack itself caps it at 2^64-1
 Limit = Annotated[int, Meta(ge=1, le=MAX_SCAN_ROWS)]
-OpKind = Annotated[int, Meta(ge=_core.OP_PUT, le=_core.OP_APPEND)]
+OpKind = Annotated[int, Meta(ge=_core.OP_PUT, le=_core.OP_COMPACT)]
 
 
 # --- requests (array-like: compact on the wire; errors are mapped back to field names) ----
@@ -68,11 +76,13 @@ class StatusRequest(Struct, array_like=True, forbid_unknown_fields=True):
 
 class GetRequest(Struct, array_like=True, forbid_unknown_fields=True):
     key: Key
+    consistency: Consistency = CONSISTENCY_LINEARIZABLE
 
 
 class RowGetRequest(Struct, array_like=True, forbid_unknown_fields=True):
     key: Key
     row: RowKey
+    consistency: Consistency = CONSISTENCY_LINEARIZABLE
 
 
 class ScanRequest(Struct, array_like=True, forbid_unknown_fields=True):
@@ -80,6 +90,7 @@ class ScanRequest(Struct, array_like=True, forbid_unknown_fields=True):
     start: RowBound
     end: RowBound | None
     limit: Limit
+    consistency: Consistency = CONSISTENCY_LINEARIZABLE
 
 
 class ChangesRequest(Struct, array_like=True, forbid_unknown_fields=True):
@@ -87,6 +98,7 @@ class ChangesRequest(Struct, array_like=True, forbid_unknown_fields=True):
     since_version: U64
     after_row: RowBound
     limit: Limit
+    consistency: Consistency = CONSISTENCY_LINEARIZABLE
 
 
 class Op(Struct, array_like=True, forbid_unknown_fields=True):
@@ -207,7 +219,7 @@ class QuorumStateRecord(Struct, array_like=True, forbid_unknown_fields=True):
 
 
 class QuorumMessage(Struct, array_like=True, forbid_unknown_fields=True):
-    kind: Annotated[int, Meta(ge=_core.MSG_PREPARE, le=_core.MSG_STATE)]
+    kind: Annotated[int, Meta(ge=_core.MSG_PREPARE, le=_core.MSG_BEHIND)]
     source: ReplicaIndex
     target: ReplicaIndex
     incarnation: Annotated[int, Meta(ge=1, le=_core.MAX_INCARNATION)]
@@ -221,7 +233,8 @@ class QuorumMessage(Struct, array_like=True, forbid_unknown_fields=True):
 _quorum_decoder = msgspec.msgpack.Decoder(
     Annotated[list[QuorumMessage], Meta(max_length=MAX_QUORUM_MESSAGES)])
 _INSTANCE_KINDS = frozenset({_core.MSG_PREPARE, _core.MSG_PROMISE, _core.MSG_ACCEPT,
-                             _core.MSG_ACCEPTED, _core.MSG_REJECT, _core.MSG_CHOSEN})
+                             _core.MSG_ACCEPTED, _core.MSG_REJECT, _core.MSG_CHOSEN,
+                             _core.MSG_BEHIND})
 
 
 def encode_quorum(messages: list[_core.Message]) -> bytes:
@@ -413,6 +426,15 @@ def as_key(key: Any) -> bytes:
     return as_bytes("key", key, min_length=1, max_length=MAX_KEY_BYTES)
 
 
+def as_consistency(value: Any) -> int:
+    """"linearizable" (the default) or "local", as the wire's number."""
+    number = CONSISTENCY_NAMES.get(value) if isinstance(value, str) else None
+    if number is None:
+        raise InvalidArgument(f"consistency: expected one of {sorted(CONSISTENCY_NAMES)}, "
+                              f"got {value!r}", field="consistency")
+    return number
+
+
 def as_version(name: str, value: Any) -> int | None:
     if value is None:
         return None
@@ -422,6 +444,7 @@ def as_version(name: str, value: Any) -> int | None:
 
 
 _DELTA = struct.Struct("<q")
+_U64LE = struct.Struct("<Q")
 
 
 def encode_delta(delta: Any) -> bytes:
@@ -455,6 +478,17 @@ def row_put_op(row: Any, value: Any) -> Op:
 def row_delete_op(row: Any) -> Op:
     return Op(_core.OP_ROW_DELETE,
               as_bytes("row", row, min_length=1, max_length=MAX_ROW_KEY_BYTES))
+
+
+def compact_op(through_version: Any) -> Op:
+    through = as_version("through_version", through_version)
+    if through is None:
+        raise InvalidArgument("through_version: required", field="through_version")
+    return Op(_core.OP_COMPACT, b"", _U64LE.pack(through))
+
+
+def decode_version(value: bytes) -> int:
+    return int(_U64LE.unpack(value)[0])
 
 
 def append_op(value: Any) -> Op:

@@ -42,6 +42,7 @@ class _Node:
     incarnation: int = 1
     known_version: dict[bytes, int] = field(default_factory=dict)  # highest decided version
     counter: int = 0
+    applied: dict[bytes, int] = field(default_factory=dict)  # floors (apply mode; on disk)
 
 
 class Violation(AssertionError):
@@ -50,9 +51,16 @@ class Violation(AssertionError):
 
 class Simulation:
     def __init__(self, seed: int, replicas: int = 3, keys: int = 3, faults: Faults | None = None,
-                 unsafe_amnesia: bool = False, wire: bool = False):
+                 unsafe_amnesia: bool = False, wire: bool = False, apply: bool = False,
+                 unsafe_floor: bool = False):
         """`wire`: every message goes through the QUORUM wire codec on its way, and proposed
-        values are real binlog records (as the replicated node will send them)."""
+        values are real binlog records (as the replicated node will send them).
+        `apply`: replicas apply chosen versions in order and forget them, as the node does,
+        and every message is stepped with the key's floor (the applied version); a replica
+        that lags learns missing versions from a peer that applied them (the binlog stream's
+        job in the node). A wiped replica takes every peer's floors before it may vote (the
+        node's data catch-up before voting). `unsafe_floor`: step with floor 0 anyway (the
+        bug to catch: an acceptor votes again on an instance it forgot)."""
         self.seed = seed
         self.random = random.Random(seed)
         self.replicas = replicas
@@ -60,6 +68,9 @@ class Simulation:
         self.faults = faults or Faults()
         self.unsafe_amnesia = unsafe_amnesia  # a wiped replica votes at once (the bug to catch)
         self.wire = wire
+        self.apply = apply
+        self.unsafe_floor = unsafe_floor
+        self.applied_values: dict[tuple[bytes, int], object] = {}  # what any replica applied
         self.now = 0
         self.nodes = [_Node(i, _core.QuorumReplica(i, replicas)) for i in range(replicas)]
         self.in_flight: list[tuple[int, int, _core.Message]] = []
@@ -99,12 +110,49 @@ class Simulation:
                                     record[5])
             self._send(message)
         for key, version, value, _own in decided:
+            if value is None:
+                continue  # taken (BEHIND) or a recovery that found nothing: no claim made
             self.decided.append((node.index, key, version, value))
             truth = self.chosen.get((key, version))
             if truth is None or truth != value:
                 raise Violation(f"seed {self.seed}: node {node.index} decided {value!r} for "
                                 f"{key!r} v{version}, chosen is {truth!r}")
             node.known_version[key] = max(node.known_version.get(key, 0), version)
+        if self.apply:
+            self._apply_chosen(node)
+
+    def _apply_chosen(self, node: _Node) -> None:
+        """Apply, in version order, what this replica knows chosen, and forget it."""
+        for key in self.keys:
+            while True:
+                version = node.applied.get(key, 0) + 1
+                value = node.replica.acceptor_state(key, version)[3]
+                if value is None:
+                    break
+                self._check_learned(node.index, key, version, value)
+                node.applied[key] = version
+                self.applied_values[(key, version)] = value
+                node.known_version[key] = max(node.known_version.get(key, 0), version)
+                node.replica.forget(key, version, value)
+                node.disk.pop(("instance", key, version), None)
+
+    def _catch_up(self, node: _Node, key: bytes) -> None:
+        """The binlog stream: a version some peer applied is applied here too, in order."""
+        while (key, node.applied.get(key, 0) + 1) in self.applied_values:
+            version = node.applied.get(key, 0) + 1
+            value = self.applied_values[(key, version)]
+            node.applied[key] = version
+            node.known_version[key] = max(node.known_version.get(key, 0), version)
+            node.replica.forget(key, version, value)
+            node.disk.pop(("instance", key, version), None)
+        self._drain(node)
+
+    def _step(self, node: _Node, message: _core.Message) -> None:
+        floor = node.applied.get(message.key, 0) if self.apply and not self.unsafe_floor else 0
+        node.replica.step(message, float(self.now), floor)
+        self._drain(node)
+        if self.apply and message.kind == _core.MSG_BEHIND:
+            self._catch_up(node, message.key)
 
     def _check_learned(self, node: int, key: bytes, version: int, value: object) -> None:
         """A value a replica records as chosen (from its own proposal, a CHOSEN message or a
@@ -150,6 +198,7 @@ class Simulation:
             node.wiped = True
             node.disk.clear()
             node.known_version.clear()
+            node.applied.clear()
 
     def restart(self, index: int) -> None:
         """Bring a replica back: from its disk, or, if the disk was wiped, as a new life.
@@ -162,6 +211,13 @@ class Simulation:
                                                rebuilding=not self.unsafe_amnesia)
             if self.unsafe_amnesia:  # the bug to catch: vote at once, as if never wiped
                 node.replica.restore([("rebuilt", node.incarnation)])
+            if self.apply:
+                # Data from every peer before voting: floors at least every peer's floors.
+                for other in self.nodes:
+                    if other is not node:
+                        for key, version in other.applied.items():
+                            while node.applied.get(key, 0) < version:
+                                node.applied[key] = node.applied.get(key, 0) + 1
         else:
             node.replica = _core.QuorumReplica(index, self.replicas, node.incarnation)
             node.replica.restore(list(node.disk.values()))
@@ -175,6 +231,10 @@ class Simulation:
             return False
         node.counter += 1
         value = value if value is not None else f"n{index}i{node.incarnation}c{node.counter}"
+        if self.apply:
+            version = version or node.applied.get(key, 0) + 1
+            if node.replica.proposing(key, version):
+                return False
         version = version or node.known_version.get(key, 0) + 1
         if self.wire and isinstance(value, str):
             value = _core.encode_record(0, version, index + 1, node.counter, key,
@@ -195,8 +255,7 @@ class Simulation:
         for _at, _seq, message in chosen:
             node = self.nodes[message.target]
             if node.up:
-                node.replica.step(message, float(self.now))
-                self._drain(node)
+                self._step(node, message)
         return len(chosen)
 
     def drop_where(self, predicate: Callable[[_core.Message], bool]) -> int:
@@ -213,8 +272,7 @@ class Simulation:
         for _at, _seq, message in sorted(due, key=lambda m: (m[0], m[1])):
             node = self.nodes[message.target]
             if node.up:
-                node.replica.step(message, float(self.now))
-                self._drain(node)
+                self._step(node, message)
 
     def tick(self, faults: bool = True) -> None:
         self.now += 1
