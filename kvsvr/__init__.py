@@ -7,6 +7,7 @@ typed errors. Everything else is implementation behind it.
 from kvsvr.aio import AsyncClient
 from kvsvr.client import Batch, Client, Pipeline
 from kvsvr.errors import (
+    Compacted,
     ConfigError,
     Internal,
     InvalidArgument,
@@ -29,6 +30,7 @@ __all__ = [
     "Change",
     "ChangesPage",
     "Client",
+    "Compacted",
     "ConfigError",
     "Internal",
     "InvalidArgument",

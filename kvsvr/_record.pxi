@@ -74,6 +74,8 @@ cpdef check_op(int kind, bytes row, bytes value):
         raise ValueError(f"op.row: {OP_NAMES[kind]} takes no row key")
     if kind == OP_INCR and len(value) != 8:
         raise ValueError("op.value: incr carries an 8-byte signed delta")
+    if kind == OP_COMPACT and len(value) != 8:
+        raise ValueError("op.value: compact carries an 8-byte version")
     if (kind == OP_DELETE or kind == OP_ROW_DELETE) and len(value) != 0:
         raise ValueError(f"op.value: {OP_NAMES[kind]} takes no value")
 

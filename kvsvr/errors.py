@@ -63,6 +63,13 @@ class Internal(KvError):
     code = 8
 
 
+class Compacted(KvError):
+    """changes(since) from before the key's compaction horizon: tombstones older than
+    `version` are gone, so the diff would be incomplete. Resync from version 0."""
+
+    code = 9
+
+
 class ConfigError(ValueError):
     """A cluster config is invalid; the message names the field."""
 
@@ -70,11 +77,12 @@ class ConfigError(ValueError):
 ERRORS_BY_CODE: dict[int, type[KvError]] = {
     cls.code: cls
     for cls in (NotFound, VersionConflict, InvalidArgument, Timeout, Unavailable, StorageFull,
-                UnknownMethod, Internal)
+                UnknownMethod, Internal, Compacted)
 }
 
 __all__ = [
     "ERRORS_BY_CODE",
+    "Compacted",
     "ConfigError",
     "Internal",
     "InvalidArgument",

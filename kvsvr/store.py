@@ -2,7 +2,7 @@
 
 One LMDB environment per node, with sub-databases:
 
-  keys     key -> u64 version, u64 next_seq, u8 has_value, value
+  keys     key -> u64 version, u64 next_seq, u64 compacted_through, u8 has_value, value
   rows     u16be len(key) key row -> u64 version, u8 deleted, value   (tombstones kept)
   changes  u16be len(key) key u64be version row -> ""    one entry per row: its last change
   binlog   u64be lsn -> record (kvsvr._core record codec, xxh3-checksummed)
@@ -35,7 +35,7 @@ import msgspec
 from xxhash import xxh64_intdigest
 
 from kvsvr import _core
-from kvsvr.errors import InvalidArgument, NotFound, StorageFull, VersionConflict
+from kvsvr.errors import Compacted, InvalidArgument, NotFound, StorageFull, VersionConflict
 from kvsvr.limits import (
     BINLOG_MAX_RECORDS,
     BINLOG_TRIM_PER_WRITE,
@@ -59,10 +59,12 @@ from kvsvr.protocol import (
     ScanPage,
     Versioned,
     decode_delta,
+    decode_version,
 )
 
-SCHEMA_VERSION = 1
-_KEY_META = struct.Struct("<QQB")  # version, next_seq, has_value
+SCHEMA_VERSION = 2
+_KEY_META = struct.Struct("<QQQB")  # version, next_seq, compacted_through, has_value
+_HAS_VALUE = 24                     # offset of has_value in a key record
 _ROW_META = struct.Struct("<QB")  # version, deleted
 _U64BE = struct.Struct(">Q")
 _U16BE = struct.Struct(">H")
@@ -92,12 +94,12 @@ def _prefix(key: bytes) -> bytes:
 
 
 def _plan(state: KeyState, ops: list[tuple[int, bytes, bytes]]
-          ) -> tuple[bytes | None, int, dict[bytes, bytes | None], list[int | None]]:
-    """What `ops` do to a key in `state`: (value, next_seq, row writes, per-op results).
+          ) -> tuple[KeyState, dict[bytes, bytes | None], list[int | None]]:
+    """What `ops` do to a key in `state`: (its next state, row writes, per-op results).
 
     Pure: it checks everything and raises a KvError before anything is written.
     """
-    value, next_seq = state.value, state.next_seq
+    value, next_seq, compacted = state.value, state.next_seq, state.compacted_through
     row_writes: dict[bytes, bytes | None] = {}
     results: list[int | None] = []
     for kind, row, operand in ops:
@@ -126,10 +128,17 @@ def _plan(state: KeyState, ops: list[tuple[int, bytes, bytes]]
             row_writes[seq_row(next_seq)] = operand
             result = next_seq
             next_seq += 1
+        elif kind == _core.OP_COMPACT:
+            through = decode_version(operand)
+            if through > state.version:
+                raise InvalidArgument(
+                    f"through_version: {through}, the key is only at {state.version}",
+                    field="through_version", version=state.version)
+            compacted = max(compacted, through)
         else:  # decode_request validated kinds already; a new kind must be handled here
             raise InvalidArgument(f"ops: kind {kind} is not applied by this node", field="ops")
         results.append(result)
-    return value, next_seq, row_writes, results
+    return KeyState(state.version + 1, next_seq, value, compacted), row_writes, results
 
 
 class StoreLocked(RuntimeError):
@@ -137,23 +146,27 @@ class StoreLocked(RuntimeError):
 
 
 class KeyState:
-    __slots__ = ("next_seq", "value", "version")
+    __slots__ = ("compacted_through", "next_seq", "value", "version")
 
-    def __init__(self, version: int = 0, next_seq: int = 0, value: bytes | None = None):
+    def __init__(self, version: int = 0, next_seq: int = 0, value: bytes | None = None,
+                 compacted_through: int = 0):
         self.version = version
         self.next_seq = next_seq
         self.value = value
+        self.compacted_through = compacted_through  # tombstones up to here are gone
 
     @classmethod
     def decode(cls, raw: bytes | None) -> KeyState:
         if raw is None:
             return cls()
-        version, next_seq, has_value = _KEY_META.unpack_from(raw)
-        return cls(version, next_seq, raw[_KEY_META.size:] if has_value else None)
+        version, next_seq, compacted_through, has_value = _KEY_META.unpack_from(raw)
+        return cls(version, next_seq, raw[_KEY_META.size:] if has_value else None,
+                   compacted_through)
 
     def encode(self) -> bytes:
         has_value = self.value is not None
-        return _KEY_META.pack(self.version, self.next_seq, has_value) + (self.value or b"")
+        return _KEY_META.pack(self.version, self.next_seq, self.compacted_through,
+                              has_value) + (self.value or b"")
 
 
 class Store:
@@ -211,7 +224,7 @@ class Store:
 
     def get(self, txn: lmdb.Transaction, key: bytes) -> Versioned:
         raw = txn.get(key, db=self._keys)
-        if raw is None or not raw[16]:  # has_value byte of the key record
+        if raw is None or not raw[_HAS_VALUE]:
             version = _KEY_META.unpack_from(raw)[0] if raw is not None else 0
             raise NotFound("key holds no value", field="key", version=version)
         return Versioned(_KEY_META.unpack_from(raw)[0], raw[_KEY_META.size:])
@@ -249,8 +262,19 @@ class Store:
 
     def changes(self, txn: lmdb.Transaction, key: bytes, since_version: int, after_row: bytes,
                 limit: int) -> ChangesPage:
-        """Rows changed after (since_version, after_row), tombstones included, version order."""
+        """Rows changed after (since_version, after_row), tombstones included, version order.
+
+        From 0 (a full sync) always; from below the key's compaction horizon never, as the
+        deletions in between are gone: that raises Compacted, and the caller resyncs from 0.
+        """
         prefix = _prefix(key)
+        if since_version:
+            state = self.key_state(txn, key)
+            if since_version < state.compacted_through:
+                raise Compacted(
+                    f"since_version: {since_version} is before the compaction horizon "
+                    f"{state.compacted_through}; resync from version 0",
+                    field="since_version", version=state.compacted_through)
         if after_row:
             start = prefix + _U64BE.pack(since_version) + after_row + b"\x00"
         elif since_version >= 2**64 - 1:
@@ -289,6 +313,41 @@ class Store:
                     if len(records) == limit:
                         break
         return records
+
+    def binlog_raw(self, from_lsn: int, max_records: int, max_bytes: int) -> list[bytes]:
+        """Raw records from `from_lsn` on, none skipped, within the two bounds (at least one
+        record when any is there)."""
+        records: list[bytes] = []
+        size = 0
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._binlog)
+            if cursor.set_key(_U64BE.pack(max(from_lsn, 1))):
+                for raw in cursor.iternext(keys=False, values=True):
+                    if records and size + len(raw) > max_bytes:
+                        break
+                    records.append(raw)
+                    size += len(raw)
+                    if len(records) == max_records:
+                        break
+        return records
+
+    def remembered(self, txn: lmdb.Transaction, key: bytes, ops: list[Op], client_id: int,
+                   client_seq: int) -> MutateReply | None:
+        """The first answer to this op id if it was applied (see WriteBatch.mutate)."""
+        return _remembered(self, txn, key, [(op.kind, op.row, op.value) for op in ops],
+                           client_id, client_seq)
+
+    def meta_u64s(self, prefix: bytes) -> dict[bytes, tuple[int, ...]]:
+        """Meta entries under `prefix` (name suffix -> the u64s stored)."""
+        out: dict[bytes, tuple[int, ...]] = {}
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._meta)
+            if cursor.set_range(prefix):
+                for name, raw in cursor:
+                    if not name.startswith(prefix):
+                        break
+                    out[bytes(name[len(prefix):])] = struct.unpack(f">{len(raw) // 8}Q", raw)
+        return out
 
     def quorum_records(self) -> list[tuple[Any, ...]]:
         """Every persisted record of the version quorum, in the form QuorumReplica.restore
@@ -402,6 +461,22 @@ class WriteBatch:
     def set_incarnation(self, incarnation: int) -> None:
         self.txn.put(b"quorum/incarnation", _U64BE.pack(incarnation), db=self.store._meta)
 
+    def forget_instance(self, key: bytes, version: int) -> None:
+        """The version was applied: its acceptor state is no longer kept."""
+        self.txn.delete(_prefix(key) + _U64BE.pack(version), db=self.store._paxos)
+
+    def set_meta_u64s(self, name: bytes, *values: int) -> None:
+        self.txn.put(name, struct.pack(f">{len(values)}Q", *values), db=self.store._meta)
+
+    def trim_binlog_through(self, lsn: int, limit: int) -> int:
+        """Drop binlog records up to `lsn` (every peer has them), at most `limit` of them."""
+        store, trimmed = self.store, 0
+        while store.first_lsn <= min(lsn, store.last_lsn) and trimmed < limit:
+            self.txn.delete(_U64BE.pack(store.first_lsn), db=store._binlog)
+            store.first_lsn += 1
+            trimmed += 1
+        return trimmed
+
     def mutate(self, key: bytes, ops: list[Op], expected_version: int | None = None,
                client_id: int = 0, client_seq: int = 0) -> MutateReply:
         """Apply one atomic mutation of `key`, or raise a KvError having changed nothing."""
@@ -434,13 +509,13 @@ class WriteBatch:
     def _commit_mutation(self, key: bytes, state: KeyState,
                          ops: list[tuple[int, bytes, bytes]], client_id: int,
                          client_seq: int) -> MutateReply:
-        value, next_seq, row_writes, results = _plan(state, ops)
-        version = state.version + 1
+        new_state, row_writes, results = _plan(state, ops)
+        version = new_state.version
         reply = MutateReply(version, results)
         record = _core.encode_record(self.store.last_lsn + 1, version, client_id, client_seq,
                                      key, ops)
         try:
-            self._write(key, KeyState(version, next_seq, value), row_writes, record)
+            self._write(key, new_state, row_writes, record, state.compacted_through)
             if client_id:
                 self._remember(key, ops, client_id, client_seq, reply)
         except lmdb.MapFullError:
@@ -449,9 +524,11 @@ class WriteBatch:
         return reply
 
     def _write(self, key: bytes, state: KeyState, row_writes: dict[bytes, bytes | None],
-               record: bytes) -> None:
+               record: bytes, compacted_before: int) -> None:
         store, txn = self.store, self.txn
         txn.put(key, state.encode(), db=store._keys)
+        if state.compacted_through > compacted_before:
+            self._drop_tombstones(key, compacted_before, state.compacted_through)
         if row_writes:
             prefix = _prefix(key)
             stamp = _U64BE.pack(state.version)
@@ -477,49 +554,32 @@ class WriteBatch:
             store.first_lsn += 1
             trimmed += 1
 
+    def _drop_tombstones(self, key: bytes, after: int, through: int) -> None:
+        """Delete the tombstones of `key` last changed in versions (after, through]."""
+        store, txn = self.store, self.txn
+        prefix = _prefix(key)
+        end = prefix + _U64BE.pack(through + 1)
+        cursor = txn.cursor(db=store._changes)
+        doomed = []
+        if cursor.set_range(prefix + _U64BE.pack(after + 1)):
+            for index_key in cursor.iternext(keys=True, values=False):
+                if index_key >= end:
+                    break
+                row_key = prefix + index_key[len(prefix) + 8:]
+                raw = txn.get(row_key, db=store._rows)
+                if raw is not None and raw[8]:  # a tombstone (live rows stay)
+                    doomed.append((index_key, row_key))
+        for index_key, row_key in doomed:
+            txn.delete(index_key, db=store._changes)
+            txn.delete(row_key, db=store._rows)
+
     def _remembered(self, key: bytes, ops: list[tuple[int, bytes, bytes]], client_id: int,
                     client_seq: int) -> MutateReply | None:
-        """The first answer to this op id, if it was applied; raises if the id is unusable."""
-        txn, db = self.txn, self.store._ops
-        raw = txn.get(_OP_ID.pack(client_id, client_seq), db=db)
-        if raw is not None:
-            digest, reply = _remembered_decoder.decode(raw)
-            if digest != _request_digest(key, ops):
-                raise InvalidArgument(
-                    f"client_seq: operation id ({client_id}, {client_seq}) was already used "
-                    "for a different request; a client id must never be reused",
-                    field="client_seq")
-            return reply
-        client = txn.get(_U64BE.pack(client_id), db=self.store._clients)
-        if client is not None and client_seq < _CLIENT.unpack(client)[0]:
-            raise InvalidArgument(
-                f"client_seq: operation ({client_id}, {client_seq}) is older than the "
-                f"exactly-once window of {OPS_REMEMBERED_PER_CLIENT} operations; whether it "
-                "was applied is unknown, so it is not applied now", field="client_seq")
-        return None
+        return _remembered(self.store, self.txn, key, ops, client_id, client_seq)
 
     def _remember(self, key: bytes, ops: list[tuple[int, bytes, bytes]], client_id: int,
                   client_seq: int, reply: MutateReply) -> None:
-        store, txn = self.store, self.txn
-        txn.put(_OP_ID.pack(client_id, client_seq),
-                _reply_encoder.encode((_request_digest(key, ops), reply)), db=store._ops)
-        client_key = _U64BE.pack(client_id)
-        # The clients entry is written on a client's first write and at each trim step, so
-        # most writes pay nothing for it; it says when the client was last active and below
-        # which seq retries are refused (their answers were trimmed).
-        first = not txn.get(client_key, db=store._clients)
-        if not first and client_seq % OPS_TRIM_STEP:
-            return
-        horizon = 0
-        if client_seq > OPS_REMEMBERED_PER_CLIENT:
-            horizon = client_seq - OPS_REMEMBERED_PER_CLIENT
-            end = _OP_ID.pack(client_id, horizon)
-            cursor = txn.cursor(db=store._ops)
-            if cursor.set_range(_OP_ID.pack(client_id, 0)):
-                while cursor.key() < end and cursor.key()[:8] == client_key:
-                    if not cursor.delete():
-                        break
-        txn.put(client_key, _CLIENT.pack(horizon, int(time.time())), db=store._clients)
+        _remember(self.store, self.txn, key, ops, client_id, client_seq, reply)
 
     def forget_idle_clients(self, idle_s: float = CLIENT_IDLE_EXPIRY_S,
                             start: bytes = b"", limit: int = CLIENT_SWEEP_BATCH) -> bytes:
@@ -546,6 +606,52 @@ class WriteBatch:
                     if not ops.delete():
                         break
         return next_start
+
+
+def _remembered(store: Store, txn: lmdb.Transaction, key: bytes,
+                ops: list[tuple[int, bytes, bytes]], client_id: int,
+                client_seq: int) -> MutateReply | None:
+    """The first answer to this op id, if it was applied; raises if the id is unusable."""
+    raw = txn.get(_OP_ID.pack(client_id, client_seq), db=store._ops)
+    if raw is not None:
+        digest, reply = _remembered_decoder.decode(raw)
+        if digest != _request_digest(key, ops):
+            raise InvalidArgument(
+                f"client_seq: operation id ({client_id}, {client_seq}) was already used "
+                "for a different request; a client id must never be reused",
+                field="client_seq")
+        return reply
+    client = txn.get(_U64BE.pack(client_id), db=store._clients)
+    if client is not None and client_seq < _CLIENT.unpack(client)[0]:
+        raise InvalidArgument(
+            f"client_seq: operation ({client_id}, {client_seq}) is older than the "
+            f"exactly-once window of {OPS_REMEMBERED_PER_CLIENT} operations; whether it "
+            "was applied is unknown, so it is not applied now", field="client_seq")
+    return None
+
+
+def _remember(store: Store, txn: lmdb.Transaction, key: bytes,
+              ops: list[tuple[int, bytes, bytes]], client_id: int, client_seq: int,
+              reply: MutateReply) -> None:
+    txn.put(_OP_ID.pack(client_id, client_seq),
+            _reply_encoder.encode((_request_digest(key, ops), reply)), db=store._ops)
+    client_key = _U64BE.pack(client_id)
+    # The clients entry is written on a client's first write and at each trim step, so
+    # most writes pay nothing for it; it says when the client was last active and below
+    # which seq retries are refused (their answers were trimmed).
+    first = not txn.get(client_key, db=store._clients)
+    if not first and client_seq % OPS_TRIM_STEP:
+        return
+    horizon = 0
+    if client_seq > OPS_REMEMBERED_PER_CLIENT:
+        horizon = client_seq - OPS_REMEMBERED_PER_CLIENT
+        end = _OP_ID.pack(client_id, horizon)
+        cursor = txn.cursor(db=store._ops)
+        if cursor.set_range(_OP_ID.pack(client_id, 0)):
+            while cursor.key() < end and cursor.key()[:8] == client_key:
+                if not cursor.delete():
+                    break
+    txn.put(client_key, _CLIENT.pack(horizon, int(time.time())), db=store._clients)
 
 
 def _request_digest(key: bytes, ops: list[tuple[int, bytes, bytes]]) -> int:

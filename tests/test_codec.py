@@ -20,6 +20,7 @@ ops = st.one_of(
     st.tuples(st.just(_core.OP_ROW_PUT), rows, values),
     st.tuples(st.just(_core.OP_ROW_DELETE), rows, st.just(b"")),
     st.tuples(st.just(_core.OP_APPEND), st.just(b""), values),
+    st.tuples(st.just(_core.OP_COMPACT), st.just(b""), st.binary(min_size=8, max_size=8)),
 )
 u64 = st.integers(0, 2**64 - 1)
 
@@ -79,6 +80,7 @@ def test_trailing_bytes_and_foreign_data_are_rejected():
     ({"ops": [(_core.OP_ROW_PUT, b"", b"v")]}, "op.row"),
     ({"ops": [(_core.OP_INCR, b"", b"1")]}, "op.value"),
     ({"ops": [(_core.OP_DELETE, b"", b"x")]}, "op.value"),
+    ({"ops": [(_core.OP_COMPACT, b"", b"1")]}, "op.value"),
     ({"version": 0}, "version"),
 ])
 def test_encoder_refuses_bad_input_naming_the_field(kwargs, message):

@@ -9,12 +9,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvsvr import _core
-from kvsvr.errors import InvalidArgument, KvError, NotFound, VersionConflict
+from kvsvr.errors import Compacted, InvalidArgument, KvError, NotFound, VersionConflict
 from kvsvr.protocol import Op, decode_delta, encode_delta
 from kvsvr.store import Store, seq_row
 
@@ -31,6 +32,7 @@ op_strategy = st.one_of(
     st.builds(lambda r, v: Op(_core.OP_ROW_PUT, r, v), st.sampled_from(ROWS), values),
     st.builds(lambda r: Op(_core.OP_ROW_DELETE, r), st.sampled_from(ROWS)),
     st.builds(lambda v: Op(_core.OP_APPEND, b"", v), values),
+    st.builds(lambda t: Op(_core.OP_COMPACT, b"", t.to_bytes(8, "little")), st.integers(0, 10)),
 )
 
 
@@ -40,6 +42,7 @@ class ModelKey:
     next_seq: int = 0
     value: bytes | None = None
     rows: dict[bytes, tuple[int, bytes | None]] = field(default_factory=dict)  # None: tombstone
+    compacted_through: int = 0
 
 
 def model_mutate(state: ModelKey, ops: list[Op], expected: int | None):
@@ -47,6 +50,7 @@ def model_mutate(state: ModelKey, ops: list[Op], expected: int | None):
     if expected is not None and expected != state.version:
         raise VersionConflict("")
     value, next_seq, writes, results = state.value, state.next_seq, {}, []
+    compacted = state.compacted_through
     for op in ops:
         result = None
         if op.kind == _core.OP_PUT:
@@ -68,6 +72,11 @@ def model_mutate(state: ModelKey, ops: list[Op], expected: int | None):
             writes[seq_row(next_seq)] = op.value
             result = next_seq
             next_seq += 1
+        elif op.kind == _core.OP_COMPACT:
+            through = int.from_bytes(op.value, "little")
+            if through > state.version:
+                raise InvalidArgument("")
+            compacted = max(compacted, through)
         results.append(result)
     version = state.version + 1
     rows = dict(state.rows)
@@ -75,7 +84,8 @@ def model_mutate(state: ModelKey, ops: list[Op], expected: int | None):
         if row not in rows and row_value is None:
             continue
         rows[row] = (version, row_value)
-    return ModelKey(version, next_seq, value, rows), results
+    rows = {r: (v, val) for r, (v, val) in rows.items() if val is not None or v > compacted}
+    return ModelKey(version, next_seq, value, rows, compacted), results
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -145,6 +155,10 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(key=st.sampled_from(KEYS), since=st.integers(0, 12), limit=st.integers(1, 3))
     def paged_changes(self, key, since, limit):
         got = []
+        if 0 < since < self.model[key].compacted_through:
+            with self.store.read() as txn, pytest.raises(Compacted):
+                self.store.changes(txn, key, since, b"", limit)
+            return
         with self.store.read() as txn:
             page = self.store.changes(txn, key, since, b"", limit)
             got.extend(page.changes)
