@@ -275,6 +275,16 @@ cdef class QuorumReplica:
                 best = version
         return best
 
+    def forget_through(self, bytes key, uint64_t version):
+        """The caller installed a copy of `key` at `version` (a snapshot): drop every instance
+        at or below it. Returns the versions dropped (their persisted state goes too)."""
+        dropped = sorted(v for v in self._versions.get(key, ()) if v <= version)
+        for v in dropped:
+            self.forget(key, v, None)
+        for v in [v for (k, v) in self._proposals if k == key and v <= version]:
+            self.forget(key, v, None)
+        return dropped
+
     def forget(self, bytes key, uint64_t version, object chosen_value=None):
         """The caller applied `version` of `key` (durably): drop the instance. A proposal of
         ours still open on it finishes now, with `chosen_value` if known."""

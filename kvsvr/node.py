@@ -47,15 +47,15 @@ def _error_frame(request_id: int, error: KvError) -> bytes:
 
 
 class Node:
-    def __init__(self, config: ClusterConfig, name: str):
+    def __init__(self, config: ClusterConfig, name: str, *, replicated: bool = False):
         self.config = config
         self.name = name
         self.group, self.replica = config.replica(name)
-        if len(self.group.replicas) > 1:
-            # Serving one replica of a larger group alone would let replicas silently diverge.
+        if len(self.group.replicas) > 1 and not replicated:
+            # Serving one replica of a larger group alone would let replicas diverge.
             raise ConfigError(
                 f"groups: group {self.group.name!r} has {len(self.group.replicas)} replicas; "
-                "this build serves single-replica groups only (replication is not built yet)")
+                "its nodes run as replicas (kvsvr.replica.ReplicaNode, which main() picks)")
         self.store = Store(config.data_dir(self.replica),
                            map_size_mib=config.storage.map_size_mib,
                            sync=config.storage.sync,
@@ -78,7 +78,11 @@ class Node:
 
     # --- request handling (no sockets here) ------------------------------------------------
     def _read(self, method: int, request: Any, txn: lmdb.Transaction) -> Any:
-        return self._readers[method](request, txn)
+        reader = self._readers.get(method)
+        if reader is None:
+            raise InvalidArgument(f"method: {Method(method).name.lower()} is not served by a "
+                                  "single-replica node", field="method")
+        return reader(request, txn)
 
     def handle_round(self, messages: list[list[bytes]]) -> list[list[bytes]]:
         """Answer one round of client messages ([identity, payload...] each): the messages
@@ -269,7 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(args.config)
         name = args.node or config.groups[0].replicas[0].node
-        node = Node(config, name)
+        group, _ = config.replica(name)
+        if len(group.replicas) > 1:
+            from kvsvr.replica import ReplicaNode
+
+            node: Node = ReplicaNode(config, name)
+        else:
+            node = Node(config, name)
     except ConfigError as e:
         print(f"kvsvr-node: config error: {e}", file=sys.stderr)
         return 2

@@ -42,8 +42,17 @@ class Method(enum.IntEnum):
     ROW_GET = 11
     SCAN = 12
     CHANGES = 13
+    FAULTS = 3      # operator: inject drops and delays on this node's links to its peers
     MUTATE = 20
     QUORUM = 30     # replica to replica: a batch of version-quorum messages (no reply)
+    VERSIONS = 31   # replica to replica: keys' applied and highest open versions (reads)
+    PULL = 32       # replica to replica: binlog records from an LSN (the data stream)
+    HELLO = 33      # replica to replica: what do you know of my past lives (bootstrap)
+    SNAPSHOT = 34   # replica to replica: a page of a consistent copy of the data
+
+
+PEER_METHODS = frozenset({Method.QUORUM, Method.VERSIONS, Method.PULL, Method.HELLO,
+                          Method.SNAPSHOT})
 
 
 OK = 0
@@ -63,6 +72,8 @@ Value = Annotated[bytes, Meta(max_length=MAX_VALUE_BYTES)]
 U64 = Annotated[int, Meta(ge=0)]  # msgpack itself caps it at 2^64-1
 Limit = Annotated[int, Meta(ge=1, le=MAX_SCAN_ROWS)]
 OpKind = Annotated[int, Meta(ge=_core.OP_PUT, le=_core.OP_COMPACT)]
+RecordBytes = Annotated[bytes, Meta(min_length=1, max_length=MAX_FRAME_BYTES)]
+ReplicaIndex = Annotated[int, Meta(ge=0, lt=_core.MAX_REPLICAS)]
 
 
 # --- requests (array-like: compact on the wire; errors are mapped back to field names) ----
@@ -115,6 +126,88 @@ class MutateRequest(Struct, array_like=True, forbid_unknown_fields=True):
     client_seq: U64
 
 
+Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+
+
+class FaultsRequest(Struct, array_like=True, forbid_unknown_fields=True):
+    """Faults on the links from this node to `peer` (a node name; "" = every peer): each
+    message is dropped with probability `drop`, else held for a uniform 0..delay_ms
+    (so delayed messages also reorder). drop 0 and delay_ms 0 heal the link."""
+
+    peer: Annotated[str, Meta(max_length=64)] = ""
+    drop: Probability = 0.0
+    delay_ms: Annotated[int, Meta(ge=0, le=60_000)] = 0
+
+
+class VersionsRequest(Struct, array_like=True, forbid_unknown_fields=True):
+    keys: Annotated[list[Key], Meta(max_length=MAX_FRAMES_PER_MESSAGE * 4)]
+
+
+class KeyVersions(Struct, array_like=True, forbid_unknown_fields=True, gc=False):
+    applied: U64        # the replica's floor: versions it has applied
+    open: U64           # the highest version it holds an unapplied value for (0: none)
+
+
+class VersionsReply(Struct, array_like=True, forbid_unknown_fields=True):
+    versions: list[KeyVersions]
+
+
+class PullRequest(Struct, array_like=True, forbid_unknown_fields=True):
+    source: ReplicaIndex       # the puller (its cursor tells the server what it may trim)
+    from_lsn: U64              # first LSN wanted; everything below it the puller has ...
+    incarnation: U64           # ... of this life of the server (an older life's LSNs differ)
+    max_records: Annotated[int, Meta(ge=1, le=MAX_FRAMES_PER_MESSAGE * 16)]
+
+
+class PullReply(Struct, array_like=True, forbid_unknown_fields=True):
+    incarnation: U64           # the server's life: LSNs restart with a new life
+    first_lsn: U64             # oldest record still kept (from_lsn below it: trimmed)
+    last_lsn: U64
+    records: list[RecordBytes]  # from from_lsn on, in LSN order, none skipped
+
+
+class HelloRequest(Struct, array_like=True, forbid_unknown_fields=True):
+    source: ReplicaIndex
+
+
+class HelloReply(Struct, array_like=True, forbid_unknown_fields=True):
+    incarnation: U64           # the answering replica's life (0: still joining)
+    knew_you: U64              # the highest incarnation of the asker it has heard from
+    first_lsn: U64
+    last_lsn: U64
+
+
+SnapshotDb = Annotated[int, Meta(ge=0, le=2)]
+
+
+class SnapshotPosition(Struct, array_like=True, forbid_unknown_fields=True):
+    db: SnapshotDb
+    key: Annotated[bytes, Meta(max_length=MAX_KEY_BYTES + 64)] | None
+    row: RowBound | None
+
+
+class SnapshotRequest(Struct, array_like=True, forbid_unknown_fields=True):
+    source: ReplicaIndex
+    session: U64                  # 0: start a copy (the answer names its session)
+    after: SnapshotPosition | None
+    max_bytes: Annotated[int, Meta(ge=1, le=MAX_FRAME_BYTES // 2)]
+
+
+class SnapshotItem(Struct, array_like=True, forbid_unknown_fields=True, gc=False):
+    db: SnapshotDb
+    key: Annotated[bytes, Meta(min_length=1, max_length=MAX_KEY_BYTES + 64)]
+    row: RowKey | None
+    raw: RecordBytes
+
+
+class SnapshotReply(Struct, array_like=True, forbid_unknown_fields=True):
+    session: U64
+    incarnation: U64
+    lsn: U64                      # the copy holds everything up to this LSN of the server
+    items: list[SnapshotItem]
+    next: SnapshotPosition | None  # None: the copy is complete
+
+
 REQUEST_TYPES: dict[int, type[Struct]] = {
     Method.PING: PingRequest,
     Method.STATUS: StatusRequest,
@@ -123,6 +216,11 @@ REQUEST_TYPES: dict[int, type[Struct]] = {
     Method.SCAN: ScanRequest,
     Method.CHANGES: ChangesRequest,
     Method.MUTATE: MutateRequest,
+    Method.FAULTS: FaultsRequest,
+    Method.VERSIONS: VersionsRequest,
+    Method.PULL: PullRequest,
+    Method.HELLO: HelloRequest,
+    Method.SNAPSHOT: SnapshotRequest,
 }
 
 
@@ -194,6 +292,11 @@ REPLY_TYPES: dict[int, Any] = {
     Method.SCAN: ScanPage,
     Method.CHANGES: ChangesPage,
     Method.MUTATE: MutateReply,
+    Method.FAULTS: dict[str, Any],
+    Method.VERSIONS: VersionsReply,
+    Method.PULL: PullReply,
+    Method.HELLO: HelloReply,
+    Method.SNAPSHOT: SnapshotReply,
 }
 
 _encoder = msgspec.msgpack.Encoder()
@@ -205,8 +308,6 @@ _error_decoder = msgspec.msgpack.Decoder(ErrorReply)
 
 # --- replica to replica: version-quorum messages -------------------------------------------
 MAX_QUORUM_MESSAGES = 4096  # per QUORUM frame
-RecordBytes = Annotated[bytes, Meta(min_length=1, max_length=MAX_FRAME_BYTES)]
-ReplicaIndex = Annotated[int, Meta(ge=0, lt=_core.MAX_REPLICAS)]
 
 
 class QuorumStateRecord(Struct, array_like=True, forbid_unknown_fields=True):

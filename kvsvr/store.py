@@ -77,6 +77,10 @@ _paxos_encoder = msgspec.msgpack.Encoder()
 _paxos_decoder = msgspec.msgpack.Decoder(tuple[int, int, bytes | None, bytes | None])
 
 
+SnapshotItem = tuple[int, bytes, bytes | None, bytes]      # db, key, row, raw
+SnapshotPosition = tuple[int, bytes | None, bytes | None]  # db, key, row
+
+
 def seq_row(seq: int) -> bytes:
     """The row key `append` gives to sequence number `seq` (sorts in sequence order)."""
     return _U64BE.pack(seq)
@@ -331,6 +335,67 @@ class Store:
                         break
         return records
 
+    # --- snapshots (a replica that lost its disk, or fell behind a trimmed binlog) -----------
+    def snapshot_lsn(self, txn: lmdb.Transaction) -> int:
+        """The last LSN applied as of `txn`: a snapshot read in `txn` holds everything up to
+        it, and the binlog after it is the tail to apply on top."""
+        cursor = txn.cursor(db=self._binlog)
+        if cursor.last():
+            return int(_U64BE.unpack(cursor.key())[0])
+        saved = txn.get(b"last_lsn", db=self._meta)
+        return int(_U64BE.unpack(saved)[0]) if saved else 0
+
+    def snapshot_page(self, txn: lmdb.Transaction, position: SnapshotPosition | None,
+                      max_bytes: int) -> tuple[list[SnapshotItem], SnapshotPosition | None]:
+        """One page of a consistent copy read in `txn`: items strictly after `position`
+        (None: from the start), and the position of the last one, or None when the copy is
+        complete. An item is (db, key, row, raw): db 0 the keys, each followed by its rows
+        (row None: the key's own record), db 1 the op ids, db 2 the clients."""
+        items: list[SnapshotItem] = []
+        size = 0
+        for item in self._snapshot_items(txn, position or (0, None, None)):
+            item_bytes = len(item[1]) + len(item[2] or b"") + len(item[3]) + 16
+            if items and size + item_bytes > max_bytes:
+                last = items[-1]
+                return items, (last[0], last[1], last[2])
+            items.append(item)
+            size += item_bytes
+        return items, None
+
+    def _snapshot_items(self, txn: lmdb.Transaction,
+                        position: tuple[int, bytes | None, bytes | None]
+                        ) -> Iterator[SnapshotItem]:
+        db, after_key, after_row = position
+        dbs = (self._keys, self._ops, self._clients)
+        while db < len(dbs):
+            cursor = txn.cursor(db=dbs[db])
+            if after_key is None:
+                found = cursor.first()
+            else:
+                if db == 0:
+                    yield from self._row_items(txn, after_key, after_row)
+                found = cursor.set_range(after_key)
+                if found and cursor.key() == after_key:
+                    found = cursor.next()
+            while found:
+                key = bytes(cursor.key())
+                yield (db, key, None, bytes(cursor.value()))
+                if db == 0:
+                    yield from self._row_items(txn, key, None)
+                found = cursor.next()
+            db, after_key, after_row = db + 1, None, None
+
+    def _row_items(self, txn: lmdb.Transaction, key: bytes,
+                   after_row: bytes | None) -> Iterator[SnapshotItem]:
+        prefix = _prefix(key)
+        cursor = txn.cursor(db=self._rows)
+        found = cursor.set_range(prefix + (after_row or b""))
+        if found and after_row is not None and cursor.key() == prefix + after_row:
+            found = cursor.next()
+        while found and cursor.key()[:len(prefix)] == prefix:
+            yield (0, key, bytes(cursor.key()[len(prefix):]), bytes(cursor.value()))
+            found = cursor.next()
+
     def remembered(self, txn: lmdb.Transaction, key: bytes, ops: list[Op], client_id: int,
                    client_seq: int) -> MutateReply | None:
         """The first answer to this op id if it was applied (see WriteBatch.mutate)."""
@@ -464,6 +529,31 @@ class WriteBatch:
     def forget_instance(self, key: bytes, version: int) -> None:
         """The version was applied: its acceptor state is no longer kept."""
         self.txn.delete(_prefix(key) + _U64BE.pack(version), db=self.store._paxos)
+
+    def install(self, item: SnapshotItem, installing: bool) -> bool:
+        """Take one snapshot item (see Store.snapshot_page): a key newer than ours replaces
+        ours whole (its rows follow it); op ids and clients we lack are added. `installing`:
+        whether the key of a row item is being replaced; returns it for the next item."""
+        store, txn = self.store, self.txn
+        db, key, row, raw = item
+        if db != 0:
+            txn.put(key, raw, db=store._ops if db == 1 else store._clients, overwrite=False)
+            return False
+        prefix = _prefix(key)
+        if row is not None:
+            if installing:
+                txn.put(prefix + row, raw, db=store._rows)
+                txn.put(prefix + raw[:8][::-1] + row, b"", db=store._changes)
+            return installing
+        if KeyState.decode(raw).version <= store.key_state(txn, key).version:
+            return False  # ours is as new: keep it
+        for db_handle in (store._rows, store._changes):
+            cursor = txn.cursor(db=db_handle)
+            found = cursor.set_range(prefix)
+            while found and cursor.key()[:len(prefix)] == prefix:
+                found = cursor.delete()
+        txn.put(key, raw, db=store._keys)
+        return True
 
     def set_meta_u64s(self, name: bytes, *values: int) -> None:
         self.txn.put(name, struct.pack(f">{len(values)}Q", *values), db=self.store._meta)

@@ -1,0 +1,1181 @@
+"""One replica of a replicated group: the version quorum and the binlog stream around LMDB.
+
+`ReplicaNode` serves a node whose group has more than one replica. Its loop, per round:
+
+1. Take what arrived: client requests, peer quorum messages (stepped into the core with the
+   key's applied version as its floor), peer queries (VERSIONS, PULL, HELLO) answered at once,
+   and peers' answers to our own queries.
+2. Move waiting work on: a write at the head of its key's queue is checked (op id already
+   applied? compare-and-set?) and proposed as the key's next version; a linearizable read
+   waits for a version barrier (a majority's applied and open versions of the key) and is
+   answered from local LMDB once this replica is at least that new.
+3. Tick the core, then one LMDB write transaction (group commit, fsync) holds everything the
+   core asked to persist and every chosen version applied in order (from the quorum or from a
+   peer's binlog), with the instances it forgets.
+4. Only then send: peer messages (persist before send) and client answers.
+
+Data reaches a replica that was not in a quorum, or was down, through the binlog stream: each
+replica pulls every peer's binlog from its own durable cursor and applies each key's next
+version; a record at or below the key's version is skipped. Because a peer applies each key's
+versions in order and writes them to its binlog in that order, a cursor kept in the same
+transaction as the applies never meets a gap.
+
+Lives. A node whose data directory is new asks every peer what it knows of it (HELLO) before
+it votes: if some peer heard from an earlier life, the disk was lost, so this is a new
+incarnation that rebuilds (the core gathers every peer's acceptor state, and the data comes
+from every peer's binlog up to where that peer stood when it answered) before it may vote.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import random
+import secrets
+import time
+from collections import deque
+from typing import Any
+
+import msgspec
+import zmq
+
+from kvsvr import _core, protocol
+from kvsvr.config import ClusterConfig
+from kvsvr.errors import (
+    Internal,
+    InvalidArgument,
+    KvError,
+    StorageFull,
+    Timeout,
+    Unavailable,
+    VersionConflict,
+)
+from kvsvr.limits import MAX_MESSAGE_BYTES, NODE_QUEUE_MESSAGES
+from kvsvr.node import Node, _error_frame
+from kvsvr.protocol import (
+    CONSISTENCY_LOCAL,
+    HelloReply,
+    HelloRequest,
+    KeyVersions,
+    Method,
+    MutateRequest,
+    PullReply,
+    PullRequest,
+    SnapshotPosition,
+    SnapshotReply,
+    SnapshotRequest,
+    VersionsReply,
+    VersionsRequest,
+)
+from kvsvr.store import _plan
+
+log = logging.getLogger("kvsvr.replica")
+
+# Tunables of a replica (time in seconds unless the name says otherwise).
+REQUEST_WAIT_MAX_S = 3.0        # a request the group cannot finish this long is answered
+BARRIER_RESEND_S = 0.25         # a version barrier without a majority is asked again
+PULL_IDLE_INTERVAL_S = 0.02     # a peer whose binlog had nothing new is asked again after this
+PULL_TIMEOUT_S = 1.0            # an unanswered pull is sent again
+PULL_MAX_RECORDS = 2048         # records per pull answer ...
+PULL_MAX_BYTES = 2 << 20        # ... and bytes
+HELLO_RESEND_S = 0.5            # a joining node asks silent peers again
+SNAPSHOT_PAGE_BYTES = 1 << 20   # a page of a snapshot
+SNAPSHOT_SESSIONS_MAX = 4       # copies a node serves at once (each pins an LMDB read txn)
+SNAPSHOT_IDLE_S = 30.0          # a copy nobody asked a page of for this long is dropped
+PEER_DOWN_AFTER_S = 2.0         # a peer silent this long is reported down in status
+QUORUM_FRAME_BYTES = 1 << 20    # quorum messages per frame, by size ...
+QUORUM_FRAME_MESSAGES = 1024    # ... and count
+APPLY_MAX_PER_ROUND = 20_000    # pulled records applied in one transaction
+TRIM_MAX_PER_ROUND = 4096       # binlog records every peer has, trimmed per round
+ROUND_MAX_MESSAGES = 512        # inbound messages taken per round
+IDLE_POLL_MS = 20               # poll timeout with nothing pending (pulls, ticks)
+
+_REQUEST = _core.FRAME_REQUEST
+_RESPONSE = _core.FRAME_RESPONSE
+_encode = protocol.encode
+_encode_frame = _core.encode_frame
+_READS = frozenset({Method.GET, Method.ROW_GET, Method.SCAN, Method.CHANGES})
+_pull_reply_decoder = msgspec.msgpack.Decoder(PullReply)
+_versions_reply_decoder = msgspec.msgpack.Decoder(VersionsReply)
+_hello_reply_decoder = msgspec.msgpack.Decoder(HelloReply)
+_snapshot_reply_decoder = msgspec.msgpack.Decoder(SnapshotReply)
+
+
+class _Waiter:
+    """A client request this replica cannot answer yet."""
+
+    __slots__ = ("barrier", "confirmed", "deadline", "identity", "method", "open", "proposed",
+                 "request", "request_id", "target")
+
+    def __init__(self, identity: bytes, request_id: int, method: int, request: Any,
+                 deadline: float):
+        self.identity = identity
+        self.request_id = request_id
+        self.method = method
+        self.request = request
+        self.deadline = deadline
+        self.barrier = 0          # the version barrier it waits for (0: none)
+        self.target = -1          # ... whose result: the majority's highest applied version
+        self.open = 0             # ... and highest open (maybe chosen) version
+        self.confirmed = False    # a barrier found this replica current for the key
+        self.proposed = 0         # version a write was proposed at (0: not in flight)
+
+
+class _KeyWork:
+    __slots__ = ("need_floor", "reads", "writes")
+
+    def __init__(self) -> None:
+        self.writes: deque[_Waiter] = deque()
+        self.reads: list[_Waiter] = []
+        self.need_floor = 0       # a peer applied this far (BEHIND): catch up before proposing
+
+
+class _Barrier:
+    __slots__ = ("answers", "keys", "sent_at")
+
+    def __init__(self, keys: list[bytes], sent_at: float):
+        self.keys = keys
+        self.sent_at = sent_at
+        self.answers: dict[int, list[KeyVersions]] = {}
+
+
+class _Peer:
+    """This node's link to one other replica of its group."""
+
+    def __init__(self, index: int, name: str, address: str, socket: zmq.Socket):
+        self.index = index
+        self.name = name
+        self.address = address
+        self.socket = socket
+        self.incarnation = 0      # the peer's life whose binlog `cursor` points into
+        self.cursor = 0           # we applied or skipped every record of its binlog up to here
+        self.pull_sent_at = 0.0   # 0: no pull in flight
+        self.pull_tag = 0         # the pull (or snapshot page) in flight: older answers are stale
+        self.next_pull = 0.0
+        self.first_lsn = 0
+        self.last_lsn = 0
+        self.has_through = 0      # what the peer says it pulled of ours (trimming)
+        self.heard_at = 0.0
+        self.hello: HelloReply | None = None
+        self.trimmed_past_us = False  # its binlog no longer has what we need: snapshot
+        self.snapshot: dict[str, Any] | None = None  # a copy from it under way
+        self.snapshots_taken = 0
+        self.drop = 0.0           # fault hook: chance a message to this peer is lost
+        self.delay_ms = 0         # ... and the most it is held back (uniform, so reordered)
+
+
+class ReplicaNode(Node):
+    """A node of a group of 2..7 replicas (see the module docstring)."""
+
+    def __init__(self, config: ClusterConfig, name: str):
+        super().__init__(config, name, replicated=True)
+        self.index = self.group.replicas.index(self.replica)
+        self.replicas = len(self.group.replicas)
+        self.quorum: _core.QuorumReplica | None = None
+        self.role = "joining"
+        self._work: dict[bytes, _KeyWork] = {}
+        self._dirty: set[bytes] = set()
+        self._outbox: dict[bytes, list[bytes]] = {}
+        self._barriers: dict[int, _Barrier] = {}
+        self._barrier_ids = itertools.count(1)
+        self._want_barrier: dict[bytes, list[_Waiter]] = {}
+        self._pulled: list[tuple[_Peer, int, list[bytes]]] = []
+        self._pages: list[tuple[_Peer, SnapshotReply]] = []
+        self._sessions: dict[int, list[Any]] = {}  # copies served: [txn, lsn, last used]
+        self._delayed: list[tuple[float, int, int, list[bytes]]] = []
+        self._delayed_seq = itertools.count()
+        self._random = random.Random()
+        self._hello_sent = 0.0
+        self._rebuild_targets: dict[int, int] = {}  # peer -> its last LSN when it sent state
+        self._anonymous_client = secrets.randbits(62) | 2  # op ids for requests without one
+        self._anonymous_seq = itertools.count(1)
+        self._peers: list[_Peer | None] = [None] * self.replicas
+        self._pending_peers: list[tuple[int, str, str]] = [
+            (i, r.node, r.address) for i, r in enumerate(self.group.replicas) if i != self.index]
+        self.incarnation = self.store.incarnation
+        cursors = self.store.meta_u64s(b"cursor/")
+        self._saved_cursors = {int(k[0]): v for k, v in cursors.items() if k}
+        self._rebuild_targets = {
+            int(k[0]): v[0] for k, v in self.store.meta_u64s(b"rebuild/target/").items() if k}
+        self._rebuild_done = bool(self.store.meta_u64s(b"rebuild/done"))
+        if self.incarnation:
+            self._start_quorum(rebuilding=False)
+
+    # --- lives --------------------------------------------------------------------------------
+    def _start_quorum(self, rebuilding: bool) -> None:
+        self.quorum = _core.QuorumReplica(self.index, self.replicas, self.incarnation,
+                                          rebuilding=rebuilding)
+        if not rebuilding:
+            records = []
+            stale = []
+            with self.store.read() as txn:
+                for record in self.store.quorum_records():
+                    if record[0] == "instance" and \
+                            record[2] <= self.store.key_state(txn, record[1]).version:
+                        stale.append(record)  # applied before a crash: never needed again
+                        continue
+                    records.append(record)
+            self.quorum.restore(records)
+            if stale:
+                with self.store.write() as batch:
+                    for record in stale:
+                        batch.forget_instance(record[1], record[2])
+        self._update_role()
+        log.info("node %s: incarnation %d, %s", self.name, self.incarnation, self.role)
+
+    def _update_role(self) -> None:
+        before = self.role
+        if self.quorum is None:
+            self.role = "joining"
+        elif self.quorum.rebuilding:
+            self.role = "rebuilding"
+        elif not self._data_rebuilt():
+            self.role = "catching-up"
+        else:
+            self.role = "replica"
+        if self.role != before:
+            log.info("node %s: %s -> %s", self.name, before, self.role)
+
+    def _data_rebuilt(self) -> bool:
+        """A rebuilt life votes only once it holds every peer's data as of its answer."""
+        if self.incarnation <= 1 or self._rebuild_done or not self._rebuild_targets:
+            return self.incarnation <= 1 or self._rebuild_done
+        for index, target in self._rebuild_targets.items():
+            peer = self._peers[index]
+            if peer is None or peer.cursor < target:
+                return False
+        return len(self._rebuild_targets) >= self.replicas - 1
+
+    @property
+    def voting(self) -> bool:
+        return self.role == "replica"
+
+    def _on_hello_reply(self, peer: _Peer, reply: HelloReply) -> None:
+        peer.hello = reply
+        if self.quorum is not None:
+            return
+        peers = [p for p in self._peers if p is not None]
+        if any(p.hello is None for p in peers):
+            return
+        knew = max(p.hello.knew_you for p in peers if p.hello is not None)
+        wiped = knew > 0
+        self.incarnation = knew + 1 if wiped else 1
+        with self.store.write() as batch:
+            batch.set_incarnation(self.incarnation)
+        if wiped:
+            log.warning("node %s: peers knew life %d of this node and its data directory is "
+                        "new: the disk was lost; rebuilding as life %d", self.name, knew,
+                        self.incarnation)
+            for p in peers:
+                p.cursor, p.incarnation = 0, 0
+                self._start_snapshot(p)
+        self._start_quorum(rebuilding=wiped)
+
+    # --- the I/O edge -------------------------------------------------------------------------
+    def serve(self) -> None:
+        context = zmq.Context(io_threads=1)
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        router.setsockopt(zmq.SNDHWM, NODE_QUEUE_MESSAGES)
+        router.setsockopt(zmq.RCVHWM, NODE_QUEUE_MESSAGES)
+        try:
+            router.bind(self.replica.address)
+        except zmq.ZMQError as e:
+            router.close()
+            context.term()
+            raise OSError(f"cannot listen on {self.replica.address}: {e}") from None
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        for index, name, address in self._pending_peers:
+            socket = context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.SNDHWM, NODE_QUEUE_MESSAGES)
+            socket.setsockopt(zmq.RCVHWM, NODE_QUEUE_MESSAGES)
+            socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+            socket.connect(address)
+            peer = _Peer(index, name, address, socket)
+            saved = self._saved_cursors.get(index)
+            if saved:
+                peer.incarnation, peer.cursor = saved[0], saved[1]
+            self._peers[index] = peer
+            poller.register(socket, zmq.POLLIN)
+        self.router = router
+        log.info("node %s (group %s, replica %d of %d, campus %s) serving on %s, data %s, "
+                 "binlog lsn %d..%d", self.name, self.group.name, self.index, self.replicas,
+                 self.replica.campus, self.replica.address, self.store.path,
+                 self.store.first_lsn, self.store.last_lsn)
+        peers_by_socket = {p.socket: p for p in self._peers if p is not None}
+        try:
+            busy = False
+            while not self.stopping:
+                if time.monotonic() >= self._next_client_sweep:
+                    self.sweep_idle_clients()
+                timeout = 0 if busy else self._poll_timeout_ms()
+                events = dict(poller.poll(timeout))
+                inbound: list[list[bytes]] = []
+                replies: list[tuple[_Peer, bytes]] = []
+                if router in events:
+                    while len(inbound) < ROUND_MAX_MESSAGES:
+                        try:
+                            inbound.append(router.recv_multipart(zmq.NOBLOCK))
+                        except zmq.Again:
+                            break
+                for socket, peer in peers_by_socket.items():
+                    if socket in events:
+                        while len(replies) < ROUND_MAX_MESSAGES:
+                            try:
+                                replies.extend((peer, part) for part in
+                                               socket.recv_multipart(zmq.NOBLOCK))
+                            except zmq.Again:
+                                break
+                busy = self.round(inbound, replies, time.monotonic())
+        finally:
+            for link in self._peers:
+                if link is not None:
+                    link.socket.close()
+            router.close()
+            context.term()
+            self.store.close()
+            log.info("node %s stopped", self.name)
+
+    def _poll_timeout_ms(self) -> int:
+        if self._delayed:
+            return max(0, min(IDLE_POLL_MS, int((self._delayed[0][0] - time.monotonic()) * 1000)))
+        return IDLE_POLL_MS
+
+    def _send_peer(self, peer: _Peer, frames: list[bytes], now: float) -> None:
+        """Through the fault hook: dropped, held back, or sent now."""
+        if peer.drop and self._random.random() < peer.drop:
+            self.counters["fault_dropped"] += 1
+            return
+        if peer.delay_ms:
+            due = now + self._random.uniform(0, peer.delay_ms / 1000)
+            heapq.heappush(self._delayed, (due, next(self._delayed_seq), peer.index, frames))
+            return
+        self._send_now(peer, frames)
+
+    def _send_now(self, peer: _Peer, frames: list[bytes]) -> None:
+        for message in protocol.pack(frames):
+            try:
+                peer.socket.send(message, zmq.NOBLOCK)
+            except zmq.Again:
+                self.counters["peer_sends_dropped"] += 1  # its queue is full: it is behind
+
+    def _release_delayed(self, now: float) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, index, frames = heapq.heappop(self._delayed)
+            peer = self._peers[index]
+            if peer is not None:
+                self._send_now(peer, frames)
+
+    def _answer(self, identity: bytes, frame: bytes) -> None:
+        self._outbox.setdefault(identity, []).append(frame)
+
+    def _answer_ok(self, waiter: _Waiter, result: Any) -> None:
+        self._answer(waiter.identity,
+                     _encode_frame(_RESPONSE, 0, waiter.request_id, 0, _encode(result)))
+
+    def _answer_error(self, identity: bytes, request_id: int, error: KvError) -> None:
+        self.counters[f"errors.{type(error).__name__}"] += 1
+        self._answer(identity, _error_frame(request_id, error))
+
+    def _flush_clients(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for identity, frames in outbox.items():
+            for message in protocol.pack(frames):
+                try:
+                    self.router.send_multipart([identity, message], zmq.NOBLOCK)
+                except zmq.Again:
+                    self.counters["replies_dropped"] += 1
+
+    # --- one round ----------------------------------------------------------------------------
+    def round(self, inbound: list[list[bytes]], replies: list[tuple[_Peer, bytes]],
+              now: float) -> bool:
+        """Handle what arrived, move work on, commit, send. True if more work is ready."""
+        self._release_delayed(now)
+        txn = self.store.read()
+        try:
+            for parts in inbound:
+                for payload in parts[1:]:
+                    self._inbound(parts[0], payload, txn, now)
+        finally:
+            txn.abort()
+        for peer, payload in replies:
+            self._peer_reply(peer, payload, now)
+        if self.quorum is None:
+            self._hello(now)
+        else:
+            self._pull(now)
+            self._progress(now)
+            self.quorum.tick(now * 1000)
+        self._persist_and_apply(now)
+        self._update_role()
+        if self._want_barrier:
+            self._send_barrier(now)
+        self._resend_barriers(now)
+        if self.quorum is not None:
+            self._pull(now)  # catch-ups asked for this round leave now
+        self._expire(now)
+        if self._sessions:
+            self._expire_sessions(now)
+        self._flush_clients()
+        return bool(self._dirty) or bool(self._pulled)
+
+    def _inbound(self, identity: bytes, payload: bytes, txn: Any, now: float) -> None:
+        frames, error, error_request_id = _core.decode_frames(payload)
+        for kind, method, request_id, budget_ms, body in frames:
+            try:
+                if kind != _REQUEST:
+                    raise InvalidArgument("frame.kind: a node only takes requests",
+                                          field="frame.kind")
+                if method == Method.QUORUM:
+                    self._on_quorum(protocol.decode_quorum(body), txn, now)
+                    continue
+                request = protocol.decode_request(method, body)
+                self.counters[f"requests.{Method(method).name.lower()}"] += 1
+                if method in protocol.PEER_METHODS:
+                    self._answer(identity, _encode_frame(
+                        _RESPONSE, 0, request_id, 0,
+                        _encode(self._peer_request(method, request, txn, now))))
+                    continue
+                self._client_request(identity, request_id, method, request,
+                                     now + min(budget_ms / 1000 or REQUEST_WAIT_MAX_S,
+                                               REQUEST_WAIT_MAX_S), txn)
+            except KvError as e:
+                self._answer_error(identity, request_id, e)
+            except Exception:  # a bug must cost one request, never the node
+                log.exception("request %d (method %d) failed", request_id, method)
+                self._answer_error(identity, request_id, Internal("internal error"))
+        if error is not None:
+            self.counters["bad_frames"] += 1
+            self._answer_error(identity, error_request_id, InvalidArgument(error, field="frame"))
+
+    # --- peers' requests and answers ------------------------------------------------------------
+    def _on_quorum(self, messages: list[_core.Message], txn: Any, now: float) -> None:
+        quorum = self.quorum
+        if quorum is None:
+            return  # joining: no acceptor state yet, and no vote to give
+        for message in messages:
+            if message.target != self.index or not 0 <= message.source < self.replicas:
+                self.counters["quorum_misaddressed"] += 1
+                continue
+            peer = self._peers[message.source]
+            if peer is not None:
+                peer.heard_at = now
+            kind = message.kind
+            if not self.voting and kind in (_core.MSG_PREPARE, _core.MSG_ACCEPT) \
+                    and not quorum.rebuilding:
+                continue  # rebuilt but its data is not yet caught up: no vote
+            if kind == _core.MSG_STATE and quorum.rebuilding:
+                # Where the peer's binlog stood when it answered: data to catch up to.
+                self._rebuild_targets[message.source] = message.version
+            floor = self.store.key_state(txn, message.key).version if message.key else 0
+            quorum.step(message, now * 1000, floor)
+            if kind == _core.MSG_BEHIND and message.key:
+                work = self._work.get(message.key)
+                if work is not None:
+                    work.need_floor = max(work.need_floor, message.accepted_ballot)
+                if peer is not None:
+                    peer.next_pull = 0.0  # it has what we miss: ask now
+            if message.key:
+                self._dirty.add(message.key)
+
+    def _peer_request(self, method: int, request: Any, txn: Any, now: float) -> Any:
+        if method == Method.VERSIONS:
+            if self.quorum is None or not self.voting:
+                raise Unavailable(f"node {self.name} is {self.role}: its versions do not count")
+            quorum, key_state = self.quorum, self.store.key_state
+            return VersionsReply([KeyVersions(key_state(txn, key).version,
+                                              quorum.highest_open(key))
+                                  for key in request.keys])
+        if method == Method.PULL:
+            peer = self._peers[request.source] if request.source < self.replicas else None
+            if peer is None:
+                raise InvalidArgument(f"source: {request.source} is not a peer of this node",
+                                      field="source")
+            if request.incarnation == self.incarnation:
+                peer.has_through = max(peer.has_through, request.from_lsn - 1)
+            store = self.store
+            records = store.binlog_raw(request.from_lsn, request.max_records, PULL_MAX_BYTES) \
+                if request.from_lsn >= store.first_lsn else []
+            return PullReply(self.incarnation, store.first_lsn, store.last_lsn, records)
+        if method == Method.HELLO:
+            if not 0 <= request.source < self.replicas or request.source == self.index:
+                raise InvalidArgument(f"source: {request.source} is not a peer of this node",
+                                      field="source")
+            knew = self._fence_of(request.source)
+            return HelloReply(self.incarnation, knew, self.store.first_lsn, self.store.last_lsn)
+        if method == Method.SNAPSHOT:
+            if not 0 <= request.source < self.replicas or request.source == self.index:
+                raise InvalidArgument(f"source: {request.source} is not a peer of this node",
+                                      field="source")
+            return self._serve_snapshot(request, now)
+        raise InvalidArgument(f"method: {method} is not a peer request", field="method")
+
+    def _fence_of(self, peer: int) -> int:
+        """The highest life of `peer` this node has heard from (persisted as fences)."""
+        fences = self.store.meta_u64s(b"quorum/fence/" + bytes([peer]))
+        return max((v[0] for v in fences.values()), default=0)
+
+    def _peer_reply(self, peer: _Peer, payload: bytes, now: float) -> None:
+        frames, _error, _ = _core.decode_frames(payload)
+        for _kind, status, request_id, _budget, body in frames:
+            peer.heard_at = now
+            method, tag = request_id >> 32, request_id & 0xFFFFFFFF  # see _peer_request_id
+            if method in (Method.PULL, Method.SNAPSHOT) and tag != peer.pull_tag:
+                continue  # an answer to a pull given up on (resent or superseded)
+            if status != protocol.OK:
+                if method in (Method.PULL, Method.SNAPSHOT):
+                    peer.pull_sent_at = 0.0
+                    peer.next_pull = now + PULL_IDLE_INTERVAL_S
+                    if method == Method.SNAPSHOT and peer.snapshot is not None:
+                        self._start_snapshot(peer)  # its session is gone: from the start
+                        peer.next_pull = now + HELLO_RESEND_S
+                continue  # a refused barrier: another peer answers, or it is asked again
+            try:
+                if method == Method.PULL:
+                    self._on_pull_reply(peer, _pull_reply_decoder.decode(body), now)
+                elif method == Method.VERSIONS:
+                    barrier = self._barriers.get(tag)
+                    if barrier is not None:
+                        reply = _versions_reply_decoder.decode(body)
+                        if len(reply.versions) == len(barrier.keys):
+                            barrier.answers[peer.index] = reply.versions
+                            self._check_barrier(tag, barrier)
+                elif method == Method.HELLO:
+                    self._on_hello_reply(peer, _hello_reply_decoder.decode(body))
+                elif method == Method.SNAPSHOT:
+                    self._on_snapshot_reply(peer, _snapshot_reply_decoder.decode(body), now)
+            except msgspec.DecodeError as e:
+                self.counters["bad_peer_replies"] += 1
+                log.warning("node %s: unreadable answer from %s: %s", self.name, peer.name, e)
+
+    @staticmethod
+    def _peer_request_id(method: int, tag: int = 0) -> int:
+        """Our requests to peers carry their method in the id's high half, so an answer says
+        what it answers (a tag, e.g. the barrier, in the low half)."""
+        return (method << 32) | tag
+
+    def _hello(self, now: float) -> None:
+        if now - self._hello_sent < HELLO_RESEND_S:
+            return
+        self._hello_sent = now
+        for peer in self._peers:
+            if peer is not None and peer.hello is None:
+                self._send_peer(peer, [_encode_frame(
+                    _REQUEST, Method.HELLO, self._peer_request_id(Method.HELLO), 0,
+                    _encode(HelloRequest(self.index)))], now)
+
+    # --- the binlog stream ------------------------------------------------------------------------
+    def _pull(self, now: float) -> None:
+        for peer in self._peers:
+            if peer is None:
+                continue
+            if peer.pull_sent_at and now - peer.pull_sent_at < PULL_TIMEOUT_S:
+                continue
+            if not peer.pull_sent_at and now < peer.next_pull:
+                continue
+            peer.pull_sent_at = now
+            peer.pull_tag = (peer.pull_tag + 1) & 0xFFFFFFFF
+            if peer.snapshot is not None:
+                self._send_peer(peer, [_encode_frame(
+                    _REQUEST, Method.SNAPSHOT,
+                    self._peer_request_id(Method.SNAPSHOT, peer.pull_tag), 0,
+                    _encode(SnapshotRequest(self.index, peer.snapshot["session"],
+                                            peer.snapshot["after"], SNAPSHOT_PAGE_BYTES)))],
+                    now)
+                continue
+            self._send_peer(peer, [_encode_frame(
+                _REQUEST, Method.PULL, self._peer_request_id(Method.PULL, peer.pull_tag), 0,
+                _encode(PullRequest(self.index, peer.cursor + 1, peer.incarnation,
+                                    PULL_MAX_RECORDS)))], now)
+
+    def _start_snapshot(self, peer: _Peer) -> None:
+        peer.snapshot = {"session": 0, "after": None, "installing": False}
+        peer.pull_sent_at = 0.0
+        peer.next_pull = 0.0
+
+    def _on_snapshot_reply(self, peer: _Peer, reply: SnapshotReply, now: float) -> None:
+        peer.pull_sent_at = 0.0
+        peer.next_pull = now
+        if peer.snapshot is not None:
+            self._pages.append((peer, reply))
+
+    def _serve_snapshot(self, request: SnapshotRequest, now: float) -> SnapshotReply:
+        session = self._sessions.get(request.session) if request.session else None
+        if request.session and session is None:
+            raise Unavailable(f"snapshot session {request.session} is gone; start again",
+                              field="session")
+        if session is None:
+            if len(self._sessions) >= SNAPSHOT_SESSIONS_MAX:
+                raise Unavailable(f"node {self.name} already serves "
+                                  f"{SNAPSHOT_SESSIONS_MAX} snapshots", field="session")
+            txn = self.store.read()
+            session = [txn, self.store.snapshot_lsn(txn), now]
+            request_session = secrets.randbits(48) | 1
+            self._sessions[request_session] = session
+            log.info("node %s: snapshot %x for replica %d from lsn %d", self.name,
+                     request_session, request.source, session[1])
+        else:
+            request_session = request.session
+        session[2] = now
+        after = request.after
+        position = (after.db, after.key, after.row) if after is not None else None
+        items, following = self.store.snapshot_page(session[0], position,
+                                                    min(request.max_bytes, SNAPSHOT_PAGE_BYTES))
+        if following is None:
+            session[0].abort()
+            del self._sessions[request_session]
+        return SnapshotReply(
+            request_session, self.incarnation, session[1],
+            [protocol.SnapshotItem(*item) for item in items],
+            SnapshotPosition(*following) if following is not None else None)
+
+    def _expire_sessions(self, now: float) -> None:
+        for session_id, session in list(self._sessions.items()):
+            if now - session[2] > SNAPSHOT_IDLE_S:
+                session[0].abort()
+                del self._sessions[session_id]
+                log.warning("node %s: snapshot %x abandoned by its reader", self.name,
+                            session_id)
+
+    def _on_pull_reply(self, peer: _Peer, reply: PullReply, now: float) -> None:
+        peer.pull_sent_at = 0.0
+        peer.first_lsn, peer.last_lsn = reply.first_lsn, reply.last_lsn
+        if reply.incarnation != peer.incarnation:
+            if peer.incarnation:
+                log.warning("node %s: peer %s is in life %d now (was %d): reading its binlog "
+                            "from the start", self.name, peer.name, reply.incarnation,
+                            peer.incarnation)
+            # Its new life's binlog starts afresh: read what it keeps (a gap, if any, waits
+            # for the other peers' streams to fill it).
+            peer.incarnation, peer.cursor = reply.incarnation, max(0, reply.first_lsn - 1)
+            peer.next_pull = 0.0
+            self._pulled.append((peer, peer.cursor, []))  # persists the reset cursor
+            return
+        if peer.cursor + 1 < reply.first_lsn:
+            log.warning("node %s: peer %s trimmed its binlog past what this node has (it "
+                        "keeps %d.., this node needs %d): copying a snapshot from it",
+                        self.name, peer.name, reply.first_lsn, peer.cursor + 1)
+            peer.trimmed_past_us = True
+            self._start_snapshot(peer)
+            return
+        # Far behind: ask again at once; else the quorum carries most data and the stream
+        # only mends what it missed, so it need not be asked every round.
+        full = len(reply.records) >= PULL_MAX_RECORDS // 2
+        peer.next_pull = now if full else now + PULL_IDLE_INTERVAL_S
+        if reply.records:
+            self._pulled.append((peer, peer.cursor, reply.records))
+
+    # --- client requests ----------------------------------------------------------------------
+    def _client_request(self, identity: bytes, request_id: int, method: int, request: Any,
+                        deadline: float, txn: Any) -> None:
+        if method in (Method.PING, Method.STATUS):
+            self._answer(identity, _encode_frame(_RESPONSE, 0, request_id, 0,
+                                                 _encode(self._read(method, request, txn))))
+            return
+        if method == Method.FAULTS:
+            self._answer(identity, _encode_frame(_RESPONSE, 0, request_id, 0,
+                                                 _encode(self._set_faults(request))))
+            return
+        if not self.voting:
+            raise Unavailable(f"node {self.name} is {self.role}; try another replica",
+                              field="node")
+        key = request.key
+        if method in _READS:
+            if request.consistency == CONSISTENCY_LOCAL:
+                self._answer(identity, _encode_frame(_RESPONSE, 0, request_id, 0,
+                                                     _encode(self._read(method, request, txn))))
+                return
+            waiter = _Waiter(identity, request_id, method, request, deadline)
+            work = self._work.get(key)
+            if work is None:
+                work = self._work[key] = _KeyWork()
+            work.reads.append(waiter)
+            self._await_barrier(key, waiter)
+            return
+        if method != Method.MUTATE:
+            raise InvalidArgument(f"method: {method} is not served here", field="method")
+        if not request.client_id:
+            request = msgspec.structs.replace(request, client_id=self._anonymous_client,
+                                              client_seq=next(self._anonymous_seq))
+        work = self._work.get(key)
+        if work is None:
+            work = self._work[key] = _KeyWork()
+        work.writes.append(_Waiter(identity, request_id, method, request, deadline))
+        self._dirty.add(key)
+
+    def _set_faults(self, request: Any) -> dict[str, Any]:
+        targets = [p for p in self._peers if p is not None
+                   and (not request.peer or p.name == request.peer)]
+        if request.peer and not targets:
+            raise InvalidArgument(f"peer: {request.peer!r} is not a peer of {self.name}",
+                                  field="peer")
+        for peer in targets:
+            peer.drop, peer.delay_ms = request.drop, request.delay_ms
+        log.warning("node %s: faults on links to %s: drop %.2f, delay up to %d ms", self.name,
+                    request.peer or "every peer", request.drop, request.delay_ms)
+        return {p.name: {"drop": p.drop, "delay_ms": p.delay_ms}
+                for p in self._peers if p is not None}
+
+    # --- moving work on -----------------------------------------------------------------------
+    def _progress(self, now: float) -> None:
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        with self.store.read() as txn:
+            for key in dirty:
+                work = self._work.get(key)
+                if work is None:
+                    continue
+                floor = self.store.key_state(txn, key).version
+                if work.reads:
+                    self._progress_reads(key, work, floor, now)
+                if work.writes:
+                    self._progress_write(key, work, floor, txn, now)
+                if not work.writes and not work.reads:
+                    del self._work[key]
+
+    def _progress_reads(self, key: bytes, work: _KeyWork, floor: int, now: float) -> None:
+        """Reads whose barrier answered: serve, catch up, or finish an open instance."""
+        quorum = self.quorum
+        assert quorum is not None
+        waiting = []
+        answer = []
+        for waiter in work.reads:
+            if waiter.barrier or waiter.target < 0:
+                waiting.append(waiter)          # its barrier has not answered yet
+            elif floor < waiter.target:
+                waiting.append(waiter)          # a majority applied more: the stream brings it
+                self._pull_soon()
+            elif waiter.open > floor:
+                # Maybe chosen, not applied anywhere we asked: finish it, then ask again.
+                waiting.append(waiter)
+                if not quorum.proposing(key, floor + 1) and not work.writes:
+                    quorum.propose(key, floor + 1, None, now * 1000, recover=True)
+                    self.counters["read_recoveries"] += 1
+                self._await_barrier(key, waiter)
+            else:
+                answer.append(waiter)
+        work.reads = waiting
+        if answer:
+            with self.store.read() as txn:
+                for waiter in answer:
+                    try:
+                        self._answer_ok(waiter, self._read(waiter.method, waiter.request, txn))
+                    except KvError as e:
+                        self._answer_error(waiter.identity, waiter.request_id, e)
+
+    def _pull_soon(self) -> None:
+        for peer in self._peers:
+            if peer is not None and not peer.pull_sent_at:
+                peer.next_pull = 0.0
+
+    def _progress_write(self, key: bytes, work: _KeyWork, floor: int, txn: Any,
+                        now: float) -> None:
+        """The head write of a key: answer it if it is done or doomed, else propose it."""
+        quorum = self.quorum
+        assert quorum is not None
+        while work.writes:
+            waiter = work.writes[0]
+            request: MutateRequest = waiter.request
+            if waiter.proposed and quorum.proposing(key, waiter.proposed):
+                return  # in flight
+            waiter.proposed = 0
+            try:
+                reply = self.store.remembered(txn, key, request.ops, request.client_id,
+                                              request.client_seq)
+                if reply is not None:
+                    work.writes.popleft()
+                    self._answer_ok(waiter, reply)
+                    self.counters["mutations_acknowledged"] += 1
+                    continue
+                if floor < work.need_floor:
+                    self._pull_soon()
+                    return  # a peer is ahead: catch up before proposing
+                if waiter.barrier:
+                    return  # a barrier is wanted or under way
+                if waiter.target >= 0 and not self._barrier_settled(key, waiter, floor, now):
+                    return
+                state = self.store.key_state(txn, key)
+                expected = request.expected_version
+                if expected is not None and expected != state.version:
+                    # A conflict is sure once the key is past `expected`, but the version it
+                    # reports must be current too: so only after a barrier.
+                    if waiter.confirmed:
+                        raise VersionConflict(
+                            f"expected version {expected}, the key is at {state.version}",
+                            field="expected_version", version=state.version)
+                    self._await_barrier(key, waiter)
+                    return
+                ops = [(op.kind, op.row, op.value) for op in request.ops]
+                try:
+                    _plan_check(state, ops)
+                except KvError:
+                    if waiter.confirmed:
+                        raise
+                    self._await_barrier(key, waiter)  # perhaps only this copy is stale
+                    return
+                value = _core.encode_record(0, state.version + 1, request.client_id,
+                                            request.client_seq, key, ops)
+                if quorum.proposing(key, state.version + 1):
+                    return  # a recovery of that version runs: wait for it
+                if not quorum.propose(key, state.version + 1, value, now * 1000):
+                    raise Unavailable(f"node {self.name} cannot propose now ({self.role}, "
+                                      f"{quorum.proposals_in_flight} proposals in flight)")
+                waiter.proposed = state.version + 1
+                self.counters["proposals"] += 1
+                return
+            except KvError as e:
+                work.writes.popleft()
+                self._answer_error(waiter.identity, waiter.request_id, e)
+
+    def _await_barrier(self, key: bytes, waiter: _Waiter) -> None:
+        waiter.barrier, waiter.target = -1, -1
+        self._want_barrier.setdefault(key, []).append(waiter)
+
+    def _barrier_settled(self, key: bytes, waiter: _Waiter, floor: int, now: float) -> bool:
+        """For a write that waited on a barrier: is this replica current for the key now?"""
+        quorum = self.quorum
+        assert quorum is not None
+        if floor < waiter.target:
+            self._pull_soon()
+            return False
+        if waiter.open > floor:
+            if not quorum.proposing(key, floor + 1):
+                quorum.propose(key, floor + 1, None, now * 1000, recover=True)
+            self._await_barrier(key, waiter)
+            return False
+        waiter.confirmed = True
+        waiter.target = -1
+        return True
+
+    # --- version barriers (linearizable reads) ------------------------------------------------
+    def _send_barrier(self, now: float) -> None:
+        want, self._want_barrier = self._want_barrier, {}
+        keys = list(want)
+        for start in range(0, len(keys), 4096):
+            chunk = keys[start:start + 4096]
+            barrier_id = next(self._barrier_ids) & 0xFFFFFFFF
+            barrier = _Barrier(chunk, now)
+            quorum = self.quorum
+            assert quorum is not None
+            with self.store.read() as txn:
+                barrier.answers[self.index] = [
+                    KeyVersions(self.store.key_state(txn, key).version,
+                                quorum.highest_open(key)) for key in chunk]
+            self._barriers[barrier_id] = barrier
+            for key in chunk:
+                for waiter in want[key]:
+                    waiter.barrier, waiter.target = barrier_id, -1
+            self._ask_barrier(barrier_id, barrier, now)
+            self._check_barrier(barrier_id, barrier)
+
+    def _ask_barrier(self, barrier_id: int, barrier: _Barrier, now: float) -> None:
+        barrier.sent_at = now
+        frame = _encode_frame(_REQUEST, Method.VERSIONS,
+                              self._peer_request_id(Method.VERSIONS, barrier_id), 0,
+                              _encode(VersionsRequest(barrier.keys)))
+        for peer in self._peers:
+            if peer is not None and peer.index not in barrier.answers:
+                self._send_peer(peer, [frame], now)
+
+    def _resend_barriers(self, now: float) -> None:
+        for barrier_id, barrier in list(self._barriers.items()):
+            if now - barrier.sent_at >= BARRIER_RESEND_S:
+                self._ask_barrier(barrier_id, barrier, now)
+
+    def _check_barrier(self, barrier_id: int, barrier: _Barrier) -> None:
+        if len(barrier.answers) < _core.majority(self.replicas):
+            return
+        del self._barriers[barrier_id]
+        for i, key in enumerate(barrier.keys):
+            target = max(answer[i].applied for answer in barrier.answers.values())
+            open_version = max(answer[i].open for answer in barrier.answers.values())
+            work = self._work.get(key)
+            if work is None:
+                continue
+            for waiter in itertools.chain(work.reads, work.writes):
+                if waiter.barrier == barrier_id:
+                    waiter.barrier, waiter.target, waiter.open = 0, target, open_version
+            self._dirty.add(key)
+
+    # --- persist, apply, send -----------------------------------------------------------------
+    def _persist_and_apply(self, now: float) -> None:
+        quorum = self.quorum
+        persist: list[Any] = []
+        send: list[_core.Message] = []
+        decided: list[Any] = []
+        if quorum is not None:
+            persist, send, decided = quorum.ready()
+        pulled, self._pulled = self._pulled, []
+        pages, self._pages = self._pages, []
+        if not persist and not pulled and not pages and not any(
+                d[2] is not None for d in decided):
+            self._after_commit(send, decided, now)
+            return
+        started = time.perf_counter()
+        touched: set[bytes] = {d[0] for d in decided}
+        touched.update(r[1] for r in persist if r[0] == "instance" and r[6] is not None)
+        try:
+            with self.store.write() as batch:
+                if persist:
+                    batch.persist_quorum(persist)
+                applied = self._install_pages(batch, pages, touched)
+                applied += self._apply_pulled(batch, pulled, touched)
+                for key in touched:
+                    applied += self._apply_chosen(batch, key)
+                moved = {id(p) for p, _, _ in pulled} | {id(p) for p, _ in pages}
+                for peer in self._peers:
+                    if peer is not None and id(peer) in moved:
+                        batch.set_meta_u64s(b"cursor/" + bytes([peer.index]), peer.incarnation,
+                                            peer.cursor)
+                self._trim(batch)
+                if self.quorum is not None and self.incarnation > 1 \
+                        and not self._rebuild_done:
+                    self._save_rebuild_progress(batch)
+            self.counters["group_commits"] += 1
+            self.counters["applied"] += applied
+            self.counters["group_commit_us"] += int((time.perf_counter() - started) * 1e6)
+        except StorageFull as e:
+            log.error("node %s: %s", self.name, e)
+            self._fail_all_writes(e)
+            raise SystemExit(1) from None
+        if quorum is not None:
+            more_persist, more_send, more_decided = quorum.ready()
+            if more_persist:  # forget() persists nothing; a bug if it ever does
+                raise RuntimeError("quorum asked to persist after forgetting")
+            send += more_send
+            decided += more_decided
+        self._after_commit(send, decided, now)
+
+    def _after_commit(self, send: list[_core.Message], decided: list[Any], now: float) -> None:
+        if send:
+            self._send_quorum(send, now)
+        for key, _version, _value, _own in decided:
+            self._dirty.add(key)
+
+    def _apply_pulled(self, batch: Any, pulled: list[tuple[_Peer, int, list[bytes]]],
+                      touched: set[bytes]) -> int:
+        applied = 0
+        store = self.store
+        for peer, cursor, records in pulled:
+            if cursor != peer.cursor:
+                continue  # an older answer (the cursor moved or was reset since it was asked)
+            for raw in records[:APPLY_MAX_PER_ROUND]:
+                try:
+                    record = _core.decode_record(raw)
+                except ValueError as e:
+                    self.counters["bad_pulled_records"] += 1
+                    log.error("node %s: record %d of %s's binlog is damaged (%s); asking again",
+                              self.name, peer.cursor + 1, peer.name, e)
+                    break
+                version = store.key_state(batch.txn, record.key).version
+                if record.version == version + 1:
+                    self._apply(batch, record, None)
+                    applied += 1
+                    touched.add(record.key)
+                    applied += self._apply_chosen(batch, record.key)
+                elif record.version > version + 1:
+                    self.counters["pull_gaps"] += 1  # cannot happen with a kept cursor
+                    break
+                peer.cursor += 1
+        return applied
+
+    def _install_pages(self, batch: Any, pages: list[tuple[_Peer, SnapshotReply]],
+                       touched: set[bytes]) -> int:
+        """Snapshot pages: keys newer than ours replace ours (and the instances below them
+        are forgotten); when a copy is complete, the peer's binlog goes on from its LSN."""
+        quorum = self.quorum
+        installed = 0
+        for peer, reply in pages:
+            snapshot = peer.snapshot
+            if snapshot is None:
+                continue
+            installing = snapshot["installing"]
+            for item in reply.items:
+                installing = batch.install((item.db, item.key, item.row, item.raw), installing)
+                if item.db == 0 and item.row is None and installing:
+                    installed += 1
+                    touched.add(item.key)
+                    if quorum is not None:
+                        version = self.store.key_state(batch.txn, item.key).version
+                        for dropped in quorum.forget_through(item.key, version):
+                            batch.forget_instance(item.key, dropped)
+            snapshot["installing"] = installing
+            snapshot["session"] = reply.session
+            snapshot["after"] = reply.next
+            if reply.next is None:
+                peer.snapshot = None
+                peer.trimmed_past_us = False
+                peer.snapshots_taken += 1
+                peer.incarnation, peer.cursor = reply.incarnation, reply.lsn
+                log.info("node %s: snapshot from %s complete (through its lsn %d)", self.name,
+                         peer.name, reply.lsn)
+        self.counters["snapshot_keys_installed"] += installed
+        return installed
+
+    def _apply_chosen(self, batch: Any, key: bytes) -> int:
+        """Apply the key's next versions while the core knows them chosen."""
+        quorum = self.quorum
+        assert quorum is not None
+        applied = 0
+        version = self.store.key_state(batch.txn, key).version
+        while True:
+            chosen = quorum.acceptor_state(key, version + 1)[3]
+            if chosen is None:
+                return applied
+            self._apply(batch, _core.decode_record(chosen), chosen)
+            version += 1
+            applied += 1
+
+    def _apply(self, batch: Any, record: Any, chosen: bytes | None) -> None:
+        """Apply one chosen version (data, binlog, op id) and forget its instance."""
+        quorum = self.quorum
+        assert quorum is not None
+        try:
+            batch.apply_record(record)
+        except KvError as e:
+            # Every replica applies the same record to the same state, so this fails
+            # everywhere alike; the version still counts (it was chosen).
+            log.error("node %s: chosen %r v%d does not apply (%s)", self.name, record.key,
+                      record.version, e)
+            raise
+        if chosen is None:
+            chosen = _core.encode_record(0, record.version, record.client_id,
+                                         record.client_seq, record.key, record.ops)
+        quorum.forget(record.key, record.version, chosen)
+        batch.forget_instance(record.key, record.version)
+
+    def _trim(self, batch: Any) -> None:
+        """Binlog every peer has pulled is dropped (the size bound covers a peer down long)."""
+        peers = [p for p in self._peers if p is not None]
+        through = min(p.has_through for p in peers)
+        if through >= self.store.first_lsn:
+            batch.trim_binlog_through(through, TRIM_MAX_PER_ROUND)
+
+    def _save_rebuild_progress(self, batch: Any) -> None:
+        for index, target in self._rebuild_targets.items():
+            batch.set_meta_u64s(b"rebuild/target/" + bytes([index]), target)
+        if self.quorum is not None and not self.quorum.rebuilding and self._data_rebuilt():
+            batch.set_meta_u64s(b"rebuild/done", self.incarnation)
+            self._rebuild_done = True
+            log.info("node %s: rebuilt life %d holds every peer's data: voting", self.name,
+                     self.incarnation)
+
+    def _send_quorum(self, messages: list[_core.Message], now: float) -> None:
+        by_peer: dict[int, list[_core.Message]] = {}
+        for message in messages:
+            if message.kind == _core.MSG_STATE:
+                # Stamp where our binlog stands: the rebuilding peer catches up to it.
+                message = _core.Message(message.kind, message.source, message.target,
+                                        message.incarnation, message.key,
+                                        self.store.last_lsn, message.ballot,
+                                        message.accepted_ballot, message.value)
+            by_peer.setdefault(message.target, []).append(message)
+        for index, batch in by_peer.items():
+            peer = self._peers[index] if 0 <= index < self.replicas else None
+            if peer is None:
+                continue
+            frames = []
+            chunk: list[_core.Message] = []
+            size = 0
+            for message in batch:
+                chunk.append(message)
+                size += 96 + (len(message.value) if isinstance(message.value, bytes) else 0)
+                if size >= QUORUM_FRAME_BYTES or len(chunk) >= QUORUM_FRAME_MESSAGES:
+                    frames.append(self._quorum_frame(chunk))
+                    chunk, size = [], 0
+            if chunk:
+                frames.append(self._quorum_frame(chunk))
+            self._send_peer(peer, frames, now)
+
+    @staticmethod
+    def _quorum_frame(messages: list[_core.Message]) -> bytes:
+        return _encode_frame(_REQUEST, Method.QUORUM, 0, 0, protocol.encode_quorum(messages))
+
+    def _expire(self, now: float) -> None:
+        for key, work in list(self._work.items()):
+            for waiter in [w for w in work.reads if now >= w.deadline]:
+                work.reads.remove(waiter)
+                self._answer_error(waiter.identity, waiter.request_id, Unavailable(
+                    f"node {self.name}: no majority of group {self.group.name} confirmed "
+                    "the key's version in time; try another replica", field="node"))
+            while work.writes and now >= work.writes[0].deadline:
+                waiter = work.writes.popleft()
+                if waiter.proposed:
+                    # Its proposal goes on in the core and may still be chosen: say so.
+                    error: KvError = Timeout(
+                        f"node {self.name}: the write was not confirmed by a majority in "
+                        "time; it may or may not be applied (retry with the same op id)")
+                else:
+                    error = Unavailable(f"node {self.name}: the write could not start in "
+                                        "time; it was not applied", field="node")
+                self._answer_error(waiter.identity, waiter.request_id, error)
+                self._dirty.add(key)
+            if not work.writes and not work.reads:
+                del self._work[key]
+        for key, waiters in list(self._want_barrier.items()):
+            kept = [w for w in waiters if now < w.deadline]  # the expired were answered above
+            if kept:
+                self._want_barrier[key] = kept
+            else:
+                del self._want_barrier[key]
+
+    def _fail_all_writes(self, error: KvError) -> None:
+        for work in self._work.values():
+            for waiter in work.writes:
+                self._answer_error(waiter.identity, waiter.request_id, error)
+            work.writes.clear()
+        self._flush_clients()
+
+    # --- status -------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        status = super().status()
+        now = time.monotonic()
+        quorum = self.quorum
+        peers = {}
+        for peer in self._peers:
+            if peer is None:
+                continue
+            up = bool(peer.heard_at) and now - peer.heard_at < PEER_DOWN_AFTER_S
+            peers[peer.name] = {
+                "index": peer.index,
+                "address": peer.address,
+                "up": up,
+                "last_heard_s": round(now - peer.heard_at, 3) if peer.heard_at else None,
+                "incarnation": peer.incarnation,
+                "pulled_through_lsn": peer.cursor,
+                "peer_last_lsn": peer.last_lsn,
+                "lag_records": max(0, peer.last_lsn - peer.cursor),
+                "has_our_binlog_through": peer.has_through,
+                "needs_snapshot": peer.trimmed_past_us,
+                "faults": {"drop": peer.drop, "delay_ms": peer.delay_ms},
+            }
+        down = [name for name, p in peers.items() if not p["up"]]
+        status.update({
+            "role": self.role,
+            "replica_index": self.index,
+            "replicas": self.replicas,
+            "incarnation": self.incarnation,
+            "health": "ok" if self.voting and not down else
+                      ("degraded" if self.voting else self.role),
+            "peers": peers,
+            "quorum": {
+                "proposals_in_flight": quorum.proposals_in_flight if quorum else 0,
+                "open_instances": quorum.instances if quorum else 0,
+                "fast_path": bool(quorum.fast_path) if quorum else False,
+            },
+            "waiting": {"keys": len(self._work), "barriers": len(self._barriers)},
+        })
+        return status
+
+
+def _plan_check(state: Any, ops: list[tuple[int, bytes, bytes]]) -> None:
+    """Raise the error a mutation would meet on `state` (incr on a non-number, ...)."""
+    _plan(state, ops)
+
+
+__all__ = ["ReplicaNode"]

@@ -1,0 +1,283 @@
+"""A replicated group of 3 real kvsvr-node processes on loopback: every call, convergence of
+the replicas, and the promises under faults: a replica SIGKILLed, SIGSTOPped, restarted, or
+wiped and rebuilt while clients run loses nothing acknowledged, appends and increments stay
+exact, and the recorded history is linearizable."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import kvsvr
+from kvsvr import Client, NotFound, VersionConflict
+from kvsvr.launcher import LocalCluster, write_cluster_config
+from kvsvr.testing.linearizability import INFINITY, UNKNOWN, Op, check
+from tests.test_node import _invoke, test_every_operation_through_the_blocking_client
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[LocalCluster]:
+    """One group of 3 replicas (campuses a, b, c); logs in tmp_path/logs."""
+    local = LocalCluster(write_cluster_config(tmp_path, replicas=3), log_dir=tmp_path / "logs")
+    local.start()
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+def node_client(group: LocalCluster, node: str, **options: Any) -> Client:
+    """A client bound to one replica (no failover): to look at that replica alone."""
+    return Client(address=group.address(node), **{"timeout": 5.0, **options})
+
+
+def status(group: LocalCluster, node: str) -> dict[str, Any]:
+    with node_client(group, node, timeout=2.0) as c:
+        return dict(c.status())
+
+
+def wait_for(condition: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except kvsvr.KvError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not reached in {timeout} s")
+
+
+def converged(group: LocalCluster, keys: list[bytes]) -> dict[bytes, Any]:
+    """Every replica's own copy (local reads) of `keys`, once all three agree."""
+    copies: dict[str, dict[bytes, Any]] = {}
+
+    def same() -> bool:
+        for node in group.nodes:
+            with node_client(group, node) as c:
+                copy = {}
+                for key in keys:
+                    try:
+                        copy[key] = c.get(key, consistency="local")
+                    except NotFound as e:
+                        copy[key] = ("absent", e.version)
+                copies[node] = copy
+        first = copies[group.nodes[0]]
+        return all(copies[n] == first for n in group.nodes)
+
+    wait_for(same, what="replicas converged")
+    return copies[group.nodes[0]]
+
+
+def test_every_operation_on_a_replicated_group(group: LocalCluster):
+    """The single-node suite of calls, unchanged, against 3 replicas."""
+    with group.client(timeout=10.0, attempt_timeout=1.0) as client:
+        test_every_operation_through_the_blocking_client(client)
+        assert client.status()["role"] == "replica"
+
+
+def test_replicas_converge_and_each_status_shows_its_peers(group: LocalCluster):
+    """Writes through any replica reach all three (quorum plus binlog stream); each replica's
+    status names its role, incarnation, binlog position and every peer up with no lag."""
+    keys = [f"k{i}".encode() for i in range(60)]
+    for i, key in enumerate(keys):
+        with node_client(group, group.nodes[i % 3]) as c:
+            c.put(key, b"v%d" % i)
+            c.append(b"inbox", key)
+    copy = converged(group, keys)
+    assert [copy[k].value for k in keys] == [b"v%d" % i for i in range(60)]
+
+    def caught_up() -> bool:
+        for node in group.nodes:
+            s = status(group, node)
+            assert s["role"] == "replica" and s["incarnation"] == 1
+            assert set(s["peers"]) == set(group.nodes) - {node}
+            if not all(p["up"] and p["lag_records"] == 0 for p in s["peers"].values()):
+                return False
+        return True
+
+    wait_for(caught_up, what="every peer up with no lag")
+    for node in group.nodes:
+        with node_client(group, node) as c:
+            page = c.scan(b"inbox", consistency="local")
+            assert sorted(r.value for r in page.rows) == sorted(keys)
+
+
+def test_a_read_on_a_lagging_replica_waits_for_the_majority_version(group: LocalCluster):
+    """A linearizable read never returns an older version than a write acknowledged before it,
+    whichever replica serves it, even one that was cut off from the write's quorum."""
+    for n in range(20):
+        key = f"fresh{n}".encode()
+        writer, reader = random.Random(n).sample(group.nodes, 2)
+        with node_client(group, writer) as w, node_client(group, reader) as r:
+            version = w.put(key, b"x%d" % n)
+            got = r.get(key)
+            assert got.version == version and got.value == b"x%d" % n
+
+
+def test_a_wiped_replica_rebuilds_from_its_peers_and_votes_again(group: LocalCluster,
+                                                                  tmp_path: Path):
+    """n2 loses its disk: it comes back as a new life, copies every peer's data (snapshot)
+    before it votes, and then carries a quorum with n3 while n1 is down."""
+    with node_client(group, "n1") as c:
+        for i in range(200):
+            c.put(f"k{i}", b"v%d" % i)
+        for i in range(30):
+            assert c.append("inbox", b"m%d" % i) == i
+        assert c.incr("counter", 5) == 5
+    group.kill("n2")
+    shutil.rmtree(tmp_path / "data" / "n2")
+    with node_client(group, "n3") as c:
+        for i in range(200, 260):
+            c.put(f"k{i}", b"v%d" % i)
+    group.start("n2")
+    wait_for(lambda: status(group, "n2")["role"] == "replica", what="n2 rebuilt")
+    assert status(group, "n2")["incarnation"] == 2
+    with node_client(group, "n2") as c:
+        assert [c.get(f"k{i}", consistency="local").value for i in range(260)] == \
+            [b"v%d" % i for i in range(260)]
+        assert len(c.scan("inbox", consistency="local").rows) == 30
+    group.kill("n1")
+    with node_client(group, "n2") as c:
+        assert c.incr("counter", 1) == 6           # a quorum of n2 (rebuilt) and n3
+        assert c.append("inbox", b"after") == 30   # exactly once, in sequence
+        assert c.get("k5").value == b"v5"
+    group.start("n1")
+    copy = converged(group, [b"counter", b"k5", b"k259"])
+    assert copy[b"counter"].value == b"6"
+
+
+def test_compare_and_set_on_a_behind_replica_is_decided_by_the_majority(group: LocalCluster):
+    """A CAS expecting the newest version succeeds through any replica, and one expecting an
+    old version conflicts, reporting the current version."""
+    with node_client(group, "n1") as c:
+        version = c.put("cas", b"a")
+        for _ in range(3):
+            version = c.put("cas", b"b", expected_version=version)
+    for node in group.nodes:
+        with node_client(group, node) as c:
+            version = c.put("cas", node.encode(), expected_version=version)
+            with pytest.raises(VersionConflict) as conflict:
+                c.put("cas", b"stale", expected_version=version - 1)
+            assert conflict.value.version == version
+
+
+def _history_worker(group: LocalCluster, process: int, stop: threading.Event,
+                    history: list[Op], lock: threading.Lock,
+                    acked: dict[str, list[Any]]) -> None:
+    rng = random.Random(process)
+    # Workers 0-2 use the failover client (each key to its home replica first); the others
+    # send every call to a replica picked at random, so reads and writes of one key meet
+    # different replicas, lagging ones included.
+    spray = process >= 3
+    clients = [node_client(group, node, timeout=3.0, attempt_timeout=0.5)
+               for node in group.nodes] if spray else []
+    with group.client(timeout=15.0, attempt_timeout=0.5) as failover:
+        while not stop.is_set():
+            client = rng.choice(clients) if spray else failover
+            register = f"reg:{rng.randrange(2)}".encode()
+            inbox = f"inbox:{rng.randrange(2)}".encode()
+            kind = ["get", "put", "cas", "incr", "append", "scan"][rng.randrange(6)]
+            key = inbox if kind in ("append", "scan") else register
+            argument: object = {
+                "get": None, "put": (str(rng.randrange(100)).encode(), None),
+                "cas": (str(rng.randrange(100)).encode(), rng.randrange(1, 40)),
+                "incr": 1, "append": f"m{process}-{rng.random()}".encode(), "scan": None,
+            }[kind]
+            started = time.monotonic()
+            try:
+                value = _invoke(client, kind, key, argument)
+                if kind == "get":
+                    result: Any = ("ok", (value.version, value.value))  # type: ignore[attr-defined]
+                elif kind == "scan":
+                    result = ("ok", tuple(r.value for r in value.rows))  # type: ignore[attr-defined]
+                else:
+                    result = ("ok", value)
+                ended = time.monotonic()
+                if kind == "append":
+                    with lock:
+                        acked["append"].append((key, argument, value))
+            except NotFound as e:
+                result, ended = ("not_found", e.version), time.monotonic()
+            except VersionConflict as e:
+                result, ended = ("conflict", e.version), time.monotonic()
+            except kvsvr.InvalidArgument:
+                result, ended = ("invalid",), time.monotonic()
+            except (kvsvr.Timeout, kvsvr.Unavailable):
+                result, ended = UNKNOWN, INFINITY
+            kind = "put" if kind == "cas" else kind
+            with lock:
+                history.append(Op(process, kind, key, argument, result, started, ended))
+    for c in clients:
+        c.close()
+
+
+@pytest.mark.parametrize("fault", ["sigkill", "sigstop", "wipe"])
+def test_history_under_a_replica_fault_is_linearizable_and_exact(group: LocalCluster,
+                                                                  tmp_path: Path, fault: str):
+    """Threads hammer hot keys (get, put, CAS, incr, append, scan) through the failover
+    client while one replica after another is SIGKILLed and restarted, SIGSTOPped and
+    resumed, or loses its disk and rebuilds. The history must linearize per key, every
+    acknowledged append is in its inbox exactly once at the seq it was given, and the
+    replicas converge."""
+    history: list[Op] = []
+    acked: dict[str, list[Any]] = {"append": []}
+    lock = threading.Lock()
+    stop = threading.Event()
+    threads = [threading.Thread(target=_history_worker,
+                                args=(group, p, stop, history, lock, acked))
+               for p in range(5)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        for victim in ("n1", "n2"):
+            if fault == "sigkill":
+                group.kill(victim)
+                time.sleep(1.5)
+                group.start(victim)
+            elif fault == "sigstop":
+                group.signal(victim, signal.SIGSTOP)
+                time.sleep(2.0)
+                group.signal(victim, signal.SIGCONT)
+            else:
+                group.kill(victim)
+                shutil.rmtree(tmp_path / "data" / victim)
+                time.sleep(0.5)
+                group.start(victim)
+                wait_for(lambda v=victim: status(group, v)["role"] == "replica",
+                         what=f"{victim} rebuilt")
+            time.sleep(1.5)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        stop.set()
+    assert len(history) > 200
+    ok, problem = check(history)
+    if not ok:
+        import pickle
+
+        (tmp_path / "history.pickle").write_bytes(pickle.dumps(
+            [(o.process, o.kind, o.key, o.argument, o.result if o.result is not UNKNOWN
+              else "UNKNOWN", o.call, o.ret) for o in history]))
+    assert ok, f"{problem} (history in {tmp_path / 'history.pickle'})"
+    inboxes = [b"inbox:0", b"inbox:1"]
+    converged(group, inboxes)
+    with group.client(timeout=10.0) as client:
+        rows = {key: {kvsvr.seq_of_row(r.row): r.value
+                      for r in client.scan(key, limit=kvsvr.limits.MAX_SCAN_ROWS).rows}
+                for key in inboxes}
+    for key, value, seq in acked["append"]:
+        assert rows[key].get(seq) == value, f"acknowledged append {value!r} lost or moved"
+    for key in inboxes:
+        values = list(rows[key].values())
+        assert len(values) == len(set(values)), "an append applied twice"
