@@ -185,6 +185,7 @@ class ReplicaNode(Node):
         self._sessions: dict[int, list[Any]] = {}  # copies served: [txn, lsn, last used]
         self._delayed: list[tuple[float, int, int, list[bytes]]] = []
         self._delayed_seq = itertools.count()
+        self._gone: set[tuple[bytes, int]] = set()  # instances forgotten in this transaction
         self._random = random.Random()
         self._hello_sent = 0.0
         self._rebuild_targets: dict[int, int] = {}  # peer -> its last LSN when it sent state
@@ -477,10 +478,9 @@ class ReplicaNode(Node):
                 work = self._work.get(message.key)
                 if work is not None:
                     work.need_floor = max(work.need_floor, message.accepted_ballot)
+                    self._dirty.add(message.key)
                 if peer is not None:
                     peer.next_pull = 0.0  # it has what we miss: ask now
-            if message.key:
-                self._dirty.add(message.key)
 
     def _peer_request(self, method: int, request: Any, txn: Any, now: float) -> Any:
         if method == Method.VERSIONS:
@@ -781,9 +781,8 @@ class ReplicaNode(Node):
         while work.writes:
             waiter = work.writes[0]
             request: MutateRequest = waiter.request
-            if waiter.proposed and quorum.proposing(key, waiter.proposed):
-                return  # in flight
-            waiter.proposed = 0
+            if waiter.proposed:
+                return  # in flight, or decided and not yet applied (see _after_commit)
             try:
                 reply = self.store.remembered(txn, key, request.ops, request.client_id,
                                               request.client_seq)
@@ -921,12 +920,17 @@ class ReplicaNode(Node):
         touched.update(r[1] for r in persist if r[0] == "instance" and r[6] is not None)
         try:
             with self.store.write() as batch:
-                if persist:
-                    batch.persist_quorum(persist)
+                self._gone = set()
                 applied = self._install_pages(batch, pages, touched)
                 applied += self._apply_pulled(batch, pulled, touched)
                 for key in touched:
                     applied += self._apply_chosen(batch, key)
+                if persist:
+                    # An instance applied (and forgotten) in this same transaction needs no
+                    # acceptor record: its version is below the floor from now on.
+                    gone = self._gone
+                    batch.persist_quorum([r for r in persist if r[0] != "instance"
+                                          or (r[1], r[2]) not in gone] if gone else persist)
                 moved = {id(p) for p, _, _ in pulled} | {id(p) for p, _ in pages}
                 for peer in self._peers:
                     if peer is not None and id(peer) in moved:
@@ -949,12 +953,19 @@ class ReplicaNode(Node):
                 raise RuntimeError("quorum asked to persist after forgetting")
             send += more_send
             decided += more_decided
+        self._dirty.update(key for key in touched if key in self._work)
         self._after_commit(send, decided, now)
 
     def _after_commit(self, send: list[_core.Message], decided: list[Any], now: float) -> None:
         if send:
             self._send_quorum(send, now)
-        for key, _version, _value, _own in decided:
+        counters = self.counters
+        for key, version, value, own in decided:
+            counters["decided_own" if own else "decided_taken" if value is None
+                     else "decided_other"] += 1
+            work = self._work.get(key)
+            if work is not None and work.writes and work.writes[0].proposed == version:
+                work.writes[0].proposed = 0  # applied if chosen: the op-id table answers
             self._dirty.add(key)
 
     def _apply_pulled(self, batch: Any, pulled: list[tuple[_Peer, int, list[bytes]]],
@@ -1004,6 +1015,7 @@ class ReplicaNode(Node):
                         version = self.store.key_state(batch.txn, item.key).version
                         for dropped in quorum.forget_through(item.key, version):
                             batch.forget_instance(item.key, dropped)
+                            self._gone.add((item.key, dropped))
             snapshot["installing"] = installing
             snapshot["session"] = reply.session
             snapshot["after"] = reply.next
@@ -1048,6 +1060,7 @@ class ReplicaNode(Node):
                                          record.client_seq, record.key, record.ops)
         quorum.forget(record.key, record.version, chosen)
         batch.forget_instance(record.key, record.version)
+        self._gone.add((record.key, record.version))
 
     def _trim(self, batch: Any) -> None:
         """Binlog every peer has pulled is dropped (the size bound covers a peer down long)."""
