@@ -287,8 +287,11 @@ def test_the_checker_catches_amnesia_in_random_runs():
 @pytest.mark.soak
 @pytest.mark.parametrize("block", range(20))
 def test_soak_many_seeds(block):
+    """2,000 seeds, a quarter with 5 replicas, every other one applying and forgetting with
+    floors as the node does (with disk wipes)."""
     for seed in range(1000 + block * 100, 1000 + (block + 1) * 100):
-        sim = Simulation(seed, replicas=3 if seed % 4 else 5)
+        sim = Simulation(seed, replicas=3 if seed % 4 else 5, apply=seed % 2 == 0,
+                         faults=Faults(wipe=0.001, crash=0.003) if seed % 2 == 0 else None)
         sim.run(5000)
         sim.heal()
         sim.settle()

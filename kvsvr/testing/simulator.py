@@ -43,6 +43,8 @@ class _Node:
     known_version: dict[bytes, int] = field(default_factory=dict)  # highest decided version
     counter: int = 0
     applied: dict[bytes, int] = field(default_factory=dict)  # floors (apply mode; on disk)
+    rebuild_floors: dict[bytes, int] = field(default_factory=dict)  # peers' floors when they
+    # answered this rebuilding life's state requests (apply mode; the node's catch-up target)
 
 
 class Violation(AssertionError):
@@ -71,6 +73,7 @@ class Simulation:
         self.apply = apply
         self.unsafe_floor = unsafe_floor
         self.applied_values: dict[tuple[bytes, int], object] = {}  # what any replica applied
+        self.state_floors: list[dict[bytes, int]] = []  # a STATE answer's sender's floors
         self.now = 0
         self.nodes = [_Node(i, _core.QuorumReplica(i, replicas)) for i in range(replicas)]
         self.in_flight: list[tuple[int, int, _core.Message]] = []
@@ -103,6 +106,14 @@ class Simulation:
                     and _core.ballot_incarnation(accepted_ballot) == node.incarnation):
                 self._record_accept(node.index, key, version, accepted_ballot, accepted_value)
         for message in send:
+            if self.apply and message.kind == _core.MSG_STATE:
+                # As the node stamps its binlog position on a STATE answer: the rebuilding
+                # replica will hold this sender's data as of now before it votes.
+                self.state_floors.append(dict(node.applied))
+                message = _core.Message(message.kind, message.source, message.target,
+                                        message.incarnation, message.key,
+                                        len(self.state_floors) - 1, message.ballot,
+                                        message.accepted_ballot, message.value)
             if message.kind == _core.MSG_ACCEPTED:
                 record = node.disk[("instance", message.key, message.version)]
                 assert record[4] == message.ballot, "ACCEPTED without the acceptance persisted"
@@ -149,7 +160,16 @@ class Simulation:
 
     def _step(self, node: _Node, message: _core.Message) -> None:
         floor = node.applied.get(message.key, 0) if self.apply and not self.unsafe_floor else 0
+        rebuilding = node.replica.rebuilding
+        if self.apply and rebuilding and message.kind == _core.MSG_STATE:
+            for key, version in self.state_floors[message.version].items():
+                node.rebuild_floors[key] = max(node.rebuild_floors.get(key, 0), version)
         node.replica.step(message, float(self.now), floor)
+        if self.apply and rebuilding and not node.replica.rebuilding:
+            # Rebuilt: the data of every peer as of its answer is here before any vote.
+            for key, version in node.rebuild_floors.items():
+                node.applied[key] = max(node.applied.get(key, 0), version)
+            node.rebuild_floors.clear()
         self._drain(node)
         if self.apply and message.kind == _core.MSG_BEHIND:
             self._catch_up(node, message.key)
@@ -194,6 +214,7 @@ class Simulation:
     def crash(self, index: int, wipe: bool = False) -> None:
         node = self.nodes[index]
         node.up = False
+        node.rebuild_floors.clear()
         if wipe:
             node.wiped = True
             node.disk.clear()
@@ -211,13 +232,6 @@ class Simulation:
                                                rebuilding=not self.unsafe_amnesia)
             if self.unsafe_amnesia:  # the bug to catch: vote at once, as if never wiped
                 node.replica.restore([("rebuilt", node.incarnation)])
-            if self.apply:
-                # Data from every peer before voting: floors at least every peer's floors.
-                for other in self.nodes:
-                    if other is not node:
-                        for key, version in other.applied.items():
-                            while node.applied.get(key, 0) < version:
-                                node.applied[key] = node.applied.get(key, 0) + 1
         else:
             node.replica = _core.QuorumReplica(index, self.replicas, node.incarnation)
             node.replica.restore(list(node.disk.values()))
