@@ -1,9 +1,11 @@
 """The asyncio client: `kvsvr.AsyncClient`, the same calls as `Client`, awaited.
 
-Requests issued in one turn of the event loop leave in one ZeroMQ message (so many
-concurrent tasks pipeline for free); one reader task per node resolves answers by request id;
-one sweeper resends requests unanswered for `attempt_timeout` (same ids, so writes apply once)
-and fails those past their deadline with Timeout.
+Requests issued in one turn of the event loop leave in one ZeroMQ message per replica (so many
+concurrent tasks pipeline for free); one reader task per replica resolves answers by request
+id; one sweeper resends requests unanswered for `attempt_timeout` to the next replica of their
+key that is not failing (same op ids, so writes apply once), resends those answered
+Unavailable (or Timeout) once a back-off allows, and fails those past their deadline. Replica
+choice and health are the blocking client's (kvsvr.health): home first, failing ones skipped.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kvsvr.calls import CallSpec
 from kvsvr.client import _Api, check_timeout, connect, make_router, send_frames
 from kvsvr.config import ClusterConfig
 from kvsvr.errors import Internal, KvError, Timeout, Unavailable
+from kvsvr.health import Health
 from kvsvr.limits import CLIENT_ATTEMPT_TIMEOUT_S, DEFAULT_TIMEOUT_S
 
 _encode = p.encode
@@ -33,16 +36,42 @@ _REQUEST = _core.FRAME_REQUEST
 SWEEP_INTERVAL_S = 0.05
 
 
-class _Pending:
-    __slots__ = ("attempt_deadline", "deadline", "frame", "future", "spec")
+class _Call:
+    """One call in flight: its current attempt (address, request_id; address None while it
+    waits for a back-off to end) and its deadlines. Earlier attempts stay in their
+    connection's table until the call is done, so a late answer to one still counts. It ends
+    without an answer as the blocking client's do (see kvsvr.client._Exchange)."""
 
-    def __init__(self, spec: CallSpec, frame: bytes, future: asyncio.Future[Any],
-                 attempt_deadline: float, deadline: float):
+    __slots__ = ("address", "attempt_deadline", "body", "deadline", "exclude", "future",
+                 "refusal", "request_id", "resend_at", "route", "spec", "timeout", "tried",
+                 "unanswered")
+
+    def __init__(self, spec: CallSpec, route: tuple[str, ...], future: asyncio.Future[Any],
+                 now: float, timeout: float):
         self.spec = spec
-        self.frame = frame
+        self.body = _encode(spec.request)
+        self.route = route
         self.future = future
-        self.attempt_deadline = attempt_deadline
-        self.deadline = deadline
+        self.timeout = timeout
+        self.deadline = now + timeout
+        self.attempt_deadline = self.deadline
+        self.address: str | None = None
+        self.request_id = 0
+        self.resend_at = 0.0
+        self.exclude: str | None = None
+        self.tried: list[str] = []
+        self.unanswered = False           # met silence or a Timeout answer: ambiguous
+        self.refusal: KvError | None = None   # the last Unavailable or Timeout answer
+
+    def expired(self) -> KvError:
+        """The error of a call out of time: the last Unavailable if every attempt was
+        answered so, else Timeout (a write may or may not have been applied)."""
+        if self.refusal is not None and not self.unanswered and self.address is None:
+            return self.refusal
+        tried = ", ".join(dict.fromkeys(self.tried)) or "no replica"
+        return Timeout(f"no answer within {self.timeout:.3g} s "
+                       f"({p.Method(self.spec.method).name.lower()}; tried {tried}"
+                       + (f"; last answer: {self.refusal}" if self.refusal else "") + ")")
 
 
 class _Connection:
@@ -51,51 +80,51 @@ class _Connection:
         self.address = address
         # an asyncio socket: its recv() is awaited
         self.socket: Any = connect(client._context, address, client._sockets)
-        self.pending: dict[int, _Pending] = {}
+        self.pending: dict[int, _Call] = {}
         self.outbox: list[bytes] = []
         self.next_id = 1
         self.loop = asyncio.get_running_loop()
         self.reader = self.loop.create_task(self._read())
 
-    def submit(self, spec: CallSpec, timeout: float) -> asyncio.Future[Any]:
-        now = time.monotonic()
+    def send(self, call: _Call, now: float) -> None:
+        """Start an attempt of `call` here (it leaves with this loop turn's other requests)."""
         request_id = self.next_id
         self.next_id += 1
-        frame = _encode_frame(_REQUEST, spec.method, request_id, min(int(timeout * 1000),
-                              0xFFFFFFFF), _encode(spec.request))
-        future = self.loop.create_future()
-        self.pending[request_id] = _Pending(
-            spec, frame, future, now + min(timeout, self.client.attempt_timeout), now + timeout)
+        budget_ms = max(1, min(int((call.deadline - now) * 1000), 0xFFFFFFFF))
+        frame = _encode_frame(_REQUEST, call.spec.method, request_id, budget_ms, call.body)
+        self.pending[request_id] = call
+        call.address = self.address
+        call.request_id = request_id
+        call.attempt_deadline = min(call.deadline, now + self.client.attempt_timeout)
+        call.tried.append(self.address)
         if not self.outbox:
             self.loop.call_soon(self._flush)
         self.outbox.append(frame)
-        return future
 
     def _flush(self) -> None:
         frames, self.outbox = self.outbox, []
         send_frames(self.socket, frames)  # what does not fit now, the sweeper resends
 
-    def sweep(self, now: float) -> None:
-        resend = []
-        for request_id, entry in list(self.pending.items()):
-            if entry.future.done():
+    def sweep(self, now: float, unanswered: list[_Call]) -> None:
+        """Drop finished calls, fail those past their deadline, and collect in `unanswered`
+        the calls whose current attempt is this connection's and has timed out."""
+        address = self.address
+        for request_id, call in list(self.pending.items()):
+            if call.future.done():
                 del self.pending[request_id]
-            elif now >= entry.deadline:
+            elif now >= call.deadline:
                 del self.pending[request_id]
-                entry.future.set_exception(Timeout(
-                    f"no answer from {self.address} "
-                    f"({p.Method(entry.spec.method).name.lower()})"))
-            elif now >= entry.attempt_deadline:
-                entry.attempt_deadline = min(entry.deadline, now + self.client.attempt_timeout)
-                resend.append(entry.frame)
-        if resend:
-            if not self.outbox:
-                self.loop.call_soon(self._flush)
-            self.outbox.extend(resend)
+                call.future.set_exception(call.expired())
+            elif (now >= call.attempt_deadline and call.request_id == request_id
+                  and call.address == address):
+                unanswered.append(call)
 
     async def _read(self) -> None:
         recv = self.socket.recv
         pending = self.pending
+        address = self.address
+        client = self.client
+        health = client.health
         while True:
             try:
                 payload = await recv()
@@ -103,22 +132,37 @@ class _Connection:
                 return
             # A damaged answer is dropped: its request is resent or times out.
             for _kind, status, request_id, _budget, body in _decode_frames(payload)[0]:
-                entry = pending.pop(request_id, None)
-                if entry is None or entry.future.done():
+                call = pending.pop(request_id, None)
+                if call is None or call.future.done():
                     continue
-                spec = entry.spec
+                spec = call.spec
                 try:
-                    entry.future.set_result(spec.finish(p.parse_reply(spec.method, status, body)))
+                    result = spec.finish(p.parse_reply(spec.method, status, body))
+                except (Unavailable, Timeout) as e:  # as in the blocking client's _answer
+                    now = time.monotonic()
+                    health.failed(address, now)
+                    if isinstance(e, Timeout):
+                        call.unanswered = True
+                    if call.address == address and call.request_id == request_id:
+                        call.refusal = e
+                        client._route(call, now, address, paced=True)
+                    continue  # else a later attempt of the call is out: it answers
                 except KvError as e:
-                    entry.future.set_exception(e)
+                    health.succeeded(address)
+                    call.future.set_exception(e)
+                    continue
                 except Exception as e:  # one bad answer fails its call, not the reader
-                    entry.future.set_exception(Internal(f"unreadable answer: {e!r}"))
+                    health.succeeded(address)
+                    call.future.set_exception(Internal(f"unreadable answer: {e!r}"))
+                    continue
+                health.succeeded(address)
+                call.future.set_result(result)
 
     def close(self) -> None:
         self.reader.cancel()
-        for entry in self.pending.values():
-            if not entry.future.done():
-                entry.future.set_exception(Unavailable("client closed"))
+        for call in self.pending.values():
+            if not call.future.done():
+                call.future.set_exception(Unavailable("client closed"))
         self.pending.clear()
         self.socket.close(linger=0)
 
@@ -132,11 +176,13 @@ class AsyncClient(_Api):
         self.timeout = check_timeout("timeout", timeout)
         self.attempt_timeout = check_timeout("attempt_timeout", attempt_timeout)
         self.client_id = client_id or (secrets.randbits(62) | 1)
+        self.health = Health()  # which replicas this client saw failing
         self._seq = itertools.count(1)
         self._context = zmq.asyncio.Context()
         self._connections: dict[str, _Connection] = {}
         self._sockets: list[zmq.Socket] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._waiting: list[_Call] = []  # refused; resent when a back-off ends
         self._closed = False
 
     def _op_id(self) -> tuple[int, int]:
@@ -152,16 +198,67 @@ class AsyncClient(_Api):
                 self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return connection
 
+    def replicas_for(self, spec: CallSpec) -> tuple[str, ...]:
+        """Where `spec` may go, in order of preference (the health decides among them)."""
+        if spec.address is not None:
+            return (spec.address,)
+        return self._router.replicas_for(spec.key)
+
+    def _route(self, call: _Call, now: float, exclude: str | None, *, paced: bool) -> None:
+        """Start the next attempt of `call` on its best replica (as the blocking client's
+        _Exchange._route: paced after an Unavailable answer)."""
+        address, ready_at = self.health.choose(call.route, now, exclude)
+        if paced and ready_at > now:
+            call.address = None
+            if ready_at >= call.deadline and not call.unanswered:
+                call.future.set_exception(call.expired())   # no replica left to ask in time
+                return
+            call.resend_at = ready_at
+            call.exclude = exclude
+            self._waiting.append(call)
+            return
+        self._connection(address).send(call, now)
+        self.health.sending(address, now, self.attempt_timeout)
+
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
-            now = time.monotonic()
-            for connection in list(self._connections.values()):
-                connection.sweep(now)
+            if not self._closed:
+                self._sweep_at(time.monotonic())
+
+    def _sweep_at(self, now: float) -> None:
+        unanswered: list[_Call] = []
+        for connection in list(self._connections.values()):
+            connection.sweep(now, unanswered)
+        failed = set()
+        for call in unanswered:
+            address = call.address
+            assert address is not None  # a current attempt has an address
+            if address not in failed:   # one failure per replica and sweep: same episode
+                failed.add(address)
+                self.health.failed(address, now)
+            call.unanswered = True
+            self._route(call, now, address, paced=False)
+        if self._waiting:
+            waiting, self._waiting = self._waiting, []
+            for call in waiting:
+                if call.future.done():
+                    continue
+                if now >= call.deadline:
+                    call.future.set_exception(call.expired())
+                elif now >= call.resend_at:
+                    self._route(call, now, call.exclude, paced=True)
+                else:
+                    self._waiting.append(call)
 
     def _run(self, spec: CallSpec, timeout: float | None = None) -> asyncio.Future[Any]:
-        connection = self._connection(self._router.address_for(spec.key))
-        return connection.submit(spec, self.timeout if timeout is None else timeout)
+        if self._closed:
+            raise Unavailable("client closed")
+        now = time.monotonic()
+        call = _Call(spec, self.replicas_for(spec), asyncio.get_running_loop().create_future(),
+                     now, self.timeout if timeout is None else timeout)
+        self._route(call, now, None, paced=False)
+        return call.future
 
     async def close(self) -> None:
         self._closed = True
@@ -170,6 +267,10 @@ class AsyncClient(_Api):
         for connection in self._connections.values():
             connection.close()
         self._connections.clear()
+        for call in self._waiting:
+            if not call.future.done():
+                call.future.set_exception(Unavailable("client closed"))
+        self._waiting.clear()
         self._context.term()
 
     async def __aenter__(self) -> AsyncClient:

@@ -7,15 +7,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import msgspec
+
 from kvsvr import protocol as p
-from kvsvr.errors import Internal
+from kvsvr.config import check_client_address
+from kvsvr.errors import Internal, InvalidArgument
+
+LINEARIZABLE = "linearizable"
+LOCAL = "local"
 
 
 class CallSpec(NamedTuple):
-    key: bytes | None          # routes the call; None: any node (ping, status)
+    key: bytes | None          # routes the call to its group, home first; None: any node
     method: int
     request: Any
     finish: Callable[[Any], Any]
+    address: str | None = None  # this node only, no failover (status of every node)
 
 
 def _same(reply: Any) -> Any:
@@ -33,25 +40,39 @@ def _first_result(reply: p.MutateReply) -> int:
     return result
 
 
-def get(key: Any) -> CallSpec:
+# Reads take `consistency`: "linearizable" (the default: the replica checks the key's version
+# with a majority first) or "local" (its own copy at once, possibly stale; the reply says which
+# version it read).
+def get(key: Any, consistency: Any = LINEARIZABLE) -> CallSpec:
     k = p.as_key(key)
-    return CallSpec(k, p.Method.GET, p.GetRequest(k), _same)
+    return CallSpec(k, p.Method.GET, p.GetRequest(k, p.as_consistency(consistency)), _same)
 
 
-def row_get(key: Any, row: Any) -> CallSpec:
+def row_get(key: Any, row: Any, consistency: Any = LINEARIZABLE) -> CallSpec:
     k = p.as_key(key)
     r = p.as_bytes("row", row, min_length=1, max_length=p.MAX_ROW_KEY_BYTES)
-    return CallSpec(k, p.Method.ROW_GET, p.RowGetRequest(k, r), _same)
+    return CallSpec(k, p.Method.ROW_GET,
+                    p.RowGetRequest(k, r, p.as_consistency(consistency)), _same)
 
 
-def scan(key: Any, start: Any, end: Any, limit: Any) -> CallSpec:
-    request = p.scan_request(key, start, end, limit)
+def scan(key: Any, start: Any, end: Any, limit: Any,
+         consistency: Any = LINEARIZABLE) -> CallSpec:
+    request = _with_consistency(p.scan_request(key, start, end, limit), consistency)
     return CallSpec(request.key, p.Method.SCAN, request, _same)
 
 
-def changes(key: Any, since_version: Any, after_row: Any, limit: Any) -> CallSpec:
-    request = p.changes_request(key, since_version, after_row, limit)
+def changes(key: Any, since_version: Any, after_row: Any, limit: Any,
+            consistency: Any = LINEARIZABLE) -> CallSpec:
+    request = _with_consistency(p.changes_request(key, since_version, after_row, limit),
+                                consistency)
     return CallSpec(request.key, p.Method.CHANGES, request, _same)
+
+
+def _with_consistency(request: Any, consistency: Any) -> Any:
+    level = p.as_consistency(consistency)
+    if level == request.consistency:
+        return request
+    return msgspec.structs.replace(request, consistency=level)
 
 
 def mutate(key: Any, ops: list[p.Op], expected_version: Any, op_id: tuple[int, int],
@@ -88,13 +109,27 @@ def row_delete(key: Any, row: Any, expected_version: Any, op_id: tuple[int, int]
     return mutate(key, [p.row_delete_op(row)], expected_version, op_id, _version)
 
 
+def compact(key: Any, through_version: Any, op_id: tuple[int, int]) -> CallSpec:
+    return mutate(key, [p.compact_op(through_version)], None, op_id, _version)
+
+
 def append(key: Any, value: Any, op_id: tuple[int, int]) -> CallSpec:
     return mutate(key, [p.append_op(value)], None, op_id, _first_result)
 
 
-def ping() -> CallSpec:
-    return CallSpec(None, p.Method.PING, p.PingRequest(), _same)
+def _node(address: str | None) -> str | None:
+    if address is not None:
+        if not isinstance(address, str):
+            raise InvalidArgument(f"address: expected a str, got {type(address).__name__}",
+                                  field="address")
+        check_client_address(address)
+    return address
 
 
-def status() -> CallSpec:
-    return CallSpec(None, p.Method.STATUS, p.StatusRequest(), _same)
+def ping(address: str | None = None) -> CallSpec:
+    """Any node of the cluster (the first that is not failing), or the one at `address`."""
+    return CallSpec(None, p.Method.PING, p.PingRequest(), _same, _node(address))
+
+
+def status(address: str | None = None) -> CallSpec:
+    return CallSpec(None, p.Method.STATUS, p.StatusRequest(), _same, _node(address))

@@ -2,7 +2,8 @@
 
 Text output is for people (a get prints the value); --json prints every result as one JSON
 object for scripts. Exit status: 0 ok, 1 not found, 2 bad usage or argument, 3 version
-conflict, 4 timeout or unavailable, 5 any other error.
+conflict, 4 timeout or unavailable (and for `status`: some node did not answer), 5 any other
+error, 6 compacted (resync from version 0).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import sys
 from typing import Any
 
 from kvsvr.client import Client
+from kvsvr.config import ClusterConfig, load
 from kvsvr.errors import (
+    Compacted,
     ConfigError,
     InvalidArgument,
     KvError,
@@ -27,9 +30,12 @@ from kvsvr.limits import DEFAULT_SCAN_ROWS, DEFAULT_TIMEOUT_S
 from kvsvr.protocol import ChangesPage, RowValue, ScanPage, Versioned
 from kvsvr.store import seq_row
 
+STATUS_TIMEOUT_S = 1.0   # `status` waits this long for each node unless --timeout says otherwise
+EXIT_NODE_DOWN = 4
+
 EXIT_CODES: list[tuple[type[Exception], int]] = [
     (NotFound, 1), (InvalidArgument, 2), (ConfigError, 2), (VersionConflict, 3),
-    (Timeout, 4), (Unavailable, 4), (KvError, 5),
+    (Timeout, 4), (Unavailable, 4), (Compacted, 6), (KvError, 5),
 ]
 
 
@@ -115,24 +121,34 @@ def _print_text(command: str, result: Any) -> None:
                   f"{_row_text(result.resume[1])}", file=sys.stderr)
     elif isinstance(result, dict):
         print(json.dumps(result, indent=2, sort_keys=True))
-    elif command in ("put", "delete", "row-put", "row-delete"):
+    elif command in ("put", "delete", "row-put", "row-delete", "compact"):
         print(f"version {result}")
     else:
         print(result)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvsvr", description="KVSvr command-line client.")
+    parser = argparse.ArgumentParser(
+        prog="kvsvr", description="KVSvr command-line client.",
+        epilog="exit status: 0 ok, 1 not found, 2 bad usage or argument, 3 version conflict, "
+               "4 timeout or unavailable (status: some node did not answer), 5 other errors, "
+               "6 compacted (resync from version 0)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--config", help="cluster TOML (default: the embedded config)")
     target.add_argument("--address", help="talk to one node, e.g. tcp://127.0.0.1:7400")
-    parser.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_S,
-                        help="seconds to wait for an answer (default %(default)s)")
+    parser.add_argument("--timeout", type=positive_seconds, default=None,
+                        help=f"seconds to wait for an answer (default {DEFAULT_TIMEOUT_S}; "
+                             f"status: {STATUS_TIMEOUT_S} per node)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help_text, description=help_text)
+
+    def local(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--local", action="store_true",
+                       help="read the replica's own copy without asking a majority first "
+                            "(faster, possibly stale; --json shows the version read)")
 
     def expect(p: argparse.ArgumentParser) -> None:
         p.add_argument("--expect-version", type=int, default=None,
@@ -140,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("get", "print a key's value")
     p.add_argument("key")
+    local(p)
     p = command("put", "store a value; prints the new version")
     p.add_argument("key")
     p.add_argument("value")
@@ -155,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     p = command("row-get", "print a row of a key's table")
     p.add_argument("key")
     p.add_argument("row", type=row_argument, help=row_help)
+    local(p)
     p = command("row-put", "store a row; prints the key's new version")
     p.add_argument("key")
     p.add_argument("row", type=row_argument, help=row_help)
@@ -169,6 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=row_argument, default=b"", help=row_help)
     p.add_argument("--end", type=row_argument, default=None, help=row_help)
     p.add_argument("--limit", type=int, default=DEFAULT_SCAN_ROWS)
+    local(p)
     p = command("append", "append a row (an inbox message); prints its sequence number")
     p.add_argument("key")
     p.add_argument("value")
@@ -179,16 +198,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--after-row", type=row_argument, default=b"",
                    help="continue a page: " + row_help)
     p.add_argument("--limit", type=int, default=DEFAULT_SCAN_ROWS)
-    command("status", "show the node's status")
-    command("ping", "check that the node answers")
+    local(p)
+    p = command("compact", "drop a key's tombstones up to a version; prints the new version")
+    p.add_argument("key")
+    p.add_argument("through_version", type=int)
+    command("status", "ask every node of the cluster (or the one of --address) for its status: "
+                      "one line per node, NODE GROUP CAMPUS ADDRESS up|down DETAILS; exit "
+                      "status 4 if some node does not answer")
+    command("ping", "check that a node answers")
     return parser
 
 
 def run(args: argparse.Namespace, client: Client) -> Any:
     expected = getattr(args, "expect_version", None)
+    consistency = "local" if getattr(args, "local", False) else "linearizable"
     c = args.command
     if c == "get":
-        return client.get(args.key)
+        return client.get(args.key, consistency=consistency)
     if c == "put":
         return client.put(args.key, args.value, expected_version=expected)
     if c == "delete":
@@ -196,35 +222,109 @@ def run(args: argparse.Namespace, client: Client) -> Any:
     if c == "incr":
         return client.incr(args.key, args.delta, expected_version=expected)
     if c == "row-get":
-        return client.row_get(args.key, args.row)
+        return client.row_get(args.key, args.row, consistency=consistency)
     if c == "row-put":
         return client.row_put(args.key, args.row, args.value, expected_version=expected)
     if c == "row-delete":
         return client.row_delete(args.key, args.row, expected_version=expected)
     if c == "scan":
-        return client.scan(args.key, args.start, args.end, args.limit)
+        return client.scan(args.key, args.start, args.end, args.limit, consistency=consistency)
     if c == "append":
         return client.append(args.key, args.value)
     if c == "changes":
         return client.changes(args.key, args.since_version, after_row=args.after_row,
-                              limit=args.limit)
-    if c == "status":
+                              limit=args.limit, consistency=consistency)
+    if c == "compact":
+        return client.compact(args.key, args.through_version)
+    if c == "status":  # main() asks every node; this is the one node the client picks
         return client.status()
     if c == "ping":
         return client.ping()
     raise AssertionError(c)
 
 
+def cluster_status(config: ClusterConfig | None, address: str | None,
+                   timeout: float) -> list[dict[str, Any]]:
+    """Ask every node of `config` (or the one at `address`) for its status, all at once: one
+    dict per node, in config order; its status dict and "up": True, or "up": False and
+    "error" when it did not answer within `timeout`."""
+    if address is not None:
+        nodes = [{"node": None, "group": None, "campus": None, "address": address}]
+    else:
+        assert config is not None
+        nodes = [{"node": r.node, "group": g.name, "campus": r.campus, "address": r.address}
+                 for g in config.groups for r in g.replicas]
+    with Client(config, address=address, timeout=timeout,
+                attempt_timeout=min(1.0, timeout)) as client:
+        pipeline = client.pipeline()
+        for node in nodes:
+            pipeline.status(address=node["address"])
+        answers = pipeline.execute(timeout=timeout)
+    rows = []
+    for node, answer in zip(nodes, answers, strict=True):
+        if isinstance(answer, KvError):
+            rows.append({**node, "up": False, "error": str(answer)})
+        else:
+            known = {k: v for k, v in node.items() if v is not None}
+            rows.append({**known, **answer, "address": node["address"], "up": True})
+    return rows
+
+
+def _status_line(row: dict[str, Any]) -> str:
+    columns = [str(row.get(name) or "-") for name in ("node", "group", "campus", "address")]
+    if not row["up"]:
+        return "\t".join([*columns, "down", row.get("error", "")])
+    details = []
+    if "role" in row:
+        details.append(f"role={row['role']}")
+    store = row.get("store")
+    if isinstance(store, dict) and "binlog_last_lsn" in store:
+        details.append(f"lsn={store['binlog_last_lsn']}")
+    if "uptime_s" in row:
+        details.append(f"uptime_s={row['uptime_s']}")
+    peers = row.get("peers")
+    if isinstance(peers, dict) and peers:
+        described = []
+        for name, peer in sorted(peers.items()):
+            if isinstance(peer, dict):
+                state = "up" if peer.get("up") else "down"
+                lag = peer.get("lag_records")
+                described.append(f"{name}:{state}" + (f",lag={lag}" if lag is not None else ""))
+            else:
+                described.append(f"{name}:{peer}")
+        details.append("peers=" + ";".join(described))
+    if "health" in row:
+        health = row["health"]
+        details.append("health=" + (json.dumps(health, sort_keys=True, separators=(",", ":"))
+                                    if isinstance(health, dict | list) else str(health)))
+    return "\t".join([*columns, "up", " ".join(details)])
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = None if args.address else load(args.config)
+    rows = cluster_status(config, args.address, args.timeout or STATUS_TIMEOUT_S)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            print(_status_line(row))
+    return 0 if all(row["up"] for row in rows) else EXIT_NODE_DOWN
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        with Client(args.config, address=args.address, timeout=args.timeout,
-                    attempt_timeout=min(1.0, args.timeout)) as client:
+        if args.command == "status":
+            return _status(args)
+        timeout = args.timeout or DEFAULT_TIMEOUT_S
+        with Client(args.config, address=args.address, timeout=timeout,
+                    attempt_timeout=min(1.0, timeout)) as client:
             result = run(args, client)
     except (KvError, ConfigError) as e:
         code = next(code for cls, code in EXIT_CODES if isinstance(e, cls))
         kinds: dict[type, str] = {NotFound: "not found", VersionConflict: "version conflict",
-                                  Timeout: "timeout", Unavailable: "unavailable"}
+                                  Timeout: "timeout", Unavailable: "unavailable",
+                                  Compacted: "compacted"}
         kind = kinds.get(type(e), "error")
         if code == 2:
             kind = "invalid"

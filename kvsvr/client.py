@@ -1,13 +1,17 @@
 """The blocking client: `kvsvr.Client`.
 
-Each call routes its key (xxh64 -> virtual shard -> group), sends one request and waits for
-the answer within a deadline. A request unanswered after `attempt_timeout` is sent again
-with the same request id and operation id, so a node restart or a lost message costs a retry,
-and a write that was already applied is answered from the node's op-id table instead of being
-applied twice. `pipeline()` sends many calls in one message; `batch(key)` commits several
-mutations of one key atomically as one version.
+Each call routes its key (xxh64 -> virtual shard -> group) to the group's replicas, the key's
+home replica first (it commits writes on the fast path), and waits for the answer within a
+deadline. A request unanswered after `attempt_timeout`, or answered Unavailable (or Timeout:
+the replica could not finish it in time), is sent to the next replica of the key that is not
+failing, with the same operation id: the replicas
+dedupe by op id, so a write that was already applied is answered from the op-id table instead
+of being applied twice, whichever replica the retry reaches. The client remembers which
+replicas failed (kvsvr.health) and skips them until their back-off ends, then probes them
+again. `pipeline()` sends many calls at once, one message per replica; `batch(key)` commits
+several mutations of one key atomically as one version.
 
-A Client may be shared by threads (each thread gets its own socket); create one per process
+A Client may be shared by threads (each thread gets its own sockets); create one per process
 after fork.
 """
 
@@ -27,7 +31,8 @@ from kvsvr import _core, calls
 from kvsvr import protocol as p
 from kvsvr.calls import CallSpec
 from kvsvr.config import ClusterConfig, check_client_address, load
-from kvsvr.errors import Internal, InvalidArgument, KvError, Timeout
+from kvsvr.errors import Internal, InvalidArgument, KvError, Timeout, Unavailable
+from kvsvr.health import Health
 from kvsvr.limits import (
     CLIENT_ATTEMPT_TIMEOUT_S,
     CLIENT_QUEUE_MESSAGES,
@@ -36,6 +41,8 @@ from kvsvr.limits import (
 )
 from kvsvr.protocol import MutateReply
 from kvsvr.sharding import Router
+
+LINEARIZABLE = calls.LINEARIZABLE
 
 _encode = p.encode
 _encode_frame = _core.encode_frame
@@ -70,9 +77,11 @@ class _Api:
         raise NotImplementedError
 
     # Key-Value
-    def get(self, key: Any) -> Any:
-        """(version, value) of `key`; raises NotFound (with the key's version) if it has none."""
-        return self._run(calls.get(key))
+    def get(self, key: Any, *, consistency: str = LINEARIZABLE) -> Any:
+        """(version, value) of `key`; raises NotFound (with the key's version) if it has none.
+        consistency="local" reads the replica's own copy without asking a majority (faster,
+        possibly stale; the version says what was read)."""
+        return self._run(calls.get(key, consistency))
 
     def put(self, key: Any, value: Any, *, expected_version: int | None = None) -> Any:
         """Store `value`; returns the key's new version. CAS if `expected_version` is given."""
@@ -87,8 +96,8 @@ class _Api:
         return self._run(calls.incr(key, delta, expected_version, self._op_id()))
 
     # Key-Table
-    def row_get(self, key: Any, row: Any) -> Any:
-        return self._run(calls.row_get(key, row))
+    def row_get(self, key: Any, row: Any, *, consistency: str = LINEARIZABLE) -> Any:
+        return self._run(calls.row_get(key, row, consistency))
 
     def row_put(self, key: Any, row: Any, value: Any, *,
                 expected_version: int | None = None) -> Any:
@@ -98,28 +107,35 @@ class _Api:
         return self._run(calls.row_delete(key, row, expected_version, self._op_id()))
 
     def scan(self, key: Any, start: Any = b"", end: Any = None,
-             limit: int = DEFAULT_SCAN_ROWS) -> Any:
+             limit: int = DEFAULT_SCAN_ROWS, *, consistency: str = LINEARIZABLE) -> Any:
         """Rows with start <= row < end (end None: to the last row), at most `limit`."""
-        return self._run(calls.scan(key, start, end, limit))
+        return self._run(calls.scan(key, start, end, limit, consistency))
 
     def append(self, key: Any, value: Any) -> Any:
         """Add a row under the next sequence number of `key` (an inbox); returns the seq."""
         return self._run(calls.append(key, value, self._op_id()))
 
+    def compact(self, key: Any, through_version: int) -> Any:
+        """Drop the key's tombstones of versions up to `through_version` (a mutation: returns
+        the new version). changes() from before it then raises Compacted: resync from 0."""
+        return self._run(calls.compact(key, through_version, self._op_id()))
+
     def changes(self, key: Any, since_version: int, *, after_row: Any = b"",
-                limit: int = DEFAULT_SCAN_ROWS) -> Any:
+                limit: int = DEFAULT_SCAN_ROWS, consistency: str = LINEARIZABLE) -> Any:
         """Rows changed or deleted after `since_version` (tombstones included)."""
-        return self._run(calls.changes(key, since_version, after_row, limit))
+        return self._run(calls.changes(key, since_version, after_row, limit, consistency))
 
     def batch(self, key: Any, *, expected_version: int | None = None) -> Batch:
         """Collect mutations of one key; `commit()` applies them atomically as one version."""
         return Batch(self, key, expected_version)
 
-    def ping(self) -> Any:
-        return self._run(calls.ping())
+    def ping(self, *, address: str | None = None) -> Any:
+        """Any node that answers (or the node at `address`): {"node": name}."""
+        return self._run(calls.ping(address))
 
-    def status(self) -> Any:
-        return self._run(calls.status())
+    def status(self, *, address: str | None = None) -> Any:
+        """A node's status dict: any node that answers, or the node at `address`."""
+        return self._run(calls.status(address))
 
 
 class Batch:
@@ -155,6 +171,10 @@ class Batch:
         self.ops.append(p.append_op(value))
         return self
 
+    def compact(self, through_version: int) -> Batch:
+        self.ops.append(p.compact_op(through_version))
+        return self
+
     def commit(self) -> Any:
         """MutateReply: the new version and per-op results (blocking client: the reply;
         asyncio client: an awaitable of it)."""
@@ -176,6 +196,7 @@ class Client(_Api):
         # Random per client instance: op ids (client_id, seq) must never repeat. Pass one only
         # to resume a client's own sequence, never to share it between live clients.
         self.client_id = client_id or (secrets.randbits(62) | 1)
+        self.health = Health()  # which replicas this client saw failing, shared by its threads
         self._seq = itertools.count(1)
         self._context = zmq.Context()
         self._local = threading.local()
@@ -187,10 +208,16 @@ class Client(_Api):
         return self.client_id, next(self._seq)
 
     def _run(self, spec: CallSpec, timeout: float | None = None) -> Any:
-        result = self._exchange(self._router.address_for(spec.key), [spec], timeout)[0]
+        result = _Exchange(self, [spec], timeout).run()[0]
         if isinstance(result, KvError):
             raise result
         return result
+
+    def replicas_for(self, spec: CallSpec) -> tuple[str, ...]:
+        """Where `spec` may go, in order of preference (the health decides among them)."""
+        if spec.address is not None:
+            return (spec.address,)
+        return self._router.replicas_for(spec.key)
 
     def pipeline(self) -> Pipeline:
         """Queue calls and send them together: `p = c.pipeline(); p.get(k); p.execute()`."""
@@ -211,6 +238,7 @@ class Client(_Api):
 
     # --- transport -------------------------------------------------------------------------
     def _socket(self, address: str) -> tuple[zmq.Socket, list[int]]:
+        """This thread's socket to `address` and its next request id (ids are per socket)."""
         if os.getpid() != self._pid:
             raise RuntimeError("a kvsvr.Client cannot be used across fork: create one per process")
         sockets = getattr(self._local, "sockets", None)
@@ -223,58 +251,215 @@ class Client(_Api):
             entry = sockets[address] = (socket, [1])
         return entry
 
-    def _exchange(self, address: str, specs: list[CallSpec],
-                  timeout: float | None = None) -> list[Any]:
-        """Send `specs` to one node in one message; results in order (errors as values)."""
-        socket, next_id = self._socket(address)
-        timeout = self.timeout if timeout is None else timeout
+
+class _Attempt:
+    """Requests sent to one replica in one message, and when they count as unanswered."""
+
+    __slots__ = ("address", "end", "first_id", "indexes")
+
+    def __init__(self, address: str, end: float, indexes: list[int], first_id: int):
+        self.address = address
+        self.end = end
+        self.indexes = indexes      # indexes[k] went with request id first_id + k
+        self.first_id = first_id
+
+
+class _Exchange:
+    """One call or pipeline in flight on the calling thread: send each request to the first
+    usable replica of its key, then resend what a replica leaves unanswered for
+    `attempt_timeout` (or answers Unavailable or Timeout) to the next one, until every request
+    has its answer or the deadline passes. A request keeps its op id on every replica; its
+    request id is new on each socket, and the answer of any of its attempts that comes first
+    is the one (a late one from an earlier attempt is as good as the latest: same operation).
+
+    How a request ends without an answer: if every attempt was answered Unavailable, with the
+    last Unavailable, as soon as no replica can be asked again before the deadline (the
+    replicas said no; nothing is left in flight); if any attempt went unanswered or was
+    answered Timeout, with Timeout at the deadline (that replica may have applied a write)."""
+
+    def __init__(self, client: Client, specs: list[CallSpec], timeout: float | None):
+        self.client = client
+        self.health = client.health
+        self.specs = specs
+        self.timeout = client.timeout if timeout is None else timeout
+        self.deadline = time.monotonic() + self.timeout
+        count = len(specs)
+        self.results: list[Any] = [None] * count
+        self.done = [False] * count
+        self.remaining = count
+        self.bodies = [_encode(spec.request) for spec in specs]
+        self.routes = [client.replicas_for(spec) for spec in specs]
+        # The attempt now responsible for each request: (address, request id), or None while
+        # the request waits for a replica's back-off to end (it answered Unavailable/Timeout).
+        self.current: list[tuple[str, int] | None] = [None] * count
+        self.attempts: list[_Attempt] = []          # in flight, timer running
+        self.tried: list[_Attempt] = []             # every attempt, for the Timeout message
+        self.waiting: dict[int, tuple[float, str]] = {}   # index -> (resend at, excluded)
+        self.refusals: dict[int, KvError] = {}      # index -> its last Unavailable/Timeout
+        self.unanswered: set[int] = set()           # indexes that met silence or a Timeout
+        # address -> (socket, request id -> index): ids of every attempt of this exchange
+        self.sockets: dict[str, tuple[zmq.Socket, dict[int, int]]] = {}
+        self.poller: zmq.Poller | None = None
+
+    def run(self) -> list[Any]:
         now = time.monotonic()
-        deadline = now + timeout
-        budget_ms = min(int(timeout * 1000), 0xFFFFFFFF)
-        frames: dict[int, bytes] = {}
-        pending: dict[int, int] = {}
+        self._route(range(len(self.specs)), now, None, paced=False)
+        while self.remaining:
+            now = time.monotonic()
+            if now >= self.deadline:
+                self._expire()
+                break
+            self._check_timers(now)
+            wake = self.deadline
+            for attempt in self.attempts:
+                wake = min(wake, attempt.end)
+            for at, _ in self.waiting.values():
+                wake = min(wake, at)
+            self._wait(wake - now)
+            self._receive()
+        return self.results
+
+    # --- sending ---------------------------------------------------------------------------
+    def _route(self, indexes: Any, now: float, exclude: str | None, *, paced: bool) -> None:
+        """Send `indexes` to their best replica now, grouped per replica (one message each).
+        paced: after an Unavailable/Timeout answer, a failing replica is not asked before its
+        back-off ends (a silent replica already cost a whole attempt; this one answered at
+        once, and asking again at once would spin)."""
+        by_address: dict[str, list[int]] = {}
+        choose = self.health.choose
+        for index in indexes:
+            address, ready_at = choose(self.routes[index], now, exclude)
+            if paced and ready_at > now:
+                if ready_at >= self.deadline and index not in self.unanswered:
+                    self._finish(index, self.refusals[index])
+                else:
+                    self.waiting[index] = (ready_at, exclude or "")
+                continue
+            by_address.setdefault(address, []).append(index)
+        for address, group in by_address.items():
+            self._send(address, group, now)
+
+    def _send(self, address: str, indexes: list[int], now: float) -> None:
+        client = self.client
+        entry = self.sockets.get(address)
+        socket, next_id = client._socket(address)
+        if entry is None:
+            entry = self.sockets[address] = (socket, {})
+            if len(self.sockets) == 2:  # more than one replica: poll them together
+                self.poller = zmq.Poller()
+                for registered, _ in self.sockets.values():
+                    self.poller.register(registered, zmq.POLLIN)
+            elif self.poller is not None:
+                self.poller.register(socket, zmq.POLLIN)
+        ids = entry[1]
+        budget_ms = max(1, min(int((self.deadline - now) * 1000), 0xFFFFFFFF))
+        frames = []
         request_id = next_id[0]
-        for index, spec in enumerate(specs):
-            frames[request_id] = _encode_frame(_REQUEST, spec.method, request_id, budget_ms,
-                                               _encode(spec.request))
-            pending[request_id] = index
+        specs, bodies, current = self.specs, self.bodies, self.current
+        for index in indexes:
+            frames.append(_encode_frame(_REQUEST, specs[index].method, request_id, budget_ms,
+                                        bodies[index]))
+            ids[request_id] = index
+            current[index] = (address, request_id)
             request_id += 1
         next_id[0] = request_id
-        results: list[Any] = [None] * len(specs)
-        send_frames(socket, list(frames.values()))
-        attempt_deadline = min(deadline, now + self.attempt_timeout)
-        while pending:
-            now = time.monotonic()
-            if now >= attempt_deadline:
-                if now >= deadline:
-                    for index in pending.values():
-                        results[index] = Timeout(
-                            f"no answer from {address} within {timeout:.3g} s "
-                            f"({p.Method(specs[index].method).name.lower()})")
-                    break
-                send_frames(socket, [frames[rid] for rid in pending])  # same ids: retries dedupe
-                attempt_deadline = min(deadline, now + self.attempt_timeout)
-                continue
-            if not socket.poll(int((attempt_deadline - now) * 1000) + 1):
-                continue
-            while pending:
+        attempt = _Attempt(address, min(self.deadline, now + client.attempt_timeout), indexes,
+                           request_id - len(indexes))
+        self.attempts.append(attempt)
+        self.tried.append(attempt)
+        self.health.sending(address, now, client.attempt_timeout)
+        send_frames(socket, frames)
+
+    def _check_timers(self, now: float) -> None:
+        if self.waiting:
+            due = [index for index, (at, _) in self.waiting.items() if now >= at]
+            for index in due:
+                _, exclude = self.waiting.pop(index)
+                if not self.done[index]:
+                    self._route([index], now, exclude or None, paced=True)
+        expired = [a for a in self.attempts if now >= a.end]
+        for attempt in expired:
+            self.attempts.remove(attempt)
+            address = attempt.address
+            current = self.current
+            # Only requests this attempt is still responsible for: not those answered, nor
+            # those already sent elsewhere (or again) after an Unavailable/Timeout answer.
+            unanswered = [i for k, i in enumerate(attempt.indexes)
+                          if current[i] == (address, attempt.first_id + k)]
+            if unanswered:
+                self.unanswered.update(unanswered)
+                self.health.failed(address, now)
+                self._route(unanswered, now, address, paced=False)
+
+    # --- receiving -------------------------------------------------------------------------
+    def _wait(self, seconds: float) -> None:
+        timeout_ms = int(seconds * 1000) + 1
+        if self.poller is not None:
+            self.poller.poll(timeout_ms)
+        else:
+            next(iter(self.sockets.values()))[0].poll(timeout_ms)
+
+    def _receive(self) -> None:
+        # A list: answering may open a socket to another replica (an Unavailable answer).
+        for address, (socket, ids) in list(self.sockets.items()):
+            while self.remaining:
                 try:
                     payload = socket.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 # A damaged answer is dropped: its request is resent or times out.
-                for _kind, status, rid, _budget, body in _decode_frames(payload)[0]:
-                    index = pending.pop(rid, -1)
-                    if index < 0:
-                        continue  # answer to an earlier attempt or an abandoned call
-                    spec = specs[index]
-                    try:
-                        results[index] = spec.finish(p.parse_reply(spec.method, status, body))
-                    except KvError as e:
-                        results[index] = e
-                    except Exception as e:  # an answer that does not fit its call
-                        results[index] = Internal(f"unreadable answer: {e!r}")
-        return results
+                for _kind, status, request_id, _budget, body in _decode_frames(payload)[0]:
+                    index = ids.pop(request_id, -1)
+                    if index >= 0 and not self.done[index]:
+                        self._answer(index, address, request_id, status, body)
+
+    def _answer(self, index: int, address: str, request_id: int, status: int,
+                body: Any) -> None:
+        spec = self.specs[index]
+        try:
+            result = spec.finish(p.parse_reply(spec.method, status, body))
+        except (Unavailable, Timeout) as e:
+            # The replica could not serve it (now, or in time): another one may. A Timeout
+            # answer means the write may be under way there, so the request is ambiguous.
+            now = time.monotonic()
+            self.health.failed(address, now)
+            if isinstance(e, Timeout):
+                self.unanswered.add(index)
+            if self.current[index] == (address, request_id):  # else: a later attempt is out
+                self.current[index] = None
+                self.refusals[index] = e
+                self._route([index], now, address, paced=True)
+            return
+        except KvError as e:
+            result = e
+        except Exception as e:  # an answer that does not fit its call
+            result = Internal(f"unreadable answer: {e!r}")
+        self.health.succeeded(address)
+        self._finish(index, result)
+
+    def _finish(self, index: int, result: Any) -> None:
+        self.results[index] = result
+        self.done[index] = True
+        self.remaining -= 1
+
+    def _expire(self) -> None:
+        tried: dict[int, dict[str, None]] = {}
+        for attempt in self.tried:
+            for index in attempt.indexes:
+                tried.setdefault(index, {})[attempt.address] = None
+        for index, done in enumerate(self.done):
+            if done:
+                continue
+            reason = self.refusals.get(index)
+            if (reason is not None and index not in self.unanswered
+                    and self.current[index] is None):
+                self.results[index] = reason   # every attempt answered: Unavailable
+                continue
+            self.results[index] = Timeout(
+                f"no answer within {self.timeout:.3g} s "
+                f"({p.Method(self.specs[index].method).name.lower()}; tried "
+                f"{', '.join(tried.get(index, ())) or 'no replica'}"
+                + (f"; last answer: {reason}" if reason else "") + ")")
 
 
 def send_frames(socket: zmq.Socket, frames: list[bytes]) -> None:
@@ -305,7 +490,7 @@ def connect(context: zmq.Context, address: str, register: list[zmq.Socket]) -> z
 
 
 class Pipeline(_Api):
-    """Calls queued and sent together per node; `execute()` returns results in call order,
+    """Calls queued and sent together per replica; `execute()` returns results in call order,
     each a result or the KvError it raised (or raises the first with raise_errors=True)."""
 
     def __init__(self, client: Client):
@@ -322,15 +507,10 @@ class Pipeline(_Api):
         return len(self._specs)
 
     def execute(self, *, raise_errors: bool = False, timeout: float | None = None) -> list[Any]:
+        """Send every queued call (one message per replica, all replicas at once) and wait
+        for all the answers, failing over per call as a single call does."""
         specs, self._specs = self._specs, []
-        by_address: dict[str, list[int]] = {}
-        for index, spec in enumerate(specs):
-            by_address.setdefault(self._client._router.address_for(spec.key), []).append(index)
-        results: list[Any] = [None] * len(specs)
-        for address, indexes in by_address.items():
-            answers = self._client._exchange(address, [specs[i] for i in indexes], timeout)
-            for index, answer in zip(indexes, answers, strict=True):
-                results[index] = answer
+        results = _Exchange(self._client, specs, timeout).run() if specs else []
         if raise_errors:
             for result in results:
                 if isinstance(result, KvError):

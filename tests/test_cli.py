@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kvsvr.launcher import LocalCluster
+from kvsvr.launcher import LocalCluster, write_cluster_config
 
 
 @pytest.fixture
@@ -31,8 +31,27 @@ def test_cli_round_trip(kv):
     kv("row-put", "t", "a", "1")
     kv("row-delete", "t", "a")
     assert kv("changes", "t", "0").stdout.splitlines() == ["2\ta\tdeleted\t"]
-    status = json.loads(kv("status").stdout)
+    [status] = json.loads(kv("--json", "status").stdout)
     assert status["node"] == "n1" and status["store"]["binlog_last_lsn"] == 6
+    assert status["up"] is True and status["address"].startswith("tcp://127.0.0.1:")
+    assert kv("get", "greeting", "--local").stdout == "hello\n"
+    assert kv("scan", "inbox", "--local", "--limit", "1").stdout == "#0\t1\tfirst\n"
+
+
+def test_cli_compaction_and_resync(kv):
+    """Tombstones are kept until compaction; a diff from before it says to resync from 0."""
+    kv("row-put", "contacts", "bob", "friend")       # v1
+    kv("row-delete", "contacts", "bob")              # v2: a tombstone
+    kv("row-put", "contacts", "eve", "colleague")    # v3
+    assert kv("changes", "contacts", "1").stdout.splitlines() == [
+        "2\tbob\tdeleted\t", "3\teve\tput\tcolleague"]
+    assert kv("compact", "contacts", "2").stdout == "version 4\n"
+    stale = kv("changes", "contacts", "1")
+    assert stale.returncode == 6 and "resync from version 0" in stale.stderr
+    assert kv("changes", "contacts", "0").stdout.splitlines() == ["3\teve\tput\tcolleague"]
+    assert kv("changes", "contacts", "2").stdout.splitlines() == ["3\teve\tput\tcolleague"]
+    too_far = kv("compact", "contacts", "99")
+    assert too_far.returncode == 2 and "through_version" in too_far.stderr
 
 
 def test_cli_exit_statuses(kv):
@@ -45,6 +64,38 @@ def test_cli_exit_statuses(kv):
     assert invalid.returncode == 2 and "key" in invalid.stderr
     unknown = kv("frobnicate")
     assert unknown.returncode == 2
+
+
+def test_cli_status_asks_every_node_and_reports_the_silent_ones(tmp_path):
+    """`kvsvr status` asks every node of the config, one line each (node, group, campus,
+    address, up|down, details); a node that does not answer is "down" and the exit status 4."""
+    config = write_cluster_config(tmp_path, groups=2, replicas=1, sync=False)
+    cluster = LocalCluster(config, log_dir=tmp_path / "logs")
+    cluster.start()
+    try:
+        def status(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "kvsvr.cli", "--config", str(config),
+                                   *args, "status"], capture_output=True, text=True, timeout=60)
+
+        both = status()
+        assert both.returncode == 0, both.stderr
+        lines = [line.split("\t") for line in both.stdout.splitlines()]
+        assert [line[:5] for line in lines] == [
+            ["n1", "g1", "a", cluster.address("n1"), "up"],
+            ["n2", "g2", "a", cluster.address("n2"), "up"]]
+        assert all("role=single" in line[5] and "lsn=0" in line[5] for line in lines)
+        cluster.kill("n2")
+        one_down = status("--json", "--timeout", "0.5")
+        assert one_down.returncode == 4
+        rows = json.loads(one_down.stdout)
+        assert [(r["node"], r["up"]) for r in rows] == [("n1", True), ("n2", False)]
+        assert rows[0]["store"]["binlog_last_lsn"] == 0 and "no answer" in rows[1]["error"]
+        text = status("--timeout", "0.5")
+        assert text.returncode == 4
+        assert text.stdout.splitlines()[1].split("\t")[:5] == [
+            "n2", "g2", "a", cluster.address("n2"), "down"]
+    finally:
+        cluster.stop()
 
 
 def test_cli_timeout_when_nothing_listens():
