@@ -1,9 +1,11 @@
-"""`kvsvr-demo`: start a local node on the embedded config and run a messenger-like workload.
+"""`kvsvr-demo`: start the embedded default cluster (one group of 3 replicas, one per campus)
+and run a messenger-like workload on it.
 
 It registers accounts (compare-and-set create), delivers messages into inboxes (append) with
-unread counters (incr), kills the node with SIGKILL halfway and restarts it while clients
-keep going, then checks that every acknowledged write is there exactly once and syncs an
-inbox with `changes`. It ends with a summary and exits non-zero if any check failed.
+unread counters (incr), SIGKILLs one replica halfway while clients keep going (they fail over
+to the other two), restarts it and watches it catch up, then checks that every acknowledged
+write is there exactly once and syncs an inbox with `changes`. It ends with a summary (and
+every replica's status) and exits non-zero if any check failed.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from tqdm import tqdm
 from kvsvr.aio import AsyncClient
 from kvsvr.client import Client
 from kvsvr.errors import NotFound
-from kvsvr.launcher import LocalCluster, write_single_node_config
+from kvsvr.launcher import LocalCluster, write_default_config
 
 CONCURRENCY = 32
+VICTIM = "n1"            # the replica the demo kills halfway
+DOWN_S = 2.0             # how long it stays down while the workload goes on
 
 
 def _percentile(samples: list[float], q: float) -> float:
@@ -37,13 +41,13 @@ def _percentile(samples: list[float], q: float) -> float:
 
 
 def prepare(directory: Path) -> Path:
-    """A fresh demo directory with a config made from the embedded default on a free port."""
+    """A fresh demo directory with a config made from the embedded default on free ports."""
     if (directory / "cluster.toml").exists():
         shutil.rmtree(directory / "data", ignore_errors=True)  # only what the demo made
         shutil.rmtree(directory / "logs", ignore_errors=True)
     elif directory.exists() and any(directory.iterdir()):
         raise SystemExit(f"kvsvr-demo: {directory} exists and is not a demo directory")
-    return write_single_node_config(directory)
+    return write_default_config(directory)
 
 
 async def workload(cluster: LocalCluster, users: int, messages: int, kill: bool,
@@ -88,13 +92,16 @@ async def workload(cluster: LocalCluster, users: int, messages: int, kill: bool,
                 nonlocal restart_s
                 while sent < kill_at:
                     await asyncio.sleep(0.01)
-                bar.write(f"-- SIGKILL node n1 after {sent} messages sent; restarting it")
+                bar.write(f"-- SIGKILL replica {VICTIM} after {sent} messages; the other two "
+                          f"carry on (clients fail over), {VICTIM} stays down {DOWN_S:.0f} s")
+                await asyncio.to_thread(cluster.kill, VICTIM)
+                await asyncio.sleep(DOWN_S)
                 started = time.perf_counter()
-                await asyncio.to_thread(cluster.kill, "n1")
-                await asyncio.to_thread(cluster.start, "n1")
+                await asyncio.to_thread(cluster.start, VICTIM)
+                await asyncio.to_thread(_wait_caught_up, cluster, VICTIM)
                 restart_s = time.perf_counter() - started
-                bar.write(f"-- node n1 back after {restart_s:.2f} s; clients resend, "
-                          "op ids keep retries exactly-once")
+                bar.write(f"-- {VICTIM} restarted and caught up from its peers' binlogs in "
+                          f"{restart_s:.2f} s; clients return to it")
 
             tasks = [deliver() for _ in range(CONCURRENCY)]
             if kill:
@@ -132,6 +139,37 @@ async def workload(cluster: LocalCluster, users: int, messages: int, kill: bool,
             "messages": sum(len(v) for v in acked_inbox.values())}
 
 
+def _wait_caught_up(cluster: LocalCluster, node: str, timeout: float = 60.0) -> None:
+    """Until `node` votes again and has pulled everything its peers had."""
+    deadline = time.monotonic() + timeout
+    with Client(address=cluster.address(node), timeout=1.0) as client:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                status = client.status()
+                if status.get("role") == "replica" and all(
+                        p["lag_records"] == 0 for p in status.get("peers", {}).values()):
+                    return
+            time.sleep(0.05)
+
+
+def _replica_lines(cluster: LocalCluster) -> list[str]:
+    lines = []
+    for node in cluster.nodes:
+        try:
+            with Client(address=cluster.address(node), timeout=2.0) as client:
+                s = client.status()
+        except Exception as e:  # a summary line, not a crash
+            lines.append(f"  {node:4s} unreachable ({e})")
+            continue
+        peers = ", ".join(f"{name} {'up' if p['up'] else 'DOWN'} lag {p['lag_records']}"
+                          for name, p in s.get("peers", {}).items())
+        store = s["store"]
+        lines.append(f"  {node:4s} campus {s['campus']}  {s['role']:8s} life "
+                     f"{s.get('incarnation', 1)}  binlog lsn {store['binlog_first_lsn']}.."
+                     f"{store['binlog_last_lsn']}  {store['keys']} keys  peers: {peers}")
+    return lines
+
+
 def _at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -149,11 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default="kvsvr-demo", help="demo directory (default %(default)s)")
     parser.add_argument("--users", type=_at_least(1), default=2000)
     parser.add_argument("--messages", type=_at_least(0), default=20000)
-    parser.add_argument("--no-kill", action="store_true", help="skip the SIGKILL/restart")
+    parser.add_argument("--no-kill", action="store_true",
+                        help=f"skip the SIGKILL/restart of replica {VICTIM}")
     args = parser.parse_args(argv)
     directory = Path(args.dir).resolve()
     config = prepare(directory)
-    print(f"kvsvr-demo: one node on the embedded config; files in {directory}")
+    print(f"kvsvr-demo: the embedded default cluster (one group of 3 replicas, campuses a, b, "
+          f"c) on loopback; files in {directory}")
     cluster = LocalCluster(config, log_dir=directory / "logs")
     cluster.start()
     latencies: dict[str, list[float]] = {}
@@ -163,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                                        latencies))
         elapsed = time.perf_counter() - started
         status = Client(config).status()
+        replicas = _replica_lines(cluster)
     finally:
         cluster.stop()
     problems: list[str] = outcome["problems"]  # type: ignore[assignment]
@@ -174,11 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {kind:16s}{len(samples):7d}  p50 {_percentile(samples, 0.5) * 1e3:6.2f} ms"
               f"  p99 {_percentile(samples, 0.99) * 1e3:7.2f} ms")
     if not args.no_kill:
-        print(f"  SIGKILL+restart node back in {outcome['restart_s']:.2f} s")
+        print(f"  SIGKILL         {VICTIM} down {DOWN_S:.0f} s mid-workload; after restart it "
+              f"caught up in {outcome['restart_s']:.2f} s")
     store = status["store"]
     print(f"  storage         {store['keys']} keys, {store['rows']} rows, binlog lsn "
           f"{store['binlog_first_lsn']}..{store['binlog_last_lsn']}")
     print(f"  sync            {outcome['sync']}")
+    print("  replicas")
+    for line in replicas:
+        print(f"  {line}")
     if problems:
         print(f"  verification    FAILED: {len(problems)} problems")
         for line in problems[:20]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,12 +32,23 @@ def free_port() -> int:
 
 
 def write_single_node_config(directory: str | Path, port: int | None = None) -> Path:
-    """`directory/cluster.toml`: the embedded default on a free port, data under `directory`."""
+    """`directory/cluster.toml`: one group of one replica on a free port (or `port`), data
+    under `directory/data/n1`."""
+    path = write_cluster_config(directory, replicas=1)
+    if port is not None:
+        text = re.sub(r"tcp://127\.0\.0\.1:\d+", f"tcp://127.0.0.1:{port}", path.read_text())
+        path.write_text(text)
+    return path
+
+
+def write_default_config(directory: str | Path) -> Path:
+    """`directory/cluster.toml`: the embedded default (3 replicas, campuses a, b, c) on free
+    ports, data under `directory/data`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    text = default_text().replace("tcp://127.0.0.1:7400",
-                                  f"tcp://127.0.0.1:{port or free_port()}")
-    text = text.replace('data_dir = "kvsvr-data/n1"', 'data_dir = "data/n1"')
+    text = default_text().replace('data_dir = "kvsvr-data/', 'data_dir = "data/')
+    for port in sorted(set(re.findall(r"tcp://127\.0\.0\.1:(\d+)", text))):
+        text = text.replace(f"tcp://127.0.0.1:{port}\"", f"tcp://127.0.0.1:{free_port()}\"")
     path = directory / "cluster.toml"
     path.write_text(text)
     return path

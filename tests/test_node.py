@@ -241,20 +241,25 @@ def test_bad_config_exits_2_naming_the_field(tmp_path: Path):
     assert "groups[0].replicas[0].address" in result.stderr
 
 
-def test_a_group_of_three_is_refused_until_replication_exists(tmp_path: Path):
-    text = "".join(f'''
-[[groups.replicas]]
-node = "n{i}"
-campus = "{c}"
-address = "tcp://127.0.0.1:{7600 + i}"
-data_dir = "d{i}"
-''' for i, c in enumerate("abc"))
-    config = tmp_path / "three.toml"
-    config.write_text('[[groups]]\nname = "g1"\nshards = ["0-4095"]\n' + text)
-    result = subprocess.run([sys.executable, "-m", "kvsvr.node", "--config", str(config),
-                             "--node", "n1"], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2
-    assert "single-replica groups only" in result.stderr
+def test_a_lone_replica_of_a_group_never_serves_alone(tmp_path: Path):
+    """One replica of a 3-replica group started without its peers cannot learn whether it
+    had an earlier life (a lost disk) nor reach a majority: it answers pings, refuses data
+    calls with Unavailable naming its role, and stops cleanly on SIGTERM."""
+    from kvsvr.launcher import write_cluster_config
+
+    config = write_cluster_config(tmp_path, replicas=3)
+    cluster = LocalCluster(config, log_dir=tmp_path / "logs")
+    cluster.start("n1")
+    try:
+        with Client(address=cluster.address("n1"), timeout=1.0) as client:
+            assert client.ping()["node"] == "n1"
+            assert client.status()["role"] == "joining"
+            with pytest.raises(kvsvr.Unavailable, match="joining"):
+                client.put("k", "v")
+            with pytest.raises(kvsvr.Unavailable):
+                client.get("k", consistency="local")
+    finally:
+        assert cluster.stop() == {"n1": 0}
 
 
 def _invoke(client: Client, kind: str, key: bytes, argument: object) -> object:
