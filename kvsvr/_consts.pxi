@@ -96,5 +96,6 @@ MSG_REJECT = 5          # acceptor -> proposer: promised higher (`accepted_ballo
 MSG_CHOSEN = 6          # anyone -> anyone: `value` is chosen for (key, version)
 MSG_STATE_REQUEST = 7   # rebuilding replica -> peers: send me your acceptor state
 MSG_STATE = 8           # peer -> rebuilding replica: all its acceptor records, in one message
-MSG_BEHIND = 9          # acceptor -> proposer: this version is below my floor (already chosen
-                        # and applied here; `accepted_ballot` = my floor): catch up, retry
+# acceptor -> proposer: that version is at or below my floor (chosen and applied here;
+# `accepted_ballot` carries the floor): catch up, then retry above it
+MSG_BEHIND = 9

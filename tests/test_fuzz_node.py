@@ -5,13 +5,16 @@ can with an error naming the problem, never crashes, and the data is unchanged."
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from pathlib import Path
 
 import msgspec
+import pytest
 import zmq
 
 from kvsvr import _core, protocol
 from kvsvr.client import Client
-from kvsvr.launcher import LocalCluster
+from kvsvr.launcher import LocalCluster, write_cluster_config
 from kvsvr.limits import MAX_MESSAGE_BYTES
 from kvsvr.protocol import Method
 
@@ -27,15 +30,25 @@ def _socket(context: zmq.Context, address: str) -> zmq.Socket:
 
 
 def _valid_frames(rng: random.Random) -> list[bytes]:
+    kind = rng.randrange(1, 10)
+    quorum = [_core.Message(kind, rng.randrange(3), 0, 1, b"fuzzq", rng.randrange(1, 5),
+                            rng.randrange(2**40), 0, [] if kind == _core.MSG_STATE else None)]
     bodies = [
         (Method.GET, protocol.GetRequest(b"sentinel")),
         (Method.SCAN, protocol.ScanRequest(b"table", b"", None, 10)),
         (Method.MUTATE, protocol.MutateRequest(b"fuzz", [protocol.put_op(b"x")], None, 0, 0)),
         (Method.CHANGES, protocol.ChangesRequest(b"table", 0, b"", 5)),
         (Method.STATUS, protocol.StatusRequest()),
+        # replica-to-replica methods: a node must survive these from anyone too
+        (Method.VERSIONS, protocol.VersionsRequest([b"sentinel", b"table"])),
+        (Method.PULL, protocol.PullRequest(1, rng.randrange(5), 1, 16)),
+        (Method.HELLO, protocol.HelloRequest(2)),
+        (Method.FAULTS, protocol.FaultsRequest("nobody", 0.5, 10)),
     ]
-    return [_core.encode_frame(1, m, rng.randrange(1, 2**63), 1000, protocol.encode(b))
-            for m, b in bodies]
+    frames = [_core.encode_frame(1, m, rng.randrange(1, 2**63), 1000, protocol.encode(b))
+              for m, b in bodies]
+    frames.append(_core.encode_frame(1, Method.QUORUM, 0, 0, protocol.encode_quorum(quorum)))
+    return frames
 
 
 def _mutate(rng: random.Random, frame: bytes) -> bytes:
@@ -50,18 +63,42 @@ def _mutate(rng: random.Random, frame: bytes) -> bytes:
         data += rng.randbytes(rng.randint(1, 40))
     elif choice == 3:  # a valid header over a random body
         body = rng.randbytes(rng.randint(0, 64))
-        data = bytearray(_core.encode_frame(1, rng.choice([1, 2, 10, 11, 12, 13, 20, 77]),
+        data = bytearray(_core.encode_frame(1, rng.choice([1, 2, 3, 10, 11, 12, 13, 20, 30, 31,
+                                                           32, 33, 34, 77]),
                                             rng.randrange(2**63), 0, body))
     else:  # a valid header over well-formed msgpack of the wrong shape
         shape = rng.choice([[], [1, 2, 3], {"key": "x"}, [b"k", [[1]], "v", -1, None],
                             [b"", [[4, b"", b"v"]], None, 0, 0], [b"k" * 999], None, 7])
-        data = bytearray(_core.encode_frame(1, rng.choice([10, 11, 12, 13, 20]),
+        data = bytearray(_core.encode_frame(1, rng.choice([3, 10, 11, 12, 13, 20, 30, 31, 32,
+                                                           33, 34]),
                                             rng.randrange(2**63), 0, msgspec.msgpack.encode(shape)))
     return bytes(data)
 
 
-def test_node_survives_random_and_mutated_frames(cluster: LocalCluster, client: Client):
-    """Prints its seed; every readable reply is a well-formed response frame."""
+@pytest.fixture(params=["single", "replicated"])
+def fuzzed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalCluster]:
+    """A one-node cluster, or a group of 3 replicas (the fuzz goes to n1 of it)."""
+    replicas = 1 if request.param == "single" else 3
+    local = LocalCluster(write_cluster_config(tmp_path, replicas=replicas),
+                         log_dir=tmp_path / "logs")
+    local.start()
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+def test_node_survives_random_and_mutated_frames(fuzzed: LocalCluster):
+    """Prints its seed; every readable reply is a well-formed response frame; a replicated
+    group keeps its data and every replica keeps running."""
+    cluster = fuzzed
+    with cluster.client(timeout=10.0, attempt_timeout=0.5) as client:
+        _fuzz(cluster, client)
+        for node in cluster.nodes:
+            assert cluster.processes[node].poll() is None, f"{node} died"
+
+
+def _fuzz(cluster: LocalCluster, client: Client) -> None:
     print(f"fuzz seed {SEED}")
     rng = random.Random(SEED)
     client.put("sentinel", "untouched")
@@ -84,7 +121,8 @@ def test_node_survives_random_and_mutated_frames(cluster: LocalCluster, client: 
                 message = [rng.randbytes(rng.randint(0, 30)) for _ in range(rng.randint(2, 4))]
             socket.send_multipart(message)
             if round_number % 20 == 19:
-                assert client.ping() == {"node": "n1"}, f"node stopped answering (seed {SEED})"
+                assert client.ping()["node"] in cluster.nodes, \
+                    f"node stopped answering (seed {SEED})"
             while socket.poll(0 if round_number % 20 else 200):
                 for part in socket.recv_multipart():
                     frames, error, _ = _core.decode_frames(part)

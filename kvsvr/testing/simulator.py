@@ -169,6 +169,8 @@ class Simulation:
             # Rebuilt: the data of every peer as of its answer is here before any vote.
             for key, version in node.rebuild_floors.items():
                 node.applied[key] = max(node.applied.get(key, 0), version)
+                for dropped in node.replica.forget_through(key, node.applied[key]):
+                    node.disk.pop(("instance", key, dropped), None)
             node.rebuild_floors.clear()
         self._drain(node)
         if self.apply and message.kind == _core.MSG_BEHIND:
