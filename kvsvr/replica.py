@@ -31,6 +31,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import random
 import secrets
 import time
@@ -91,6 +92,7 @@ APPLY_MAX_PER_ROUND = 20_000    # pulled records applied in one transaction
 TRIM_MAX_PER_ROUND = 4096       # binlog records every peer has, trimmed per round
 ROUND_MAX_MESSAGES = 512        # inbound messages taken per round
 IDLE_POLL_MS = 20               # poll timeout with nothing pending (pulls, ticks)
+FRESH_KEYS_MAX = 1 << 20        # keys remembered as applied by this process (early accepts)
 
 _REQUEST = _core.FRAME_REQUEST
 _RESPONSE = _core.FRAME_RESPONSE
@@ -202,6 +204,17 @@ class ReplicaNode(Node):
         self._rebuild_targets = {
             int(k[0]): v[0] for k, v in self.store.meta_u64s(b"rebuild/target/").items() if k}
         self._rebuild_done = bool(self.store.meta_u64s(b"rebuild/done"))
+        # Early accepts (see _early): after a clean stop, or on a new disk, no round-0 accept
+        # of an earlier process can be missing from our own acceptor state.
+        self._clean_boot = self.store.incarnation == 0 or bool(
+            self.store.meta_u64s(b"clean_stop"))
+        self._fresh: dict[bytes, int] = {}  # key -> version this process applied last
+        # Tests only: die (as SIGKILL would) right after the Nth early accept leaves, before
+        # our own acceptance is committed: the one moment the early-accept rule is about.
+        self._crash_after_early = int(os.environ.get(f"KVSVR_CRASH_AFTER_EARLY_{name}", "0"))
+        if self.store.meta_u64s(b"clean_stop"):
+            with self.store.write() as batch:
+                batch.delete_meta(b"clean_stop")  # a crash from now on is not a clean stop
         if self.incarnation:
             self._start_quorum(rebuilding=False)
 
@@ -340,6 +353,12 @@ class ReplicaNode(Node):
                     link.socket.close()
             router.close()
             context.term()
+            if self.stopping:  # between rounds: every accept sent was persisted
+                try:
+                    with self.store.write() as batch:
+                        batch.set_meta_u64s(b"clean_stop", self.store.last_lsn)
+                except Exception:  # a marker we could not write only costs early accepts
+                    log.exception("node %s: could not record the clean stop", self.name)
             self.store.close()
             log.info("node %s stopped", self.name)
 
@@ -915,6 +934,8 @@ class ReplicaNode(Node):
             persist, send, decided = quorum.ready()
         if decided:
             self._answer_chosen(decided)
+        if send:
+            send = self._early(send, now)
         pulled, self._pulled = self._pulled, []
         pages, self._pages = self._pages, []
         if not persist and not pulled and not pages and not any(
@@ -961,6 +982,32 @@ class ReplicaNode(Node):
             decided += more_decided
         self._dirty.update(key for key in touched if key in self._work)
         self._after_commit(send, decided, now)
+
+    def _early(self, send: list[_core.Message], now: float) -> list[_core.Message]:
+        """Send the home's round-0 accepts now, before our own acceptance is durable, and
+        return the rest (sent after the commit). Our own vote only counts once a peer's
+        ACCEPTED arrives, in a later round, after this round's commit. Persist-before-send
+        guards against a restarted process reusing round 0 of an instance with another value
+        (one value per ballot); that cannot happen when this process applied the version
+        below it (an earlier process could not have reached this version), nor after a clean
+        stop or on a new disk (every accept an earlier process sent is in our state)."""
+        fresh, clean = self._fresh, self._clean_boot
+        early: list[_core.Message] = []
+        late: list[_core.Message] = []
+        for message in send:
+            if message.kind == _core.MSG_ACCEPT and _core.ballot_round(message.ballot) == 0 \
+                    and (clean or fresh.get(message.key) == message.version - 1):
+                early.append(message)
+            else:
+                late.append(message)
+        if early:
+            self.counters["early_accepts"] += len(early)
+            self._send_quorum(early, now)
+            if self._crash_after_early and \
+                    self.counters["early_accepts"] >= self._crash_after_early:
+                time.sleep(0.05)  # let ZeroMQ's I/O thread put the accepts on the wire
+                os._exit(137)
+        return late
 
     def _answer_chosen(self, decided: list[Any]) -> None:
         """Writes of ours that were chosen are answered now, before they are applied here: a
@@ -1087,6 +1134,9 @@ class ReplicaNode(Node):
         quorum.forget(record.key, record.version, chosen)
         batch.forget_instance(record.key, record.version)
         self._gone.add((record.key, record.version))
+        if len(self._fresh) >= FRESH_KEYS_MAX:
+            self._fresh.clear()  # forgetting only costs early accepts
+        self._fresh[record.key] = record.version
 
     def _trim(self, batch: Any) -> None:
         """Binlog every peer has pulled is dropped (the size bound covers a peer down long)."""
