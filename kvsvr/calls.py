@@ -133,3 +133,19 @@ def ping(address: str | None = None) -> CallSpec:
 
 def status(address: str | None = None) -> CallSpec:
     return CallSpec(None, p.Method.STATUS, p.StatusRequest(), _same, _node(address))
+
+
+def faults(address: str, peer: Any = "", drop: Any = 0.0, delay_ms: Any = 0) -> CallSpec:
+    """Fault injection on the links from the node at `address` to its peers (all, or the
+    node named `peer`): drop each message with probability `drop`, hold the rest up to
+    `delay_ms` (so they reorder). drop=0, delay_ms=0 heals. Answers each link's faults."""
+    if not isinstance(peer, str) or len(peer) > 64:
+        raise InvalidArgument(f"peer: expected a node name, got {peer!r}", field="peer")
+    if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0.0 <= drop <= 1.0:
+        raise InvalidArgument(f"drop: expected a probability 0..1, got {drop!r}", field="drop")
+    if isinstance(delay_ms, bool) or not isinstance(delay_ms, int) or \
+            not 0 <= delay_ms <= 60_000:
+        raise InvalidArgument(f"delay_ms: expected 0..60000, got {delay_ms!r}",
+                              field="delay_ms")
+    return CallSpec(None, p.Method.FAULTS, p.FaultsRequest(peer, float(drop), delay_ms), _same,
+                    _node(address))

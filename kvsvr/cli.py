@@ -206,6 +206,14 @@ def _parser() -> argparse.ArgumentParser:
                       "one line per node, NODE GROUP CAMPUS ADDRESS up|down DETAILS; exit "
                       "status 4 if some node does not answer")
     command("ping", "check that a node answers")
+    p = command("faults", "inject faults on the links from one replica to its peers (for "
+                          "drills and tests): drop messages, delay and reorder them; "
+                          "--drop 0 --delay-ms 0 heals")
+    p.add_argument("node", help="the replica whose outgoing links get the faults")
+    p.add_argument("--peer", default="", help="only the link to this node (default: all)")
+    p.add_argument("--drop", type=float, default=0.0, help="chance a message is lost, 0..1")
+    p.add_argument("--delay-ms", type=int, default=0,
+                   help="hold each message up to this long (uniform, so they reorder)")
     return parser
 
 
@@ -240,7 +248,20 @@ def run(args: argparse.Namespace, client: Client) -> Any:
         return client.status()
     if c == "ping":
         return client.ping()
+    if c == "faults":
+        return client.faults(_node_address(args), peer=args.peer, drop=args.drop,
+                             delay_ms=args.delay_ms)
     raise AssertionError(c)
+
+
+def _node_address(args: argparse.Namespace) -> str:
+    """The address of the node named on the command line (or --address itself)."""
+    if args.address:
+        return str(args.address)
+    try:
+        return load(args.config).replica(args.node)[1].address
+    except ConfigError as e:
+        raise InvalidArgument(str(e), field="node") from None
 
 
 def cluster_status(config: ClusterConfig | None, address: str | None,

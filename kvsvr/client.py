@@ -137,6 +137,13 @@ class _Api:
         """A node's status dict: any node that answers, or the node at `address`."""
         return self._run(calls.status(address))
 
+    def faults(self, address: str, *, peer: str = "", drop: float = 0.0,
+               delay_ms: int = 0) -> Any:
+        """Inject faults on the links from the replica at `address` to its peers (every peer,
+        or the one named `peer`): drop messages with probability `drop`, delay the rest by up
+        to `delay_ms` (reordering them). drop=0, delay_ms=0 heals the links."""
+        return self._run(calls.faults(address, peer, drop, delay_ms))
+
 
 class Batch:
     """Mutations of one key, committed atomically as one version by `commit()`."""

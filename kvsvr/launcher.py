@@ -114,6 +114,24 @@ class LocalCluster:
         if wait:
             for name in [node] if node else self.nodes:
                 self.wait_ready(name)
+            if node is None:
+                for name in self.nodes:
+                    self.wait_joined(name)
+
+    def wait_joined(self, node: str, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until a replica has joined its group (a new one learns from every peer whether it
+        had an earlier life; that needs them all up, so a whole cluster start waits here)."""
+        deadline = time.monotonic() + timeout
+        with Client(address=self.address(node), timeout=0.5, attempt_timeout=0.25) as client:
+            while True:
+                try:
+                    if client.status().get("role") != "joining":
+                        return
+                except KvError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"node {node} did not join its group in {timeout} s")
+                time.sleep(0.02)
 
     def wait_ready(self, node: str, timeout: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout

@@ -103,3 +103,32 @@ def test_cli_timeout_when_nothing_listens():
                              "tcp://127.0.0.1:9", "--timeout", "0.3", "get", "k"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 4 and "timeout" in result.stderr
+
+
+def test_cli_faults_on_a_replica_and_status_of_a_group(tmp_path):
+    """`kvsvr faults NODE` sets and heals link faults on a running replica; an unknown node or
+    peer is an invalid argument (exit 2); `status` shows each replica's role and peers."""
+    config = write_cluster_config(tmp_path, replicas=3)
+    group = LocalCluster(config, log_dir=tmp_path / "logs")
+    group.start()
+
+    def kv(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kvsvr.cli", "--config", str(config),
+                               *args], capture_output=True, text=True, timeout=60)
+    try:
+        result = kv("--json", "faults", "n1", "--peer", "n2", "--drop", "0.5",
+                    "--delay-ms", "20")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["n2"] == {"drop": 0.5, "delay_ms": 20}
+        assert kv("put", "k", "v").returncode == 0
+        assert json.loads(kv("--json", "faults", "n1").stdout)["n2"] == {"drop": 0.0,
+                                                                          "delay_ms": 0}
+        assert kv("faults", "nx").returncode == 2
+        bad = kv("faults", "n1", "--peer", "nobody", "--drop", "0.1")
+        assert bad.returncode == 2 and "peer" in bad.stderr
+        assert kv("faults", "n1", "--drop", "1.5").returncode == 2
+        rows = json.loads(kv("--json", "status").stdout)
+        assert [r["role"] for r in rows] == ["replica"] * 3
+        assert all(set(r["peers"]) == {"n1", "n2", "n3"} - {r["node"]} for r in rows)
+    finally:
+        group.stop()
