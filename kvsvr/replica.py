@@ -82,6 +82,7 @@ PULL_TIMEOUT_S = 1.0            # an unanswered pull is sent again
 PULL_MAX_RECORDS = 2048         # records per pull answer ...
 PULL_MAX_BYTES = 2 << 20        # ... and bytes
 HELLO_RESEND_S = 0.5            # a joining node asks silent peers again
+JOINING_LOG_S = 5.0             # ... and says whom it is waiting for this often
 SNAPSHOT_PAGE_BYTES = 1 << 20   # a page of a snapshot
 SNAPSHOT_SESSIONS_MAX = 4       # copies a node serves at once (each pins an LMDB read txn)
 SNAPSHOT_IDLE_S = 30.0          # a copy nobody asked a page of for this long is dropped
@@ -136,10 +137,11 @@ class _KeyWork:
 
 
 class _Barrier:
-    __slots__ = ("answers", "keys", "sent_at")
+    __slots__ = ("answers", "created", "keys", "sent_at")
 
     def __init__(self, keys: list[bytes], sent_at: float):
         self.keys = keys
+        self.created = sent_at
         self.sent_at = sent_at
         self.answers: dict[int, list[KeyVersions]] = {}
 
@@ -192,6 +194,8 @@ class ReplicaNode(Node):
         self._gone: set[tuple[bytes, int]] = set()  # instances forgotten in this transaction
         self._random = random.Random()
         self._hello_sent = 0.0
+        self._joining_since = 0.0
+        self._joining_logged = 0.0
         self._rebuild_targets: dict[int, int] = {}  # peer -> its last LSN when it sent state
         self._anonymous_client = secrets.randbits(62) | 2  # op ids for requests without one
         self._anonymous_seq = itertools.count(1)
@@ -582,7 +586,16 @@ class ReplicaNode(Node):
     def _hello(self, now: float) -> None:
         if now - self._hello_sent < HELLO_RESEND_S:
             return
+        if not self._hello_sent:
+            self._joining_since = self._joining_logged = now
         self._hello_sent = now
+        silent = [p.name for p in self._peers if p is not None and p.hello is None]
+        if now - self._joining_logged >= JOINING_LOG_S:
+            self._joining_logged = now
+            log.warning("node %s: joining group %s: a new data directory votes only after "
+                        "every peer has said whether it knew an earlier life of it; waiting "
+                        "for %s (%.0f s so far)", self.name, self.group.name,
+                        ", ".join(silent), now - self._joining_since)
         for peer in self._peers:
             if peer is not None and peer.hello is None:
                 self._send_peer(peer, [_encode_frame(
@@ -906,6 +919,9 @@ class ReplicaNode(Node):
 
     def _resend_barriers(self, now: float) -> None:
         for barrier_id, barrier in list(self._barriers.items()):
+            if now - barrier.created > REQUEST_WAIT_MAX_S:
+                del self._barriers[barrier_id]  # its waiters have been answered (expired)
+                continue
             if now - barrier.sent_at >= BARRIER_RESEND_S:
                 self._ask_barrier(barrier_id, barrier, now)
 
@@ -1168,22 +1184,32 @@ class ReplicaNode(Node):
             peer = self._peers[index] if 0 <= index < self.replicas else None
             if peer is None:
                 continue
-            frames = []
+            frames: list[bytes] = []
             chunk: list[_core.Message] = []
             size = 0
             for message in batch:
+                if message.kind == _core.MSG_STATE:
+                    self._quorum_frame([message], frames)  # whole, in a frame of its own
+                    continue
                 chunk.append(message)
                 size += 96 + (len(message.value) if isinstance(message.value, bytes) else 0)
                 if size >= QUORUM_FRAME_BYTES or len(chunk) >= QUORUM_FRAME_MESSAGES:
-                    frames.append(self._quorum_frame(chunk))
+                    self._quorum_frame(chunk, frames)
                     chunk, size = [], 0
             if chunk:
-                frames.append(self._quorum_frame(chunk))
+                self._quorum_frame(chunk, frames)
             self._send_peer(peer, frames, now)
 
-    @staticmethod
-    def _quorum_frame(messages: list[_core.Message]) -> bytes:
-        return _encode_frame(_REQUEST, Method.QUORUM, 0, 0, protocol.encode_quorum(messages))
+    def _quorum_frame(self, messages: list[_core.Message], frames: list[bytes]) -> None:
+        try:
+            frames.append(_encode_frame(_REQUEST, Method.QUORUM, 0, 0,
+                                        protocol.encode_quorum(messages)))
+        except ValueError as e:
+            # Only a state answer can outgrow a frame (every open instance of this replica,
+            # in one message so a rebuild never takes half of it): the peer asks again.
+            self.counters["quorum_frames_too_large"] += 1
+            log.error("node %s: %d quorum messages do not fit a frame (%s); not sent",
+                      self.name, len(messages), e)
 
     def _expire(self, now: float) -> None:
         for key, work in list(self._work.items()):
