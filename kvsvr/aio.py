@@ -114,6 +114,10 @@ class _Connection:
                 del self.pending[request_id]
             elif now >= call.deadline:
                 del self.pending[request_id]
+                if call.address == address and call.request_id == request_id:
+                    # Unanswered to the end: it counts against this replica as a timed-out
+                    # attempt does (else a deadline equal to the attempt timeout never would).
+                    self.client.health.failed(address, now)
                 call.future.set_exception(call.expired())
             elif (now >= call.attempt_deadline and call.request_id == request_id
                   and call.address == address):

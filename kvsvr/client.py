@@ -450,6 +450,13 @@ class _Exchange:
         self.remaining -= 1
 
     def _expire(self) -> None:
+        # An attempt still unanswered at the deadline counts against its replica too, or a
+        # call whose deadline equals its attempt timeout would never steer the next one away.
+        now = time.monotonic()
+        for attempt in self.attempts:
+            if any(not self.done[i] and self.current[i] == (attempt.address, attempt.first_id + k)
+                   for k, i in enumerate(attempt.indexes)):
+                self.health.failed(attempt.address, now)
         tried: dict[int, dict[str, None]] = {}
         for attempt in self.tried:
             for index in attempt.indexes:

@@ -623,3 +623,27 @@ def test_cli_status_asks_every_replica_at_once(group: Group, capsys: pytest.Capt
     rows = capsys.readouterr().out
     assert [(r["node"], r["campus"], r["up"]) for r in json.loads(rows)] == [
         ("n1", "a", True), ("n2", "b", True), ("n3", "c", True)]
+
+
+def test_a_call_whose_deadline_is_its_attempt_timeout_still_steers_the_next_away(group: Group):
+    """timeout == attempt_timeout: a call to a silent home ends in Timeout without a second
+    attempt, but the silence still counts against the home, so the next call (blocking or
+    asyncio) goes to the next replica instead of timing out on the same silent one."""
+    home = group.replicas[0]
+    key = group.key(0)
+    home.mode = "silent"
+    with Client(group.config, timeout=ATTEMPT_S, attempt_timeout=ATTEMPT_S) as client:
+        with pytest.raises(Timeout):
+            client.get(key)
+        assert client.health.state(home.address, time.monotonic()) == FAILING
+        assert client.get(key).value == b"n2"
+
+    async def run() -> None:
+        async with AsyncClient(group.config, timeout=ATTEMPT_S,
+                               attempt_timeout=ATTEMPT_S) as client:
+            with pytest.raises(Timeout):
+                await client.get(key)
+            assert client.health.state(home.address, time.monotonic()) == FAILING
+            assert (await client.get(key)).value == b"n2"
+
+    asyncio.run(run())
