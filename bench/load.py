@@ -339,7 +339,8 @@ def drive(target: Any, *, driver: Callable[..., None], spec: dict[str, Any], con
     results: list[dict[str, Any]] = []
     shown = 0.0
     with tqdm(total=round(duration + WARMUP_S, 1), desc=f"{label:28s}", unit="s",
-              disable=not show_progress, bar_format="{desc} {bar} {n:.0f}/{total:.0f} s") as bar:
+              disable=not show_progress or not sys.stderr.isatty(),
+              bar_format="{desc} {bar} {n:.0f}/{total:.0f} s") as bar:
         while len(results) < len(workers):
             now = time.perf_counter()
             while pending and now >= start.value + pending[0][0]:
