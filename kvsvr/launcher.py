@@ -55,7 +55,8 @@ def write_default_config(directory: str | Path) -> Path:
 
 
 def write_cluster_config(directory: str | Path, *, groups: int = 1, replicas: int = 3,
-                         sync: bool = True, virtual_shards: int = 4096) -> Path:
+                         sync: bool = True, virtual_shards: int = 4096,
+                         binlog_max_records: int | None = None) -> Path:
     """`directory/cluster.toml`: `groups` groups of `replicas` replicas (campuses a, b, c, ...)
     on free loopback ports, shards split evenly, data under `directory/data/NODE`."""
     if not 1 <= groups <= virtual_shards or not 1 <= replicas <= 7:
@@ -63,7 +64,10 @@ def write_cluster_config(directory: str | Path, *, groups: int = 1, replicas: in
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lines = ['name = "local"', f"virtual_shards = {virtual_shards}", "",
-             "[storage]", f"sync = {'true' if sync else 'false'}", ""]
+             "[storage]", f"sync = {'true' if sync else 'false'}"]
+    if binlog_max_records is not None:
+        lines.append(f"binlog_max_records = {binlog_max_records}")
+    lines.append("")
     per_group = virtual_shards // groups
     for g in range(groups):
         first = g * per_group

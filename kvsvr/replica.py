@@ -94,6 +94,8 @@ TRIM_MAX_PER_ROUND = 4096       # binlog records every peer has, trimmed per rou
 ROUND_MAX_MESSAGES = 512        # inbound messages taken per round
 IDLE_POLL_MS = 20               # poll timeout with nothing pending (pulls, ticks)
 FRESH_KEYS_MAX = 1 << 20        # keys remembered as applied by this process (early accepts)
+OPEN_RECOVER_AFTER_S = 1.0      # an instance accepted here but not chosen this long: finish it
+OPEN_CHECK_INTERVAL_S = 0.25    # how often open instances are looked at
 
 _REQUEST = _core.FRAME_REQUEST
 _RESPONSE = _core.FRAME_RESPONSE
@@ -158,9 +160,11 @@ class _Peer:
         self.cursor = 0           # we applied or skipped every record of its binlog up to here
         self.pull_sent_at = 0.0   # 0: no pull in flight
         self.pull_tag = 0         # the pull (or snapshot page) in flight: older answers are stale
+        self.pull_from = 1        # the first LSN the pull in flight asked for
         self.next_pull = 0.0
         self.first_lsn = 0
         self.last_lsn = 0
+        self.pulled = False       # it has answered a pull (its last_lsn is known)
         self.has_through = 0      # what the peer says it pulled of ours (trimming)
         self.heard_at = 0.0
         self.hello: HelloReply | None = None
@@ -213,6 +217,11 @@ class ReplicaNode(Node):
         self._clean_boot = self.store.incarnation == 0 or bool(
             self.store.meta_u64s(b"clean_stop"))
         self._fresh: dict[bytes, int] = {}  # key -> version this process applied last
+        # Instances accepted here and not known chosen, since when: one whose proposer went
+        # quiet (died after a majority accepted, before anyone learned) is finished here, so
+        # an acknowledged write reaches every copy without waiting for a read or a write.
+        self._open_since: dict[tuple[bytes, int], float] = {}
+        self._open_checked = 0.0
         # Tests only: die (as SIGKILL would) right after the Nth early accept leaves, before
         # our own acceptance is committed: the one moment the early-accept rule is about.
         self._crash_after_early = int(os.environ.get(f"KVSVR_CRASH_AFTER_EARLY_{name}", "0"))
@@ -237,6 +246,10 @@ class ReplicaNode(Node):
                         continue
                     records.append(record)
             self.quorum.restore(records)
+            started = time.monotonic()
+            for record in records:
+                if record[0] == "instance" and record[4] and record[6] is None:
+                    self._open_since[(record[1], record[2])] = started
             if stale:
                 with self.store.write() as batch:
                     for record in stale:
@@ -433,8 +446,9 @@ class ReplicaNode(Node):
         if self.quorum is None:
             self._hello(now)
         else:
-            self._pull(now)
             self._progress(now)
+            if self._open_since and now - self._open_checked >= OPEN_CHECK_INTERVAL_S:
+                self._recover_open(now)
             self.quorum.tick(now * 1000)
         self._persist_and_apply(now)
         self._update_role()
@@ -621,9 +635,10 @@ class ReplicaNode(Node):
                                             peer.snapshot["after"], SNAPSHOT_PAGE_BYTES)))],
                     now)
                 continue
+            peer.pull_from = peer.cursor + 1
             self._send_peer(peer, [_encode_frame(
                 _REQUEST, Method.PULL, self._peer_request_id(Method.PULL, peer.pull_tag), 0,
-                _encode(PullRequest(self.index, peer.cursor + 1, peer.incarnation,
+                _encode(PullRequest(self.index, peer.pull_from, peer.incarnation,
                                     PULL_MAX_RECORDS)))], now)
 
     def _start_snapshot(self, peer: _Peer) -> None:
@@ -677,6 +692,7 @@ class ReplicaNode(Node):
 
     def _on_pull_reply(self, peer: _Peer, reply: PullReply, now: float) -> None:
         peer.pull_sent_at = 0.0
+        peer.pulled = True
         peer.first_lsn, peer.last_lsn = reply.first_lsn, reply.last_lsn
         if reply.incarnation != peer.incarnation:
             if peer.incarnation:
@@ -689,10 +705,23 @@ class ReplicaNode(Node):
             peer.next_pull = 0.0
             self._pulled.append((peer, peer.cursor, []))  # persists the reset cursor
             return
-        if peer.cursor + 1 < reply.first_lsn:
+        if peer.cursor > reply.last_lsn:
+            # Past the end of its binlog: it cannot have moved back in the same life unless its
+            # disk did (a restored copy). Read again what it keeps; applies skip what we have.
+            self.counters["pull_cursor_resets"] += 1
+            log.error("node %s: cursor %d on %s is past its last lsn %d; reading it again from "
+                      "%d", self.name, peer.cursor, peer.name, reply.last_lsn, reply.first_lsn)
+            peer.cursor = max(0, reply.first_lsn - 1)
+            peer.next_pull = 0.0
+            self._pulled.append((peer, peer.cursor, []))
+            return
+        # The records start where the request asked, which is where the cursor stood then; if
+        # it has moved since, _apply_pulled drops them (they would land at the wrong place).
+        base = peer.pull_from - 1
+        if base + 1 < reply.first_lsn:
             log.warning("node %s: peer %s trimmed its binlog past what this node has (it "
                         "keeps %d.., this node needs %d): copying a snapshot from it",
-                        self.name, peer.name, reply.first_lsn, peer.cursor + 1)
+                        self.name, peer.name, reply.first_lsn, base + 1)
             peer.trimmed_past_us = True
             self._start_snapshot(peer)
             return
@@ -701,7 +730,7 @@ class ReplicaNode(Node):
         full = len(reply.records) >= PULL_MAX_RECORDS // 2
         peer.next_pull = now if full else now + PULL_IDLE_INTERVAL_S
         if reply.records:
-            self._pulled.append((peer, peer.cursor, reply.records))
+            self._pulled.append((peer, base, reply.records))
 
     # --- client requests ----------------------------------------------------------------------
     def _client_request(self, identity: bytes, request_id: int, method: int, request: Any,
@@ -867,6 +896,27 @@ class ReplicaNode(Node):
                 work.writes.popleft()
                 self._answer_error(waiter.identity, waiter.request_id, e)
 
+    def _recover_open(self, now: float) -> None:
+        """Finish instances accepted here long ago and still not known chosen (a prepare that
+        adopts the highest accepted value, ours at least, so the instance always closes)."""
+        self._open_checked = now
+        quorum = self.quorum
+        if quorum is None or not self.voting:
+            return
+        with self.store.read() as txn:
+            for (key, version), since in list(self._open_since.items()):
+                if now - since < OPEN_RECOVER_AFTER_S or quorum.proposing(key, version):
+                    continue
+                floor = self.store.key_state(txn, key).version
+                if floor >= version:
+                    del self._open_since[(key, version)]   # applied meanwhile
+                elif floor + 1 == version:
+                    if quorum.propose(key, version, None, now * 1000, recover=True):
+                        self.counters["open_recoveries"] += 1
+                        self._open_since[(key, version)] = now  # next try after another wait
+                else:
+                    self._pull_soon()   # the versions below it first
+
     def _await_barrier(self, key: bytes, waiter: _Waiter) -> None:
         waiter.barrier, waiter.target = -1, -1
         self._want_barrier.setdefault(key, []).append(waiter)
@@ -961,6 +1011,13 @@ class ReplicaNode(Node):
         started = time.perf_counter()
         touched: set[bytes] = {d[0] for d in decided}
         touched.update(r[1] for r in persist if r[0] == "instance" and r[6] is not None)
+        open_since = self._open_since
+        for r in persist:
+            if r[0] == "instance":
+                if r[6] is not None:
+                    open_since.pop((r[1], r[2]), None)
+                elif r[4]:
+                    open_since.setdefault((r[1], r[2]), now)
         try:
             with self.store.write() as batch:
                 self._gone = set()
@@ -1105,6 +1162,7 @@ class ReplicaNode(Node):
                         for dropped in quorum.forget_through(item.key, version):
                             batch.forget_instance(item.key, dropped)
                             self._gone.add((item.key, dropped))
+                            self._open_since.pop((item.key, dropped), None)
             snapshot["installing"] = installing
             snapshot["session"] = reply.session
             snapshot["after"] = reply.next
@@ -1150,6 +1208,7 @@ class ReplicaNode(Node):
         quorum.forget(record.key, record.version, chosen)
         batch.forget_instance(record.key, record.version)
         self._gone.add((record.key, record.version))
+        self._open_since.pop((record.key, record.version), None)
         if len(self._fresh) >= FRESH_KEYS_MAX:
             self._fresh.clear()  # forgetting only costs early accepts
         self._fresh[record.key] = record.version
@@ -1264,7 +1323,8 @@ class ReplicaNode(Node):
                 "incarnation": peer.incarnation,
                 "pulled_through_lsn": peer.cursor,
                 "peer_last_lsn": peer.last_lsn,
-                "lag_records": max(0, peer.last_lsn - peer.cursor),
+                # None until the peer has answered a pull: no lag can be claimed unseen
+                "lag_records": max(0, peer.last_lsn - peer.cursor) if peer.pulled else None,
                 "has_our_binlog_through": peer.has_through,
                 "needs_snapshot": peer.trimmed_past_us,
                 "faults": {"drop": peer.drop, "delay_ms": peer.delay_ms},
