@@ -166,6 +166,7 @@ class _Peer:
         self.last_lsn = 0
         self.pulled = False       # it has answered a pull (its last_lsn is known)
         self.has_through = 0      # what the peer says it pulled of ours (trimming)
+        self.up = False           # as last logged
         self.heard_at = 0.0
         self.hello: HelloReply | None = None
         self.trimmed_past_us = False  # its binlog no longer has what we need: snapshot
@@ -222,6 +223,7 @@ class ReplicaNode(Node):
         # an acknowledged write reaches every copy without waiting for a read or a write.
         self._open_since: dict[tuple[bytes, int], float] = {}
         self._open_checked = 0.0
+        self._peers_watched = 0.0
         # Tests only: die (as SIGKILL would) right after the Nth early accept leaves, before
         # our own acceptance is committed: the one moment the early-accept rule is about.
         self._crash_after_early = int(os.environ.get(f"KVSVR_CRASH_AFTER_EARLY_{name}", "0"))
@@ -269,6 +271,21 @@ class ReplicaNode(Node):
             self.role = "replica"
         if self.role != before:
             log.info("node %s: %s -> %s", self.name, before, self.role)
+
+    def _watch_peers(self, now: float) -> None:
+        """Log each peer going silent and coming back (what an operator looks for first)."""
+        self._peers_watched = now
+        for peer in self._peers:
+            if peer is None:
+                continue
+            up = bool(peer.heard_at) and now - peer.heard_at < PEER_DOWN_AFTER_S
+            if up != peer.up:
+                peer.up = up
+                if up:
+                    log.info("node %s: peer %s (%s) is up", self.name, peer.name, peer.address)
+                else:
+                    log.warning("node %s: peer %s (%s) silent for %.1f s: down", self.name,
+                                peer.name, peer.address, now - peer.heard_at)
 
     def _data_rebuilt(self) -> bool:
         """A rebuilt life votes only once it holds every peer's data as of its answer."""
@@ -452,6 +469,8 @@ class ReplicaNode(Node):
             self.quorum.tick(now * 1000)
         self._persist_and_apply(now)
         self._update_role()
+        if now - self._peers_watched >= 1.0:
+            self._watch_peers(now)
         if self._want_barrier:
             self._send_barrier(now)
         self._resend_barriers(now)

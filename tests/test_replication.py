@@ -448,3 +448,30 @@ def test_a_replica_down_past_the_binlog_bound_catches_up_from_a_snapshot(tmp_pat
             assert [r.value for r in rows] == [b"m%d" % i for i in range(300)]
     finally:
         group.stop()
+
+
+def test_two_groups_of_three_split_the_keys_and_each_survives_a_lost_replica(tmp_path: Path):
+    """Two groups of 3 replicas from one config: keys spread over both groups by shard, and
+    with one replica of each group SIGKILLed every key still reads and writes."""
+    group = LocalCluster(write_cluster_config(tmp_path, groups=2, replicas=3),
+                         log_dir=tmp_path / "logs")
+    group.start()
+    try:
+        keys = [f"user:{i}" for i in range(200)]
+        with group.client(timeout=10.0, attempt_timeout=0.5) as client:
+            for key in keys:
+                client.put(key, key)
+            def counts() -> list[int]:
+                return [status(group, n)["store"]["keys"] for n in group.nodes]
+
+            wait_for(lambda: sum(counts()) == 600, what="every replica holds its group's keys")
+            held = counts()
+            assert held[0] == held[1] == held[2] and held[3] == held[4] == held[5]
+            assert held[0] + held[3] == 200 and min(held) > 50
+            group.kill("n1")
+            group.kill("n5")
+            for key in keys:
+                assert client.get(key).value == key.encode()
+                assert client.incr(f"{key}:n", 1) == 1
+    finally:
+        group.stop()
