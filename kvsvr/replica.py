@@ -903,7 +903,10 @@ class ReplicaNode(Node):
                                             request.client_seq, key, ops)
                 if quorum.proposing(key, state.version + 1):
                     return  # a recovery of that version runs: wait for it
-                if not quorum.propose(key, state.version + 1, value, now * 1000):
+                # Round 0 without a prepare only where no earlier process of ours can have
+                # sent round-0 accepts it did not persist (see _early).
+                fast = self._clean_boot or self._fresh.get(key) == state.version
+                if not quorum.propose(key, state.version + 1, value, now * 1000, fast=fast):
                     raise Unavailable(f"node {self.name} cannot propose now ({self.role}, "
                                       f"{quorum.proposals_in_flight} proposals in flight)")
                 waiter.proposed = state.version + 1
@@ -1078,11 +1081,16 @@ class ReplicaNode(Node):
     def _early(self, send: list[_core.Message], now: float) -> list[_core.Message]:
         """Send the home's round-0 accepts now, before our own acceptance is durable, and
         return the rest (sent after the commit). Our own vote only counts once a peer's
-        ACCEPTED arrives, in a later round, after this round's commit. Persist-before-send
-        guards against a restarted process reusing round 0 of an instance with another value
-        (one value per ballot); that cannot happen when this process applied the version
-        below it (an earlier process could not have reached this version), nor after a clean
-        stop or on a new disk (every accept an earlier process sent is in our state)."""
+        ACCEPTED arrives, in a later round, after this round's commit.
+
+        Persist-before-send is what keeps one value per ballot across a crash: a restarted
+        process finds its round-0 acceptance and prepares instead of reusing round 0. So an
+        early accept is sent only where no process can later reuse that round 0: a version
+        whose predecessor this process applied itself (an earlier process never reached it),
+        or any version after a clean stop or on a new disk. And _progress_write takes round
+        0 (the fast path) only under the same condition: after a crash, the first version of
+        a key past its floor at boot is proposed with a prepare, which adopts whatever a
+        dead process's early accepts left behind."""
         fresh, clean = self._fresh, self._clean_boot
         early: list[_core.Message] = []
         late: list[_core.Message] = []
