@@ -475,3 +475,78 @@ def test_two_groups_of_three_split_the_keys_and_each_survives_a_lost_replica(tmp
                 assert client.incr(f"{key}:n", 1) == 1
     finally:
         group.stop()
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", range(6))
+def test_soak_random_faults_on_a_group(tmp_path: Path, seed: int):
+    """45 s of the history workload while a seeded random schedule, every 1-3 s, SIGKILLs
+    and restarts, SIGSTOPs and resumes, or wipes and rebuilds one replica at a time, and
+    sets random drops and delays on random links. The history must linearize, appends be
+    exact, the replicas converge, and no stream cursor run past its peer."""
+    rng = random.Random(seed)
+    group = LocalCluster(write_cluster_config(tmp_path, replicas=3), log_dir=tmp_path / "logs")
+    group.start()
+    history: list[Op] = []
+    acked: dict[str, list[Any]] = {"append": []}
+    lock = threading.Lock()
+    stop = threading.Event()
+    threads = [threading.Thread(target=_history_worker,
+                                args=(group, p, stop, history, lock, acked))
+               for p in range(5)]
+    schedule: list[str] = []
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 45
+        with group.client(timeout=5.0) as admin:
+            while time.monotonic() < deadline:
+                time.sleep(rng.uniform(1.0, 3.0))
+                victim = rng.choice(group.nodes)
+                fault = rng.choice(["sigkill", "sigstop", "wipe", "links", "heal"])
+                schedule.append(f"{fault} {victim}")
+                if fault == "sigkill":
+                    group.kill(victim)
+                    time.sleep(rng.uniform(0.1, 2.0))
+                    group.start(victim)
+                elif fault == "sigstop":
+                    group.signal(victim, signal.SIGSTOP)
+                    time.sleep(rng.uniform(0.1, 3.0))
+                    group.signal(victim, signal.SIGCONT)
+                elif fault == "wipe":
+                    group.kill(victim)
+                    shutil.rmtree(tmp_path / "data" / victim)
+                    group.start(victim)
+                    wait_for(lambda v=victim: status(group, v)["role"] == "replica",
+                             what=f"{victim} rebuilt")
+                elif fault == "links":
+                    admin.faults(group.address(victim), drop=rng.choice([0.0, 0.1, 0.5]),
+                                 delay_ms=rng.choice([0, 10, 50]))
+                else:
+                    for node in group.nodes:
+                        admin.faults(group.address(node))
+            for node in group.nodes:
+                admin.faults(group.address(node))
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        ok, problem = check(history)
+        assert ok, f"{problem}; schedule {schedule}"
+        inboxes = [b"inbox:0", b"inbox:1"]
+        converged(group, inboxes)
+        for node in group.nodes:
+            for name, peer in status(group, node)["peers"].items():
+                assert peer["pulled_through_lsn"] <= peer["peer_last_lsn"], (node, name, peer)
+        with group.client(timeout=10.0) as client:
+            rows = {key: {kvsvr.seq_of_row(r.row): r.value
+                          for r in client.scan(key, limit=kvsvr.limits.MAX_SCAN_ROWS).rows}
+                    for key in inboxes}
+        for key, value, seq in acked["append"]:
+            assert rows[key].get(seq) == value, f"append {value!r} lost; schedule {schedule}"
+        for key in inboxes:
+            values = list(rows[key].values())
+            assert len(values) == len(set(values)), f"an append applied twice; {schedule}"
+    finally:
+        stop.set()
+        group.stop()
