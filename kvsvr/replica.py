@@ -1354,6 +1354,7 @@ class ReplicaNode(Node):
                 "lag_records": max(0, peer.last_lsn - peer.cursor) if peer.pulled else None,
                 "has_our_binlog_through": peer.has_through,
                 "needs_snapshot": peer.trimmed_past_us,
+                "snapshots_taken": peer.snapshots_taken,
                 "faults": {"drop": peer.drop, "delay_ms": peer.delay_ms},
             }
         down = [name for name, p in peers.items() if not p["up"]]
