@@ -331,16 +331,13 @@ cdef class QuorumReplica:
 
     # --- proposer -----------------------------------------------------------------------------
     def propose(self, bytes key, uint64_t version, object value, double now,
-                bint recover=False, bint fast=True):
+                bint recover=False):
         """Start committing `value` as `version` of `key`. Returns False if this replica
         cannot propose now (rebuilding, the instance is busy, or too many in flight).
 
         With recover=True and value None, finish the instance instead: a prepare, then the
         highest accepted value found is chosen; if a majority has accepted nothing, nothing
-        can have been chosen and the proposal ends with chosen_value None.
-
-        fast=False: no round 0 even at home (the caller cannot rule out that an earlier
-        process of this replica sent round-0 accepts it did not persist)."""
+        can have been chosen and the proposal ends with chosen_value None."""
         if value is None and not recover:
             raise ValueError("value: a proposal needs a value (or recover=True)")
         if value is not None and recover:
@@ -367,8 +364,7 @@ cdef class QuorumReplica:
         proposal.attempts = 0
         proposal.highest_seen = instance.promised if instance is not None else 0
         self._proposals[instance_key] = proposal
-        if home and fast and self.fast_path and proposal.highest_seen == 0 \
-                and value is not None:
+        if home and self.fast_path and proposal.highest_seen == 0 and value is not None:
             # Round 0 is ours alone and we never used it (our own acceptor would have
             # recorded it): no lower ballot exists, so no prepare is needed.
             self._start_accept(proposal, make_ballot(0, self.node, self.incarnation), now)

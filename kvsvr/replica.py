@@ -31,7 +31,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
 import random
 import secrets
 import time
@@ -93,7 +92,6 @@ APPLY_MAX_PER_ROUND = 20_000    # pulled records applied in one transaction
 TRIM_MAX_PER_ROUND = 4096       # binlog records every peer has, trimmed per round
 ROUND_MAX_MESSAGES = 512        # inbound messages taken per round
 IDLE_POLL_MS = 20               # poll timeout with nothing pending (pulls, ticks)
-FRESH_KEYS_MAX = 1 << 20        # keys remembered as applied by this process (early accepts)
 OPEN_RECOVER_AFTER_S = 1.0      # an instance accepted here but not chosen this long: finish it
 OPEN_CHECK_INTERVAL_S = 0.25    # how often open instances are looked at
 
@@ -213,23 +211,13 @@ class ReplicaNode(Node):
         self._rebuild_targets = {
             int(k[0]): v[0] for k, v in self.store.meta_u64s(b"rebuild/target/").items() if k}
         self._rebuild_done = bool(self.store.meta_u64s(b"rebuild/done"))
-        # Early accepts (see _early): after a clean stop, or on a new disk, no round-0 accept
-        # of an earlier process can be missing from our own acceptor state.
-        self._clean_boot = self.store.incarnation == 0 or bool(
-            self.store.meta_u64s(b"clean_stop"))
-        self._fresh: dict[bytes, int] = {}  # key -> version this process applied last
         # Instances accepted here and not known chosen, since when: one whose proposer went
         # quiet (died after a majority accepted, before anyone learned) is finished here, so
         # an acknowledged write reaches every copy without waiting for a read or a write.
         self._open_since: dict[tuple[bytes, int], float] = {}
         self._open_checked = 0.0
         self._peers_watched = 0.0
-        # Tests only: die (as SIGKILL would) right after the Nth early accept leaves, before
-        # our own acceptance is committed: the one moment the early-accept rule is about.
-        self._crash_after_early = int(os.environ.get(f"KVSVR_CRASH_AFTER_EARLY_{name}", "0"))
-        if self.store.meta_u64s(b"clean_stop"):
-            with self.store.write() as batch:
-                batch.delete_meta(b"clean_stop")  # a crash from now on is not a clean stop
+        self._after_copy: set[bytes] = set()  # keys whose chosen versions wait for a copy
         if self.incarnation:
             self._start_quorum(rebuilding=False)
 
@@ -265,7 +253,7 @@ class ReplicaNode(Node):
             self.role = "joining"
         elif self.quorum.rebuilding:
             self.role = "rebuilding"
-        elif not self._data_rebuilt():
+        elif not self._data_rebuilt() or self._copying():
             self.role = "catching-up"
         else:
             self.role = "replica"
@@ -286,6 +274,12 @@ class ReplicaNode(Node):
                 else:
                     log.warning("node %s: peer %s (%s) silent for %.1f s: down", self.name,
                                 peer.name, peer.address, now - peer.heard_at)
+
+    def _copying(self) -> bool:
+        """A snapshot is being copied: keys may be half installed (a page can end inside a
+        key's rows) and op ids follow the keys, so this replica neither votes nor serves nor
+        applies anything else until every copy is complete."""
+        return any(p is not None and p.snapshot is not None for p in self._peers)
 
     def _data_rebuilt(self) -> bool:
         """A rebuilt life votes only once it holds every peer's data as of its answer."""
@@ -387,12 +381,6 @@ class ReplicaNode(Node):
                     link.socket.close()
             router.close()
             context.term()
-            if self.stopping:  # between rounds: every accept sent was persisted
-                try:
-                    with self.store.write() as batch:
-                        batch.set_meta_u64s(b"clean_stop", self.store.last_lsn)
-                except Exception:  # a marker we could not write only costs early accepts
-                    log.exception("node %s: could not record the clean stop", self.name)
             self.store.close()
             log.info("node %s stopped", self.name)
 
@@ -529,7 +517,10 @@ class ReplicaNode(Node):
                 continue  # rebuilt but its data is not yet caught up: no vote
             if kind == _core.MSG_STATE and quorum.rebuilding:
                 # Where the peer's binlog stood when it answered: data to catch up to.
-                self._rebuild_targets[message.source] = message.version
+                # The highest answer counts: a duplicate or reordered older one must not lower
+                # the target below what a merged answer's sender had forgotten.
+                self._rebuild_targets[message.source] = max(
+                    message.version, self._rebuild_targets.get(message.source, 0))
             floor = self.store.key_state(txn, message.key).version if message.key else 0
             quorum.step(message, now * 1000, floor)
             if kind == _core.MSG_BEHIND and message.key:
@@ -642,6 +633,8 @@ class ReplicaNode(Node):
                 continue
             if peer.pull_sent_at and now - peer.pull_sent_at < PULL_TIMEOUT_S:
                 continue
+            if peer.snapshot is None and self._copying():
+                continue  # its stream waits until every copy is complete
             if not peer.pull_sent_at and now < peer.next_pull:
                 continue
             peer.pull_sent_at = now
@@ -903,10 +896,7 @@ class ReplicaNode(Node):
                                             request.client_seq, key, ops)
                 if quorum.proposing(key, state.version + 1):
                     return  # a recovery of that version runs: wait for it
-                # Round 0 without a prepare only where no earlier process of ours can have
-                # sent round-0 accepts it did not persist (see _early).
-                fast = self._clean_boot or self._fresh.get(key) == state.version
-                if not quorum.propose(key, state.version + 1, value, now * 1000, fast=fast):
+                if not quorum.propose(key, state.version + 1, value, now * 1000):
                     raise Unavailable(f"node {self.name} cannot propose now ({self.role}, "
                                       f"{quorum.proposals_in_flight} proposals in flight)")
                 waiter.proposed = state.version + 1
@@ -1020,10 +1010,11 @@ class ReplicaNode(Node):
         decided: list[Any] = []
         if quorum is not None:
             persist, send, decided = quorum.ready()
-        if decided:
+        if decided and not any(r[0] == "fence" for r in persist):
+            # (A fence learned this round must be durable before any answer: a voter whose
+            # first message it is could otherwise lose its disk, come back as a first life
+            # nobody knew, and vote with no memory of the write being answered.)
             self._answer_chosen(decided)
-        if send:
-            send = self._early(send, now)
         pulled, self._pulled = self._pulled, []
         pages, self._pages = self._pages, []
         if not persist and not pulled and not pages and not any(
@@ -1044,6 +1035,15 @@ class ReplicaNode(Node):
             with self.store.write() as batch:
                 self._gone = set()
                 applied = self._install_pages(batch, pages, touched)
+                if self._copying():
+                    # Nothing but the copy until it is complete; what was chosen meanwhile
+                    # stays in the core and is applied right after.
+                    self._after_copy.update(touched)
+                    touched = set()
+                    pulled = []
+                elif self._after_copy:
+                    touched |= self._after_copy
+                    self._after_copy = set()
                 applied += self._apply_pulled(batch, pulled, touched)
                 for key in touched:
                     applied += self._apply_chosen(batch, key)
@@ -1077,37 +1077,6 @@ class ReplicaNode(Node):
             decided += more_decided
         self._dirty.update(key for key in touched if key in self._work)
         self._after_commit(send, decided, now)
-
-    def _early(self, send: list[_core.Message], now: float) -> list[_core.Message]:
-        """Send the home's round-0 accepts now, before our own acceptance is durable, and
-        return the rest (sent after the commit). Our own vote only counts once a peer's
-        ACCEPTED arrives, in a later round, after this round's commit.
-
-        Persist-before-send is what keeps one value per ballot across a crash: a restarted
-        process finds its round-0 acceptance and prepares instead of reusing round 0. So an
-        early accept is sent only where no process can later reuse that round 0: a version
-        whose predecessor this process applied itself (an earlier process never reached it),
-        or any version after a clean stop or on a new disk. And _progress_write takes round
-        0 (the fast path) only under the same condition: after a crash, the first version of
-        a key past its floor at boot is proposed with a prepare, which adopts whatever a
-        dead process's early accepts left behind."""
-        fresh, clean = self._fresh, self._clean_boot
-        early: list[_core.Message] = []
-        late: list[_core.Message] = []
-        for message in send:
-            if message.kind == _core.MSG_ACCEPT and _core.ballot_round(message.ballot) == 0 \
-                    and (clean or fresh.get(message.key) == message.version - 1):
-                early.append(message)
-            else:
-                late.append(message)
-        if early:
-            self.counters["early_accepts"] += len(early)
-            self._send_quorum(early, now)
-            if self._crash_after_early and \
-                    self.counters["early_accepts"] >= self._crash_after_early:
-                time.sleep(0.05)  # let ZeroMQ's I/O thread put the accepts on the wire
-                os._exit(137)
-        return late
 
     def _answer_chosen(self, decided: list[Any]) -> None:
         """Writes of ours that were chosen are answered now, before they are applied here: a
@@ -1236,9 +1205,6 @@ class ReplicaNode(Node):
         batch.forget_instance(record.key, record.version)
         self._gone.add((record.key, record.version))
         self._open_since.pop((record.key, record.version), None)
-        if len(self._fresh) >= FRESH_KEYS_MAX:
-            self._fresh.clear()  # forgetting only costs early accepts
-        self._fresh[record.key] = record.version
 
     def _trim(self, batch: Any) -> None:
         """Binlog every peer has pulled is dropped (the size bound covers a peer down long)."""

@@ -555,9 +555,6 @@ class WriteBatch:
         txn.put(key, raw, db=store._keys)
         return True
 
-    def delete_meta(self, name: bytes) -> None:
-        self.txn.delete(name, db=self.store._meta)
-
     def set_meta_u64s(self, name: bytes, *values: int) -> None:
         self.txn.put(name, struct.pack(f">{len(values)}Q", *values), db=self.store._meta)
 

@@ -299,73 +299,6 @@ def test_history_under_a_replica_fault_is_linearizable_and_exact(group: LocalClu
     _check_outcome(group, history, acked, tmp_path)
 
 
-def test_a_home_that_dies_between_an_early_accept_and_its_commit_stays_safe(tmp_path: Path):
-    """The home sends its round-0 accepts before its own acceptance is durable. n1 is made
-    to die exactly there (after its 40th early accept, before the commit), again after each
-    restart, while clients write and read n1's keys through failover: the group stays live and
-    the history linearizes. (Whether a restarted home may reuse round 0 is decided by the rule
-    in ReplicaNode._early; a reuse is rarely observable, since whoever learns the value in
-    between does so through a prepare that raises the promises, so this test is a crash-point
-    check, not a proof of that rule.)"""
-    config = write_cluster_config(tmp_path, replicas=3)
-    group = LocalCluster(config, log_dir=tmp_path / "logs",
-                         extra_env={"KVSVR_CRASH_AFTER_EARLY_n1": "40"})
-    group.start()
-    from kvsvr.sharding import home_index
-
-    keys = [k for k in (f"hot{i}".encode() for i in range(50)) if home_index(k, 3) == 0][:3]
-    history: list[Op] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def worker(process: int) -> None:
-        rng = random.Random(process)
-        with group.client(timeout=15.0, attempt_timeout=0.3) as client:
-            while not stop.is_set():
-                key = rng.choice(keys)
-                kind = rng.choice(["put", "get", "incr"])
-                argument: Any = (f"{process}-{rng.random()}".encode(), None) \
-                    if kind == "put" else (1 if kind == "incr" else None)
-                started = time.monotonic()
-                try:
-                    value = _invoke(client, kind, key, argument)
-                    result: Any = ("ok", (value.version, value.value)) if kind == "get" \
-                        else ("ok", value)
-                    ended = time.monotonic()
-                except NotFound as e:
-                    result, ended = ("not_found", e.version), time.monotonic()
-                except kvsvr.InvalidArgument:
-                    result, ended = ("invalid",), time.monotonic()
-                except (kvsvr.Timeout, kvsvr.Unavailable):
-                    result, ended = UNKNOWN, INFINITY
-                with lock:
-                    history.append(Op(process, kind, key, argument, result, started, ended))
-
-    threads = [threading.Thread(target=worker, args=(p,)) for p in range(4)]
-    try:
-        for t in threads:
-            t.start()
-        crashes = 0
-        deadline = time.monotonic() + 12
-        while time.monotonic() < deadline and crashes < 4:
-            process = group.processes["n1"]
-            if process.poll() is not None:
-                assert process.returncode == 137
-                crashes += 1
-                group.processes.pop("n1")
-                group.start("n1")
-            time.sleep(0.05)
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
-        assert crashes >= 2, "n1 never reached its crash point"
-    finally:
-        stop.set()
-        group.stop()
-    ok, problem = check(history)
-    assert ok, problem
-
-
 def test_link_faults_set_at_run_time_drop_delay_and_reorder_yet_lose_nothing(
         group: LocalCluster, tmp_path: Path):
     """Through the CLI-reachable FAULTS call, while clients run: n1 loses 30% of what it sends
@@ -409,7 +342,11 @@ def test_link_faults_set_at_run_time_drop_delay_and_reorder_yet_lose_nothing(
 def test_a_replica_down_past_the_binlog_bound_catches_up_from_a_snapshot(tmp_path: Path):
     """Peers keep their binlog for a replica that is down only up to binlog_max_records;
     past that they trim, and the replica, back, finds its cursor behind their first record:
-    it copies a snapshot and goes on from its LSN, with every write and appended row."""
+    it copies a snapshot and goes on from its LSN, with every write and appended row. The
+    inbox is several snapshot pages of rows and keeps growing during the copy. (A page can end
+    inside a key, so the replica applies nothing else until its copy is complete; this test
+    runs that path but does not force the exact interleaving a review found, a newer version
+    of the split key applied between its pages.)"""
     config = write_cluster_config(tmp_path, replicas=3, binlog_max_records=1000)
     group = LocalCluster(config, log_dir=tmp_path / "logs")
     group.start()
@@ -421,12 +358,15 @@ def test_a_replica_down_past_the_binlog_bound_catches_up_from_a_snapshot(tmp_pat
             for i in range(1500):
                 pipeline.put(f"k{i}", b"v%d" % i)
             for i in range(300):
-                pipeline.append("inbox", b"m%d" % i)
+                pipeline.append("inbox", b"m%d-" % i + b"x" * 8000)
             assert not [r for r in pipeline.execute() if isinstance(r, kvsvr.KvError)]
             wait_for(lambda: min(status(group, n)["store"]["binlog_first_lsn"]
                                  for n in ("n1", "n2")) > 100,
                      what="n1 and n2 trimmed their binlogs")
-            group.start("n3")
+            group.start("n3", wait=False)
+            for i in range(300, 400):  # while n3 copies
+                client.append("inbox", b"m%d-" % i + b"x" * 8000)
+            group.wait_ready("n3")
             wait_for(lambda: all(p["lag_records"] == 0
                                  for p in status(group, "n3")["peers"].values()),
                      what="n3 caught up")
@@ -444,8 +384,18 @@ def test_a_replica_down_past_the_binlog_bound_catches_up_from_a_snapshot(tmp_pat
             # it finish the instance themselves (open-instance recovery), so it is here too.
             wait_for(lambda: c.get("before", consistency="local").value == b"1",
                      what="the write n3 did not live to apply")
-            rows = c.scan("inbox", consistency="local", limit=1000).rows
-            assert [r.value for r in rows] == [b"m%d" % i for i in range(300)]
+            expected = [b"m%d-" % i + b"x" * 8000 for i in range(400)]
+
+            def inbox() -> list[bytes]:   # in pages: 3 MiB of rows is more than one
+                values: list[bytes] = []
+                start: bytes | None = b""
+                while start is not None:
+                    page = c.scan("inbox", start, consistency="local")
+                    values += [r.value for r in page.rows]
+                    start = page.next_start
+                return values
+
+            wait_for(lambda: inbox() == expected, what="n3's inbox complete")
     finally:
         group.stop()
 
