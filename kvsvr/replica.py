@@ -12,18 +12,22 @@
 3. Tick the core, then one LMDB write transaction (group commit, fsync) holds everything the
    core asked to persist and every chosen version applied in order (from the quorum or from a
    peer's binlog), with the instances it forgets.
-4. Only then send: peer messages (persist before send) and client answers.
+4. Only then send peer messages (persist before send). A write is answered as soon as the
+   quorum has chosen it (a majority holds it durably), even before the local apply commits.
 
 Data reaches a replica that was not in a quorum, or was down, through the binlog stream: each
 replica pulls every peer's binlog from its own durable cursor and applies each key's next
 version; a record at or below the key's version is skipped. Because a peer applies each key's
 versions in order and writes them to its binlog in that order, a cursor kept in the same
-transaction as the applies never meets a gap.
+transaction as the applies never meets a gap (except behind a snapshot a peer installed:
+that stream waits for the others to fill the key in). A replica whose cursor fell behind a
+peer's trimmed binlog copies a snapshot of that peer (and does nothing else meanwhile).
 
 Lives. A node whose data directory is new asks every peer what it knows of it (HELLO) before
 it votes: if some peer heard from an earlier life, the disk was lost, so this is a new
 incarnation that rebuilds (the core gathers every peer's acceptor state, and the data comes
-from every peer's binlog up to where that peer stood when it answered) before it may vote.
+from a snapshot of every peer and its binlog up to where that peer stood when it answered)
+before it may vote.
 """
 
 from __future__ import annotations
