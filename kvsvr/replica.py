@@ -89,6 +89,7 @@ JOINING_LOG_S = 5.0             # ... and says whom it is waiting for this often
 SNAPSHOT_PAGE_BYTES = 1 << 20   # a page of a snapshot
 SNAPSHOT_SESSIONS_MAX = 4       # copies a node serves at once (each pins an LMDB read txn)
 SNAPSHOT_IDLE_S = 30.0          # a copy nobody asked a page of for this long is dropped
+GAP_SNAPSHOT_AFTER_S = 5.0      # a stream stopped at a gap this long: copy that peer instead
 PEER_DOWN_AFTER_S = 2.0         # a peer silent this long is reported down in status
 QUORUM_FRAME_BYTES = 1 << 20    # quorum messages per frame, by size ...
 QUORUM_FRAME_MESSAGES = 1024    # ... and count
@@ -169,6 +170,7 @@ class _Peer:
         self.pulled = False       # it has answered a pull (its last_lsn is known)
         self.has_through = 0      # what the peer says it pulled of ours (trimming)
         self.up = False           # as last logged
+        self.gap_since = 0.0      # its stream has stopped at a gap since then (0: it has not)
         self.heard_at = 0.0
         self.hello: HelloReply | None = None
         self.trimmed_past_us = False  # its binlog no longer has what we need: snapshot
@@ -731,6 +733,14 @@ class ReplicaNode(Node):
             peer.next_pull = 0.0
             self._pulled.append((peer, peer.cursor, []))
             return
+        if peer.gap_since and now - peer.gap_since > GAP_SNAPSHOT_AFTER_S:
+            log.warning("node %s: the stream from %s has waited %.0f s at a gap at lsn %d "
+                        "that no other stream filled: copying a snapshot from it", self.name,
+                        peer.name, now - peer.gap_since, peer.cursor + 1)
+            peer.gap_since = 0.0
+            self.counters["gap_snapshots"] += 1
+            self._start_snapshot(peer)
+            return
         # The records start where the request asked, which is where the cursor stood then; if
         # it has moved since, _apply_pulled drops them (they would land at the wrong place).
         base = peer.pull_from - 1
@@ -1136,9 +1146,15 @@ class ReplicaNode(Node):
                     touched.add(record.key)
                     applied += self._apply_chosen(batch, record.key)
                 elif record.version > version + 1:
-                    self.counters["pull_gaps"] += 1  # cannot happen with a kept cursor
+                    # Only behind a snapshot that peer installed: the other streams should
+                    # fill the key in. If none does for a while, _on_pull_reply copies a
+                    # snapshot of this peer instead (it holds the key at least that new).
+                    self.counters["pull_gaps"] += 1
+                    if not peer.gap_since:
+                        peer.gap_since = time.monotonic()
                     break
                 peer.cursor += 1
+                peer.gap_since = 0.0
         return applied
 
     def _install_pages(self, batch: Any, pages: list[tuple[_Peer, SnapshotReply]],
