@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import random
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 import kvsvr
 from kvsvr import AsyncClient, Client, NotFound, VersionConflict
 from kvsvr.launcher import LocalCluster, write_single_node_config
+from tests.histories import random_op
 
 
 def test_every_operation_through_the_blocking_client(client: Client):
@@ -262,27 +264,10 @@ def test_a_lone_replica_of_a_group_never_serves_alone(tmp_path: Path):
         assert cluster.stop() == {"n1": 0}
 
 
-def _invoke(client: Client, kind: str, key: bytes, argument: object) -> object:
-    if kind == "get":
-        return client.get(key)
-    if kind in ("put", "cas"):
-        value, expected = argument  # type: ignore[misc]
-        return client.put(key, value, expected_version=expected)
-    if kind == "incr":
-        return client.incr(key, argument)  # type: ignore[arg-type]
-    if kind == "append":
-        return client.append(key, argument)
-    # One page holds the whole inbox (a fast machine appends past the default 1,000 rows,
-    # and a truncated page is not what the model's full-table read expects).
-    page = client.scan(key, limit=kvsvr.limits.MAX_SCAN_ROWS)
-    assert page.next_start is None, "the inbox outgrew one scan page: shorten the test"
-    return page
-
-
 def test_history_across_sigkills_is_linearizable(tmp_path: Path):
     """Threads hammer a few hot keys (get, put, compare-and-set, incr, append, scan) while the
     node is SIGKILLed and restarted twice; the recorded history must linearize per key."""
-    from kvsvr.testing.linearizability import INFINITY, UNKNOWN, Op, check
+    from kvsvr.testing.linearizability import Op, check
 
     cluster = LocalCluster(write_single_node_config(tmp_path), log_dir=tmp_path / "logs")
     cluster.start()
@@ -291,39 +276,12 @@ def test_history_across_sigkills_is_linearizable(tmp_path: Path):
     stop = threading.Event()
 
     def worker(process: int) -> None:
-        rng = __import__("random").Random(process)
+        rng = random.Random(process)
         with cluster.client(timeout=8.0, attempt_timeout=0.3) as client:
             while not stop.is_set():
-                register = f"reg:{rng.randrange(2)}".encode()
-                inbox = f"inbox:{rng.randrange(2)}".encode()
-                kind = ["get", "put", "cas", "incr", "append", "scan"][rng.randrange(6)]
-                key = inbox if kind in ("append", "scan") else register
-                argument: object = {
-                    "get": None, "put": (str(rng.randrange(100)).encode(), None),
-                    "cas": (str(rng.randrange(100)).encode(), rng.randrange(1, 40)),
-                    "incr": 1, "append": f"m{process}-{rng.random()}".encode(), "scan": None,
-                }[kind]
-                started = time.monotonic()
-                try:
-                    value = _invoke(client, kind, key, argument)
-                    if kind == "get":
-                        result = ("ok", (value.version, value.value))
-                    elif kind == "scan":
-                        result = ("ok", tuple(r.value for r in value.rows))
-                    else:
-                        result = ("ok", value)
-                    ended = time.monotonic()
-                except NotFound as e:
-                    result, ended = ("not_found", e.version), time.monotonic()
-                except VersionConflict as e:
-                    result, ended = ("conflict", e.version), time.monotonic()
-                except kvsvr.InvalidArgument:
-                    result, ended = ("invalid",), time.monotonic()
-                except kvsvr.Timeout:
-                    result, ended = UNKNOWN, INFINITY
-                kind = "put" if kind == "cas" else kind  # the model knows CAS as a put
+                op, _ = random_op(client, rng, process)
                 with lock:
-                    history.append(Op(process, kind, key, argument, result, started, ended))
+                    history.append(op)
 
     threads = [threading.Thread(target=worker, args=(p,)) for p in range(6)]
     try:

@@ -19,8 +19,9 @@ import pytest
 import kvsvr
 from kvsvr import Client, NotFound, VersionConflict
 from kvsvr.launcher import LocalCluster, write_cluster_config
-from kvsvr.testing.linearizability import INFINITY, UNKNOWN, Op, check
-from tests.test_node import _invoke, test_every_operation_through_the_blocking_client
+from kvsvr.testing.linearizability import UNKNOWN, Op, check
+from tests.histories import random_op
+from tests.test_node import test_every_operation_through_the_blocking_client
 
 
 @pytest.fixture
@@ -189,39 +190,11 @@ def _history_worker(group: LocalCluster, process: int, stop: threading.Event,
     with group.client(timeout=15.0, attempt_timeout=0.5) as failover:
         while not stop.is_set():
             client = rng.choice(clients) if spray else failover
-            register = f"reg:{rng.randrange(2)}".encode()
-            inbox = f"inbox:{rng.randrange(2)}".encode()
-            kind = ["get", "put", "cas", "incr", "append", "scan"][rng.randrange(6)]
-            key = inbox if kind in ("append", "scan") else register
-            argument: object = {
-                "get": None, "put": (str(rng.randrange(100)).encode(), None),
-                "cas": (str(rng.randrange(100)).encode(), rng.randrange(1, 40)),
-                "incr": 1, "append": f"m{process}-{rng.random()}".encode(), "scan": None,
-            }[kind]
-            started = time.monotonic()
-            try:
-                value = _invoke(client, kind, key, argument)
-                if kind == "get":
-                    result: Any = ("ok", (value.version, value.value))  # type: ignore[attr-defined]
-                elif kind == "scan":
-                    result = ("ok", tuple(r.value for r in value.rows))  # type: ignore[attr-defined]
-                else:
-                    result = ("ok", value)
-                ended = time.monotonic()
-                if kind == "append":
-                    with lock:
-                        acked["append"].append((key, argument, value))
-            except NotFound as e:
-                result, ended = ("not_found", e.version), time.monotonic()
-            except VersionConflict as e:
-                result, ended = ("conflict", e.version), time.monotonic()
-            except kvsvr.InvalidArgument:
-                result, ended = ("invalid",), time.monotonic()
-            except (kvsvr.Timeout, kvsvr.Unavailable):
-                result, ended = UNKNOWN, INFINITY
-            kind = "put" if kind == "cas" else kind
+            op, value = random_op(client, rng, process)
             with lock:
-                history.append(Op(process, kind, key, argument, result, started, ended))
+                history.append(op)
+                if op.kind == "append" and value is not None:
+                    acked["append"].append((op.key, op.argument, value))
     for c in clients:
         c.close()
 
