@@ -112,6 +112,9 @@ def test_replicas_converge_and_each_status_shows_its_peers(group: LocalCluster):
         return True
 
     wait_for(caught_up, what="every peer up with no lag")
+    for node in group.nodes:  # one proposal per write here: no contention, no failover
+        counters = status(group, node)["counters"]
+        assert counters.get("proposals", 0) == counters.get("requests.mutate", 0)
     for node in group.nodes:
         with node_client(group, node) as c:
             page = c.scan(b"inbox", consistency="local")
