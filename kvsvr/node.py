@@ -213,17 +213,7 @@ class Node:
     # --- the I/O edge ----------------------------------------------------------------------
     def serve(self) -> None:
         context = zmq.Context(io_threads=1)
-        socket = context.socket(zmq.ROUTER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a larger message drops the peer
-        socket.setsockopt(zmq.SNDHWM, NODE_QUEUE_MESSAGES)  # memory per peer is bounded by
-        socket.setsockopt(zmq.RCVHWM, NODE_QUEUE_MESSAGES)  # these times MAX_MESSAGE_BYTES
-        try:
-            socket.bind(self.replica.address)
-        except zmq.ZMQError as e:
-            socket.close()
-            context.term()
-            raise OSError(f"cannot listen on {self.replica.address}: {e}") from None
+        socket = bind_router(context, self.replica.address)
         log.info("node %s (group %s, campus %s) serving on %s, data %s, binlog lsn %d..%d",
                  self.name, self.group.name, self.replica.campus, self.replica.address,
                  self.store.path, self.store.first_lsn, self.store.last_lsn)
@@ -253,6 +243,29 @@ class Node:
             context.term()
             self.store.close()
             log.info("node %s stopped", self.name)
+
+
+def node_socket(context: zmq.Context, kind: int) -> zmq.Socket:
+    """A node's socket: no linger; a larger message than MAX_MESSAGE_BYTES drops the sender,
+    so memory per peer is bounded by the queue length times that."""
+    socket = context.socket(kind)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    socket.setsockopt(zmq.SNDHWM, NODE_QUEUE_MESSAGES)
+    socket.setsockopt(zmq.RCVHWM, NODE_QUEUE_MESSAGES)
+    return socket
+
+
+def bind_router(context: zmq.Context, address: str) -> zmq.Socket:
+    """The node's ROUTER bound at `address`; OSError naming the address if it cannot be."""
+    socket = node_socket(context, zmq.ROUTER)
+    try:
+        socket.bind(address)
+    except zmq.ZMQError as e:
+        socket.close()
+        context.term()
+        raise OSError(f"cannot listen on {address}: {e}") from None
+    return socket
 
 
 def _package_version() -> str:

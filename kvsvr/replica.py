@@ -55,8 +55,7 @@ from kvsvr.errors import (
     Unavailable,
     VersionConflict,
 )
-from kvsvr.limits import MAX_MESSAGE_BYTES, NODE_QUEUE_MESSAGES
-from kvsvr.node import Node, _error_frame
+from kvsvr.node import Node, _error_frame, bind_router, node_socket
 from kvsvr.protocol import (
     CONSISTENCY_LOCAL,
     HelloReply,
@@ -325,25 +324,11 @@ class ReplicaNode(Node):
     # --- the I/O edge -------------------------------------------------------------------------
     def serve(self) -> None:
         context = zmq.Context(io_threads=1)
-        router = context.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        router.setsockopt(zmq.SNDHWM, NODE_QUEUE_MESSAGES)
-        router.setsockopt(zmq.RCVHWM, NODE_QUEUE_MESSAGES)
-        try:
-            router.bind(self.replica.address)
-        except zmq.ZMQError as e:
-            router.close()
-            context.term()
-            raise OSError(f"cannot listen on {self.replica.address}: {e}") from None
+        router = bind_router(context, self.replica.address)
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         for index, name, address in self._pending_peers:
-            socket = context.socket(zmq.DEALER)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.setsockopt(zmq.SNDHWM, NODE_QUEUE_MESSAGES)
-            socket.setsockopt(zmq.RCVHWM, NODE_QUEUE_MESSAGES)
-            socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+            socket = node_socket(context, zmq.DEALER)
             socket.connect(address)
             peer = _Peer(index, name, address, socket)
             saved = self._saved_cursors.get(index)

@@ -5,6 +5,7 @@ exact, and the recorded history is linearizable."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import signal
@@ -202,6 +203,34 @@ def _history_worker(group: LocalCluster, process: int, stop: threading.Event,
         c.close()
 
 
+class _Load:
+    """What the history workers recorded: every call, and the appends acknowledged."""
+
+    def __init__(self) -> None:
+        self.history: list[Op] = []
+        self.acked: dict[str, list[Any]] = {"append": []}
+
+
+@contextlib.contextmanager
+def _history_load(group: LocalCluster, workers: int = 5) -> Iterator[_Load]:
+    """The history workers run for the duration of the block (stopped and joined at its end,
+    whatever happens)."""
+    load = _Load()
+    lock = threading.Lock()
+    stop = threading.Event()
+    threads = [threading.Thread(target=_history_worker,
+                                args=(group, p, stop, load.history, lock, load.acked))
+               for p in range(workers)]
+    for t in threads:
+        t.start()
+    try:
+        yield load
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+
+
 def _check_outcome(group: LocalCluster, history: list[Op], acked: dict[str, list[Any]],
                    tmp_path: Path, context: str = "") -> None:
     """What every fault run must end with: the history linearizes, the replicas converge, no
@@ -239,16 +268,7 @@ def test_history_under_a_replica_fault_is_linearizable_and_exact(group: LocalClu
     resumed, or loses its disk and rebuilds. The history must linearize per key, every
     acknowledged append is in its inbox exactly once at the seq it was given, and the
     replicas converge."""
-    history: list[Op] = []
-    acked: dict[str, list[Any]] = {"append": []}
-    lock = threading.Lock()
-    stop = threading.Event()
-    threads = [threading.Thread(target=_history_worker,
-                                args=(group, p, stop, history, lock, acked))
-               for p in range(5)]
-    try:
-        for t in threads:
-            t.start()
+    with _history_load(group) as load:
         time.sleep(1.5)
         for victim in ("n1", "n2"):
             if fault == "sigkill":
@@ -267,12 +287,7 @@ def test_history_under_a_replica_fault_is_linearizable_and_exact(group: LocalClu
                 wait_for(lambda v=victim: status(group, v)["role"] == "replica",
                          what=f"{victim} rebuilt")
             time.sleep(1.5)
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
-    finally:
-        stop.set()
-    _check_outcome(group, history, acked, tmp_path)
+    _check_outcome(group, load.history, load.acked, tmp_path)
 
 
 def test_link_faults_set_at_run_time_drop_delay_and_reorder_yet_lose_nothing(
@@ -281,17 +296,8 @@ def test_link_faults_set_at_run_time_drop_delay_and_reorder_yet_lose_nothing(
     and n2's messages to n3 are held up to 40 ms (reordered); then n1 is cut off entirely
     (every outgoing message dropped), then everything heals. The history linearizes, appends
     are exact, and the replicas converge."""
-    history: list[Op] = []
-    acked: dict[str, list[Any]] = {"append": []}
-    lock = threading.Lock()
-    stop = threading.Event()
-    threads = [threading.Thread(target=_history_worker,
-                                args=(group, p, stop, history, lock, acked))
-               for p in range(5)]
     with group.client(timeout=5.0) as admin:
-        try:
-            for t in threads:
-                t.start()
+        with _history_load(group) as load:
             time.sleep(1.0)
             links = admin.faults(group.address("n1"), drop=0.3)
             assert links == {"n2": {"drop": 0.3, "delay_ms": 0},
@@ -303,16 +309,11 @@ def test_link_faults_set_at_run_time_drop_delay_and_reorder_yet_lose_nothing(
             for node in group.nodes:
                 admin.faults(group.address(node))  # heal
             time.sleep(1.0)
-            stop.set()
-            for t in threads:
-                t.join(timeout=60)
-        finally:
-            stop.set()
         with pytest.raises(kvsvr.InvalidArgument, match="peer"):
             admin.faults(group.address("n1"), peer="nobody", drop=0.5)
         counters = [status(group, n)["counters"] for n in group.nodes]
         assert counters[0].get("fault_dropped", 0) > 50
-    _check_outcome(group, history, acked, tmp_path)
+    _check_outcome(group, load.history, load.acked, tmp_path)
 
 
 def test_a_replica_down_past_the_binlog_bound_catches_up_from_a_snapshot(tmp_path: Path):
@@ -413,19 +414,10 @@ def test_soak_random_faults_on_a_group(tmp_path: Path, seed: int):
     rng = random.Random(seed)
     group = LocalCluster(write_cluster_config(tmp_path, replicas=3), log_dir=tmp_path / "logs")
     group.start()
-    history: list[Op] = []
-    acked: dict[str, list[Any]] = {"append": []}
-    lock = threading.Lock()
-    stop = threading.Event()
-    threads = [threading.Thread(target=_history_worker,
-                                args=(group, p, stop, history, lock, acked))
-               for p in range(5)]
     schedule: list[str] = []
     try:
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 45
-        with group.client(timeout=5.0) as admin:
+        with _history_load(group) as load, group.client(timeout=5.0) as admin:
+            deadline = time.monotonic() + 45
             while time.monotonic() < deadline:
                 time.sleep(rng.uniform(1.0, 3.0))
                 victim = rng.choice(group.nodes)
@@ -453,11 +445,7 @@ def test_soak_random_faults_on_a_group(tmp_path: Path, seed: int):
                         admin.faults(group.address(node))
             for node in group.nodes:
                 admin.faults(group.address(node))
-        time.sleep(1.0)
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
-        _check_outcome(group, history, acked, tmp_path, f"(schedule {schedule})")
+            time.sleep(1.0)
+        _check_outcome(group, load.history, load.acked, tmp_path, f"(schedule {schedule})")
     finally:
-        stop.set()
         group.stop()
