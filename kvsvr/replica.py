@@ -110,11 +110,14 @@ _hello_reply_decoder = msgspec.msgpack.Decoder(HelloReply)
 _snapshot_reply_decoder = msgspec.msgpack.Decoder(SnapshotReply)
 
 
+_arrivals = itertools.count(1)
+
+
 class _Waiter:
     """A client request this replica cannot answer yet."""
 
-    __slots__ = ("barrier", "confirmed", "deadline", "identity", "method", "open", "proposed",
-                 "reply", "request", "request_id", "target")
+    __slots__ = ("arrival", "barrier", "confirmed", "deadline", "identity", "method", "open",
+                 "proposed", "reply", "request", "request_id", "target")
 
     def __init__(self, identity: bytes, request_id: int, method: int, request: Any,
                  deadline: float):
@@ -129,6 +132,7 @@ class _Waiter:
         self.confirmed = False    # a barrier found this replica current for the key
         self.proposed = 0         # version a write was proposed at (0: not in flight)
         self.reply: Any = None    # ... and its answer if that proposal is chosen
+        self.arrival = next(_arrivals)  # a read waits for the writes of its key before it
 
 
 class _KeyWork:
@@ -805,10 +809,10 @@ class ReplicaNode(Node):
                 if work is None:
                     continue
                 floor = self.store.key_state(txn, key).version
-                if work.reads:
-                    self._progress_reads(key, work, floor, now)
                 if work.writes:
                     self._progress_write(key, work, floor, txn, now)
+                if work.reads:
+                    self._progress_reads(key, work, floor, now)
                 if not work.writes and not work.reads:
                     del self._work[key]
 
@@ -818,8 +822,13 @@ class ReplicaNode(Node):
         assert quorum is not None
         waiting = []
         answer = []
+        # A read waits for writes to its key that arrived before it (pipelined after them),
+        # so a client sees its own writes in the order it sent them.
+        write_arrival = work.writes[0].arrival if work.writes else 0
         for waiter in work.reads:
-            if waiter.barrier or waiter.target < 0:
+            if write_arrival and write_arrival < waiter.arrival:
+                waiting.append(waiter)
+            elif waiter.barrier or waiter.target < 0:
                 waiting.append(waiter)          # its barrier has not answered yet
             elif floor < waiter.target:
                 waiting.append(waiter)          # a majority applied more: the stream brings it

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import kvsvr
-from kvsvr import Client, NotFound, VersionConflict
+from kvsvr import Client, NotFound, VersionConflict, _core
 from kvsvr.launcher import LocalCluster, write_cluster_config
 from kvsvr.testing.linearizability import UNKNOWN, Op, check
 from tests.histories import random_op
@@ -164,6 +164,28 @@ def test_a_wiped_replica_rebuilds_from_its_peers_and_votes_again(group: LocalClu
     group.start("n1")
     copy = converged(group, [b"counter", b"k5", b"k259"])
     assert copy[b"counter"].value == b"6"
+
+
+def test_a_pipelined_read_sees_the_writes_sent_before_it_on_any_replica(group: LocalCluster):
+    """Within one pipeline a read of a key waits for the writes to that key sent before it,
+    also on a replica that is not the key's home (where the write needs a prepare, two round
+    trips, and the read's version barrier only one)."""
+    for n in range(12):
+        key = f"piped{n}".encode()
+        home = _core.QuorumReplica(0, 3).home(key)
+        other = group.nodes[(home + 1 + n % 2) % 3]
+        with node_client(group, other) as c:
+            pipeline = c.pipeline()
+            pipeline.put(key, b"first")
+            pipeline.get(key)
+            pipeline.append(key + b"/log", b"a")
+            pipeline.scan(key + b"/log")
+            pipeline.put(key, b"second")
+            pipeline.get(key)
+            results = pipeline.execute()
+        assert results[0] == 1 and results[1] == kvsvr.Versioned(1, b"first"), results
+        assert [r.value for r in results[3].rows] == [b"a"], results
+        assert results[4] == 2 and results[5] == kvsvr.Versioned(2, b"second"), results
 
 
 def test_compare_and_set_on_a_behind_replica_is_decided_by_the_majority(group: LocalCluster):
