@@ -80,12 +80,16 @@ cdef enum:
     _PROPOSAL_TIMEOUT_TICKS = 50        # a proposal phase without a majority is retried
     _RETRY_BACKOFF_TICKS = 10           # first retry delay after a rejection (grows, per node)
     _MAX_PROPOSALS_IN_FLIGHT = 65536    # per replica; beyond it propose() refuses
+    _STATE_PART_BYTES = 2097152         # a state answer is sent in parts of about this size
+    _MAX_STATE_PARTS = 65535            # ... numbered in 16 bits
+    _STATE_ANSWERS_FOLLOWED = 4         # answers of one peer assembled at once
 
 MAX_REPLICAS = _MAX_REPLICAS
 MAX_INCARNATION = _MAX_INCARNATION
 PROPOSAL_TIMEOUT_TICKS = _PROPOSAL_TIMEOUT_TICKS
 RETRY_BACKOFF_TICKS = _RETRY_BACKOFF_TICKS
 MAX_PROPOSALS_IN_FLIGHT = _MAX_PROPOSALS_IN_FLIGHT
+STATE_PART_BYTES = _STATE_PART_BYTES
 
 # Quorum message kinds.
 MSG_PREPARE = 1         # proposer -> acceptors: promise me `ballot` for (key, version)
@@ -95,7 +99,9 @@ MSG_ACCEPTED = 4        # acceptor -> proposer: accepted `ballot`
 MSG_REJECT = 5          # acceptor -> proposer: promised higher (`accepted_ballot` = promise)
 MSG_CHOSEN = 6          # anyone -> anyone: `value` is chosen for (key, version)
 MSG_STATE_REQUEST = 7   # rebuilding replica -> peers: send me your acceptor state
-MSG_STATE = 8           # peer -> rebuilding replica: all its acceptor records, in one message
+# peer -> rebuilding replica: its acceptor records, one part of its answer (`accepted_ballot`
+# = answer << 32 | part << 16 | parts); the answer counts once every part of it arrived
+MSG_STATE = 8
 # acceptor -> proposer: that version is at or below my floor (chosen and applied here;
 # `accepted_ballot` carries the floor): catch up, then retry above it
 MSG_BEHIND = 9

@@ -64,6 +64,7 @@ MAX_INCARNATION: int
 PROPOSAL_TIMEOUT_TICKS: int
 RETRY_BACKOFF_TICKS: int
 MAX_PROPOSALS_IN_FLIGHT: int
+STATE_PART_BYTES: int
 MSG_PREPARE: int
 MSG_PROMISE: int
 MSG_ACCEPT: int
@@ -113,8 +114,10 @@ class QuorumReplica:
     fast_path: bool
     proposals_in_flight: int
     instances: int
+    state_part_bytes: int
     def __init__(self, node: int, replicas: int, incarnation: int = 1,
-                 rebuilding: bool = False) -> None: ...
+                 rebuilding: bool = False, state_part_bytes: int = ...,
+                 answer_base: int = 0) -> None: ...
     def restore(self, records: list[PersistRecord]) -> None: ...
     def acceptor_state(self, key: bytes, version: int) -> tuple[int, int, Any, Any]: ...
     def ready(self) -> tuple[list[PersistRecord], list[Message], list[Decided]]: ...

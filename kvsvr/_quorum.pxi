@@ -28,7 +28,9 @@
 #   state of every other replica (rebuild_quorum(n) = n - 1: a peer that answered has fenced
 #   the old life, and only when all have can no proposer still count a vote of that life),
 #   taking the highest promise and highest accepted ballot of each instance.
-#   Each peer sends its whole state in one message, so a transfer is never half received.
+#   A peer's answer comes in parts (a frame has a size limit); records merge as they come,
+#   but the peer counts toward the quorum only once every part of one answer arrived, so a
+#   transfer is never taken half received.
 # - A life must not be confused with an earlier one: ballots carry the incarnation, and a peer
 #   that answers a state request fences the requester's older incarnations (persisted), so
 #   messages of a dead life still in the network are dropped. The fast path (round 0 without
@@ -124,6 +126,11 @@ cdef class Message:
                 f"accepted_ballot={self.accepted_ballot}, value={self.value!r})")
 
 
+cdef inline Py_ssize_t _size_of(object value):
+    # Values are binlog records (bytes) in the node; the simulator proposes any object.
+    return len(<bytes> value) if type(value) is bytes else 0
+
+
 cdef class _Instance:
     """An acceptor's state for one (key, version)."""
     cdef public uint64_t promised
@@ -176,13 +183,17 @@ cdef class QuorumReplica:
     cdef dict _fences            # peer -> lowest incarnation of it still listened to
     cdef dict _proposals         # (key, version) -> _Proposal
     cdef dict _rebuild_done      # node -> incarnation that finished sending its state
+    cdef dict _state_parts       # node -> {answer: parts received} of its answers under way
+    cdef uint32_t _answers       # state answers given (numbers them)
+    cdef readonly Py_ssize_t state_part_bytes
     cdef list _persist
     cdef list _send
     cdef list _decided
     cdef set _dirty
     cdef double _next_state_request
 
-    def __init__(self, int node, int replicas, uint64_t incarnation=1, bint rebuilding=False):
+    def __init__(self, int node, int replicas, uint64_t incarnation=1, bint rebuilding=False,
+                 Py_ssize_t state_part_bytes=_STATE_PART_BYTES, uint32_t answer_base=0):
         if replicas < 1 or replicas > _MAX_REPLICAS:
             raise ValueError(f"replicas: {replicas}, expected 1..{_MAX_REPLICAS}")
         if node < 0 or node >= replicas:
@@ -201,7 +212,14 @@ cdef class QuorumReplica:
         self._versions = {}
         self._fences = {}
         self._proposals = {}
+        if state_part_bytes < 1:
+            raise ValueError(f"state_part_bytes: {state_part_bytes}, expected >= 1")
+        self.state_part_bytes = state_part_bytes  # smaller only in tests, to make many parts
         self._rebuild_done = {}
+        self._state_parts = {}
+        # Answers are numbered from a base the caller draws at random for each process life,
+        # so parts of an answer given before a restart never complete one given after it.
+        self._answers = answer_base
         self._persist = []
         self._send = []
         self._decided = []
@@ -594,18 +612,40 @@ cdef class QuorumReplica:
     cdef void _on_state_request(self, Message message):
         if self.rebuilding:
             return  # a rebuilding replica has nothing trustworthy to give
-        # All of it in one message: a transfer that could arrive in part would let a replica
-        # finish rebuilding with a hole exactly where a chosen value was.
         cdef _Instance instance
-        records = [instance.record(key, version)
-                   for (key, version), instance in self._instances.items()]
-        self._emit(MSG_STATE, message.source, b"", 0, message.incarnation, 0, records)
+        cdef list current = []
+        cdef list parts = [current]
+        cdef Py_ssize_t size = 0, record_size
+        for (key, version), instance in self._instances.items():
+            record_size = 64 + len(key) + _size_of(instance.accepted_value) \
+                + _size_of(instance.chosen_value)
+            if current and size + record_size > self.state_part_bytes \
+                    and len(parts) < _MAX_STATE_PARTS:
+                current = []
+                parts.append(current)
+                size = 0
+            current.append(instance.record(key, version))
+            size += record_size
+        self._answers += 1  # wraps: only answers close in time must differ
+        cdef uint64_t answer = self._answers
+        cdef uint64_t count = len(parts)
+        cdef uint64_t part
+        for part in range(count):
+            self._emit(MSG_STATE, message.source, b"", 0, message.incarnation,
+                       (answer << 32) | (part << 16) | count, parts[part])
 
     cdef void _on_state(self, Message message):
         # `ballot` echoes the incarnation that asked: answers to an older life do not count.
         if message.ballot != self.incarnation or message.source in self._rebuild_done:
             return
+        cdef uint64_t answer = message.accepted_ballot >> 32
+        cdef uint64_t part = (message.accepted_ballot >> 16) & 0xFFFF
+        cdef uint64_t count = message.accepted_ballot & 0xFFFF
+        if count == 0 or part >= count:
+            return  # not a part of any answer
         cdef _Instance instance
+        # Merging is safe before the answer is whole (it only raises what we know); counting
+        # the peer as rebuilt from is not.
         for _, key, version, promised, accepted_ballot, accepted_value, chosen_value \
                 in message.value:
             instance = self._instance(key, version)
@@ -617,6 +657,18 @@ cdef class QuorumReplica:
             if chosen_value is not None and instance.chosen_value is None:
                 instance.chosen_value = chosen_value
             self._dirty.add((key, version))
+        # Parts of different answers never add up (each answer may split the records
+        # differently); a few answers are followed at once, the oldest dropped first.
+        answers = self._state_parts.setdefault(message.source, {})
+        received = answers.get(answer)
+        if received is None:
+            if len(answers) >= _STATE_ANSWERS_FOLLOWED:
+                del answers[next(iter(answers))]
+            received = answers[answer] = set()
+        received.add(part)
+        if len(received) < count:
+            return
+        del self._state_parts[message.source]
         self._rebuild_done[message.source] = message.incarnation
         if self.rebuilding and len(self._rebuild_done) >= rebuild_quorum(self.replicas):
             self.rebuilding = False

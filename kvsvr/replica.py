@@ -233,7 +233,8 @@ class ReplicaNode(Node):
     # --- lives --------------------------------------------------------------------------------
     def _start_quorum(self, rebuilding: bool) -> None:
         self.quorum = _core.QuorumReplica(self.index, self.replicas, self.incarnation,
-                                          rebuilding=rebuilding)
+                                          rebuilding=rebuilding,
+                                          answer_base=secrets.randbits(32))
         if not rebuilding:
             records = []
             stale = []
@@ -1271,8 +1272,8 @@ class ReplicaNode(Node):
             frames.append(_encode_frame(_REQUEST, Method.QUORUM, 0, 0,
                                         protocol.encode_quorum(messages)))
         except ValueError as e:
-            # Only a state answer can outgrow a frame (every open instance of this replica,
-            # in one message so a rebuild never takes half of it): the peer asks again.
+            # Only a state answer part holding one huge record (a chosen 4 MiB batch not yet
+            # applied) can outgrow a frame: the peer asks again, by when it is applied.
             self.counters["quorum_frames_too_large"] += 1
             log.error("node %s: %d quorum messages do not fit a frame (%s); not sent",
                       self.name, len(messages), e)

@@ -370,3 +370,66 @@ def test_the_checker_catches_voting_below_the_floor():
         except Violation:
             caught += 1
     assert caught > 0
+
+
+def _peer_with_instances(node: int, count: int) -> _core.QuorumReplica:
+    peer = _core.QuorumReplica(node, 3, state_part_bytes=1)  # one record per part
+    ballot = _core.make_ballot(1, node)
+    peer.restore([("instance", b"k%d" % i, 1 + node, ballot, ballot, b"v%d" % i, None)
+                  for i in range(count)])
+    return peer
+
+
+def _state_answer(peer: _core.QuorumReplica, request: _core.Message) -> list[_core.Message]:
+    peer.step(request, 0)
+    return [m for m in peer.ready()[1] if m.kind == _core.MSG_STATE]
+
+
+def test_a_state_answer_in_parts_counts_only_once_every_part_of_one_answer_arrived():
+    """A peer's acceptor state comes in parts (a frame has a size limit). A rebuilding replica
+    must not count a peer until every part of one answer is in: a lost part, a duplicate, or
+    parts of an older answer mixed with a newer one (which may split the records differently,
+    leaving a hole) must all keep it rebuilding."""
+    rebuilding = _core.QuorumReplica(2, 3, incarnation=2, rebuilding=True)
+    requests = {m.target: m for m in rebuilding.ready()[1]
+                if m.kind == _core.MSG_STATE_REQUEST}
+    peer0, peer1 = _peer_with_instances(0, 5), _peer_with_instances(1, 3)
+    first = _state_answer(peer0, requests[0])
+    assert len(first) == 5 and {m.accepted_ballot & 0xFFFF for m in first} == {5}
+    for part in [*first[:2], first[0]]:         # parts 0 and 1 of five, one twice
+        rebuilding.step(part, 0)
+    for part in _state_answer(peer1, requests[1]):
+        rebuilding.step(part, 0)
+    assert rebuilding.rebuilding, "peer 0's answer is not complete"
+    second = _state_answer(peer0, requests[0])  # asked again: a new answer
+    assert {m.accepted_ballot >> 32 for m in second} != {m.accepted_ballot >> 32 for m in first}
+    for part in second[2:]:                     # parts 2, 3, 4 of the new answer: no mix
+        rebuilding.step(part, 0)
+    assert rebuilding.rebuilding
+    rebuilding.step(second[0], 0)
+    assert rebuilding.rebuilding
+    rebuilding.step(second[1], 0)
+    assert not rebuilding.rebuilding
+    for i in range(5):
+        assert rebuilding.acceptor_state(b"k%d" % i, 1)[2] == b"v%d" % i
+    for i in range(3):
+        assert rebuilding.acceptor_state(b"k%d" % i, 2)[2] == b"v%d" % i
+
+
+def test_a_state_answer_is_cut_by_size_and_a_part_out_of_range_is_ignored():
+    """Parts hold about STATE_PART_BYTES each (a record bigger than that goes alone); a
+    message whose part number is not below its count is no part of any answer."""
+    peer = _core.QuorumReplica(0, 3)
+    ballot = _core.make_ballot(1, 0)
+    big = b"x" * (_core.STATE_PART_BYTES // 3)
+    peer.restore([("instance", b"k%d" % i, 1, ballot, ballot, big, None) for i in range(7)])
+    rebuilding = _core.QuorumReplica(2, 3, incarnation=2, rebuilding=True)
+    request = next(m for m in rebuilding.ready()[1] if m.target == 0)
+    parts = _state_answer(peer, request)
+    assert [len(m.value) for m in parts] == [2, 2, 2, 1]
+    bogus = parts[0]
+    rebuilding.step(_core.Message(bogus.kind, bogus.source, bogus.target, bogus.incarnation,
+                                  b"", 0, bogus.ballot, (1 << 32) | (1 << 16) | 1, []), 0)
+    rebuilding.step(_core.Message(bogus.kind, 1, bogus.target, bogus.incarnation,
+                                  b"", 0, bogus.ballot, (1 << 32) | 1, []), 0)
+    assert rebuilding.rebuilding  # peer 1's well-formed empty answer alone is not enough

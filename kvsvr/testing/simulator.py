@@ -75,7 +75,12 @@ class Simulation:
         self.applied_values: dict[tuple[bytes, int], object] = {}  # what any replica applied
         self.state_floors: list[dict[bytes, int]] = []  # a STATE answer's sender's floors
         self.now = 0
-        self.nodes = [_Node(i, _core.QuorumReplica(i, replicas)) for i in range(replicas)]
+        # Its own random source, so the fault schedule of a seed is the same as before parts.
+        self.lives = random.Random(seed * 7919 + 1)
+        # Most seeds cut state answers into parts of a record or a few (out of order, lost,
+        # duplicated, mixed with older answers by the faults); some keep them whole.
+        self.state_part_bytes = self.lives.choice([1, 300, _core.STATE_PART_BYTES])
+        self.nodes = [_Node(i, self._replica(i, 1)) for i in range(replicas)]
         self.in_flight: list[tuple[int, int, _core.Message]] = []
         self.sequence = 0
         # ground truth: (key, version, ballot) -> value and the nodes that accepted it
@@ -223,6 +228,12 @@ class Simulation:
             node.known_version.clear()
             node.applied.clear()
 
+    def _replica(self, index: int, incarnation: int,
+                 rebuilding: bool = False) -> _core.QuorumReplica:
+        return _core.QuorumReplica(index, self.replicas, incarnation, rebuilding=rebuilding,
+                                   state_part_bytes=self.state_part_bytes,
+                                   answer_base=self.lives.getrandbits(32))
+
     def restart(self, index: int) -> None:
         """Bring a replica back: from its disk, or, if the disk was wiped, as a new life.
         (An empty disk that was never wiped is a replica that never voted: no past to fear.)"""
@@ -230,12 +241,12 @@ class Simulation:
         wiped, node.wiped = node.wiped, False
         if wiped:
             node.incarnation += 1
-            node.replica = _core.QuorumReplica(index, self.replicas, node.incarnation,
-                                               rebuilding=not self.unsafe_amnesia)
+            node.replica = self._replica(index, node.incarnation,
+                                         rebuilding=not self.unsafe_amnesia)
             if self.unsafe_amnesia:  # the bug to catch: vote at once, as if never wiped
                 node.replica.restore([("rebuilt", node.incarnation)])
         else:
-            node.replica = _core.QuorumReplica(index, self.replicas, node.incarnation)
+            node.replica = self._replica(index, node.incarnation)
             node.replica.restore(list(node.disk.values()))
         node.up = True
         self._drain(node)
