@@ -140,7 +140,7 @@ class SeriesStore:
         out = []
         with self.env.begin() as txn:
             for key, value in txn.cursor(db=self.gap_db):
-                name, _, first = key.rpartition(b"\0")
+                name, first = key[:-9], key[-8:]
                 if machine is None or name.decode() == machine:
                     out.append((name.decode(), SECOND.unpack(first)[0], SECOND.unpack(value)[0]))
         return out
