@@ -79,8 +79,9 @@ def curve(values: Series, first_second: int, *, title: str, width: int = 900,
         second = first_second + int(fraction * (count - 1))
         x = left + fraction * plot_w
         stamp = time.strftime("%H:%M:%S", time.localtime(second))
-        parts.append(f'<text x="{x:.1f}" y="{height - 8}" font-size="11" text-anchor="middle" '
-                     f'font-family="sans-serif">{stamp}</text>')
+        anchor = {0.0: "start", 0.5: "middle", 1.0: "end"}[fraction]
+        parts.append(f'<text x="{x:.1f}" y="{height - 8}" font-size="11" '
+                     f'text-anchor="{anchor}" font-family="sans-serif">{stamp}</text>')
     color = "#c62828" if firing else "#2a6fdb"
     for points in _paths(values, plot_w, plot_h, low, high, left, top):
         parts.append(f'<polyline class="line" fill="none" stroke="{color}" stroke-width="1.5" '

@@ -155,7 +155,8 @@ def evaluate(resolved: ResolvedRule, samples: Sequence[int | None], now: float,
         if mean is None:
             return Finding(False, None, f"{resolved.id_name}: no sample in the window")
         firing = compare(mean, rule.value)
-        return Finding(firing, mean, f"{resolved.id_name}: mean {mean:g}/s over "
+        unit = "/s" if resolved.counter else ""
+        return Finding(firing, mean, f"{resolved.id_name}: mean {mean:g}{unit} over "
                        f"{rule.window_s} s {'' if firing else 'not '}{rule.op} {rule.value:g}")
     window = rule.window_s
     current = _mean(samples[-window:], resolved.counter)
@@ -166,7 +167,7 @@ def evaluate(resolved: ResolvedRule, samples: Sequence[int | None], now: float,
     change = (current - previous) / max(abs(previous), 1.0) * 100.0
     firing = compare(change, rule.value)
     return Finding(firing, change, f"{resolved.id_name}: changed {change:+.1f}% "
-                   f"({previous:g} -> {current:g}/s) {'' if firing else 'not '}{rule.op} "
+                   f"({previous:g} -> {current:g}) {'' if firing else 'not '}{rule.op} "
                    f"{rule.value:g}%")
 
 
