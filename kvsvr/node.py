@@ -66,6 +66,7 @@ class Node:
         self.stopping = False
         self.counters: collections.Counter[str] = collections.Counter()
         self.monitor = counters_for(config)   # the machine's shared-memory counters
+        self.round_requests = 0               # frames in the round being answered
         self._next_client_sweep = time.monotonic() + CLIENT_SWEEP_INTERVAL_S
         self._client_sweep_from = b""
         store = self.store
@@ -95,6 +96,7 @@ class Node:
         written: set[bytes] = set()
         deferred: list[tuple[list[Any], int, int, int, Any]] = []
         counters = self.counters
+        self.round_requests = 0
         method_counter = _METHOD_COUNTER
         decode_request = protocol.decode_request
         read = self._read
@@ -105,6 +107,7 @@ class Node:
                 answers.append([parts[0], out])
                 for payload in parts[1:]:
                     frames, error, error_request_id = _core.decode_frames(payload)
+                    self.round_requests += len(frames) + (error is not None)
                     for kind, method, request_id, _budget_ms, body in frames:
                         try:
                             if kind != _REQUEST:
@@ -137,6 +140,7 @@ class Node:
                     if error is not None:
                         counters["bad_frames"] += 1
                         self.monitor.add(monitor_ids.NODE_BAD_FRAMES, 1)
+                        self.monitor.add(monitor_ids.NODE_FAILURES, 1)
                         out.append(_error_frame(error_request_id,
                                                 InvalidArgument(error, field="frame")))
         finally:
@@ -257,7 +261,7 @@ class Node:
                         self.counters["replies_dropped"] += 1  # the client is not reading
                 self.monitor.add(monitor_ids.NODE_BYTES_IN, received)
                 self.monitor.add(monitor_ids.NODE_BYTES_OUT, sent)
-                self.observe_latency(time.perf_counter() - started, len(messages))
+                self.observe_latency(time.perf_counter() - started, self.round_requests)
         finally:
             socket.close()
             context.term()
