@@ -105,10 +105,10 @@ def test_a_node_with_an_unusable_counters_file_still_serves(tmp_path):
     in its log, and the node serves as ever; the file is left untouched."""
     counters_path = tmp_path / "counters"
     counters_path.write_bytes(b"garbage" * 100)
-    with LocalCluster(_config(tmp_path, 1, counters_path), log_dir=tmp_path / "logs") as cluster:
-        with cluster.client() as client:
-            client.put("k", b"v")
-            assert client.get("k").value == b"v"
+    cluster = LocalCluster(_config(tmp_path, 1, counters_path), log_dir=tmp_path / "logs")
+    with cluster, cluster.client() as client:
+        client.put("k", b"v")
+        assert client.get("k").value == b"v"
     assert counters_path.read_bytes() == b"garbage" * 100
     log = (tmp_path / "logs" / "n1.log").read_text()
     assert "monitoring is off for this process" in log and "magic" in log
