@@ -142,3 +142,4 @@ def test_rules_resolve_names_and_numbers():
     by_number = _rule(id=1, kind="absent")
     assert by_name.id == by_number.id == 1
     assert isinstance(by_name.rule, Rule)
+

@@ -182,9 +182,10 @@ def _write(path: str, seconds: float, results: Any) -> None:
 
 
 def test_agent_and_center_killed_mid_stream_lose_nothing_and_count_nothing_twice(system):
-    """Four processes add to one id for 9 s while the agent is SIGKILLed and restarted and
-    then the center is: afterwards the center's per-second values equal, second by second,
-    what the counters file recorded, and their sum equals what the processes added."""
+    """Four processes add to one id for 9 s while the agent is SIGKILLed and restarted, then
+    the center is, then the center is SIGSTOPped for 2 s: afterwards the center's per-second
+    values equal, second by second, what the counters file recorded, and their sum equals
+    what the processes added."""
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     first = int(time.time())
@@ -200,6 +201,10 @@ def test_agent_and_center_killed_mid_stream_lose_nothing_and_count_nothing_twice
     system.kill("center")
     time.sleep(1.5)
     system.start("center")
+    time.sleep(1.0)
+    system.signal("center", signal.SIGSTOP)     # acks stop; the agent waits, then resends
+    time.sleep(2.0)
+    system.signal("center", signal.SIGCONT)
     added = sum(results.get(timeout=30) for _ in writers)
     for w in writers:
         w.join(10)

@@ -56,9 +56,30 @@ def _label(value: float) -> str:
     return f"{value:g}"
 
 
+MAX_CURVE_POINTS = 3600      # past this, a curve draws the maximum of each k seconds
+
+
+def downsample(values: Series, max_points: int = MAX_CURVE_POINTS) -> tuple[list[int | None], int]:
+    """(values, seconds per point): every second up to `max_points`, else the maximum of
+    each run of k seconds (so a one-second spike still shows; the JSON API keeps every
+    second)."""
+    if len(values) <= max_points:
+        return list(values), 1
+    step = -(-len(values) // max_points)
+    out: list[int | None] = []
+    for start in range(0, len(values), step):
+        present = [v for v in values[start:start + step] if v is not None]
+        out.append(max(present) if present else None)
+    return out, step
+
+
 def curve(values: Series, first_second: int, *, title: str, width: int = 900,
           height: int = 260, firing: bool = False) -> str:
     """A per-second curve with axes: y from min(0, values) to the maximum, x in local time."""
+    seconds = len(values)
+    values, step = downsample(values)
+    if step > 1:
+        title = f"{title}, max of each {step} s"
     left, right, top, bottom = 56, 12, 24, 28
     plot_w, plot_h = width - left - right, height - top - bottom
     low, high = _scale(values)
@@ -74,9 +95,8 @@ def curve(values: Series, first_second: int, *, title: str, width: int = 900,
                      'stroke="#ddd"/>')
         parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end" '
                      f'font-family="sans-serif">{_label(low + fraction * (high - low))}</text>')
-    count = max(len(values), 1)
     for fraction in (0.0, 0.5, 1.0):
-        second = first_second + int(fraction * (count - 1))
+        second = first_second + int(fraction * max(seconds - 1, 0))
         x = left + fraction * plot_w
         stamp = time.strftime("%H:%M:%S", time.localtime(second))
         anchor = {0.0: "start", 0.5: "middle", 1.0: "end"}[fraction]
@@ -93,4 +113,4 @@ def curve(values: Series, first_second: int, *, title: str, width: int = 900,
     return "".join(parts)
 
 
-__all__ = ["curve", "sparkline"]
+__all__ = ["curve", "downsample", "sparkline"]
