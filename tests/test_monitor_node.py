@@ -34,12 +34,13 @@ def _totals(counters: _core.Counters, id_list: list[int]) -> dict[int, int]:
 def _settled(counters: _core.Counters, id_list: list[int]) -> dict[int, int]:
     """Totals once they stop moving (the node counts a round after answering it)."""
     previous = _totals(counters, id_list)
-    while True:
+    for _ in range(50):
         time.sleep(0.3)
         current = _totals(counters, id_list)
         if current == previous:
             return current
         previous = current
+    raise AssertionError(f"counters still moving after 15 s: {previous}")
 
 
 def test_a_single_node_counts_requests_failures_latency_and_bytes(tmp_path):
