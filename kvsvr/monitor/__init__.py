@@ -7,9 +7,9 @@ the modules `agent`, `center` and `web` (imported on their own: they pull in Zer
 """
 
 from kvsvr.monitor.counters import (
-    CounterSink,
     Counters,
     CountersError,
+    CounterSink,
     NullCounters,
     default_path,
     open_counters,
