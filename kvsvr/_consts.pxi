@@ -105,3 +105,39 @@ MSG_STATE = 8
 # acceptor -> proposer: that version is at or below my floor (chosen and applied here;
 # `accepted_ballot` carries the floor): catch up, then retry above it
 MSG_BEHIND = 9
+
+# --- shared-memory counters and value blocks (see _counters.pxi) -------------------------
+cdef enum:
+    _COUNTERS_MAGIC = 0x5443564B        # b"KVCT" little-endian
+    _COUNTERS_LAYOUT = 1
+    _COUNTERS_HEADER_BYTES = 64
+    _COUNTERS_SLOT_HEADER_BYTES = 8     # u32 kind, u32 reserved
+    _MAX_MONITOR_IDS = 65536            # ids are 1..max_ids; a file holds at most this many
+    _DEFAULT_MONITOR_IDS = 1024
+    _MIN_WINDOW_S = 8                   # seconds of per-second buckets kept per id
+    _MAX_WINDOW_S = 86400
+    _DEFAULT_WINDOW_S = 600
+    _BUCKET_VALUE_BITS = 44             # a bucket word: 20-bit cycle stamp, 44-bit value
+    _MAX_MONITOR_NAME_BYTES = 64
+    _MAX_MONITOR_DESCRIPTION_BYTES = 256
+    _VALUE_ENTRY_BYTES = 12             # value block entry: u32 id, i64 value
+
+# Kinds of a monitor id (the u32 at the head of its slot).
+cdef enum:
+    _KIND_FREE = 0
+    _KIND_COUNTER = 1                   # add(): per-second sum of deltas
+    _KIND_GAUGE = 2                     # set(): per-second last value
+
+COUNTERS_HEADER_BYTES = _COUNTERS_HEADER_BYTES
+MAX_MONITOR_IDS = _MAX_MONITOR_IDS
+DEFAULT_MONITOR_IDS = _DEFAULT_MONITOR_IDS
+MIN_WINDOW_S = _MIN_WINDOW_S
+MAX_WINDOW_S = _MAX_WINDOW_S
+DEFAULT_WINDOW_S = _DEFAULT_WINDOW_S
+MAX_MONITOR_NAME_BYTES = _MAX_MONITOR_NAME_BYTES
+MAX_MONITOR_DESCRIPTION_BYTES = _MAX_MONITOR_DESCRIPTION_BYTES
+VALUE_ENTRY_BYTES = _VALUE_ENTRY_BYTES
+BUCKET_VALUE_MAX = (<long long> 1 << (_BUCKET_VALUE_BITS - 1)) - 1
+BUCKET_VALUE_MIN = -(<long long> 1 << (_BUCKET_VALUE_BITS - 1))
+KIND_COUNTER = _KIND_COUNTER
+KIND_GAUGE = _KIND_GAUGE

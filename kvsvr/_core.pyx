@@ -1,9 +1,11 @@
 # cython: language_level=3
-"""KVSvr's compiled core: limits, the binlog record codec, the wire frame codec and the
-version quorum state machine.
+"""KVSvr's compiled core: limits, the binlog record codec, the wire frame codec, the
+version quorum state machine and the shared-memory monitor counters.
 
-The core does no I/O: no sockets, no LMDB, no threads, no clock. Later parts (the
-shared-memory counters) join it as further `include`d files.
+The core does no I/O: no sockets, no LMDB, no threads. The one exception to "no clock" is the
+counters' add()/set(), which stamp the current second themselves (a caller-supplied second
+would cost a Python-level time call per add on the hot path); add_at()/set_at() take one.
+The counters work on a buffer the Python shell maps (kvsvr/monitor/counters.py).
 """
 
 cdef extern from *:
@@ -15,3 +17,4 @@ include "_consts.pxi"
 include "_record.pxi"
 include "_frame.pxi"
 include "_quorum.pxi"
+include "_counters.pxi"

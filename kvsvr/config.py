@@ -14,6 +14,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
+from kvsvr import _core
 from kvsvr.errors import ConfigError, InvalidArgument
 from kvsvr.limits import BINLOG_MAX_RECORDS
 
@@ -46,6 +47,24 @@ class StorageConfig(Struct, forbid_unknown_fields=True):
     binlog_max_records: Annotated[int, Meta(ge=1000)] = BINLOG_MAX_RECORDS
 
 
+class MonitorConfig(Struct, forbid_unknown_fields=True):
+    """[monitor]: the machine's counters file, its agent and the monitor center."""
+
+    enabled: bool = True            # false: nodes count nothing (NullCounters)
+    counters_path: str = ""         # "": /dev/shm/kvsvr-counters-<user> (per machine)
+    max_ids: Annotated[int, Meta(ge=1, le=_core.MAX_MONITOR_IDS)] = _core.DEFAULT_MONITOR_IDS
+    window_s: Annotated[int, Meta(ge=_core.MIN_WINDOW_S,
+                                  le=_core.MAX_WINDOW_S)] = _core.DEFAULT_WINDOW_S
+    registry: list[str] = []        # id registry files (relative to the config file)
+    center: str = "tcp://127.0.0.1:7500"   # where agents send and the center listens
+    web: Annotated[str, Meta(pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")] = "127.0.0.1:7580"
+    data_dir: Annotated[str, Meta(min_length=1)] = "kvsvr-data/monitor"
+    rules: str = ""                 # alert rules file ("": none)
+    agent_period_s: Annotated[int, Meta(ge=1, le=3600)] = 60
+    agent_state_dir: Annotated[str, Meta(min_length=1)] = "kvsvr-data/agent"
+    machine: Annotated[str, Meta(max_length=64)] = ""   # "": the host name
+
+
 class ReplicaConfig(Struct, forbid_unknown_fields=True):
     node: Name
     campus: Name
@@ -64,6 +83,7 @@ class ClusterConfig(Struct, forbid_unknown_fields=True):
     name: Name = "local"
     virtual_shards: Annotated[int, Meta(ge=1, le=1 << 20)] = 4096
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
     # Where the file was read from; relative data_dirs resolve against `base_dir`.
     base_dir: str = "."
 
@@ -76,7 +96,11 @@ class ClusterConfig(Struct, forbid_unknown_fields=True):
         raise ConfigError(f"node: {node!r} is not in the config (nodes: {known})")
 
     def data_dir(self, replica: ReplicaConfig) -> Path:
-        path = Path(replica.data_dir)
+        return self.path(replica.data_dir)
+
+    def path(self, text: str) -> Path:
+        """A path of the config, relative ones resolved against the config file's directory."""
+        path = Path(text)
         return path if path.is_absolute() else Path(self.base_dir) / path
 
     def shard_table(self) -> list[int]:
@@ -135,6 +159,16 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
                     )
                 seen[attribute][value] = field
     config.shard_table()
+    monitor = config.monitor
+    problem = address_problem(monitor.center)
+    if problem:
+        raise ConfigError(f"monitor.center: {problem}")
+    # The agent must find a second still in the window after a failed send and a retry.
+    if monitor.window_s < 2 * monitor.agent_period_s + 10:
+        raise ConfigError(
+            f"monitor.window_s: {monitor.window_s} s does not cover two agent periods "
+            f"(monitor.agent_period_s = {monitor.agent_period_s}) plus 10 s; "
+            f"expected >= {2 * monitor.agent_period_s + 10}")
     return config
 
 

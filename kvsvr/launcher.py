@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvsvr-cluster",
                                      description="Run every node of a cluster config locally.")
     parser.add_argument("--config", help="cluster TOML (default: the embedded config)")
+    parser.add_argument("--monitor", action="store_true",
+                        help="also run the monitor center (kvsvr-monitor) and this machine's "
+                             "agent (kvsvr-agent) from the config's [monitor] section")
     args = parser.parse_args(argv)
     try:
         cluster = LocalCluster(args.config)
@@ -220,12 +223,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"kvsvr-cluster: {len(cluster.nodes)} node(s) up: "
           + ", ".join(f"{n} {cluster.address(n)}" for n in cluster.nodes), flush=True)
+    helpers: dict[str, subprocess.Popen[bytes]] = {}
+    if args.monitor:
+        config_args = ["--config", args.config] if args.config else []
+        for name, module in (("monitor", "kvsvr.monitor.center"),
+                             ("agent", "kvsvr.monitor.agent")):
+            helpers[name] = subprocess.Popen([sys.executable, "-m", module, *config_args])
+        print(f"kvsvr-cluster: monitor page on http://{cluster.config.monitor.web}/", flush=True)
     while not stopping:
         for name, process in list(cluster.processes.items()):
             if process.poll() is not None:
                 print(f"kvsvr-cluster: node {name} exited ({process.returncode})", flush=True)
                 del cluster.processes[name]
         time.sleep(0.2)
+    for process in helpers.values():
+        process.terminate()
+    for process in helpers.values():
+        process.wait(10)
     cluster.stop()
     return 0
 

@@ -24,6 +24,8 @@ from kvsvr import _core, protocol
 from kvsvr.config import ClusterConfig, load
 from kvsvr.errors import ConfigError, Internal, InvalidArgument, KvError, StorageFull
 from kvsvr.limits import GROUP_COMMIT_MAX_OPS, MAX_MESSAGE_BYTES, NODE_QUEUE_MESSAGES
+from kvsvr.monitor import registry as monitor_ids
+from kvsvr.monitor.counters import counters_for
 from kvsvr.protocol import Method, MutateRequest
 from kvsvr.store import Store, StoreLocked
 
@@ -63,6 +65,8 @@ class Node:
         self.started = time.time()
         self.stopping = False
         self.counters: collections.Counter[str] = collections.Counter()
+        self.monitor = counters_for(config)   # the machine's shared-memory counters
+        self.round_requests = 0               # frames in the round being answered
         self._next_client_sweep = time.monotonic() + CLIENT_SWEEP_INTERVAL_S
         self._client_sweep_from = b""
         store = self.store
@@ -92,6 +96,7 @@ class Node:
         written: set[bytes] = set()
         deferred: list[tuple[list[Any], int, int, int, Any]] = []
         counters = self.counters
+        self.round_requests = 0
         method_counter = _METHOD_COUNTER
         decode_request = protocol.decode_request
         read = self._read
@@ -102,6 +107,7 @@ class Node:
                 answers.append([parts[0], out])
                 for payload in parts[1:]:
                     frames, error, error_request_id = _core.decode_frames(payload)
+                    self.round_requests += len(frames) + (error is not None)
                     for kind, method, request_id, _budget_ms, body in frames:
                         try:
                             if kind != _REQUEST:
@@ -109,6 +115,7 @@ class Node:
                                                       field="frame.kind")
                             request = decode_request(method, body)
                             counters[method_counter[method]] += 1
+                            self.monitor.add(monitor_ids.NODE_REQUESTS, 1)
                             if method == _MUTATE:
                                 writes.append((out, len(out), request_id, request))
                                 written.add(request.key)
@@ -123,13 +130,17 @@ class Node:
                                                      _encode(read(method, request, txn))))
                         except KvError as e:
                             counters[f"errors.{type(e).__name__}"] += 1
+                            self.monitor.add(monitor_ids.NODE_FAILURES, 1)
                             out.append(_error_frame(request_id, e))
                         except Exception:  # a bug must cost one request, never the node
                             log.exception("request %d (method %d) failed", request_id, method)
                             counters["errors.Internal"] += 1
+                            self.monitor.add(monitor_ids.NODE_FAILURES, 1)
                             out.append(_error_frame(request_id, Internal("internal error")))
                     if error is not None:
                         counters["bad_frames"] += 1
+                        self.monitor.add(monitor_ids.NODE_BAD_FRAMES, 1)
+                        self.monitor.add(monitor_ids.NODE_FAILURES, 1)
                         out.append(_error_frame(error_request_id,
                                                 InvalidArgument(error, field="frame")))
         finally:
@@ -173,6 +184,8 @@ class Node:
                         out[index] = _error_frame(request_id, e)
             counters["group_commits"] += 1
             counters["mutations"] += batch.applied
+            self.monitor.add(monitor_ids.NODE_GROUP_COMMITS, 1)
+            self.monitor.add(monitor_ids.NODE_MUTATIONS, batch.applied)
             counters["group_commit_us"] += int((time.perf_counter() - started) * 1e6)
         except Exception as e:
             # Nothing of the transaction was kept: every write of the round is answered with
@@ -181,8 +194,13 @@ class Node:
             if not isinstance(e, KvError):
                 log.exception("group commit of %d writes failed", len(writes))
             counters[f"errors.{type(error).__name__}"] += len(writes)
+            self.monitor.add(monitor_ids.NODE_FAILURES, len(writes))
             for out, index, request_id, _ in writes:
                 out[index] = _error_frame(request_id, error)
+
+    def observe_latency(self, seconds: float, requests: int = 1) -> None:
+        """Count `requests` answered after `seconds` in their latency bucket id."""
+        self.monitor.add(monitor_ids.latency_id(seconds), requests)
 
     def sweep_idle_clients(self) -> None:
         """Forget clients idle past CLIENT_IDLE_EXPIRY_S, a bounded batch at a time."""
@@ -233,11 +251,17 @@ class Node:
                         break
                     messages.append(parts)
                     received += sum(len(part) for part in parts)
+                started = time.perf_counter()
+                sent = 0
                 for answer in self.handle_round(messages):
                     try:
                         send(answer, zmq.NOBLOCK)
+                        sent += len(answer[1])
                     except again:
                         self.counters["replies_dropped"] += 1  # the client is not reading
+                self.monitor.add(monitor_ids.NODE_BYTES_IN, received)
+                self.monitor.add(monitor_ids.NODE_BYTES_OUT, sent)
+                self.observe_latency(time.perf_counter() - started, self.round_requests)
         finally:
             socket.close()
             context.term()

@@ -55,6 +55,7 @@ from kvsvr.errors import (
     Unavailable,
     VersionConflict,
 )
+from kvsvr.monitor import registry as monitor_ids
 from kvsvr.node import Node, _error_frame, bind_router, node_socket
 from kvsvr.protocol import (
     CONSISTENCY_LOCAL,
@@ -117,7 +118,7 @@ class _Waiter:
     """A client request this replica cannot answer yet."""
 
     __slots__ = ("arrival", "barrier", "confirmed", "deadline", "identity", "method", "open",
-                 "proposed", "reply", "request", "request_id", "target")
+                 "proposed", "received", "reply", "request", "request_id", "target")
 
     def __init__(self, identity: bytes, request_id: int, method: int, request: Any,
                  deadline: float):
@@ -133,6 +134,7 @@ class _Waiter:
         self.proposed = 0         # version a write was proposed at (0: not in flight)
         self.reply: Any = None    # ... and its answer if that proposal is chosen
         self.arrival = next(_arrivals)  # a read waits for the writes of its key before it
+        self.received = time.monotonic()   # for the latency bucket ids
 
 
 class _KeyWork:
@@ -273,6 +275,8 @@ class ReplicaNode(Node):
     def _watch_peers(self, now: float) -> None:
         """Log each peer going silent and coming back (what an operator looks for first)."""
         self._peers_watched = now
+        self.monitor.set(monitor_ids.NODE_BINLOG_LAG, max(
+            (p.last_lsn - p.cursor for p in self._peers if p is not None and p.pulled), default=0))
         for peer in self._peers:
             if peer is None:
                 continue
@@ -414,17 +418,20 @@ class ReplicaNode(Node):
         self._outbox.setdefault(identity, []).append(frame)
 
     def _answer_ok(self, waiter: _Waiter, result: Any) -> None:
+        self.observe_latency(time.monotonic() - waiter.received)
         self._answer(waiter.identity,
                      _encode_frame(_RESPONSE, 0, waiter.request_id, 0, _encode(result)))
 
     def _answer_error(self, identity: bytes, request_id: int, error: KvError) -> None:
         self.counters[f"errors.{type(error).__name__}"] += 1
+        self.monitor.add(monitor_ids.NODE_FAILURES, 1)
         self._answer(identity, _error_frame(request_id, error))
 
     def _flush_clients(self) -> None:
         outbox, self._outbox = self._outbox, {}
         for identity, frames in outbox.items():
             for message in protocol.pack(frames):
+                self.monitor.add(monitor_ids.NODE_BYTES_OUT, len(message))
                 try:
                     self.router.send_multipart([identity, message], zmq.NOBLOCK)
                 except zmq.Again:
@@ -467,6 +474,7 @@ class ReplicaNode(Node):
         return bool(self._dirty) or bool(self._pulled)
 
     def _inbound(self, identity: bytes, payload: bytes, txn: Any, now: float) -> None:
+        self.monitor.add(monitor_ids.NODE_BYTES_IN, len(payload))
         frames, error, error_request_id = _core.decode_frames(payload)
         for kind, method, request_id, budget_ms, body in frames:
             try:
@@ -483,6 +491,7 @@ class ReplicaNode(Node):
                         _RESPONSE, 0, request_id, 0,
                         _encode(self._peer_request(method, request, txn, now))))
                     continue
+                self.monitor.add(monitor_ids.NODE_REQUESTS, 1)  # clients' requests only
                 self._client_request(identity, request_id, method, request,
                                      now + min(budget_ms / 1000 or REQUEST_WAIT_MAX_S,
                                                REQUEST_WAIT_MAX_S), txn)
@@ -493,6 +502,7 @@ class ReplicaNode(Node):
                 self._answer_error(identity, request_id, Internal("internal error"))
         if error is not None:
             self.counters["bad_frames"] += 1
+            self.monitor.add(monitor_ids.NODE_BAD_FRAMES, 1)
             self._answer_error(identity, error_request_id, InvalidArgument(error, field="frame"))
 
     # --- peers' requests and answers ------------------------------------------------------------
@@ -1073,6 +1083,8 @@ class ReplicaNode(Node):
                     self._save_rebuild_progress(batch)
             self.counters["group_commits"] += 1
             self.counters["applied"] += applied
+            self.monitor.add(monitor_ids.NODE_GROUP_COMMITS, 1)
+            self.monitor.add(monitor_ids.NODE_MUTATIONS, applied)
             self.counters["group_commit_us"] += int((time.perf_counter() - started) * 1e6)
         except StorageFull as e:
             log.error("node %s: %s", self.name, e)
@@ -1114,6 +1126,7 @@ class ReplicaNode(Node):
         for key, version, value, own in decided:
             counters["decided_own" if own else "decided_taken" if value is None
                      else "decided_other"] += 1
+            self.monitor.add(monitor_ids.NODE_QUORUM_RETRIES, int(not own))
             work = self._work.get(key)
             if work is not None and work.writes and work.writes[0].proposed == version:
                 work.writes[0].proposed = 0  # applied if chosen: the op-id table answers

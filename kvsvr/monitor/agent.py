@@ -1,0 +1,319 @@
+"""`kvsvr-agent`: ship this machine's per-second counter values to the monitor center(s).
+
+Every period it reads, from the shared-memory counters file, each completed second after the
+last one a center acknowledged (its cursor, kept durably per center in the state directory),
+sends them as reports (kvsvr/monitor/report.py) and moves the cursor only on the center's
+ack. After a restart of the agent or of a center, it resends from the cursor: the center
+stores values keyed by (machine, second), so a resend overwrites with the same bytes. Nothing
+counted is lost and nothing is counted twice, as long as the agent is back within the counters
+window (600 s by default); seconds that left the window before it came back are reported as a
+gap (the center shows it).
+
+A second is complete GRACE_S seconds after it ended (a writer that read the clock just before
+the second turned still lands in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import signal
+import socket as socket_module
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+
+from kvsvr import _core, protocol
+from kvsvr.config import address_problem, load
+from kvsvr.errors import ConfigError
+from kvsvr.monitor.counters import CountersError, open_counters
+from kvsvr.monitor.registry import Registry, load_registry
+from kvsvr.monitor.report import (
+    BLOCK_HEADER,
+    HEADER,
+    MAX_REPORT_BYTES,
+    MAX_REPORT_SECONDS,
+    METHOD_REPORT,
+    Ack,
+    CatalogEntry,
+    Report,
+    encode_report,
+    machine_problem,
+)
+
+log = logging.getLogger("kvsvr.agent")
+
+GRACE_S = 2                    # a second is shipped once it ended this long ago
+ACK_TIMEOUT_S = 10.0           # a report unanswered this long is sent again (new socket)
+REPORT_BUDGET_BYTES = MAX_REPORT_BYTES - (1 << 20)   # blocks per report; room for the catalog
+_ack_decoder = msgspec.msgpack.Decoder(Ack)
+
+
+def readable_span(cursor: int, now: float,
+                  window_s: int) -> tuple[int, int, tuple[int, int] | None]:
+    """(first, through, gap) of the seconds to ship now, given the last acknowledged second.
+
+    `through` is the newest complete second; `first` the one after the cursor unless that has
+    left the window, in which case the seconds in between are the gap (and are gone). A
+    cursor of 0 (never shipped) starts at the oldest second still in the window.
+    """
+    second = int(now)
+    through = second - GRACE_S
+    # Writers may be in second `second` (or one before, on a coarse clock): a bucket is safe
+    # to read while s + window > second + 1.
+    oldest = second - window_s + GRACE_S
+    first = cursor + 1 if cursor else oldest
+    gap = None
+    if first < oldest:
+        gap = (first, oldest - 1)
+        first = oldest
+    return first, through, gap
+
+
+def build_reports(counters: _core.Counters, machine: str, cursor: int, now: float,
+                  catalog: list[CatalogEntry]) -> list[Report]:
+    """The reports that ship everything after `cursor` (empty: nothing complete yet)."""
+    first, through, gap = readable_span(cursor, now, counters.window_s)
+    if first > through:
+        return []
+    reports: list[Report] = []
+    fixed = HEADER.size + len(machine.encode()) + 64
+    start = first
+    blocks: list[tuple[int, bytes]] = []
+    size = fixed
+    for second in range(first, through + 1):
+        block = counters.snapshot(second)
+        if not block:
+            continue
+        if blocks and (size + BLOCK_HEADER.size + len(block) > REPORT_BUDGET_BYTES
+                       or len(blocks) == MAX_REPORT_SECONDS):
+            reports.append(Report(machine, start, second - 1, blocks))
+            start, blocks, size = second, [], fixed
+        blocks.append((second, block))
+        size += BLOCK_HEADER.size + len(block)
+    reports.append(Report(machine, start, through, blocks))
+    reports[0].catalog = catalog
+    if gap is not None:
+        reports[0].gaps = [gap]
+    return reports
+
+
+def catalog_of(counters: _core.Counters, registry: Registry) -> list[CatalogEntry]:
+    """Names of the ids registered in the counters file that the registry knows."""
+    out: list[CatalogEntry] = []
+    for id, kind in counters.registered():
+        entry = registry.by_id.get(id)
+        if entry is not None:
+            out.append((id, kind, entry.name, entry.description))
+    return out
+
+
+def _error_message(body: Any) -> str:
+    try:
+        return msgspec.msgpack.decode(body, type=protocol.ErrorReply).message
+    except msgspec.DecodeError:
+        return "(an unreadable error answer)"
+
+
+class CenterLink:
+    """One center: its socket, its durable cursor."""
+
+    def __init__(self, context: zmq.Context, address: str, state_dir: Path, machine: str):
+        self.context = context
+        self.address = address
+        tag = hashlib.sha256(f"{address}\0{machine}".encode()).hexdigest()[:16]
+        self.cursor_path = state_dir / f"cursor-{tag}"
+        self.cursor = self._load_cursor()
+        self.socket: zmq.Socket | None = None
+        self.request_id = 0
+        self.failures = 0
+
+    def _load_cursor(self) -> int:
+        try:
+            text = self.cursor_path.read_text().split()
+        except FileNotFoundError:
+            return 0
+        if len(text) != 2 or text[0] != self.address or not text[1].isdigit():
+            raise ConfigError(f"{self.cursor_path}: not a cursor file of {self.address}")
+        return int(text[1])
+
+    def save_cursor(self, second: int) -> None:
+        """Durably: a write to a new file, fsync, rename over the old one, fsync the dir."""
+        temporary = self.cursor_path.with_suffix(".new")
+        with open(temporary, "w") as f:
+            f.write(f"{self.address} {second}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self.cursor_path)
+        directory = os.open(self.cursor_path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self.cursor = second
+
+    def _connect(self) -> zmq.Socket:
+        if self.socket is None:
+            self.socket = self.context.socket(zmq.DEALER)
+            self.socket.setsockopt(zmq.LINGER, 0)
+            self.socket.connect(self.address)
+        return self.socket
+
+    def reset(self) -> None:
+        """Drop the socket (and whatever it still queues): the next send starts clean."""
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+
+    def send(self, report: Report, timeout_s: float = ACK_TIMEOUT_S) -> bool:
+        """Send one report and wait for its ack; True once the center holds it durably."""
+        socket = self._connect()
+        self.request_id += 1
+        socket.send(_core.encode_frame(_core.FRAME_REQUEST, METHOD_REPORT, self.request_id,
+                                       int(timeout_s * 1000), encode_report(report)))
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not socket.poll(int(left * 1000) + 1):
+                continue
+            frames, error, _ = _core.decode_frames(socket.recv())
+            for _kind, status, request_id, _budget, body in frames:
+                if request_id != self.request_id:
+                    continue    # the answer to a send that had timed out
+                if status != 0:
+                    log.error("center %s refused a report: %s", self.address,
+                              _error_message(body))
+                    return False
+                _ack_decoder.decode(body)
+                self.save_cursor(report.through_second)
+                return True
+            if error is not None:
+                log.error("center %s answered a malformed message: %s", self.address, error)
+        log.warning("center %s: no ack within %.0f s; resending from second %d later",
+                    self.address, timeout_s, self.cursor + 1)
+        self.reset()
+        return False
+
+
+class Agent:
+    def __init__(self, counters: _core.Counters, machine: str, centers: list[str],
+                 state_dir: Path, period_s: float, registry: Registry):
+        problem = machine_problem(machine)
+        if problem:
+            raise ConfigError(problem)
+        if not 1 <= period_s <= 3600:
+            raise ConfigError(f"period_s: {period_s}, expected 1..3600")
+        if counters.window_s < 2 * period_s + 10:
+            raise ConfigError(f"period_s: {period_s} s; the counters window ({counters.window_s}"
+                              " s) must cover two periods plus 10 s")
+        self.counters = counters
+        self.machine = machine
+        self.period_s = period_s
+        self.registry = registry
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.context = zmq.Context(io_threads=1)
+        self.links = [CenterLink(self.context, a, state_dir, machine) for a in centers]
+        self.stopping = False
+
+    def ship(self, now: float) -> bool:
+        """Ship everything complete to every center; True if all of it was acknowledged."""
+        catalog = catalog_of(self.counters, self.registry)
+        all_done = True
+        for link in self.links:
+            for report in build_reports(self.counters, self.machine, link.cursor, now,
+                                        catalog):
+                if report.gaps:
+                    log.warning("seconds %d..%d left the counters window before they were "
+                                "shipped to %s: reported as a gap", *report.gaps[0],
+                                link.address)
+                if not link.send(report):
+                    all_done = False
+                    break
+        return all_done
+
+    def run(self) -> None:
+        log.info("agent for machine %s: %d ids, window %d s, every %g s to %s",
+                 self.machine, len(self.counters.registered()), self.counters.window_s,
+                 self.period_s, ", ".join(link.address for link in self.links))
+        next_at = time.time()
+        try:
+            while not self.stopping:
+                now = time.time()
+                if now >= next_at:
+                    self.ship(now)
+                    next_at = now + self.period_s
+                time.sleep(min(0.2, max(0.0, next_at - time.time())))
+        finally:
+            for link in self.links:
+                link.reset()
+            self.context.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kvsvr-agent", description="Ship this machine's counters to the monitor center.")
+    parser.add_argument("--config", help="cluster TOML; its [monitor] section is used")
+    parser.add_argument("--center", action="append", default=None,
+                        help="center address (repeatable; default: monitor.center)")
+    parser.add_argument("--counters", help="counters file (default: monitor.counters_path)")
+    parser.add_argument("--machine", help="this machine's name (default: the host name)")
+    parser.add_argument("--period", type=float, help="seconds between shipments "
+                        "(default: monitor.agent_period_s, 60)")
+    parser.add_argument("--state-dir", help="where cursors are kept "
+                        "(default: monitor.agent_state_dir)")
+    parser.add_argument("--registry", action="append", default=None,
+                        help="id registry TOML (repeatable; default: monitor.registry)")
+    parser.add_argument("--list-ids", action="store_true",
+                        help="list the registered ids (registry and counters file) and exit")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load(args.config)
+        monitor = config.monitor
+        registry = load_registry(args.registry if args.registry is not None
+                                 else [config.path(p) for p in monitor.registry])
+        path = args.counters or (str(config.path(monitor.counters_path))
+                                 if monitor.counters_path else None)
+        counters = open_counters(path)
+        if args.list_ids:
+            registered = dict(counters.registered())
+            for entry in registry.list():
+                mark = "registered" if entry.id in registered else "not in counters file"
+                print(f"{entry.id}\t{entry.name}\t{entry.kind}\t{mark}\t{entry.description}")
+            for id, kind in sorted(registered.items()):
+                if id not in registry:
+                    print(f"{id}\tid.{id}\t{'gauge' if kind == 2 else 'counter'}\t"
+                          "registered\t(no registry entry)")
+            return 0
+        centers = args.center or [monitor.center]
+        for address in centers:
+            problem = address_problem(address)
+            if problem:
+                raise ConfigError(f"--center: {problem}")
+        agent = Agent(counters, args.machine or monitor.machine or socket_module.gethostname(),
+                      centers, Path(args.state_dir) if args.state_dir
+                      else config.path(monitor.agent_state_dir),
+                      args.period or monitor.agent_period_s, registry)
+    except (ConfigError, CountersError) as e:
+        print(f"kvsvr-agent: {e}", file=sys.stderr)
+        return 2
+
+    def stop(signum: int, _frame: Any) -> None:
+        agent.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    agent.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

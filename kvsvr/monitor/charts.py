@@ -1,0 +1,116 @@
+"""SVG charts drawn by our own code (no third-party JavaScript or CSS): pure functions from a
+series to markup."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from html import escape
+
+Series = Sequence[int | None]
+
+
+def _scale(values: Series) -> tuple[float, float]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return 0.0, 1.0
+    low, high = min(0, *present), max(present)
+    return float(low), float(high if high > low else low + 1)
+
+
+def _paths(values: Series, width: float, height: float, low: float, high: float,
+           left: float = 0.0, top: float = 0.0) -> list[str]:
+    """One polyline point list per run of present values (a missing second breaks the line)."""
+    count = len(values)
+    step = width / max(count - 1, 1)
+    runs: list[str] = []
+    current: list[str] = []
+    for index, value in enumerate(values):
+        if value is None:
+            if current:
+                runs.append(" ".join(current))
+                current = []
+            continue
+        x = left + index * step
+        y = top + height - (value - low) / (high - low) * height
+        current.append(f"{x:.1f},{y:.1f}")
+    if current:
+        runs.append(" ".join(current))
+    return runs
+
+
+def sparkline(values: Series, *, width: int = 160, height: int = 28) -> str:
+    low, high = _scale(values)
+    lines = "".join(
+        f'<polyline class="line" fill="none" stroke="#2a6fdb" stroke-width="1.2" points="{p}"/>'
+        for p in _paths(values, width - 2, height - 2, low, high, 1, 1))
+    return (f'<svg class="sparkline" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+            f'height="{height}" viewBox="0 0 {width} {height}">{lines}</svg>')
+
+
+def _label(value: float) -> str:
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:.1f}M"
+    if abs(value) >= 1e3:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:g}"
+
+
+MAX_CURVE_POINTS = 3600      # past this, a curve draws the maximum of each k seconds
+
+
+def downsample(values: Series, max_points: int = MAX_CURVE_POINTS) -> tuple[list[int | None], int]:
+    """(values, seconds per point): every second up to `max_points`, else the maximum of
+    each run of k seconds (so a one-second spike still shows; the JSON API keeps every
+    second)."""
+    if len(values) <= max_points:
+        return list(values), 1
+    step = -(-len(values) // max_points)
+    out: list[int | None] = []
+    for start in range(0, len(values), step):
+        present = [v for v in values[start:start + step] if v is not None]
+        out.append(max(present) if present else None)
+    return out, step
+
+
+def curve(values: Series, first_second: int, *, title: str, width: int = 900,
+          height: int = 260, firing: bool = False) -> str:
+    """A per-second curve with axes: y from min(0, values) to the maximum, x in local time."""
+    seconds = len(values)
+    values, step = downsample(values)
+    if step > 1:
+        title = f"{title}, max of each {step} s"
+    left, right, top, bottom = 56, 12, 24, 28
+    plot_w, plot_h = width - left - right, height - top - bottom
+    low, high = _scale(values)
+    parts = [f'<svg class="curve{" firing" if firing else ""}" '
+             f'xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
+             f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>',
+             f'<text x="{left}" y="16" font-size="13" font-family="sans-serif">'
+             f'{escape(title)}</text>']
+    for fraction in (0.0, 0.5, 1.0):
+        y = top + plot_h - fraction * plot_h
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" '
+                     'stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end" '
+                     f'font-family="sans-serif">{_label(low + fraction * (high - low))}</text>')
+    for fraction in (0.0, 0.5, 1.0):
+        second = first_second + int(fraction * max(seconds - 1, 0))
+        x = left + fraction * plot_w
+        stamp = time.strftime("%H:%M:%S", time.localtime(second))
+        anchor = {0.0: "start", 0.5: "middle", 1.0: "end"}[fraction]
+        parts.append(f'<text x="{x:.1f}" y="{height - 8}" font-size="11" '
+                     f'text-anchor="{anchor}" font-family="sans-serif">{stamp}</text>')
+    color = "#c62828" if firing else "#2a6fdb"
+    for points in _paths(values, plot_w, plot_h, low, high, left, top):
+        parts.append(f'<polyline class="line" fill="none" stroke="{color}" stroke-width="1.5" '
+                     f'points="{points}"/>')
+    if not any(v is not None for v in values):
+        parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" font-size="13" '
+                     'text-anchor="middle" fill="#888" font-family="sans-serif">no data</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+__all__ = ["curve", "downsample", "sparkline"]

@@ -1,0 +1,211 @@
+"""Monitor ids: the numbers code counts under, each registered once with a name, a kind and a
+description.
+
+Code refers to an id by an int constant (`NODE_REQUESTS`), never by a name looked up on the hot
+path. The names and descriptions are for people (the agent ships them to the center, which
+shows them). Ids 1..999 belong to KVSvr itself (defined here); a program adds its own, 1000 and
+up, in a registry file:
+
+    [[ids]]
+    id = 1000
+    name = "chat.messages_sent"
+    kind = "counter"            # "counter": add(id, delta); "gauge": set(id, value)
+    description = "Messages accepted from clients"
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from kvsvr import _core
+from kvsvr.errors import ConfigError
+
+MAX_NAME_BYTES = _core.MAX_MONITOR_NAME_BYTES
+MAX_DESCRIPTION_BYTES = _core.MAX_MONITOR_DESCRIPTION_BYTES
+MAX_IDS = _core.MAX_MONITOR_IDS
+FIRST_USER_ID = 1000          # ids below belong to KVSvr's own programs
+KINDS = {"counter": _core.KIND_COUNTER, "gauge": _core.KIND_GAUGE}
+KIND_NAMES = {v: k for k, v in KINDS.items()}
+_NAME = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")
+
+Kind = Literal["counter", "gauge"]
+
+
+class MonitorId(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: int
+    name: str
+    description: str
+    kind: Kind = "counter"
+
+    @property
+    def kind_code(self) -> int:
+        return KINDS[self.kind]
+
+
+def id_problem(entry: MonitorId, *, builtin: bool = False) -> str | None:
+    """Why `entry` cannot be registered (the field first), or None."""
+    low = 1 if builtin else FIRST_USER_ID
+    high = FIRST_USER_ID - 1 if builtin else MAX_IDS
+    if not low <= entry.id <= high:
+        return f"id: {entry.id}, expected {low}..{high}"
+    name_bytes = len(entry.name.encode())
+    if not 1 <= name_bytes <= MAX_NAME_BYTES:
+        return f"name: {name_bytes} bytes, expected 1..{MAX_NAME_BYTES}"
+    if not _NAME.match(entry.name):
+        return (f"name: {entry.name!r}, expected lowercase words of [a-z0-9_] joined by dots "
+                "(e.g. chat.messages_sent)")
+    description_bytes = len(entry.description.encode())
+    if not 1 <= description_bytes <= MAX_DESCRIPTION_BYTES:
+        return f"description: {description_bytes} bytes, expected 1..{MAX_DESCRIPTION_BYTES}"
+    if entry.kind not in KINDS:
+        return f"kind: {entry.kind!r}, expected one of {sorted(KINDS)}"
+    return None
+
+
+class Registry:
+    """Every monitor id known here, by id and by name; refuses clashes."""
+
+    def __init__(self, entries: Iterable[MonitorId] = ()):
+        self.by_id: dict[int, MonitorId] = {}
+        self.by_name: dict[str, MonitorId] = {}
+        for entry in entries:
+            self.add(entry)
+
+    def add(self, entry: MonitorId, *, field: str = "id", builtin: bool = False) -> None:
+        problem = id_problem(entry, builtin=builtin)
+        if problem:
+            raise ConfigError(f"{field}.{problem}")
+        existing = self.by_id.get(entry.id)
+        if existing is not None and existing != entry:
+            raise ConfigError(f"{field}.id: {entry.id} is already registered as "
+                              f"{existing.name!r}")
+        named = self.by_name.get(entry.name)
+        if named is not None and named.id != entry.id:
+            raise ConfigError(f"{field}.name: {entry.name!r} is already id {named.id}")
+        self.by_id[entry.id] = entry
+        self.by_name[entry.name] = entry
+
+    def list(self) -> list[MonitorId]:
+        return [self.by_id[i] for i in sorted(self.by_id)]
+
+    def __contains__(self, id: int) -> bool:
+        return id in self.by_id
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+
+class _RegistryFile(msgspec.Struct, forbid_unknown_fields=True):
+    ids: list[MonitorId] = []
+
+
+def parse_registry(text: str | bytes, *, source: str = "registry") -> list[MonitorId]:
+    """The entries of a registry file; ConfigError naming the field if one is wrong."""
+    try:
+        document = msgspec.toml.decode(text, type=_RegistryFile)
+    except msgspec.ValidationError as e:
+        message, _, path = str(e).rpartition(" - at `")
+        field = path.rstrip("`").removeprefix("$.").removeprefix("$") if message else ""
+        raise ConfigError(f"{source}: {field + ': ' if field else ''}{message or e}") from None
+    except (msgspec.DecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: not valid TOML ({e})") from None
+    registry = builtin_registry()
+    for index, entry in enumerate(document.ids):
+        try:
+            registry.add(entry, field=f"ids[{index}]")
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return document.ids
+
+
+def load_registry(paths: Iterable[str | Path] = ()) -> Registry:
+    """The built-in ids plus those of the given registry files."""
+    registry = builtin_registry()
+    for path in paths:
+        try:
+            text = Path(path).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        for index, entry in enumerate(parse_registry(text, source=str(path))):
+            try:
+                registry.add(entry, field=f"ids[{index}]")
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    return registry
+
+
+# --- KVSvr's own ids (kvsvr-node) -----------------------------------------------------------
+NODE_REQUESTS = 1
+NODE_FAILURES = 2
+NODE_BYTES_IN = 3
+NODE_BYTES_OUT = 4
+NODE_GROUP_COMMITS = 5
+NODE_MUTATIONS = 6
+NODE_QUORUM_RETRIES = 7
+NODE_BINLOG_LAG = 8
+NODE_BAD_FRAMES = 9
+NODE_LATENCY_1MS = 10
+NODE_LATENCY_5MS = 11
+NODE_LATENCY_20MS = 12
+NODE_LATENCY_100MS = 13
+NODE_LATENCY_1S = 14
+NODE_LATENCY_SLOWER = 15
+
+# (upper bound in seconds, id): a request answered in t seconds counts in the first bucket
+# whose bound is >= t.
+LATENCY_BUCKETS = ((0.001, NODE_LATENCY_1MS), (0.005, NODE_LATENCY_5MS),
+                   (0.020, NODE_LATENCY_20MS), (0.100, NODE_LATENCY_100MS),
+                   (1.0, NODE_LATENCY_1S))
+
+
+def latency_id(seconds: float) -> int:
+    """The latency bucket id of a request answered after `seconds`."""
+    for bound, id in LATENCY_BUCKETS:
+        if seconds <= bound:
+            return id
+    return NODE_LATENCY_SLOWER
+
+
+BUILTIN = (
+    MonitorId(NODE_REQUESTS, "node.requests", "Requests received by kvsvr-node (all methods)"),
+    MonitorId(NODE_FAILURES, "node.failures", "Requests answered with an error"),
+    MonitorId(NODE_BYTES_IN, "node.bytes_in", "Bytes of client and peer messages received"),
+    MonitorId(NODE_BYTES_OUT, "node.bytes_out", "Bytes of answers sent to clients"),
+    MonitorId(NODE_GROUP_COMMITS, "node.group_commits", "Durable LMDB commits (group commits)"),
+    MonitorId(NODE_MUTATIONS, "node.mutations", "Mutations applied by group commits"),
+    MonitorId(NODE_QUORUM_RETRIES, "node.quorum_retries",
+              "Versions another proposer took: the write is retried at the next version"),
+    MonitorId(NODE_BINLOG_LAG, "node.binlog_lag",
+              "Binlog records the most-behind peer stream still has to pull (gauge)", "gauge"),
+    MonitorId(NODE_BAD_FRAMES, "node.bad_frames", "Malformed frames received"),
+    MonitorId(NODE_LATENCY_1MS, "node.latency.le_1ms", "Requests answered within 1 ms"),
+    MonitorId(NODE_LATENCY_5MS, "node.latency.le_5ms", "Requests answered in 1-5 ms"),
+    MonitorId(NODE_LATENCY_20MS, "node.latency.le_20ms", "Requests answered in 5-20 ms"),
+    MonitorId(NODE_LATENCY_100MS, "node.latency.le_100ms", "Requests answered in 20-100 ms"),
+    MonitorId(NODE_LATENCY_1S, "node.latency.le_1s", "Requests answered in 100 ms-1 s"),
+    MonitorId(NODE_LATENCY_SLOWER, "node.latency.gt_1s", "Requests answered after 1 s"),
+)
+
+
+def builtin_registry() -> Registry:
+    registry = Registry()
+    for entry in BUILTIN:
+        registry.add(entry, field="builtin", builtin=True)
+    return registry
+
+
+__all__ = [
+    "BUILTIN",
+    "MonitorId",
+    "Registry",
+    "builtin_registry",
+    "latency_id",
+    "load_registry",
+    "parse_registry",
+]
