@@ -46,7 +46,12 @@
 #      older stamp or zero: the bucket still holds a second that left the window, the new word
 #      is stamp | delta (this claims the bucket for s: the old value is dropped in the same
 #      CAS that installs the first delta, so no count of s is lost and none of the old second
-#      is carried over); newer stamp: s itself has left the window, nothing is written;
+#      is carried over); newer stamp: the clock was stepped back by a whole window or more.
+#      add()/set() write at the clock's second, and the clock is authoritative: they claim
+#      the bucket all the same (the value of that "future" second is dropped; the agent had
+#      normally shipped it already). Counting never fails for a time problem, so it can never
+#      be what stops a node. add_at()/set_at() (explicit seconds: tests, replays) refuse
+#      instead, since there the caller's second is the one out of place;
 #   3. compare-and-swap the loaded word to the new one; if another writer changed it in
 #      between, go back to 1 (add() also reads the clock again).
 # Writers never hold anything, so a killed writer stops nothing; a CAS either happened (its
@@ -87,7 +92,11 @@ cdef extern from *:
         __atomic_store_n(p, v, __ATOMIC_RELEASE);
     }
     /* The coarse clock: a vDSO read of a few ns. Its tick (1-4 ms) is far below the
-       second that buckets resolve, and the agent ships a second only 2 s after it ends. */
+       second that buckets resolve, and the agent ships a second only 2 s after it ends.
+       The core reads the clock itself (STYLE 1 keeps clocks out of the core) on purpose:
+       the point of the counters is a one-line `add(ID, n)` at any call site, and a second
+       passed in by every caller would cost a Python-level time() call per add. add_at() and
+       set_at() take the second explicitly for tests and replays. */
     static inline int64_t kvsvr_now_s(void) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME_COARSE, &ts);
@@ -208,7 +217,8 @@ cdef class Counters:
     `add(id, delta)` and `set(id, value)` are the hot path: a range check, one load of the
     slot's kind, a clock read and a CAS. Ids are ints (module constants in the callers' code),
     never names. CountersError for an id out of the table or not registered, OverflowError
-    when a per-second value would leave the 44-bit range (nothing is changed then).
+    when a per-second value would leave the 44-bit range (nothing is changed then); never an
+    error for the clock (a bucket holding a later second is claimed for the clock's second).
     """
     cdef uint8_t[::1] _view   # keeps the map exported (it cannot be closed under us)
     cdef uint8_t* _base
@@ -259,7 +269,10 @@ cdef class Counters:
             old_stamp = old >> _BUCKET_VALUE_BITS
             if old_stamp == stamp:
                 value = delta if is_set else _word_value(old) + delta
-            elif old == 0 or (stamp + _STAMP_MODULUS - old_stamp) % _STAMP_MODULUS < _STAMP_HALF:
+            elif (old == 0 or not fixed_second
+                  or (stamp + _STAMP_MODULUS - old_stamp) % _STAMP_MODULUS < _STAMP_HALF):
+                # Older stamp (or empty): claim. Newer stamp at the clock's second: the
+                # clock went back a window or more; claim too (see the layout notes).
                 value = delta
             else:
                 return _WRITE_LEFT_WINDOW
@@ -274,9 +287,8 @@ cdef class Counters:
             raise self._refuse(id, _KIND_COUNTER)
         if delta > _VALUE_MAX or delta < _VALUE_MIN:
             raise OverflowError(f"delta: {delta} is outside +-2**{_BUCKET_VALUE_BITS - 1}")
-        result = self._write(id, 0, delta, False, False)
-        if result != _WRITE_OK:
-            raise self._failed(id, result)
+        if self._write(id, 0, delta, False, False) != _WRITE_OK:
+            raise self._overflow(id)
 
     cpdef set(self, int id, long long value):
         """Set gauge `id` to `value` for the current second (the last set of a second wins)."""
@@ -284,17 +296,14 @@ cdef class Counters:
             raise self._refuse(id, _KIND_GAUGE)
         if value > _VALUE_MAX or value < _VALUE_MIN:
             raise OverflowError(f"value: {value} is outside +-2**{_BUCKET_VALUE_BITS - 1}")
-        result = self._write(id, 0, value, True, False)
-        if result != _WRITE_OK:
-            raise self._failed(id, result)
+        if self._write(id, 0, value, True, False) != _WRITE_OK:
+            raise self._overflow(id)
 
-    cdef _failed(self, int id, int result):
-        if result == _WRITE_OVERFLOW:
-            return OverflowError(f"id {id}: this second's sum would leave "
-                                 f"+-2**{_BUCKET_VALUE_BITS - 1}; nothing was added")
-        # Only a clock stepped back by a whole window gets here: the bucket is newer.
-        return CountersError(f"id {id}: the clock is behind this file's newest second by a "
-                             f"whole {self.window_s} s window; nothing was written")
+    cdef _overflow(self, int id):
+        # The only failure of a write at the clock's second (a set never overflows: its
+        # value was range-checked above).
+        return OverflowError(f"id {id}: this second's sum would leave "
+                             f"+-2**{_BUCKET_VALUE_BITS - 1}; nothing was added")
 
     def add_at(self, int id, long long delta, int64_t second):
         """add() for a given second (tests, replays); CountersError if it left the window."""
@@ -420,6 +429,7 @@ def block_invalid(buf):
     cdef const uint8_t* p = &view[0]
     cdef Py_ssize_t pos
     cdef uint32_t id, previous = 0
+    cdef int64_t value
     for pos in range(0, n, _VALUE_ENTRY_BYTES):
         id = _load32(p + pos)
         if id < 1 or id > _MAX_MONITOR_IDS:
@@ -428,6 +438,12 @@ def block_invalid(buf):
             return (f"entry {pos // _VALUE_ENTRY_BYTES}: id {id} after id {previous}, "
                     "ids must be strictly ascending")
         previous = id
+        # A machine's value is one bucket's: within the counters' 44-bit range. This bound
+        # is what lets sums over up to 2**19 machines stay far inside an i64.
+        value = <int64_t> _load64(p + pos + 4)
+        if value < _VALUE_MIN or value > _VALUE_MAX:
+            return (f"entry {pos // _VALUE_ENTRY_BYTES} (id {id}): value {value} is outside "
+                    f"the counters' range {_VALUE_MIN}..{_VALUE_MAX}")
     return None
 
 
@@ -465,32 +481,67 @@ def decode_block(buf) -> dict:
     return out
 
 
+cdef extern from *:
+    """
+    static inline int kvsvr_add_overflows(int64_t a, int64_t b, int64_t *out) {
+        return __builtin_add_overflow(a, b, out);
+    }
+    """
+    bint kvsvr_add_overflows(int64_t a, int64_t b, int64_t* out) noexcept nogil
+
+
+cdef bytes _merge(const uint8_t[::1] a, const uint8_t[::1] b):
+    """a + b id by id over the union of ids (both ascending blocks); OverflowError
+    naming the id if an i64 sum overflows (checked: sums are built from untrusted blocks)."""
+    cdef Py_ssize_t na = a.shape[0] // _VALUE_ENTRY_BYTES
+    cdef Py_ssize_t nb = b.shape[0] // _VALUE_ENTRY_BYTES
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, (na + nb) * _VALUE_ENTRY_BYTES)
+    cdef uint8_t* o = <uint8_t*> PyBytes_AS_STRING(out)
+    cdef const uint8_t* pa = &a[0] if na else NULL
+    cdef const uint8_t* pb = &b[0] if nb else NULL
+    cdef Py_ssize_t i = 0, j = 0, n = 0
+    cdef uint32_t ida, idb, id
+    cdef int64_t va, vb, value
+    cdef uint32_t overflowed = 0
+    with nogil:
+        while i < na or j < nb:
+            ida = _load32(pa + i * _VALUE_ENTRY_BYTES) if i < na else 0xFFFFFFFF
+            idb = _load32(pb + j * _VALUE_ENTRY_BYTES) if j < nb else 0xFFFFFFFF
+            va = vb = 0
+            if ida <= idb:
+                id = ida
+                va = <int64_t> _load64(pa + i * _VALUE_ENTRY_BYTES + 4)
+                i += 1
+            else:
+                id = idb
+            if idb == id:
+                vb = <int64_t> _load64(pb + j * _VALUE_ENTRY_BYTES + 4)
+                j += 1
+            if kvsvr_add_overflows(va, vb, &value):
+                overflowed = id
+                break
+            _store32(o + n, id)
+            _store64(o + n + 4, <uint64_t> value)
+            n += _VALUE_ENTRY_BYTES
+    if overflowed:
+        raise OverflowError(f"id {overflowed}: the sum across machines overflows a 64-bit "
+                            "value")
+    return out[:n]
+
+
 def sum_blocks(blocks) -> bytes:
-    """The value block summing the given blocks id by id (present where any block has it)."""
-    cdef list views = []
-    cdef Py_ssize_t total = 0
+    """The value block summing the given blocks id by id (present where any block has it);
+    OverflowError naming the id if a sum leaves the i64 range."""
+    cdef bytes total = b""
     for block in blocks:
-        view = memoryview(block)
-        total += view.nbytes
-        views.append(view)
-    if len(views) == 1:
-        return bytes(views[0])
-    # Few blocks (one per machine): merge them through a dict of ids, in C-speed pieces.
-    sums = {}
-    cdef const uint8_t[::1] v
-    cdef const uint8_t* p
-    cdef Py_ssize_t n, pos
-    cdef uint32_t id
-    for view in views:
-        v = view
-        n = v.shape[0]
-        if n == 0:
-            continue
-        p = &v[0]
-        for pos in range(0, n - n % _VALUE_ENTRY_BYTES, _VALUE_ENTRY_BYTES):
-            id = _load32(p + pos)
-            sums[id] = sums.get(id, 0) + <int64_t> _load64(p + pos + 4)
-    return encode_block(sums.items())
+        total = _merge(total, block)
+    return total
+
+
+def merge_blocks(a, b) -> bytes:
+    """a + b id by id over the union of their ids (a sum block plus a new machine block);
+    OverflowError naming the id if a sum leaves the i64 range."""
+    return _merge(a, b)
 
 
 cdef inline Py_ssize_t _find(const uint8_t* p, Py_ssize_t count, uint32_t id) noexcept nogil:

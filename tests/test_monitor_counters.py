@@ -6,6 +6,7 @@ from __future__ import annotations
 import mmap
 import multiprocessing
 import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from kvsvr import _core
 from kvsvr.errors import ConfigError
 from kvsvr.monitor.counters import CountersError, open_counters
 from kvsvr.monitor.registry import MonitorId, Registry, builtin_registry, parse_registry
+
+from . import reference_counters
 
 HITS = 1000
 BYTES = 1001
@@ -258,3 +261,79 @@ def test_registry_lists_builtins_and_file_ids():
     assert [e.id for e in listed] == sorted(e.id for e in listed)
     assert registry.by_name["chat.sent"].id == 1000
     assert registry.by_name["node.requests"].id == 1
+
+
+def _slot_words(path: Path, counters: _core.Counters, id: int) -> list[int]:
+    data = path.read_bytes()
+    start = _core.COUNTERS_HEADER_BYTES + (id - 1) * (8 + 8 * counters.window_s) + 8
+    return [int.from_bytes(data[start + 8 * i:start + 8 * i + 8], "little")
+            for i in range(counters.window_s)]
+
+
+def test_the_core_matches_the_reference_model(tmp_path):
+    """Random add_at/set_at over three windows of seconds (claims of new cycles, refusals of
+    seconds that left the window, overflow at the 44-bit edge) on the core and on the
+    plain-Python model: same outcome of every call, same value of every second, and the same
+    bucket words byte for byte."""
+    path = tmp_path / "counters"
+    counters = _open(path, window_s=8)
+    base = 1_700_000_000
+    model = {HITS: reference_counters.Slot(8), LEVEL: reference_counters.Slot(8)}
+    rng = random.Random(17)
+    for _ in range(3000):
+        id = rng.choice((HITS, LEVEL))
+        second = base + rng.randrange(24)
+        amount = rng.choice((1, -3, 1000, reference_counters.VALUE_MAX // 2,
+                             reference_counters.VALUE_MIN // 2))
+        core_call = counters.set_at if id == LEVEL else counters.add_at
+        try:
+            model[id].write(second, amount, is_set=id == LEVEL, at_clock=False)
+            expected: type[Exception] | None = None
+        except reference_counters.LeftWindow:
+            expected = CountersError
+        except reference_counters.Overflow:
+            expected = OverflowError
+        if expected is None:
+            core_call(id, amount, second)
+        else:
+            with pytest.raises(expected):
+                core_call(id, amount, second)
+    for id, slot in model.items():
+        assert [counters.value_at(id, base + s) for s in range(24)] == \
+            [slot.value_at(base + s) for s in range(24)]
+        assert _slot_words(path, counters, id) == slot.words()
+
+
+def test_add_and_set_claim_buckets_holding_later_seconds(tmp_path):
+    """After a clock step back of a whole window every bucket holds a later second: add()
+    and set() (at the clock's second) still count, claiming the bucket as the model says
+    (the later second's value is dropped); add_at() for that second is refused."""
+    path = tmp_path / "counters"
+    counters = _open(path, window_s=8)
+    now = counters.now_s()
+    for offset in range(8):
+        counters.add_at(HITS, 100, now + 8 + offset)
+        counters.set_at(LEVEL, 100, now + 8 + offset)
+    with pytest.raises(CountersError, match="left the 8 s window"):
+        counters.add_at(HITS, 1, now)
+    counters.add(HITS, 1)
+    counters.add(HITS, 1)
+    counters.set(LEVEL, 7)
+    after = counters.now_s()
+    assert sum(counters.value_at(HITS, s) or 0 for s in range(now, after + 1)) == 2
+    assert 7 in [counters.value_at(LEVEL, s) for s in range(now, after + 1)]
+    model = reference_counters.Slot(8)
+    model.write(now + 8, 100, is_set=False, at_clock=False)
+    model.write(now, 1, is_set=False, at_clock=True)
+    assert model.value_at(now) == 1 and model.value_at(now + 8) is None
+
+
+def test_block_values_past_the_counters_range_are_invalid():
+    """A value block is what a bucket can hold: a value outside +-2**43 is refused naming
+    the entry and id (sums of such values could overflow the center's i64)."""
+    edge = _core.BUCKET_VALUE_MAX
+    assert _core.block_invalid(_core.encode_block([(1, edge), (2, -edge - 1)])) is None
+    assert _core.block_invalid(_core.encode_block([(1, 0), (2, edge + 1)])) == (
+        f"entry 1 (id 2): value {edge + 1} is outside the counters' range "
+        f"{_core.BUCKET_VALUE_MIN}..{edge}")
+    assert "entry 0 (id 9): value" in _core.block_invalid(_core.encode_block([(9, -2**62)]))

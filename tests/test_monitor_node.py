@@ -114,3 +114,28 @@ def test_a_node_with_an_unusable_counters_file_still_serves(tmp_path):
     assert counters_path.read_bytes() == b"garbage" * 100
     log = (tmp_path / "logs" / "n1.log").read_text()
     assert "monitoring is off for this process" in log and "magic" in log
+
+
+def test_a_node_keeps_serving_and_counting_after_the_clock_went_back(tmp_path):
+    """Every bucket of every built-in id holds a second a whole window ahead (what a clock
+    stepped back by more than the window leaves): the node used to fail each request on its
+    first add() and then exit. Now it serves every request and counts them at its clock."""
+    counters_path = tmp_path / "counters"
+    counters = open_counters(counters_path, max_ids=_core.DEFAULT_MONITOR_IDS,
+                             window_s=_core.DEFAULT_WINDOW_S, registry=ids.builtin_registry())
+    window = counters.window_s
+    ahead = counters.now_s() + window + 5
+    for entry in ids.BUILTIN:
+        write = counters.set_at if entry.kind == "gauge" else counters.add_at
+        for second in range(ahead, ahead + window):
+            write(entry.id, 1000, second)
+    cluster = LocalCluster(_config(tmp_path, 1, counters_path), log_dir=tmp_path / "logs")
+    with cluster, cluster.client() as client:
+        before = _settled(counters, [ids.NODE_REQUESTS])[ids.NODE_REQUESTS]
+        for i in range(20):
+            client.put(f"k{i}", b"v")
+            assert client.get(f"k{i}", consistency="local").value == b"v"
+        after = _settled(counters, [ids.NODE_REQUESTS])[ids.NODE_REQUESTS]
+        assert cluster.processes["n1"].poll() is None
+    assert after - before == 40
+    assert "monitoring is off" not in (tmp_path / "logs" / "n1.log").read_text()
