@@ -32,6 +32,19 @@ def address_problem(address: str) -> str | None:
     return None
 
 
+_WEB_ADDRESS = re.compile(r"^([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$")
+
+
+def web_address_problem(address: str) -> str | None:
+    """Why `address` is not a HOST:PORT an HTTP server can listen on, or None."""
+    match = _WEB_ADDRESS.match(address)
+    if not match:
+        return f"{address!r}, expected HOST:PORT (e.g. 127.0.0.1:7580)"
+    if not 1 <= int(match.group(2)) <= 65535:
+        return f"{address!r}: port out of range 1..65535"
+    return None
+
+
 def check_client_address(address: str) -> None:
     problem = address_problem(address)
     if problem:
@@ -57,7 +70,7 @@ class MonitorConfig(Struct, forbid_unknown_fields=True):
                                   le=_core.MAX_WINDOW_S)] = _core.DEFAULT_WINDOW_S
     registry: list[str] = []        # id registry files (relative to the config file)
     center: str = "tcp://127.0.0.1:7500"   # where agents send and the center listens
-    web: Annotated[str, Meta(pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")] = "127.0.0.1:7580"
+    web: str = "127.0.0.1:7580"     # HOST:PORT of the center's page (checked in validate)
     data_dir: Annotated[str, Meta(min_length=1)] = "kvsvr-data/monitor"
     rules: str = ""                 # alert rules file ("": none)
     agent_period_s: Annotated[int, Meta(ge=1, le=3600)] = 60
@@ -163,6 +176,9 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
     problem = address_problem(monitor.center)
     if problem:
         raise ConfigError(f"monitor.center: {problem}")
+    problem = web_address_problem(monitor.web)
+    if problem:
+        raise ConfigError(f"monitor.web: {problem}")
     # The agent must find a second still in the window after a failed send and a retry.
     if monitor.window_s < 2 * monitor.agent_period_s + 10:
         raise ConfigError(

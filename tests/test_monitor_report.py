@@ -32,7 +32,7 @@ def _report(machine: str = "m1", seconds: int = 3) -> Report:
     blocks = [(BASE + s, _core.encode_block([(1, s + 1), (7, -s), (1000, 10 * s)]))
               for s in range(seconds)]
     return Report(machine, BASE, BASE + seconds, blocks,
-                  catalog=[(1, 1, "node.requests", "requests")], gaps=[(BASE - 100, BASE - 50)])
+                  catalog=[(1000, 1, "app.hits", "hits")], gaps=[(BASE - 100, BASE - 50)])
 
 
 def _reseal(body: bytearray) -> bytes:
@@ -151,7 +151,7 @@ def test_the_center_stores_nothing_of_a_refused_report_and_resends_overwrite(tmp
         assert reason in center.last_rejection
         assert store.machines() == {} and store.stats()["value_blocks"] == 0
     for _ in range(2):
-        (answer,) = center.handle(_frame(good), 1.0)
+        (answer,) = center.handle(_frame(good), BASE + 10.0)
         _, status, _, _, body = _core.decode_frame(answer)
         assert status == 0
         assert msgspec.msgpack.decode(body, type=Ack).through == BASE + 3
@@ -159,7 +159,7 @@ def test_the_center_stores_nothing_of_a_refused_report_and_resends_overwrite(tmp
         assert store.series(1, BASE, BASE + 3, "m1") == [1, 2, 3, None]
         assert store.value_count() == 9
     assert store.gaps() == [("m1", BASE - 100, BASE - 50)]
-    assert store.catalog()[1] == (1, "node.requests", "requests")
+    assert store.catalog()[1000] == (1, "app.hits", "hits")
 
 
 def test_the_sum_across_machines_is_rebuilt_not_added(tmp_path):

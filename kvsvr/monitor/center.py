@@ -22,12 +22,19 @@ import zmq
 import zmq.asyncio
 
 from kvsvr import _core, protocol
-from kvsvr.config import ClusterConfig, address_problem, load
-from kvsvr.errors import ConfigError, InvalidArgument, KvError
+from kvsvr.config import ClusterConfig, address_problem, load, web_address_problem
+from kvsvr.errors import ConfigError, Internal, InvalidArgument, KvError, Unavailable
 from kvsvr.monitor import rules as rules_module
-from kvsvr.monitor.registry import Registry, load_registry
-from kvsvr.monitor.report import METHOD_REPORT, Ack, ReportError, decode_report
-from kvsvr.monitor.rules import ResolvedRule, samples_needed
+from kvsvr.monitor.registry import FIRST_USER_ID, MonitorId, Registry, id_problem, load_registry
+from kvsvr.monitor.report import (
+    METHOD_REPORT,
+    Ack,
+    CatalogEntry,
+    Report,
+    ReportError,
+    decode_report,
+)
+from kvsvr.monitor.rules import MAX_ABSENT_FOR_S, ResolvedRule, samples_needed
 from kvsvr.monitor.series import MAX_SERIES_SECONDS, AlertEvent, SeriesStore
 from kvsvr.node import bind_router
 
@@ -36,6 +43,13 @@ log = logging.getLogger("kvsvr.monitor")
 RULES_INTERVAL_S = 1.0
 TRIM_INTERVAL_S = 60.0
 DEFAULT_RETENTION_S = 7 * 86_400
+MAX_CLOCK_SKEW_S = 300        # a report covering seconds further ahead of the center's clock
+#                               is refused (Unavailable: the agent retries): one bad clock
+#                               must not push every view into the future
+LIVE_SLACK_S = 30             # a machine is "reporting" while its last report is at most two
+#                               agent periods plus this old (see Center.sum_through)
+DEFAULT_LIVE_S = 2 * 60 + LIVE_SLACK_S
+assert MAX_ABSENT_FOR_S <= MAX_SERIES_SECONDS     # an absent rule's first look-back fits
 _RESPONSE = _core.FRAME_RESPONSE
 _REQUEST = _core.FRAME_REQUEST
 
@@ -43,74 +57,180 @@ _REQUEST = _core.FRAME_REQUEST
 class Center:
     """The center's logic over its store (no sockets here: `handle` takes a message)."""
 
-    def __init__(self, store: SeriesStore, rules: list[ResolvedRule], registry: Registry):
+    def __init__(self, store: SeriesStore, rules: list[ResolvedRule], registry: Registry,
+                 *, live_s: float = DEFAULT_LIVE_S):
         self.store = store
         self.rules = rules
         self.registry = registry
-        self.firing: dict[tuple[str, str], AlertEvent] = store.firing()
+        self.live_s = live_s
         self.findings: dict[tuple[str, str], rules_module.Finding] = {}
-        self.counters = {"reports": 0, "values": 0, "rejected": 0}
+        self.counters = {"reports": 0, "values": 0, "rejected": 0, "internal_errors": 0,
+                         "catalog_refused": 0}
         self.last_rejection = ""
+        self._catalog_logged: set[tuple[int, str]] = set()
+        # (machine or "" for the sum, id) -> newest second with a value, for absent rules:
+        # kept up to date at ingest, so a tick does not re-read a day of seconds.
+        self._absent_ids = {r.id for r in rules if r.rule.kind == "absent"}
+        self.last_value: dict[tuple[str, int], int | None] = {}
+        self.firing: dict[tuple[str, str], AlertEvent] = store.firing()
+        self._clear_removed_rules()
+
+    def _clear_removed_rules(self) -> None:
+        """An alert of a rule no longer in the config (removed or renamed) can never clear on
+        its own: clear it now, in the history too."""
+        names = {r.rule.name for r in self.rules}
+        for key in [k for k in self.firing if k[0] not in names]:
+            self.store.append_alert(time.time(), key[0], key[1], "cleared", None,
+                                    f"{key[0]}: the rule is no longer configured")
+            log.warning("alert %s cleared: the rule is no longer configured", key[0])
+            del self.firing[key]
 
     # --- ingest ---------------------------------------------------------------------------
     def handle(self, payload: bytes, now: float) -> list[bytes]:
-        """Answer one ZeroMQ message of report frames: an ack or an error frame each."""
-        frames, error, error_request_id = _core.decode_frames(payload)
+        """Answer one ZeroMQ message of report frames: an ack or an error frame each. Never
+        raises: an unexpected failure is logged and answered Internal (nothing acked)."""
+        try:
+            frames, error, error_request_id = _core.decode_frames(payload)
+        except Exception:
+            log.exception("could not decode a message's frames")
+            self.counters["internal_errors"] += 1
+            return []
         out: list[bytes] = []
         for kind, code, request_id, _budget, body in frames:
             try:
-                if kind != _REQUEST or code != METHOD_REPORT:
-                    raise InvalidArgument(f"frame: a monitor center takes only report requests "
-                                          f"(method {METHOD_REPORT})", field="frame")
-                try:
-                    report = decode_report(body)
-                except ReportError as e:
-                    raise InvalidArgument(f"report: {e}", field="report") from None
-                through = self.store.ingest(report, now)
-                self.counters["reports"] += 1
-                self.counters["values"] += report.values
-                out.append(_core.encode_frame(_RESPONSE, 0, request_id, 0,
-                                              msgspec.msgpack.encode(Ack(through))))
+                out.append(self._handle_report(kind, code, request_id, body, now))
             except KvError as e:
                 out.append(self._reject(request_id, e))
+            except Exception as e:
+                # A bug or a storage failure: this report is not acked (the agent resends),
+                # and the center goes on serving.
+                log.exception("internal error while storing a report")
+                self.counters["internal_errors"] += 1
+                out.append(self._reject(request_id, Internal(
+                    f"the center failed to store the report ({type(e).__name__}: {e}); "
+                    "nothing of it was acknowledged")))
         if error is not None:
             out.append(self._reject(error_request_id, InvalidArgument(error, field="frame")))
         return out
 
+    def _handle_report(self, kind: int, code: int, request_id: int, body: bytes | memoryview,
+                       now: float) -> bytes:
+        if kind != _REQUEST or code != METHOD_REPORT:
+            raise InvalidArgument(f"frame: a monitor center takes only report requests "
+                                  f"(method {METHOD_REPORT})", field="frame")
+        try:
+            report = decode_report(body)
+        except ReportError as e:
+            raise InvalidArgument(f"report: {e}", field="report") from None
+        if report.through_second > now + MAX_CLOCK_SKEW_S:
+            raise Unavailable(
+                f"report.through_second: {report.through_second} is "
+                f"{report.through_second - int(now)} s ahead of the center's clock (at most "
+                f"{MAX_CLOCK_SKEW_S} s): check the clocks of {report.machine} and the center",
+                field="through_second")
+        report.catalog = self._accepted_catalog(report.machine, report.catalog)
+        try:
+            through = self.store.ingest(report, now)
+        except OverflowError as e:
+            raise InvalidArgument(f"report: {e}", field="report") from None
+        self._note_values(report)
+        self.counters["reports"] += 1
+        self.counters["values"] += report.values
+        return _core.encode_frame(_RESPONSE, 0, request_id, 0,
+                                  msgspec.msgpack.encode(Ack(through)))
+
+    def _accepted_catalog(self, machine: str, catalog: list[CatalogEntry]) -> list[CatalogEntry]:
+        """The entries of an agent's catalog the center takes: valid ones (the registry's
+        rules) that its own registry does not define otherwise. The center's registry wins;
+        a refused entry is logged once and its values are still stored."""
+        accepted = []
+        for id, kind, name, description in catalog:
+            entry = MonitorId(id, name, description,
+                              "gauge" if kind == _core.KIND_GAUGE else "counter")
+            problem = id_problem(entry, builtin=id < FIRST_USER_ID)
+            known = self.registry.by_id.get(id) or self.registry.by_name.get(name)
+            if problem is None and known is not None and known != entry:
+                problem = (f"the center's registry has id {known.id} as {known.name!r} "
+                           f"({known.kind}); it wins")
+            if problem is None:
+                if known is None:
+                    accepted.append((id, kind, name, description))
+                continue
+            self.counters["catalog_refused"] += 1
+            if (id, machine) not in self._catalog_logged:
+                self._catalog_logged.add((id, machine))
+                log.warning("catalog entry of id %d from %s not taken: %s", id, machine,
+                            problem)
+        return accepted
+
+    def _note_values(self, report: Report) -> None:
+        for id in self._absent_ids:
+            for key in ((report.machine, id), ("", id)):
+                newest = self.last_value.get(key)
+                for second, block in reversed(report.blocks):
+                    if newest is not None and second <= newest:
+                        break
+                    if _core.block_value(block, id) is not None:
+                        self.last_value[key] = second
+                        break
+
     def _reject(self, request_id: int, error: KvError) -> bytes:
         self.counters["rejected"] += 1
         self.last_rejection = error.message
-        log.warning("rejected a report: %s", error.message)
+        log.warning("refused a report: %s", error.message)
         return _core.encode_frame(_RESPONSE, error.code, request_id, 0,
                                   protocol.encode_error(error))
 
-    # --- rules ----------------------------------------------------------------------------
-    def scopes(self, resolved: ResolvedRule) -> list[tuple[str, int]]:
+    # --- rules ---------------------------------------------------------------------------
+    def sum_through(self, now: float) -> int:
+        """The newest second the sum across machines is complete for: the oldest covered
+        second of the machines reporting (last report within `live_s`), capped at the
+        center's clock. A second past it is partial (a machine on a later agent phase has
+        not shipped it yet): not drawn in the sum, not judged by sum rules. A machine silent
+        longer than `live_s` no longer holds the sum back: its silence is the absent rule's
+        business. No machine reporting: the newest second any machine covered."""
+        machines = self.store.machines().values()
+        live = [m.through for m in machines if now - m.reported_at <= self.live_s]
+        through = min(live) if live else max((m.through for m in machines), default=0)
+        return min(through, int(now))
+
+    def scopes(self, resolved: ResolvedRule, now: float) -> list[tuple[str, int]]:
         """(machine or "" for the sum, the second it is covered through)."""
-        machines = self.store.machines()
         if resolved.rule.scope == "sum":
-            through = max((m.through for m in machines.values()), default=0)
-            return [("", through)]
-        return [(name, state.through) for name, state in sorted(machines.items())]
+            return [("", self.sum_through(now))]
+        return [(name, min(state.through, int(now)))
+                for name, state in sorted(self.store.machines().items())]
+
+    def _last_value_second(self, resolved: ResolvedRule, machine: str, through: int,
+                           now: float) -> int | None:
+        key = (machine, resolved.id)
+        if key not in self.last_value:
+            # First look since the start: read back (for_s is at most the longest query).
+            look_from = max(int(now) - resolved.rule.for_s - 1,
+                            through - MAX_SERIES_SECONDS + 1)
+            values = self.store.series(resolved.id, look_from, through, machine or None) \
+                if through >= look_from else []
+            found = None
+            for offset in range(len(values) - 1, -1, -1):
+                if values[offset] is not None:
+                    found = look_from + offset
+                    break
+            if self.last_value.get(key) is None:    # ingest may have noted one meanwhile
+                self.last_value[key] = found
+        return self.last_value[key]
 
     def evaluate_rules(self, now: float) -> list[AlertEvent]:
         events: list[AlertEvent] = []
         for resolved in self.rules:
             rule = resolved.rule
-            for machine, through in self.scopes(resolved):
+            for machine, through in self.scopes(resolved, now):
                 scope = machine or None
                 needed = samples_needed(rule)
                 samples = self.store.series(resolved.id, through - needed + 1, through, scope) \
                     if needed and through else []
                 last_value = None
                 if rule.kind == "absent":
-                    look_from = max(int(now) - rule.for_s - 1, through - MAX_SERIES_SECONDS + 1)
-                    values = self.store.series(resolved.id, look_from, through, scope) \
-                        if through >= look_from else []
-                    for offset in range(len(values) - 1, -1, -1):
-                        if values[offset] is not None:
-                            last_value = look_from + offset
-                            break
+                    last_value = self._last_value_second(resolved, machine, through, now)
                 finding = rules_module.evaluate(resolved, samples, now, last_value)
                 key = (rule.name, machine)
                 self.findings[key] = finding
@@ -130,36 +250,68 @@ class Center:
 
     # --- views for the web page and the API --------------------------------------------------
     def id_name(self, id: int) -> tuple[str, str, str]:
-        """(name, kind, description) from the agents' catalog, else the local registry."""
+        """(name, kind, description): the center's registry first, else the agents' catalog."""
+        known = self.registry.by_id.get(id)
+        if known is not None:
+            return known.name, known.kind, known.description
         entry = self.store.catalog().get(id)
         if entry is not None:
             kind, name, description = entry
             return name, "gauge" if kind == _core.KIND_GAUGE else "counter", description
-        known = self.registry.by_id.get(id)
-        if known is not None:
-            return known.name, known.kind, known.description
         return f"id.{id}", "counter", ""
 
     def resolve_id(self, text: str) -> int | None:
-        if text.isdigit():
-            return int(text)
+        """The id a page or query names (a number or a name), or None if it is not known
+        here (not in the registry, the catalog or the newest sums)."""
+        if text.isascii() and text.isdigit() and len(text) <= 6:
+            id = int(text)
+            if 1 <= id <= _core.MAX_MONITOR_IDS and (
+                    id in self.registry.by_id or id in self.store.ids()):
+                return id
+            return None
+        entry = self.registry.by_name.get(text)
+        if entry is not None:
+            return entry.id
         for id, (_kind, name, _description) in self.store.catalog().items():
             if name == text:
                 return id
-        entry = self.registry.by_name.get(text)
-        return entry.id if entry is not None else None
+        return None
 
-    def newest_second(self) -> int:
-        return max((m.through for m in self.store.machines().values()), default=0)
+    def newest_second(self, now: float) -> int:
+        """The newest second any machine covers, capped at the center's clock (views end
+        here; the sum curve stops earlier, at `sum_through`)."""
+        newest = max((m.through for m in self.store.machines().values()), default=0)
+        return min(newest, int(now))
+
+    def forget(self, machine: str) -> bool:
+        """Drop a machine (decommissioned): no curve, no rule scope, no hold on the sum."""
+        for key in [k for k in self.last_value if k[0] == machine]:
+            del self.last_value[key]
+        return self.store.forget(machine)
 
     def status(self) -> dict[str, Any]:
         return {"counters": dict(self.counters), "store": self.store.stats(),
                 "last_rejection": self.last_rejection, "rules": len(self.rules)}
 
 
+def watch_task(task: asyncio.Task[None], stop: asyncio.Event, failed: list[str]) -> None:
+    """A done-callback for the center's long-lived tasks: they only end when cancelled at
+    shutdown. One that ends otherwise is logged and stops the center (it exits non-zero),
+    rather than leaving a process that answers HTTP but ingests nothing."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    reason = f"{type(error).__name__}: {error}" if error is not None else "returned"
+    log.critical("the center's %s task ended (%s): stopping", task.get_name(), reason,
+                 exc_info=error)
+    failed.append(f"{task.get_name()}: {reason}")
+    stop.set()
+
+
 async def serve(center: Center, listen: str, web_address: str,
                 retention_s: int = DEFAULT_RETENTION_S,
-                ready: asyncio.Event | None = None) -> None:
+                ready: asyncio.Event | None = None) -> int:
+    """Run the center until SIGTERM/SIGINT (0) or until one of its tasks fails (1)."""
     from aiohttp import web as aioweb
 
     from kvsvr.monitor.web import make_app
@@ -205,7 +357,11 @@ async def serve(center: Center, listen: str, web_address: str,
                 log.exception("rule evaluation failed")
             await asyncio.sleep(RULES_INTERVAL_S)
 
-    tasks = [asyncio.create_task(ingest()), asyncio.create_task(tick())]
+    failed: list[str] = []
+    tasks = [asyncio.create_task(ingest(), name="ingest"),
+             asyncio.create_task(tick(), name="rules")]
+    for task in tasks:
+        task.add_done_callback(lambda t: watch_task(t, stop, failed))
     if ready is not None:
         ready.set()
     try:
@@ -218,6 +374,7 @@ async def serve(center: Center, listen: str, web_address: str,
         context.term()
         center.store.close()
         log.info("monitor center stopped")
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="id registry TOML (repeatable; default: monitor.registry)")
     parser.add_argument("--retention-s", type=int, default=DEFAULT_RETENTION_S,
                         help="seconds of values kept (default: 7 days)")
+    parser.add_argument("--forget", metavar="MACHINE", action="append", default=None,
+                        help="drop a decommissioned machine (its state, gaps and rule scopes; "
+                        "its values age out with the retention) and exit (repeatable)")
     parser.add_argument("--no-sync", action="store_true",
                         help="no fsync per report (benchmarks only: acks are not durable)")
     parser.add_argument("--log-level", default="INFO",
@@ -250,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--listen: {problem}")
         registry = load_registry(args.registry if args.registry is not None
                                  else [config.path(p) for p in monitor.registry])
+        web = args.web or monitor.web
+        problem = web_address_problem(web)
+        if problem:
+            raise ConfigError(f"--web: {problem}")
         rules_path = args.rules or (str(config.path(monitor.rules)) if monitor.rules else None)
         rules = rules_module.load_rules(rules_path, registry) if rules_path else []
         if args.retention_s < 60:
@@ -262,13 +426,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"kvsvr-monitor: cannot open the store: {e}", file=sys.stderr)
         return 1
-    center = Center(store, rules, registry)
+    center = Center(store, rules, registry, live_s=2 * monitor.agent_period_s + LIVE_SLACK_S)
+    if args.forget:
+        for machine in args.forget:
+            found = center.forget(machine)
+            print(f"{machine}: {'forgotten' if found else 'not known here'}")
+        store.close()
+        return 0
     try:
-        asyncio.run(serve(center, listen, args.web or monitor.web, args.retention_s))
+        return asyncio.run(serve(center, listen, web, args.retention_s))
     except OSError as e:
         print(f"kvsvr-monitor: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

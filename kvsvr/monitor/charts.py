@@ -18,32 +18,64 @@ def _scale(values: Series) -> tuple[float, float]:
     return float(low), float(high if high > low else low + 1)
 
 
-def _paths(values: Series, width: float, height: float, low: float, high: float,
-           left: float = 0.0, top: float = 0.0) -> list[str]:
-    """One polyline point list per run of present values (a missing second breaks the line)."""
+def fill_covered(values: Series, first_second: int, covered_from: int, covered_through: int,
+                 gaps: Sequence[tuple[int, int]] = (), *, counter: bool) -> list[int | None]:
+    """What a curve draws for a scope covered over [covered_from, covered_through] except
+    `gaps` (seconds lost): outside that a second is None (nothing is known: not shipped yet,
+    partial, or lost); inside it a counter's second without a value is 0 (the agent read it
+    and nothing was counted), a gauge's stays None (it was not set)."""
+    out: list[int | None] = []
+    for offset, value in enumerate(values):
+        second = first_second + offset
+        covered = covered_from <= second <= covered_through and not any(
+            first <= second <= last for first, last in gaps)
+        if not covered:
+            out.append(None)
+        elif value is None and counter:
+            out.append(0)
+        else:
+            out.append(value)
+    return out
+
+
+def _runs(values: Series, width: float, height: float, low: float, high: float,
+          left: float = 0.0, top: float = 0.0) -> list[list[tuple[float, float]]]:
+    """The points of each run of present values (a missing second breaks the line)."""
     count = len(values)
     step = width / max(count - 1, 1)
-    runs: list[str] = []
-    current: list[str] = []
+    runs: list[list[tuple[float, float]]] = []
+    current: list[tuple[float, float]] = []
     for index, value in enumerate(values):
         if value is None:
             if current:
-                runs.append(" ".join(current))
+                runs.append(current)
                 current = []
             continue
-        x = left + index * step
-        y = top + height - (value - low) / (high - low) * height
-        current.append(f"{x:.1f},{y:.1f}")
+        current.append((left + index * step, top + height - (value - low) / (high - low) * height))
     if current:
-        runs.append(" ".join(current))
+        runs.append(current)
     return runs
+
+
+def _lines(runs: list[list[tuple[float, float]]], color: str, stroke_width: float,
+           radius: float) -> str:
+    """A polyline per run; a run of one point (a lone second) is a dot, or it would not show."""
+    parts = []
+    for run in runs:
+        if len(run) == 1:
+            x, y = run[0]
+            parts.append(f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="{radius}" '
+                         f'fill="{color}"/>')
+        else:
+            points = " ".join(f"{x:.1f},{y:.1f}" for x, y in run)
+            parts.append(f'<polyline class="line" fill="none" stroke="{color}" '
+                         f'stroke-width="{stroke_width}" points="{points}"/>')
+    return "".join(parts)
 
 
 def sparkline(values: Series, *, width: int = 160, height: int = 28) -> str:
     low, high = _scale(values)
-    lines = "".join(
-        f'<polyline class="line" fill="none" stroke="#2a6fdb" stroke-width="1.2" points="{p}"/>'
-        for p in _paths(values, width - 2, height - 2, low, high, 1, 1))
+    lines = _lines(_runs(values, width - 2, height - 2, low, high, 1, 1), "#2a6fdb", 1.2, 1.5)
     return (f'<svg class="sparkline" xmlns="http://www.w3.org/2000/svg" width="{width}" '
             f'height="{height}" viewBox="0 0 {width} {height}">{lines}</svg>')
 
@@ -74,8 +106,10 @@ def downsample(values: Series, max_points: int = MAX_CURVE_POINTS) -> tuple[list
 
 
 def curve(values: Series, first_second: int, *, title: str, width: int = 900,
-          height: int = 260, firing: bool = False) -> str:
-    """A per-second curve with axes: y from min(0, values) to the maximum, x in local time."""
+          height: int = 260, firing: bool = False,
+          gaps: Sequence[tuple[int, int]] = ()) -> str:
+    """A per-second curve with axes: y from min(0, values) to the maximum, x in local time;
+    `gaps` (seconds lost) are shaded."""
     seconds = len(values)
     values, step = downsample(values)
     if step > 1:
@@ -102,10 +136,18 @@ def curve(values: Series, first_second: int, *, title: str, width: int = 900,
         anchor = {0.0: "start", 0.5: "middle", 1.0: "end"}[fraction]
         parts.append(f'<text x="{x:.1f}" y="{height - 8}" font-size="11" '
                      f'text-anchor="{anchor}" font-family="sans-serif">{stamp}</text>')
+    per_second = plot_w / max(seconds - 1, 1)
+    last_second = first_second + seconds - 1
+    for gap_first, gap_last in gaps:
+        start, end = max(gap_first, first_second), min(gap_last, last_second)
+        if start > end:
+            continue
+        x = left + (start - first_second) * per_second
+        parts.append(f'<rect class="gap" x="{x:.1f}" y="{top}" '
+                     f'width="{max((end - start) * per_second, 2.0):.1f}" height="{plot_h}" '
+                     f'fill="#eee"><title>seconds {gap_first}..{gap_last} lost</title></rect>')
     color = "#c62828" if firing else "#2a6fdb"
-    for points in _paths(values, plot_w, plot_h, low, high, left, top):
-        parts.append(f'<polyline class="line" fill="none" stroke="{color}" stroke-width="1.5" '
-                     f'points="{points}"/>')
+    parts.append(_lines(_runs(values, plot_w, plot_h, low, high, left, top), color, 1.5, 2.5))
     if not any(v is not None for v in values):
         parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" font-size="13" '
                      'text-anchor="middle" fill="#888" font-family="sans-serif">no data</text>')
@@ -113,4 +155,4 @@ def curve(values: Series, first_second: int, *, title: str, width: int = 900,
     return "".join(parts)
 
 
-__all__ = ["curve", "downsample", "sparkline"]
+__all__ = ["curve", "downsample", "fill_covered", "sparkline"]

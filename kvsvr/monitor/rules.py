@@ -14,7 +14,7 @@ A rules file (TOML):
     value = 5                    # threshold: the per-second mean over window_s;
                                  # rate: percent change of that mean from the window before
     window_s = 10                # 1..3600 (threshold and rate)
-    for_s = 180                  # absent: no value for longer than this fires (>= 1)
+    for_s = 180                  # absent: no value for longer than this fires (1..86400)
 
 Counters count 0 in a second the agent covered without a value; gauges count only seconds they
 were set in. A threshold or rate rule with no sample in its window does not fire (a missing
@@ -38,6 +38,7 @@ from kvsvr.monitor.registry import Registry
 
 MAX_RULES = 1000
 MAX_WINDOW_S = 3600
+MAX_ABSENT_FOR_S = 86_400     # series.MAX_SERIES_SECONDS: the look-back of one query
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
@@ -52,7 +53,8 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     op: Literal[">", ">=", "<", "<="] = ">"
     value: float = 0.0
     window_s: Annotated[int, Meta(ge=1, le=MAX_WINDOW_S)] = 1
-    for_s: Annotated[int, Meta(ge=1, le=30 * 86_400)] = 180
+    # absent: at most the longest look-back of one query (a day), or it would fire early
+    for_s: Annotated[int, Meta(ge=1, le=MAX_ABSENT_FOR_S)] = 180
 
 
 class ResolvedRule(msgspec.Struct, frozen=True):

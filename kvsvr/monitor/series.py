@@ -3,9 +3,12 @@ catalog, gaps and the alert history.
 
 One machine's values for one second are ONE LMDB value (a value block, see _counters.pxi),
 keyed by (second, machine): a resent report overwrites it with the same bytes, so resending is
-never counting twice. The sum across machines of a second is one more block, recomputed from
-that second's machine blocks whenever one of them is written (not added to, for the same
-reason). A report is stored in one durable transaction, and acknowledged after it.
+never counting twice. The sum across machines of a second is one more block: a machine's
+first block of a second is merged into it (one pass in C, whatever the number of machines);
+a resend of the same block changes nothing; a different block for a second already held (a
+clock step made the agent re-ship it) makes the sum rebuilt from that second's machine
+blocks. So nothing is counted twice. A report is stored in one durable transaction, and
+acknowledged after it.
 
   db        key                              value
   values    u64be second + machine           value block
@@ -89,11 +92,22 @@ class SeriesStore:
                 first=report.first_second)
             put = txn.put
             values_db, sums_db = self.values, self.sums
+            get = txn.get
             cursor = txn.cursor(db=values_db)
             for second, block in report.blocks:
                 prefix = SECOND.pack(second)
+                old = get(prefix + machine, db=values_db)
+                if old == block:
+                    continue            # a resend: the value and the sum stay as they are
                 put(prefix + machine, block, db=values_db)
-                # The sum is rebuilt from this second's machine blocks (one per machine).
+                if not old:
+                    # The common case, this machine's first block of the second: the sum
+                    # grows by it (one merge in C, whatever the number of machines).
+                    put(prefix, _core.merge_blocks(get(prefix, db=sums_db) or b"", block),
+                        db=sums_db)
+                    continue
+                # A block replaced by another (a clock step re-shipped a second): rebuild
+                # the sum from this second's machine blocks, so nothing is counted twice.
                 blocks = []
                 if cursor.set_range(prefix):
                     for key, value in cursor:
@@ -115,6 +129,17 @@ class SeriesStore:
             state.values += report.values
             put(machine, _encode(state), db=self.machine_db)
         return state.through
+
+    def forget(self, machine: str) -> bool:
+        """Drop a machine's state and gaps (its values age out with the retention)."""
+        name = machine.encode()
+        with self.env.begin(write=True) as txn:
+            found = txn.delete(name, db=self.machine_db)
+            cursor = txn.cursor(db=self.gap_db)
+            prefix = name + b"\0"
+            while cursor.set_range(prefix) and cursor.key().startswith(prefix):
+                cursor.delete()
+        return bool(found)
 
     # --- reads ----------------------------------------------------------------------------
     def machines(self) -> dict[str, MachineState]:

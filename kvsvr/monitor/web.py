@@ -1,10 +1,19 @@
 """The monitor center's web page (server-rendered HTML with inline SVG) and JSON API.
 
-  /                      ids with sparklines of the last 10 minutes (sum), firing alerts first
-  /id/{id}?range=S       the id's 1-second curve: summed and per machine; range in seconds
+  /                      ids with sparklines of the last 10 minutes (sum), firing ids first
+  /id/{id}?range=S&end=T the id's 1-second curve: summed and per machine; range in seconds,
+                         ending at unix second T (default: the newest second)
   /alerts                alert history
   /api/ids               ids with name, kind, description, newest summed value
-  /api/series?id=&range=&machine=   per-second values (machine omitted: the sum)
+  /api/series?id=&range=&end=&machine=   per-second values (machine omitted: the sum)
+
+What is drawn: a machine's curve covers the seconds its agent shipped (a counter's second
+without a value is 0; a lost second, a gap, is shaded and not drawn); the sum's curve stops
+at `Center.sum_through`, the newest second every reporting machine has shipped (past it the
+sum is partial). The JSON API gives the values as stored (None: no value), the sum's partial
+seconds as None, and the covered span so a client can tell 0 from "not known".
+Query errors are 400 (malformed: the parameter and what was expected) or 404 (no such id or
+machine).
   /api/alerts            firing alerts and history
   /api/machines          machines: covered through, last report, gaps
 """
@@ -49,11 +58,60 @@ def _bad(message: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=message)
 
 
+def _number(text: str) -> int | None:
+    """An ASCII decimal of at most 12 digits, or None (str.isdigit also takes '²' and '٣')."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 12 else None
+
+
 def _range(request: web.Request) -> int:
     text = request.query.get("range", str(DEFAULT_RANGE_S))
-    if not text.isdigit() or not 10 <= int(text) <= MAX_SERIES_SECONDS:
+    span = _number(text)
+    if span is None or not 10 <= span <= MAX_SERIES_SECONDS:
         raise _bad(f"range: {text!r}, expected seconds 10..{MAX_SERIES_SECONDS}")
-    return int(text)
+    return span
+
+
+def _window(request: web.Request, center: Any, now: float) -> tuple[int, int]:
+    """(first, last) second of the view: `range` seconds ending at `end` (default and at
+    most: the newest second any machine covers, never past the center's clock)."""
+    span = _range(request)
+    newest = center.newest_second(now)
+    text = request.query.get("end")
+    if text is None:
+        end = newest
+    else:
+        end = _number(text)
+        if end is None or not 1 <= end <= int(now):
+            raise _bad(f"end: {text!r}, expected a unix second 1..{int(now)} (now)")
+        end = min(end, newest) if newest else end
+    return max(end - span + 1, 0), end
+
+
+def _id(center: Any, text: str) -> int:
+    id = center.resolve_id(text)
+    if id is None:
+        raise web.HTTPNotFound(text=f"id: {text[:80]!r} is not a known id (a number "
+                               f"1..{_core.MAX_MONITOR_IDS} or a name that has values here)")
+    return id
+
+
+def _drawn(center: Any, id: int, first: int, last: int, machine: str | None,
+           now: float) -> tuple[list[int | None], list[tuple[int, int]]]:
+    """(values to draw, gaps) of one scope over first..last (see the module docstring)."""
+    values = center.store.series(id, first, last, machine) if last else []
+    counter = center.id_name(id)[1] == "counter"
+    machines = center.store.machines()
+    if machine is None:
+        gaps = [(f, g) for _, f, g in center.store.gaps()]
+        covered_from = min((m.first for m in machines.values()), default=0)
+        covered_through = center.sum_through(now)
+    else:
+        gaps = [(f, g) for _, f, g in center.store.gaps(machine)]
+        state = machines.get(machine)
+        covered_from = state.first if state else 0
+        covered_through = state.through if state else -1
+    return charts.fill_covered(values, first, covered_from, covered_through, gaps,
+                               counter=counter), gaps
 
 
 def _firing_box(center: Any) -> str:
@@ -76,14 +134,14 @@ def _firing_ids(center: Any) -> set[int]:
 
 async def index(request: web.Request) -> web.Response:
     center = request.app[CENTER_KEY]
-    newest = center.newest_second()
+    now = time.time()
+    newest = center.newest_second(now)
     first = max(newest - SPARKLINE_S + 1, 0)
-    blocks = center.store.blocks(first, newest) if newest else []
     firing_ids = _firing_ids(center)
     rows = []
-    for id in center.store.ids():
+    for id in sorted(center.store.ids(), key=lambda i: (i not in firing_ids, i)):
         name, kind, description = center.id_name(id)
-        values = _core.block_series(blocks, id)
+        values, _ = _drawn(center, id, first, newest, None, now)
         latest = next((v for v in reversed(values) if v is not None), None)
         css = " class='firing'" if id in firing_ids else ""
         rows.append(f"<tr{css} data-id='{id}'><td>{id}</td><td><a href='/id/{id}'>"
@@ -103,27 +161,29 @@ async def index(request: web.Request) -> web.Response:
 
 async def id_page(request: web.Request) -> web.Response:
     center = request.app[CENTER_KEY]
-    id = center.resolve_id(request.match_info["id"])
-    if id is None:
-        raise web.HTTPNotFound(text=f"id: {request.match_info['id']!r} is not known")
-    span = _range(request)
-    newest = center.newest_second()
-    first = max(newest - span + 1, 0)
+    id = _id(center, request.match_info["id"])
+    now = time.time()
+    first, last = _window(request, center, now)
+    span = last - first + 1
     name, kind, description = center.id_name(id)
     firing = id in _firing_ids(center)
+    end = f"&end={request.query['end']}" if "end" in request.query else ""
     choices = " ".join(
-        f"<a href='/id/{id}?range={r}'{' class=firing' if r == span else ''}>"
+        f"<a href='/id/{id}?range={r}{end}'{' class=firing' if r == span else ''}>"
         f"{r // 3600 if r >= 3600 else r // 60}{'h' if r >= 3600 else 'min'}</a>"
         for r in RANGES_S)
+    earlier = f"<a href='/id/{id}?range={span}&end={max(first - 1, 1)}'>earlier</a>"
+    values, gaps = _drawn(center, id, first, last, None, now)
     charts_html = [f"<div class='chart' id='sum'>"
-                   f"{charts.curve(center.store.series(id, first, newest), first, title=f'{name} (sum of all machines)', firing=firing)}"  # noqa: E501
+                   f"{charts.curve(values, first, title=f'{name} (sum of all machines)', firing=firing, gaps=gaps)}"  # noqa: E501
                    f"</div>"]
     for machine in sorted(center.store.machines()):
-        values = center.store.series(id, first, newest, machine)
+        values, gaps = _drawn(center, id, first, last, machine, now)
         charts_html.append(f"<div class='chart' data-machine='{escape(machine)}'>"
-                           f"{charts.curve(values, first, title=f'{name} on {machine}')}</div>")
+                           f"{charts.curve(values, first, title=f'{name} on {machine}', gaps=gaps)}"
+                           f"</div>")
     body = (f"{_firing_box(center)}<p>{escape(description)} ({kind}, id {id}). "
-            f"Range: {choices}</p>{''.join(charts_html)}")
+            f"Range: {choices} {earlier}</p>{''.join(charts_html)}")
     return _page(name, body)
 
 
@@ -141,7 +201,7 @@ async def alerts_page(request: web.Request) -> web.Response:
 
 async def api_ids(request: web.Request) -> web.Response:
     center = request.app[CENTER_KEY]
-    newest = center.newest_second()
+    newest = center.sum_through(time.time())
     out = []
     for id in center.store.ids():
         name, kind, description = center.id_name(id)
@@ -153,19 +213,26 @@ async def api_ids(request: web.Request) -> web.Response:
 
 async def api_series(request: web.Request) -> web.Response:
     center = request.app[CENTER_KEY]
-    id = center.resolve_id(request.query.get("id", ""))
-    if id is None:
-        raise _bad(f"id: {request.query.get('id', '')!r} is not a known id name or number")
-    span = _range(request)
+    text = request.query.get("id", "")
+    if not text:
+        raise _bad("id: missing, expected an id number or name")
+    id = _id(center, text)
+    now = time.time()
+    first, last = _window(request, center, now)
     machine = request.query.get("machine") or None
-    if machine is not None and machine not in center.store.machines():
-        raise _bad(f"machine: {machine!r} has never reported")
-    newest = center.newest_second()
-    first = max(newest - span + 1, 0)
-    values = center.store.series(id, first, newest, machine) if newest else []
+    machines = center.store.machines()
+    if machine is not None and machine not in machines:
+        raise web.HTTPNotFound(text=f"machine: {machine[:80]!r} is not known here")
+    values = center.store.series(id, first, last, machine) if last else []
+    if machine is None:
+        covered_through = center.sum_through(now)
+        values = [v if first + i <= covered_through else None for i, v in enumerate(values)]
+    else:
+        covered_through = machines[machine].through
     name, kind, _ = center.id_name(id)
     return web.json_response({"id": id, "name": name, "kind": kind, "machine": machine,
-                              "first_second": first, "values": values})
+                              "first_second": first, "covered_through": covered_through,
+                              "values": values})
 
 
 async def api_alerts(request: web.Request) -> web.Response:
