@@ -1,18 +1,43 @@
 """The agent's reading side: which seconds it ships, the gap when it was down longer than the
-window, reports split to fit a frame, its durable cursor; and the [monitor] config checks."""
+window, reports split to fit a frame, the catalog split to fit reports, its durable cursor,
+the rewind after a clock step; a real agent process against a center answering malformed
+acks and refusals, started before the counters file exists; and the [monitor] config
+checks."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
 import pytest
 import zmq
 
-from kvsvr import _core
+from kvsvr import _core, protocol
 from kvsvr.config import parse
-from kvsvr.errors import ConfigError
-from kvsvr.monitor.agent import GRACE_S, CenterLink, build_reports, readable_span
+from kvsvr.errors import ConfigError, InvalidArgument
+from kvsvr.launcher import free_port
+from kvsvr.monitor.agent import (
+    GRACE_S,
+    CenterLink,
+    build_reports,
+    readable_span,
+    rewound_cursor,
+    split_catalog,
+)
 from kvsvr.monitor.counters import open_counters
-from kvsvr.monitor.registry import MonitorId, builtin_registry
-from kvsvr.monitor.report import MAX_REPORT_BYTES, decode_report, encode_report
+from kvsvr.monitor.registry import MonitorId, builtin_registry, load_registry
+from kvsvr.monitor.report import (
+    MAX_META_BYTES,
+    MAX_REPORT_BYTES,
+    Report,
+    decode_report,
+    encode_report,
+)
 
 NOW = 1_700_000_100.5
 
@@ -109,6 +134,7 @@ data_dir = "d"
     ("agent_period_s = 0", "agent_period_s"),
     ('center = "http://x"', "monitor.center"),
     ('web = "no port"', "web"),
+    ('web = "127.0.0.1:99999"', "monitor.web: '127.0.0.1:99999': port out of range"),
     ("colour = 1", "colour"),
 ])
 def test_bad_monitor_config_is_refused_naming_the_field(monitor, message):
@@ -122,3 +148,166 @@ def test_monitor_config_defaults():
     config = parse(GROUPS)
     assert config.monitor.enabled and config.monitor.counters_path == ""
     assert config.monitor.window_s == 600 and config.monitor.agent_period_s == 60
+
+
+def _big_catalog(count: int) -> list[tuple[int, int, str, str]]:
+    """`count` legal entries of the longest names and descriptions."""
+    return [(1000 + i, 1, f"app.{i:06d}." + "n" * 53, "d" * 256) for i in range(count)]
+
+
+def test_a_catalog_over_the_meta_limit_ships_in_parts(tmp_path):
+    """4,000 legal entries of maximal size (well over a report's 1 MiB meta) used to crash
+    the agent: now they go in parts, one per report, each report encodes, and together they
+    carry every entry once."""
+    catalog = _big_catalog(4000)
+    parts = split_catalog(catalog)
+    assert len(parts) >= 2 and [e for p in parts for e in p] == catalog
+    counters = _counters(tmp_path)
+    second = int(NOW)
+    for s in range(second - 30, second):
+        counters.add_at(1, 1, s)
+    reports = build_reports(counters, "m1", second - 31, NOW, catalog)
+    assert len(reports) >= len(parts)
+    shipped = []
+    for report in reports:
+        body = encode_report(report)
+        assert len(body) <= MAX_REPORT_BYTES
+        shipped.extend(decode_report(body).catalog)
+    assert shipped == catalog
+    assert all(len(msgspec.msgpack.encode(p)) < MAX_META_BYTES for p in parts)
+
+
+@pytest.mark.parametrize(("cursor", "now", "expected"), [
+    (1_700_000_050, 1_700_000_100.5, None),                  # clock ahead of the cursor
+    (1_700_000_098, 1_700_000_100.5, None),
+    (1_700_000_200, 1_700_000_100.5, 1_700_000_100 - 20 - GRACE_S - 1),   # stepped back
+    (1_700_009_000, 1_700_000_100.5, 1_700_000_100 - 20 - GRACE_S - 1),
+])
+def test_a_clock_step_back_rewinds_the_cursor(cursor, now, expected):
+    """When the newest complete second is behind the cursor the clock went back: resend from
+    two periods (10 s here) before now, never before the window."""
+    assert rewound_cursor(cursor, now, 10, 60) == expected
+    assert rewound_cursor(1_700_000_200, 1_700_000_100.5, 100, 60) == \
+        1_700_000_100 - 60 + GRACE_S - 1
+
+
+def test_after_a_rewind_the_merged_seconds_are_shipped_again(tmp_path):
+    """Seconds shipped, then counted into again after a clock step back: the rewound cursor
+    makes the agent read and send them again with their full values."""
+    counters = _counters(tmp_path)
+    second = int(NOW)
+    counters.add_at(1, 5, second - 5)
+    first_round = build_reports(counters, "m1", second - 10, NOW, [])
+    assert first_round[-1].through_second == second - GRACE_S
+    counters.add_at(1, 2, second - 5)         # counted again after the step back
+    cursor = rewound_cursor(second + 30, NOW, 5, counters.window_s)
+    assert cursor is not None
+    blocks = dict(b for r in build_reports(counters, "m1", cursor, NOW, []) for b in r.blocks)
+    assert _core.decode_block(blocks[second - 5]) == {1: 7}
+
+
+class FakeCenter:
+    """A ROUTER socket in a thread that answers reports by a script, recording them."""
+
+    def __init__(self, script: list[str]):
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.script = script
+        self.reports: list[Report] = []
+        self.answers: list[str] = []
+        self.stopping = False
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.bind(self.address)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping:
+            if not self.socket.poll(100):
+                continue
+            peer, payload = self.socket.recv_multipart()
+            frames, _, _ = _core.decode_frames(payload)
+            for _kind, _method, request_id, _budget, body in frames:
+                report = decode_report(body)
+                self.reports.append(report)
+                step = self.script.pop(0) if self.script else "ack"
+                self.answers.append(step)
+                if step == "garbage-ack":
+                    status, answer = 0, b"\xc1"
+                elif step == "ack-with-more":
+                    status, answer = 0, msgspec.msgpack.encode(
+                        {"through": report.through_second, "newer_field": [1, 2]})
+                elif step == "refuse":
+                    status, answer = InvalidArgument.code, protocol.encode_error(
+                        InvalidArgument("report: blocks[0]: refused by the test"))
+                else:
+                    status, answer = 0, msgspec.msgpack.encode(
+                        {"through": report.through_second})
+                self.socket.send_multipart([peer, _core.encode_frame(
+                    _core.FRAME_RESPONSE, status, request_id, 0, answer)])
+
+    def close(self) -> None:
+        self.stopping = True
+        self.thread.join(5)
+        self.socket.close(0)
+        self.context.term()
+
+
+def _wait(what: str, predicate: Any, log: Path, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.1)
+
+
+def test_a_real_agent_survives_bad_acks_and_refusals_and_waits_for_its_file(tmp_path):
+    """kvsvr-agent started before the counters file exists waits (and says so) without
+    creating it; once a counting process creates it (with its own sizing) the agent ships a
+    catalog over the meta limit in parts to a center that answers an unreadable ack, then an
+    ack with a field it does not know, then refuses a report as invalid: the agent stays up,
+    retries the first, skips the refused one and reports its seconds as a gap, and every
+    catalog entry arrives."""
+    catalog = _big_catalog(4000)
+    registry_path = tmp_path / "registry.toml"
+    registry_path.write_text("".join(
+        f'[[ids]]\nid = {i}\nname = "{name}"\ndescription = "{description}"\n\n'
+        for i, _, name, description in catalog))
+    counters_path = tmp_path / "counters"
+    center = FakeCenter(["garbage-ack", "ack-with-more", "refuse"])
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as out:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "kvsvr.monitor.agent", "--center", center.address,
+             "--counters", str(counters_path), "--machine", "m1", "--period", "1",
+             "--state-dir", str(tmp_path / "state"), "--registry", str(registry_path)],
+            stdout=out, stderr=out)
+    try:
+        _wait("the agent to say it waits", lambda: "waiting for a node" in log.read_text(),
+              log)
+        time.sleep(0.5)
+        assert not counters_path.exists() and agent.poll() is None
+        counters = open_counters(counters_path, max_ids=8192, window_s=60,
+                                 registry=load_registry([registry_path]))
+        for s in range(counters.now_s() - 50, counters.now_s() + 1):
+            counters.add_at(1000, 1, s)
+        _wait("every catalog entry to arrive",
+              lambda: {e for r in center.reports for e in r.catalog} >= set(catalog)
+              and len(center.reports) >= 5, log)
+        assert agent.poll() is None, log.read_text()
+    finally:
+        agent.terminate()
+        agent.wait(10)
+        center.close()
+    reports, answers = center.reports, center.answers
+    assert answers[:3] == ["garbage-ack", "ack-with-more", "refuse"]
+    # Resent after the unreadable ack (its first second may have left the window since).
+    assert reports[1].first_second <= reports[0].first_second + 2
+    assert [b for b in reports[0].blocks if b[0] >= reports[1].first_second] == \
+        [b for b in reports[1].blocks if b[0] <= reports[0].through_second]
+    refused = reports[2]
+    later_gaps = [g for r in reports[3:] for g in r.gaps]
+    assert (refused.first_second, refused.through_second) in later_gaps
+    text = log.read_text()
+    assert "unreadable ack" in text and "REFUSED the report" in text
+    assert "Traceback" not in text

@@ -11,6 +11,25 @@ gap (the center shows it).
 
 A second is complete GRACE_S seconds after it ended (a writer that read the clock just before
 the second turned still lands in it).
+
+Failures: no ack in time, or an ack it cannot read, is a failed send: the agent tries again
+with a growing delay (1 s doubling, at most a period), from the cursor. A report the center
+refuses as invalid (InvalidArgument: the report itself is bad, resending it cannot help) is
+logged as an error and skipped: the cursor moves past it and its seconds are reported as a
+gap in the next report, so one bad report never blocks the machine's monitoring. Other
+refusals (Unavailable: e.g. this machine's clock is ahead of the center's) are retried.
+
+The id catalog (names and descriptions) goes to each center in parts (each under the report's
+meta limit), one part per report, and only what that center has not acknowledged since the
+agent started: every legal registry ships, a few parts per round at worst.
+
+If the clock is stepped back behind the cursor, writers count again into seconds that were
+shipped; the agent notices (the newest complete second is behind its cursor), logs it, and
+moves its cursor back to two periods before now, so those seconds are read and sent again
+(the center overwrites them: no count lost or doubled).
+
+The agent never creates the counters file (a file of the default sizing would shut out the
+nodes configured with another one): it waits for the counters' owners to create it.
 """
 
 from __future__ import annotations
@@ -23,6 +42,7 @@ import signal
 import socket as socket_module
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +51,14 @@ import zmq
 
 from kvsvr import _core, protocol
 from kvsvr.config import address_problem, load
-from kvsvr.errors import ConfigError
-from kvsvr.monitor.counters import CountersError, open_counters
+from kvsvr.errors import ConfigError, InvalidArgument
+from kvsvr.monitor.counters import CountersError, CountersMissing, open_counters
 from kvsvr.monitor.registry import Registry, load_registry
 from kvsvr.monitor.report import (
     BLOCK_HEADER,
     HEADER,
+    MAX_GAPS,
+    MAX_META_BYTES,
     MAX_REPORT_BYTES,
     MAX_REPORT_SECONDS,
     METHOD_REPORT,
@@ -52,6 +74,10 @@ log = logging.getLogger("kvsvr.agent")
 GRACE_S = 2                    # a second is shipped once it ended this long ago
 ACK_TIMEOUT_S = 10.0           # a report unanswered this long is sent again (new socket)
 REPORT_BUDGET_BYTES = MAX_REPORT_BYTES - (1 << 20)   # blocks per report; room for the catalog
+CATALOG_PART_BYTES = MAX_META_BYTES - (16 << 10)      # one report's catalog; room for gaps
+CATALOG_ENTRY_OVERHEAD = 24     # msgpack bytes of an entry beyond its name and description
+RETRY_FIRST_S = 1.0             # after a failed send: 1 s, doubling up to the period
+WAIT_LOG_S = 30.0               # how often "waiting for the counters file" is logged
 _ack_decoder = msgspec.msgpack.Decoder(Ack)
 
 
@@ -76,18 +102,49 @@ def readable_span(cursor: int, now: float,
     return first, through, gap
 
 
+def split_catalog(catalog: list[CatalogEntry]) -> list[list[CatalogEntry]]:
+    """The catalog in parts that each fit a report's meta (CATALOG_PART_BYTES)."""
+    parts: list[list[CatalogEntry]] = []
+    part: list[CatalogEntry] = []
+    size = 0
+    for entry in catalog:
+        entry_bytes = CATALOG_ENTRY_OVERHEAD + len(entry[2].encode()) + len(entry[3].encode())
+        if part and size + entry_bytes > CATALOG_PART_BYTES:
+            parts.append(part)
+            part, size = [], 0
+        part.append(entry)
+        size += entry_bytes
+    if part:
+        parts.append(part)
+    return parts
+
+
 def build_reports(counters: _core.Counters, machine: str, cursor: int, now: float,
-                  catalog: list[CatalogEntry]) -> list[Report]:
-    """The reports that ship everything after `cursor` (empty: nothing complete yet)."""
+                  catalog: list[CatalogEntry],
+                  lost: Sequence[tuple[int, int]] = ()) -> list[Report]:
+    """The reports that ship everything after `cursor` (empty: nothing complete yet).
+
+    `catalog` goes in parts, one per report (the span is cut into at least as many reports
+    as there are parts while seconds allow; parts left over wait for the next round).
+    `lost`: spans already known lost (refused reports), put on the first report with the
+    gap of seconds that left the window.
+    """
     first, through, gap = readable_span(cursor, now, counters.window_s)
     if first > through:
         return []
+    parts = split_catalog(catalog)
+    seconds_per_report = MAX_REPORT_SECONDS
+    if len(parts) > 1:
+        seconds_per_report = max(1, -(-(through - first + 1) // len(parts)))
     reports: list[Report] = []
     fixed = HEADER.size + len(machine.encode()) + 64
     start = first
     blocks: list[tuple[int, bytes]] = []
     size = fixed
     for second in range(first, through + 1):
+        if second - start >= seconds_per_report:
+            reports.append(Report(machine, start, second - 1, blocks))
+            start, blocks, size = second, [], fixed
         block = counters.snapshot(second)
         if not block:
             continue
@@ -98,10 +155,23 @@ def build_reports(counters: _core.Counters, machine: str, cursor: int, now: floa
         blocks.append((second, block))
         size += BLOCK_HEADER.size + len(block)
     reports.append(Report(machine, start, through, blocks))
-    reports[0].catalog = catalog
-    if gap is not None:
-        reports[0].gaps = [gap]
+    for report, part in zip(reports, parts, strict=False):
+        report.catalog = part
+    gaps = [g for g in lost if g[1] < first] + ([gap] if gap is not None else [])
+    reports[0].gaps = gaps[-MAX_GAPS:]
     return reports
+
+
+def rewound_cursor(cursor: int, now: float, period_s: float, window_s: int) -> int | None:
+    """The cursor to resend from after the clock was stepped back behind `cursor`, or None
+    if it was not. Since the step (at most about a period ago: the last round saw the clock
+    ahead), writers have counted into seconds from the stepped-back clock on; two periods
+    back covers them (resending more is harmless: the center overwrites)."""
+    second = int(now)
+    if second - GRACE_S >= cursor:
+        return None
+    oldest = second - window_s + GRACE_S
+    return max(second - int(2 * period_s) - GRACE_S, oldest) - 1
 
 
 def catalog_of(counters: _core.Counters, registry: Registry) -> list[CatalogEntry]:
@@ -132,7 +202,8 @@ class CenterLink:
         self.cursor = self._load_cursor()
         self.socket: zmq.Socket | None = None
         self.request_id = 0
-        self.failures = 0
+        self.catalog_acked: set[CatalogEntry] = set()   # since this agent started
+        self.lost: list[tuple[int, int]] = []            # refused spans, not yet reported
 
     def _load_cursor(self) -> int:
         try:
@@ -171,8 +242,10 @@ class CenterLink:
             self.socket.close()
             self.socket = None
 
-    def send(self, report: Report, timeout_s: float = ACK_TIMEOUT_S) -> bool:
-        """Send one report and wait for its ack; True once the center holds it durably."""
+    def send(self, report: Report, timeout_s: float = ACK_TIMEOUT_S) -> str:
+        """Send one report and wait for its answer: "acked" once the center holds it durably,
+        "refused" if the center says the report itself is invalid (resending cannot help),
+        "failed" otherwise (no answer, an unreadable answer, another refusal: retry)."""
         socket = self._connect()
         self.request_id += 1
         socket.send(_core.encode_frame(_core.FRAME_REQUEST, METHOD_REPORT, self.request_id,
@@ -185,19 +258,31 @@ class CenterLink:
             for _kind, status, request_id, _budget, body in frames:
                 if request_id != self.request_id:
                     continue    # the answer to a send that had timed out
-                if status != 0:
-                    log.error("center %s refused a report: %s", self.address,
+                if status == InvalidArgument.code:
+                    log.error("center %s REFUSED the report of seconds %d..%d as invalid: %s",
+                              self.address, report.first_second, report.through_second,
                               _error_message(body))
-                    return False
-                _ack_decoder.decode(body)
+                    return "refused"
+                if status != 0:
+                    log.error("center %s refused a report (status %d): %s; retrying",
+                              self.address, status, _error_message(body))
+                    self.reset()
+                    return "failed"
+                try:
+                    _ack_decoder.decode(body)
+                except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                    log.error("center %s answered an unreadable ack (%s); resending later",
+                              self.address, e)
+                    self.reset()
+                    return "failed"
                 self.save_cursor(report.through_second)
-                return True
+                return "acked"
             if error is not None:
                 log.error("center %s answered a malformed message: %s", self.address, error)
         log.warning("center %s: no ack within %.0f s; resending from second %d later",
                     self.address, timeout_s, self.cursor + 1)
         self.reset()
-        return False
+        return "failed"
 
 
 class Agent:
@@ -225,15 +310,33 @@ class Agent:
         catalog = catalog_of(self.counters, self.registry)
         all_done = True
         for link in self.links:
+            rewound = rewound_cursor(link.cursor, now, self.period_s, self.counters.window_s)
+            if rewound is not None:
+                log.warning("the clock is behind the last second shipped to %s (%d): it was "
+                            "stepped back; resending from second %d", link.address,
+                            link.cursor, rewound + 1)
+                link.save_cursor(rewound)
+            unsent = [e for e in catalog if e not in link.catalog_acked]
             for report in build_reports(self.counters, self.machine, link.cursor, now,
-                                        catalog):
-                if report.gaps:
-                    log.warning("seconds %d..%d left the counters window before they were "
-                                "shipped to %s: reported as a gap", *report.gaps[0],
-                                link.address)
-                if not link.send(report):
+                                        unsent, link.lost):
+                for gap in report.gaps:
+                    if gap not in link.lost:
+                        log.warning("seconds %d..%d left the counters window before they "
+                                    "were shipped to %s: reported as a gap", *gap,
+                                    link.address)
+                outcome = link.send(report)
+                if outcome == "refused":
+                    # Skip it: its seconds become a gap on the next report (see the module
+                    # docstring); the cursor moves on.
+                    link.save_cursor(report.through_second)
+                    link.lost = [*link.lost, (report.first_second, report.through_second)]
+                    link.lost = link.lost[-(MAX_GAPS - 1):]
+                    continue
+                if outcome != "acked":
                     all_done = False
                     break
+                link.catalog_acked.update(report.catalog)
+                link.lost = [g for g in link.lost if g not in report.gaps]
         return all_done
 
     def run(self) -> None:
@@ -241,17 +344,37 @@ class Agent:
                  self.machine, len(self.counters.registered()), self.counters.window_s,
                  self.period_s, ", ".join(link.address for link in self.links))
         next_at = time.time()
+        retry_s = RETRY_FIRST_S
         try:
             while not self.stopping:
                 now = time.time()
                 if now >= next_at:
-                    self.ship(now)
-                    next_at = now + self.period_s
+                    if self.ship(now):
+                        next_at, retry_s = now + self.period_s, RETRY_FIRST_S
+                    else:
+                        next_at = now + min(retry_s, self.period_s)
+                        retry_s = min(retry_s * 2, self.period_s)
                 time.sleep(min(0.2, max(0.0, next_at - time.time())))
         finally:
             for link in self.links:
                 link.reset()
             self.context.term()
+
+
+def wait_for_counters(path: str | None, stopping: list[bool]) -> _core.Counters | None:
+    """Open the counters file, waiting (and saying so every WAIT_LOG_S) until a counting
+    process has created it; None if asked to stop meanwhile."""
+    logged_at: float | None = None
+    while not stopping:
+        try:
+            return open_counters(path, create=False)
+        except CountersMissing as e:
+            if logged_at is None or time.monotonic() - logged_at >= WAIT_LOG_S:
+                log.warning("%s; waiting for a node (or an instrumented program) to create "
+                            "it with its configured sizing", e)
+                logged_at = time.monotonic()
+        time.sleep(0.5)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,9 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                                  else [config.path(p) for p in monitor.registry])
         path = args.counters or (str(config.path(monitor.counters_path))
                                  if monitor.counters_path else None)
-        counters = open_counters(path)
         if args.list_ids:
-            registered = dict(counters.registered())
+            registered = dict(open_counters(path, create=False).registered())
             for entry in registry.list():
                 mark = "registered" if entry.id in registered else "not in counters file"
                 print(f"{entry.id}\t{entry.name}\t{entry.kind}\t{mark}\t{entry.description}")
@@ -298,19 +420,31 @@ def main(argv: list[str] | None = None) -> int:
             problem = address_problem(address)
             if problem:
                 raise ConfigError(f"--center: {problem}")
-        agent = Agent(counters, args.machine or monitor.machine or socket_module.gethostname(),
-                      centers, Path(args.state_dir) if args.state_dir
+        machine = args.machine or monitor.machine or socket_module.gethostname()
+        problem = machine_problem(machine)
+        if problem:
+            raise ConfigError(problem)
+        stopping: list[bool] = []
+        agent: Agent | None = None
+
+        def stop(signum: int, _frame: Any) -> None:
+            stopping.append(True)
+            if agent is not None:
+                agent.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        found = wait_for_counters(path, stopping)
+        if found is None:
+            return 0
+        agent = Agent(found, machine, centers, Path(args.state_dir) if args.state_dir
                       else config.path(monitor.agent_state_dir),
                       args.period or monitor.agent_period_s, registry)
+        if stopping:
+            return 0
     except (ConfigError, CountersError) as e:
         print(f"kvsvr-agent: {e}", file=sys.stderr)
         return 2
-
-    def stop(signum: int, _frame: Any) -> None:
-        agent.stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     agent.run()
     return 0
 

@@ -33,6 +33,10 @@ DEFAULT_WINDOW_S = _core.DEFAULT_WINDOW_S
 FILE_MODE = 0o600             # the counting processes and the agent run as one user
 
 
+class CountersMissing(CountersError):
+    """The counters file does not exist (and the caller does not create it: the agent)."""
+
+
 class CounterSink(Protocol):
     """What instrumented code calls: `_core.Counters`, or `NullCounters` when monitoring is off."""
 
@@ -60,10 +64,11 @@ def default_path() -> Path:
 
 
 def open_counters(path: str | Path | None = None, *, max_ids: int | None = None,
-                  window_s: int | None = None,
-                  registry: Registry | None = None) -> _core.Counters:
+                  window_s: int | None = None, registry: Registry | None = None,
+                  create: bool = True) -> _core.Counters:
     """Map the counters file at `path` (default: `default_path()`), creating it with the
-    given sizing (defaults 1024 ids, 600 s) if it does not exist; register `registry`'s ids.
+    given sizing (defaults 1024 ids, 600 s) if it does not exist and `create` (else
+    CountersMissing); register `registry`'s ids.
 
     Given a sizing, an existing file of another sizing is refused (CountersError saying
     both); without one, any valid file is taken (the agent's way). A damaged file is refused
@@ -74,6 +79,8 @@ def open_counters(path: str | Path | None = None, *, max_ids: int | None = None,
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
+            if not create:
+                raise CountersMissing(f"{path}: no counters file (yet)") from None
             _create(path, max_ids or DEFAULT_MAX_IDS, window_s or DEFAULT_WINDOW_S)
             continue
         except OSError as e:
@@ -143,5 +150,5 @@ def _create(path: Path, max_ids: int, window_s: int) -> None:
         os.unlink(temporary)
 
 
-__all__ = ["CounterSink", "Counters", "CountersError", "NullCounters", "counters_for",
-           "default_path", "open_counters", "register"]
+__all__ = ["CounterSink", "Counters", "CountersError", "CountersMissing", "NullCounters",
+           "counters_for", "default_path", "open_counters", "register"]

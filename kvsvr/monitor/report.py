@@ -207,8 +207,9 @@ def decode_report(buf: bytes | memoryview) -> Report:
     return Report(machine, first, through, blocks, list(meta.catalog), list(meta.gaps))
 
 
-class Ack(msgspec.Struct, forbid_unknown_fields=True):
-    """The center's answer to a report: it holds everything through `through` durably."""
+class Ack(msgspec.Struct):
+    """The center's answer to a report: it holds everything through `through` durably.
+    Unknown fields are ignored, so a newer center can say more to an older agent."""
 
     through: int
 
