@@ -269,10 +269,15 @@ cdef class Counters:
             old_stamp = old >> _BUCKET_VALUE_BITS
             if old_stamp == stamp:
                 value = delta if is_set else _word_value(old) + delta
-            elif (old == 0 or not fixed_second
-                  or (stamp + _STAMP_MODULUS - old_stamp) % _STAMP_MODULUS < _STAMP_HALF):
-                # Older stamp (or empty): claim. Newer stamp at the clock's second: the
-                # clock went back a window or more; claim too (see the layout notes).
+            elif old == 0 or (stamp + _STAMP_MODULUS - old_stamp) % _STAMP_MODULUS < _STAMP_HALF:
+                value = delta       # older stamp (or empty): claim
+            elif not fixed_second:
+                # Newer stamp at the clock's second: the clock went back a window or more,
+                # so claim too (see the layout notes). Unless this writer was only stalled
+                # (SIGSTOP) between its clock read and here: then the clock has moved on, and
+                # claiming would wipe the current second; read the clock again instead.
+                if kvsvr_now_s() != second:
+                    continue
                 value = delta
             else:
                 return _WRITE_LEFT_WINDOW
