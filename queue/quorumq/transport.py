@@ -74,9 +74,6 @@ class AsyncConnection:
     def __init__(self, context: zmq.asyncio.Context, address: str):
         self.address = address
         self.socket = dealer(context, address)
-        # Sends go through a blocking view of the same socket: a full or unconnected socket
-        # raises at once instead of leaving a failed future nobody awaits.
-        self._sender: zmq.Socket = zmq.Socket.shadow(self.socket.underlying)
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -89,13 +86,16 @@ class AsyncConnection:
         future.request_id = request_id  # type: ignore[attr-defined]
         self._waiting[request_id] = future
         frame = _core.encode_frame(_core.FRAME_REQUEST, method, request_id, 0, body)
-        try:
-            self._sender.send(frame, zmq.NOBLOCK)
-        except zmq.Again:
+        # Through the asyncio socket itself (a second view of it would steal the edge-
+        # triggered wake-ups its reader waits for); NOBLOCK settles the send at once.
+        sent = self.socket.send(frame, zmq.NOBLOCK)
+        if sent.done() and sent.exception() is not None:
             # Not connected (IMMEDIATE) or queue full: fail now, the caller counts it.
             self._waiting.pop(request_id, None)
             future.set_result((Timeout.code, protocol.encode_error(
-                Timeout(f"{self.address}: not connected"))))
+                Timeout(f"{self.address}: not connected ({sent.exception()})"))))
+        elif not sent.done():
+            sent.add_done_callback(lambda f: f.cancelled() or f.exception())
         return future
 
     def forget(self, future: asyncio.Future[tuple[int, bytes]]) -> None:
