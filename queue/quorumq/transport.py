@@ -88,7 +88,7 @@ class AsyncConnection:
         frame = _core.encode_frame(_core.FRAME_REQUEST, method, request_id, 0, body)
         # Through the asyncio socket itself (a second view of it would steal the edge-
         # triggered wake-ups its reader waits for); NOBLOCK settles the send at once.
-        sent = self.socket.send(frame, zmq.NOBLOCK)
+        sent: asyncio.Future[Any] = self.socket.send(frame, zmq.NOBLOCK)  # type: ignore[assignment]
         if sent.done() and sent.exception() is not None:
             # Not connected (IMMEDIATE) or queue full: fail now, the caller counts it.
             self._waiting.pop(request_id, None)
