@@ -279,8 +279,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--producers", type=int, default=4, help="producer processes")
-    parser.add_argument("--batch", type=int, default=100, help="messages per batch")
-    parser.add_argument("--in-flight", type=int, default=16, help="batches per producer")
+    parser.add_argument("--batch", type=int, default=200, help="messages per batch")
+    parser.add_argument("--in-flight", type=int, default=4, help="batches per producer")
     parser.add_argument("--nats-in-flight", type=int, default=256,
                         help="NATS publishes in flight, over all processes")
     parser.add_argument("--no-peer", action="store_true", help="skip NATS")
