@@ -146,7 +146,7 @@ def test_damaged_segments_are_reported_and_the_rest_served(queue, damage):
     assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
     assert all(m[4] == values[m[2]] for m in served)
     first = produce(queue, "t", 2, 0, [b"after"])
-    assert first >= len(values) - (lost if damage != "flip_middle" else 0)
+    assert first >= len(values)   # no offset the damaged bytes may have used is reused
     assert fetch_all(queue, "t")[-1][4] == b"after"
 
 

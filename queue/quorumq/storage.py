@@ -184,11 +184,20 @@ class Topic:
                 continue
             expected_next = segment.next_offset
             self.segments.append(segment)
-        # Only the last segment is appended to; an empty middle one is harmless but a gap in
-        # the base offsets is fine too (records in it were quarantined).
+            if problem is None:
+                self._cut_bytes = 0
+        if self.segments and self._cut_bytes:
+            # Never hand out again an offset the cut bytes may have used (a consumer may
+            # have read past it before the crash): skip as many as they could hold.
+            damaged = self.segments[-1]
+            self._new_segment(damaged.next_offset + self._cut_bytes //
+                              _core.QUEUE_RECORD_HEADER_BYTES + 1)
+
+    _cut_bytes = 0   # bytes the last recovered segment lost to a cut
 
     def _cut(self, segment: Segment, data: bytes, cut: int, reason: str, quarantine: Path,
              recovery: list[dict[str, Any]]) -> None:
+        self._cut_bytes = len(data) - cut
         quarantine.mkdir(exist_ok=True)
         target = quarantine / f"{self.name}.{segment.path.name}.at{cut}.{now_ms()}"
         target.write_bytes(data[cut:])
