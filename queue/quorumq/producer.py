@@ -314,6 +314,9 @@ class AsyncProducer:
             if not batch.future.done():
                 batch.future.cancel()
             raise
+        except Exception as e:   # a bug must fail this batch's caller, not hang it
+            if not batch.future.done():
+                batch.future.set_exception(e)
         finally:
             self._slots.release()
 
