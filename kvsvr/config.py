@@ -91,12 +91,40 @@ class GroupConfig(Struct, forbid_unknown_fields=True):
     replicas: Annotated[list[ReplicaConfig], Meta(min_length=1, max_length=7)]
 
 
+class QueueServerConfig(Struct, forbid_unknown_fields=True):
+    """One log server of a quorum-queue group (queue/quorumq)."""
+
+    node: Name
+    campus: Name
+    address: str
+    data_dir: Annotated[str, Meta(min_length=1)]
+
+
+class QueueGroupConfig(Struct, forbid_unknown_fields=True):
+    """Three log servers that never talk to each other; a write commits on two of them."""
+
+    name: Name
+    servers: Annotated[list[QueueServerConfig], Meta(min_length=3, max_length=3)]
+
+
+class QueueSettings(Struct, forbid_unknown_fields=True):
+    sync: bool = True                   # fdatasync every group commit (off: tests of speed only)
+    segment_mib: Annotated[int, Meta(ge=1, le=4096)] = 64   # a topic's segment file rolls here
+    # A producer counts a server's acknowledgement only within this many ms of sending the
+    # batch; consumers use the same bound to decide when a server with a new disk holds
+    # everything (queue/quorumq/consumer.py explains why).
+    ack_deadline_ms: Annotated[int, Meta(ge=100, le=600_000)] = 5000
+    clock_skew_ms: Annotated[int, Meta(ge=0, le=600_000)] = 1000   # between servers' clocks
+
+
 class ClusterConfig(Struct, forbid_unknown_fields=True):
     groups: Annotated[list[GroupConfig], Meta(min_length=1)]
     name: Name = "local"
     virtual_shards: Annotated[int, Meta(ge=1, le=1 << 20)] = 4096
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
+    queue_groups: list[QueueGroupConfig] = msgspec.field(default_factory=list)
+    queue: QueueSettings = msgspec.field(default_factory=QueueSettings)
     # Where the file was read from; relative data_dirs resolve against `base_dir`.
     base_dir: str = "."
 
@@ -108,7 +136,16 @@ class ClusterConfig(Struct, forbid_unknown_fields=True):
         known = ", ".join(r.node for g in self.groups for r in g.replicas)
         raise ConfigError(f"node: {node!r} is not in the config (nodes: {known})")
 
-    def data_dir(self, replica: ReplicaConfig) -> Path:
+    def queue_server(self, node: str) -> tuple[QueueGroupConfig, QueueServerConfig]:
+        for group in self.queue_groups:
+            for server in group.servers:
+                if server.node == node:
+                    return group, server
+        known = ", ".join(s.node for g in self.queue_groups for s in g.servers) or "none"
+        raise ConfigError(f"node: {node!r} is not a queue server of the config (queue "
+                          f"servers: {known})")
+
+    def data_dir(self, replica: ReplicaConfig | QueueServerConfig) -> Path:
         return self.path(replica.data_dir)
 
     def path(self, text: str) -> Path:
@@ -164,6 +201,32 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
             campuses.add(replica.campus)
             data_dir = str(config.data_dir(replica).resolve())
             for attribute, value in (("node", replica.node), ("address", replica.address),
+                                     ("data_dir", data_dir)):
+                if value in seen[attribute]:
+                    raise ConfigError(
+                        f"{field}.{attribute}: {value!r} is already used by "
+                        f"{seen[attribute][value]}"
+                    )
+                seen[attribute][value] = field
+    for g_index, queue_group in enumerate(config.queue_groups):
+        if queue_group.name in group_names:
+            raise ConfigError(f"queue_groups[{g_index}].name: {queue_group.name!r} is used "
+                              "twice (group and queue group names share one space)")
+        group_names.add(queue_group.name)
+        campuses = set()
+        for s_index, server in enumerate(queue_group.servers):
+            field = f"queue_groups[{g_index}].servers[{s_index}]"
+            problem = address_problem(server.address)
+            if problem:
+                raise ConfigError(f"{field}.address: {problem}")
+            if server.campus in campuses:
+                raise ConfigError(
+                    f"{field}.campus: queue group {queue_group.name!r} has two servers in "
+                    f"campus {server.campus!r}; each server of a group must be in its own campus"
+                )
+            campuses.add(server.campus)
+            data_dir = str(config.data_dir(server).resolve())
+            for attribute, value in (("node", server.node), ("address", server.address),
                                      ("data_dir", data_dir)):
                 if value in seen[attribute]:
                     raise ConfigError(

@@ -1,0 +1,194 @@
+"""A local queue cluster: every queue server of a config as its own process, on loopback.
+
+Used by the tests, the benchmark and by hand (`quorumq-cluster --config cluster.toml`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from kvsvr.config import ClusterConfig, load
+from kvsvr.errors import ConfigError, KvError
+from kvsvr.launcher import free_port
+from quorumq import protocol
+from quorumq.protocol import QMethod
+from quorumq.transport import call
+
+READY_TIMEOUT_S = 30.0
+
+
+def write_queue_config(directory: str | Path, *, groups: int = 1, sync: bool = True,
+                       ack_deadline_ms: int = 2000, clock_skew_ms: int = 200,
+                       segment_mib: int = 64) -> Path:
+    """`directory/cluster.toml`: a one-node KVSvr group (a config needs one) and `groups`
+    queue groups of 3 servers (campuses a, b, c) on free loopback ports, data under
+    `directory/data/NODE`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = ['name = "local"', "", "[[groups]]", 'name = "g1"', 'shards = ["0-4095"]', "",
+             "[[groups.replicas]]", 'node = "n1"', 'campus = "a"',
+             f'address = "tcp://127.0.0.1:{free_port()}"', 'data_dir = "data/n1"', "",
+             "[queue]", f"sync = {'true' if sync else 'false'}",
+             f"ack_deadline_ms = {ack_deadline_ms}", f"clock_skew_ms = {clock_skew_ms}",
+             f"segment_mib = {segment_mib}", ""]
+    for g in range(groups):
+        lines += ["[[queue_groups]]", f'name = "q{g + 1}"', ""]
+        for s in range(3):
+            node = f"q{g + 1}{chr(97 + s)}"
+            lines += ["[[queue_groups.servers]]", f'node = "{node}"',
+                      f'campus = "{chr(97 + s)}"',
+                      f'address = "tcp://127.0.0.1:{free_port()}"',
+                      f'data_dir = "data/{node}"', ""]
+    path = directory / "cluster.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+class LocalQueueCluster:
+    """The queue servers of `config_path` as child processes."""
+
+    def __init__(self, config_path: str | Path, *, log_dir: str | Path | None = None):
+        self.config_path = str(config_path)
+        self.config: ClusterConfig = load(config_path)
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def nodes(self) -> list[str]:
+        return [s.node for g in self.config.queue_groups for s in g.servers]
+
+    def group_nodes(self, group: str) -> list[str]:
+        return [s.node for g in self.config.queue_groups if g.name == group for s in g.servers]
+
+    def address(self, node: str) -> str:
+        return self.config.queue_server(node)[1].address
+
+    def data_dir(self, node: str) -> Path:
+        return self.config.data_dir(self.config.queue_server(node)[1])
+
+    def start(self, node: str | None = None, *, wait: bool = True) -> None:
+        names = [node] if node else self.nodes
+        for name in names:
+            output = None
+            if self.log_dir:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "quorumq.server", "--config", self.config_path,
+                 "--node", name], stdout=output, stderr=output, env=dict(os.environ))
+            if output:
+                output.close()
+        if wait:
+            for name in names:
+                self.wait_ready(name)
+
+    def wait_ready(self, node: str, timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            process = self.processes.get(node)
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"queue server {node} exited with status "
+                                   f"{process.returncode}" + (f"; see {self.log_dir}/{node}.log"
+                                                              if self.log_dir else ""))
+            try:
+                self.status(node, timeout=0.5)
+                return
+            except KvError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"queue server {node} not ready in {timeout} s") from None
+
+    def status(self, node: str, timeout: float = 2.0) -> dict[str, object]:
+        status: dict[str, object] = call(self.address(node), QMethod.STATUS,
+                                         protocol.StatusRequest(), timeout=timeout)
+        return status
+
+    def create_topic(self, topic: str, *, retention_bytes: int = 0, retention_s: int = 0) -> None:
+        """Create `topic` on every server that is up (idempotent)."""
+        for node in self.nodes:
+            if node in self.processes:
+                call(self.address(node), QMethod.CREATE_TOPIC, protocol.CreateTopicRequest(
+                    topic, retention_bytes, retention_s))
+
+    def signal(self, node: str, signum: int) -> None:
+        self.processes[node].send_signal(signum)
+
+    def kill(self, node: str) -> None:
+        """SIGKILL: the server gets no chance to clean up."""
+        process = self.processes.pop(node)
+        process.kill()
+        process.wait()
+
+    def wipe(self, node: str) -> None:
+        """SIGKILL and delete the server's data directory (a lost disk)."""
+        if node in self.processes:
+            self.kill(node)
+        shutil.rmtree(self.data_dir(node), ignore_errors=True)
+
+    def stop(self, node: str | None = None, timeout: float = 10.0) -> None:
+        names = [node] if node else list(self.processes)
+        for name in names:
+            process = self.processes.get(name)
+            if process and process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.terminate()
+        for name in names:
+            process = self.processes.pop(name, None)
+            if process is None:
+                continue
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def __enter__(self) -> LocalQueueCluster:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quorumq-cluster",
+                                     description="Run every queue server of a config locally.")
+    parser.add_argument("--config", required=True, help="cluster TOML with [[queue_groups]]")
+    args = parser.parse_args(argv)
+    try:
+        cluster = LocalQueueCluster(args.config)
+    except ConfigError as e:
+        print(f"quorumq-cluster: config error: {e}", file=sys.stderr)
+        return 2
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        cluster.start()
+    except RuntimeError as e:
+        print(f"quorumq-cluster: {e}", file=sys.stderr)
+        cluster.stop()
+        return 1
+    print("quorumq-cluster: " + ", ".join(f"{n} {cluster.address(n)}" for n in cluster.nodes),
+          flush=True)
+    while not stopping:
+        time.sleep(0.2)
+    cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

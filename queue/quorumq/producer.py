@@ -1,0 +1,463 @@
+"""Producers: `AsyncProducer` (asyncio) and `Producer` (blocking, the same engine on a thread).
+
+A batch goes to the 3 servers of the producer's current group at once and is committed when
+2 of them have acknowledged it (each server acknowledges only after fdatasync). An
+acknowledgement counts only if it arrives within `ack_deadline` of sending (the consumers'
+rule for servers with a new disk relies on that bound). A batch that cannot get 2 in time
+(servers down, stopped or refusing) is sent again, with the same message ids, to the next
+group not in back-off, and the producer moves there; its earlier copy, if it did commit after
+all, is a duplicate that consumers drop by id. Many batches are in flight at once
+(`max_in_flight`); `send` gathers single messages into batches for `linger_ms`.
+
+Message ids are (producer_id, seq): producer_id is random per producer, seq counts from 0
+without gaps. A batch is retried until it commits or the producer is closed; `send_batch`
+returns when it committed (or raises after `timeout`, while the retrying goes on: a gap would
+hold back the producer's later messages at the consumers until given up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import secrets
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq.asyncio
+
+from kvsvr.config import ClusterConfig, QueueGroupConfig, load
+from kvsvr.errors import ConfigError, InvalidArgument, KvError, NotFound, Timeout
+from quorumq import protocol, quorum
+from quorumq.limits import (
+    BATCH_MAX_BYTES,
+    GROUP_BACKOFF_MAX_S,
+    GROUP_BACKOFF_S,
+    PRODUCER_LINGER_MS,
+    PRODUCER_MAX_BATCHES_IN_FLIGHT,
+    QUEUE_MAX_BATCH_MESSAGES,
+    QUEUE_MAX_MESSAGE_BYTES,
+    REQUEST_TIMEOUT_S,
+)
+from quorumq.protocol import QMethod
+from quorumq.transport import AsyncConnection
+
+CONNECT_WAIT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Where a batch committed: its message ids are (producer_id, first_seq + i)."""
+
+    group: str
+    producer_id: int
+    first_seq: int
+    count: int
+    attempts: int
+    latency_s: float
+
+
+def as_message(index: int, value: Any) -> bytes:
+    if isinstance(value, bytes):
+        data = value
+    elif isinstance(value, str):
+        data = value.encode()
+    elif isinstance(value, bytearray | memoryview):
+        data = bytes(value)
+    else:
+        raise InvalidArgument(f"messages[{index}]: expected bytes or str, got "
+                              f"{type(value).__name__}", field=f"messages[{index}]")
+    if len(data) > QUEUE_MAX_MESSAGE_BYTES:
+        raise InvalidArgument(f"messages[{index}]: {len(data)} bytes, the limit is "
+                              f"{QUEUE_MAX_MESSAGE_BYTES}", field=f"messages[{index}]")
+    return data
+
+
+def check_batch(values: Iterable[Any]) -> list[bytes]:
+    messages = [as_message(i, v) for i, v in enumerate(values)]
+    if not 1 <= len(messages) <= QUEUE_MAX_BATCH_MESSAGES:
+        raise InvalidArgument(f"messages: {len(messages)} in one batch, expected "
+                              f"1..{QUEUE_MAX_BATCH_MESSAGES}", field="messages")
+    total = sum(len(m) for m in messages)
+    if total > BATCH_MAX_BYTES:
+        raise InvalidArgument(f"messages: {total} bytes in one batch, the limit is "
+                              f"{BATCH_MAX_BYTES}", field="messages")
+    return messages
+
+
+def queue_groups(config: ClusterConfig | str | Path | None) -> tuple[ClusterConfig,
+                                                                     list[QueueGroupConfig]]:
+    if not isinstance(config, ClusterConfig):
+        config = load(config)
+    if not config.queue_groups:
+        raise ConfigError("queue_groups: the config has no queue groups")
+    return config, list(config.queue_groups)
+
+
+@dataclass
+class _Batch:
+    messages: list[bytes]
+    first_seq: int
+    body_by_group: dict[int, bytes] = field(default_factory=dict)
+    future: asyncio.Future[Committed] | None = None
+    started: float = 0.0
+    attempts: int = 0
+    not_found_groups: set[int] = field(default_factory=set)
+
+
+class AsyncProducer:
+    """Produce to one topic of a queue cluster. Use `async with AsyncProducer(...) as p`."""
+
+    def __init__(self, config: ClusterConfig | str | Path | None, topic: str, *,
+                 producer_id: int | None = None, max_in_flight: int =
+                 PRODUCER_MAX_BATCHES_IN_FLIGHT, linger_ms: float = PRODUCER_LINGER_MS,
+                 ack_deadline: float | None = None, first_group: int | None = None):
+        self.config, self.groups = queue_groups(config)
+        self.topic = protocol.check_topic(topic)
+        self.producer_id = producer_id or (secrets.randbits(62) | 1)
+        if not 1 <= max_in_flight <= 65536:
+            raise InvalidArgument("max_in_flight: expected 1..65536", field="max_in_flight")
+        self.max_in_flight = max_in_flight
+        self.linger_s = linger_ms / 1000
+        self.ack_deadline = ack_deadline or self.config.queue.ack_deadline_ms / 1000
+        self._next_seq = 0
+        # Which group new batches go to: spread producers over groups by their id.
+        self.group_index = (first_group if first_group is not None
+                            else self.producer_id % len(self.groups))
+        self._backoff_until = [0.0] * len(self.groups)
+        self._backoff = [GROUP_BACKOFF_S] * len(self.groups)
+        self._context: zmq.asyncio.Context | None = None
+        self._connections: list[list[AsyncConnection]] = []
+        self._slots: asyncio.Semaphore | None = None
+        self._pending: list[tuple[bytes, asyncio.Future[Committed]]] = []
+        self._linger: asyncio.TimerHandle | None = None
+        self._open: set[asyncio.Task[Any]] = set()
+        self._settings: protocol.CreateTopicRequest | None = None
+        self.counters = {"batches": 0, "messages": 0, "retries": 0, "group_moves": 0}
+
+    async def start(self) -> AsyncProducer:
+        self._context = zmq.asyncio.Context()
+        self._connections = [[AsyncConnection(self._context, s.address) for s in g.servers]
+                             for g in self.groups]
+        self._slots = asyncio.Semaphore(self.max_in_flight)
+        await self._connect()
+        return self
+
+    async def _connect(self) -> None:
+        """Wait (up to CONNECT_WAIT_S) until 2 servers of every group answer, so the first
+        batches do not fail on sockets still connecting; learn the topic's settings."""
+        deadline = time.monotonic() + CONNECT_WAIT_S
+        answered: set[tuple[int, int]] = set()
+        while time.monotonic() < deadline:
+            for g, connections in enumerate(self._connections):
+                for s, connection in enumerate(connections):
+                    if (g, s) in answered:
+                        continue
+                    try:
+                        topics = await connection.request(QMethod.TOPICS,
+                                                          protocol.TopicsRequest(), 0.5)
+                    except KvError:
+                        continue
+                    answered.add((g, s))
+                    for info in topics:
+                        if info.topic == self.topic and self._settings is None:
+                            self._settings = protocol.CreateTopicRequest(
+                                self.topic, info.retention_bytes, info.retention_s)
+            if all(sum((g, s) in answered for s in range(len(c))) >= quorum.WRITE_QUORUM
+                   for g, c in enumerate(self._connections)):
+                return
+            await asyncio.sleep(0.02)
+
+    async def __aenter__(self) -> AsyncProducer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- the API ------------------------------------------------------------------------------
+    async def send_batch(self, values: Iterable[Any], *,
+                         timeout: float | None = None) -> Committed:
+        """Send one batch; returns once 2 servers of a group have it durably."""
+        future = await self.submit(check_batch(values))
+        if timeout is None:
+            return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            raise Timeout(f"batch not committed in {timeout} s (still being retried)") from None
+
+    async def submit(self, messages: list[bytes]) -> asyncio.Future[Committed]:
+        """Start a checked batch (waits for a free in-flight slot); the future resolves
+        when it committed."""
+        assert self._slots is not None, "start() the producer first"
+        await self._slots.acquire()
+        batch = _Batch(messages, self._next_seq)
+        self._next_seq += len(messages)
+        batch.future = asyncio.get_running_loop().create_future()
+        batch.started = time.monotonic()
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._open.add(task)
+        task.add_done_callback(self._open.discard)
+        return batch.future
+
+    async def send(self, value: Any) -> asyncio.Future[Committed]:
+        """Queue one message; it leaves with others after linger_ms (or when a batch is
+        full). The future resolves when its batch committed."""
+        message = as_message(0, value)
+        future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
+        self._pending.append((message, future))
+        if len(self._pending) >= QUEUE_MAX_BATCH_MESSAGES or \
+                sum(len(m) for m, _ in self._pending) >= BATCH_MAX_BYTES // 2:
+            await self._flush_pending()
+        elif self._linger is None:
+            loop = asyncio.get_running_loop()
+            self._linger = loop.call_later(
+                self.linger_s, lambda: loop.create_task(self._flush_pending()))
+        return future
+
+    async def flush(self) -> None:
+        """Until every message sent so far has committed."""
+        await self._flush_pending()
+        while self._open:
+            await asyncio.gather(*list(self._open), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Flush, then close the sockets."""
+        try:
+            await self.flush()
+        finally:
+            for connections in self._connections:
+                for connection in connections:
+                    connection.close()
+            if self._context is not None:
+                self._context.term()
+                self._context = None
+
+    # --- the engine ---------------------------------------------------------------------------
+    async def _flush_pending(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        pending, self._pending = self._pending, []
+        while pending:
+            size = 0
+            end = 0
+            while end < len(pending) and end < QUEUE_MAX_BATCH_MESSAGES and \
+                    size + len(pending[end][0]) <= BATCH_MAX_BYTES:
+                size += len(pending[end][0])
+                end += 1
+            chunk, pending = pending[:end], pending[end:]
+            batch_future = await self.submit([m for m, _ in chunk])
+            futures = [f for _, f in chunk]
+
+            def fan_out(done: asyncio.Future[Committed],
+                        futures: list[asyncio.Future[Committed]] = futures) -> None:
+                for f in futures:
+                    if f.done():
+                        continue
+                    if done.cancelled():
+                        f.cancel()
+                    elif done.exception() is not None:
+                        f.set_exception(done.exception())  # type: ignore[arg-type]
+                    else:
+                        f.set_result(done.result())
+
+            batch_future.add_done_callback(fan_out)
+
+    def _pick_group(self) -> int:
+        """The current group, unless it is in back-off: then the next one that is not (or
+        the one whose back-off ends first)."""
+        now = time.monotonic()
+        count = len(self.groups)
+        for step in range(count):
+            index = (self.group_index + step) % count
+            if self._backoff_until[index] <= now:
+                if index != self.group_index:
+                    self.group_index = index
+                    self.counters["group_moves"] += 1
+                return index
+        return min(range(count), key=lambda i: self._backoff_until[i])
+
+    async def _run(self, batch: _Batch) -> None:
+        assert batch.future is not None and self._slots is not None
+        try:
+            while True:
+                group = self._pick_group()
+                wait = self._backoff_until[group] - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                batch.attempts += 1
+                outcome = await self._attempt(batch, group)
+                if outcome == quorum.COMMITTED:
+                    self._backoff[group] = GROUP_BACKOFF_S
+                    self.counters["batches"] += 1
+                    self.counters["messages"] += len(batch.messages)
+                    if not batch.future.done():
+                        batch.future.set_result(Committed(
+                            self.groups[group].name, self.producer_id, batch.first_seq,
+                            len(batch.messages), batch.attempts,
+                            time.monotonic() - batch.started))
+                    return
+                self.counters["retries"] += 1
+                if len(batch.not_found_groups) == len(self.groups):
+                    batch.future.set_exception(NotFound(
+                        f"topic: {self.topic!r} does not exist in any queue group (create it "
+                        "with `quorumq create-topic`)", field="topic"))
+                    return
+                # This group could not take it: avoid it for a while, doubling.
+                self._backoff_until[group] = time.monotonic() + self._backoff[group]
+                self._backoff[group] = min(self._backoff[group] * 2, GROUP_BACKOFF_MAX_S)
+        except asyncio.CancelledError:
+            if not batch.future.done():
+                batch.future.cancel()
+            raise
+        except Exception as e:   # a bug must fail this batch's caller, not hang it
+            if not batch.future.done():
+                batch.future.set_exception(e)
+        finally:
+            self._slots.release()
+
+    async def _attempt(self, batch: _Batch, group: int) -> int:
+        body = batch.body_by_group.get(group)
+        if body is None:
+            body = protocol.encode(protocol.ProduceRequest(
+                self.topic, self.producer_id, batch.first_seq, batch.messages))
+            batch.body_by_group = {group: body}
+        connections = self._connections[group]
+        futures = [c.send(QMethod.PRODUCE, body) for c in connections]
+        acks = failures = not_found = 0
+        deadline = time.monotonic() + self.ack_deadline
+        pending = set(futures)
+        outcome = quorum.PENDING
+        while outcome == quorum.PENDING:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            done, pending = await asyncio.wait(pending, timeout=left,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                status, _body = future.result()
+                if status == protocol.OK:
+                    acks += 1
+                else:
+                    failures += 1
+                    if status == NotFound.code:
+                        not_found += 1
+                        self._recreate(connections[futures.index(future)])
+            outcome = quorum.batch_outcome(acks, failures, len(connections))
+        for future, connection in zip(futures, connections, strict=True):
+            if not future.done():
+                connection.forget(future)  # a late answer no longer counts
+        if not_found >= quorum.WRITE_QUORUM:
+            batch.not_found_groups.add(group)
+        return quorum.FAILED if outcome == quorum.PENDING else outcome
+
+    def _recreate(self, connection: AsyncConnection) -> None:
+        """A server without the topic (a new disk): create it there again, with the
+        settings another server of the cluster has, so its next batches are taken."""
+        async def recreate() -> None:
+            try:
+                if self._settings is None:
+                    self._settings = await self._topic_settings()
+                if self._settings is not None:
+                    await connection.request(QMethod.CREATE_TOPIC, self._settings,
+                                             REQUEST_TIMEOUT_S)
+            except KvError:
+                pass   # the next batch tries again
+
+        task = asyncio.get_running_loop().create_task(recreate())
+        self._open.add(task)
+        task.add_done_callback(self._open.discard)
+
+    async def _topic_settings(self) -> protocol.CreateTopicRequest | None:
+        for connections in self._connections:
+            for connection in connections:
+                try:
+                    topics = await connection.request(QMethod.TOPICS, protocol.TopicsRequest(),
+                                                      1.0)
+                except KvError:
+                    continue
+                for info in topics:
+                    if info.topic == self.topic:
+                        return protocol.CreateTopicRequest(self.topic, info.retention_bytes,
+                                                           info.retention_s)
+        return None
+
+
+class Producer:
+    """The blocking producer: an AsyncProducer on its own event-loop thread.
+
+    `send_batch(values)` blocks until committed; `send(value)` returns a
+    concurrent.futures.Future; `flush()`, `close()` (or use it as a context manager)."""
+
+    def __init__(self, config: ClusterConfig | str | Path | None, topic: str,
+                 **options: Any):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="quorumq-producer",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            self._engine = self._call(self._make(config, topic, options))
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.producer_id = self._engine.producer_id
+
+    @staticmethod
+    async def _make(config: Any, topic: str, options: dict[str, Any]) -> AsyncProducer:
+        return await AsyncProducer(config, topic, **options).start()
+
+    def _call(self, coroutine: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return dict(self._engine.counters)
+
+    @property
+    def group(self) -> str:
+        return self._engine.groups[self._engine.group_index].name
+
+    def send_batch(self, values: Iterable[Any], *, timeout: float | None = None) -> Committed:
+        messages = check_batch(values)
+        return self._call(self._engine.send_batch(messages, timeout=timeout))
+
+    def submit_batch(self, values: Iterable[Any]) -> concurrent.futures.Future[Committed]:
+        """Start a batch without waiting for it; the future resolves when it committed."""
+        messages = check_batch(values)
+
+        async def start() -> Committed:
+            return await (await self._engine.submit(messages))
+
+        return asyncio.run_coroutine_threadsafe(start(), self._loop)
+
+    def send(self, value: Any) -> concurrent.futures.Future[Committed]:
+        message = as_message(0, value)
+
+        async def start() -> Committed:
+            return await (await self._engine.send(message))
+
+        return asyncio.run_coroutine_threadsafe(start(), self._loop)
+
+    def flush(self, timeout: float | None = None) -> None:
+        self._call(self._engine.flush(), timeout)
+
+    def close(self) -> None:
+        try:
+            self._call(self._engine.close())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
