@@ -114,7 +114,12 @@ class QueueSettings(Struct, forbid_unknown_fields=True):
     # batch; consumers use the same bound to decide when a server with a new disk holds
     # everything (queue/quorumq/consumer.py explains why).
     ack_deadline_ms: Annotated[int, Meta(ge=100, le=600_000)] = 5000
-    clock_skew_ms: Annotated[int, Meta(ge=0, le=600_000)] = 1000   # between servers' clocks
+    clock_skew_ms: Annotated[int, Meta(ge=0, le=600_000)] = 1000   # between any two clocks
+    # A batch's whole life, from submit over every retry: each attempt carries the absolute
+    # expiry (submit + this), servers refuse to append or acknowledge it later, and the
+    # producer fails it (not acknowledged). Consumers wait this long (+ clock skew) before
+    # giving up a gap or counting a new disk whole again, so it must be >= ack_deadline_ms.
+    batch_lifetime_ms: Annotated[int, Meta(ge=100, le=3_600_000)] = 30_000
 
 
 class ClusterConfig(Struct, forbid_unknown_fields=True):
@@ -208,6 +213,10 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
                         f"{seen[attribute][value]}"
                     )
                 seen[attribute][value] = field
+    if config.queue.batch_lifetime_ms < config.queue.ack_deadline_ms:
+        raise ConfigError(f"queue.batch_lifetime_ms: {config.queue.batch_lifetime_ms} is "
+                          f"shorter than queue.ack_deadline_ms ({config.queue.ack_deadline_ms});"
+                          " a batch must live at least one attempt")
     for g_index, queue_group in enumerate(config.queue_groups):
         if queue_group.name in group_names:
             raise ConfigError(f"queue_groups[{g_index}].name: {queue_group.name!r} is used "

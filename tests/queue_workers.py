@@ -42,6 +42,43 @@ async def produce(args: argparse.Namespace) -> None:
     out.close()
 
 
+async def gap_produce(args: argparse.Namespace) -> None:
+    """The reviewer's gap scenario: batch Z (seq 0..9) and A (10..19) go to group q1 (the
+    test has stopped it), Z moves to q2 after its deadline, then B (20..29) commits on q2;
+    the file `b_committed` tells the test to pause this process. A's fate is then written:
+    "committed ..." or "failed ..." (never acknowledged)."""
+    from pathlib import Path
+
+    from kvsvr.errors import Timeout
+
+    out_dir = Path(args.out).parent
+    out = open(args.out, "a", buffering=1)   # noqa: SIM115
+
+    def line(c: Committed) -> str:
+        return f"committed {c.producer_id} {c.first_seq} {c.count} {c.group}\n"
+
+    async with AsyncProducer(args.config, args.topic, first_group=0, linger_ms=0,
+                             max_in_flight=64) as producer:
+        while not (out_dir / "go").exists():
+            await asyncio.sleep(0.01)
+
+        def batch(first: int) -> list[bytes]:
+            return [f"{first + i}".encode() for i in range(10)]
+
+        z = await producer.submit(batch(0))
+        await asyncio.sleep(0.2)
+        a = await producer.submit(batch(10))
+        out.write(line(await z))
+        b = await producer.submit(batch(20))
+        out.write(line(await b))
+        (out_dir / "b_committed").write_text("x")
+        try:
+            out.write(line(await a))
+        except Timeout as e:
+            out.write(f"failed 10 10 {e}\n")
+    out.close()
+
+
 def consume(args: argparse.Namespace) -> None:
     stopping = False
 
@@ -64,14 +101,15 @@ def consume(args: argparse.Namespace) -> None:
                 out.write(f"{d.producer_id} {d.seq} {d.group}\n")  # type: ignore[attr-defined]
         else:
             def handler(d: object) -> None:
-                out.write(f"{d.producer_id} {d.seq} {d.group}\n")  # type: ignore[attr-defined]
+                out.write(f"{d.producer_id} {d.seq} {d.group} "  # type: ignore[attr-defined]
+                          f"{d.value.decode()}\n")  # type: ignore[attr-defined]
         consumer.run(handler, stop=lambda: stopping)
     out.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["produce", "consume"])
+    parser.add_argument("role", choices=["produce", "consume", "gap_produce"])
     parser.add_argument("--config", required=True)
     parser.add_argument("--topic", default="t")
     parser.add_argument("--out", required=True)
@@ -86,6 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.role == "produce":
         asyncio.run(produce(args))
+    elif args.role == "gap_produce":
+        asyncio.run(gap_produce(args))
     else:
         consume(args)
     sys.stdout.flush()

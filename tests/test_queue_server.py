@@ -13,10 +13,11 @@ import pytest
 import zmq
 
 from kvsvr import _core
-from kvsvr.errors import InvalidArgument, NotFound, UnknownMethod
+from kvsvr.errors import InvalidArgument, NotFound, Timeout, Unavailable, UnknownMethod
 from quorumq import protocol
 from quorumq.launcher import LocalQueueCluster, write_queue_config
 from quorumq.protocol import QMethod
+from quorumq.storage import now_ms
 from quorumq.transport import call
 
 NODE = "q1a"
@@ -35,9 +36,11 @@ def queue(tmp_path: Path) -> Iterator[LocalQueueCluster]:
 
 
 def produce(cluster: LocalQueueCluster, topic: str, producer: int, first_seq: int,
-            messages: list[bytes], node: str = NODE) -> int:
+            messages: list[bytes], node: str = NODE, expires_ms: int | None = None) -> int:
+    if expires_ms is None:
+        expires_ms = now_ms() + 60_000
     reply = call(cluster.address(node), QMethod.PRODUCE,
-                 protocol.ProduceRequest(topic, producer, first_seq, messages))
+                 protocol.ProduceRequest(topic, producer, first_seq, messages, expires_ms))
     return int(reply.first_offset)
 
 
@@ -92,6 +95,29 @@ def test_bad_input_gets_clear_errors_and_changes_nothing(queue):
     assert e.value.field == "max_bytes"
     with pytest.raises(UnknownMethod):
         call(queue.address(NODE), 20, protocol.StatusRequest())   # a KVSvr method
+    for name in (".", "..", ".hidden"):   # "." and ".." would be the topics directory itself
+        with pytest.raises(InvalidArgument) as e:
+            call(queue.address(NODE), QMethod.CREATE_TOPIC, protocol.CreateTopicRequest(name))
+        assert e.value.field == "topic"
+        with pytest.raises(InvalidArgument) as e:
+            produce(queue, name, 3, 0, [b"x"])
+        assert e.value.field == "topic"
+    with pytest.raises(InvalidArgument) as e:   # seqs past 2**64 would wrap on disk
+        produce(queue, "t", 7, 2**64 - 1, [b"x", b"y"])
+    assert e.value.field == "first_seq"
+    with pytest.raises(Timeout) as e:           # past its expiry: never appended
+        produce(queue, "t", 8, 0, [b"late"], expires_ms=now_ms() - 1)
+    assert e.value.field == "expires_ms"
+    with pytest.raises(InvalidArgument) as e:   # a request the server would silently drop
+        produce(queue, "t", 9, 0, [b"x" * (1 << 20)] * 20)
+    assert e.value.field == "request"
+    incarnation = queue.status(NODE)["incarnation"]
+    with pytest.raises(InvalidArgument) as e:
+        call(queue.address(NODE), QMethod.COMMIT,
+             protocol.CommitRequest("t", "g", incarnation, 10**12, True, b""))
+    assert e.value.field == "offset"
+    assert not call(queue.address(NODE), QMethod.OFFSETS,
+                    protocol.OffsetsRequest("t", "g")).found
     good = _core.encode_frame(_core.FRAME_REQUEST, QMethod.STATUS, 5, 0,
                               protocol.encode(protocol.StatusRequest()))
     for payload in (b"", b"garbage", good[:20], good + b"\x01\x02",
@@ -100,6 +126,7 @@ def test_bad_input_gets_clear_errors_and_changes_nothing(queue):
         frames = raw(queue, payload)
         assert frames and frames[-1][1] == InvalidArgument.code
     assert [m[4] for m in fetch_all(queue, "t")] == [b"a", b"b"]
+    assert sorted(os.listdir(queue.data_dir(NODE) / "topics")) == ["t"]
     status = queue.status(NODE)
     assert status["counters"]["bad_frames"] >= 4
     assert queue.processes[NODE].poll() is None
@@ -113,11 +140,16 @@ def _segments(cluster: LocalQueueCluster, topic: str) -> list[Path]:
 def test_damaged_segments_are_reported_and_the_rest_served(queue, damage):
     """A torn or corrupted record is found on restart by its checksum: the bytes from it on
     are quarantined, the status reports it, the records before it (and later segments)
-    are served, and new appends continue after it."""
+    are served, and new appends continue after it. Only a torn tail of the last segment
+    keeps the incarnation: a cut of complete (so maybe acknowledged) records starts a new
+    one, and stored consumer offsets no longer count the server whole."""
     queue.create_topic("t")
     values = [f"{i:08d}".encode() * 10 for i in range(30000)]   # 3.84 MB: 3+ segments
     for start in range(0, len(values), 1000):
         produce(queue, "t", 1, start, values[start:start + 1000])
+    incarnation = queue.status(NODE)["incarnation"]
+    call(queue.address(NODE), QMethod.COMMIT,
+         protocol.CommitRequest("t", "cg", incarnation, len(values), True, b""))
     queue.kill(NODE)
     segments = _segments(queue, "t")
     assert len(segments) >= 3
@@ -135,7 +167,12 @@ def test_damaged_segments_are_reported_and_the_rest_served(queue, damage):
             f.write(bytes([byte[0] ^ 0xFF]))
     queue.start(NODE)
     status = queue.status(NODE)
-    [report] = status["recovery"]
+    report = status["recovery"][0]
+    assert len(status["recovery"]) == (1 if damage == "truncate" else 2)
+    assert (status["incarnation"] == incarnation) == (damage == "truncate")
+    offsets_reply = call(queue.address(NODE), QMethod.OFFSETS,
+                         protocol.OffsetsRequest("t", "cg"))
+    assert offsets_reply.found and offsets_reply.whole == (damage == "truncate")
     assert report["segment"] == target.name and report["byte"] == cut - cut % record
     assert ("truncated" in report["reason"]) == (damage == "truncate")
     assert Path(report["quarantined_to"]).exists()
@@ -187,6 +224,7 @@ def test_a_wiped_server_is_a_new_incarnation(queue):
 def test_commit_for_another_incarnation_is_refused(queue):
     """An offset commit names the server life it is for; a stale one changes nothing."""
     queue.create_topic("t")
+    produce(queue, "t", 1, 0, [b"m"] * 5)
     incarnation = queue.status(NODE)["incarnation"]
     call(queue.address(NODE), QMethod.COMMIT,
          protocol.CommitRequest("t", "cg", incarnation, 5, True, b""))
@@ -199,3 +237,49 @@ def test_commit_for_another_incarnation_is_refused(queue):
     reply = call(queue.address(NODE), QMethod.OFFSETS, protocol.OffsetsRequest("t", "cg"))
     assert (reply.found, reply.offset, reply.whole) == (True, 5, True)
     assert os.path.exists(queue.data_dir(NODE) / "offsets.log")
+
+
+def test_a_burst_of_fetches_in_one_message_is_bounded(queue):
+    """300 fetch frames of 4 MiB each packed in one small message (the client never reads):
+    the server answers at most MAX_REQUESTS_PER_MESSAGE of them, fetch replies stay within
+    the per-client round budget, the rest get a clear error, and its memory stays bounded."""
+    from kvsvr.protocol import pack
+    from quorumq.limits import CLIENT_ROUND_REPLY_BYTES, MAX_REQUESTS_PER_MESSAGE
+
+    queue.create_topic("t")
+    for start in range(0, 5000, 1000):
+        produce(queue, "t", 1, start, [b"x" * 1000] * 1000)
+
+    def rss_kib() -> int:
+        pid = queue.processes[NODE].pid
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+    before = rss_kib()
+    frames = [_core.encode_frame(_core.FRAME_REQUEST, QMethod.FETCH, i, 0, protocol.encode(
+        protocol.FetchRequest("t", 0, 4 << 20))) for i in range(300)]
+    messages = list(pack(frames))
+    assert len(messages) == 1 and len(messages[0]) < 20_000
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(queue.address(NODE))
+    try:
+        socket.send(messages[0])
+        answers = []
+        while socket.poll(3000):
+            answers += _core.decode_frames(socket.recv())[0]
+    finally:
+        socket.close()
+        context.term()
+    assert len(answers) == 300
+    ok = [a for a in answers if a[1] == 0]
+    refused = [a for a in answers if a[1] != 0]
+    assert sum(len(bytes(a[4])) for a in ok) <= CLIENT_ROUND_REPLY_BYTES + (64 << 10)
+    too_many = [a for a in refused if b"too many requests in one message" in bytes(a[4])]
+    assert len(too_many) == 300 - MAX_REQUESTS_PER_MESSAGE
+    assert any(a[1] == Unavailable.code for a in refused)
+    assert rss_kib() - before < 64 << 10, "the server buffered far more than its budget"
+    assert queue.processes[NODE].poll() is None

@@ -8,7 +8,11 @@ One consumer runs per (topic, consumer group) at a time.
 Why no committed message is missed (the argument)
 -------------------------------------------------
 1. A committed message m is durable on at least 2 of the 3 servers of its group G (each
-   acknowledgement is sent after fdatasync; the producer needs two, within `ack_deadline`).
+   acknowledgement is sent after fdatasync; the producer needs two). Every attempt of m's
+   batch carries its expiry E = submit + `batch_lifetime` (the producer's clock), and a
+   server neither appends nor acknowledges it once its own clock + the skew bound reaches
+   E: so whatever retries, back-off, group moves or producer pauses happen, every copy of
+   m that is acknowledged was durable on its server within `batch_lifetime` of m's submit.
 2. Call a server *whole* when it still holds every message it ever acknowledged. Any two
    whole servers of G hold every committed message between them: m's two holders and the
    two servers read are both 2-of-3 sets, so they share a server, which (being whole) still
@@ -16,10 +20,10 @@ Why no committed message is missed (the argument)
 3. A server that restarts keeps its disk and stays whole. A server that lost its disk comes
    back as a new incarnation W (a new random id and birth time `born_ms`, stored with its
    data) and is not whole: the messages of its earlier life are gone. When is W whole again
-   for a consumer group? Every message W lacks was sent before W was born. Such a message
-   m, if committed, was acknowledged by two servers within `ack_deadline` of being sent, so
-   it was appended on each of its other holders X before born_ms + ack_deadline (+ the
-   bound on clock skew between servers: born_ms and append times come from different
+   for a consumer group? Every message W lacks was submitted before W was born. Such a
+   message m, if committed, was acknowledged by servers that made it durable before its
+   expiry (1.), so it was appended on each of its other holders X before born_ms +
+   batch_lifetime (+ the bound on clock skew: born_ms and append times come from different
    clocks). So once the group's position on *every* other server X is past X's cutoff
    (X's first offset appended at or after that time, and that time has passed on X), every
    message W may lack was already delivered from X: W is whole for this consumer group,
@@ -35,11 +39,14 @@ Why no committed message is missed (the argument)
    their own committed offsets, so whatever is only on them is read when they are.
 5. A gap can be permanent (a batch that never committed, from a producer that died or
    gave up). It is skipped only when it cannot hide a committed message: every group was
-   read to its end, through a safe read set, by fetches sent at least ack_deadline + clock
-   skew after the gap was seen (quorum.gap_may_be_skipped). Any committed message with a
-   missing seq was sent before the held one was, so it was acknowledged (appended on 2
-   servers) by then and would have been found. While any group is down or unsafe, gaps
-   wait (other producers' messages keep flowing).
+   read to its end, through a safe read set, by fetches sent at least batch_lifetime +
+   clock skew after the gap was seen (quorum.gap_may_be_skipped). Any message with a
+   missing seq was submitted before the held one was (seqs are assigned at submit), so by
+   1. every acknowledged copy of it was durable by then and would have been found; a copy
+   appended later is refused or unacknowledged, so the batch was not committed (its
+   producer reports it as failed). While any group is down or unsafe, gaps wait (other
+   producers' messages keep flowing). The ack deadline bounds one attempt only; it plays
+   no part in this argument.
 6. Offsets: a server's committed offset is the offset of its earliest message read but not
    yet delivered (held), else its read position (ordering.commit_position), and it is
    committed only after the handler returned for everything delivered before it, together
@@ -47,6 +54,11 @@ Why no committed message is missed (the argument)
    offsets; the positions (the highest over the servers: each was written after its
    deliveries) drop what was already delivered; what was delivered after the last commit is
    delivered again (at-least-once; `ExactlyOnce` makes a KVSvr handler exactly-once).
+7. The poll()/commit() contract: commit() records everything poll() returned so far as
+   handled. If the caller cannot handle some of it (the handler raised), it must call
+   rewind() instead: the consumer forgets what it read and resumes from the offsets last
+   committed, so nothing unhandled is committed past. run() does that itself when the
+   handler raises, before the exception propagates.
 """
 
 from __future__ import annotations
@@ -68,6 +80,7 @@ from quorumq.limits import (
     CONSUMER_COMMIT_INTERVAL_S,
     FETCH_DEFAULT_BYTES,
     FETCH_MAX_BYTES,
+    FETCH_MAX_WAIT_MS,
     GROUP_BACKOFF_MAX_S,
     GROUP_BACKOFF_S,
 )
@@ -159,11 +172,15 @@ class Consumer:
         if not 1 <= fetch_bytes <= FETCH_MAX_BYTES:
             raise InvalidArgument(f"fetch_bytes: expected 1..{FETCH_MAX_BYTES}",
                                   field="fetch_bytes")
+        if not isinstance(wait_ms, int) or not 0 <= wait_ms <= FETCH_MAX_WAIT_MS:
+            raise InvalidArgument(f"wait_ms: expected 0..{FETCH_MAX_WAIT_MS} (ms), got "
+                                  f"{wait_ms!r}", field="wait_ms")
         self.fetch_bytes = fetch_bytes
         self.wait_ms = wait_ms
         settings = self.config.queue
-        self.margin_s = (settings.ack_deadline_ms + settings.clock_skew_ms) / 1000
-        self.margin_ms = settings.ack_deadline_ms + settings.clock_skew_ms
+        # The time bound of the argument above: a batch's life plus the clock skew.
+        self.margin_ms = settings.batch_lifetime_ms + settings.clock_skew_ms
+        self.margin_s = self.margin_ms / 1000
         self._context = zmq.Context()
         self.servers = [[_Server(g, i, s.node, s.address, dealer(self._context, s.address,
                                                                 immediate=False))
@@ -185,17 +202,22 @@ class Consumer:
             stop: Callable[[], bool] | None = None, idle_timeout: float | None = None) -> int:
         """Deliver messages to `handler` until `max_messages`, `stop()` or `idle_timeout`
         seconds without a message; offsets are committed after the handler returned. If the
-        handler raises, nothing after the last commit counts as consumed (redelivered by the
-        next consumer of this group) and the exception propagates."""
+        handler raises, the consumer rewinds to the last commit (everything after it is
+        delivered again, by this consumer or the next one of the group) and the exception
+        propagates."""
         handled = 0
         last = time.monotonic()
         while max_messages is None or handled < max_messages:
             if stop is not None and stop():
                 break
             batch = self.poll(0.1)
-            for delivery in batch:
-                handler(delivery)
-                handled += 1
+            try:
+                for delivery in batch:
+                    handler(delivery)
+                    handled += 1
+            except BaseException:
+                self.rewind()
+                raise
             if batch:
                 last = time.monotonic()
             elif idle_timeout is not None and time.monotonic() - last > idle_timeout:
@@ -254,6 +276,23 @@ class Consumer:
                     for kind, _, _ in s.requests.values()):
                 for socket, _ in self._poller.poll(50):
                     self._receive(self._by_socket[socket], [])
+
+    def rewind(self) -> None:
+        """Forget everything read since the last commit: reading resumes from the offsets
+        and producer positions committed on the servers. Call it instead of commit() when
+        some of what poll() returned was not handled."""
+        self.order = ProducerOrder()
+        self._dirty = False
+        for servers in self.servers:
+            for server in servers:
+                server.loaded = False
+                server.position = 0
+                server.whole = server.whole_recorded = False
+                server.requests.clear()    # late answers to these are ignored
+                server.fetching = False
+                server.caught_up_at = None
+                server.cutoffs.clear()
+                server.next_whole_check = 0.0
 
     def status(self) -> dict[str, Any]:
         """What this consumer reads and why, per server."""

@@ -27,10 +27,10 @@ READY_TIMEOUT_S = 30.0
 
 def write_queue_config(directory: str | Path, *, groups: int = 1, sync: bool = True,
                        ack_deadline_ms: int = 2000, clock_skew_ms: int = 200,
-                       segment_mib: int = 64) -> Path:
+                       segment_mib: int = 64, batch_lifetime_ms: int | None = None) -> Path:
     """`directory/cluster.toml`: a one-node KVSvr group (a config needs one) and `groups`
     queue groups of 3 servers (campuses a, b, c) on free loopback ports, data under
-    `directory/data/NODE`."""
+    `directory/data/NODE`. A batch lives 3 ack deadlines unless `batch_lifetime_ms` says."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lines = ['name = "local"', "", "[[groups]]", 'name = "g1"', 'shards = ["0-4095"]', "",
@@ -38,6 +38,7 @@ def write_queue_config(directory: str | Path, *, groups: int = 1, sync: bool = T
              f'address = "tcp://127.0.0.1:{free_port()}"', 'data_dir = "data/n1"', "",
              "[queue]", f"sync = {'true' if sync else 'false'}",
              f"ack_deadline_ms = {ack_deadline_ms}", f"clock_skew_ms = {clock_skew_ms}",
+             f"batch_lifetime_ms = {batch_lifetime_ms or 3 * ack_deadline_ms}",
              f"segment_mib = {segment_mib}", ""]
     for g in range(groups):
         lines += ["[[queue_groups]]", f'name = "q{g + 1}"', ""]

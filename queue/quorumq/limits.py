@@ -30,6 +30,8 @@ INDEX_INTERVAL_BYTES = 64 << 10     # sparse offset index: one entry per this ma
 RETENTION_CHECK_S = 1.0             # how often retention and parked fetches are looked at
 OFFSETS_LOG_MAX_BYTES = 16 << 20    # the offsets log is rewritten (latest commits) past this
 MAX_TOPICS = 10_000                 # topics per server
+MAX_REQUESTS_PER_MESSAGE = 64       # frames handled per ZeroMQ message (the rest: an error)
+CLIENT_ROUND_REPLY_BYTES = 2 * FETCH_MAX_BYTES   # fetch reply bytes per client per round
 
 # --- clients ----------------------------------------------------------------------------------
 PRODUCER_MAX_BATCHES_IN_FLIGHT = 256   # per producer: send() waits when this many are open
@@ -47,6 +49,7 @@ assert QUEUE_MAX_MESSAGE_BYTES <= BATCH_MAX_BYTES
 
 __all__ = [
     "BATCH_MAX_BYTES",
+    "CLIENT_ROUND_REPLY_BYTES",
     "CONSUMER_COMMIT_INTERVAL_S",
     "CONSUMER_MAX_HELD_MESSAGES",
     "CONSUMER_MAX_TRACKED_PRODUCERS",
@@ -56,6 +59,7 @@ __all__ = [
     "GROUP_BACKOFF_MAX_S",
     "GROUP_BACKOFF_S",
     "INDEX_INTERVAL_BYTES",
+    "MAX_REQUESTS_PER_MESSAGE",
     "MAX_TOPICS",
     "MAX_TOPIC_BYTES",
     "OFFSETS_LOG_MAX_BYTES",

@@ -9,16 +9,24 @@ group not in back-off, and the producer moves there; its earlier copy, if it did
 all, is a duplicate that consumers drop by id. Many batches are in flight at once
 (`max_in_flight`); `send` gathers single messages into batches for `linger_ms`.
 
-Message ids are (producer_id, seq): producer_id is random per producer, seq counts from 0
-without gaps. A batch is retried until it commits or the producer is closed; `send_batch`
-returns when it committed (or raises after `timeout`, while the retrying goes on: a gap would
-hold back the producer's later messages at the consumers until given up).
+Message ids are (producer_id, seq): producer_id is random (62 bits) for each producer
+object, seq counts from 0 without gaps. A restarted process is a new producer with a new id
+(reusing an id with seq 0 again would make consumers drop its new messages as duplicates); to
+resume an id, pass both `producer_id` and `next_seq` (a seq above every one it ever sent).
+
+A batch lives `batch_lifetime_ms` (config [queue]) from `submit`: every attempt carries the
+absolute expiry, servers refuse to append or acknowledge it after that, and the producer
+fails it with Timeout (NOT acknowledged: its messages may or may not be delivered). Until
+then it is retried. Consumers rely on that bound to give up gaps and to count a new disk
+whole again (consumer.py). `send_batch` returns when it committed (or raises after
+`timeout`, while the retrying goes on); `close(timeout)` fails what is still open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import secrets
 import threading
 import time
@@ -43,6 +51,7 @@ from quorumq.limits import (
     REQUEST_TIMEOUT_S,
 )
 from quorumq.protocol import QMethod
+from quorumq.storage import now_ms
 from quorumq.transport import AsyncConnection
 
 CONNECT_WAIT_S = 2.0
@@ -106,6 +115,8 @@ class _Batch:
     started: float = 0.0
     attempts: int = 0
     not_found_groups: set[int] = field(default_factory=set)
+    expires_ms: int = 0            # wall clock, sent with every attempt
+    expires_at: float = 0.0        # the same instant on this process's monotonic clock
 
 
 class AsyncProducer:
@@ -114,16 +125,30 @@ class AsyncProducer:
     def __init__(self, config: ClusterConfig | str | Path | None, topic: str, *,
                  producer_id: int | None = None, max_in_flight: int =
                  PRODUCER_MAX_BATCHES_IN_FLIGHT, linger_ms: float = PRODUCER_LINGER_MS,
-                 ack_deadline: float | None = None, first_group: int | None = None):
+                 ack_deadline: float | None = None, first_group: int | None = None,
+                 next_seq: int | None = None):
         self.config, self.groups = queue_groups(config)
         self.topic = protocol.check_topic(topic)
+        if (producer_id is None) != (next_seq is None):
+            raise InvalidArgument("producer_id: resuming a producer id needs next_seq too (a "
+                                  "seq above every one sent under it); leave both out for a "
+                                  "new id", field="producer_id")
+        if producer_id is not None and not 1 <= producer_id < 1 << 63:
+            raise InvalidArgument("producer_id: expected 1..2**63-1", field="producer_id")
+        if next_seq is not None and not 0 <= next_seq < protocol.SEQ_LIMIT:
+            raise InvalidArgument("next_seq: expected 0..2**64-1", field="next_seq")
         self.producer_id = producer_id or (secrets.randbits(62) | 1)
         if not 1 <= max_in_flight <= 65536:
             raise InvalidArgument("max_in_flight: expected 1..65536", field="max_in_flight")
         self.max_in_flight = max_in_flight
         self.linger_s = linger_ms / 1000
-        self.ack_deadline = ack_deadline or self.config.queue.ack_deadline_ms / 1000
-        self._next_seq = 0
+        configured = self.config.queue.ack_deadline_ms / 1000
+        if ack_deadline is not None and not 0 < ack_deadline <= configured:
+            raise InvalidArgument(f"ack_deadline: expected 0 < seconds <= {configured} (the "
+                                  "config's queue.ack_deadline_ms)", field="ack_deadline")
+        self.ack_deadline = ack_deadline or configured
+        self.lifetime_ms = self.config.queue.batch_lifetime_ms
+        self._next_seq = next_seq or 0
         # Which group new batches go to: spread producers over groups by their id.
         self.group_index = (first_group if first_group is not None
                             else self.producer_id % len(self.groups))
@@ -194,10 +219,16 @@ class AsyncProducer:
         when it committed."""
         assert self._slots is not None, "start() the producer first"
         await self._slots.acquire()
+        if self._next_seq + len(messages) > protocol.SEQ_LIMIT:
+            self._slots.release()
+            raise InvalidArgument("next_seq: this producer id has used every seq",
+                                  field="next_seq")
         batch = _Batch(messages, self._next_seq)
         self._next_seq += len(messages)
         batch.future = asyncio.get_running_loop().create_future()
         batch.started = time.monotonic()
+        batch.expires_at = batch.started + self.lifetime_ms / 1000
+        batch.expires_ms = now_ms() + self.lifetime_ms
         task = asyncio.get_running_loop().create_task(self._run(batch))
         self._open.add(task)
         task.add_done_callback(self._open.discard)
@@ -224,10 +255,16 @@ class AsyncProducer:
         while self._open:
             await asyncio.gather(*list(self._open), return_exceptions=True)
 
-    async def close(self) -> None:
-        """Flush, then close the sockets."""
+    async def close(self, timeout: float | None = None) -> None:
+        """Flush (at most `timeout` seconds; without one, until every batch committed or
+        expired), then fail whatever is still open (Timeout: not acknowledged) and close."""
         try:
-            await self.flush()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flush(), timeout)
+            for task in list(self._open):
+                task.cancel()
+            if self._open:
+                await asyncio.gather(*list(self._open), return_exceptions=True)
         finally:
             for connections in self._connections:
                 for connection in connections:
@@ -281,14 +318,27 @@ class AsyncProducer:
                 return index
         return min(range(count), key=lambda i: self._backoff_until[i])
 
+    def _expire(self, batch: _Batch) -> None:
+        assert batch.future is not None
+        if not batch.future.done():
+            last = batch.first_seq + len(batch.messages) - 1
+            batch.future.set_exception(Timeout(
+                f"batch of producer {self.producer_id:016x} seq {batch.first_seq}..{last} not "
+                f"committed within batch_lifetime_ms ({self.lifetime_ms}); NOT acknowledged "
+                f"(after {batch.attempts} attempt(s); its messages may or may not be "
+                "delivered)"))
+
     async def _run(self, batch: _Batch) -> None:
         assert batch.future is not None and self._slots is not None
         try:
             while True:
                 group = self._pick_group()
-                wait = self._backoff_until[group] - time.monotonic()
+                wait = min(self._backoff_until[group], batch.expires_at) - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
+                if time.monotonic() >= batch.expires_at:
+                    self._expire(batch)
+                    return
                 batch.attempts += 1
                 outcome = await self._attempt(batch, group)
                 if outcome == quorum.COMMITTED:
@@ -311,8 +361,10 @@ class AsyncProducer:
                 self._backoff_until[group] = time.monotonic() + self._backoff[group]
                 self._backoff[group] = min(self._backoff[group] * 2, GROUP_BACKOFF_MAX_S)
         except asyncio.CancelledError:
-            if not batch.future.done():
-                batch.future.cancel()
+            if not batch.future.done():   # close() gave up on it
+                batch.future.set_exception(Timeout(
+                    f"batch of producer {self.producer_id:016x} from seq {batch.first_seq}: "
+                    "the producer was closed before it committed; NOT acknowledged"))
             raise
         except Exception as e:   # a bug must fail this batch's caller, not hang it
             if not batch.future.done():
@@ -324,12 +376,14 @@ class AsyncProducer:
         body = batch.body_by_group.get(group)
         if body is None:
             body = protocol.encode(protocol.ProduceRequest(
-                self.topic, self.producer_id, batch.first_seq, batch.messages))
+                self.topic, self.producer_id, batch.first_seq, batch.messages,
+                batch.expires_ms))
             batch.body_by_group = {group: body}
         connections = self._connections[group]
         futures = [c.send(QMethod.PRODUCE, body) for c in connections]
         acks = failures = not_found = 0
-        deadline = time.monotonic() + self.ack_deadline
+        # An acknowledgement counts within the attempt's deadline and the batch's life.
+        deadline = min(time.monotonic() + self.ack_deadline, batch.expires_at)
         pending = set(futures)
         outcome = quorum.PENDING
         while outcome == quorum.PENDING:
@@ -445,9 +499,11 @@ class Producer:
     def flush(self, timeout: float | None = None) -> None:
         self._call(self._engine.flush(), timeout)
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """See AsyncProducer.close: at most `timeout` s (else until every batch committed or
+        expired); batches still open fail with Timeout (not acknowledged)."""
         try:
-            self._call(self._engine.close())
+            self._call(self._engine.close(timeout))
         finally:
             self._stop_loop()
 

@@ -40,9 +40,11 @@ class QMethod(enum.IntEnum):
 
 
 OK = 0
+SEQ_LIMIT = 1 << 64   # seqs and offsets are u64 on disk
 
+# A topic is a directory name: no leading dot (".", ".." and hidden names are refused).
 TopicName = Annotated[str, Meta(min_length=1, max_length=MAX_TOPIC_BYTES,
-                                pattern=r"^[A-Za-z0-9_.-]+$")]
+                                pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")]
 GroupName = Annotated[str, Meta(min_length=1, max_length=MAX_TOPIC_BYTES,
                                 pattern=r"^[A-Za-z0-9_.:-]+$")]
 U64 = Annotated[int, Meta(ge=0)]
@@ -65,6 +67,9 @@ class ProduceRequest(Struct, array_like=True, forbid_unknown_fields=True):
     first_seq: U64                # message i of the batch is (producer_id, first_seq + i)
     messages: Annotated[list[MessageBytes], Meta(min_length=1,
                                                  max_length=QUEUE_MAX_BATCH_MESSAGES)]
+    # Wall-clock ms after which no server may append or acknowledge this batch (the
+    # producer's submit time + batch_lifetime_ms, the same in every attempt).
+    expires_ms: U64
 
 
 class ProduceReply(Struct, array_like=True, gc=False):
@@ -186,6 +191,10 @@ def decode_request(method: int, body: Any) -> Any:
     except msgspec.DecodeError as e:
         raise InvalidArgument(f"body: malformed msgpack ({e})", field="body") from None
     if method == QMethod.PRODUCE:
+        if request.first_seq + len(request.messages) > SEQ_LIMIT:
+            raise InvalidArgument(f"first_seq: {request.first_seq} + {len(request.messages)} "
+                                  f"messages passes the largest seq ({SEQ_LIMIT - 1})",
+                                  field="first_seq")
         total = sum(len(m) for m in request.messages)
         if total > BATCH_MAX_BYTES:
             raise InvalidArgument(f"messages: {total} bytes in one batch, the limit is "
@@ -235,8 +244,10 @@ def check_topic(topic: Any) -> str:
     """A topic name as the server would accept it, or InvalidArgument naming `topic`."""
     try:
         return msgspec.convert(topic, TopicName)
-    except msgspec.ValidationError as e:
-        raise InvalidArgument(f"topic: {e} (got {topic!r})", field="topic") from None
+    except msgspec.ValidationError:
+        raise InvalidArgument(f"topic: {topic!r} is not a topic name (expected 1.."
+                              f"{MAX_TOPIC_BYTES} of A-Z a-z 0-9 _ - ., not starting with "
+                              "a dot)", field="topic") from None
 
 
 def check_group(group: Any) -> str:

@@ -25,10 +25,21 @@ import zmq
 
 from kvsvr import _core
 from kvsvr.config import ClusterConfig, load
-from kvsvr.errors import ConfigError, Internal, InvalidArgument, KvError, NotFound, StorageFull
+from kvsvr.errors import (
+    ConfigError,
+    Internal,
+    InvalidArgument,
+    KvError,
+    NotFound,
+    StorageFull,
+    Timeout,
+    Unavailable,
+)
 from kvsvr.protocol import pack
 from quorumq import protocol
 from quorumq.limits import (
+    CLIENT_ROUND_REPLY_BYTES,
+    MAX_REQUESTS_PER_MESSAGE,
     PARKED_FETCHES_MAX,
     RETENTION_CHECK_S,
     ROUND_MAX_BYTES,
@@ -61,7 +72,8 @@ class _Round:
     __slots__ = ("answers", "items")
 
     def __init__(self) -> None:
-        self.answers: list[tuple[bytes, bytes]] = []   # (identity, frame)
+        # (identity, frame, request id, the batch's expires_ms or 0 for an offset commit)
+        self.answers: list[tuple[bytes, bytes, int, int]] = []
         self.items: list[SyncItem] = []
 
 
@@ -83,6 +95,9 @@ class QueueServer:
         self._parked: dict[str, list[tuple[float, bytes, int, Any]]] = {}
         self._parked_count = 0
         self._next_retention = 0.0
+        # Fetch reply bytes each client may still ask for in this round (bounds what one
+        # small message can make the server buffer).
+        self._reply_budget: dict[bytes, int] = {}
         self._handlers: dict[int, Any] = {
             QMethod.STATUS: self._status,
             QMethod.CREATE_TOPIC: self._create_topic,
@@ -97,8 +112,13 @@ class QueueServer:
         """Handle one client message: immediate answers go to `out`; produce and commit
         answers wait in the current round; fetches with nothing to read may park."""
         frames, error, error_request_id = _core.decode_frames(payload)
-        for kind, method, request_id, _budget_ms, body in frames:
+        for number, (kind, method, request_id, _budget_ms, body) in enumerate(frames):
             try:
+                if number >= MAX_REQUESTS_PER_MESSAGE:
+                    raise InvalidArgument(
+                        f"frame: too many requests in one message ({len(frames)}, the limit "
+                        f"is {MAX_REQUESTS_PER_MESSAGE}); request {request_id} was not "
+                        "handled", field="frame")
                 if kind != _REQUEST:
                     raise InvalidArgument("frame.kind: a server only takes requests",
                                           field="frame.kind")
@@ -132,8 +152,16 @@ class QueueServer:
                            "`quorumq create-topic`)", field="topic")
         return topic
 
+    def _expired(self, expires_ms: int) -> bool:
+        """Past the batch's expiry on any clock within the skew bound of ours."""
+        return now_ms() + self.settings.clock_skew_ms >= expires_ms
+
     def _produce(self, identity: bytes, request_id: int, request: Any) -> None:
         topic = self._topic(request.topic)
+        if self._expired(request.expires_ms):
+            raise Timeout(f"expires_ms: the batch expired at {request.expires_ms} (now "
+                          f"{now_ms()}, clock skew bound {self.settings.clock_skew_ms} ms); "
+                          "not appended", field="expires_ms")
         try:
             first, _segment = topic.append(request.producer_id, request.first_seq,
                                            request.messages, now_ms())
@@ -144,21 +172,33 @@ class QueueServer:
         self.counters["messages"] += len(request.messages)
         self._round.answers.append(
             (identity, _ok_frame(request_id, protocol.ProduceReply(
-                self.store.incarnation.id, first))))
+                self.store.incarnation.id, first)), request_id, request.expires_ms))
 
     def _commit(self, identity: bytes, request_id: int, request: Any) -> None:
-        self._topic(request.topic)
+        topic = self._topic(request.topic)
         if request.incarnation != self.store.incarnation.id:
             raise InvalidArgument(
                 f"incarnation: the offset is for life {request.incarnation:x} of this server, "
                 f"it is now {self.store.incarnation.id:x}", field="incarnation")
+        if request.offset > topic.end_offset:
+            raise InvalidArgument(f"offset: {request.offset} is past the end of topic "
+                                  f"{request.topic!r} on this server ({topic.end_offset})",
+                                  field="offset")
         self.store.commit_offset(OffsetCommit(request.topic, request.group, request.offset,
                                               request.whole, request.producers))
-        self._round.answers.append((identity, _ok_frame(request_id, {})))
+        self._round.answers.append((identity, _ok_frame(request_id, {}), request_id, 0))
 
     def _fetch(self, identity: bytes, request_id: int, request: Any, now: float,
                out: list[tuple[bytes, bytes]]) -> None:
         topic = self._topic(request.topic)
+        budget = self._reply_budget.get(identity, CLIENT_ROUND_REPLY_BYTES)
+        if budget <= 0:
+            raise Unavailable(f"max_bytes: this client asked for more than "
+                              f"{CLIENT_ROUND_REPLY_BYTES} fetch bytes at once; send fewer "
+                              "fetches at a time", field="max_bytes")
+        if request.max_bytes > budget:
+            request.max_bytes = budget
+        self._reply_budget[identity] = budget - request.max_bytes
         if request.wait_ms and request.offset >= topic.durable_end_offset and \
                 self._parked_count < PARKED_FETCHES_MAX:
             self._parked.setdefault(request.topic, []).append(
@@ -254,7 +294,15 @@ class QueueServer:
 
     def finish_round(self, round_: _Round, out: list[tuple[bytes, bytes]], now: float) -> None:
         self.store.mark_durable(round_.items)
-        out.extend(round_.answers)
+        for identity, frame, request_id, expires_ms in round_.answers:
+            if expires_ms and self._expired(expires_ms):
+                # Durable, but too late to count: a consumer may already have given up its
+                # seqs (consumer.py); unacknowledged, it is only a droppable duplicate.
+                self.counters["expired_before_durable"] += 1
+                frame = _error_frame(request_id, Timeout(
+                    f"expires_ms: the batch expired at {expires_ms} before it was durable "
+                    "here; not acknowledged", field="expires_ms"))
+            out.append((identity, frame))
         self._answer_parked(now, out, only_ready=True)
 
     def _answer_parked(self, now: float, out: list[tuple[bytes, bytes]], *,
@@ -328,6 +376,7 @@ class QueueServer:
                 events = dict(poller.poll(POLL_INTERVAL_MS if not self._parked else 10))
                 now = time.monotonic()
                 out: list[tuple[bytes, bytes]] = []
+                self._reply_budget.clear()
                 if done_rx in events:
                     done_rx.recv()
                     if self._sync_error is not None:

@@ -14,9 +14,17 @@ fdatasync, and `mark_durable()` is called once it did: only durable records are 
 back, so a consumer never sees a message that a crash could take away from this server.
 
 Recovery walks every segment record by record (checksums verified). The first bad or torn
-record ends what is served from that segment: the bytes from there to the end are moved to
-`quarantine/` and the segment truncated; a later segment still serves (its offsets say where
-it starts). Every cut is logged and kept in `recovery` for the status report.
+record ends what is served from that segment: the bytes from there to the end are copied to
+`quarantine/` (fsynced) and the segment truncated; a later segment still serves (its offsets
+say where it starts). Every cut is logged and kept in `recovery` for the status report.
+
+Only a torn tail of the *last* segment (the file ends inside a record) can be bytes that were
+never acknowledged: acknowledgements follow fdatasync, so a crash tears only the unsynced
+end. Any other cut (a complete record failing its checksum, a cut inside an earlier segment,
+a segment overlapping the previous one) may have removed acknowledged messages: the server
+then starts a new incarnation (born now), so consumers do not count it whole until the
+group's other servers have covered what it lost (consumer.py), and every stored consumer
+offset is marked not whole.
 """
 
 from __future__ import annotations
@@ -129,6 +137,7 @@ class Topic:
 
     def __init__(self, name: str, directory: Path, settings: TopicSettings,
                  segment_bytes: int, recovery: list[dict[str, Any]], quarantine: Path):
+        self.lost_acknowledged = False   # recovery cut bytes that may have been acknowledged
         self.name = name
         self.directory = directory
         self.settings = settings
@@ -142,7 +151,7 @@ class Topic:
     def _recover(self, recovery: list[dict[str, Any]], quarantine: Path) -> None:
         paths = sorted(p for p in self.directory.iterdir() if p.name.endswith(SEGMENT_SUFFIX))
         expected_next = None
-        for path in paths:
+        for number, path in enumerate(paths):
             try:
                 base = int(path.name[:-len(SEGMENT_SUFFIX)])
             except ValueError:
@@ -159,6 +168,7 @@ class Topic:
                     if first < segment.next_offset:
                         problem = (pos, f"offset {first} goes backwards (expected >= "
                                         f"{segment.next_offset})")
+                        self.lost_acknowledged = True
                         break
                     segment.index_offsets.append(first)
                     segment.index_positions.append(pos)
@@ -169,6 +179,8 @@ class Topic:
                     pos = end
                 if stop != _core.SCAN_END:
                     problem = (pos, reason or "bad record")
+                    if stop != _core.SCAN_TRUNCATED or number != len(paths) - 1:
+                        self.lost_acknowledged = True
                     break
                 if not count:
                     break
@@ -181,6 +193,7 @@ class Topic:
                 os.close(segment.fd)
                 self._quarantine(path, 0, quarantine, recovery,
                                  f"segment starts at {base}, inside the previous one")
+                self.lost_acknowledged = True
                 continue
             expected_next = segment.next_offset
             self.segments.append(segment)
@@ -190,8 +203,13 @@ class Topic:
             # Never hand out again an offset the cut bytes may have used (a consumer may
             # have read past it before the crash): skip as many as they could hold.
             damaged = self.segments[-1]
-            self._new_segment(damaged.next_offset + self._cut_bytes //
-                              _core.QUEUE_RECORD_HEADER_BYTES + 1)
+            skip = self._new_segment(damaged.next_offset + self._cut_bytes //
+                                     _core.QUEUE_RECORD_HEADER_BYTES + 1)
+            # Durable before anything is served: else a crash now would hand the skipped
+            # offsets out again.
+            os.fsync(skip.fd)
+            _fsync_dir(self.directory)
+            self.new_files = False
 
     _cut_bytes = 0   # bytes the last recovered segment lost to a cut
 
@@ -200,7 +218,11 @@ class Topic:
         self._cut_bytes = len(data) - cut
         quarantine.mkdir(exist_ok=True)
         target = quarantine / f"{self.name}.{segment.path.name}.at{cut}.{now_ms()}"
-        target.write_bytes(data[cut:])
+        with open(target, "wb") as f:   # the copy is durable before the original is cut
+            f.write(data[cut:])
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(quarantine)
         os.ftruncate(segment.fd, cut)
         os.fsync(segment.fd)
         report = {"topic": self.name, "segment": segment.path.name, "byte": cut,
@@ -391,7 +413,17 @@ class ServerStore:
                                                 segment_bytes, self.recovery, self.quarantine)
         self.offsets: dict[tuple[str, str], OffsetCommit] = {}
         self._offsets_path = self.path / "offsets.log"
-        self._load_offsets()
+        lost = [name for name, topic in self.topics.items() if topic.lost_acknowledged]
+        if lost:
+            # Messages this disk acknowledged may be gone: it is a new life, not whole.
+            self.incarnation = self._new_incarnation()
+            self.recovery.append({"reason": "records that may have been acknowledged were "
+                                  f"cut from topic(s) {', '.join(lost)}: new incarnation "
+                                  f"{self.incarnation.id:016x}"})
+            log.error("topic(s) %s lost records that may have been acknowledged: new "
+                      "incarnation %016x (consumers do not count this server until the "
+                      "others cover what it lost)", ", ".join(lost), self.incarnation.id)
+        self._load_offsets(not_whole=bool(lost))
         self._offsets_fd = os.open(self._offsets_path, os.O_RDWR | os.O_CREAT | os.O_APPEND,
                                    0o644)
         self._offsets_size = os.fstat(self._offsets_fd).st_size
@@ -408,8 +440,11 @@ class ServerStore:
                 log.error("incarnation file unreadable (%s): starting a new incarnation", e)
                 self.recovery.append({"reason": f"incarnation file unreadable ({e}): "
                                       "new incarnation"})
+        return self._new_incarnation()
+
+    def _new_incarnation(self) -> Incarnation:
         incarnation = Incarnation(secrets.randbits(63) | 1, now_ms())
-        _write_record_file(path, _encode(incarnation))
+        _write_record_file(self.path / "incarnation", _encode(incarnation))
         log.info("new incarnation %016x born at %d ms", incarnation.id, incarnation.born_ms)
         return incarnation
 
@@ -433,7 +468,7 @@ class ServerStore:
         return topic
 
     # --- offsets -------------------------------------------------------------------------------
-    def _load_offsets(self) -> None:
+    def _load_offsets(self, *, not_whole: bool = False) -> None:
         if not self._offsets_path.exists():
             return
         data = self._offsets_path.read_bytes()
@@ -443,6 +478,8 @@ class ServerStore:
                 commit = msgspec.msgpack.decode(record[4], type=OffsetCommit)
             except msgspec.DecodeError:
                 continue
+            if not_whole:
+                commit.whole = False
             self.offsets[(commit.topic, commit.group)] = commit
         if stop != _core.SCAN_END:
             self.recovery.append({"file": "offsets.log", "byte": end, "reason": reason,

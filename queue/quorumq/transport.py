@@ -16,7 +16,7 @@ import zmq
 import zmq.asyncio
 
 from kvsvr import _core
-from kvsvr.errors import Internal, KvError, Timeout
+from kvsvr.errors import Internal, InvalidArgument, KvError, Timeout
 from kvsvr.limits import MAX_MESSAGE_BYTES
 from quorumq import protocol
 from quorumq.limits import REQUEST_TIMEOUT_S
@@ -39,8 +39,21 @@ def dealer(context: zmq.Context, address: str, *, immediate: bool = True) -> zmq
 
 
 def request_frame(method: int, request_id: int, request: Any) -> bytes:
-    return _core.encode_frame(_core.FRAME_REQUEST, method, request_id, 0,
-                              protocol.encode(request))
+    return encode_request(method, request_id, protocol.encode(request))
+
+
+def encode_request(method: int, request_id: int, body: bytes) -> bytes:
+    """One request frame; InvalidArgument (field "request") if it is too large to send: a
+    server's ZeroMQ socket silently drops a message over MAXMSGSIZE (the caller would only
+    see a timeout), and a frame has its own bound."""
+    try:
+        message = _core.encode_frame(_core.FRAME_REQUEST, method, request_id, 0, body)
+    except ValueError as e:
+        raise InvalidArgument(f"request: {e}", field="request") from None
+    if len(message) > MAX_MESSAGE_BYTES:
+        raise InvalidArgument(f"request: {len(message)} bytes, the largest message a queue "
+                              f"server takes is {MAX_MESSAGE_BYTES}", field="request")
+    return message
 
 
 def call(address: str, method: int, request: Any, *, timeout: float = REQUEST_TIMEOUT_S,
@@ -50,8 +63,18 @@ def call(address: str, method: int, request: Any, *, timeout: float = REQUEST_TI
     context = context or zmq.Context()
     socket = dealer(context, address)
     try:
-        socket.send(request_frame(method, 1, request))
+        frame = request_frame(method, 1, request)
         deadline = time.monotonic() + timeout
+        # IMMEDIATE: a send blocks until the server is connected, so never block on it:
+        # wait for POLLOUT only as long as the caller allows.
+        while True:
+            try:
+                socket.send(frame, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                left = deadline - time.monotonic()
+                if left <= 0 or not socket.poll(int(left * 1000) + 1, zmq.POLLOUT):
+                    raise Timeout(f"{address}: not connected in {timeout} s (down?)") from None
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not socket.poll(int(left * 1000) + 1):
@@ -82,10 +105,10 @@ class AsyncConnection:
         """Send now; the future resolves with the answer's (status, body) (or never: the
         caller keeps its own deadline and calls `forget`)."""
         request_id = next(self._ids)
+        frame = encode_request(method, request_id, body)
         future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         future.request_id = request_id  # type: ignore[attr-defined]
         self._waiting[request_id] = future
-        frame = _core.encode_frame(_core.FRAME_REQUEST, method, request_id, 0, body)
         # Through the asyncio socket itself (a second view of it would steal the edge-
         # triggered wake-ups its reader waits for); NOBLOCK settles the send at once.
         sent: asyncio.Future[Any] = self.socket.send(frame, zmq.NOBLOCK)  # type: ignore[assignment]

@@ -1,0 +1,209 @@
+"""Regression tests for the quorum queue review (issue 5 follow-up), each on real server
+processes: a batch's whole life is bounded (the gap rule never drops an acknowledged
+message), producer ids are not reused, a handler error loses nothing, a dead server never
+hangs the CLI or the launcher, and closing a producer with a stuck batch returns."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvsvr.errors import InvalidArgument, Timeout
+from quorumq import Consumer, Producer
+from quorumq.launcher import LocalQueueCluster, write_queue_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalQueueCluster]:
+    """One queue group (3 servers) with short deadlines, topic "t"."""
+    config = write_queue_config(tmp_path, ack_deadline_ms=500, clock_skew_ms=0,
+                                batch_lifetime_ms=1500)
+    queue = LocalQueueCluster(config, log_dir=tmp_path / "logs")
+    queue.start()
+    queue.create_topic("t")
+    try:
+        yield queue
+    finally:
+        queue.stop()
+
+
+def consume_all(config: str, idle: float = 1.5) -> list[tuple[int, int, bytes]]:
+    got: list[tuple[int, int, bytes]] = []
+    with Consumer(config, "t", "cg", wait_ms=100) as consumer:
+        consumer.run(lambda d: got.append((d.producer_id, d.seq, d.value)), idle_timeout=idle)
+    return got
+
+
+def test_a_batch_retried_past_the_gap_rule_is_never_acknowledged(tmp_path):
+    """The reviewer's counterexample: batch A (seq 10..19) is stuck on group q1 (SIGSTOPped)
+    while Z (0..9, moved to q2) and B (20..29) commit; the producer process is then paused
+    and q1 is SIGKILLed and restarted. The consumer gives the gap up after batch_lifetime;
+    when the producer resumes, A must not be acknowledged any more (it expired: the caller
+    gets Timeout). Every acknowledged message is consumed, with its own value."""
+    config = write_queue_config(tmp_path, groups=2, ack_deadline_ms=500, clock_skew_ms=0,
+                                batch_lifetime_ms=1500)
+    queue = LocalQueueCluster(config, log_dir=tmp_path / "logs")
+    queue.start()
+    queue.create_topic("t")
+    consumed = tmp_path / "consumed.txt"
+    produced = tmp_path / "produced.txt"
+
+    def spawn(*args: str) -> subprocess.Popen[bytes]:
+        log = open(tmp_path / f"{args[0]}.log", "ab")  # noqa: SIM115
+        try:
+            return subprocess.Popen([sys.executable, "-m", "tests.queue_workers", *args,
+                                     "--config", str(config)], cwd=ROOT, stdout=log,
+                                    stderr=log)
+        finally:
+            log.close()
+
+    consumer = spawn("consume", "--out", str(consumed))
+    producer = spawn("gap_produce", "--out", str(produced))
+    try:
+        time.sleep(2.0)
+        for node in queue.group_nodes("q1"):
+            queue.signal(node, signal.SIGSTOP)
+        (tmp_path / "go").write_text("x")
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "b_committed").exists():
+            assert time.monotonic() < deadline, "B never committed"
+            assert producer.poll() is None, "the producer died"
+            time.sleep(0.005)
+        producer.send_signal(signal.SIGSTOP)   # a paused producer (GC, VM steal, SIGSTOP)
+        for node in queue.group_nodes("q1"):
+            queue.kill(node)
+        for node in queue.group_nodes("q1"):
+            queue.start(node)
+        time.sleep(4.0)   # > batch_lifetime: the consumer may give the gap up
+        producer.send_signal(signal.SIGCONT)
+        assert producer.wait(30) == 0
+        acked: set[int] = set()
+        outcome = []
+        for line in produced.read_text().splitlines():
+            fields = line.split()
+            if fields[0] == "committed":
+                acked.update(range(int(fields[2]), int(fields[2]) + int(fields[3])))
+                producer_id = int(fields[1])
+            else:
+                outcome.append(line)
+        assert set(range(0, 10)) | set(range(20, 30)) <= acked
+        assert outcome or set(range(10, 20)) <= acked
+        if outcome:
+            assert "NOT acknowledged" in outcome[0]
+        deadline = time.monotonic() + 20
+        while True:
+            got = {}
+            for line in consumed.read_text().splitlines() if consumed.exists() else []:
+                p, seq, _group, value = line.split()
+                got.setdefault(int(seq), []).append(value)
+                assert int(p) == producer_id
+            if acked <= set(got) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert acked <= set(got), f"acknowledged, never consumed: {sorted(acked - set(got))}"
+        assert all(values == [str(seq)] for seq, values in got.items())
+    finally:
+        producer.kill()
+        consumer.send_signal(signal.SIGTERM)
+        try:
+            consumer.wait(10)
+        except subprocess.TimeoutExpired:
+            consumer.kill()
+        queue.stop()
+
+
+def test_producer_ids_are_never_reused_by_accident(cluster):
+    """A configured producer id restarting at seq 0 would have its new messages dropped
+    as duplicates: a bare producer_id is refused (naming the field), two producer lives get
+    different ids, and resuming an id with an explicit next_seq delivers everything."""
+    config = cluster.config_path
+    with pytest.raises(InvalidArgument) as e:
+        Producer(config, "t", producer_id=42)
+    assert e.value.field == "producer_id"
+    ids = []
+    for life in range(2):
+        with Producer(config, "t") as producer:
+            producer.send_batch([f"life{life}-{i}" for i in range(3)])
+            ids.append(producer.producer_id)
+    assert ids[0] != ids[1]
+    with Producer(config, "t", producer_id=ids[0], next_seq=3) as producer:
+        assert producer.send_batch([b"resumed"]).first_seq == 3
+    got = consume_all(config)
+    assert sorted(got) == sorted(
+        [(ids[0], i, f"life0-{i}".encode()) for i in range(3)] + [(ids[0], 3, b"resumed")]
+        + [(ids[1], i, f"life1-{i}".encode()) for i in range(3)])
+
+
+def test_a_handler_error_loses_nothing(cluster):
+    """The handler raises on message 3; the application calls run() again on the same
+    consumer: every message is handled (3..9 after the error), and a fresh consumer of the
+    group has nothing left that was not handled."""
+    config = cluster.config_path
+    with Producer(config, "t") as producer:
+        producer.send_batch([f"m{i}" for i in range(10)])
+    handled: list[int] = []
+    failed = []
+
+    def flaky(d) -> None:
+        if d.seq == 3 and not failed:
+            failed.append(d.seq)
+            raise RuntimeError("transient failure")
+        handled.append(d.seq)
+
+    with Consumer(config, "t", "cg", wait_ms=100) as consumer:
+        with pytest.raises(RuntimeError):
+            consumer.run(flaky, idle_timeout=1.0)
+        consumer.run(flaky, idle_timeout=1.0)
+    assert failed == [3]
+    assert sorted(set(handled)) == list(range(10))
+    after = handled[3:]   # from the last commit on, in order, through to the end
+    assert after[0] <= 3 and after == list(range(after[0], 10))
+    assert consume_all(config, idle=1.0) == []
+
+
+def test_a_down_server_never_hangs_the_cli_or_the_launcher(tmp_path):
+    """With no server running, `quorumq --timeout 1 status` returns promptly and reports
+    every server DOWN, and LocalQueueCluster.wait_ready gives up on a server that is not
+    there instead of blocking on the send."""
+    config = write_queue_config(tmp_path)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "quorumq.cli", "--config", str(config),
+                             "--timeout", "1", "status"], capture_output=True, text=True,
+                            timeout=30, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("DOWN") == 3
+    assert time.monotonic() - started < 10   # three servers, 1 s each, plus start-up
+    queue = LocalQueueCluster(config)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="not ready"):
+        queue.wait_ready("q1a", timeout=1.0)
+    assert time.monotonic() - started < 5
+
+
+def test_close_returns_when_a_batch_cannot_commit(cluster):
+    """Every server killed: a batch can never commit. close(timeout) returns, and the batch's
+    caller gets Timeout saying it was NOT acknowledged; without a timeout, close() still
+    returns once the batch's lifetime is over."""
+    config = cluster.config_path
+    producer = Producer(config, "t")
+    other = Producer(config, "t")
+    for node in cluster.nodes:
+        cluster.kill(node)
+    with pytest.raises(Timeout):
+        producer.send_batch([b"x"], timeout=0.5)
+    pending = producer.submit_batch([b"y"])
+    producer.close(timeout=0.5)
+    with pytest.raises(Timeout, match="NOT acknowledged"):
+        pending.result(timeout=1)
+    stuck = other.submit_batch([b"z"])
+    other.close()   # bounded by batch_lifetime_ms (1.5 s here)
+    with pytest.raises(Timeout, match="NOT acknowledged"):
+        stuck.result(timeout=1)
