@@ -36,6 +36,10 @@ def test_create_produce_tail_status_lag(tmp_path):
         assert missing.returncode == 1 and "topic" in missing.stderr
         bad = quorumq(config, "create-topic", "bad/name")
         assert bad.returncode == 2 and "topic" in bad.stderr
+        dots = quorumq(config, "create-topic", "..")
+        assert dots.returncode == 2 and "topic" in dots.stderr
+        no_topic = quorumq(config, "tail", "nosuchtopic", "--idle", "0.5")
+        assert no_topic.returncode == 1 and "nosuchtopic" in no_topic.stderr
 
 
 def test_bad_config_is_refused_naming_the_field(tmp_path):

@@ -54,6 +54,8 @@ def test_configs_without_queue_groups_are_unchanged():
      "queue_groups[1].name"),
     (BASE + queue_group(ports=(7101, 7102, 99999)), "queue_groups[0].servers[2].address"),
     (BASE + queue_group() + "\n[queue]\nack_deadline_ms = 5\n", "queue.ack_deadline_ms"),
+    (BASE + queue_group() + "\n[queue]\nack_deadline_ms = 5000\nbatch_lifetime_ms = 4000\n",
+     "queue.batch_lifetime_ms"),
     (BASE + queue_group() + "\n[queue]\nsegmnt_mib = 5\n", "segmnt_mib"),
     (BASE + queue_group().replace('campus = "a"', 'campus = 7'), "queue_groups[0].servers[0]"),
 ])

@@ -114,3 +114,18 @@ def test_skip_gap_delivers_what_was_held():
     order.skip_gap(9, 4.0, out)
     assert [m[2] for _, m in out] == [5, 6] and order.gaps() == {9: 4.0}
     assert order.skipped == 2 and order.next_seq[9] == 7
+
+
+def test_raise_to_releases_what_is_held():
+    """A late-loaded server's position (next seq 6) drops the held copy below it as a
+    duplicate, delivers what now follows in order, and the gap above it waits anew."""
+    order = ProducerOrder({9: 3})
+    out: list = []
+    _deliver(order, "A", [_msg(0, 9, 5), _msg(1, 9, 6), _msg(2, 9, 9)], out)
+    order.raise_to(9, 6, 7.0, out)
+    assert [m[2] for _, m in out] == [6]
+    assert order.next_seq[9] == 7 and order.gaps() == {9: 7.0}
+    assert order.held_count == 1 and order.skipped == 0
+    assert order.commit_position("A", 3) == 2   # only seq 9 is still held, at offset 2
+    order.raise_to(9, 4, 8.0, out)               # lower than where it is: nothing changes
+    assert order.next_seq[9] == 7 and len(out) == 1

@@ -60,7 +60,20 @@ def tail(config: ClusterConfig, args: argparse.Namespace) -> int:
             print(f"{d.producer_id:016x}:{d.seq}\t{d.value.decode(errors='replace')}",
                   flush=True)
 
-    with Consumer(config, args.topic, args.group) as consumer:
+    topic = protocol.check_topic(args.topic)
+    known = unreachable = 0
+    for _group, _node, address in _servers(config):
+        try:
+            known += any(info.topic == topic for info in call(
+                address, QMethod.TOPICS, protocol.TopicsRequest(), timeout=args.timeout))
+        except KvError:
+            unreachable += 1
+    if not known:
+        if unreachable == len(_servers(config)):
+            raise Unavailable(f"no queue server answered in {args.timeout} s")
+        raise NotFound(f"topic: {topic!r} does not exist on any queue server that answered "
+                       "(create it with `quorumq create-topic`)", field="topic")
+    with Consumer(config, topic, args.group) as consumer:
         consumer.run(show, max_messages=args.max,
                      idle_timeout=None if args.follow else args.idle)
     return EXIT_OK

@@ -193,6 +193,7 @@ class Consumer:
                 self._poller.register(server.socket, zmq.POLLIN)
                 self._by_socket[server.socket] = server
         self.order = ProducerOrder()
+        self._carry: list[Any] = []    # read while commit() waited: the next poll's
         self._next_commit = 0.0
         self._dirty = False
         self.delivered = 0
@@ -229,7 +230,7 @@ class Consumer:
     def poll(self, timeout: float = 0.1) -> list[Delivery]:
         """Messages now deliverable, in per-producer order (empty after `timeout`). The
         caller handles them, then calls commit()."""
-        out: list[Any] = []
+        out, self._carry = self._carry, []
         deadline = time.monotonic() + timeout
         while not out:
             now = time.monotonic()
@@ -275,13 +276,15 @@ class Consumer:
                     kind == "commit" for servers in self.servers for s in servers
                     for kind, _, _ in s.requests.values()):
                 for socket, _ in self._poller.poll(50):
-                    self._receive(self._by_socket[socket], [])
+                    # Anything read here is delivered by the next poll, never dropped.
+                    self._receive(self._by_socket[socket], self._carry)
 
     def rewind(self) -> None:
         """Forget everything read since the last commit: reading resumes from the offsets
         and producer positions committed on the servers. Call it instead of commit() when
         some of what poll() returned was not handled."""
         self.order = ProducerOrder()
+        self._carry = []
         self._dirty = False
         for servers in self.servers:
             for server in servers:
@@ -385,7 +388,7 @@ class Consumer:
                     server.fail(time.monotonic(), f"{kind}: {e}")
                     continue
                 if kind == "offsets":
-                    self._loaded(server, reply)
+                    self._loaded(server, reply, out)
                 elif kind == "fetch":
                     server.fetching = False
                     self._fetched(server, reply, sent, out)
@@ -394,7 +397,7 @@ class Consumer:
                 elif kind == "commit":
                     server.whole_recorded = bool(extra)
 
-    def _loaded(self, server: _Server, reply: protocol.OffsetsReply) -> None:
+    def _loaded(self, server: _Server, reply: protocol.OffsetsReply, out: list[Any]) -> None:
         server.loaded = True
         server.backoff = GROUP_BACKOFF_S
         if reply.incarnation != server.incarnation:
@@ -402,9 +405,11 @@ class Consumer:
         if reply.found:
             server.position = reply.offset
             server.whole = server.whole_recorded = reply.whole
+            # A late-loaded server may know later positions: raise them, releasing (or
+            # dropping as duplicates) what is held, never just overwriting next_seq.
+            now = time.monotonic()
             for producer, next_seq in protocol.decode_producers(reply.producers).items():
-                if next_seq > self.order.next_seq.get(producer, 0):
-                    self.order.next_seq[producer] = next_seq
+                self.order.raise_to(producer, next_seq, now, out)
 
     def _new_life(self, server: _Server, incarnation: int, born_ms: int) -> None:
         if server.incarnation:

@@ -38,7 +38,9 @@ PRODUCER_MAX_BATCHES_IN_FLIGHT = 256   # per producer: send() waits when this ma
 PRODUCER_LINGER_MS = 2                 # send() gathers messages this long into one batch
 GROUP_BACKOFF_S = 1.0                  # a group that failed a batch is avoided this long ...
 GROUP_BACKOFF_MAX_S = 10.0             # ... doubling up to this
-CONSUMER_MAX_HELD_MESSAGES = 1_000_000  # out-of-order messages held while a gap fills
+# (Messages held while a gap fills are not bounded by count: refusing to read more could
+# keep the gap from ever filling. They are bounded in time by batch_lifetime_ms + skew;
+# README "Known limits".)
 CONSUMER_MAX_TRACKED_PRODUCERS = 100_000  # producers whose next seq a group remembers
 CONSUMER_COMMIT_INTERVAL_S = 0.2        # offsets are committed at most this often
 REQUEST_TIMEOUT_S = 5.0                 # CLI, status and admin calls
@@ -51,7 +53,6 @@ __all__ = [
     "BATCH_MAX_BYTES",
     "CLIENT_ROUND_REPLY_BYTES",
     "CONSUMER_COMMIT_INTERVAL_S",
-    "CONSUMER_MAX_HELD_MESSAGES",
     "CONSUMER_MAX_TRACKED_PRODUCERS",
     "FETCH_DEFAULT_BYTES",
     "FETCH_MAX_BYTES",

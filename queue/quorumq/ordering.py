@@ -94,6 +94,21 @@ class ProducerOrder:
             if producer not in self.held:
                 del self.next_seq[producer]
 
+    def raise_to(self, producer: int, next_seq: int, now: float, out: Out) -> None:
+        """Everything of `producer` below `next_seq` was delivered before (a server's stored
+        positions say so): drop what is held below it and deliver what now follows."""
+        if next_seq <= self.next_seq.get(producer, 0):
+            return
+        held = self.held.get(producer)
+        if held:
+            for seq in [s for s in held if s < next_seq]:
+                self._release(held.pop(seq)[1])
+                self.duplicates += 1
+            self.held_since.pop(producer, None)
+        self._advance(producer, next_seq, out)
+        if self.held.get(producer):
+            self.held_since[producer] = now   # a gap above the new position: wait anew
+
     def gaps(self) -> dict[int, float]:
         """Producers waiting for a missing seq, with when the wait began."""
         return dict(self.held_since)

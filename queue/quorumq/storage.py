@@ -276,6 +276,9 @@ class Topic:
                append_ms: int) -> tuple[int, Segment]:
         """Write a batch (not yet durable); returns its first offset and the segment."""
         segment = self.active
+        # Log times never go backwards (time_offset and retention bisect by them), even if
+        # the wall clock does.
+        append_ms = max(append_ms, segment.last_ms)
         if segment.size >= self.segment_bytes:
             segment = self._new_segment(segment.next_offset)
         first = segment.next_offset
