@@ -68,7 +68,6 @@ def test_a_new_incarnation_and_one_old_server_never_skip_a_gap(cluster):
         set1 = produce(producer, "one", 3)
         cluster.signal("q1b", signal.SIGSTOP)
         set2 = produce(producer, "two", 3)            # on q1a and q1c only
-        set2_sent = time.monotonic()
         cluster.wipe("q1c")
         cluster.start("q1c")
         call(cluster.address("q1c"), QMethod.CREATE_TOPIC,
@@ -77,15 +76,16 @@ def test_a_new_incarnation_and_one_old_server_never_skip_a_gap(cluster):
         # batch sent before that finds one server (q1b stopped) and would expire unacked.
         time.sleep(0.5)
         set3 = produce(producer, "three", 3)          # on q1a and the new q1c only
+        last_sent = time.monotonic()
     values = {seq: f"{tag}-{(seq - seqs[0]) // BATCH}-{(seq - seqs[0]) % BATCH}".encode()
               for tag, seqs in (("one", set1), ("two", set2), ("three", set3))
               for seq in seqs}
     assert set1 + set2 + set3 == list(range(len(values)))
     born = cluster.status("q1c")["incarnation"]
     cluster.kill("q1a")
-    # Set 2's requests wait in q1b's socket: past their expiry it must refuse them, so that
-    # set 2 really is only on the dead q1a (and the wiped q1c's earlier life).
-    time.sleep(max(0.0, set2_sent + MARGIN_S + 0.2 - time.monotonic()))
+    # Sets 2 and 3 wait in q1b's socket: past their expiry it must refuse them, so that set 2
+    # really is only on the dead q1a (and the wiped q1c's earlier life).
+    time.sleep(max(0.0, last_sent + MARGIN_S + 0.2 - time.monotonic()))
     cluster.signal("q1b", signal.SIGCONT)
     deadline = time.monotonic() + 5
     while True:
