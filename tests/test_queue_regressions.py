@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -207,3 +208,64 @@ def test_close_returns_when_a_batch_cannot_commit(cluster):
     other.close()   # bounded by batch_lifetime_ms (1.5 s here)
     with pytest.raises(Timeout, match="NOT acknowledged"):
         stuck.result(timeout=1)
+
+
+def test_a_stopped_group_costs_one_ack_deadline_not_one_per_batch(tmp_path):
+    """Known limit 14 of the review, fixed: all of group q1 SIGSTOPped (sends still succeed,
+    nothing answers) while one producer submits a batch every 50 ms. The first overdue batch
+    marks q1 failed and every other batch in flight there moves to q2 at once, so every batch
+    submitted in the outage's first ack deadline has committed one ack deadline (plus slack)
+    after the stop, instead of each waiting out its own deadline there (the last of them up
+    to two deadlines after the stop). After SIGCONT, q1 appends the abandoned copies that
+    have not expired: the consumer still gets every message exactly once, in seq order."""
+    deadline_ms = 1500
+    config = write_queue_config(tmp_path, groups=2, ack_deadline_ms=deadline_ms,
+                                clock_skew_ms=0, batch_lifetime_ms=3 * deadline_ms)
+    queue = LocalQueueCluster(config, log_dir=tmp_path / "logs")
+    queue.start()
+    queue.create_topic("t")
+    deadline_s = deadline_ms / 1000
+    slack_s = 0.6
+    try:
+        submitted: list[tuple[float, list[bytes], Any]] = []
+        committed_at: dict[int, float] = {}
+
+        def submit(producer: Producer, i: int) -> None:
+            values = [f"b{i}-{k}".encode() for k in range(10)]
+            future = producer.submit_batch(values)
+            future.add_done_callback(lambda f, i=i: committed_at.__setitem__(
+                i, time.monotonic()))
+            submitted.append((time.monotonic(), values, future))
+
+        with Producer(config, "t", first_group=0, linger_ms=0, max_in_flight=256) as producer:
+            for i in range(10):
+                submit(producer, i)
+                time.sleep(0.05)
+            for node in queue.group_nodes("q1"):
+                queue.signal(node, signal.SIGSTOP)
+            stopped = time.monotonic()
+            i = 10
+            while time.monotonic() < stopped + 2 * deadline_s:
+                submit(producer, i)
+                i += 1
+                time.sleep(0.05)
+            results = [future.result(timeout=3 * deadline_s) for _, _, future in submitted]
+            assert producer.counters["group_failures"] >= 1
+        assert any(r.group == "q1" for r in results), "nothing committed before the stop"
+        onset = [n for n, (at, _, _) in enumerate(submitted)
+                 if stopped - 0.05 <= at < stopped + deadline_s]
+        assert len(onset) >= 20
+        late = {n: round(committed_at[n] - stopped, 2) for n in onset
+                if committed_at[n] > stopped + deadline_s + slack_s}
+        assert not late, f"batches held on the stopped group past one deadline: {late}"
+        latencies = sorted(r.latency_s for r in results)
+        assert latencies[-1] < deadline_s + slack_s
+        for node in queue.group_nodes("q1"):
+            queue.signal(node, signal.SIGCONT)
+        got = consume_all(config)
+        expected = sorted((results[0].producer_id, r.first_seq + k, values[k])
+                    for (_, values, _), r in zip(submitted, results, strict=True)
+                    for k in range(len(values)))
+        assert got == expected, "lost, duplicated, reordered or wrong values"
+    finally:
+        queue.stop()

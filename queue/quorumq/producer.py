@@ -6,7 +6,9 @@ acknowledgement counts only if it arrives within `ack_deadline` of sending (the 
 rule for servers with a new disk relies on that bound). A batch that cannot get 2 in time
 (servers down, stopped or refusing) is sent again, with the same message ids, to the next
 group not in back-off, and the producer moves there; its earlier copy, if it did commit after
-all, is a duplicate that consumers drop by id. Many batches are in flight at once
+all, is a duplicate that consumers drop by id. The first attempt to fail on a group puts the
+group in back-off and sends every other batch in flight there on at once (a stopped group
+costs one ack deadline, not one per batch in flight). Many batches are in flight at once
 (`max_in_flight`); `send` gathers single messages into batches for `linger_ms`.
 
 Message ids are (producer_id, seq): producer_id is random (62 bits) for each producer
@@ -55,6 +57,7 @@ from quorumq.storage import now_ms
 from quorumq.transport import AsyncConnection
 
 CONNECT_WAIT_S = 2.0
+ABANDONED = -1   # an attempt given up because another one found its group failed
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,9 @@ class AsyncProducer:
                             else self.producer_id % len(self.groups))
         self._backoff_until = [0.0] * len(self.groups)
         self._backoff = [GROUP_BACKOFF_S] * len(self.groups)
+        # Per group: resolved when an attempt there fails, so every other attempt in flight
+        # on that group stops waiting out its own deadline and moves on at once.
+        self._group_failed: list[asyncio.Future[None]] = []
         self._context: zmq.asyncio.Context | None = None
         self._connections: list[list[AsyncConnection]] = []
         self._slots: asyncio.Semaphore | None = None
@@ -161,13 +167,16 @@ class AsyncProducer:
         self._linger: asyncio.TimerHandle | None = None
         self._open: set[asyncio.Task[Any]] = set()
         self._settings: protocol.CreateTopicRequest | None = None
-        self.counters = {"batches": 0, "messages": 0, "retries": 0, "group_moves": 0}
+        self.counters = {"batches": 0, "messages": 0, "retries": 0, "group_moves": 0,
+                         "group_failures": 0}
 
     async def start(self) -> AsyncProducer:
         self._context = zmq.asyncio.Context()
         self._connections = [[AsyncConnection(self._context, s.address) for s in g.servers]
                              for g in self.groups]
         self._slots = asyncio.Semaphore(self.max_in_flight)
+        loop = asyncio.get_running_loop()
+        self._group_failed = [loop.create_future() for _ in self.groups]
         await self._connect()
         return self
 
@@ -357,9 +366,8 @@ class AsyncProducer:
                         f"topic: {self.topic!r} does not exist in any queue group (create it "
                         "with `quorumq create-topic`)", field="topic"))
                     return
-                # This group could not take it: avoid it for a while, doubling.
-                self._backoff_until[group] = time.monotonic() + self._backoff[group]
-                self._backoff[group] = min(self._backoff[group] * 2, GROUP_BACKOFF_MAX_S)
+                if outcome == quorum.FAILED:
+                    self._group_down(group)
         except asyncio.CancelledError:
             if not batch.future.done():   # close() gave up on it
                 batch.future.set_exception(Timeout(
@@ -372,7 +380,25 @@ class AsyncProducer:
         finally:
             self._slots.release()
 
+    def _group_down(self, group: int) -> None:
+        """An attempt on `group` failed (overdue or refused): avoid the group for a while,
+        doubling, and wake every other attempt in flight there so it goes to the next group
+        now rather than one ack deadline after it was sent (a stopped group would otherwise
+        hold each of them, and the window, that long). Their copies, should they commit after
+        all, are duplicates by message id. Attempts failing together back off once."""
+        now = time.monotonic()
+        if self._backoff_until[group] > now:
+            return
+        self._backoff_until[group] = now + self._backoff[group]
+        self._backoff[group] = min(self._backoff[group] * 2, GROUP_BACKOFF_MAX_S)
+        self.counters["group_failures"] += 1
+        failed = self._group_failed[group]
+        self._group_failed[group] = asyncio.get_running_loop().create_future()
+        failed.set_result(None)
+
     async def _attempt(self, batch: _Batch, group: int) -> int:
+        """COMMITTED, FAILED (refused, or overdue), or ABANDONED (another attempt found
+        the group failed meanwhile)."""
         body = batch.body_by_group.get(group)
         if body is None:
             body = protocol.encode(protocol.ProduceRequest(
@@ -384,7 +410,8 @@ class AsyncProducer:
         acks = failures = not_found = 0
         # An acknowledgement counts within the attempt's deadline and the batch's life.
         deadline = min(time.monotonic() + self.ack_deadline, batch.expires_at)
-        pending = set(futures)
+        group_failed = self._group_failed[group]
+        pending: set[asyncio.Future[Any]] = {*futures, group_failed}
         outcome = quorum.PENDING
         while outcome == quorum.PENDING:
             left = deadline - time.monotonic()
@@ -392,6 +419,8 @@ class AsyncProducer:
                 break
             done, pending = await asyncio.wait(pending, timeout=left,
                                                return_when=asyncio.FIRST_COMPLETED)
+            abandon = group_failed in done
+            done.discard(group_failed)
             for future in done:
                 status, _body = future.result()
                 if status == protocol.OK:
@@ -402,6 +431,8 @@ class AsyncProducer:
                         not_found += 1
                         self._recreate(connections[futures.index(future)])
             outcome = quorum.batch_outcome(acks, failures, len(connections))
+            if abandon and outcome == quorum.PENDING:
+                outcome = ABANDONED
         for future, connection in zip(futures, connections, strict=True):
             if not future.done():
                 connection.forget(future)  # a late answer no longer counts
