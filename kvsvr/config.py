@@ -248,6 +248,10 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
     problem = address_problem(monitor.center)
     if problem:
         raise ConfigError(f"monitor.center: {problem}")
+    if monitor.enabled and monitor.center in seen["address"]:
+        raise ConfigError(f"monitor.center: {monitor.center!r} is already used by "
+                          f"{seen['address'][monitor.center]} (set [monitor] center to a free "
+                          "address, or enabled = false)")
     problem = web_address_problem(monitor.web)
     if problem:
         raise ConfigError(f"monitor.web: {problem}")

@@ -69,3 +69,15 @@ def test_bad_queue_configs_name_the_field(text, field):
 def test_unknown_queue_server_is_clear():
     with pytest.raises(ConfigError, match="'zz' is not a queue server"):
         config.parse(BASE + queue_group()).queue_server("zz")
+
+
+def test_the_monitor_center_address_must_not_be_a_servers():
+    """The monitor center listens on its own address: a queue server (or replica) on the
+    same one is refused naming both; with monitoring off the address is not used."""
+    clash = queue_group(ports=(7500, 7102, 7103))
+    with pytest.raises(ConfigError) as error:
+        config.parse(BASE + clash)
+    assert ("monitor.center: 'tcp://127.0.0.1:7500' is already used by "
+            "queue_groups[0].servers[0]") in str(error.value)
+    cfg = config.parse(BASE + clash + "\n[monitor]\nenabled = false\n")
+    assert cfg.queue_groups[0].servers[0].address == "tcp://127.0.0.1:7500"
