@@ -227,6 +227,7 @@ class ReplicaNode(Node):
         # an acknowledged write reaches every copy without waiting for a read or a write.
         self._open_since: dict[tuple[bytes, int], float] = {}
         self._open_checked = 0.0
+        self._lag_peak = 0  # most records a stream was behind since the gauge was last set
         self._peers_watched = 0.0
         self._after_copy: set[bytes] = set()  # keys whose chosen versions wait for a copy
         if self.incarnation:
@@ -275,8 +276,10 @@ class ReplicaNode(Node):
     def _watch_peers(self, now: float) -> None:
         """Log each peer going silent and coming back (what an operator looks for first)."""
         self._peers_watched = now
-        self.monitor.set(monitor_ids.NODE_BINLOG_LAG, max(
-            (p.last_lsn - p.cursor for p in self._peers if p is not None and p.pulled), default=0))
+        lag = max((p.last_lsn - p.cursor for p in self._peers if p is not None and p.pulled),
+                  default=0)
+        self.monitor.set(monitor_ids.NODE_BINLOG_LAG, max(lag, self._lag_peak))
+        self._lag_peak = 0
         for peer in self._peers:
             if peer is None:
                 continue
@@ -754,6 +757,9 @@ class ReplicaNode(Node):
         # Far behind: ask again at once; else the quorum carries most data and the stream
         # only mends what it missed, so it need not be asked every round.
         full = len(reply.records) >= PULL_MAX_RECORDS // 2
+        # The gauge shows the most a stream was behind in the second, not where it stands at
+        # the moment it is set: a catch-up is over in milliseconds, and would show as 0.
+        self._lag_peak = max(self._lag_peak, reply.last_lsn - base)
         peer.next_pull = now if full else now + PULL_IDLE_INTERVAL_S
         if reply.records:
             self._pulled.append((peer, base, reply.records))
