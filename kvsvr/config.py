@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -185,6 +186,31 @@ class ClusterConfig(Struct, forbid_unknown_fields=True):
         return owner
 
 
+def _check_members(config: ClusterConfig, field: str,
+                   members: Sequence[ReplicaConfig | QueueServerConfig], group: str,
+                   member: str, seen: dict[str, dict[str, str]]) -> None:
+    """The replicas of a group (or servers of a queue group): valid addresses, one per campus,
+    and node names, addresses and data dirs used nowhere else in the config."""
+    campuses: set[str] = set()
+    for index, config_member in enumerate(members):
+        where = f"{field}[{index}]"
+        problem = address_problem(config_member.address)
+        if problem:
+            raise ConfigError(f"{where}.address: {problem}")
+        if config_member.campus in campuses:
+            raise ConfigError(
+                f"{where}.campus: {group} has two {member}s in campus "
+                f"{config_member.campus!r}; each {member} of a group must be in its own campus")
+        campuses.add(config_member.campus)
+        data_dir = str(config.data_dir(config_member).resolve())
+        for attribute, value in (("node", config_member.node),
+                                 ("address", config_member.address), ("data_dir", data_dir)):
+            if value in seen[attribute]:
+                raise ConfigError(f"{where}.{attribute}: {value!r} is already used by "
+                                  f"{seen[attribute][value]}")
+            seen[attribute][value] = where
+
+
 def _validate(config: ClusterConfig) -> ClusterConfig:
     seen: dict[str, dict[str, str]] = {"node": {}, "address": {}, "data_dir": {}}
     group_names: set[str] = set()
@@ -192,27 +218,8 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
         if group.name in group_names:
             raise ConfigError(f"groups[{g_index}].name: {group.name!r} is used twice")
         group_names.add(group.name)
-        campuses: set[str] = set()
-        for r_index, replica in enumerate(group.replicas):
-            field = f"groups[{g_index}].replicas[{r_index}]"
-            problem = address_problem(replica.address)
-            if problem:
-                raise ConfigError(f"{field}.address: {problem}")
-            if replica.campus in campuses:
-                raise ConfigError(
-                    f"{field}.campus: group {group.name!r} has two replicas in campus "
-                    f"{replica.campus!r}; each replica of a group must be in its own campus"
-                )
-            campuses.add(replica.campus)
-            data_dir = str(config.data_dir(replica).resolve())
-            for attribute, value in (("node", replica.node), ("address", replica.address),
-                                     ("data_dir", data_dir)):
-                if value in seen[attribute]:
-                    raise ConfigError(
-                        f"{field}.{attribute}: {value!r} is already used by "
-                        f"{seen[attribute][value]}"
-                    )
-                seen[attribute][value] = field
+        _check_members(config, f"groups[{g_index}].replicas", group.replicas,
+                       f"group {group.name!r}", "replica", seen)
     if config.queue.batch_lifetime_ms < config.queue.ack_deadline_ms:
         raise ConfigError(f"queue.batch_lifetime_ms: {config.queue.batch_lifetime_ms} is "
                           f"shorter than queue.ack_deadline_ms ({config.queue.ack_deadline_ms});"
@@ -222,27 +229,8 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
             raise ConfigError(f"queue_groups[{g_index}].name: {queue_group.name!r} is used "
                               "twice (group and queue group names share one space)")
         group_names.add(queue_group.name)
-        campuses = set()
-        for s_index, server in enumerate(queue_group.servers):
-            field = f"queue_groups[{g_index}].servers[{s_index}]"
-            problem = address_problem(server.address)
-            if problem:
-                raise ConfigError(f"{field}.address: {problem}")
-            if server.campus in campuses:
-                raise ConfigError(
-                    f"{field}.campus: queue group {queue_group.name!r} has two servers in "
-                    f"campus {server.campus!r}; each server of a group must be in its own campus"
-                )
-            campuses.add(server.campus)
-            data_dir = str(config.data_dir(server).resolve())
-            for attribute, value in (("node", server.node), ("address", server.address),
-                                     ("data_dir", data_dir)):
-                if value in seen[attribute]:
-                    raise ConfigError(
-                        f"{field}.{attribute}: {value!r} is already used by "
-                        f"{seen[attribute][value]}"
-                    )
-                seen[attribute][value] = field
+        _check_members(config, f"queue_groups[{g_index}].servers", queue_group.servers,
+                       f"queue group {queue_group.name!r}", "server", seen)
     config.shard_table()
     monitor = config.monitor
     problem = address_problem(monitor.center)

@@ -13,13 +13,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from kvsvr.client import Client
 from kvsvr.config import ClusterConfig, default_text, load
 from kvsvr.errors import ConfigError, KvError
+from kvsvr.process import on_stop_signals
 
 READY_TIMEOUT_S = 30.0
 
@@ -83,16 +86,89 @@ def write_cluster_config(directory: str | Path, *, groups: int = 1, replicas: in
     return path
 
 
-class LocalCluster:
+class ChildProcesses:
+    """Named child processes with a log file each: what both local launchers (KVSvr nodes and
+    queue servers) start, signal, kill and stop."""
+
+    def __init__(self, log_dir: str | Path | None = None):
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str],
+               cwd: str | None = None) -> None:
+        output = None
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
+        self.processes[name] = subprocess.Popen(command, stdout=output, stderr=output, env=env,
+                                                cwd=cwd)
+        if output:
+            output.close()
+
+    def _check_alive(self, name: str, what: str) -> None:
+        """Raise if the process of `name` has exited (pointing at its log)."""
+        process = self.processes.get(name)
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} {name} exited with status {process.returncode}"
+                               + (f"; see {self.log_dir}/{name}.log" if self.log_dir else ""))
+
+    def start(self, node: str | None = None, *, wait: bool = True) -> None:
+        raise NotImplementedError
+
+    def signal(self, node: str, signum: int) -> None:
+        self.processes[node].send_signal(signum)
+
+    def kill(self, node: str) -> None:
+        """SIGKILL: the process gets no chance to clean up."""
+        process = self.processes.pop(node)
+        process.kill()
+        process.wait()
+
+    def stop(self, node: str | None = None, timeout: float = 10.0) -> dict[str, int]:
+        """SIGTERM and wait; returns each stopped process's exit status."""
+        names = [node] if node else list(self.processes)
+        for name in names:
+            process = self.processes.get(name)
+            if process and process.poll() is None:
+                process.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
+                process.terminate()
+        statuses = {}
+        for name in names:
+            process = self.processes.pop(name, None)
+            if process is None:
+                continue
+            try:
+                statuses[name] = process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                statuses[name] = process.wait()
+        return statuses
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def stop_requested() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: a launcher's main loop runs until it is set."""
+    stopping = threading.Event()
+    on_stop_signals(stopping.set)
+    return stopping
+
+
+class LocalCluster(ChildProcesses):
     """The nodes of `config_path` (or the embedded default) as child processes."""
 
     def __init__(self, config_path: str | Path | None = None, *, log_dir: str | Path | None = None,
                  extra_env: dict[str, str] | None = None):
+        super().__init__(log_dir)
         self.config_path = str(config_path) if config_path is not None else None
         self.config: ClusterConfig = load(config_path)
-        self.log_dir = Path(log_dir) if log_dir else None
         self.env = {**os.environ, **(extra_env or {})}
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
     def nodes(self) -> list[str]:
@@ -106,15 +182,8 @@ class LocalCluster:
             command = [sys.executable, "-m", "kvsvr.node", "--node", name]
             if self.config_path:
                 command += ["--config", self.config_path]
-            output = None
-            if self.log_dir:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
-            self.processes[name] = subprocess.Popen(
-                command, stdout=output, stderr=output, env=self.env,
-                cwd=self.config.base_dir if not self.config_path else None)
-            if output:
-                output.close()
+            self._spawn(name, command, self.env,
+                        cwd=self.config.base_dir if not self.config_path else None)
         if wait:
             for name in [node] if node else self.nodes:
                 self.wait_ready(name)
@@ -141,11 +210,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         with Client(address=self.address(node), timeout=0.5, attempt_timeout=0.25) as client:
             while True:
-                process = self.processes.get(node)
-                if process is not None and process.poll() is not None:
-                    raise RuntimeError(f"node {node} exited with status {process.returncode}"
-                                       + (f"; see {self.log_dir}/{node}.log" if self.log_dir
-                                          else ""))
+                self._check_alive(node, "node")
                 try:
                     client.ping()
                     return
@@ -153,45 +218,8 @@ class LocalCluster:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"node {node} not ready in {timeout} s") from None
 
-    def signal(self, node: str, signum: int) -> None:
-        self.processes[node].send_signal(signum)
-
-    def kill(self, node: str) -> None:
-        """SIGKILL: the node gets no chance to clean up."""
-        process = self.processes.pop(node)
-        process.kill()
-        process.wait()
-
-    def stop(self, node: str | None = None, timeout: float = 10.0) -> dict[str, int]:
-        """SIGTERM and wait; returns each stopped node's exit status."""
-        names = [node] if node else list(self.processes)
-        for name in names:
-            process = self.processes.get(name)
-            if process and process.poll() is None:
-                process.send_signal(signal.SIGCONT)  # a paused node cannot act on SIGTERM
-                process.terminate()
-        statuses = {}
-        for name in names:
-            process = self.processes.pop(name, None)
-            if process is None:
-                continue
-            try:
-                statuses[name] = process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                statuses[name] = process.wait()
-        return statuses
-
     def client(self, **options: object) -> Client:
         return Client(self.config, **options)  # type: ignore[arg-type]
-
-    def __enter__(self) -> LocalCluster:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,14 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"kvsvr-cluster: config error: {e}", file=sys.stderr)
         return 2
-    stopping = False
-
-    def stop(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stopping = stop_requested()
     try:
         cluster.start()
     except RuntimeError as e:
@@ -230,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                              ("agent", "kvsvr.monitor.agent")):
             helpers[name] = subprocess.Popen([sys.executable, "-m", module, *config_args])
         print(f"kvsvr-cluster: monitor page on http://{cluster.config.monitor.web}/", flush=True)
-    while not stopping:
+    while not stopping.is_set():
         for name, process in list(cluster.processes.items()):
             if process.poll() is not None:
                 print(f"kvsvr-cluster: node {name} exited ({process.returncode})", flush=True)

@@ -12,7 +12,6 @@ import argparse
 import collections
 import logging
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -26,6 +25,7 @@ from kvsvr.errors import ConfigError, Internal, InvalidArgument, KvError, Storag
 from kvsvr.limits import GROUP_COMMIT_MAX_OPS, MAX_MESSAGE_BYTES, NODE_QUEUE_MESSAGES
 from kvsvr.monitor import registry as monitor_ids
 from kvsvr.monitor.counters import counters_for
+from kvsvr.process import add_log_level, on_stop_signals, setup_logging
 from kvsvr.protocol import Method, MutateRequest
 from kvsvr.store import Store, StoreLocked
 
@@ -302,11 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvsvr-node", description="Serve one KVSvr node.")
     parser.add_argument("--config", help="cluster TOML (default: the embedded one-node config)")
     parser.add_argument("--node", help="node name in the config (default: the first node)")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.log_level)
     try:
         config = load(args.config)
         name = args.node or config.groups[0].replicas[0].node
@@ -324,13 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvsvr-node: cannot open storage: {e}", file=sys.stderr)
         return 1
 
-    def stop(signum: int, _frame: Any) -> None:
-        log.info("signal %s: finishing the current round and stopping",
-                 signal.Signals(signum).name)
+    def stop() -> None:
         node.stopping = True
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    on_stop_signals(stop, log)
     try:
         node.serve()
     except OSError as e:

@@ -38,7 +38,6 @@ import argparse
 import hashlib
 import logging
 import os
-import signal
 import socket as socket_module
 import sys
 import time
@@ -68,6 +67,7 @@ from kvsvr.monitor.report import (
     encode_report,
     machine_problem,
 )
+from kvsvr.process import add_log_level, on_stop_signals, setup_logging
 
 log = logging.getLogger("kvsvr.agent")
 
@@ -393,11 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="id registry TOML (repeatable; default: monitor.registry)")
     parser.add_argument("--list-ids", action="store_true",
                         help="list the registered ids (registry and counters file) and exit")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.log_level)
     try:
         config = load(args.config)
         monitor = config.monitor
@@ -427,13 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         stopping: list[bool] = []
         agent: Agent | None = None
 
-        def stop(signum: int, _frame: Any) -> None:
+        def stop() -> None:
             stopping.append(True)
             if agent is not None:
                 agent.stopping = True
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        on_stop_signals(stop)
         found = wait_for_counters(path, stopping)
         if found is None:
             return 0

@@ -37,6 +37,7 @@ from kvsvr.monitor.report import (
 from kvsvr.monitor.rules import MAX_ABSENT_FOR_S, ResolvedRule, samples_needed
 from kvsvr.monitor.series import MAX_SERIES_SECONDS, AlertEvent, SeriesStore
 from kvsvr.node import bind_router
+from kvsvr.process import add_log_level, setup_logging
 
 log = logging.getLogger("kvsvr.monitor")
 
@@ -396,11 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                         "its values age out with the retention) and exit (repeatable)")
     parser.add_argument("--no-sync", action="store_true",
                         help="no fsync per report (benchmarks only: acks are not durable)")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.log_level)
     try:
         config: ClusterConfig = load(args.config)
         monitor = config.monitor

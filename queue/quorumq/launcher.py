@@ -8,16 +8,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 
 from kvsvr.config import ClusterConfig, load
 from kvsvr.errors import ConfigError, KvError
-from kvsvr.launcher import free_port
+from kvsvr.launcher import ChildProcesses, free_port, stop_requested
 from quorumq import protocol
 from quorumq.protocol import QMethod
 from quorumq.transport import call
@@ -53,14 +50,13 @@ def write_queue_config(directory: str | Path, *, groups: int = 1, sync: bool = T
     return path
 
 
-class LocalQueueCluster:
+class LocalQueueCluster(ChildProcesses):
     """The queue servers of `config_path` as child processes."""
 
     def __init__(self, config_path: str | Path, *, log_dir: str | Path | None = None):
+        super().__init__(log_dir)
         self.config_path = str(config_path)
         self.config: ClusterConfig = load(config_path)
-        self.log_dir = Path(log_dir) if log_dir else None
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
     def nodes(self) -> list[str]:
@@ -78,15 +74,8 @@ class LocalQueueCluster:
     def start(self, node: str | None = None, *, wait: bool = True) -> None:
         names = [node] if node else self.nodes
         for name in names:
-            output = None
-            if self.log_dir:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "quorumq.server", "--config", self.config_path,
-                 "--node", name], stdout=output, stderr=output, env=dict(os.environ))
-            if output:
-                output.close()
+            self._spawn(name, [sys.executable, "-m", "quorumq.server", "--config",
+                               self.config_path, "--node", name], dict(os.environ))
         if wait:
             for name in names:
                 self.wait_ready(name)
@@ -94,11 +83,7 @@ class LocalQueueCluster:
     def wait_ready(self, node: str, timeout: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            process = self.processes.get(node)
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"queue server {node} exited with status "
-                                   f"{process.returncode}" + (f"; see {self.log_dir}/{node}.log"
-                                                              if self.log_dir else ""))
+            self._check_alive(node, "queue server")
             try:
                 self.status(node, timeout=0.5)
                 return
@@ -118,45 +103,11 @@ class LocalQueueCluster:
                 call(self.address(node), QMethod.CREATE_TOPIC, protocol.CreateTopicRequest(
                     topic, retention_bytes, retention_s))
 
-    def signal(self, node: str, signum: int) -> None:
-        self.processes[node].send_signal(signum)
-
-    def kill(self, node: str) -> None:
-        """SIGKILL: the server gets no chance to clean up."""
-        process = self.processes.pop(node)
-        process.kill()
-        process.wait()
-
     def wipe(self, node: str) -> None:
         """SIGKILL and delete the server's data directory (a lost disk)."""
         if node in self.processes:
             self.kill(node)
         shutil.rmtree(self.data_dir(node), ignore_errors=True)
-
-    def stop(self, node: str | None = None, timeout: float = 10.0) -> None:
-        names = [node] if node else list(self.processes)
-        for name in names:
-            process = self.processes.get(name)
-            if process and process.poll() is None:
-                process.send_signal(signal.SIGCONT)
-                process.terminate()
-        for name in names:
-            process = self.processes.pop(name, None)
-            if process is None:
-                continue
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    def __enter__(self) -> LocalQueueCluster:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,14 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"quorumq-cluster: config error: {e}", file=sys.stderr)
         return 2
-    stopping = False
-
-    def stop(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stopping = stop_requested()
     try:
         cluster.start()
     except RuntimeError as e:
@@ -185,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("quorumq-cluster: " + ", ".join(f"{n} {cluster.address(n)}" for n in cluster.nodes),
           flush=True)
-    while not stopping:
+    while not stopping.is_set():
         time.sleep(0.2)
     cluster.stop()
     return 0

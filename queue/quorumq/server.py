@@ -15,7 +15,6 @@ import argparse
 import collections
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from kvsvr.errors import (
     Timeout,
     Unavailable,
 )
+from kvsvr.process import add_log_level, on_stop_signals, setup_logging
 from kvsvr.protocol import pack
 from quorumq import protocol
 from quorumq.limits import (
@@ -461,11 +461,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Serve one log server of a queue group.")
     parser.add_argument("--config", help="cluster TOML with [[queue_groups]]")
     parser.add_argument("--node", required=True, help="queue server name in the config")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.log_level)
     try:
         config = load(args.config)
         server = QueueServer(config, args.node)
@@ -476,13 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quorumq-server: cannot open storage: {e}", file=sys.stderr)
         return 1
 
-    def stop(signum: int, _frame: Any) -> None:
-        log.info("signal %s: finishing the current round and stopping",
-                 signal.Signals(signum).name)
+    def stop() -> None:
         server.stopping = True
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    on_stop_signals(stop, log)
     try:
         server.serve()
     except OSError as e:
