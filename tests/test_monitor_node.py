@@ -78,7 +78,7 @@ def test_a_single_node_counts_requests_failures_latency_and_bytes(tmp_path):
     assert moved[ids.NODE_BYTES_IN] > 40 * 24 and moved[ids.NODE_BYTES_OUT] > 40 * 24
 
 
-def test_replicas_count_group_commits_quorum_decisions_and_binlog_lag(tmp_path):
+def test_replicas_count_group_commits_client_requests_and_binlog_lag(tmp_path):
     """A 3-replica group under writes: group commits and applied mutations on the machine
     (3 replicas x 10 writes), the clients' requests (not the replicas' traffic between
     themselves), and the binlog lag gauge showing the streams behind while writes flow."""

@@ -433,3 +433,6 @@ def test_a_state_answer_is_cut_by_size_and_a_part_out_of_range_is_ignored():
     rebuilding.step(_core.Message(bogus.kind, 1, bogus.target, bogus.incarnation,
                                   b"", 0, bogus.ballot, (1 << 32) | 1, []), 0)
     assert rebuilding.rebuilding  # peer 1's well-formed empty answer alone is not enough
+    for part in parts:             # ... and peer 0's real parts complete the rebuild
+        rebuilding.step(part, 0)
+    assert not rebuilding.rebuilding
