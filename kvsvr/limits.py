@@ -29,6 +29,8 @@ DEFAULT_TIMEOUT_S = 5.0              # overall deadline of a client call
 CLIENT_QUEUE_MESSAGES = 10_000       # ZeroMQ messages queued per client socket, each way
 NODE_QUEUE_MESSAGES = 1_000          # ... per peer of a node (each <= MAX_MESSAGE_BYTES)
 BINLOG_MAX_RECORDS = 1_000_000       # default bound on binlog length (trimmed oldest first)
+VOTE_LOG_BYTES = 16 << 20            # a replica's vote log file (zero-filled once; a round's
+                                     # records that do not fit go to LMDB at once instead)
 
 # A page of at least one maximal row must still fit in one frame.
 assert PAGE_MAX_BYTES + MAX_VALUE_BYTES + MAX_ROW_KEY_BYTES + 4096 <= MAX_FRAME_BYTES
@@ -59,4 +61,5 @@ __all__ = [
     "OPS_TRIM_STEP",
     "PAGE_MAX_BYTES",
     "SCAN_MAX_ENTRIES_VISITED",
+    "VOTE_LOG_BYTES",
 ]

@@ -28,6 +28,7 @@ from kvsvr.monitor.counters import counters_for
 from kvsvr.process import add_log_level, on_stop_signals, setup_logging
 from kvsvr.protocol import Method, MutateRequest
 from kvsvr.store import Store, StoreLocked
+from kvsvr.votelog import VoteLogDamaged
 
 log = logging.getLogger("kvsvr.node")
 
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"kvsvr-node: config error: {e}", file=sys.stderr)
         return 2
-    except (StoreLocked, lmdb.Error, OSError) as e:
+    except (StoreLocked, VoteLogDamaged, lmdb.Error, OSError) as e:
         print(f"kvsvr-node: cannot open storage: {e}", file=sys.stderr)
         return 1
 

@@ -9,11 +9,21 @@
    applied? compare-and-set?) and proposed as the key's next version; a linearizable read
    waits for a version barrier (a majority's applied and open versions of the key) and is
    answered from local LMDB once this replica is at least that new.
-3. Tick the core, then one LMDB write transaction (group commit, fsync) holds everything the
-   core asked to persist and every chosen version applied in order (from the quorum or from a
-   peer's binlog), with the instances it forgets.
+3. Tick the core; what it asks to persist (votes) is one frame of the vote log, made durable
+   with one fdatasync (kvsvr/votelog.py). The same records, every chosen version applied in
+   order (from the quorum or from a peer's binlog) and the instances it forgets go into an
+   LMDB write transaction that stays open across rounds.
 4. Only then send peer messages (persist before send). A write is answered as soon as the
    quorum has chosen it (a majority holds it durably), even before the local apply commits.
+5. Every storage.checkpoint_interval_ms the open transaction commits (fsync), recording the
+   last vote log frame it covers, and the vote log starts again. A crash loses the open transaction
+   only: on restart the frames after the checkpoint are replayed, and what they chose is
+   applied again. So the fsync on a write's path is a small sequential append, and LMDB's
+   page writes are paid once per checkpoint for all the rounds in it.
+
+Readers in this loop use the open transaction (they see every apply); what leaves the node
+as data (binlog pulls, snapshots, the LSN stamped on a rebuild answer) is only what a
+checkpoint made durable, so a peer never holds a record this node could lose in a crash.
 
 Data reaches a replica that was not in a quorum, or was down, through the binlog stream: each
 replica pulls every peer's binlog from its own durable cursor and applies each key's next
@@ -39,6 +49,8 @@ import random
 import secrets
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msgspec
@@ -73,7 +85,8 @@ from kvsvr.protocol import (
     VersionsReply,
     VersionsRequest,
 )
-from kvsvr.store import _plan
+from kvsvr.store import WriteBatch, _plan
+from kvsvr.votelog import VoteLog
 
 log = logging.getLogger("kvsvr.replica")
 
@@ -99,6 +112,7 @@ ROUND_MAX_MESSAGES = 512        # inbound messages taken per round
 IDLE_POLL_MS = 20               # poll timeout with nothing pending (pulls, ticks)
 OPEN_RECOVER_AFTER_S = 1.0      # an instance accepted here but not chosen this long: finish it
 OPEN_CHECK_INTERVAL_S = 0.25    # how often open instances are looked at
+CHECKPOINT_MAX_APPLIED = 20_000  # a checkpoint at least every this many applied versions
 
 _REQUEST = _core.FRAME_REQUEST
 _RESPONSE = _core.FRAME_RESPONSE
@@ -230,6 +244,20 @@ class ReplicaNode(Node):
         self._lag_peak = 0  # most records a stream was behind since the gauge was last set
         self._peers_watched = 0.0
         self._after_copy: set[bytes] = set()  # keys whose chosen versions wait for a copy
+        # The nonce is stored only once its log file is whole (zero-filled and synced): a
+        # store with a nonce and no whole log lost votes, and VoteLog refuses to go on.
+        nonce = self.store.meta_u64s(b"votes/nonce").get(b"")
+        had_log = nonce is not None
+        if nonce is None:
+            nonce = (secrets.randbits(64),)
+        self.votes = VoteLog(self.store.path / "votes.log", nonce[0], sync=config.storage.sync,
+                             must_exist=had_log)
+        if not had_log:
+            with self.store.write() as batch:
+                batch.set_meta_u64s(b"votes/nonce", *nonce)
+        self._batch: WriteBatch | None = None  # the LMDB transaction open across rounds
+        self._batch_opened = 0.0
+        self._checkpoint_s = config.storage.checkpoint_interval_ms / 1000
         if self.incarnation:
             self._start_quorum(rebuilding=False)
 
@@ -239,10 +267,13 @@ class ReplicaNode(Node):
                                           rebuilding=rebuilding,
                                           answer_base=secrets.randbits(32))
         if not rebuilding:
+            through = self.store.meta_u64s(b"votes/through").get(b"", (0,))[0]
+            # Votes after the last checkpoint, newer than what LMDB holds: restored after it.
+            logged = self.votes.replay(through)
             records = []
             stale = []
             with self.store.read() as txn:
-                for record in self.store.quorum_records():
+                for record in self.store.quorum_records() + logged:
                     if record[0] == "instance" and \
                             record[2] <= self.store.key_state(txn, record[1]).version:
                         stale.append(record)  # applied before a crash: never needed again
@@ -253,10 +284,23 @@ class ReplicaNode(Node):
             for record in records:
                 if record[0] == "instance" and record[4] and record[6] is None:
                     self._open_since[(record[1], record[2])] = started
-            if stale:
-                with self.store.write() as batch:
-                    for record in stale:
-                        batch.forget_instance(record[1], record[2])
+            if stale or logged:
+                if logged:
+                    self.counters["votes_replayed"] += len(logged)
+                    log.info("node %s: %d votes replayed from the vote log (frames %d..%d)",
+                             self.name, len(logged), through + 1, self.votes.seq)
+                # A checkpoint of the replayed votes, with what they chose applied again
+                # (the transaction that had applied it was lost with the process).
+                batch = self._open_batch(started)
+                for record in stale:
+                    batch.forget_instance(record[1], record[2])
+                replayed = [r for r in logged if r[0] != "instance" or r[2] >
+                            self.store.key_state(batch.txn, r[1]).version]
+                batch.persist_quorum(replayed)
+                self._gone = set()
+                for key in {r[1] for r in replayed if r[0] == "instance" and r[6] is not None}:
+                    self._apply_chosen(batch, key)
+                self._checkpoint()
         self._update_role()
         log.info("node %s: incarnation %d, %s", self.name, self.incarnation, self.role)
 
@@ -322,6 +366,7 @@ class ReplicaNode(Node):
         knew = max(p.hello.knew_you for p in peers if p.hello is not None)
         wiped = knew > 0
         self.incarnation = knew + 1 if wiped else 1
+        self._checkpoint()
         with self.store.write() as batch:
             batch.set_incarnation(self.incarnation)
         if wiped:
@@ -354,6 +399,7 @@ class ReplicaNode(Node):
                  self.replica.campus, self.replica.address, self.store.path,
                  self.store.first_lsn, self.store.last_lsn)
         peers_by_socket = {p.socket: p for p in self._peers if p is not None}
+        clean = False
         try:
             busy = False
             while not self.stopping:
@@ -378,7 +424,14 @@ class ReplicaNode(Node):
                             except zmq.Again:
                                 break
                 busy = self.round(inbound, replies, time.monotonic())
+            clean = True
         finally:
+            if clean:
+                self._checkpoint()   # a clean stop leaves nothing to replay
+            elif self._batch is not None:
+                self._batch.abort()  # a failed round: the vote log has what counts
+                self._batch = None
+            self.votes.close()
             for link in self._peers:
                 if link is not None:
                     link.socket.close()
@@ -388,9 +441,14 @@ class ReplicaNode(Node):
             log.info("node %s stopped", self.name)
 
     def _poll_timeout_ms(self) -> int:
+        due = []
         if self._delayed:
-            return max(0, min(IDLE_POLL_MS, int((self._delayed[0][0] - time.monotonic()) * 1000)))
-        return IDLE_POLL_MS
+            due.append(self._delayed[0][0])
+        if self._batch is not None:
+            due.append(self._batch_opened + self._checkpoint_s)
+        if not due:
+            return IDLE_POLL_MS
+        return max(0, min(IDLE_POLL_MS, int((min(due) - time.monotonic()) * 1000) + 1))
 
     def _send_peer(self, peer: _Peer, frames: list[bytes], now: float) -> None:
         """Through the fault hook: dropped, held back, or sent now."""
@@ -445,13 +503,10 @@ class ReplicaNode(Node):
               now: float) -> bool:
         """Handle what arrived, move work on, commit, send. True if more work is ready."""
         self._release_delayed(now)
-        txn = self.store.read()
-        try:
+        with self._view() as txn:
             for parts in inbound:
                 for payload in parts[1:]:
                     self._inbound(parts[0], payload, txn, now)
-        finally:
-            txn.abort()
         for peer, payload in replies:
             self._peer_reply(peer, payload, now)
         if self.quorum is None:
@@ -474,7 +529,57 @@ class ReplicaNode(Node):
         if self._sessions:
             self._expire_sessions(now)
         self._flush_clients()
+        self._maybe_checkpoint(now)
         return bool(self._dirty) or bool(self._pulled)
+
+    # --- the open LMDB transaction and its checkpoints ------------------------------------------
+    @contextmanager
+    def _view(self) -> Iterator[Any]:
+        """A transaction to read in: the open write transaction (it sees every apply of this
+        node), else a read transaction."""
+        if self._batch is not None:
+            yield self._batch.txn
+            return
+        txn = self.store.read()
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    def _open_batch(self, now: float) -> WriteBatch:
+        if self._batch is None:
+            self._batch = self.store.begin()
+            self._batch_opened = now
+        return self._batch
+
+    def _maybe_checkpoint(self, now: float) -> None:
+        batch = self._batch
+        if batch is not None and (now - self._batch_opened >= self._checkpoint_s
+                                  or batch.applied >= CHECKPOINT_MAX_APPLIED
+                                  or self.votes.used > self.votes.size // 2):
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Commit the open transaction (fsync): the vote log frames so far are in it."""
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        started = time.perf_counter()
+        batch.set_meta_u64s(b"votes/through", self.votes.seq)
+        try:
+            self.store.commit(batch)
+        except StorageFull as e:
+            log.error("node %s: %s", self.name, e)
+            self._fail_all_writes(e)
+            raise SystemExit(1) from None
+        self.votes.checkpointed()
+        self.counters["group_commits"] += 1
+        self.counters["group_commit_us"] += int((time.perf_counter() - started) * 1e6)
+        self.monitor.add(monitor_ids.NODE_GROUP_COMMITS, 1)
+
+    def sweep_idle_clients(self) -> None:
+        self._checkpoint()  # the sweep writes in a transaction of its own
+        super().sweep_idle_clients()
 
     def _inbound(self, identity: bytes, payload: bytes, txn: Any, now: float) -> None:
         self.monitor.add(monitor_ids.NODE_BYTES_IN, len(payload))
@@ -556,15 +661,19 @@ class ReplicaNode(Node):
             if request.incarnation == self.incarnation:
                 peer.has_through = max(peer.has_through, request.from_lsn - 1)
             store = self.store
+            # Only what a checkpoint made durable: a record lost in a crash of this node
+            # would otherwise live on in a peer, and its LSN be reused for another.
             records = store.binlog_raw(request.from_lsn, request.max_records, PULL_MAX_BYTES) \
-                if request.from_lsn >= store.first_lsn else []
-            return PullReply(self.incarnation, store.first_lsn, store.last_lsn, records)
+                if request.from_lsn >= store.durable_first_lsn else []
+            return PullReply(self.incarnation, store.durable_first_lsn, store.durable_last_lsn,
+                             records)
         if method == Method.HELLO:
             if not 0 <= request.source < self.replicas or request.source == self.index:
                 raise InvalidArgument(f"source: {request.source} is not a peer of this node",
                                       field="source")
             knew = self._fence_of(request.source)
-            return HelloReply(self.incarnation, knew, self.store.first_lsn, self.store.last_lsn)
+            return HelloReply(self.incarnation, knew, self.store.durable_first_lsn,
+                              self.store.durable_last_lsn)
         if method == Method.SNAPSHOT:
             if not 0 <= request.source < self.replicas or request.source == self.index:
                 raise InvalidArgument(f"source: {request.source} is not a peer of this node",
@@ -820,7 +929,7 @@ class ReplicaNode(Node):
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, set()
-        with self.store.read() as txn:
+        with self._view() as txn:
             for key in dirty:
                 work = self._work.get(key)
                 if work is None:
@@ -861,7 +970,7 @@ class ReplicaNode(Node):
                 answer.append(waiter)
         work.reads = waiting
         if answer:
-            with self.store.read() as txn:
+            with self._view() as txn:
                 for waiter in answer:
                     try:
                         self._answer_ok(waiter, self._read(waiter.method, waiter.request, txn))
@@ -940,7 +1049,7 @@ class ReplicaNode(Node):
         quorum = self.quorum
         if quorum is None or not self.voting:
             return
-        with self.store.read() as txn:
+        with self._view() as txn:
             for (key, version), since in list(self._open_since.items()):
                 if now - since < OPEN_RECOVER_AFTER_S or quorum.proposing(key, version):
                     continue
@@ -984,7 +1093,7 @@ class ReplicaNode(Node):
             barrier = _Barrier(chunk, now)
             quorum = self.quorum
             assert quorum is not None
-            with self.store.read() as txn:
+            with self._view() as txn:
                 barrier.answers[self.index] = [
                     KeyVersions(self.store.key_state(txn, key).version,
                                 quorum.highest_open(key)) for key in chunk]
@@ -1056,42 +1165,58 @@ class ReplicaNode(Node):
                     open_since.pop((r[1], r[2]), None)
                 elif r[4]:
                     open_since.setdefault((r[1], r[2]), now)
+        # Votes go to the vote log (one fdatasync). Fences and the rebuild markers, snapshot
+        # pages, and a frame bigger than the whole log are made durable by committing LMDB
+        # before anything is sent, as every round did before the log.
+        durable_now = bool(pages) or any(r[0] != "instance" for r in persist)
+        if persist and not durable_now:
+            frame = self.votes.frame(persist)
+            if not self.votes.fits(frame):
+                self._checkpoint()
+            if self.votes.fits(frame):
+                started_sync = time.perf_counter()
+                self.votes.append(frame)
+                self.counters["vote_log_syncs"] += 1
+                self.counters["vote_log_sync_us"] += int(
+                    (time.perf_counter() - started_sync) * 1e6)
+            else:
+                durable_now = True
         try:
-            with self.store.write() as batch:
-                self._gone = set()
-                applied = self._install_pages(batch, pages, touched)
-                if self._copying():
-                    # Nothing but the copy until it is complete; what was chosen meanwhile
-                    # stays in the core and is applied right after.
-                    self._after_copy.update(touched)
-                    touched = set()
-                    pulled = []
-                elif self._after_copy:
-                    touched |= self._after_copy
-                    self._after_copy = set()
-                applied += self._apply_pulled(batch, pulled, touched)
-                for key in touched:
-                    applied += self._apply_chosen(batch, key)
-                if persist:
-                    # An instance applied (and forgotten) in this same transaction needs no
-                    # acceptor record: its version is below the floor from now on.
-                    gone = self._gone
-                    batch.persist_quorum([r for r in persist if r[0] != "instance"
-                                          or (r[1], r[2]) not in gone] if gone else persist)
-                moved = {id(p) for p, _, _ in pulled} | {id(p) for p, _ in pages}
-                for peer in self._peers:
-                    if peer is not None and id(peer) in moved:
-                        batch.set_meta_u64s(b"cursor/" + bytes([peer.index]), peer.incarnation,
-                                            peer.cursor)
-                self._trim(batch)
-                if self.quorum is not None and self.incarnation > 1 \
-                        and not self._rebuild_done:
-                    self._save_rebuild_progress(batch)
-            self.counters["group_commits"] += 1
+            batch = self._open_batch(now)
+            self._gone = set()
+            applied = self._install_pages(batch, pages, touched)
+            if self._copying():
+                # Nothing but the copy until it is complete; what was chosen meanwhile
+                # stays in the core and is applied right after.
+                self._after_copy.update(touched)
+                touched = set()
+                pulled = []
+            elif self._after_copy:
+                touched |= self._after_copy
+                self._after_copy = set()
+            applied += self._apply_pulled(batch, pulled, touched)
+            for key in touched:
+                applied += self._apply_chosen(batch, key)
+            if persist:
+                # An instance applied (and forgotten) in this same transaction needs no
+                # acceptor record: its version is below the floor from now on.
+                gone = self._gone
+                batch.persist_quorum([r for r in persist if r[0] != "instance"
+                                      or (r[1], r[2]) not in gone] if gone else persist)
+            moved = {id(p) for p, _, _ in pulled} | {id(p) for p, _ in pages}
+            for peer in self._peers:
+                if peer is not None and id(peer) in moved:
+                    batch.set_meta_u64s(b"cursor/" + bytes([peer.index]), peer.incarnation,
+                                        peer.cursor)
+            self._trim(batch)
+            if self.quorum is not None and self.incarnation > 1 \
+                    and not self._rebuild_done:
+                self._save_rebuild_progress(batch)
+            if durable_now:
+                self._checkpoint()
             self.counters["applied"] += applied
-            self.monitor.add(monitor_ids.NODE_GROUP_COMMITS, 1)
             self.monitor.add(monitor_ids.NODE_MUTATIONS, applied)
-            self.counters["group_commit_us"] += int((time.perf_counter() - started) * 1e6)
+            self.counters["apply_us"] += int((time.perf_counter() - started) * 1e6)
         except StorageFull as e:
             log.error("node %s: %s", self.name, e)
             self._fail_all_writes(e)
@@ -1126,6 +1251,10 @@ class ReplicaNode(Node):
             self._flush_clients()
 
     def _after_commit(self, send: list[_core.Message], decided: list[Any], now: float) -> None:
+        if self._batch is not None and any(m.kind == _core.MSG_STATE for m in send):
+            # A rebuild answer says how far our binlog stood: that must be durable and
+            # readable by the peer's pulls, which see only checkpoints.
+            self._checkpoint()
         if send:
             self._send_quorum(send, now)
         counters = self.counters
@@ -1263,7 +1392,7 @@ class ReplicaNode(Node):
                 # Stamp where our binlog stands: the rebuilding peer catches up to it.
                 message = _core.Message(message.kind, message.source, message.target,
                                         message.incarnation, message.key,
-                                        self.store.last_lsn, message.ballot,
+                                        self.store.durable_last_lsn, message.ballot,
                                         message.accepted_ballot, message.value)
             by_peer.setdefault(message.target, []).append(message)
         for index, batch in by_peer.items():
@@ -1372,6 +1501,12 @@ class ReplicaNode(Node):
                 "fast_path": bool(quorum.fast_path) if quorum else False,
             },
             "waiting": {"keys": len(self._work), "barriers": len(self._barriers)},
+            "vote_log": {
+                "last_frame": self.votes.seq,
+                "frames_since_checkpoint": self.votes.frames,
+                "bytes_since_checkpoint": self.votes.used,
+                "checkpoint_interval_ms": round(self._checkpoint_s * 1000),
+            },
         })
         return status
 

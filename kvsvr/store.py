@@ -214,6 +214,9 @@ class Store:
                 saved = txn.get(b"last_lsn", db=self._meta)
                 self.last_lsn = _U64BE.unpack(saved)[0] if saved else 0
                 self.first_lsn = self.last_lsn + 1
+        # What readers outside the write transaction see (pulls, snapshots): first_lsn and
+        # last_lsn run ahead while a transaction kept open across rounds is not committed.
+        self.durable_first_lsn, self.durable_last_lsn = self.first_lsn, self.last_lsn
 
     def close(self) -> None:
         self.env.close()
@@ -470,6 +473,16 @@ class Store:
         except BaseException:
             batch.abort()
             raise
+        self.commit(batch)
+
+    def begin(self) -> WriteBatch:
+        """A write transaction the caller keeps open (across rounds) and ends with commit()
+        or abort(); while it is open no other write transaction may begin in this process."""
+        return WriteBatch(self)
+
+    def commit(self, batch: WriteBatch) -> None:
+        """Commit `batch` durably (fsync unless storage.sync is off); on an error nothing of
+        it is kept and the error says why (StorageFull for a full map or disk)."""
         try:
             batch.commit()
         except lmdb.MapFullError:
@@ -485,6 +498,7 @@ class Store:
         except BaseException:
             batch.abort()
             raise
+        self.durable_first_lsn, self.durable_last_lsn = self.first_lsn, self.last_lsn
 
 
 class WriteBatch:

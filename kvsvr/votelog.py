@@ -1,0 +1,153 @@
+"""The acceptor's vote log: the version quorum's records made durable with one fdatasync.
+
+A replica must persist its votes (promises, accepted values, learned choices) before it sends
+the messages that reveal them. Doing that in an LMDB commit costs two fdatasyncs and a page
+per touched key every round; here a round's records are one frame written into a file that was
+filled with zeros when it was made, so the fdatasync writes the frame's blocks and nothing
+else (no size change, no extent to allocate, so no journal commit on ext4).
+
+LMDB takes the same records (and the applies they lead to) in a write transaction that stays
+open across rounds and commits every few tens of milliseconds: a checkpoint. That commit
+stores `votes/through`, the sequence number of the last frame it covers, and the log then
+starts again at offset 0. After a crash, the frames after `through` are replayed on top of
+LMDB: they hold every vote the lost transaction held.
+
+Frame: u32 payload length, u64 sequence, u64 xxh64 of (length, sequence, payload) seeded
+with the log's nonce, payload (msgpack list of records). Reading stops at the first frame that
+is torn, fails its checksum, or does not continue the sequence: frames left from before a wrap
+have older sequence numbers, so they can never be mistaken for the continuation. The nonce is
+drawn once per LMDB environment and kept in it, so frames of a file that outlived its LMDB
+(a data directory half deleted) fail their checksum instead of being replayed into another.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from xxhash import xxh64_intdigest
+
+from kvsvr.limits import VOTE_LOG_BYTES
+
+_HEADER = struct.Struct("<IQQ")   # payload length, sequence, checksum
+_SUM_PREFIX = struct.Struct("<IQ")
+_ZERO_CHUNK = 1 << 20
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(list[list[Any]])
+
+
+class VoteLogDamaged(RuntimeError):
+    """The log's frames after the last checkpoint do not start where the checkpoint ended."""
+
+
+def _checksum(nonce: int, length: int, seq: int, payload: bytes) -> int:
+    return xxh64_intdigest(_SUM_PREFIX.pack(length, seq) + payload, seed=nonce)
+
+
+class VoteLog:
+    def __init__(self, path: str | Path, nonce: int, *, size: int = VOTE_LOG_BYTES,
+                 sync: bool = True, must_exist: bool = False):
+        if size < 4096:
+            raise ValueError(f"size: {size} bytes, a vote log needs at least 4096")
+        self.path = Path(path)
+        self.nonce = nonce
+        self.size = size
+        self.sync = sync
+        self.seq = 0          # the last frame's sequence number (written or replayed)
+        self.offset = 0       # where the next frame goes
+        self.frames = 0       # frames written since the last checkpoint
+        fresh = not self.path.exists() or self.path.stat().st_size < size
+        if fresh and must_exist:
+            # Its votes since the last checkpoint are gone: voting on as if they had never
+            # been cast could let two values be chosen. Only a rebuild from the peers is safe.
+            raise VoteLogDamaged(
+                f"{self.path} is missing or cut short, so this replica's votes since its "
+                "last checkpoint are lost; move its data directory away (or wipe it) and "
+                "start it again: it then rebuilds from its peers before it votes")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fresh:
+            self._fill_zeros()
+
+    def _fill_zeros(self) -> None:
+        chunk = bytes(_ZERO_CHUNK)
+        written = 0
+        while written < self.size:
+            written += os.pwrite(self._fd, chunk[:self.size - written], written)
+        os.fsync(self._fd)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)   # the file's name is durable too
+        finally:
+            os.close(directory)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # --- recovery -------------------------------------------------------------------------
+    def replay(self, through: int) -> list[tuple[Any, ...]]:
+        """The records of every frame after sequence `through` (the last checkpoint), in
+        order; afterwards `seq` is the last frame's sequence number."""
+        records: list[tuple[Any, ...]] = []
+        offset, previous, expected = 0, None, through + 1
+        while offset + _HEADER.size <= self.size:
+            length, seq, checksum = _HEADER.unpack(os.pread(self._fd, _HEADER.size, offset))
+            if length == 0 or offset + _HEADER.size + length > self.size:
+                break
+            if previous is not None and seq != previous + 1:
+                break   # a frame from before the last wrap: the log ends here
+            payload = os.pread(self._fd, length, offset + _HEADER.size)
+            if _checksum(self.nonce, length, seq, payload) != checksum:
+                break   # torn by a crash mid-write (never acknowledged), or another log's
+            if seq > through:
+                if seq != expected:
+                    raise VoteLogDamaged(
+                        f"{self.path}: frame {seq} follows checkpoint {through}; frames "
+                        f"{expected}..{seq - 1} are missing")
+                records.extend(tuple(r) for r in _decoder.decode(payload))
+                expected = seq + 1
+            previous = seq
+            offset += _HEADER.size + length
+        self.seq = max(through, expected - 1)
+        return records
+
+    # --- writing --------------------------------------------------------------------------
+    def frame(self, records: list[tuple[Any, ...]]) -> bytes:
+        """The next frame holding `records` (not yet written)."""
+        payload = _encoder.encode(records)
+        seq = self.seq + 1
+        return _HEADER.pack(len(payload), seq,
+                            _checksum(self.nonce, len(payload), seq, payload)) + payload
+
+    def fits(self, frame: bytes) -> bool:
+        return self.offset + len(frame) <= self.size
+
+    def append(self, frame: bytes) -> None:
+        """Write a frame made by frame() and make it durable (fdatasync unless sync is off:
+        then it still survives the process being killed, as it is in the page cache)."""
+        if not self.fits(frame):
+            raise ValueError(f"vote log: a {len(frame)}-byte frame does not fit at offset "
+                             f"{self.offset} of {self.size}; checkpoint first")
+        written = os.pwrite(self._fd, frame, self.offset)
+        if written != len(frame):
+            raise OSError(f"{self.path}: short write ({written} of {len(frame)} bytes)")
+        if self.sync:
+            # A failure raises and stops the node: never retried, as after a failed
+            # fdatasync the kernel may have dropped the pages it could not write.
+            os.fdatasync(self._fd)
+        self.offset += len(frame)
+        self.seq += 1
+        self.frames += 1
+
+    def checkpointed(self) -> None:
+        """Everything written so far is durable elsewhere: start again at offset 0."""
+        self.offset = 0
+        self.frames = 0
+
+    @property
+    def used(self) -> int:
+        return self.offset

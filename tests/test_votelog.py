@@ -1,0 +1,215 @@
+"""The vote log: frames replay in order after the last checkpoint and nowhere past a torn,
+foreign or stale frame; and a whole group SIGKILLed between checkpoints (its LMDB never
+committed a write) still holds every acknowledged write, from the votes alone."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from kvsvr import Client, NotFound
+from kvsvr.launcher import LocalCluster, write_cluster_config
+from kvsvr.votelog import VoteLog, VoteLogDamaged
+
+
+def _record(i: int, chosen: bytes | None = None) -> tuple:
+    return ("instance", b"key-%d" % i, i + 1, 7, 7, b"value-%d" % i, chosen)
+
+
+def _write(log: VoteLog, first: int, count: int) -> None:
+    for i in range(first, first + count):
+        log.append(log.frame([_record(i), _record(i, b"chosen")]))
+
+
+def test_frames_replay_in_order_after_the_checkpoint_only(tmp_path: Path):
+    log = VoteLog(tmp_path / "votes.log", nonce=11, size=1 << 16)
+    _write(log, 0, 5)
+    log.close()
+    again = VoteLog(tmp_path / "votes.log", nonce=11, size=1 << 16)
+    records = again.replay(through=0)
+    assert records == [r for i in range(5) for r in (_record(i), _record(i, b"chosen"))]
+    assert again.seq == 5
+    assert again.replay(through=3) == [_record(3), _record(3, b"chosen"),
+                                       _record(4), _record(4, b"chosen")]
+    assert again.replay(through=5) == [] and again.seq == 5
+
+
+def test_after_a_wrap_the_older_frames_behind_the_new_ones_are_not_replayed(tmp_path: Path):
+    log = VoteLog(tmp_path / "votes.log", nonce=3, size=1 << 16)
+    _write(log, 0, 20)           # frames 1..20
+    log.checkpointed()           # LMDB holds them (through = 20): the log starts again
+    _write(log, 100, 2)          # frames 21, 22 over the start of the old ones
+    log.close()
+    again = VoteLog(tmp_path / "votes.log", nonce=3, size=1 << 16)
+    assert again.replay(through=20) == [_record(100), _record(100, b"chosen"),
+                                        _record(101), _record(101, b"chosen")]
+    assert again.seq == 22
+    # Right after a checkpoint nothing new was written: the old frames are all behind it.
+    log2 = VoteLog(tmp_path / "other.log", nonce=3, size=1 << 16)
+    _write(log2, 0, 4)
+    log2.checkpointed()
+    assert log2.replay(through=4) == [] and log2.seq == 4
+
+
+def test_a_torn_last_frame_ends_the_log(tmp_path: Path):
+    log = VoteLog(tmp_path / "votes.log", nonce=5, size=1 << 16)
+    _write(log, 0, 3)
+    end = log.offset
+    log.close()
+    with open(tmp_path / "votes.log", "r+b") as f:   # the crash hit the third frame's tail
+        f.seek(end - 3)
+        f.write(b"\xff\xff\xff")
+    again = VoteLog(tmp_path / "votes.log", nonce=5, size=1 << 16)
+    assert again.replay(through=0) == [r for i in range(2)
+                                       for r in (_record(i), _record(i, b"chosen"))]
+    assert again.seq == 2   # the next frame written is 3 again, over the torn one
+
+
+def test_a_log_from_another_environment_is_not_replayed(tmp_path: Path):
+    log = VoteLog(tmp_path / "votes.log", nonce=1, size=1 << 16)
+    _write(log, 0, 3)
+    log.close()
+    stranger = VoteLog(tmp_path / "votes.log", nonce=2, size=1 << 16)
+    assert stranger.replay(through=0) == [] and stranger.seq == 0
+
+
+def test_missing_frames_after_the_checkpoint_are_damage_not_an_empty_log(tmp_path: Path):
+    log = VoteLog(tmp_path / "votes.log", nonce=9, size=1 << 16)
+    _write(log, 0, 6)
+    log.close()
+    again = VoteLog(tmp_path / "votes.log", nonce=9, size=1 << 16)
+    with open(tmp_path / "votes.log", "r+b") as f:
+        header = f.read(20)
+    assert int.from_bytes(header[4:12], "little") == 1
+    assert len(again.replay(through=0)) == 12
+    log3 = VoteLog(tmp_path / "gap.log", nonce=9, size=1 << 16)
+    log3.seq = 10               # frames 11.. as if 1..10 had been checkpointed
+    _write(log3, 0, 2)
+    with pytest.raises(VoteLogDamaged, match=r"frames 5\.\.10 are missing"):
+        log3.replay(through=4)
+
+
+def test_a_frame_bigger_than_the_room_left_does_not_fit(tmp_path: Path):
+    log = VoteLog(tmp_path / "votes.log", nonce=4, size=4096)
+    big = log.frame([("instance", b"k", 1, 1, 1, bytes(5000), None)])
+    assert not log.fits(big)
+    with pytest.raises(ValueError, match="does not fit"):
+        log.append(big)
+    assert log.offset == 0 and log.seq == 0
+    with pytest.raises(ValueError, match="at least 4096"):
+        VoteLog(tmp_path / "tiny.log", nonce=4, size=100)
+
+
+def _config_without_checkpoints(tmp_path: Path) -> Path:
+    path = write_cluster_config(tmp_path, replicas=3)
+    text = path.read_text().replace("[storage]\n", "[storage]\ncheckpoint_interval_ms = 600000\n")
+    path.write_text(text)
+    return path
+
+
+def test_a_whole_group_killed_between_checkpoints_keeps_every_acknowledged_write(
+        tmp_path: Path):
+    """No checkpoint runs during the test, so LMDB never committed any of these writes: after
+    all three replicas are SIGKILLed at once, only their vote logs hold them."""
+    cluster = LocalCluster(_config_without_checkpoints(tmp_path), log_dir=tmp_path / "logs")
+    cluster.start()
+    try:
+        acked: dict[bytes, tuple[int, bytes]] = {}
+        counter_total = 0
+        with cluster.client(timeout=10.0) as client:
+            for i in range(150):
+                key = b"vk-%d" % i
+                version = client.put(key, b"v1-%d" % i)
+                version = client.put(key, b"v2-%d" % i) if i % 3 == 0 else version
+                acked[key] = (version, b"v2-%d" % i if i % 3 == 0 else b"v1-%d" % i)
+                client.incr(b"vote-counter", 1)
+                counter_total += 1
+            for node in cluster.nodes:
+                with Client(address=cluster.address(node), timeout=5.0) as one:
+                    assert one.status()["vote_log"]["frames_since_checkpoint"] > 0
+        for node in cluster.nodes:
+            cluster.signal(node, signal.SIGKILL)   # all at once, none reaped in between
+        for node in cluster.nodes:
+            cluster.kill(node)
+        cluster.start()
+        replayed = 0
+        for node in cluster.nodes:
+            with Client(address=cluster.address(node), timeout=5.0) as one:
+                replayed += one.status()["counters"].get("votes_replayed", 0)
+        assert replayed > 0, "the restart replayed nothing: the test did not test the log"
+        with cluster.client(timeout=10.0) as client:
+            for key, (version, value) in acked.items():
+                got = client.get(key)
+                assert (got.version, got.value) == (version, value), key
+            assert int(client.get(b"vote-counter").value) == counter_total
+            client.put(b"after", b"x")   # and the group goes on
+        logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+        assert re.search(r"votes replayed from the vote log", logs)
+    finally:
+        cluster.stop()
+
+
+def _local_copy(cluster: LocalCluster, node: str, keys: list[bytes]) -> dict[bytes, tuple]:
+    copy = {}
+    with Client(address=cluster.address(node), timeout=5.0) as one:
+        for key in keys:
+            try:
+                got = one.get(key, consistency="local")
+                copy[key] = (got.version, got.value)
+            except NotFound as e:
+                copy[key] = (e.version, None)
+    return copy
+
+
+def test_a_killed_replica_comes_back_with_everything_it_had_applied(tmp_path: Path):
+    """Between checkpoints a replica's applies live only in its open transaction; killed,
+    it gets them back from its votes at once (its copy is as new as it was, key by key)."""
+    cluster = LocalCluster(_config_without_checkpoints(tmp_path), log_dir=tmp_path / "logs")
+    cluster.start()
+    try:
+        keys = [b"rk-%d" % i for i in range(60)]
+        with cluster.client(timeout=10.0) as client:
+            for i, key in enumerate(keys):
+                client.put(key, b"x%d" % i)
+        victim = cluster.nodes[0]
+        time.sleep(0.3)   # the last choices reach it
+        before = _local_copy(cluster, victim, keys)
+        assert sum(value is not None for _, value in before.values()) >= 55
+        cluster.kill(victim)
+        cluster.start(victim)
+        with Client(address=cluster.address(victim), timeout=5.0) as one:
+            assert one.status()["counters"].get("votes_replayed", 0) > 0
+        after = _local_copy(cluster, victim, keys)
+        for key in keys:   # as new as before (an open instance may be finished meanwhile)
+            assert after[key][0] >= before[key][0], key
+            if after[key][0] == before[key][0]:
+                assert after[key] == before[key], key
+        assert sum(after[k] == before[k] for k in keys) >= 55
+        assert os.path.getsize(tmp_path / "data" / victim / "votes.log") == 16 << 20
+    finally:
+        cluster.stop()
+
+
+def test_a_replica_whose_vote_log_is_gone_refuses_to_start(tmp_path: Path):
+    """Its votes since the last checkpoint are lost with the file: it must not vote on as
+    if they had never been cast; the message says how to recover (rebuild)."""
+    cluster = LocalCluster(_config_without_checkpoints(tmp_path), log_dir=tmp_path / "logs")
+    cluster.start()
+    try:
+        with cluster.client(timeout=10.0) as client:
+            client.put(b"k", b"v")
+        victim = cluster.nodes[1]
+        cluster.kill(victim)
+        (tmp_path / "data" / victim / "votes.log").unlink()
+        with pytest.raises(RuntimeError, match="exited"):
+            cluster.start(victim)
+        log_text = (tmp_path / "logs" / f"{victim}.log").read_text()
+        assert "votes.log is missing or cut short" in log_text
+        assert "rebuilds from its peers" in log_text
+    finally:
+        cluster.stop()
