@@ -55,6 +55,10 @@ def test_two_groups_split_the_shards():
     (two_groups(port="x"), "groups[1].replicas[0].address"),
     (two_groups() + "\n[storage]\nmap_size_mib = 'big'\n", "storage.map_size_mib"),
     (two_groups() + "\n[storage]\nsnyc = true\n", "snyc"),
+    (two_groups() + "\n[storage]\ncheckpoint_interval_ms = 0\n",
+     "storage.checkpoint_interval_ms"),
+    (two_groups() + "\n[storage]\ncheckpoint_interval_ms = '50'\n",
+     "storage.checkpoint_interval_ms"),
     ("virtual_shards = 0\n" + two_groups(), "virtual_shards"),
     (GROUP.format(name="g", shards='"0-4095"', node="n 1", port="1"), "node"),
 ])
