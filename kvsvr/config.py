@@ -10,7 +10,7 @@ import re
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -50,6 +50,7 @@ def check_client_address(address: str) -> None:
     problem = address_problem(address)
     if problem:
         raise InvalidArgument(f"address: {problem}", field="address")
+_T = TypeVar("_T")
 _SHARD_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
@@ -255,6 +256,19 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
     return config
 
 
+def decode_toml(text: str | bytes, type_: type[_T], source: str) -> _T:
+    """`text` decoded as a `type_`; a ConfigError saying which field (or that it is not TOML)
+    otherwise. One wording for every TOML file KVSvr reads."""
+    try:
+        return msgspec.toml.decode(text, type=type_)
+    except msgspec.ValidationError as e:
+        message, _, path = str(e).rpartition(" - at `")
+        field = path.rstrip("`").removeprefix("$.").removeprefix("$") if message else ""
+        raise ConfigError(f"{source}: {field + ': ' if field else ''}{message or e}") from None
+    except (msgspec.DecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: not valid TOML ({e})") from None
+
+
 def parse(text: str | bytes, *, base_dir: str | Path = ".",
           source: str = "config") -> ClusterConfig:
     """Decode and validate a cluster config; raises ConfigError naming the field."""
@@ -264,13 +278,9 @@ def parse(text: str | bytes, *, base_dir: str | Path = ".",
             if "base_dir" in document:
                 raise ConfigError(f"{source}: base_dir: not a config field (data dirs are "
                                   "relative to the config file)")
-        config = msgspec.toml.decode(text, type=ClusterConfig)
-    except msgspec.ValidationError as e:
-        message, _, path = str(e).rpartition(" - at `")
-        field = path.rstrip("`").removeprefix("$.").removeprefix("$") if message else ""
-        raise ConfigError(f"{source}: {field + ': ' if field else ''}{message or e}") from None
-    except (msgspec.DecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{source}: not valid TOML ({e})") from None
+    config = decode_toml(text, ClusterConfig, source)
     config.base_dir = str(base_dir)
     try:
         return _validate(config)

@@ -16,7 +16,6 @@ up, in a registry file:
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -24,6 +23,7 @@ from typing import Literal
 import msgspec
 
 from kvsvr import _core
+from kvsvr.config import decode_toml
 from kvsvr.errors import ConfigError
 
 MAX_NAME_BYTES = _core.MAX_MONITOR_NAME_BYTES
@@ -107,14 +107,7 @@ class _RegistryFile(msgspec.Struct, forbid_unknown_fields=True):
 
 def parse_registry(text: str | bytes, *, source: str = "registry") -> list[MonitorId]:
     """The entries of a registry file; ConfigError naming the field if one is wrong."""
-    try:
-        document = msgspec.toml.decode(text, type=_RegistryFile)
-    except msgspec.ValidationError as e:
-        message, _, path = str(e).rpartition(" - at `")
-        field = path.rstrip("`").removeprefix("$.").removeprefix("$") if message else ""
-        raise ConfigError(f"{source}: {field + ': ' if field else ''}{message or e}") from None
-    except (msgspec.DecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{source}: not valid TOML ({e})") from None
+    document = decode_toml(text, _RegistryFile, source)
     registry = builtin_registry()
     for index, entry in enumerate(document.ids):
         try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import operator
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -33,6 +32,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from kvsvr.config import decode_toml
 from kvsvr.errors import ConfigError
 from kvsvr.monitor.registry import Registry
 
@@ -72,14 +72,7 @@ def parse_rules(text: str | bytes, registry: Registry, *,
                 source: str = "rules") -> list[ResolvedRule]:
     """Decode, check and resolve a rules file; ConfigError naming the field if anything is
     wrong (then no rule of it is taken)."""
-    try:
-        document = msgspec.toml.decode(text, type=_RulesFile)
-    except msgspec.ValidationError as e:
-        message, _, path = str(e).rpartition(" - at `")
-        field = path.rstrip("`").removeprefix("$.").removeprefix("$") if message else ""
-        raise ConfigError(f"{source}: {field + ': ' if field else ''}{message or e}") from None
-    except (msgspec.DecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{source}: not valid TOML ({e})") from None
+    document = decode_toml(text, _RulesFile, source)
     resolved: list[ResolvedRule] = []
     names: set[str] = set()
     for index, rule in enumerate(document.rules):

@@ -41,6 +41,7 @@ import zmq.asyncio
 
 from kvsvr.config import ClusterConfig, QueueGroupConfig, load
 from kvsvr.errors import ConfigError, InvalidArgument, KvError, NotFound, Timeout
+from kvsvr.protocol import as_bytes
 from quorumq import protocol, quorum
 from quorumq.limits import (
     BATCH_MAX_BYTES,
@@ -73,19 +74,7 @@ class Committed:
 
 
 def as_message(index: int, value: Any) -> bytes:
-    if isinstance(value, bytes):
-        data = value
-    elif isinstance(value, str):
-        data = value.encode()
-    elif isinstance(value, bytearray | memoryview):
-        data = bytes(value)
-    else:
-        raise InvalidArgument(f"messages[{index}]: expected bytes or str, got "
-                              f"{type(value).__name__}", field=f"messages[{index}]")
-    if len(data) > QUEUE_MAX_MESSAGE_BYTES:
-        raise InvalidArgument(f"messages[{index}]: {len(data)} bytes, the limit is "
-                              f"{QUEUE_MAX_MESSAGE_BYTES}", field=f"messages[{index}]")
-    return data
+    return as_bytes(f"messages[{index}]", value, max_length=QUEUE_MAX_MESSAGE_BYTES)
 
 
 def check_batch(values: Iterable[Any]) -> list[bytes]:
