@@ -1,4 +1,5 @@
-"""Build the Cython core `kvsvr._core`; everything else is declared in pyproject.toml.
+"""Build the Cython core `kvsvr._core` and the vote log's sync thread `kvsvr._syncer`;
+everything else is declared in pyproject.toml.
 
 The extension is required: there is no pure-Python fallback, so a failed build fails the install.
 Set KVSVR_DEBUG_BUILD=1 for a build with assertions and line tracing (CI runs the suite on it).
@@ -20,11 +21,14 @@ directives = {
 }
 macros = ([("CYTHON_TRACE_NOGIL", "1"), ("KVSVR_DEBUG", "1")] if debug
           else [("NDEBUG", "1"), ("KVSVR_DEBUG", "0")])
-extension = Extension(
-    "kvsvr._core",
-    ["kvsvr/_core.pyx"],
-    define_macros=macros,
-    extra_compile_args=["-O0", "-g"] if debug else ["-O2"],
-)
+extensions = [
+    Extension(
+        f"kvsvr.{name}",
+        [f"kvsvr/{name}.pyx"],
+        define_macros=macros,
+        extra_compile_args=["-O0", "-g"] if debug else ["-O2"],
+    )
+    for name in ("_core", "_syncer")
+]
 
-setup(ext_modules=cythonize([extension], compiler_directives=directives))
+setup(ext_modules=cythonize(extensions, compiler_directives=directives))

@@ -686,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-only", action="store_true",
                         help="with --peer: measure only the peer (no KVSvr run)")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--counters", action="store_true",
+                        help="print the rate of every node counter that moved (all nodes)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.groups != 1 and args.replicas is None:
@@ -831,6 +833,11 @@ def run_kvsvr(args: argparse.Namespace, mixes: list[str], spec: dict[str, Any],
                     outcome["vote_syncs_per_s"] = syncs / len(addresses) / args.duration
                     outcome["vote_sync_ms"] = (after.get("vote_log_sync_us", 0)
                                                - before.get("vote_log_sync_us", 0)) / syncs / 1e3
+                if args.counters:
+                    for name in sorted(after):
+                        delta = after[name] - before.get(name, 0)
+                        if delta:
+                            print(f"  counter {name}: {delta / args.duration:,.1f}/s")
             outcome["mix"] = mix
             if cluster is None:
                 outcome["external_servers"] = True

@@ -45,12 +45,13 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import random
 import secrets
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import msgspec
@@ -210,7 +211,11 @@ class ReplicaNode(Node):
         self.role = "joining"
         self._work: dict[bytes, _KeyWork] = {}
         self._dirty: set[bytes] = set()
-        self._outbox: dict[bytes, list[bytes]] = {}
+        self._outbox: dict[bytes, list[bytes]] = {}       # answers to clients ...
+        self._peer_outbox: dict[bytes, list[bytes]] = {}  # ... and to peers' requests
+        # What goes to peers waits for the vote log frames written before it to be durable:
+        # (frame it waits for, peer socket or None for the router, router identity, messages)
+        self._held: deque[tuple[int, zmq.Socket | None, bytes, list[bytes]]] = deque()
         self._barriers: dict[int, _Barrier] = {}
         self._barrier_ids = itertools.count(1)
         self._want_barrier: dict[bytes, list[_Waiter]] = {}
@@ -219,7 +224,12 @@ class ReplicaNode(Node):
         self._sessions: dict[int, list[Any]] = {}  # copies served: [txn, lsn, last used]
         self._delayed: list[tuple[float, int, int, list[bytes]]] = []
         self._delayed_seq = itertools.count()
-        self._gone: set[tuple[bytes, int]] = set()  # instances forgotten in this transaction
+        # Acceptor records of instances: those in the vote log since the last checkpoint
+        # (the latest per instance), which the checkpoint writes to LMDB if still open, and
+        # those LMDB holds. Most instances are chosen and applied within one checkpoint
+        # interval, so they never cost LMDB a put and a delete.
+        self._logged: dict[tuple[bytes, int], tuple[Any, ...]] = {}
+        self._in_lmdb: set[tuple[bytes, int]] = set()
         self._random = random.Random()
         self._hello_sent = 0.0
         self._joining_since = 0.0
@@ -266,6 +276,8 @@ class ReplicaNode(Node):
         self.quorum = _core.QuorumReplica(self.index, self.replicas, self.incarnation,
                                           rebuilding=rebuilding,
                                           answer_base=secrets.randbits(32))
+        stored = self.store.quorum_records()
+        self._in_lmdb = {(r[1], r[2]) for r in stored if r[0] == "instance"}
         if not rebuilding:
             through = self.store.meta_u64s(b"votes/through").get(b"", (0,))[0]
             # Votes after the last checkpoint, newer than what LMDB holds: restored after it.
@@ -273,7 +285,7 @@ class ReplicaNode(Node):
             records = []
             stale = []
             with self.store.read() as txn:
-                for record in self.store.quorum_records() + logged:
+                for record in stored + logged:
                     if record[0] == "instance" and \
                             record[2] <= self.store.key_state(txn, record[1]).version:
                         stale.append(record)  # applied before a crash: never needed again
@@ -293,11 +305,10 @@ class ReplicaNode(Node):
                 # (the transaction that had applied it was lost with the process).
                 batch = self._open_batch(started)
                 for record in stale:
-                    batch.forget_instance(record[1], record[2])
+                    self._forget_instance(batch, record[1], record[2])
                 replayed = [r for r in logged if r[0] != "instance" or r[2] >
                             self.store.key_state(batch.txn, r[1]).version]
-                batch.persist_quorum(replayed)
-                self._gone = set()
+                self._log_records(batch, replayed)
                 for key in {r[1] for r in replayed if r[0] == "instance" and r[6] is not None}:
                     self._apply_chosen(batch, key)
                 self._checkpoint()
@@ -399,6 +410,9 @@ class ReplicaNode(Node):
                  self.replica.campus, self.replica.address, self.store.path,
                  self.store.first_lsn, self.store.last_lsn)
         peers_by_socket = {p.socket: p for p in self._peers if p is not None}
+        wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        poller.register(wake, zmq.POLLIN)
+        self.votes.start(wake)
         clean = False
         try:
             busy = False
@@ -407,6 +421,10 @@ class ReplicaNode(Node):
                     self.sweep_idle_clients()
                 timeout = 0 if busy else self._poll_timeout_ms()
                 events = dict(poller.poll(timeout))
+                if wake in events:
+                    with suppress(BlockingIOError):
+                        os.eventfd_read(wake)
+                    self._release_held()
                 inbound: list[list[bytes]] = []
                 replies: list[tuple[_Peer, bytes]] = []
                 if router in events:
@@ -432,6 +450,7 @@ class ReplicaNode(Node):
                 self._batch.abort()  # a failed round: the vote log has what counts
                 self._batch = None
             self.votes.close()
+            os.close(wake)
             for link in self._peers:
                 if link is not None:
                     link.socket.close()
@@ -462,11 +481,33 @@ class ReplicaNode(Node):
         self._send_now(peer, frames)
 
     def _send_now(self, peer: _Peer, frames: list[bytes]) -> None:
-        for message in protocol.pack(frames):
+        messages = protocol.pack(frames)
+        if self._held or self.votes.synced < self.votes.seq:
+            self._held.append((self.votes.seq, peer.socket, b"", messages))
+            return
+        self._send_to_peer(peer.socket, messages)
+
+    def _send_to_peer(self, socket: zmq.Socket, messages: list[bytes]) -> None:
+        for message in messages:
             try:
-                peer.socket.send(message, zmq.NOBLOCK)
+                socket.send(message, zmq.NOBLOCK)
             except zmq.Again:
                 self.counters["peer_sends_dropped"] += 1  # its queue is full: it is behind
+
+    def _release_held(self) -> None:
+        """Send what waited for vote log frames that are durable now."""
+        votes = self.votes
+        votes.check()   # a failed fdatasync stops the node: its votes may not be on disk
+        held, synced = self._held, votes.synced
+        while held and held[0][0] <= synced:
+            _, socket, identity, messages = held.popleft()
+            if socket is None:
+                self._send_to_router(identity, messages, "peer_answers_dropped")
+            else:
+                self._send_to_peer(socket, messages)
+        counters = self.counters
+        counters["vote_log_syncs"], sync_ns = votes.syncs
+        counters["vote_log_sync_us"] = sync_ns // 1000
 
     def _release_delayed(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:
@@ -488,20 +529,38 @@ class ReplicaNode(Node):
         self.monitor.add(monitor_ids.NODE_FAILURES, 1)
         self._answer(identity, _error_frame(request_id, error))
 
+    def _answer_peer(self, identity: bytes, frame: bytes) -> None:
+        self._peer_outbox.setdefault(identity, []).append(frame)
+
     def _flush_clients(self) -> None:
+        """Send the answers: to clients now (they reveal only chosen versions), to peers
+        once the votes they may reveal are durable."""
         outbox, self._outbox = self._outbox, {}
         for identity, frames in outbox.items():
-            for message in protocol.pack(frames):
-                self.monitor.add(monitor_ids.NODE_BYTES_OUT, len(message))
-                try:
-                    self.router.send_multipart([identity, message], zmq.NOBLOCK)
-                except zmq.Again:
-                    self.counters["replies_dropped"] += 1
+            self._send_to_router(identity, protocol.pack(frames), "replies_dropped")
+        if self._peer_outbox:
+            outbox, self._peer_outbox = self._peer_outbox, {}
+            hold = bool(self._held) or self.votes.synced < self.votes.seq
+            for identity, frames in outbox.items():
+                if hold:
+                    self._held.append((self.votes.seq, None, identity, protocol.pack(frames)))
+                else:
+                    self._send_to_router(identity, protocol.pack(frames), "peer_answers_dropped")
+
+    def _send_to_router(self, identity: bytes, messages: list[bytes], dropped: str) -> None:
+        for message in messages:
+            self.monitor.add(monitor_ids.NODE_BYTES_OUT, len(message))
+            try:
+                self.router.send_multipart([identity, message], zmq.NOBLOCK)
+            except zmq.Again:
+                self.counters[dropped] += 1
 
     # --- one round ----------------------------------------------------------------------------
     def round(self, inbound: list[list[bytes]], replies: list[tuple[_Peer, bytes]],
               now: float) -> bool:
         """Handle what arrived, move work on, commit, send. True if more work is ready."""
+        self.counters["rounds"] += 1
+        self._release_held()
         self._release_delayed(now)
         with self._view() as txn:
             for parts in inbound:
@@ -530,6 +589,7 @@ class ReplicaNode(Node):
             self._expire_sessions(now)
         self._flush_clients()
         self._maybe_checkpoint(now)
+        self._release_held()
         return bool(self._dirty) or bool(self._pulled)
 
     # --- the open LMDB transaction and its checkpoints ------------------------------------------
@@ -565,6 +625,11 @@ class ReplicaNode(Node):
         if batch is None:
             return
         started = time.perf_counter()
+        if self._logged:
+            # The instances still open: the log is about to start again without them.
+            batch.persist_quorum(list(self._logged.values()))
+            self._in_lmdb.update(self._logged)
+            self._logged = {}
         batch.set_meta_u64s(b"votes/through", self.votes.seq)
         try:
             self.store.commit(batch)
@@ -595,7 +660,7 @@ class ReplicaNode(Node):
                 request = protocol.decode_request(method, body)
                 self.counters[f"requests.{Method(method).name.lower()}"] += 1
                 if method in protocol.PEER_METHODS:
-                    self._answer(identity, _encode_frame(
+                    self._answer_peer(identity, _encode_frame(
                         _RESPONSE, 0, request_id, 0,
                         _encode(self._peer_request(method, request, txn, now))))
                     continue
@@ -1174,16 +1239,14 @@ class ReplicaNode(Node):
             if not self.votes.fits(frame):
                 self._checkpoint()
             if self.votes.fits(frame):
-                started_sync = time.perf_counter()
-                self.votes.append(frame)
-                self.counters["vote_log_syncs"] += 1
-                self.counters["vote_log_sync_us"] += int(
-                    (time.perf_counter() - started_sync) * 1e6)
+                # Durable on the sync thread while this loop goes on; what reveals these
+                # votes waits in _held until it is.
+                self.votes.write(frame)
             else:
                 durable_now = True
         try:
             batch = self._open_batch(now)
-            self._gone = set()
+            self._log_records(batch, persist)
             applied = self._install_pages(batch, pages, touched)
             if self._copying():
                 # Nothing but the copy until it is complete; what was chosen meanwhile
@@ -1197,12 +1260,6 @@ class ReplicaNode(Node):
             applied += self._apply_pulled(batch, pulled, touched)
             for key in touched:
                 applied += self._apply_chosen(batch, key)
-            if persist:
-                # An instance applied (and forgotten) in this same transaction needs no
-                # acceptor record: its version is below the floor from now on.
-                gone = self._gone
-                batch.persist_quorum([r for r in persist if r[0] != "instance"
-                                      or (r[1], r[2]) not in gone] if gone else persist)
             moved = {id(p) for p, _, _ in pulled} | {id(p) for p, _ in pages}
             for peer in self._peers:
                 if peer is not None and id(peer) in moved:
@@ -1319,9 +1376,7 @@ class ReplicaNode(Node):
                     if quorum is not None:
                         version = self.store.key_state(batch.txn, item.key).version
                         for dropped in quorum.forget_through(item.key, version):
-                            batch.forget_instance(item.key, dropped)
-                            self._gone.add((item.key, dropped))
-                            self._open_since.pop((item.key, dropped), None)
+                            self._forget_instance(batch, item.key, dropped)
             snapshot["installing"] = installing
             snapshot["session"] = reply.session
             snapshot["after"] = reply.next
@@ -1365,9 +1420,28 @@ class ReplicaNode(Node):
             chosen = _core.encode_record(0, record.version, record.client_id,
                                          record.client_seq, record.key, record.ops)
         quorum.forget(record.key, record.version, chosen)
-        batch.forget_instance(record.key, record.version)
-        self._gone.add((record.key, record.version))
-        self._open_since.pop((record.key, record.version), None)
+        self._forget_instance(batch, record.key, record.version)
+
+    def _log_records(self, batch: WriteBatch, records: list[tuple[Any, ...]]) -> None:
+        """Records the vote log took: instances wait for the checkpoint (most are applied
+        and forgotten before it), the rest go into the open transaction now."""
+        other = []
+        logged = self._logged
+        for record in records:
+            if record[0] == "instance":
+                logged[(record[1], record[2])] = record
+            else:
+                other.append(record)
+        if other:
+            batch.persist_quorum(other)
+
+    def _forget_instance(self, batch: WriteBatch, key: bytes, version: int) -> None:
+        instance = (key, version)
+        self._logged.pop(instance, None)
+        if instance in self._in_lmdb:
+            self._in_lmdb.discard(instance)
+            batch.forget_instance(key, version)
+        self._open_since.pop(instance, None)
 
     def _trim(self, batch: Any) -> None:
         """Binlog every peer has pulled is dropped (the size bound covers a peer down long)."""
@@ -1503,6 +1577,8 @@ class ReplicaNode(Node):
             "waiting": {"keys": len(self._work), "barriers": len(self._barriers)},
             "vote_log": {
                 "last_frame": self.votes.seq,
+                "last_durable_frame": self.votes.synced,
+                "messages_waiting_for_sync": len(self._held),
                 "frames_since_checkpoint": self.votes.frames,
                 "bytes_since_checkpoint": self.votes.used,
                 "checkpoint_interval_ms": round(self._checkpoint_s * 1000),

@@ -12,6 +12,13 @@ stores `votes/through`, the sequence number of the last frame it covers, and the
 starts again at offset 0. After a crash, the frames after `through` are replayed on top of
 LMDB: they hold every vote the lost transaction held.
 
+The fdatasync runs on a native thread (`start()`, kvsvr/_syncer.pyx): the loop writes a
+round's frame and goes on with the next round while the disk works, and holds back the
+messages that reveal the votes until `synced` reaches the frame's sequence number. One
+fdatasync covers every frame written before it began, so while one is under way the next
+rounds' frames wait for a single following one (group commit). Without the thread, `append()`
+writes and syncs inline.
+
 Frame: u32 payload length, u64 sequence, u64 xxh64 of (length, sequence, payload) seeded
 with the log's nonce, payload (msgpack list of records). Reading stops at the first frame that
 is torn, fails its checksum, or does not continue the sequence: frames left from before a wrap
@@ -24,12 +31,14 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
 from xxhash import xxh64_intdigest
 
+from kvsvr._syncer import Syncer
 from kvsvr.limits import VOTE_LOG_BYTES
 
 _HEADER = struct.Struct("<IQQ")   # payload length, sequence, checksum
@@ -59,6 +68,10 @@ class VoteLog:
         self.seq = 0          # the last frame's sequence number (written or replayed)
         self.offset = 0       # where the next frame goes
         self.frames = 0       # frames written since the last checkpoint
+        self._synced = 0      # durable through this frame (inline syncs and checkpoints)
+        self._syncs = 0       # inline fdatasyncs, and the time they took
+        self._sync_ns = 0
+        self._syncer: Syncer | None = None
         fresh = not self.path.exists() or self.path.stat().st_size < size
         if fresh and must_exist:
             # Its votes since the last checkpoint are gone: voting on as if they had never
@@ -84,6 +97,9 @@ class VoteLog:
             os.close(directory)
 
     def close(self) -> None:
+        if self._syncer is not None:
+            self._syncer.close()   # after the sync under way, and one for frames waiting
+            self._syncer = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -113,6 +129,7 @@ class VoteLog:
             previous = seq
             offset += _HEADER.size + length
         self.seq = max(through, expected - 1)
+        self._synced = self.seq   # replayed frames were found on disk after a crash
         return records
 
     # --- writing --------------------------------------------------------------------------
@@ -126,27 +143,77 @@ class VoteLog:
     def fits(self, frame: bytes) -> bool:
         return self.offset + len(frame) <= self.size
 
-    def append(self, frame: bytes) -> None:
-        """Write a frame made by frame() and make it durable (fdatasync unless sync is off:
-        then it still survives the process being killed, as it is in the page cache)."""
+    def write(self, frame: bytes) -> None:
+        """Write a frame made by frame(); it is durable once `synced` reaches its sequence
+        number (at once when sync is off: it is then in the page cache, which survives the
+        process being killed). With the sync thread started, this does not wait for it."""
         if not self.fits(frame):
             raise ValueError(f"vote log: a {len(frame)}-byte frame does not fit at offset "
                              f"{self.offset} of {self.size}; checkpoint first")
         written = os.pwrite(self._fd, frame, self.offset)
         if written != len(frame):
             raise OSError(f"{self.path}: short write ({written} of {len(frame)} bytes)")
-        if self.sync:
-            # A failure raises and stops the node: never retried, as after a failed
-            # fdatasync the kernel may have dropped the pages it could not write.
-            os.fdatasync(self._fd)
         self.offset += len(frame)
         self.seq += 1
         self.frames += 1
+        if not self.sync:
+            self._synced = self.seq
+        elif self._syncer is not None:
+            self._syncer.request(self.seq)
+
+    def append(self, frame: bytes) -> None:
+        """Write a frame and make it durable before returning."""
+        self.write(frame)
+        if self._syncer is not None:
+            self._syncer.wait(self.seq)
+            self.check()
+        elif self._synced < self.seq:
+            # A failure raises and is never retried: after a failed fdatasync the kernel may
+            # have dropped the pages it could not write.
+            started = time.perf_counter_ns()
+            os.fdatasync(self._fd)
+            self._sync_ns += time.perf_counter_ns() - started
+            self._syncs += 1
+            self._synced = self.seq
+
+    def start(self, wake_fd: int) -> None:
+        """Sync on a native thread from now on; after each sync (or a failure) it writes 1 to
+        the eventfd `wake_fd`, so a loop polling it sends what waited for the frames."""
+        if self.sync and self._syncer is None:
+            self._syncer = Syncer(self._fd, wake_fd, self._synced)
+            if self.seq > self._synced:
+                self._syncer.request(self.seq)
+
+    @property
+    def synced(self) -> int:
+        """Every frame up to this sequence number is durable."""
+        if self._syncer is None:
+            return self._synced
+        return max(self._synced, self._syncer.synced)
+
+    @property
+    def syncs(self) -> tuple[int, int]:
+        """(fdatasyncs done, nanoseconds they took)."""
+        if self._syncer is None:
+            return self._syncs, self._sync_ns
+        _, syncs, sync_ns, _ = self._syncer.stats
+        return self._syncs + syncs, self._sync_ns + sync_ns
+
+    def check(self) -> None:
+        """Raise if the sync thread's fdatasync failed: the node must stop."""
+        if self._syncer is not None:
+            error = self._syncer.stats[3]
+            if error:
+                raise OSError(error, f"{self.path}: fdatasync failed: {os.strerror(error)}; "
+                              "the votes since the last checkpoint may not be on disk")
 
     def checkpointed(self) -> None:
         """Everything written so far is durable elsewhere: start again at offset 0."""
         self.offset = 0
         self.frames = 0
+        self._synced = self.seq
+        if self._syncer is not None:
+            self._syncer.mark_durable(self.seq)
 
     @property
     def used(self) -> int:

@@ -4,8 +4,10 @@ committed a write) still holds every acknowledged write, from the votes alone.""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import select
 import signal
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvsvr import Client, NotFound
+from kvsvr._syncer import Syncer
 from kvsvr.launcher import LocalCluster, write_cluster_config
 from kvsvr.votelog import VoteLog, VoteLogDamaged
 
@@ -110,6 +113,70 @@ def _config_without_checkpoints(tmp_path: Path) -> Path:
     text = path.read_text().replace("[storage]\n", "[storage]\ncheckpoint_interval_ms = 600000\n")
     path.write_text(text)
     return path
+
+
+def _wait_for_wake(wake: int, timeout: float = 10.0) -> None:
+    readable, _, _ = select.select([wake], [], [], timeout)
+    assert readable, "the sync thread never woke the loop"
+    os.eventfd_read(wake)
+
+
+def test_the_sync_thread_makes_written_frames_durable_and_wakes_the_loop(tmp_path: Path):
+    wake = os.eventfd(0, os.EFD_NONBLOCK)
+    log = VoteLog(tmp_path / "votes.log", nonce=9, size=1 << 16)
+    log.start(wake)
+    try:
+        for i in range(30):
+            log.write(log.frame([_record(i)]))
+            assert log.synced <= log.seq   # never claims a frame it has not synced
+        deadline = time.monotonic() + 10
+        while log.synced < log.seq:
+            assert time.monotonic() < deadline, "frames written were never synced"
+            _wait_for_wake(wake)
+        syncs, nanoseconds = log.syncs
+        assert 1 <= syncs <= 30 and nanoseconds > 0
+        log.append(log.frame([_record(99)]))   # with the thread: waits for it
+        assert log.synced == log.seq == 31
+        log.checkpointed()                     # durable in LMDB: nothing left to sync
+        assert log.synced == log.seq
+    finally:
+        log.close()
+        os.close(wake)
+    again = VoteLog(tmp_path / "votes.log", nonce=9, size=1 << 16)
+    assert again.replay(through=0) == [_record(i) for i in range(30)] + [_record(99)]
+
+
+def test_a_failed_fdatasync_stops_the_log_and_is_never_counted_durable(tmp_path: Path):
+    wake = os.eventfd(0, os.EFD_NONBLOCK)
+    read_end, write_end = os.pipe()   # fdatasync of a pipe fails (EINVAL)
+    syncer = Syncer(write_end, wake)
+    try:
+        syncer.request(1)
+        _wait_for_wake(wake)
+        synced, syncs, _, error = syncer.stats
+        assert (synced, syncs, error) == (0, 0, errno.EINVAL)
+        syncer.wait(1)   # returns on the failure instead of waiting forever
+    finally:
+        syncer.close()
+        os.close(read_end)
+        os.close(write_end)
+    # Through the log: its check() raises and names the file; the frame stays unsynced.
+    log = VoteLog(tmp_path / "votes.log", nonce=2, size=1 << 16)
+    read_end, write_end = os.pipe()
+    log._syncer = Syncer(write_end, wake)
+    try:
+        log.write(log.frame([_record(1)]))
+        _wait_for_wake(wake)
+        with pytest.raises(OSError, match=r"votes\.log: fdatasync failed"):
+            log.check()
+        assert log.synced == 0 and log.seq == 1
+        with pytest.raises(OSError, match="fdatasync failed"):
+            log.append(log.frame([_record(2)]))
+    finally:
+        log.close()
+        os.close(read_end)
+        os.close(write_end)
+        os.close(wake)
 
 
 def test_a_whole_group_killed_between_checkpoints_keeps_every_acknowledged_write(

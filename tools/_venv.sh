@@ -25,7 +25,7 @@ ensure_venv() {   # $1: extras, e.g. "test" or ""
   fi
   inputs=$(cd "$ROOT" && cat setup.py pyproject.toml kvsvr/*.pyx kvsvr/*.pxi 2>/dev/null | sha256sum | cut -c1-16)
   stamp="$VENV/.kvsvr-build-${extras:-base}-$inputs"
-  if [ ! -f "$stamp" ] || ! ls "$ROOT"/kvsvr/_core*.so >/dev/null 2>&1; then
+  if [ ! -f "$stamp" ] || ! ls "$ROOT"/kvsvr/_core*.so "$ROOT"/kvsvr/_syncer*.so >/dev/null 2>&1; then
     echo "==> installing kvsvr${extras:+[$extras]} and building the Cython core"
     (cd "$ROOT" && quietly "$VENV/bin/python" -m pip install -e ".${extras:+[$extras]}")
     rm -f "$VENV"/.kvsvr-build-"${extras:-base}"-*
