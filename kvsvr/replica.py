@@ -211,11 +211,10 @@ class ReplicaNode(Node):
         self.role = "joining"
         self._work: dict[bytes, _KeyWork] = {}
         self._dirty: set[bytes] = set()
-        self._outbox: dict[bytes, list[bytes]] = {}       # answers to clients ...
-        self._peer_outbox: dict[bytes, list[bytes]] = {}  # ... and to peers' requests
-        # What goes to peers waits for the vote log frames written before it to be durable:
-        # (frame it waits for, peer socket or None for the router, router identity, messages)
-        self._held: deque[tuple[int, zmq.Socket | None, bytes, list[bytes]]] = deque()
+        self._outbox: dict[bytes, list[bytes]] = {}
+        # Quorum messages wait for the vote log frames written before them to be durable:
+        # (the last such frame, peer, the messages' frames), in the order they were made.
+        self._held: deque[tuple[int, _Peer, list[bytes]]] = deque()
         self._barriers: dict[int, _Barrier] = {}
         self._barrier_ids = itertools.count(1)
         self._want_barrier: dict[bytes, list[_Waiter]] = {}
@@ -424,7 +423,7 @@ class ReplicaNode(Node):
                 if wake in events:
                     with suppress(BlockingIOError):
                         os.eventfd_read(wake)
-                    self._release_held()
+                    self._release_held(time.monotonic())
                 inbound: list[list[bytes]] = []
                 replies: list[tuple[_Peer, bytes]] = []
                 if router in events:
@@ -481,30 +480,29 @@ class ReplicaNode(Node):
         self._send_now(peer, frames)
 
     def _send_now(self, peer: _Peer, frames: list[bytes]) -> None:
-        messages = protocol.pack(frames)
-        if self._held or self.votes.synced < self.votes.seq:
-            self._held.append((self.votes.seq, peer.socket, b"", messages))
-            return
-        self._send_to_peer(peer.socket, messages)
-
-    def _send_to_peer(self, socket: zmq.Socket, messages: list[bytes]) -> None:
-        for message in messages:
+        for message in protocol.pack(frames):
             try:
-                socket.send(message, zmq.NOBLOCK)
+                peer.socket.send(message, zmq.NOBLOCK)
             except zmq.Again:
                 self.counters["peer_sends_dropped"] += 1  # its queue is full: it is behind
 
-    def _release_held(self) -> None:
-        """Send what waited for vote log frames that are durable now."""
+    def _send_votes(self, peer: _Peer, frames: list[bytes], now: float) -> None:
+        """Quorum messages: sent once every vote log frame written so far is durable (any
+        of them may hold the vote they reveal), else held until the sync thread says so."""
+        votes = self.votes
+        if self._held or votes.synced < votes.seq:
+            self._held.append((votes.seq, peer, frames))
+        else:
+            self._send_peer(peer, frames, now)
+
+    def _release_held(self, now: float) -> None:
+        """Send the quorum messages whose vote log frames are durable now."""
         votes = self.votes
         votes.check()   # a failed fdatasync stops the node: its votes may not be on disk
         held, synced = self._held, votes.synced
         while held and held[0][0] <= synced:
-            _, socket, identity, messages = held.popleft()
-            if socket is None:
-                self._send_to_router(identity, messages, "peer_answers_dropped")
-            else:
-                self._send_to_peer(socket, messages)
+            _, peer, frames = held.popleft()
+            self._send_peer(peer, frames, now)
         counters = self.counters
         counters["vote_log_syncs"], sync_ns = votes.syncs
         counters["vote_log_sync_us"] = sync_ns // 1000
@@ -529,38 +527,25 @@ class ReplicaNode(Node):
         self.monitor.add(monitor_ids.NODE_FAILURES, 1)
         self._answer(identity, _error_frame(request_id, error))
 
-    def _answer_peer(self, identity: bytes, frame: bytes) -> None:
-        self._peer_outbox.setdefault(identity, []).append(frame)
-
     def _flush_clients(self) -> None:
-        """Send the answers: to clients now (they reveal only chosen versions), to peers
-        once the votes they may reveal are durable."""
+        """Send the answers to clients and to peers' requests. None waits for the vote log:
+        they reveal chosen versions, checkpointed binlog, and at most that an instance is
+        open (a version barrier then finishes it, which is safe whatever became of it)."""
         outbox, self._outbox = self._outbox, {}
         for identity, frames in outbox.items():
-            self._send_to_router(identity, protocol.pack(frames), "replies_dropped")
-        if self._peer_outbox:
-            outbox, self._peer_outbox = self._peer_outbox, {}
-            hold = bool(self._held) or self.votes.synced < self.votes.seq
-            for identity, frames in outbox.items():
-                if hold:
-                    self._held.append((self.votes.seq, None, identity, protocol.pack(frames)))
-                else:
-                    self._send_to_router(identity, protocol.pack(frames), "peer_answers_dropped")
-
-    def _send_to_router(self, identity: bytes, messages: list[bytes], dropped: str) -> None:
-        for message in messages:
-            self.monitor.add(monitor_ids.NODE_BYTES_OUT, len(message))
-            try:
-                self.router.send_multipart([identity, message], zmq.NOBLOCK)
-            except zmq.Again:
-                self.counters[dropped] += 1
+            for message in protocol.pack(frames):
+                self.monitor.add(monitor_ids.NODE_BYTES_OUT, len(message))
+                try:
+                    self.router.send_multipart([identity, message], zmq.NOBLOCK)
+                except zmq.Again:
+                    self.counters["replies_dropped"] += 1
 
     # --- one round ----------------------------------------------------------------------------
     def round(self, inbound: list[list[bytes]], replies: list[tuple[_Peer, bytes]],
               now: float) -> bool:
         """Handle what arrived, move work on, commit, send. True if more work is ready."""
         self.counters["rounds"] += 1
-        self._release_held()
+        self._release_held(now)
         self._release_delayed(now)
         with self._view() as txn:
             for parts in inbound:
@@ -589,7 +574,7 @@ class ReplicaNode(Node):
             self._expire_sessions(now)
         self._flush_clients()
         self._maybe_checkpoint(now)
-        self._release_held()
+        self._release_held(now)
         return bool(self._dirty) or bool(self._pulled)
 
     # --- the open LMDB transaction and its checkpoints ------------------------------------------
@@ -660,7 +645,7 @@ class ReplicaNode(Node):
                 request = protocol.decode_request(method, body)
                 self.counters[f"requests.{Method(method).name.lower()}"] += 1
                 if method in protocol.PEER_METHODS:
-                    self._answer_peer(identity, _encode_frame(
+                    self._answer(identity, _encode_frame(
                         _RESPONSE, 0, request_id, 0,
                         _encode(self._peer_request(method, request, txn, now))))
                     continue
@@ -1487,7 +1472,7 @@ class ReplicaNode(Node):
                     chunk, size = [], 0
             if chunk:
                 self._quorum_frame(chunk, frames)
-            self._send_peer(peer, frames, now)
+            self._send_votes(peer, frames, now)
 
     def _quorum_frame(self, messages: list[_core.Message], frames: list[bytes]) -> None:
         try:
