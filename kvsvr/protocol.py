@@ -157,6 +157,9 @@ class PullRequest(Struct, array_like=True, forbid_unknown_fields=True):
     from_lsn: U64              # first LSN wanted; everything below it the puller has ...
     incarnation: U64           # ... of this life of the server (an older life's LSNs differ)
     max_records: Annotated[int, Meta(ge=1, le=MAX_FRAMES_PER_MESSAGE * 16)]
+    # What of this life the puller holds in its last checkpoint: all the server may trim
+    # (from_lsn can be ahead of it, and a crash of the puller goes back to the checkpoint).
+    durable_through: U64 | None = None
 
 
 class PullReply(Struct, array_like=True, forbid_unknown_fields=True):

@@ -181,6 +181,8 @@ class _Peer:
         self.socket = socket
         self.incarnation = 0      # the peer's life whose binlog `cursor` points into
         self.cursor = 0           # we applied or skipped every record of its binlog up to here
+        self.saved = (0, 0)       # (incarnation, cursor) last put in the open transaction
+        self.durable = (0, 0)     # ... and in the last checkpoint: what a crash goes back to
         self.pull_sent_at = 0.0   # 0: no pull in flight
         self.pull_tag = 0         # the pull (or snapshot page) in flight: older answers are stale
         self.pull_from = 1        # the first LSN the pull in flight asked for
@@ -401,6 +403,7 @@ class ReplicaNode(Node):
             saved = self._saved_cursors.get(index)
             if saved:
                 peer.incarnation, peer.cursor = saved[0], saved[1]
+                peer.saved = peer.durable = (saved[0], saved[1])
             self._peers[index] = peer
             poller.register(socket, zmq.POLLIN)
         self.router = router
@@ -623,6 +626,9 @@ class ReplicaNode(Node):
             self._fail_all_writes(e)
             raise SystemExit(1) from None
         self.votes.checkpointed()
+        for peer in self._peers:
+            if peer is not None:
+                peer.durable = peer.saved
         self.counters["group_commits"] += 1
         self.counters["group_commit_us"] += int((time.perf_counter() - started) * 1e6)
         self.monitor.add(monitor_ids.NODE_GROUP_COMMITS, 1)
@@ -709,7 +715,10 @@ class ReplicaNode(Node):
                 raise InvalidArgument(f"source: {request.source} is not a peer of this node",
                                       field="source")
             if request.incarnation == self.incarnation:
-                peer.has_through = max(peer.has_through, request.from_lsn - 1)
+                through = request.from_lsn - 1
+                if request.durable_through is not None:
+                    through = min(through, request.durable_through)
+                peer.has_through = max(peer.has_through, through)
             store = self.store
             # Only what a checkpoint made durable: a record lost in a crash of this node
             # would otherwise live on in a peer, and its LSN be reused for another.
@@ -816,10 +825,12 @@ class ReplicaNode(Node):
                     now)
                 continue
             peer.pull_from = peer.cursor + 1
+            life, durable = peer.durable
             self._send_peer(peer, [_encode_frame(
                 _REQUEST, Method.PULL, self._peer_request_id(Method.PULL, peer.pull_tag), 0,
                 _encode(PullRequest(self.index, peer.pull_from, peer.incarnation,
-                                    PULL_MAX_RECORDS)))], now)
+                                    PULL_MAX_RECORDS,
+                                    durable if life == peer.incarnation else 0)))], now)
 
     def _start_snapshot(self, peer: _Peer) -> None:
         peer.snapshot = {"session": 0, "after": None, "installing": False}
@@ -1250,6 +1261,7 @@ class ReplicaNode(Node):
                 if peer is not None and id(peer) in moved:
                     batch.set_meta_u64s(b"cursor/" + bytes([peer.index]), peer.incarnation,
                                         peer.cursor)
+                    peer.saved = (peer.incarnation, peer.cursor)
             self._trim(batch)
             if self.quorum is not None and self.incarnation > 1 \
                     and not self._rebuild_done:
