@@ -171,6 +171,9 @@ cdef class Syncer:
 
     def close(self) -> None:
         """Finish the sync under way (and one for frames requested before), then stop."""
+        self._stop()
+
+    cdef void _stop(self) noexcept:
         if not self._running:
             return
         pthread_mutex_lock(&self._s.mutex)
@@ -182,12 +185,6 @@ cdef class Syncer:
         self._running = False
 
     def __dealloc__(self):
-        if self._running:
-            pthread_mutex_lock(&self._s.mutex)
-            self._s.closing = True
-            pthread_cond_broadcast(&self._s.cond)
-            pthread_mutex_unlock(&self._s.mutex)
-            with nogil:
-                pthread_join(self._thread, NULL)
+        self._stop()
         pthread_cond_destroy(&self._s.cond)
         pthread_mutex_destroy(&self._s.mutex)

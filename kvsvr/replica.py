@@ -423,9 +423,10 @@ class ReplicaNode(Node):
                     self.sweep_idle_clients()
                 timeout = 0 if busy else self._poll_timeout_ms()
                 events = dict(poller.poll(timeout))
-                if wake in events:
+                if wake in events:   # a sync finished (or failed: the node stops)
                     with suppress(BlockingIOError):
                         os.eventfd_read(wake)
+                    self.votes.check()
                     self._release_held(time.monotonic())
                 inbound: list[list[bytes]] = []
                 replies: list[tuple[_Peer, bytes]] = []
@@ -500,15 +501,13 @@ class ReplicaNode(Node):
 
     def _release_held(self, now: float) -> None:
         """Send the quorum messages whose vote log frames are durable now."""
-        votes = self.votes
-        votes.check()   # a failed fdatasync stops the node: its votes may not be on disk
-        held, synced = self._held, votes.synced
+        held = self._held
+        if not held:
+            return
+        synced = self.votes.synced
         while held and held[0][0] <= synced:
             _, peer, frames = held.popleft()
             self._send_peer(peer, frames, now)
-        counters = self.counters
-        counters["vote_log_syncs"], sync_ns = votes.syncs
-        counters["vote_log_sync_us"] = sync_ns // 1000
 
     def _release_delayed(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:
@@ -1534,6 +1533,9 @@ class ReplicaNode(Node):
 
     # --- status -------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        counters = self.counters
+        counters["vote_log_syncs"], sync_ns = self.votes.syncs   # counted by the sync thread
+        counters["vote_log_sync_us"] = sync_ns // 1000
         status = super().status()
         now = time.monotonic()
         quorum = self.quorum

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 
-from kvsvr import Client, NotFound
+from kvsvr import Client, NotFound, _core, protocol
 from kvsvr._syncer import Syncer
 from kvsvr.launcher import LocalCluster, write_cluster_config
 from kvsvr.votelog import VoteLog, VoteLogDamaged
@@ -259,6 +260,39 @@ def test_a_killed_replica_comes_back_with_everything_it_had_applied(tmp_path: Pa
         assert sum(after[k] == before[k] for k in keys) >= 55
         assert os.path.getsize(tmp_path / "data" / victim / "votes.log") == 16 << 20
     finally:
+        cluster.stop()
+
+
+def test_a_peer_trims_only_what_a_puller_has_checkpointed(tmp_path: Path):
+    """A pull can ask from past the puller's last checkpoint (a crash goes back to it): the
+    server takes durable_through as what it may trim; an older puller's from_lsn still counts."""
+    cluster = LocalCluster(write_cluster_config(tmp_path, replicas=3), log_dir=tmp_path / "logs")
+    cluster.start()
+    server, puller = cluster.nodes[0], cluster.nodes[1]
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, 5000)
+    socket.connect(cluster.address(server))
+    try:
+        with Client(address=cluster.address(server), timeout=5.0) as client:
+            life = client.status()["incarnation"]
+
+            def pull(from_lsn: int, durable_through: int | None) -> int:
+                request = protocol.PullRequest(1, from_lsn, life, 16, durable_through)
+                socket.send(_core.encode_frame(1, protocol.Method.PULL, 7, 0,
+                                               protocol.encode(request)))
+                frames, error, _ = _core.decode_frames(socket.recv())
+                assert error is None and frames[0][1] == protocol.OK
+                return client.status()["peers"][puller]["has_our_binlog_through"]
+
+            # (an idle group: the real puller's own pulls say 0)
+            assert pull(100, 3) == 3
+            assert pull(100, 500) == 99   # never past what it asked from
+            assert pull(120, None) == 119
+    finally:
+        socket.close()
+        context.term()
         cluster.stop()
 
 
