@@ -58,6 +58,7 @@ import msgspec
 import zmq
 
 from kvsvr import _core, protocol
+from kvsvr.committer import Committer
 from kvsvr.config import ClusterConfig
 from kvsvr.errors import (
     Internal,
@@ -266,8 +267,20 @@ class ReplicaNode(Node):
         if not had_log:
             with self.store.write() as batch:
                 batch.set_meta_u64s(b"votes/nonce", *nonce)
+        # LMDB write transactions begin and commit on the committer's thread; a checkpoint's
+        # commit runs there while the loop goes on (see _checkpoint and _finish_commit).
+        self._committer = Committer(self.store, name=f"{name}-commit")
         self._batch: WriteBatch | None = None  # the LMDB transaction open across rounds
         self._batch_opened = 0.0
+        self._batch_keys: dict[bytes, int] = {}  # keys applied in it -> their version
+        # The checkpoint under commit: (frames it covers, cursors in it, when it began). Until
+        # it ends LMDB takes no writes, and a read transaction does not see it: the keys it
+        # applied (-> their version) are frozen, and what needs them waits for it to end.
+        self._committing: tuple[int, dict[int, tuple[int, int]], float] | None = None
+        self._frozen: dict[bytes, int] = {}
+        self._thaw: set[bytes] = set()            # keys with work that waits for the commit
+        self._apply_later: set[bytes] = set()     # keys whose chosen versions wait for it
+        self._local_later: list[tuple[bytes, int, int, Any]] = []  # local reads of frozen keys
         self._checkpoint_s = config.storage.checkpoint_interval_ms / 1000
         if self.incarnation:
             self._start_quorum(rebuilding=False)
@@ -280,9 +293,10 @@ class ReplicaNode(Node):
         stored = self.store.quorum_records()
         self._in_lmdb = {(r[1], r[2]) for r in stored if r[0] == "instance"}
         if not rebuilding:
-            through = self.store.meta_u64s(b"votes/through").get(b"", (0,))[0]
+            # (A store from before the ring kept no offset: its log started again at 0.)
+            through, start = (*self.store.meta_u64s(b"votes/through").get(b"", (0,)), 0)[:2]
             # Votes after the last checkpoint, newer than what LMDB holds: restored after it.
-            logged = self.votes.replay(through)
+            logged = self.votes.replay(through, start)
             records = []
             stale = []
             with self.store.read() as txn:
@@ -415,6 +429,7 @@ class ReplicaNode(Node):
         wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         poller.register(wake, zmq.POLLIN)
         self.votes.start(wake)
+        self._committer.wake_fd = wake
         clean = False
         try:
             busy = False
@@ -423,11 +438,12 @@ class ReplicaNode(Node):
                     self.sweep_idle_clients()
                 timeout = 0 if busy else self._poll_timeout_ms()
                 events = dict(poller.poll(timeout))
-                if wake in events:   # a sync finished (or failed: the node stops)
+                if wake in events:   # a sync or a commit ended (or failed: the node stops)
                     with suppress(BlockingIOError):
                         os.eventfd_read(wake)
                     self.votes.check()
                     self._release_held(time.monotonic())
+                    self._finish_commit(block=False)
                 inbound: list[list[bytes]] = []
                 replies: list[tuple[_Peer, bytes]] = []
                 if router in events:
@@ -449,9 +465,15 @@ class ReplicaNode(Node):
         finally:
             if clean:
                 self._checkpoint()   # a clean stop leaves nothing to replay
-            elif self._batch is not None:
-                self._batch.abort()  # a failed round: the vote log has what counts
-                self._batch = None
+            else:
+                # A failed round: the vote log has what counts.
+                with suppress(Exception):
+                    self._committer.finish(block=True)
+                if self._batch is not None:
+                    with suppress(Exception):
+                        self._committer.abort(self._batch)
+                    self._batch = None
+            self._committer.close()
             self.votes.close()
             os.close(wake)
             for link in self._peers:
@@ -547,6 +569,8 @@ class ReplicaNode(Node):
               now: float) -> bool:
         """Handle what arrived, move work on, commit, send. True if more work is ready."""
         self.counters["rounds"] += 1
+        if self._committing is not None:
+            self._finish_commit(block=False)
         self._release_held(now)
         self._release_delayed(now)
         with self._view() as txn:
@@ -577,7 +601,9 @@ class ReplicaNode(Node):
         self._flush_clients()
         self._maybe_checkpoint(now)
         self._release_held(now)
-        return bool(self._dirty) or bool(self._pulled)
+        # (Applies that wait for a commit under way are taken up when it wakes the loop.)
+        return bool(self._dirty) or (self._committing is None
+                                     and bool(self._pulled or self._apply_later))
 
     # --- the open LMDB transaction and its checkpoints ------------------------------------------
     @contextmanager
@@ -595,19 +621,25 @@ class ReplicaNode(Node):
 
     def _open_batch(self, now: float) -> WriteBatch:
         if self._batch is None:
-            self._batch = self.store.begin()
+            if self._committing is not None:
+                raise RuntimeError("no write transaction while a checkpoint commits")
+            self._batch = self._committer.begin()
             self._batch_opened = now
         return self._batch
 
     def _maybe_checkpoint(self, now: float) -> None:
         batch = self._batch
-        if batch is not None and (now - self._batch_opened >= self._checkpoint_s
-                                  or batch.applied >= CHECKPOINT_MAX_APPLIED
-                                  or self.votes.used > self.votes.size // 2):
-            self._checkpoint()
+        if batch is not None and self._committing is None and (
+                now - self._batch_opened >= self._checkpoint_s
+                or batch.applied >= CHECKPOINT_MAX_APPLIED
+                or self.votes.used > self.votes.size // 2):
+            self._checkpoint(wait=False)
 
-    def _checkpoint(self) -> None:
-        """Commit the open transaction (fsync): the vote log frames so far are in it."""
+    def _checkpoint(self, wait: bool = True) -> None:
+        """Commit the open transaction (fsync): the vote log frames so far are in it. With
+        `wait` false the commit runs on the committer's thread while the loop goes on, and
+        _finish_commit takes its end."""
+        self._finish_commit(block=True)
         batch, self._batch = self._batch, None
         if batch is None:
             return
@@ -617,20 +649,56 @@ class ReplicaNode(Node):
             batch.persist_quorum(list(self._logged.values()))
             self._in_lmdb.update(self._logged)
             self._logged = {}
-        batch.set_meta_u64s(b"votes/through", self.votes.seq)
+        through, start = self.votes.mark()
+        batch.set_meta_u64s(b"votes/through", through, start)
+        cursors = {p.index: p.saved for p in self._peers if p is not None}
+        self._committing = (through, cursors, started)
+        self._frozen, self._batch_keys = self._batch_keys, {}
+        self._committer.start_commit(batch)
+        if wait:
+            self._finish_commit(block=True)
+
+    def _finish_commit(self, block: bool) -> None:
+        """Take the end of the checkpoint under commit, if it has ended (or wait for it)."""
+        committing = self._committing
+        if committing is None:
+            return
         try:
-            self.store.commit(batch)
+            if not self._committer.finish(block):
+                return
         except StorageFull as e:
+            self._committing = None
             log.error("node %s: %s", self.name, e)
             self._fail_all_writes(e)
             raise SystemExit(1) from None
-        self.votes.checkpointed()
+        self._committing = None
+        through, cursors, started = committing
+        self.votes.checkpointed(through)
         for peer in self._peers:
-            if peer is not None:
-                peer.durable = peer.saved
+            if peer is not None and peer.index in cursors:
+                peer.durable = cursors[peer.index]
+        self._frozen = {}
+        if self._thaw:
+            self._dirty |= self._thaw
+            self._thaw = set()
+        if self._local_later:
+            later, self._local_later = self._local_later, []
+            with self._view() as txn:
+                for identity, request_id, method, request in later:
+                    try:
+                        self._answer(identity, _encode_frame(
+                            _RESPONSE, 0, request_id, 0,
+                            _encode(self._read(method, request, txn))))
+                    except KvError as e:
+                        self._answer_error(identity, request_id, e)
         self.counters["group_commits"] += 1
         self.counters["group_commit_us"] += int((time.perf_counter() - started) * 1e6)
         self.monitor.add(monitor_ids.NODE_GROUP_COMMITS, 1)
+
+    def _applied(self, txn: Any, key: bytes) -> int:
+        """The key's applied version (a read transaction does not see a commit under way)."""
+        version = self._frozen.get(key)
+        return self.store.key_state(txn, key).version if version is None else version
 
     def sweep_idle_clients(self) -> None:
         self._checkpoint()  # the sweep writes in a transaction of its own
@@ -690,7 +758,7 @@ class ReplicaNode(Node):
                 # the target below what a merged answer's sender had forgotten.
                 self._rebuild_targets[message.source] = max(
                     message.version, self._rebuild_targets.get(message.source, 0))
-            floor = self.store.key_state(txn, message.key).version if message.key else 0
+            floor = self._applied(txn, message.key) if message.key else 0
             quorum.step(message, now * 1000, floor)
             if kind == _core.MSG_BEHIND and message.key:
                 work = self._work.get(message.key)
@@ -704,9 +772,8 @@ class ReplicaNode(Node):
         if method == Method.VERSIONS:
             if self.quorum is None or not self.voting:
                 raise Unavailable(f"node {self.name} is {self.role}: its versions do not count")
-            quorum, key_state = self.quorum, self.store.key_state
-            return VersionsReply([KeyVersions(key_state(txn, key).version,
-                                              quorum.highest_open(key))
+            quorum, applied = self.quorum, self._applied
+            return VersionsReply([KeyVersions(applied(txn, key), quorum.highest_open(key))
                                   for key in request.keys])
         if method == Method.PULL:
             peer = self._peers[request.source] if request.source < self.replicas else None
@@ -950,6 +1017,11 @@ class ReplicaNode(Node):
         key = request.key
         if method in _READS:
             if request.consistency == CONSISTENCY_LOCAL:
+                if key in self._frozen:
+                    # Its newest version is in the commit under way: answered when it ends,
+                    # so a local read never goes back behind one this node gave before.
+                    self._local_later.append((identity, request_id, method, request))
+                    return
                 self._answer(identity, _encode_frame(_RESPONSE, 0, request_id, 0,
                                                      _encode(self._read(method, request, txn))))
                 return
@@ -989,10 +1061,14 @@ class ReplicaNode(Node):
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, set()
+        frozen, later = self._frozen, self._apply_later
         with self._view() as txn:
             for key in dirty:
                 work = self._work.get(key)
                 if work is None:
+                    continue
+                if key in frozen or key in later:
+                    self._thaw.add(key)   # its state is in (or waits for) a commit under way
                     continue
                 floor = self.store.key_state(txn, key).version
                 if work.writes:
@@ -1113,7 +1189,7 @@ class ReplicaNode(Node):
             for (key, version), since in list(self._open_since.items()):
                 if now - since < OPEN_RECOVER_AFTER_S or quorum.proposing(key, version):
                     continue
-                floor = self.store.key_state(txn, key).version
+                floor = self._applied(txn, key)
                 if floor >= version:
                     del self._open_since[(key, version)]   # applied meanwhile
                 elif floor + 1 == version:
@@ -1155,8 +1231,8 @@ class ReplicaNode(Node):
             assert quorum is not None
             with self._view() as txn:
                 barrier.answers[self.index] = [
-                    KeyVersions(self.store.key_state(txn, key).version,
-                                quorum.highest_open(key)) for key in chunk]
+                    KeyVersions(self._applied(txn, key), quorum.highest_open(key))
+                    for key in chunk]
             self._barriers[barrier_id] = barrier
             for key in chunk:
                 for waiter in want[key]:
@@ -1211,7 +1287,8 @@ class ReplicaNode(Node):
             self._answer_chosen(decided)
         pulled, self._pulled = self._pulled, []
         pages, self._pages = self._pages, []
-        if not persist and not pulled and not pages and not any(
+        later = self._apply_later if self._committing is None else None
+        if not persist and not pulled and not pages and not later and not any(
                 d[2] is not None for d in decided):
             self._after_commit(send, decided, now)
             return
@@ -1229,6 +1306,8 @@ class ReplicaNode(Node):
         # pages, and a frame bigger than the whole log are made durable by committing LMDB
         # before anything is sent, as every round did before the log.
         durable_now = bool(pages) or any(r[0] != "instance" for r in persist)
+        if durable_now:
+            self._finish_commit(block=True)   # (rare) LMDB must take them now
         if persist and not durable_now:
             frame = self.votes.frame(persist)
             if not self.votes.fits(frame):
@@ -1239,6 +1318,17 @@ class ReplicaNode(Node):
                 self.votes.write(frame)
             else:
                 durable_now = True
+        if self._committing is not None:
+            # A checkpoint is committing: LMDB takes no write until it ends, so the applies
+            # wait (what was chosen stays in the core, and pulled records are asked again).
+            self._log_records(None, persist)
+            self._apply_later |= touched
+            self._pulled = pulled + self._pulled
+            self._after_commit(send, decided, now)
+            return
+        if later:
+            touched |= later
+            self._apply_later = set()
         try:
             batch = self._open_batch(now)
             self._log_records(batch, persist)
@@ -1304,7 +1394,8 @@ class ReplicaNode(Node):
             self._flush_clients()
 
     def _after_commit(self, send: list[_core.Message], decided: list[Any], now: float) -> None:
-        if self._batch is not None and any(m.kind == _core.MSG_STATE for m in send):
+        if (self._batch is not None or self._committing is not None) \
+                and any(m.kind == _core.MSG_STATE for m in send):
             # A rebuild answer says how far our binlog stood: that must be durable and
             # readable by the peer's pulls, which see only checkpoints.
             self._checkpoint()
@@ -1369,8 +1460,9 @@ class ReplicaNode(Node):
                 if item.db == 0 and item.row is None and installing:
                     installed += 1
                     touched.add(item.key)
+                    version = self.store.key_state(batch.txn, item.key).version
+                    self._batch_keys[item.key] = version
                     if quorum is not None:
-                        version = self.store.key_state(batch.txn, item.key).version
                         for dropped in quorum.forget_through(item.key, version):
                             self._forget_instance(batch, item.key, dropped)
             snapshot["installing"] = installing
@@ -1417,8 +1509,9 @@ class ReplicaNode(Node):
                                          record.client_seq, record.key, record.ops)
         quorum.forget(record.key, record.version, chosen)
         self._forget_instance(batch, record.key, record.version)
+        self._batch_keys[record.key] = record.version
 
-    def _log_records(self, batch: WriteBatch, records: list[tuple[Any, ...]]) -> None:
+    def _log_records(self, batch: WriteBatch | None, records: list[tuple[Any, ...]]) -> None:
         """Records the vote log took: instances wait for the checkpoint (most are applied
         and forgotten before it), the rest go into the open transaction now."""
         other = []
@@ -1429,6 +1522,7 @@ class ReplicaNode(Node):
             else:
                 other.append(record)
         if other:
+            assert batch is not None, "only instance records are logged without LMDB"
             batch.persist_quorum(other)
 
     def _forget_instance(self, batch: WriteBatch, key: bytes, version: int) -> None:

@@ -7,10 +7,15 @@ filled with zeros when it was made, so the fdatasync writes the frame's blocks a
 else (no size change, no extent to allocate, so no journal commit on ext4).
 
 LMDB takes the same records (and the applies they lead to) in a write transaction that stays
-open across rounds and commits every few tens of milliseconds: a checkpoint. That commit
-stores `votes/through`, the sequence number of the last frame it covers, and the log then
-starts again at offset 0. After a crash, the frames after `through` are replayed on top of
-LMDB: they hold every vote the lost transaction held.
+open across rounds and commits every few tens of milliseconds: a checkpoint. The commit runs
+on a thread of its own while the loop goes on writing frames, so the log is a ring: a
+checkpoint stores `votes/through`, the sequence number of the last frame it covers, and the
+offset where the frame after it goes (`mark()`); once it has committed, the room of the frames
+it covers is free again (`checkpointed()`). A frame goes right after the last one, or at
+offset 0 when it does not fit before the end (or nothing is live), never over a frame no
+committed checkpoint covers. After a crash, the frames after `through` are replayed on top of
+LMDB from that offset (continuing at 0 where the ring wrapped): they hold every vote the lost
+transaction held.
 
 The fdatasync runs on a native thread (`start()`, kvsvr/_syncer.pyx): the loop writes a
 round's frame and goes on with the next round while the disk works, and holds back the
@@ -21,8 +26,9 @@ writes and syncs inline.
 
 Frame: u32 payload length, u64 sequence, u64 xxh64 of (length, sequence, payload) seeded
 with the log's nonce, payload (msgpack list of records). Reading stops at the first frame that
-is torn, fails its checksum, or does not continue the sequence: frames left from before a wrap
-have older sequence numbers, so they can never be mistaken for the continuation. The nonce is
+is torn, fails its checksum, or does not continue the sequence (after looking once at offset
+0 for the continuation): frames left from before a wrap have older sequence numbers, so they
+can never be mistaken for the continuation, and each sequence number is written once. The nonce is
 drawn once per LMDB environment and kept in it, so frames of a file that outlived its LMDB
 (a data directory half deleted) fail their checksum instead of being replayed into another.
 """
@@ -32,6 +38,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +73,10 @@ class VoteLog:
         self.size = size
         self.sync = sync
         self.seq = 0          # the last frame's sequence number (written or replayed)
-        self.offset = 0       # where the next frame goes
-        self.frames = 0       # frames written since the last checkpoint
+        self.offset = 0       # where the last frame written ends
+        # Frames no committed checkpoint covers yet: (sequence, offset, length), oldest first.
+        self._live: deque[tuple[int, int, int]] = deque()
+        self._live_bytes = 0
         self._synced = 0      # durable through this frame (inline syncs and checkpoints)
         self._syncs = 0       # inline fdatasyncs, and the time they took
         self._sync_ns = 0
@@ -105,20 +114,31 @@ class VoteLog:
             self._fd = -1
 
     # --- recovery -------------------------------------------------------------------------
-    def replay(self, through: int) -> list[tuple[Any, ...]]:
-        """The records of every frame after sequence `through` (the last checkpoint), in
-        order; afterwards `seq` is the last frame's sequence number."""
+    def replay(self, through: int, start: int = 0) -> list[tuple[Any, ...]]:
+        """The records of every frame after sequence `through` (the last checkpoint), which
+        it said goes at offset `start`, in order; afterwards `seq` is the last frame's
+        sequence number."""
         records: list[tuple[Any, ...]] = []
-        offset, previous, expected = 0, None, through + 1
-        while offset + _HEADER.size <= self.size:
-            length, seq, checksum = _HEADER.unpack(os.pread(self._fd, _HEADER.size, offset))
-            if length == 0 or offset + _HEADER.size + length > self.size:
+        offset, previous, expected = start, None, through + 1
+        tried_zero = start == 0
+        ahead = 0   # a later frame found where the next one was to go
+        while True:
+            frame = self._read_frame(offset)
+            if frame is not None and previous is not None and frame[0] != previous + 1:
+                frame = None   # a frame from before the last wrap: not the continuation
+            if frame is not None and previous is None and start and frame[0] != expected:
+                # Not the next frame: it went to offset 0 (nothing was live then), and the
+                # frames after it may since have reached this offset.
+                ahead = max(ahead, frame[0])
+                frame = None
+            if frame is None and not tried_zero:
+                # The ring goes on at offset 0 where a frame did not fit before the end (or
+                # nothing was live when it was written): look there once.
+                tried_zero, offset = True, 0
+                continue
+            if frame is None:
                 break
-            if previous is not None and seq != previous + 1:
-                break   # a frame from before the last wrap: the log ends here
-            payload = os.pread(self._fd, length, offset + _HEADER.size)
-            if _checksum(self.nonce, length, seq, payload) != checksum:
-                break   # torn by a crash mid-write (never acknowledged), or another log's
+            seq, length, payload = frame
             if seq > through:
                 if seq != expected:
                     raise VoteLogDamaged(
@@ -128,9 +148,24 @@ class VoteLog:
                 expected = seq + 1
             previous = seq
             offset += _HEADER.size + length
+        if ahead > through and expected == through + 1:
+            raise VoteLogDamaged(f"{self.path}: frame {ahead} is in the log after checkpoint "
+                                 f"{through}, but frame {expected} is nowhere")
         self.seq = max(through, expected - 1)
         self._synced = self.seq   # replayed frames were found on disk after a crash
         return records
+
+    def _read_frame(self, offset: int) -> tuple[int, int, bytes] | None:
+        """(sequence, length, payload) of a whole frame at `offset`, else None."""
+        if offset < 0 or offset + _HEADER.size > self.size:
+            return None
+        length, seq, checksum = _HEADER.unpack(os.pread(self._fd, _HEADER.size, offset))
+        if length == 0 or offset + _HEADER.size + length > self.size:
+            return None
+        payload = os.pread(self._fd, length, offset + _HEADER.size)
+        if _checksum(self.nonce, length, seq, payload) != checksum:
+            return None   # torn by a crash mid-write (never acknowledged), or another log's
+        return seq, length, payload
 
     # --- writing --------------------------------------------------------------------------
     def frame(self, records: list[tuple[Any, ...]]) -> bytes:
@@ -140,22 +175,36 @@ class VoteLog:
         return _HEADER.pack(len(payload), seq,
                             _checksum(self.nonce, len(payload), seq, payload)) + payload
 
+    def _place(self, length: int) -> int | None:
+        """Where a frame of `length` bytes goes now, or None if it does not fit."""
+        if not self._live:
+            return 0 if length <= self.size else None
+        start = self._live[0][1]
+        if self.offset > start:            # live frames run from `start` to `offset`
+            if self.offset + length <= self.size:
+                return self.offset
+            return 0 if length <= start else None
+        # wrapped: live from `start` to the end, and from 0 to `offset`
+        return self.offset if self.offset + length <= start else None
+
     def fits(self, frame: bytes) -> bool:
-        return self.offset + len(frame) <= self.size
+        return self._place(len(frame)) is not None
 
     def write(self, frame: bytes) -> None:
         """Write a frame made by frame(); it is durable once `synced` reaches its sequence
         number (at once when sync is off: it is then in the page cache, which survives the
         process being killed). With the sync thread started, this does not wait for it."""
-        if not self.fits(frame):
-            raise ValueError(f"vote log: a {len(frame)}-byte frame does not fit at offset "
-                             f"{self.offset} of {self.size}; checkpoint first")
-        written = os.pwrite(self._fd, frame, self.offset)
+        offset = self._place(len(frame))
+        if offset is None:
+            raise ValueError(f"vote log: a {len(frame)}-byte frame does not fit (live "
+                             f"{self._live_bytes} of {self.size} bytes); checkpoint first")
+        written = os.pwrite(self._fd, frame, offset)
         if written != len(frame):
             raise OSError(f"{self.path}: short write ({written} of {len(frame)} bytes)")
-        self.offset += len(frame)
+        self.offset = offset + len(frame)
         self.seq += 1
-        self.frames += 1
+        self._live.append((self.seq, offset, len(frame)))
+        self._live_bytes += len(frame)
         if not self.sync:
             self._synced = self.seq
         elif self._syncer is not None:
@@ -207,14 +256,29 @@ class VoteLog:
                 raise OSError(error, f"{self.path}: fdatasync failed: {os.strerror(error)}; "
                               "the votes since the last checkpoint may not be on disk")
 
-    def checkpointed(self) -> None:
-        """Everything written so far is durable elsewhere: start again at offset 0."""
-        self.offset = 0
-        self.frames = 0
-        self._synced = self.seq
+    def mark(self) -> tuple[int, int]:
+        """What a checkpoint beginning now covers and where replay then starts: (the last
+        frame's sequence number, the offset the next frame goes at unless it wraps)."""
+        return self.seq, self.offset
+
+    def checkpointed(self, through: int | None = None) -> None:
+        """Frames up to `through` (default: all so far) are durable elsewhere (a checkpoint
+        committed them): their room is free."""
+        through = self.seq if through is None else through
+        live = self._live
+        while live and live[0][0] <= through:
+            self._live_bytes -= live.popleft()[2]
+        if through > self._synced:
+            self._synced = through
         if self._syncer is not None:
-            self._syncer.mark_durable(self.seq)
+            self._syncer.mark_durable(through)
+
+    @property
+    def frames(self) -> int:
+        """Frames no committed checkpoint covers."""
+        return len(self._live)
 
     @property
     def used(self) -> int:
-        return self.offset
+        """Bytes of the frames no committed checkpoint covers."""
+        return self._live_bytes

@@ -98,6 +98,71 @@ def test_missing_frames_after_the_checkpoint_are_damage_not_an_empty_log(tmp_pat
         log3.replay(through=4)
 
 
+def test_frames_written_while_a_checkpoint_commits_replay_from_where_it_said(tmp_path: Path):
+    """The ring: a checkpoint covers the frames before its mark; the frames written while it
+    commits come back from the offset it stored, across a wrap to offset 0, and none of the
+    frames it covered does."""
+    size = 1 << 13
+    log = VoteLog(tmp_path / "votes.log", nonce=8, size=size)
+    _write(log, 0, 60)
+    first, _ = log.mark()                       # checkpoint A covers frames 1..60
+    _write(log, 100, 10)                        # 61..70, written while A commits
+    log.checkpointed(first)
+    through, start = log.mark()                 # checkpoint B covers 1..70
+    assert through == 70 and start == log.offset
+    _write(log, 200, 25)                        # 71..95 while B commits: past the end, so
+    assert log.offset < start                   # the last ones wrapped to offset 0
+    log.checkpointed(through)
+    assert log.frames == 25
+    log.close()
+    again = VoteLog(tmp_path / "votes.log", nonce=8, size=size)
+    assert again.replay(through, start) == [r for i in range(200, 225)
+                                            for r in (_record(i), _record(i, b"chosen"))]
+    assert again.seq == 95
+
+
+def test_the_ring_never_writes_over_a_frame_no_committed_checkpoint_covers(tmp_path: Path):
+    log = VoteLog(tmp_path / "votes.log", nonce=6, size=1 << 13)
+    written = 0
+    while log.fits(log.frame([_record(written), _record(written, b"chosen")])):
+        _write(log, written, 1)
+        written += 1
+    assert log.used <= log.size and log.frames == written
+    through, _ = log.mark()
+    log.checkpointed(through - 5)               # the first frames free, the last five not
+    assert log.frames == 5
+    while log.fits(log.frame([_record(written), _record(written, b"chosen")])):
+        _write(log, written, 1)
+        written += 1
+    log.close()
+    again = VoteLog(tmp_path / "votes.log", nonce=6, size=1 << 13)
+    # Everything after frame through-5 is still whole: its five frames, then the wrapped ones.
+    replayed = again.replay(through - 5, log._live[0][1])
+    assert replayed == [r for i in range(through - 5, written)
+                        for r in (_record(i), _record(i, b"chosen"))]
+
+
+def test_a_frame_after_an_empty_checkpoint_goes_to_the_start_and_replays(tmp_path: Path):
+    """Nothing was live when the frame after a checkpoint was written: it went to offset 0,
+    and its followers may since have reached the offset the checkpoint stored."""
+    log = VoteLog(tmp_path / "votes.log", nonce=12, size=1 << 16)
+    _write(log, 10, 5)                           # (frames of one size: they line up)
+    through, start = log.mark()
+    log.checkpointed(through)
+    _write(log, 20, 8)                           # frames 6..13 from offset 0: 11 at `start`
+    assert log._live[0][1] == 0 and log._live[5][1] == start
+    log.close()
+    again = VoteLog(tmp_path / "votes.log", nonce=12, size=1 << 16)
+    assert again.replay(through, start) == [r for i in range(20, 28)
+                                            for r in (_record(i), _record(i, b"chosen"))]
+    # The frame right after the checkpoint gone while a later one is there: damage.
+    with open(tmp_path / "votes.log", "r+b") as f:
+        f.write(bytes(20))                        # frame 6's header, at offset 0
+    damaged = VoteLog(tmp_path / "votes.log", nonce=12, size=1 << 16)
+    with pytest.raises(VoteLogDamaged, match="frame 6 is nowhere"):
+        damaged.replay(through, start)
+
+
 def test_a_frame_bigger_than_the_room_left_does_not_fit(tmp_path: Path):
     log = VoteLog(tmp_path / "votes.log", nonce=4, size=4096)
     big = log.frame([("instance", b"k", 1, 1, 1, bytes(5000), None)])
