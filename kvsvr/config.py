@@ -61,8 +61,8 @@ class StorageConfig(Struct, forbid_unknown_fields=True):
     sync: bool = True
     binlog_max_records: Annotated[int, Meta(ge=1000)] = BINLOG_MAX_RECORDS
     # A replica's LMDB transaction commits (a checkpoint) this often; between checkpoints its
-    # votes are durable in the vote log. Longer: fewer page writes per write, longer stalls.
-    checkpoint_interval_ms: Annotated[int, Meta(ge=1, le=600_000)] = 50
+    # votes are durable in the vote log. Longer: fewer page writes per write, more to replay.
+    checkpoint_interval_ms: Annotated[int, Meta(ge=1, le=600_000)] = 100
 
 
 class MonitorConfig(Struct, forbid_unknown_fields=True):

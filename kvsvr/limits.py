@@ -31,6 +31,8 @@ NODE_QUEUE_MESSAGES = 1_000          # ... per peer of a node (each <= MAX_MESSA
 BINLOG_MAX_RECORDS = 1_000_000       # default bound on binlog length (trimmed oldest first)
 VOTE_LOG_BYTES = 16 << 20            # a replica's vote log file (zero-filled once; a round's
                                      # records that do not fit go to LMDB at once instead)
+STATE_CACHE_KEYS = 1 << 18           # key states a store keeps in memory (newest applied) ...
+STATE_CACHE_VALUE_BYTES = 512        # ... each with a value at most this big
 
 # A page of at least one maximal row must still fit in one frame.
 assert PAGE_MAX_BYTES + MAX_VALUE_BYTES + MAX_ROW_KEY_BYTES + 4096 <= MAX_FRAME_BYTES
@@ -61,5 +63,7 @@ __all__ = [
     "OPS_TRIM_STEP",
     "PAGE_MAX_BYTES",
     "SCAN_MAX_ENTRIES_VISITED",
+    "STATE_CACHE_KEYS",
+    "STATE_CACHE_VALUE_BYTES",
     "VOTE_LOG_BYTES",
 ]

@@ -698,7 +698,7 @@ class ReplicaNode(Node):
     def _applied(self, txn: Any, key: bytes) -> int:
         """The key's applied version (a read transaction does not see a commit under way)."""
         version = self._frozen.get(key)
-        return self.store.key_state(txn, key).version if version is None else version
+        return self.store.latest(txn, key).version if version is None else version
 
     def sweep_idle_clients(self) -> None:
         self._checkpoint()  # the sweep writes in a transaction of its own
@@ -1070,7 +1070,7 @@ class ReplicaNode(Node):
                 if key in frozen or key in later:
                     self._thaw.add(key)   # its state is in (or waits for) a commit under way
                     continue
-                floor = self.store.key_state(txn, key).version
+                floor = self.store.latest(txn, key).version
                 if work.writes:
                     self._progress_write(key, work, floor, txn, now)
                 if work.reads:
@@ -1143,7 +1143,7 @@ class ReplicaNode(Node):
                     return  # a barrier is wanted or under way
                 if waiter.target >= 0 and not self._barrier_settled(key, waiter, floor, now):
                     return
-                state = self.store.key_state(txn, key)
+                state = self.store.latest(txn, key)
                 expected = request.expected_version
                 if expected is not None and expected != state.version:
                     # A conflict is sure once the key is past `expected`, but the version it
@@ -1414,7 +1414,6 @@ class ReplicaNode(Node):
     def _apply_pulled(self, batch: Any, pulled: list[tuple[_Peer, int, list[bytes]]],
                       touched: set[bytes]) -> int:
         applied = 0
-        store = self.store
         for peer, cursor, records in pulled:
             if cursor != peer.cursor:
                 continue  # an older answer (the cursor moved or was reset since it was asked)
@@ -1426,7 +1425,7 @@ class ReplicaNode(Node):
                     log.error("node %s: record %d of %s's binlog is damaged (%s); asking again",
                               self.name, peer.cursor + 1, peer.name, e)
                     break
-                version = store.key_state(batch.txn, record.key).version
+                version = batch.latest(record.key).version
                 if record.version == version + 1:
                     self._apply(batch, record, None)
                     applied += 1
@@ -1460,7 +1459,7 @@ class ReplicaNode(Node):
                 if item.db == 0 and item.row is None and installing:
                     installed += 1
                     touched.add(item.key)
-                    version = self.store.key_state(batch.txn, item.key).version
+                    version = batch.latest(item.key).version
                     self._batch_keys[item.key] = version
                     if quorum is not None:
                         for dropped in quorum.forget_through(item.key, version):
@@ -1483,7 +1482,7 @@ class ReplicaNode(Node):
         quorum = self.quorum
         assert quorum is not None
         applied = 0
-        version = self.store.key_state(batch.txn, key).version
+        version = batch.latest(key).version
         while True:
             chosen = quorum.acceptor_state(key, version + 1)[3]
             if chosen is None:

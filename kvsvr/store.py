@@ -21,6 +21,7 @@ which is how many client operations share one durable commit (group commit).
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import re
 import struct
@@ -46,6 +47,8 @@ from kvsvr.limits import (
     OPS_TRIM_STEP,
     PAGE_MAX_BYTES,
     SCAN_MAX_ENTRIES_VISITED,
+    STATE_CACHE_KEYS,
+    STATE_CACHE_VALUE_BYTES,
 )
 from kvsvr.protocol import (
     I64_MAX,
@@ -217,6 +220,8 @@ class Store:
         # What readers outside the write transaction see (pulls, snapshots): first_lsn and
         # last_lsn run ahead while a transaction kept open across rounds is not committed.
         self.durable_first_lsn, self.durable_last_lsn = self.first_lsn, self.last_lsn
+        # The newest state of recently written or looked-up keys (see latest()).
+        self._states: dict[bytes, KeyState] = {}
 
     def close(self) -> None:
         self.env.close()
@@ -228,6 +233,27 @@ class Store:
 
     def key_state(self, txn: lmdb.Transaction, key: bytes) -> KeyState:
         return KeyState.decode(txn.get(key, db=self._keys))
+
+    def latest(self, txn: lmdb.Transaction, key: bytes) -> KeyState:
+        """The key's newest state, written by this store's open or committing transaction or
+        before: from memory when it is kept there (an LMDB lookup costs a B-tree descent),
+        else read in `txn`, which must then be current for the key. Never modify it."""
+        state = self._states.get(key)
+        return KeyState.decode(txn.get(key, db=self._keys)) if state is None else state
+
+    def _keep(self, key: bytes, state: KeyState) -> None:
+        states = self._states
+        if state.value is not None and len(state.value) > STATE_CACHE_VALUE_BYTES:
+            states.pop(key, None)   # big values stay in LMDB only
+            return
+        states[key] = state
+        if len(states) > STATE_CACHE_KEYS:
+            for old in list(itertools.islice(states, STATE_CACHE_KEYS // 16)):
+                del states[old]      # the oldest kept, a slice at a time
+
+    def forget_states(self) -> None:
+        """A write transaction was aborted: what it wrote never happened."""
+        self._states.clear()
 
     def get(self, txn: lmdb.Transaction, key: bytes) -> Versioned:
         raw = txn.get(key, db=self._keys)
@@ -514,7 +540,17 @@ class WriteBatch:
             self.txn.put(b"last_lsn", _U64BE.pack(self.store.last_lsn), db=self.store._meta)
         self.txn.commit()
 
+    def latest(self, key: bytes) -> KeyState:
+        """Store.latest in this transaction (always current), kept in memory if read."""
+        store = self.store
+        state = store._states.get(key)
+        if state is None:
+            state = KeyState.decode(self.txn.get(key, db=store._keys))
+            store._keep(key, state)
+        return state
+
     def abort(self) -> None:
+        self.store.forget_states()
         self.txn.abort()
         self.store.first_lsn = self._first_lsn
         self.store.last_lsn = self._last_lsn
@@ -559,7 +595,8 @@ class WriteBatch:
                 txn.put(prefix + row, raw, db=store._rows)
                 txn.put(prefix + raw[:8][::-1] + row, b"", db=store._changes)
             return installing
-        if KeyState.decode(raw).version <= store.key_state(txn, key).version:
+        theirs = KeyState.decode(raw)
+        if theirs.version <= self.latest(key).version:
             return False  # ours is as new: keep it
         for db_handle in (store._rows, store._changes):
             cursor = txn.cursor(db=db_handle)
@@ -567,6 +604,7 @@ class WriteBatch:
             while found and cursor.key()[:len(prefix)] == prefix:
                 found = cursor.delete()
         txn.put(key, raw, db=store._keys)
+        store._keep(key, theirs)
         return True
 
     def set_meta_u64s(self, name: bytes, *values: int) -> None:
@@ -584,13 +622,12 @@ class WriteBatch:
     def mutate(self, key: bytes, ops: list[Op], expected_version: int | None = None,
                client_id: int = 0, client_seq: int = 0) -> MutateReply:
         """Apply one atomic mutation of `key`, or raise a KvError having changed nothing."""
-        store, txn = self.store, self.txn
         op_tuples = [(op.kind, op.row, op.value) for op in ops]
         if client_id:
             remembered = self._remembered(key, op_tuples, client_id, client_seq)
             if remembered is not None:
                 return remembered  # a retry: answer as the first time
-        state = store.key_state(txn, key)
+        state = self.latest(key)
         if expected_version is not None and expected_version != state.version:
             raise VersionConflict(
                 f"expected version {expected_version}, the key is at {state.version}",
@@ -603,7 +640,7 @@ class WriteBatch:
         The record must be the key's next version: records of one key apply in version order,
         which is what makes logical ops (incr, append) give the same result everywhere.
         """
-        state = self.store.key_state(self.txn, record.key)
+        state = self.latest(record.key)
         if record.version != state.version + 1:
             raise ValueError(f"record of {record.key!r} at version {record.version}, "
                              f"the key is at {state.version}: out of order")
@@ -631,6 +668,7 @@ class WriteBatch:
                record: bytes, compacted_before: int) -> None:
         store, txn = self.store, self.txn
         txn.put(key, state.encode(), db=store._keys)
+        store._keep(key, state)
         if state.compacted_through > compacted_before:
             self._drop_tombstones(key, compacted_before, state.compacted_through)
         if row_writes:

@@ -186,3 +186,31 @@ def test_idle_clients_are_forgotten_with_their_op_ids(tmp_path):
         assert store.stats()["clients"] == 0 and store.stats()["remembered_op_ids"] == 0
     finally:
         store.close()
+
+
+def test_the_newest_key_states_kept_in_memory_follow_writes_and_aborts(tmp_path):
+    """Store.latest answers from memory what the open transaction wrote (a read transaction
+    does not see it yet); an abort forgets it, and a big value is always read from LMDB."""
+    store = Store(tmp_path, map_size_mib=64, sync=False)
+    try:
+        batch = store.begin()
+        batch.mutate(b"k", [Op(_core.OP_PUT, b"", b"one")])
+        batch.mutate(b"big", [Op(_core.OP_PUT, b"", b"x" * 100_000)])
+        with store.read() as txn:
+            assert store.key_state(txn, b"k").version == 0        # not committed
+            assert store.latest(txn, b"k").version == 1           # but written
+            assert store.latest(txn, b"k").value == b"one"
+            assert store.latest(txn, b"big").version == 0        # not kept: read in txn
+        assert store.latest(batch.txn, b"big").value == b"x" * 100_000
+        assert batch.latest(b"big").value == b"x" * 100_000
+        batch.abort()
+        with store.read() as txn:
+            assert store.latest(txn, b"k").version == 0           # the abort forgot it
+        with store.write() as batch:
+            batch.mutate(b"k", [Op(_core.OP_INCR, b"", encode_delta(5))])
+            batch.mutate(b"k", [Op(_core.OP_INCR, b"", encode_delta(2))])
+        with store.read() as txn:
+            assert store.latest(txn, b"k").value == b"7"
+            assert store.get(txn, b"k").version == 2
+    finally:
+        store.close()
