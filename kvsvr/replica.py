@@ -112,6 +112,8 @@ APPLY_MAX_PER_ROUND = 20_000    # pulled records applied in one transaction
 TRIM_MAX_PER_ROUND = 4096       # binlog records every peer has, trimmed per round
 ROUND_MAX_MESSAGES = 512        # inbound messages taken per round
 IDLE_POLL_MS = 20               # poll timeout with nothing pending (pulls, ticks)
+EXPIRE_INTERVAL_S = 0.01        # waiting requests are checked for their deadline this often
+ROUND_WAKE_ONLY_MAX_S = 0.005   # a sync ending alone skips the round if one ran this recently
 OPEN_RECOVER_AFTER_S = 1.0      # an instance accepted here but not chosen this long: finish it
 OPEN_CHECK_INTERVAL_S = 0.25    # how often open instances are looked at
 CHECKPOINT_MAX_APPLIED = 20_000  # a checkpoint at least every this many applied versions
@@ -255,6 +257,8 @@ class ReplicaNode(Node):
         self._open_checked = 0.0
         self._lag_peak = 0  # most records a stream was behind since the gauge was last set
         self._peers_watched = 0.0
+        self._expire_at = 0.0
+        self._round_at = 0.0
         self._after_copy: set[bytes] = set()  # keys whose chosen versions wait for a copy
         # The nonce is stored only once its log file is whole (zero-filled and synced): a
         # store with a nonce and no whole log lost votes, and VoteLog refuses to go on.
@@ -460,7 +464,11 @@ class ReplicaNode(Node):
                                                socket.recv_multipart(zmq.NOBLOCK))
                             except zmq.Again:
                                 break
-                busy = self.round(inbound, replies, time.monotonic())
+                now = time.monotonic()
+                if not busy and not inbound and not replies and len(events) == 1 \
+                        and wake in events and not self._round_due(now):
+                    continue   # a sync ended and its messages went out: nothing else to do
+                busy = self.round(inbound, replies, now)
             clean = True
         finally:
             if clean:
@@ -483,6 +491,12 @@ class ReplicaNode(Node):
             context.term()
             self.store.close()
             log.info("node %s stopped", self.name)
+
+    def _round_due(self, now: float) -> bool:
+        """Whether a round has work beyond sending what a sync released."""
+        return bool(self._dirty or self._apply_later or self._pulled or self._pages
+                    or self._outbox or self._want_barrier) \
+            or now - self._round_at >= ROUND_WAKE_ONLY_MAX_S
 
     def _poll_timeout_ms(self) -> int:
         due = []
@@ -527,8 +541,18 @@ class ReplicaNode(Node):
         if not held:
             return
         synced = self.votes.synced
+        if held[0][0] > synced:
+            return
+        # One message per peer for everything released (a send wakes ZeroMQ's I/O thread).
+        ready: dict[int, tuple[_Peer, list[bytes]]] = {}
         while held and held[0][0] <= synced:
             _, peer, frames = held.popleft()
+            entry = ready.get(peer.index)
+            if entry is None:
+                ready[peer.index] = (peer, frames)
+            else:
+                entry[1].extend(frames)
+        for peer, frames in ready.values():
             self._send_peer(peer, frames, now)
 
     def _release_delayed(self, now: float) -> None:
@@ -569,6 +593,7 @@ class ReplicaNode(Node):
               now: float) -> bool:
         """Handle what arrived, move work on, commit, send. True if more work is ready."""
         self.counters["rounds"] += 1
+        self._round_at = now
         if self._committing is not None:
             self._finish_commit(block=False)
         self._release_held(now)
@@ -595,7 +620,9 @@ class ReplicaNode(Node):
         self._resend_barriers(now)
         if self.quorum is not None:
             self._pull(now)  # catch-ups asked for this round leave now
-        self._expire(now)
+        if now >= self._expire_at:
+            self._expire_at = now + EXPIRE_INTERVAL_S
+            self._expire(now)
         if self._sessions:
             self._expire_sessions(now)
         self._flush_clients()
