@@ -70,7 +70,7 @@ from kvsvr.errors import (
     VersionConflict,
 )
 from kvsvr.monitor import registry as monitor_ids
-from kvsvr.node import Node, _error_frame, bind_router, node_socket
+from kvsvr.node import _METHOD_COUNTER, Node, _error_frame, bind_router, node_socket
 from kvsvr.protocol import (
     CONSISTENCY_LOCAL,
     HelloReply,
@@ -743,7 +743,7 @@ class ReplicaNode(Node):
                     self._on_quorum(protocol.decode_quorum(body), txn, now)
                     continue
                 request = protocol.decode_request(method, body)
-                self.counters[f"requests.{Method(method).name.lower()}"] += 1
+                self.counters[_METHOD_COUNTER[method]] += 1
                 if method in protocol.PEER_METHODS:
                     self._answer(identity, _encode_frame(
                         _RESPONSE, 0, request_id, 0,
