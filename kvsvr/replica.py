@@ -15,13 +15,17 @@
    LMDB write transaction that stays open across rounds.
 4. Only then send peer messages (persist before send). A write is answered as soon as the
    quorum has chosen it (a majority holds it durably), even before the local apply commits.
-5. Every storage.checkpoint_interval_ms the open transaction commits (fsync), recording the
-   last vote log frame it covers, and the vote log starts again. A crash loses the open transaction
-   only: on restart the frames after the checkpoint are replayed, and what they chose is
-   applied again. So the fsync on a write's path is a small sequential append, and LMDB's
-   page writes are paid once per checkpoint for all the rounds in it.
+5. Every storage.checkpoint_interval_ms the open transaction commits (fsync) on the
+   committer's thread, recording the last vote log frame it covers; the loop goes on voting
+   meanwhile, and the log's room up to that frame is free once the commit ends. A crash
+   loses the uncommitted transactions only: on restart the frames after the checkpoint are
+   replayed, and what they chose is applied again. So the fsync on a write's path is a small
+   sequential append, and LMDB's page writes are paid once per checkpoint, off the loop.
 
-Readers in this loop use the open transaction (they see every apply); what leaves the node
+Readers in this loop use the open transaction (they see every apply). While a commit is
+under way there is none: a read transaction does not see the keys that commit holds, so
+their applied version comes from memory (`_frozen`), and work that needs more of them
+(proposals, linearizable and local reads) waits for the commit to end. What leaves the node
 as data (binlog pulls, snapshots, the LSN stamped on a rebuild answer) is only what a
 checkpoint made durable, so a peer never holds a record this node could lose in a crash.
 
