@@ -201,13 +201,20 @@ def test_close_returns_when_a_batch_cannot_commit(cluster):
     with pytest.raises(Timeout):
         producer.send_batch([b"x"], timeout=0.5)
     pending = producer.submit_batch([b"y"])
+    started = time.monotonic()
     producer.close(timeout=0.5)
+    bounded = time.monotonic() - started
     with pytest.raises(Timeout, match="NOT acknowledged"):
         pending.result(timeout=1)
     stuck = other.submit_batch([b"z"])
+    started = time.monotonic()
     other.close()   # bounded by batch_lifetime_ms (1.5 s here)
+    unbounded = time.monotonic() - started
     with pytest.raises(Timeout, match="NOT acknowledged"):
         stuck.result(timeout=1)
+    # The timeout was honoured: close(timeout=0.5) did not wait out the batch's lifetime
+    # (1.5 s) as close() did; compared with each other, not with a wall-clock bound.
+    assert bounded * 2 < unbounded, (bounded, unbounded)
 
 
 def test_a_stopped_group_costs_one_ack_deadline_not_one_per_batch(tmp_path):
