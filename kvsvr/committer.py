@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from typing import Any
 
 from kvsvr.store import Store, WriteBatch
@@ -32,6 +33,7 @@ class Committer:
         self._results: queue.SimpleQueue[tuple[Any, BaseException | None]] = \
             queue.SimpleQueue()
         self._pending = False             # a commit started by start_commit has not been taken
+        self.last_commit_us = 0           # how long the last commit took on the thread
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -46,7 +48,9 @@ class Committer:
                 if kind == _BEGIN:
                     result = self.store.begin()
                 elif kind == _COMMIT:
+                    started = time.perf_counter()
                     self.store.commit(batch)
+                    result = int((time.perf_counter() - started) * 1e6)
                 else:
                     batch.abort()
             except BaseException as e:  # handed to the loop, which decides
@@ -72,7 +76,7 @@ class Committer:
 
     def commit(self, batch: WriteBatch) -> None:
         """Commit `batch` and wait; raises what Store.commit raises."""
-        self._call(_COMMIT, batch)
+        self.last_commit_us = self._call(_COMMIT, batch)
 
     def abort(self, batch: WriteBatch) -> None:
         self._call(_ABORT, batch)
@@ -95,12 +99,13 @@ class Committer:
         if not self._pending:
             return True
         try:
-            _, error = self._results.get(block=block)
+            result, error = self._results.get(block=block)
         except queue.Empty:
             return False
         self._pending = False
         if error is not None:
             raise error
+        self.last_commit_us = result
         return True
 
     def close(self) -> None:

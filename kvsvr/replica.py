@@ -281,10 +281,10 @@ class ReplicaNode(Node):
         self._batch: WriteBatch | None = None  # the LMDB transaction open across rounds
         self._batch_opened = 0.0
         self._batch_keys: dict[bytes, int] = {}  # keys applied in it -> their version
-        # The checkpoint under commit: (frames it covers, cursors in it, when it began). Until
+        # The checkpoint under commit: (frames it covers, cursors in it). Until
         # it ends LMDB takes no writes, and a read transaction does not see it: the keys it
         # applied (-> their version) are frozen, and what needs them waits for it to end.
-        self._committing: tuple[int, dict[int, tuple[int, int]], float] | None = None
+        self._committing: tuple[int, dict[int, tuple[int, int]]] | None = None
         self._frozen: dict[bytes, int] = {}
         self._thaw: set[bytes] = set()            # keys with work that waits for the commit
         self._apply_later: set[bytes] = set()     # keys whose chosen versions wait for it
@@ -319,22 +319,23 @@ class ReplicaNode(Node):
             for record in records:
                 if record[0] == "instance" and record[4] and record[6] is None:
                     self._open_since[(record[1], record[2])] = started
-            if stale or logged:
-                if logged:
-                    self.counters["votes_replayed"] += len(logged)
-                    log.info("node %s: %d votes replayed from the vote log (frames %d..%d)",
-                             self.name, len(logged), through + 1, self.votes.seq)
-                # A checkpoint of the replayed votes, with what they chose applied again
-                # (the transaction that had applied it was lost with the process).
-                batch = self._open_batch(started)
-                for record in stale:
-                    self._forget_instance(batch, record[1], record[2])
-                replayed = [r for r in logged if r[0] != "instance" or r[2] >
-                            self.store.key_state(batch.txn, r[1]).version]
-                self._log_records(batch, replayed)
-                for key in {r[1] for r in replayed if r[0] == "instance" and r[6] is not None}:
-                    self._apply_chosen(batch, key)
-                self._checkpoint()
+            if logged:
+                self.counters["votes_replayed"] += len(logged)
+                log.info("node %s: %d votes replayed from the vote log (frames %d..%d)",
+                         self.name, len(logged), through + 1, self.votes.seq)
+            # A checkpoint of the replayed votes, with what they chose applied again (the
+            # transaction that had applied it was lost with the process), and of a frame
+            # number no frame left in the file can follow.
+            self.votes.skip_past_stale()
+            batch = self._open_batch(started)
+            for record in stale:
+                self._forget_instance(batch, record[1], record[2])
+            replayed = [r for r in logged if r[0] != "instance" or r[2] >
+                        self.store.key_state(batch.txn, r[1]).version]
+            self._log_records(batch, replayed)
+            for key in {r[1] for r in replayed if r[0] == "instance" and r[6] is not None}:
+                self._apply_chosen(batch, key)
+            self._checkpoint()
         self._update_role()
         log.info("node %s: incarnation %d, %s", self.name, self.incarnation, self.role)
 
@@ -450,8 +451,8 @@ class ReplicaNode(Node):
                     with suppress(BlockingIOError):
                         os.eventfd_read(wake)
                     self.votes.check()
+                    self._finish_commit(block=False)   # (may make more frames durable)
                     self._release_held(time.monotonic())
-                    self._finish_commit(block=False)
                 inbound: list[list[bytes]] = []
                 replies: list[tuple[_Peer, bytes]] = []
                 if router in events:
@@ -477,6 +478,7 @@ class ReplicaNode(Node):
         finally:
             if clean:
                 self._checkpoint()   # a clean stop leaves nothing to replay
+                self._flush_clients()   # (local reads that waited for it)
             else:
                 # A failed round: the vote log has what counts.
                 with suppress(Exception):
@@ -674,7 +676,6 @@ class ReplicaNode(Node):
         batch, self._batch = self._batch, None
         if batch is None:
             return
-        started = time.perf_counter()
         if self._logged:
             # The instances still open: the log is about to start again without them.
             batch.persist_quorum(list(self._logged.values()))
@@ -683,7 +684,7 @@ class ReplicaNode(Node):
         through, start = self.votes.mark()
         batch.set_meta_u64s(b"votes/through", through, start)
         cursors = {p.index: p.saved for p in self._peers if p is not None}
-        self._committing = (through, cursors, started)
+        self._committing = (through, cursors)
         self._frozen, self._batch_keys = self._batch_keys, {}
         self._committer.start_commit(batch)
         if wait:
@@ -703,7 +704,7 @@ class ReplicaNode(Node):
             self._fail_all_writes(e)
             raise SystemExit(1) from None
         self._committing = None
-        through, cursors, started = committing
+        through, cursors = committing
         self.votes.checkpointed(through)
         for peer in self._peers:
             if peer is not None and peer.index in cursors:
@@ -722,8 +723,11 @@ class ReplicaNode(Node):
                             _encode(self._read(method, request, txn))))
                     except KvError as e:
                         self._answer_error(identity, request_id, e)
+                    except Exception:  # as in _inbound: a bug costs one request
+                        log.exception("request %d (method %d) failed", request_id, method)
+                        self._answer_error(identity, request_id, Internal("internal error"))
         self.counters["group_commits"] += 1
-        self.counters["group_commit_us"] += int((time.perf_counter() - started) * 1e6)
+        self.counters["group_commit_us"] += self._committer.last_commit_us
         self.monitor.add(monitor_ids.NODE_GROUP_COMMITS, 1)
 
     def _applied(self, txn: Any, key: bytes) -> int:
@@ -902,8 +906,11 @@ class ReplicaNode(Node):
 
     # --- the binlog stream ------------------------------------------------------------------------
     def _pull(self, now: float) -> None:
+        if self._committing is not None:
+            return  # the cursors cannot move until it ends: a pull now would fetch the same
+        waiting = {id(p) for p, _, _ in self._pulled}
         for peer in self._peers:
-            if peer is None:
+            if peer is None or id(peer) in waiting:
                 continue
             if peer.pull_sent_at and now - peer.pull_sent_at < PULL_TIMEOUT_S:
                 continue

@@ -28,13 +28,19 @@ Frame: u32 payload length, u64 sequence, u64 xxh64 of (length, sequence, payload
 with the log's nonce, payload (msgpack list of records). Reading stops at the first frame that
 is torn, fails its checksum, or does not continue the sequence (after looking once at offset
 0 for the continuation): frames left from before a wrap have older sequence numbers, so they
-can never be mistaken for the continuation, and each sequence number is written once. The nonce is
-drawn once per LMDB environment and kept in it, so frames of a file that outlived its LMDB
-(a data directory half deleted) fail their checksum instead of being replayed into another.
+can never be mistaken for the continuation, and each sequence number is written once: after
+a crash, frames past a torn one may still be on disk (written, never durable), so a replica
+numbers its next frames past anything the file can hold (`skip_past_stale`) and checkpoints
+that number before it votes. A later frame found where the first after the checkpoint was
+due, with that first frame nowhere, is such a never-durable tail (a sync covers a prefix).
+The nonce is drawn once per LMDB environment and kept in it, so frames of a file that
+outlived its LMDB (a data directory half deleted) fail their checksum instead of being
+replayed into another.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import time
@@ -48,6 +54,7 @@ from xxhash import xxh64_intdigest
 from kvsvr._syncer import Syncer
 from kvsvr.limits import VOTE_LOG_BYTES
 
+log = logging.getLogger("kvsvr.votelog")
 _HEADER = struct.Struct("<IQQ")   # payload length, sequence, checksum
 _SUM_PREFIX = struct.Struct("<IQ")
 _ZERO_CHUNK = 1 << 20
@@ -149,11 +156,26 @@ class VoteLog:
             previous = seq
             offset += _HEADER.size + length
         if ahead > through and expected == through + 1:
-            raise VoteLogDamaged(f"{self.path}: frame {ahead} is in the log after checkpoint "
-                                 f"{through}, but frame {expected} is nowhere")
+            # Frame `expected` never reached the disk whole, so no fdatasync ever covered it
+            # or anything after it (each covers a prefix): those votes were never revealed,
+            # and the later frame is writeback of a tail that was never durable (a power cut).
+            log.warning("%s: frame %d is on disk but frame %d, the first after checkpoint %d, "
+                        "is not: the log ends at the checkpoint (the frames after it were "
+                        "never durable, so none of their votes was sent)", self.path, ahead,
+                        expected, through)
         self.seq = max(through, expected - 1)
         self._synced = self.seq   # replayed frames were found on disk after a crash
         return records
+
+    def skip_past_stale(self) -> None:
+        """Number the next frames past any frame the file may still hold. After a crash the
+        log can hold frames beyond where replay stopped (written, never durable, the one
+        before them torn); a new frame reusing the next number could end where such a frame
+        begins and make it look like the continuation at the next replay. No file holds more
+        frames than fit in it, so a gap of that many numbers makes every older frame older
+        than the new ones. The caller then checkpoints this sequence number."""
+        self.seq += self.size // (_HEADER.size + 1) + 1
+        self._synced = max(self._synced, self.seq)
 
     def _read_frame(self, offset: int) -> tuple[int, int, bytes] | None:
         """(sequence, length, payload) of a whole frame at `offset`, else None."""
