@@ -74,10 +74,6 @@ class Committer:
         batch: WriteBatch = self._call(_BEGIN)
         return batch
 
-    def commit(self, batch: WriteBatch) -> None:
-        """Commit `batch` and wait; raises what Store.commit raises."""
-        self.last_commit_us = self._call(_COMMIT, batch)
-
     def abort(self, batch: WriteBatch) -> None:
         self._call(_ABORT, batch)
 

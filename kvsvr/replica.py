@@ -56,7 +56,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 import zmq
@@ -677,7 +677,8 @@ class ReplicaNode(Node):
         if batch is None:
             return
         if self._logged:
-            # The instances still open: the log is about to start again without them.
+            # The instances still open: once this commits, the log's room holding their
+            # records is reused.
             batch.persist_quorum(list(self._logged.values()))
             self._in_lmdb.update(self._logged)
             self._logged = {}
@@ -700,9 +701,7 @@ class ReplicaNode(Node):
                 return
         except StorageFull as e:
             self._committing = None
-            log.error("node %s: %s", self.name, e)
-            self._fail_all_writes(e)
-            raise SystemExit(1) from None
+            self._stop_storage_full(e)
         self._committing = None
         through, cursors = committing
         self.votes.checkpointed(through)
@@ -729,6 +728,13 @@ class ReplicaNode(Node):
         self.counters["group_commits"] += 1
         self.counters["group_commit_us"] += self._committer.last_commit_us
         self.monitor.add(monitor_ids.NODE_GROUP_COMMITS, 1)
+
+    def _stop_storage_full(self, error: StorageFull) -> NoReturn:
+        """LMDB cannot take more: every waiting write is answered with why, and the node
+        stops (a restart after room is made replays the vote log)."""
+        log.error("node %s: %s", self.name, error)
+        self._fail_all_writes(error)
+        raise SystemExit(1) from None
 
     def _applied(self, txn: Any, key: bytes) -> int:
         """The key's applied version (a read transaction does not see a commit under way)."""
@@ -908,7 +914,7 @@ class ReplicaNode(Node):
     def _pull(self, now: float) -> None:
         if self._committing is not None:
             return  # the cursors cannot move until it ends: a pull now would fetch the same
-        waiting = {id(p) for p, _, _ in self._pulled}
+        waiting = {id(p) for p, _, _ in self._pulled} if self._pulled else set()
         for peer in self._peers:
             if peer is None or id(peer) in waiting:
                 continue
@@ -1399,9 +1405,7 @@ class ReplicaNode(Node):
             self.monitor.add(monitor_ids.NODE_MUTATIONS, applied)
             self.counters["apply_us"] += int((time.perf_counter() - started) * 1e6)
         except StorageFull as e:
-            log.error("node %s: %s", self.name, e)
-            self._fail_all_writes(e)
-            raise SystemExit(1) from None
+            self._stop_storage_full(e)
         if quorum is not None:
             more_persist, more_send, more_decided = quorum.ready()
             if more_persist:  # forget() persists nothing; a bug if it ever does

@@ -59,7 +59,8 @@ def test_a_commit_runs_while_the_caller_goes_on_and_wakes_it_when_done(tmp_path:
         assert done.is_set()
         nxt = committer.begin()
         _put(nxt, b"k0", b"again")
-        committer.commit(nxt)
+        committer.start_commit(nxt)
+        assert committer.finish(block=True)
         with store.read() as txn:
             assert store.get(txn, b"k0").version == 2
             assert store.get(txn, b"mine").value == b"1"
@@ -87,7 +88,8 @@ def test_a_failed_commit_reaches_the_caller_and_keeps_nothing(tmp_path: Path):
             assert store.key_state(txn, b"lost").version == 0
         batch = committer.begin()      # and the next transaction is fine
         _put(batch, b"kept", b"y")
-        committer.commit(batch)
+        committer.start_commit(batch)
+        assert committer.finish(block=True)
         with store.read() as txn:
             assert store.get(txn, b"kept").version == 1
     finally:
