@@ -29,7 +29,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from typing import Any
 
 from measure import percentiles
 
+from kvsvr.launcher import free_port
 from quorumq import AsyncProducer, Consumer
 from quorumq.launcher import LocalQueueCluster, write_queue_config
 
@@ -130,16 +130,10 @@ def raw_fdatasync_rate(directory: Path, seconds: float = 2.0) -> float:
 
 
 # --- NATS JetStream -----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_nats(directory: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     directory.mkdir(parents=True, exist_ok=True)
-    clients = [_free_port() for _ in range(3)]
-    routes = [_free_port() for _ in range(3)]
+    clients = [free_port() for _ in range(3)]
+    routes = [free_port() for _ in range(3)]
     processes = []
     for i in range(3):
         conf = directory / f"nats{i}.conf"

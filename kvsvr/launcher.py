@@ -27,11 +27,20 @@ from kvsvr.process import on_stop_signals
 READY_TIMEOUT_S = 30.0
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on loopback that nothing listens on right now, and that this process has
+    not handed out before: the kernel may give a port it just gave again once the probe
+    socket is closed, and a config with one address twice is refused (a CI run hit that)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def write_single_node_config(directory: str | Path, port: int | None = None) -> Path:

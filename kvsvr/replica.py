@@ -1000,9 +1000,12 @@ class ReplicaNode(Node):
                 log.warning("node %s: peer %s is in life %d now (was %d): reading its binlog "
                             "from the start", self.name, peer.name, reply.incarnation,
                             peer.incarnation)
-            # Its new life's binlog starts afresh: read what it keeps (a gap, if any, waits
-            # for the other peers' streams to fill it).
-            peer.incarnation, peer.cursor = reply.incarnation, max(0, reply.first_lsn - 1)
+            # A life we never read (its new one, or the first we hear of when none was saved):
+            # we hold none of its records, so read it from its first. If it trimmed some
+            # already, the next answer starts past our cursor and we copy a snapshot; going
+            # on from its first kept record instead would skip the trimmed ones for good
+            # (a key's later version shows a gap, but a key written only there never would).
+            peer.incarnation, peer.cursor = reply.incarnation, 0
             peer.next_pull = 0.0
             self._pulled.append((peer, peer.cursor, []))  # persists the reset cursor
             return

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import pytest
 
 import kvsvr
@@ -375,6 +376,30 @@ def test_a_replica_down_past_the_binlog_bound_catches_up_from_a_snapshot(tmp_pat
     inside a key, so the replica applies nothing else until its copy is complete; this test
     runs that path but does not force the exact interleaving a review found, a newer version
     of the split key applied between its pages.)"""
+    _down_past_the_binlog_bound(tmp_path, forget_cursors=False)
+
+
+def test_a_replica_killed_before_it_saved_any_cursor_still_copies_a_snapshot(tmp_path: Path):
+    """A replica SIGKILLed before its first checkpoint saved where it stood in its peers'
+    binlogs has never read them. Back after they trimmed, it must not take their first kept
+    record for where it should go on (that skipped the trimmed writes for good: CI once caught
+    the race); it copies a snapshot like any replica behind the trim. The kill is made to land
+    before that checkpoint by erasing the saved cursors from its LMDB file."""
+    _down_past_the_binlog_bound(tmp_path, forget_cursors=True)
+
+
+def _forget_cursors(data_dir: Path) -> None:
+    env = lmdb.open(str(data_dir), max_dbs=8, readahead=False)
+    try:
+        meta = env.open_db(b"meta")
+        with env.begin(write=True, db=meta) as txn:
+            for name in [bytes(n) for n, _ in txn.cursor() if bytes(n).startswith(b"cursor/")]:
+                txn.delete(name)
+    finally:
+        env.close()
+
+
+def _down_past_the_binlog_bound(tmp_path: Path, *, forget_cursors: bool) -> None:
     config = write_cluster_config(tmp_path, replicas=3, binlog_max_records=1000)
     group = LocalCluster(config, log_dir=tmp_path / "logs")
     group.start()
@@ -382,6 +407,8 @@ def test_a_replica_down_past_the_binlog_bound_catches_up_from_a_snapshot(tmp_pat
         with group.client(timeout=10.0) as client:
             client.put("before", b"1")
             group.kill("n3")
+            if forget_cursors:
+                _forget_cursors(tmp_path / "data" / "n3")
             pipeline = client.pipeline()
             for i in range(1500):
                 pipeline.put(f"k{i}", b"v%d" % i)
