@@ -357,10 +357,10 @@ def _check_value(field: str, key: bytes, version: int, value: bytes | None) -> N
     """An accepted or chosen value is the binlog record of exactly that key and version."""
     if value is None:
         return
-    reason = _core.record_invalid(value)
-    if reason is not None:
-        raise InvalidArgument(f"{field}: not a binlog record ({reason})", field=field)
-    record = _core.decode_record(value)
+    try:
+        record = _core.decode_record(value)
+    except _core.RecordError as e:
+        raise InvalidArgument(f"{field}: not a binlog record ({e})", field=field) from None
     if record.key != key or record.version != version:
         raise InvalidArgument(f"{field}: a record of {record.key!r} v{record.version}, "
                               f"the message is about {key!r} v{version}", field=field)

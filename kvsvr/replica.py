@@ -91,7 +91,7 @@ from kvsvr.protocol import (
     VersionsReply,
     VersionsRequest,
 )
-from kvsvr.store import WriteBatch, _plan
+from kvsvr.store import KeyState, WriteBatch, _plan
 from kvsvr.votelog import VoteLog
 
 log = logging.getLogger("kvsvr.replica")
@@ -127,6 +127,7 @@ _RESPONSE = _core.FRAME_RESPONSE
 _encode = protocol.encode
 _encode_frame = _core.encode_frame
 _READS = frozenset({Method.GET, Method.ROW_GET, Method.SCAN, Method.CHANGES})
+_FLOOR_KINDS = frozenset({_core.MSG_PREPARE, _core.MSG_ACCEPT, _core.MSG_CHOSEN})
 _pull_reply_decoder = msgspec.msgpack.Decoder(PullReply)
 _versions_reply_decoder = msgspec.msgpack.Decoder(VersionsReply)
 _hello_reply_decoder = msgspec.msgpack.Decoder(HelloReply)
@@ -739,7 +740,15 @@ class ReplicaNode(Node):
     def _applied(self, txn: Any, key: bytes) -> int:
         """The key's applied version (a read transaction does not see a commit under way)."""
         version = self._frozen.get(key)
-        return self.store.latest(txn, key).version if version is None else version
+        return self._latest(txn, key).version if version is None else version
+
+    def _latest(self, txn: Any, key: bytes) -> KeyState:
+        """Store.latest; read in the open write transaction (always current), the state is
+        also kept in memory, where the apply that usually follows finds it."""
+        batch = self._batch
+        if batch is not None and txn is batch.txn:
+            return batch.latest(key)
+        return self.store.latest(txn, key)
 
     def sweep_idle_clients(self) -> None:
         self._checkpoint()  # the sweep writes in a transaction of its own
@@ -799,7 +808,9 @@ class ReplicaNode(Node):
                 # the target below what a merged answer's sender had forgotten.
                 self._rebuild_targets[message.source] = max(
                     message.version, self._rebuild_targets.get(message.source, 0))
-            floor = self._applied(txn, message.key) if message.key else 0
+            # (The floor counts only for requests and choices: see "Floors" in the core.)
+            floor = self._applied(txn, message.key) \
+                if message.key and kind in _FLOOR_KINDS else 0
             quorum.step(message, now * 1000, floor)
             if kind == _core.MSG_BEHIND and message.key:
                 work = self._work.get(message.key)
@@ -1117,7 +1128,7 @@ class ReplicaNode(Node):
                 if key in frozen or key in later:
                     self._thaw.add(key)   # its state is in (or waits for) a commit under way
                     continue
-                floor = self.store.latest(txn, key).version
+                floor = self._latest(txn, key).version
                 if work.writes:
                     self._progress_write(key, work, floor, txn, now)
                 if work.reads:
@@ -1190,7 +1201,7 @@ class ReplicaNode(Node):
                     return  # a barrier is wanted or under way
                 if waiter.target >= 0 and not self._barrier_settled(key, waiter, floor, now):
                     return
-                state = self.store.latest(txn, key)
+                state = self._latest(txn, key)
                 expected = request.expected_version
                 if expected is not None and expected != state.version:
                     # A conflict is sure once the key is past `expected`, but the version it
