@@ -229,7 +229,8 @@ class ReplicaNode(Node):
         self._barrier_ids = itertools.count(1)
         self._want_barrier: dict[bytes, list[_Waiter]] = {}
         self._pulled: list[tuple[_Peer, int, list[bytes]]] = []
-        self._pages: list[tuple[_Peer, SnapshotReply]] = []
+        # (peer, page, the copy it was asked for: a page of a copy started again is dropped)
+        self._pages: list[tuple[_Peer, SnapshotReply, dict[str, Any]]] = []
         self._sessions: dict[int, list[Any]] = {}  # copies served: [txn, lsn, last used]
         self._delayed: list[tuple[float, int, int, list[bytes]]] = []
         self._delayed_seq = itertools.count()
@@ -255,6 +256,12 @@ class ReplicaNode(Node):
         self._rebuild_targets = {
             int(k[0]): v[0] for k, v in self.store.meta_u64s(b"rebuild/target/").items() if k}
         self._rebuild_done = bool(self.store.meta_u64s(b"rebuild/done"))
+        # Keys a copy was installing when the node stopped (a page can end inside a key's
+        # rows, and a checkpoint can make that half durable): copied again from that peer,
+        # those keys replaced even by their own version, before anything else.
+        self._half_installed = {int(k[0]): set(msgspec.msgpack.decode(v, type=list[bytes]))
+                                for k, v in self.store.meta_raw(b"copy/installing/").items()
+                                if k}
         # Instances accepted here and not known chosen, since when: one whose proposer went
         # quiet (died after a majority accepted, before anyone learned) is finished here, so
         # an acknowledged write reaches every copy without waiting for a read or a write.
@@ -430,6 +437,12 @@ class ReplicaNode(Node):
                 peer.saved = peer.durable = (saved[0], saved[1])
             self._peers[index] = peer
             poller.register(socket, zmq.POLLIN)
+            half = self._half_installed.get(index)
+            if half:
+                log.warning("node %s: a copy from %s stopped with %s half installed: "
+                            "copying from %s again before serving", self.name, name,
+                            ", ".join(repr(k) for k in sorted(half)), name)
+                self._start_snapshot(peer, repair=half)
         self.router = router
         log.info("node %s (group %s, replica %d of %d, campus %s) serving on %s, data %s, "
                  "binlog lsn %d..%d", self.name, self.group.name, self.index, self.replicas,
@@ -953,8 +966,18 @@ class ReplicaNode(Node):
                                     PULL_MAX_RECORDS,
                                     durable if life == peer.incarnation else 0)))], now)
 
-    def _start_snapshot(self, peer: _Peer) -> None:
-        peer.snapshot = {"session": 0, "after": None, "installing": False}
+    def _start_snapshot(self, peer: _Peer, repair: set[bytes] | None = None) -> None:
+        # "key": the key of the last key item installed ("installing" says whether it is
+        # being replaced); "repair": keys half installed by an earlier copy (before a
+        # restart, or this copy's lost session), replaced even by their own version.
+        repair = set(repair or ())
+        old = peer.snapshot
+        if old is not None:
+            repair |= old["repair"]
+            if old["installing"] and old["key"] is not None:
+                repair.add(old["key"])
+        peer.snapshot = {"session": 0, "after": None, "installing": False, "key": None,
+                         "repair": repair}
         peer.pull_sent_at = 0.0
         peer.next_pull = 0.0
 
@@ -962,7 +985,7 @@ class ReplicaNode(Node):
         peer.pull_sent_at = 0.0
         peer.next_pull = now
         if peer.snapshot is not None:
-            self._pages.append((peer, reply))
+            self._pages.append((peer, reply, peer.snapshot))
 
     def _serve_snapshot(self, request: SnapshotRequest, now: float) -> SnapshotReply:
         session = self._sessions.get(request.session) if request.session else None
@@ -1403,7 +1426,7 @@ class ReplicaNode(Node):
             applied += self._apply_pulled(batch, pulled, touched)
             for key in touched:
                 applied += self._apply_chosen(batch, key)
-            moved = {id(p) for p, _, _ in pulled} | {id(p) for p, _ in pages}
+            moved = {id(p) for p, _, _ in pulled} | {id(p) for p, _, _ in pages}
             for peer in self._peers:
                 if peer is not None and id(peer) in moved:
                     batch.set_meta_u64s(b"cursor/" + bytes([peer.index]), peer.incarnation,
@@ -1499,20 +1522,31 @@ class ReplicaNode(Node):
                 peer.gap_since = 0.0
         return applied
 
-    def _install_pages(self, batch: Any, pages: list[tuple[_Peer, SnapshotReply]],
+    def _install_pages(self, batch: Any,
+                       pages: list[tuple[_Peer, SnapshotReply, dict[str, Any]]],
                        touched: set[bytes]) -> int:
         """Snapshot pages: keys newer than ours replace ours (and the instances below them
         are forgotten); when a copy is complete, the peer's binlog goes on from its LSN."""
         quorum = self.quorum
         installed = 0
-        for peer, reply in pages:
+        for peer, reply, asked in pages:
             snapshot = peer.snapshot
-            if snapshot is None:
+            if snapshot is None or snapshot is not asked:
                 continue
-            installing = snapshot["installing"]
+            installing, key, repair = snapshot["installing"], snapshot["key"], snapshot["repair"]
             for item in reply.items:
-                installing = batch.install((item.db, item.key, item.row, item.raw), installing)
+                installing = batch.install((item.db, item.key, item.row, item.raw), installing,
+                                           repair)
+                if item.db == 0 and item.row is None:
+                    key = item.key
                 if item.db == 0 and item.row is None and installing:
+                    repair.discard(item.key)
+                    # Another copy under way may be inside this key's rows (of an older
+                    # version): they must not land in the newer state.
+                    for other in self._peers:
+                        if other is not None and other is not peer and other.snapshot \
+                                and other.snapshot["key"] == item.key:
+                            other.snapshot["installing"] = False
                     installed += 1
                     touched.add(item.key)
                     version = batch.latest(item.key).version
@@ -1520,10 +1554,20 @@ class ReplicaNode(Node):
                     if quorum is not None:
                         for dropped in quorum.forget_through(item.key, version):
                             self._forget_instance(batch, item.key, dropped)
-            snapshot["installing"] = installing
+            snapshot["installing"], snapshot["key"] = installing, key
             snapshot["session"] = reply.session
             snapshot["after"] = reply.next
+            # Durable with this page: the key it may end inside (its rows can go on in the
+            # next page), for a restart to repair.
+            half = (repair | {key}) if installing and key is not None else repair
+            batch.set_meta(b"copy/installing/" + bytes([peer.index]),
+                           _encode(sorted(half)) if half and reply.next is not None else None)
             if reply.next is None:
+                if repair:
+                    log.error("node %s: the copy from %s did not have %s, half installed "
+                              "before a restart, at that version or newer", self.name,
+                              peer.name, ", ".join(repr(k) for k in sorted(repair)))
+                self._half_installed.pop(peer.index, None)
                 peer.snapshot = None
                 peer.trimmed_past_us = False
                 peer.snapshots_taken += 1

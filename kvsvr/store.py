@@ -443,6 +443,18 @@ class Store:
                     out[bytes(name[len(prefix):])] = struct.unpack(f">{len(raw) // 8}Q", raw)
         return out
 
+    def meta_raw(self, prefix: bytes) -> dict[bytes, bytes]:
+        """Meta entries under `prefix` (name suffix -> the bytes stored)."""
+        out: dict[bytes, bytes] = {}
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._meta)
+            if cursor.set_range(prefix):
+                for name, raw in cursor:
+                    if not name.startswith(prefix):
+                        break
+                    out[bytes(name[len(prefix):])] = bytes(raw)
+        return out
+
     def quorum_records(self) -> list[tuple[Any, ...]]:
         """Every persisted record of the version quorum, in the form QuorumReplica.restore
         takes (see _quorum.pxi)."""
@@ -580,10 +592,13 @@ class WriteBatch:
         """The version was applied: its acceptor state is no longer kept."""
         self.txn.delete(_prefix(key) + _U64BE.pack(version), db=self.store._paxos)
 
-    def install(self, item: SnapshotItem, installing: bool) -> bool:
+    def install(self, item: SnapshotItem, installing: bool,
+                repair: set[bytes] | frozenset[bytes] = frozenset()) -> bool:
         """Take one snapshot item (see Store.snapshot_page): a key newer than ours replaces
         ours whole (its rows follow it); op ids and clients we lack are added. `installing`:
-        whether the key of a row item is being replaced; returns it for the next item."""
+        whether the key of a row item is being replaced; returns it for the next item.
+        `repair`: keys an interrupted copy left half installed, replaced even by their own
+        version (a version is the same data on every replica)."""
         store, txn = self.store, self.txn
         db, key, row, raw = item
         if db != 0:
@@ -596,7 +611,8 @@ class WriteBatch:
                 txn.put(prefix + raw[:8][::-1] + row, b"", db=store._changes)
             return installing
         theirs = KeyState.decode(raw)
-        if theirs.version <= self.latest(key).version:
+        ours = self.latest(key).version
+        if theirs.version < ours or (theirs.version == ours and key not in repair):
             return False  # ours is as new: keep it
         for db_handle in (store._rows, store._changes):
             cursor = txn.cursor(db=db_handle)
@@ -609,6 +625,13 @@ class WriteBatch:
 
     def set_meta_u64s(self, name: bytes, *values: int) -> None:
         self.txn.put(name, struct.pack(f">{len(values)}Q", *values), db=self.store._meta)
+
+    def set_meta(self, name: bytes, value: bytes | None) -> None:
+        """Store `value` under `name` in meta (None: delete it)."""
+        if value is None:
+            self.txn.delete(name, db=self.store._meta)
+        else:
+            self.txn.put(name, value, db=self.store._meta)
 
     def trim_binlog_through(self, lsn: int, limit: int) -> int:
         """Drop binlog records up to `lsn` (every peer has them), at most `limit` of them."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+import msgspec
 import pytest
 
 import kvsvr
@@ -397,6 +398,57 @@ def _forget_cursors(data_dir: Path) -> None:
                 txn.delete(name)
     finally:
         env.close()
+
+
+def test_a_key_a_killed_copy_left_half_installed_is_copied_whole_again(tmp_path: Path):
+    """A snapshot page can end inside a key's rows, and a checkpoint can make that half
+    durable; a replica SIGKILLed then must not come back serving the key with rows missing
+    (and a later copy would skip it: same version). The copy records the key it may end
+    inside with each page; the restarted replica copies from that peer again, replacing the
+    key even by its own version, before it serves. The half-installed state is made here by
+    deleting rows and writing that record in the killed replica's LMDB file, as a kill at
+    that moment leaves it."""
+    group = LocalCluster(write_cluster_config(tmp_path, replicas=3), log_dir=tmp_path / "logs")
+    group.start()
+    try:
+        rows = [b"m%d-" % i + b"x" * 8000 for i in range(200)]   # more than one 1 MiB page
+        with group.client(timeout=10.0) as client:
+            for row in rows:
+                client.append("inbox", row)
+        with node_client(group, "n3") as c:
+            wait_for(lambda: _local_rows(c, "inbox") == rows, what="n3 holds the inbox")
+        group.kill("n3")
+        env = lmdb.open(str(tmp_path / "data" / "n3"), max_dbs=8, readahead=False)
+        try:
+            prefix = len(b"inbox").to_bytes(2, "big") + b"inbox"
+            with env.begin(write=True) as txn:
+                table = env.open_db(b"rows", txn=txn)
+                names = [bytes(k) for k, _ in txn.cursor(db=table) if bytes(k).startswith(prefix)]
+                for name in names[120:]:
+                    txn.delete(name, db=table)
+                txn.put(b"copy/installing/\x00", msgspec.msgpack.encode([b"inbox"]),
+                        db=env.open_db(b"meta", txn=txn))
+        finally:
+            env.close()
+        group.start("n3")
+        with node_client(group, "n3") as c:
+            wait_for(lambda: _local_rows(c, "inbox") == rows, what="n3's inbox whole again")
+        assert "half installed" in (tmp_path / "logs" / "n3.log").read_text()
+    finally:
+        group.stop()
+
+
+def _local_rows(client: Client, key: str) -> list[bytes]:
+    values: list[bytes] = []
+    start: bytes | None = b""
+    while start is not None:
+        try:
+            page = client.scan(key, start, consistency="local")
+        except kvsvr.KvError:
+            return values   # not serving yet (a copy under way)
+        values += [r.value for r in page.rows]
+        start = page.next_start
+    return values
 
 
 def _down_past_the_binlog_bound(tmp_path: Path, *, forget_cursors: bool) -> None:
