@@ -1534,6 +1534,8 @@ class ReplicaNode(Node):
             if snapshot is None or snapshot is not asked:
                 continue
             installing, key, repair = snapshot["installing"], snapshot["key"], snapshot["repair"]
+            others = [p.snapshot for p in self._peers
+                      if p is not None and p is not peer and p.snapshot is not None]
             for item in reply.items:
                 installing = batch.install((item.db, item.key, item.row, item.raw), installing,
                                            repair)
@@ -1543,10 +1545,9 @@ class ReplicaNode(Node):
                     repair.discard(item.key)
                     # Another copy under way may be inside this key's rows (of an older
                     # version): they must not land in the newer state.
-                    for other in self._peers:
-                        if other is not None and other is not peer and other.snapshot \
-                                and other.snapshot["key"] == item.key:
-                            other.snapshot["installing"] = False
+                    for other in others:
+                        if other["key"] == item.key:
+                            other["installing"] = False
                     installed += 1
                     touched.add(item.key)
                     version = batch.latest(item.key).version

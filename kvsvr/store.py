@@ -433,15 +433,8 @@ class Store:
 
     def meta_u64s(self, prefix: bytes) -> dict[bytes, tuple[int, ...]]:
         """Meta entries under `prefix` (name suffix -> the u64s stored)."""
-        out: dict[bytes, tuple[int, ...]] = {}
-        with self.env.begin() as txn:
-            cursor = txn.cursor(db=self._meta)
-            if cursor.set_range(prefix):
-                for name, raw in cursor:
-                    if not name.startswith(prefix):
-                        break
-                    out[bytes(name[len(prefix):])] = struct.unpack(f">{len(raw) // 8}Q", raw)
-        return out
+        return {name: struct.unpack(f">{len(raw) // 8}Q", raw)
+                for name, raw in self.meta_raw(prefix).items()}
 
     def meta_raw(self, prefix: bytes) -> dict[bytes, bytes]:
         """Meta entries under `prefix` (name suffix -> the bytes stored)."""
