@@ -1572,6 +1572,10 @@ class ReplicaNode(Node):
                 peer.snapshot = None
                 peer.trimmed_past_us = False
                 peer.snapshots_taken += 1
+                # The copy was read from a checkpoint that holds binlog through its LSN: the
+                # peer has at least that much (an earlier pull's answer may have said less).
+                peer.last_lsn = reply.lsn if reply.incarnation != peer.incarnation \
+                    else max(peer.last_lsn, reply.lsn)
                 peer.incarnation, peer.cursor = reply.incarnation, reply.lsn
                 log.info("node %s: snapshot from %s complete (through its lsn %d)", self.name,
                          peer.name, reply.lsn)
