@@ -77,8 +77,9 @@ cdef enum:
 cdef enum:
     _MAX_REPLICAS = 7
     _MAX_INCARNATION = 65535
-    _PROPOSAL_TIMEOUT_TICKS = 50        # a proposal phase without a majority is retried
+    _PROPOSAL_TIMEOUT_TICKS = 50        # a proposal phase without a majority is retried ...
     _RETRY_BACKOFF_TICKS = 10           # first retry delay after a rejection (grows, per node)
+    _RETRY_DOUBLINGS_MAX = 6            # ... each retry waits twice as long, up to 64x
     _MAX_PROPOSALS_IN_FLIGHT = 65536    # per replica; beyond it propose() refuses
     _STATE_PART_BYTES = 2097152         # a state answer is sent in parts of about this size
     _MAX_STATE_PARTS = 65535            # ... numbered in 16 bits
@@ -88,6 +89,7 @@ MAX_REPLICAS = _MAX_REPLICAS
 MAX_INCARNATION = _MAX_INCARNATION
 PROPOSAL_TIMEOUT_TICKS = _PROPOSAL_TIMEOUT_TICKS
 RETRY_BACKOFF_TICKS = _RETRY_BACKOFF_TICKS
+RETRY_DOUBLINGS_MAX = _RETRY_DOUBLINGS_MAX
 MAX_PROPOSALS_IN_FLIGHT = _MAX_PROPOSALS_IN_FLIGHT
 STATE_PART_BYTES = _STATE_PART_BYTES
 

@@ -403,9 +403,9 @@ cdef class QuorumReplica:
         proposal.promises = {}
         proposal.accepted = set()
         proposal.rejected = set()
-        proposal.deadline = now + _PROPOSAL_TIMEOUT_TICKS
         proposal.value = proposal.own_value
         proposal.attempts += 1
+        proposal.deadline = now + self._retry_delay(proposal, _PROPOSAL_TIMEOUT_TICKS)
         # Our own promise is recorded (and persisted before anything is sent), so a restart
         # can never reuse this ballot with another value.
         own.promised = proposal.ballot
@@ -422,7 +422,7 @@ cdef class QuorumReplica:
             proposal.highest_seen = ballot
         proposal.accepted = set()
         proposal.rejected = set()
-        proposal.deadline = now + _PROPOSAL_TIMEOUT_TICKS
+        proposal.deadline = now + self._retry_delay(proposal, _PROPOSAL_TIMEOUT_TICKS)
         if ballot < own.promised:
             self._back_off(proposal, now)  # we promised someone higher meanwhile
             return
@@ -469,9 +469,23 @@ cdef class QuorumReplica:
 
     cdef void _back_off(self, _Proposal proposal, double now):
         proposal.phase = PHASE_WAIT
-        # Grows with attempts and differs per node, so two proposers do not duel forever.
-        proposal.deadline = now + _RETRY_BACKOFF_TICKS * (1 + self.node) * min(
-            proposal.attempts, 8)
+        # Differs per node and grows with attempts, so two proposers do not duel forever.
+        proposal.deadline = now + self._retry_delay(proposal,
+                                                    _RETRY_BACKOFF_TICKS * (1 + self.node))
+
+    cdef double _retry_delay(self, _Proposal proposal, double base):
+        """`base` doubled for every attempt after the first (up to _RETRY_DOUBLINGS_MAX),
+        plus up to half again. A fixed phase timeout shorter than the round trip (a loaded
+        machine, a disk slow to sync) re-prepared every instance before any answer came back,
+        each time with a higher ballot that made the answers stale: no proposal finished, and
+        the retries themselves (a persisted promise and a message per instance) kept the
+        round trip long. The jitter, a hash of the instance, the node and the attempt (so a
+        seeded run replays), keeps two proposers of one instance from retrying in step."""
+        cdef int doublings = min(max(proposal.attempts - 1, 0), _RETRY_DOUBLINGS_MAX)
+        cdef uint64_t mix = _xxh64(proposal.key, seed=(
+            (proposal.version * 0x9E3779B97F4A7C15 + <uint64_t> self.node * 0x100
+             + <uint64_t> proposal.attempts) & 0xFFFFFFFFFFFFFFFF))
+        return base * (1 << doublings) * (1.0 + <double> (mix & 0x3FF) / 2048.0)
 
     cdef void _finish(self, _Proposal proposal, object chosen_value):
         del self._proposals[(proposal.key, proposal.version)]

@@ -4,6 +4,8 @@ delays, reorders, crashes and disk wipes, checked against ground truth."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from kvsvr import _core
@@ -270,6 +272,49 @@ def test_simulated_group_is_safe_and_live(seed):
     sim.heal()
     sim.settle()
     assert sim.chosen and sim.decided
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_proposals_finish_when_the_round_trip_is_longer_than_the_phase_timeout(seed):
+    """Every message takes 150-200 ticks each way, three times the phase timeout (a loaded
+    machine, a disk slow to sync): each replica proposes for the same 20 instances at once.
+    Retries wait longer each time, so every proposal finishes. With a fixed timeout every
+    phase was re-prepared at a higher ballot before its answers came back, forever."""
+    slow = _core.PROPOSAL_TIMEOUT_TICKS * 3
+    sim = Simulation(seed, keys=20, faults=Faults(drop=0.0, duplicate=0.0, min_delay=slow,
+                                                  max_delay=slow + 50, crash=0.0, wipe=0.0,
+                                                  restart=0.0, propose=0.0))
+    for key in sim.keys:
+        for index in range(sim.replicas):
+            assert sim.propose(index, key)
+    sim.heal()
+    sim.settle(max_ticks=20_000)
+    assert sim.summary()["chosen"] == 20 and sim.summary()["decided"] == 60
+
+
+def test_retries_back_off_exponentially_and_replay_exactly():
+    """A proposal whose acceptors never answer is retried after a timeout that doubles up to
+    RETRY_DOUBLINGS_MAX times (plus at most half again, the same on every run)."""
+    def retry_times():
+        replica = _core.QuorumReplica(1, 3)   # not the home of b"k": it prepares
+        key = next(k for k in (b"k%d" % i for i in range(100)) if home_index(k, 3) != 1)
+        assert replica.propose(key, 1, b"v", 0.0)
+        replica.ready()
+        times, now = [], 0.0
+        while len(times) < _core.RETRY_DOUBLINGS_MAX + 4:
+            now += 1.0
+            replica.tick(now)
+            if any(m.kind == _core.MSG_PREPARE for m in replica.ready()[1]):
+                times.append(now)
+        return times
+
+    times = retry_times()
+    gaps = [b - a for a, b in itertools.pairwise([0.0, *times])]
+    timeout = _core.PROPOSAL_TIMEOUT_TICKS
+    for retry, gap in enumerate(gaps):   # the wait before the (retry + 2)th prepare
+        base = timeout * 2 ** min(retry, _core.RETRY_DOUBLINGS_MAX)
+        assert base <= gap <= base * 1.5 + 1, (retry, gaps)
+    assert retry_times() == times
 
 
 def test_the_checker_catches_amnesia_in_random_runs():

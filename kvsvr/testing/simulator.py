@@ -26,6 +26,7 @@ class Faults:
     drop: float = 0.1          # chance a message is lost
     duplicate: float = 0.05    # chance a message is delivered twice
     max_delay: int = 20        # ticks; delays differ, so messages reorder
+    min_delay: int = 0         # ticks every message takes at least (a slow network or node)
     crash: float = 0.002       # chance per tick that an up replica crashes (keeps its disk)
     wipe: float = 0.0005       # chance per tick that a crash also loses the disk
     restart: float = 0.05      # chance per tick that a down replica comes back
@@ -214,7 +215,8 @@ class Simulation:
         copies = 2 if self.random.random() < faults.duplicate else 1
         for _ in range(copies):
             self.sequence += 1
-            deliver_at = self.now + 1 + self.random.randrange(max(1, faults.max_delay))
+            deliver_at = self.now + 1 + faults.min_delay + self.random.randrange(
+                max(1, faults.max_delay - faults.min_delay))
             self.in_flight.append((deliver_at, self.sequence, message))
 
     # --- faults ---------------------------------------------------------------------------
@@ -326,7 +328,8 @@ class Simulation:
     def heal(self) -> None:
         """Stop faults: every replica up, nothing dropped or duplicated from now on."""
         self.faults = Faults(drop=0.0, duplicate=0.0, max_delay=self.faults.max_delay,
-                             crash=0.0, wipe=0.0, restart=0.0, propose=0.0)
+                             min_delay=self.faults.min_delay, crash=0.0, wipe=0.0,
+                             restart=0.0, propose=0.0)
         for node in self.nodes:
             if not node.up:
                 self.restart(node.index)
