@@ -99,7 +99,8 @@ log = logging.getLogger("kvsvr.replica")
 # Tunables of a replica (time in seconds unless the name says otherwise).
 REQUEST_WAIT_MAX_S = 3.0        # a request the group cannot finish this long is answered
 BARRIER_RESEND_S = 0.25         # a version barrier without a majority is asked again
-PULL_IDLE_INTERVAL_S = 0.02     # a peer whose binlog had nothing new is asked again after this
+PULL_IDLE_INTERVAL_S = 0.02     # a peer whose binlog had nothing new is asked again after this,
+PULL_IDLE_INTERVAL_MAX_S = 0.2  # ... twice as long after each empty answer, up to this
 PULL_TIMEOUT_S = 1.0            # an unanswered pull is sent again
 PULL_MAX_RECORDS = 2048         # records per pull answer ...
 PULL_MAX_BYTES = 2 << 20        # ... and bytes
@@ -195,6 +196,7 @@ class _Peer:
         self.pull_tag = 0         # the pull (or snapshot page) in flight: older answers are stale
         self.pull_from = 1        # the first LSN the pull in flight asked for
         self.next_pull = 0.0
+        self.pull_idle_s = PULL_IDLE_INTERVAL_S  # the wait after an empty answer (see _pull)
         self.first_lsn = 0
         self.last_lsn = 0
         self.pulled = False       # it has answered a pull (its last_lsn is known)
@@ -831,7 +833,7 @@ class ReplicaNode(Node):
                     work.need_floor = max(work.need_floor, message.accepted_ballot)
                     self._dirty.add(message.key)
                 if peer is not None:
-                    peer.next_pull = 0.0  # it has what we miss: ask now
+                    peer.next_pull, peer.pull_idle_s = 0.0, PULL_IDLE_INTERVAL_S  # ask now
 
     def _peer_request(self, method: int, request: Any, txn: Any, now: float) -> Any:
         if method == Method.VERSIONS:
@@ -1074,10 +1076,14 @@ class ReplicaNode(Node):
         # Far behind: ask again at once; else the quorum carries most data and the stream
         # only mends what it missed, so it need not be asked every round.
         full = len(reply.records) >= PULL_MAX_RECORDS // 2
+        # An idle group would otherwise trade a pull and its answer per peer every 20 ms (a
+        # few percent of a core per node); what needs data sooner asks at once (_pull_soon).
+        peer.pull_idle_s = PULL_IDLE_INTERVAL_S if reply.records \
+            else min(peer.pull_idle_s * 2, PULL_IDLE_INTERVAL_MAX_S)
         # The gauge shows the most a stream was behind in the second, not where it stands at
         # the moment it is set: a catch-up is over in milliseconds, and would show as 0.
         self._lag_peak = max(self._lag_peak, reply.last_lsn - base)
-        peer.next_pull = now if full else now + PULL_IDLE_INTERVAL_S
+        peer.next_pull = now if full else now + peer.pull_idle_s
         if reply.records:
             self._pulled.append((peer, base, reply.records))
 
@@ -1196,8 +1202,10 @@ class ReplicaNode(Node):
 
     def _pull_soon(self) -> None:
         for peer in self._peers:
-            if peer is not None and not peer.pull_sent_at:
-                peer.next_pull = 0.0
+            if peer is not None:
+                peer.pull_idle_s = PULL_IDLE_INTERVAL_S   # (what it waits for may be due soon)
+                if not peer.pull_sent_at:
+                    peer.next_pull = 0.0
 
     def _progress_write(self, key: bytes, work: _KeyWork, floor: int, txn: Any,
                         now: float) -> None:
