@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,14 @@ import zmq.asyncio
 from kvsvr import _core
 from kvsvr import protocol as p
 from kvsvr.calls import CallSpec
-from kvsvr.client import _Api, check_timeout, connect, make_router, send_frames
+from kvsvr.client import (
+    _Api,
+    check_timeout,
+    client_id_or_new,
+    connect,
+    make_router,
+    send_frames,
+)
 from kvsvr.config import ClusterConfig
 from kvsvr.errors import Internal, KvError, Timeout, Unavailable
 from kvsvr.health import Health
@@ -179,7 +185,7 @@ class AsyncClient(_Api):
         self._router = make_router(config, address)
         self.timeout = check_timeout("timeout", timeout)
         self.attempt_timeout = check_timeout("attempt_timeout", attempt_timeout)
-        self.client_id = client_id or (secrets.randbits(62) | 1)
+        self.client_id = client_id_or_new(client_id)
         self.health = Health()  # which replicas this client saw failing
         self._seq = itertools.count(1)
         self._context = zmq.asyncio.Context()

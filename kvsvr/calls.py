@@ -83,6 +83,7 @@ def mutate(key: Any, ops: list[p.Op], expected_version: Any, op_id: tuple[int, i
     if len(ops) > p.MAX_OPS_PER_BATCH:
         raise p.InvalidArgument(f"ops: {len(ops)} operations, the limit is {p.MAX_OPS_PER_BATCH}",
                                 field="ops")
+    p.check_ops(ops)   # as the node will (a batch over the byte limit would not even encode)
     request = p.MutateRequest(k, ops, p.as_version("expected_version", expected_version),
                               op_id[0], op_id[1])
     return CallSpec(k, p.Method.MUTATE, request, finish)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import struct
 import sys
 from typing import Any
@@ -67,7 +68,7 @@ def row_argument(text: str) -> bytes:
             return bytes.fromhex(text[4:])
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r}: hex: needs hex digits") from None
-    return text.encode()
+    return os.fsencode(text)   # the bytes given, even when they are not UTF-8
 
 
 def positive_seconds(text: str) -> float:
@@ -155,52 +156,52 @@ def _parser() -> argparse.ArgumentParser:
                        help="apply only if the key is at this version (compare-and-set)")
 
     p = command("get", "print a key's value")
-    p.add_argument("key")
+    p.add_argument("key", type=os.fsencode)
     local(p)
     p = command("put", "store a value; prints the new version")
-    p.add_argument("key")
-    p.add_argument("value")
+    p.add_argument("key", type=os.fsencode)
+    p.add_argument("value", type=os.fsencode)
     expect(p)
     p = command("delete", "remove a key's value; prints the new version")
-    p.add_argument("key")
+    p.add_argument("key", type=os.fsencode)
     expect(p)
     p = command("incr", "add to an integer value; prints the new value")
-    p.add_argument("key")
+    p.add_argument("key", type=os.fsencode)
     p.add_argument("delta", nargs="?", type=int, default=1)
     expect(p)
     row_help = "row key: text, #N for appended row N, or hex:HEXDIGITS"
     p = command("row-get", "print a row of a key's table")
-    p.add_argument("key")
+    p.add_argument("key", type=os.fsencode)
     p.add_argument("row", type=row_argument, help=row_help)
     local(p)
     p = command("row-put", "store a row; prints the key's new version")
-    p.add_argument("key")
+    p.add_argument("key", type=os.fsencode)
     p.add_argument("row", type=row_argument, help=row_help)
-    p.add_argument("value")
+    p.add_argument("value", type=os.fsencode)
     expect(p)
     p = command("row-delete", "delete a row (a tombstone is kept); prints the new version")
-    p.add_argument("key")
+    p.add_argument("key", type=os.fsencode)
     p.add_argument("row", type=row_argument, help=row_help)
     expect(p)
     p = command("scan", "list rows: ROW<TAB>VERSION<TAB>VALUE")
-    p.add_argument("key")
+    p.add_argument("key", type=os.fsencode)
     p.add_argument("--start", type=row_argument, default=b"", help=row_help)
     p.add_argument("--end", type=row_argument, default=None, help=row_help)
     p.add_argument("--limit", type=int, default=DEFAULT_SCAN_ROWS)
     local(p)
     p = command("append", "append a row (an inbox message); prints its sequence number")
-    p.add_argument("key")
-    p.add_argument("value")
+    p.add_argument("key", type=os.fsencode)
+    p.add_argument("value", type=os.fsencode)
     p = command("changes",
                 "rows changed after a version: VERSION<TAB>ROW<TAB>put|deleted<TAB>VALUE")
-    p.add_argument("key")
+    p.add_argument("key", type=os.fsencode)
     p.add_argument("since_version", type=int)
     p.add_argument("--after-row", type=row_argument, default=b"",
                    help="continue a page: " + row_help)
     p.add_argument("--limit", type=int, default=DEFAULT_SCAN_ROWS)
     local(p)
     p = command("compact", "drop a key's tombstones up to a version; prints the new version")
-    p.add_argument("key")
+    p.add_argument("key", type=os.fsencode)
     p.add_argument("through_version", type=int)
     command("status", "ask every node of the cluster (or the one of --address) for its status: "
                       "one line per node, NODE GROUP CAMPUS ADDRESS up|down DETAILS; exit "

@@ -60,11 +60,28 @@ def check_timeout(name: str, value: Any) -> float:
 
 def make_router(config: ClusterConfig | str | Path | None, address: str | None) -> Router:
     if address is not None:
+        if not isinstance(address, str):
+            raise InvalidArgument(f"address: expected a str like 'tcp://127.0.0.1:7400', got "
+                                  f"{type(address).__name__}", field="address")
         check_client_address(address)
         return Router(address=address)
+    if not isinstance(config, ClusterConfig | str | Path | None):
+        raise InvalidArgument(f"config: expected a path, a ClusterConfig or None, got "
+                              f"{type(config).__name__}", field="config")
     if not isinstance(config, ClusterConfig):
         config = load(config)
     return Router(config)
+
+
+def client_id_or_new(client_id: Any) -> int:
+    """The caller's client id, checked, or a new random one (op ids must never repeat)."""
+    if client_id is None:
+        return secrets.randbits(62) | 1
+    if not isinstance(client_id, int) or isinstance(client_id, bool) \
+            or not 1 <= client_id < 1 << 64:
+        raise InvalidArgument(f"client_id: expected an int in 1..2**64-1 (or None for a new "
+                              f"random one), got {client_id!r}", field="client_id")
+    return client_id
 
 
 class _Api:
@@ -202,7 +219,7 @@ class Client(_Api):
         self.attempt_timeout = check_timeout("attempt_timeout", attempt_timeout)
         # Random per client instance: op ids (client_id, seq) must never repeat. Pass one only
         # to resume a client's own sequence, never to share it between live clients.
-        self.client_id = client_id or (secrets.randbits(62) | 1)
+        self.client_id = client_id_or_new(client_id)
         self.health = Health()  # which replicas this client saw failing, shared by its threads
         self._seq = itertools.count(1)
         self._context = zmq.Context()
@@ -217,7 +234,10 @@ class Client(_Api):
     def _run(self, spec: CallSpec, timeout: float | None = None) -> Any:
         result = _Exchange(self, [spec], timeout).run()[0]
         if isinstance(result, KvError):
-            raise result
+            try:
+                raise result
+            finally:
+                del result   # no cycle error -> traceback -> this frame -> error (see close)
         return result
 
     def replicas_for(self, spec: CallSpec) -> tuple[str, ...]:
@@ -231,11 +251,21 @@ class Client(_Api):
         return Pipeline(self)
 
     def close(self) -> None:
+        """Close every socket, then the ZeroMQ context. A client dropped without close() is
+        closed when it is freed; errors it raised keep no reference to it, since a client
+        freed by the garbage collector (in a cycle) can have its context destroyed before
+        its sockets close, and zmq_ctx_term then waits for them forever."""
         with self._lock:
             for socket in self._sockets:
                 socket.close(linger=0)
             self._sockets.clear()
         self._context.term()
+
+    def __del__(self) -> None:
+        context = getattr(self, "_context", None)
+        if context is not None and not context.closed \
+                and os.getpid() == getattr(self, "_pid", None):
+            self.close()
 
     def __enter__(self) -> Client:
         return self
@@ -523,12 +553,18 @@ class Pipeline(_Api):
     def execute(self, *, raise_errors: bool = False, timeout: float | None = None) -> list[Any]:
         """Send every queued call (one message per replica, all replicas at once) and wait
         for all the answers, failing over per call as a single call does."""
+        if timeout is not None:
+            timeout = check_timeout("timeout", timeout)
         specs, self._specs = self._specs, []
         results = _Exchange(self._client, specs, timeout).run() if specs else []
         if raise_errors:
-            for result in results:
-                if isinstance(result, KvError):
-                    raise result
+            error = next((r for r in results if isinstance(r, KvError)), None)
+            if error is not None:
+                del results
+                try:
+                    raise error
+                finally:
+                    del error   # (as in Client._run)
         return results
 
 

@@ -512,7 +512,11 @@ def as_bytes(name: str, value: Any, *, max_length: int, min_length: int = 0) -> 
     if isinstance(value, bytes):
         data = value
     elif isinstance(value, str):
-        data = value.encode()
+        try:
+            data = value.encode()
+        except UnicodeEncodeError as e:
+            raise InvalidArgument(f"{name}: not UTF-8 encodable text ({e.reason} at "
+                                  f"{e.start}); pass bytes", field=name) from None
     elif isinstance(value, bytearray | memoryview):
         data = bytes(value)
     else:

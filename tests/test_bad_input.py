@@ -3,9 +3,13 @@ changed (the key's version is where it was)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
-from kvsvr import Client, InvalidArgument
+from kvsvr import AsyncClient, Client, InvalidArgument, NotFound
 from kvsvr.limits import MAX_KEY_BYTES, MAX_OPS_PER_BATCH, MAX_ROW_KEY_BYTES, MAX_VALUE_BYTES
 
 
@@ -60,3 +64,73 @@ def test_incr_overflow_is_refused(client: Client):
     with pytest.raises(InvalidArgument, match="overflows"):
         client.incr("big")
     assert client.get("big").value == str(2**63 - 1).encode()
+
+
+def test_text_that_is_not_utf8_encodable_is_refused_by_name(client: Client):
+    """A str with a lone surrogate cannot be sent as UTF-8: InvalidArgument, not a
+    UnicodeEncodeError from deep inside the client."""
+    with pytest.raises(InvalidArgument) as error:
+        client.get("\ud800")
+    assert error.value.field == "key"
+    with pytest.raises(InvalidArgument) as error:
+        client.put("k", "\udcff")
+    assert error.value.field == "value"
+
+
+def test_a_batch_over_the_byte_limit_is_refused_before_it_is_sent(client: Client):
+    """Five 1 MiB rows are within every per-op limit but over the batch's 4 MiB: the client
+    says so by name (it used to fail encoding the frame with a bare ValueError)."""
+    batch = client.batch("big")
+    for i in range(5):
+        batch.row_put(f"r{i}", b"x" * MAX_VALUE_BYTES)
+    with pytest.raises(InvalidArgument, match=r"ops: \d+ bytes of rows and values") as error:
+        batch.commit()
+    assert error.value.field == "ops"
+    with pytest.raises(NotFound):
+        client.get("big")
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: Client(42), "config"),
+    (lambda: Client(address=5), "address"),
+    (lambda: Client(address="tcp://127.0.0.1:1", client_id=0), "client_id"),
+    (lambda: Client(address="tcp://127.0.0.1:1", client_id=-1), "client_id"),
+    (lambda: Client(address="tcp://127.0.0.1:1", client_id=2**64), "client_id"),
+    (lambda: Client(address="tcp://127.0.0.1:1", client_id="7"), "client_id"),
+    (lambda: AsyncClient(address="tcp://127.0.0.1:1", client_id=0), "client_id"),
+])
+def test_client_arguments_are_checked_when_it_is_made(make, field):
+    with pytest.raises(InvalidArgument) as error:
+        make()
+    assert error.value.field == field
+
+
+def test_a_pipeline_timeout_is_checked_before_anything_is_sent(client: Client):
+    pipeline = client.pipeline()
+    pipeline.put("k", "v")
+    for bad in (-1, 0, "soon"):
+        with pytest.raises(InvalidArgument, match="timeout"):
+            pipeline.execute(timeout=bad)
+    with pytest.raises(NotFound):
+        client.get("k")
+
+
+def test_a_client_dropped_after_an_error_does_not_hang_the_program(cluster):
+    """A client that raised (NotFound here) and was dropped without close(): the garbage
+    collector used to free it in a cycle with the error, destroy its ZeroMQ context before
+    its sockets closed, and hang in zmq_ctx_term for ever."""
+    script = textwrap.dedent(f"""
+        import gc, kvsvr
+        def lookup():
+            c = kvsvr.Client({str(cluster.config_path)!r})
+            try:
+                return c.get("no-such-key").value
+            except kvsvr.NotFound:
+                return None
+        assert lookup() is None
+        gc.collect()
+        print("done")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stdout == "done\n", result.stderr

@@ -132,3 +132,18 @@ def test_cli_faults_on_a_replica_and_status_of_a_group(tmp_path):
         assert all(set(r["peers"]) == {"n1", "n2", "n3"} - {r["node"]} for r in rows)
     finally:
         group.stop()
+
+
+def test_cli_keys_and_values_that_are_not_utf8_are_taken_as_the_bytes_given(cluster, kv):
+    """Arguments are bytes on POSIX: `kvsvr put $'\\xff' ...` stores key b"\\xff" (it used
+    to end in a traceback)."""
+    result = subprocess.run([sys.executable, "-m", "kvsvr.cli", "--config",
+                             cluster.config_path, "put", b"\xff", b"caf\xe9"],
+                            capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    with cluster.client(timeout=10.0) as client:
+        assert client.get(b"\xff").value == b"caf\xe9"
+    result = subprocess.run([sys.executable, "-m", "kvsvr.cli", "--config",
+                             cluster.config_path, "get", b"\xff"], capture_output=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stdout.rstrip(b"\n"), result.stderr
