@@ -847,12 +847,15 @@ class ReplicaNode(Node):
             if peer is None:
                 raise InvalidArgument(f"source: {request.source} is not a peer of this node",
                                       field="source")
+            store = self.store
             if request.incarnation == self.incarnation:
                 through = request.from_lsn - 1
                 if request.durable_through is not None:
                     through = min(through, request.durable_through)
+                # No puller holds more than this node ever made pullable: a cursor past it
+                # (a bug or a forged pull) must not let records it never had be trimmed.
+                through = min(through, store.durable_last_lsn)
                 peer.has_through = max(peer.has_through, through)
-            store = self.store
             # Only what a checkpoint made durable: a record lost in a crash of this node
             # would otherwise live on in a peer, and its LSN be reused for another.
             records = store.binlog_raw(request.from_lsn, request.max_records, PULL_MAX_BYTES) \

@@ -367,10 +367,17 @@ def test_a_killed_replica_comes_back_with_everything_it_had_applied(tmp_path: Pa
 
 def test_a_peer_trims_only_what_a_puller_has_checkpointed(tmp_path: Path):
     """A pull can ask from past the puller's last checkpoint (a crash goes back to it): the
-    server takes durable_through as what it may trim; an older puller's from_lsn still counts."""
+    server takes durable_through as what it may trim; an older puller's from_lsn still counts;
+    and no pull can claim more than the server ever made pullable (a forged or buggy cursor
+    would let it trim what the puller never had)."""
     cluster = LocalCluster(write_cluster_config(tmp_path, replicas=3), log_dir=tmp_path / "logs")
     cluster.start()
     server, puller = cluster.nodes[0], cluster.nodes[1]
+    cluster.stop(puller)   # its own pulls would move what it claims; the pulls below are its
+    with cluster.client(timeout=10.0) as writer:
+        for i in range(200):
+            writer.put(f"k{i}", b"v")
+    time.sleep(1.0)   # a checkpoint or more: the 200 records are pullable
     context = zmq.Context()
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
@@ -388,10 +395,12 @@ def test_a_peer_trims_only_what_a_puller_has_checkpointed(tmp_path: Path):
                 assert error is None and frames[0][1] == protocol.OK
                 return client.status()["peers"][puller]["has_our_binlog_through"]
 
-            # (an idle group: the real puller's own pulls say 0)
             assert pull(100, 3) == 3
             assert pull(100, 500) == 99   # never past what it asked from
             assert pull(120, None) == 119
+            written = client.status()["store"]["binlog_last_lsn"]
+            assert written >= 200
+            assert pull(2**64 - 1, None) == written   # never past what it could have
     finally:
         socket.close()
         context.term()
