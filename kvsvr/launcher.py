@@ -216,16 +216,22 @@ class LocalCluster(ChildProcesses):
                 time.sleep(0.02)
 
     def wait_ready(self, node: str, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until the node answers on its address. The answer must come from our process:
+        another one already on that port (an earlier cluster left running) answers too, and
+        ours then exits on the address in use, which _check_alive reports."""
         deadline = time.monotonic() + timeout
+        pid = self.processes[node].pid
         with Client(address=self.address(node), timeout=0.5, attempt_timeout=0.25) as client:
             while True:
                 self._check_alive(node, "node")
                 try:
-                    client.ping()
-                    return
+                    if client.status().get("pid") == pid:
+                        return
+                    time.sleep(0.05)   # someone else's node: ours is failing to bind
                 except KvError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"node {node} not ready in {timeout} s") from None
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"node {node} not ready in {timeout} s")
 
     def client(self, **options: object) -> Client:
         return Client(self.config, **options)  # type: ignore[arg-type]
@@ -260,18 +266,23 @@ def main(argv: list[str] | None = None) -> int:
                              ("agent", "kvsvr.monitor.agent")):
             helpers[name] = subprocess.Popen([sys.executable, "-m", module, *config_args])
         print(f"kvsvr-cluster: monitor page on http://{cluster.config.monitor.web}/", flush=True)
+    status = 0
     while not stopping.is_set():
         for name, process in list(cluster.processes.items()):
             if process.poll() is not None:
                 print(f"kvsvr-cluster: node {name} exited ({process.returncode})", flush=True)
                 del cluster.processes[name]
+        if not cluster.processes:
+            print("kvsvr-cluster: every node has exited; stopping", file=sys.stderr)
+            status = 1
+            break
         time.sleep(0.2)
     for process in helpers.values():
         process.terminate()
     for process in helpers.values():
         process.wait(10)
     cluster.stop()
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -232,6 +232,24 @@ def test_a_busy_address_is_a_clear_error(cluster: LocalCluster, tmp_path: Path):
     assert "cannot listen on tcp://127.0.0.1:" in result.stderr
 
 
+def test_kvsvr_cluster_on_busy_addresses_fails_instead_of_reporting_them_up(
+        cluster: LocalCluster, tmp_path: Path):
+    """Another node already answers on the address: kvsvr-cluster used to take its answer for
+    its own node's, print "1 node(s) up", and run on with no node. Now it exits 1 naming
+    the node whose process exited."""
+    other = tmp_path / "other"
+    text = Path(cluster.config_path).read_text().replace('data_dir = "data/n1"',
+                                                         f'data_dir = "{other}"')
+    config = tmp_path / "busy.toml"
+    config.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "kvsvr.launcher", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "node n1 exited" in result.stderr and "up:" not in result.stdout
+    with cluster.client(timeout=5.0) as client:   # the node that was there serves on
+        client.put("k", "v")
+
+
 def test_bad_config_exits_2_naming_the_field(tmp_path: Path):
     config = tmp_path / "bad.toml"
     config.write_text('[[groups]]\nname = "g"\nshards = ["0-4095"]\n'
