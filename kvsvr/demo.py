@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  verification    OK: {args.users} profiles, {outcome['messages']} messages in "
           "inboxes exactly once, unread counters exact")
     kvsvr = Path(sys.executable).parent / "kvsvr"
-    print(f"\nThe data stays in {directory / 'data'}; try: {kvsvr} --config {config} status")
+    print(f"\nThe data stays in {directory / 'data'} (the group is stopped); to serve it "
+          f"again: {Path(sys.executable).parent / 'kvsvr-cluster'} --config {config}, then "
+          f"{kvsvr} --config {config} status")
     return 0
 
 

@@ -301,7 +301,8 @@ def _package_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvsvr-node", description="Serve one KVSvr node.")
-    parser.add_argument("--config", help="cluster TOML (default: the embedded one-node config)")
+    parser.add_argument("--config", help="cluster TOML (default: the embedded config: one "
+                                         "group of 3 replicas)")
     parser.add_argument("--node", help="node name in the config (default: the first node)")
     add_log_level(parser)
     args = parser.parse_args(argv)
