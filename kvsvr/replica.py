@@ -101,7 +101,8 @@ REQUEST_WAIT_MAX_S = 3.0        # a request the group cannot finish this long is
 BARRIER_RESEND_S = 0.25         # a version barrier without a majority is asked again
 PULL_IDLE_INTERVAL_S = 0.02     # a peer whose binlog had nothing new is asked again after this,
 PULL_IDLE_INTERVAL_MAX_S = 0.2  # ... twice as long after each empty answer, up to this
-PULL_TIMEOUT_S = 1.0            # an unanswered pull is sent again
+PULL_TIMEOUT_S = 1.0            # an unanswered pull is sent again, ...
+PULL_TIMEOUT_MAX_S = 8.0        # ... after twice as long each time it goes unanswered
 PULL_MAX_RECORDS = 2048         # records per pull answer ...
 PULL_MAX_BYTES = 2 << 20        # ... and bytes
 HELLO_RESEND_S = 0.5            # a joining node asks silent peers again
@@ -193,6 +194,7 @@ class _Peer:
         self.saved = (0, 0)       # (incarnation, cursor) last put in the open transaction
         self.durable = (0, 0)     # ... and in the last checkpoint: what a crash goes back to
         self.pull_sent_at = 0.0   # 0: no pull in flight
+        self.pull_timeout_s = PULL_TIMEOUT_S   # until it is sent again (see _pull)
         self.pull_tag = 0         # the pull (or snapshot page) in flight: older answers are stale
         self.pull_from = 1        # the first LSN the pull in flight asked for
         self.next_pull = 0.0
@@ -886,8 +888,10 @@ class ReplicaNode(Node):
         for _kind, status, request_id, _budget, body in frames:
             peer.heard_at = now
             method, tag = request_id >> 32, request_id & 0xFFFFFFFF  # see _peer_request_id
-            if method in (Method.PULL, Method.SNAPSHOT) and tag != peer.pull_tag:
-                continue  # an answer to a pull given up on (resent or superseded)
+            if method in (Method.PULL, Method.SNAPSHOT):
+                if tag != peer.pull_tag:
+                    continue  # an answer to a pull given up on (resent or superseded)
+                peer.pull_timeout_s = PULL_TIMEOUT_S
             if status != protocol.OK:
                 if method in (Method.PULL, Method.SNAPSHOT):
                     peer.pull_sent_at = 0.0
@@ -947,12 +951,16 @@ class ReplicaNode(Node):
         for peer in self._peers:
             if peer is None or id(peer) in waiting:
                 continue
-            if peer.pull_sent_at and now - peer.pull_sent_at < PULL_TIMEOUT_S:
+            if peer.pull_sent_at and now - peer.pull_sent_at < peer.pull_timeout_s:
                 continue
             if peer.snapshot is None and self._copying():
                 continue  # its stream waits until every copy is complete
             if not peer.pull_sent_at and now < peer.next_pull:
                 continue
+            if peer.pull_sent_at:
+                # Sent again: the unanswered one's answer, if it comes, is now dropped as
+                # stale, so a peer slower than a fixed timeout would never get one through.
+                peer.pull_timeout_s = min(peer.pull_timeout_s * 2, PULL_TIMEOUT_MAX_S)
             peer.pull_sent_at = now
             peer.pull_tag = (peer.pull_tag + 1) & 0xFFFFFFFF
             if peer.snapshot is not None:
@@ -1764,6 +1772,7 @@ class ReplicaNode(Node):
                 # None until the peer has answered a pull: no lag can be claimed unseen
                 "lag_records": max(0, peer.last_lsn - peer.cursor) if peer.pulled else None,
                 "has_our_binlog_through": peer.has_through,
+                "pull_timeout_s": peer.pull_timeout_s,
                 "needs_snapshot": peer.trimmed_past_us,
                 "snapshots_taken": peer.snapshots_taken,
                 "faults": {"drop": peer.drop, "delay_ms": peer.delay_ms},

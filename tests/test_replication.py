@@ -127,6 +127,21 @@ def test_replicas_converge_and_each_status_shows_its_peers(group: LocalCluster):
             assert sorted(r.value for r in page.rows) == sorted(keys)
 
 
+def test_a_peer_slower_than_the_pull_timeout_is_given_longer_each_time(group: LocalCluster):
+    """A pull left unanswered is sent again after twice as long each time (an answer to the
+    one given up on is dropped as stale, so with a fixed timeout a peer that always answered
+    a little later than it would never be read); the first answer resets the timeout."""
+    stopped, watcher = group.nodes[2], group.nodes[0]
+    group.signal(stopped, signal.SIGSTOP)
+    try:
+        wait_for(lambda: status(group, watcher)["peers"][stopped]["pull_timeout_s"] >= 4.0,
+                 timeout=30.0, what="the pull timeout grown past 4 s")
+    finally:
+        group.signal(stopped, signal.SIGCONT)
+    wait_for(lambda: status(group, watcher)["peers"][stopped]["pull_timeout_s"] == 1.0,
+             timeout=30.0, what="the pull timeout back at 1 s after an answer")
+
+
 def test_a_read_on_a_lagging_replica_waits_for_the_majority_version(group: LocalCluster):
     """A linearizable read never returns an older version than a write acknowledged before it,
     whichever replica serves it, even one that was cut off from the write's quorum."""
