@@ -17,7 +17,7 @@ from msgspec import Meta, Struct
 
 from kvsvr import _core
 from kvsvr.errors import ConfigError, InvalidArgument
-from kvsvr.limits import BINLOG_MAX_RECORDS
+from kvsvr.limits import BINLOG_MAX_RECORDS, PEER_SECRET_MIN_BYTES
 
 Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 _ADDRESS = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:]+:(\d{1,5})|ipc://.+)$")
@@ -83,6 +83,15 @@ class MonitorConfig(Struct, forbid_unknown_fields=True):
     machine: Annotated[str, Meta(max_length=64)] = ""   # "": the host name
 
 
+class SecurityConfig(Struct, forbid_unknown_fields=True):
+    """[security]: what replicas share so that each knows a peer message comes from a peer."""
+
+    # "": peer messages are not authenticated (anyone who reaches a replica's port can send
+    # votes). Else every peer request carries a MAC keyed with it (kvsvr/peerauth.py), and
+    # one without a valid MAC is refused; every replica of the cluster needs the same one.
+    peer_secret: Annotated[str, Meta(max_length=1024)] = ""
+
+
 class ReplicaConfig(Struct, forbid_unknown_fields=True):
     node: Name
     campus: Name
@@ -135,6 +144,7 @@ class ClusterConfig(Struct, forbid_unknown_fields=True):
     monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
     queue_groups: list[QueueGroupConfig] = msgspec.field(default_factory=list)
     queue: QueueSettings = msgspec.field(default_factory=QueueSettings)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     # Where the file was read from; relative data_dirs resolve against `base_dir`.
     base_dir: str = "."
 
@@ -236,6 +246,10 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
         _check_members(config, f"queue_groups[{g_index}].servers", queue_group.servers,
                        f"queue group {queue_group.name!r}", "server", seen)
     config.shard_table()
+    secret = config.security.peer_secret
+    if secret and len(secret.encode()) < PEER_SECRET_MIN_BYTES:
+        raise ConfigError(f"security.peer_secret: {len(secret.encode())} bytes, expected at "
+                          f"least {PEER_SECRET_MIN_BYTES} (or \"\" for none)")
     monitor = config.monitor
     problem = address_problem(monitor.center)
     if problem:

@@ -7,6 +7,7 @@ Used by the demo, the tests and the benchmarks (`LocalCluster`), and by hand:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -68,7 +69,8 @@ def write_default_config(directory: str | Path) -> Path:
 
 def write_cluster_config(directory: str | Path, *, groups: int = 1, replicas: int = 3,
                          sync: bool = True, virtual_shards: int = 4096,
-                         binlog_max_records: int | None = None) -> Path:
+                         binlog_max_records: int | None = None,
+                         peer_secret: str | None = None) -> Path:
     """`directory/cluster.toml`: `groups` groups of `replicas` replicas (campuses a, b, c, ...)
     on free loopback ports, shards split evenly, data under `directory/data/NODE`."""
     if not 1 <= groups <= virtual_shards or not 1 <= replicas <= 7:
@@ -80,6 +82,8 @@ def write_cluster_config(directory: str | Path, *, groups: int = 1, replicas: in
     if binlog_max_records is not None:
         lines.append(f"binlog_max_records = {binlog_max_records}")
     lines.append("")
+    if peer_secret is not None:
+        lines += ["[security]", f"peer_secret = {json.dumps(peer_secret)}", ""]
     per_group = virtual_shards // groups
     for g in range(groups):
         first = g * per_group

@@ -33,6 +33,8 @@ VOTE_LOG_BYTES = 16 << 20            # a replica's vote log file (zero-filled on
                                      # records that do not fit go to LMDB at once instead)
 STATE_CACHE_KEYS = 1 << 18           # key states a store keeps in memory (newest applied) ...
 STATE_CACHE_VALUE_BYTES = 512        # ... each with a value at most this big
+PEER_SECRET_MIN_BYTES = 16           # [security] peer_secret, when set
+PEER_MAC_BYTES = 16                  # the MAC at the head of an authenticated peer request
 
 # A page of at least one maximal row must still fit in one frame.
 assert PAGE_MAX_BYTES + MAX_VALUE_BYTES + MAX_ROW_KEY_BYTES + 4096 <= MAX_FRAME_BYTES
@@ -62,6 +64,8 @@ __all__ = [
     "OPS_REMEMBERED_PER_CLIENT",
     "OPS_TRIM_STEP",
     "PAGE_MAX_BYTES",
+    "PEER_MAC_BYTES",
+    "PEER_SECRET_MIN_BYTES",
     "SCAN_MAX_ENTRIES_VISITED",
     "STATE_CACHE_KEYS",
     "STATE_CACHE_VALUE_BYTES",

@@ -75,6 +75,7 @@ from kvsvr.errors import (
 )
 from kvsvr.monitor import registry as monitor_ids
 from kvsvr.node import _METHOD_COUNTER, Node, _error_frame, bind_router, node_socket
+from kvsvr.peerauth import PeerAuth
 from kvsvr.protocol import (
     CONSISTENCY_LOCAL,
     HelloReply,
@@ -302,6 +303,8 @@ class ReplicaNode(Node):
         self._apply_later: set[bytes] = set()     # keys whose chosen versions wait for it
         self._local_later: list[tuple[bytes, int, int, Any]] = []  # local reads of frozen keys
         self._checkpoint_s = config.storage.checkpoint_interval_ms / 1000
+        secret = config.security.peer_secret
+        self._peer_auth = PeerAuth(secret) if secret else None
         if self.incarnation:
             self._start_quorum(rebuilding=False)
 
@@ -779,6 +782,12 @@ class ReplicaNode(Node):
                 if kind != _REQUEST:
                     raise InvalidArgument("frame.kind: a node only takes requests",
                                           field="frame.kind")
+                if self._peer_auth is not None and method in protocol.PEER_METHODS:
+                    try:
+                        body = self._peer_auth.open(method, request_id, body)
+                    except InvalidArgument:
+                        self.counters["peer_auth_refused"] += 1
+                        raise
                 if method == Method.QUORUM:
                     self._on_quorum(protocol.decode_quorum(body), txn, now)
                     continue
@@ -918,6 +927,12 @@ class ReplicaNode(Node):
                 self.counters["bad_peer_replies"] += 1
                 log.warning("node %s: unreadable answer from %s: %s", self.name, peer.name, e)
 
+    def _peer_frame(self, method: int, request_id: int, body: bytes) -> bytes:
+        """A request frame to a peer, sealed with the peer secret if there is one."""
+        if self._peer_auth is not None:
+            body = self._peer_auth.seal(method, request_id, body)
+        return _encode_frame(_REQUEST, method, request_id, 0, body)
+
     @staticmethod
     def _peer_request_id(method: int, tag: int = 0) -> int:
         """Our requests to peers carry their method in the id's high half, so an answer says
@@ -939,8 +954,8 @@ class ReplicaNode(Node):
                         ", ".join(silent), now - self._joining_since)
         for peer in self._peers:
             if peer is not None and peer.hello is None:
-                self._send_peer(peer, [_encode_frame(
-                    _REQUEST, Method.HELLO, self._peer_request_id(Method.HELLO), 0,
+                self._send_peer(peer, [self._peer_frame(
+                    Method.HELLO, self._peer_request_id(Method.HELLO),
                     _encode(HelloRequest(self.index)))], now)
 
     # --- the binlog stream ------------------------------------------------------------------------
@@ -964,17 +979,16 @@ class ReplicaNode(Node):
             peer.pull_sent_at = now
             peer.pull_tag = (peer.pull_tag + 1) & 0xFFFFFFFF
             if peer.snapshot is not None:
-                self._send_peer(peer, [_encode_frame(
-                    _REQUEST, Method.SNAPSHOT,
-                    self._peer_request_id(Method.SNAPSHOT, peer.pull_tag), 0,
+                self._send_peer(peer, [self._peer_frame(
+                    Method.SNAPSHOT, self._peer_request_id(Method.SNAPSHOT, peer.pull_tag),
                     _encode(SnapshotRequest(self.index, peer.snapshot["session"],
                                             peer.snapshot["after"], SNAPSHOT_PAGE_BYTES)))],
                     now)
                 continue
             peer.pull_from = peer.cursor + 1
             life, durable = peer.durable
-            self._send_peer(peer, [_encode_frame(
-                _REQUEST, Method.PULL, self._peer_request_id(Method.PULL, peer.pull_tag), 0,
+            self._send_peer(peer, [self._peer_frame(
+                Method.PULL, self._peer_request_id(Method.PULL, peer.pull_tag),
                 _encode(PullRequest(self.index, peer.pull_from, peer.incarnation,
                                     PULL_MAX_RECORDS,
                                     durable if life == peer.incarnation else 0)))], now)
@@ -1342,9 +1356,9 @@ class ReplicaNode(Node):
 
     def _ask_barrier(self, barrier_id: int, barrier: _Barrier, now: float) -> None:
         barrier.sent_at = now
-        frame = _encode_frame(_REQUEST, Method.VERSIONS,
-                              self._peer_request_id(Method.VERSIONS, barrier_id), 0,
-                              _encode(VersionsRequest(barrier.keys)))
+        frame = self._peer_frame(Method.VERSIONS,
+                                 self._peer_request_id(Method.VERSIONS, barrier_id),
+                                 _encode(VersionsRequest(barrier.keys)))
         for peer in self._peers:
             if peer is not None and peer.index not in barrier.answers:
                 self._send_peer(peer, [frame], now)
@@ -1704,8 +1718,8 @@ class ReplicaNode(Node):
 
     def _quorum_frame(self, messages: list[_core.Message], frames: list[bytes]) -> None:
         try:
-            frames.append(_encode_frame(_REQUEST, Method.QUORUM, 0, 0,
-                                        protocol.encode_quorum(messages)))
+            frames.append(self._peer_frame(Method.QUORUM, 0,
+                                           protocol.encode_quorum(messages)))
         except ValueError as e:
             # Only a state answer part holding one huge record (a chosen 4 MiB batch not yet
             # applied) can outgrow a frame: the peer asks again, by when it is applied.

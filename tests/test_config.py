@@ -60,6 +60,9 @@ def test_two_groups_split_the_shards():
     (two_groups() + "\n[storage]\ncheckpoint_interval_ms = '50'\n",
      "storage.checkpoint_interval_ms"),
     ("virtual_shards = 0\n" + two_groups(), "virtual_shards"),
+    (two_groups() + "\n[security]\npeer_secret = 'short'\n", "security.peer_secret"),
+    (two_groups() + "\n[security]\npeer_secret = 42\n", "security.peer_secret"),
+    (two_groups() + "\n[security]\npeer_sercet = 'x'\n", "peer_sercet"),
     (GROUP.format(name="g", shards='"0-4095"', node="n 1", port="1"), "node"),
 ])
 def test_bad_configs_name_the_field(text, field):

@@ -18,10 +18,12 @@ from typing import Any
 import lmdb
 import msgspec
 import pytest
+import zmq
 
 import kvsvr
-from kvsvr import Client, NotFound, VersionConflict, _core
+from kvsvr import Client, NotFound, VersionConflict, _core, protocol
 from kvsvr.launcher import LocalCluster, write_cluster_config
+from kvsvr.peerauth import PeerAuth
 from kvsvr.testing.linearizability import UNKNOWN, Op, check
 from tests.histories import random_op
 from tests.test_node import test_every_operation_through_the_blocking_client
@@ -140,6 +142,50 @@ def test_a_peer_slower_than_the_pull_timeout_is_given_longer_each_time(group: Lo
         group.signal(stopped, signal.SIGCONT)
     wait_for(lambda: status(group, watcher)["peers"][stopped]["pull_timeout_s"] == 1.0,
              timeout=30.0, what="the pull timeout back at 1 s after an answer")
+
+
+def test_with_a_peer_secret_forged_peer_requests_are_refused_and_writes_go_on(
+        tmp_path: Path):
+    """Without [security] peer_secret, four forged QUORUM messages carrying a peer's largest
+    incarnation fenced that peer out for good and stopped every write. With it, a peer request
+    whose MAC is missing or made with another secret is answered InvalidArgument naming
+    frame.mac and counted, before anything in it is read; the group replicates as before."""
+    group = LocalCluster(write_cluster_config(tmp_path, peer_secret="s3cret-" * 4),
+                         log_dir=tmp_path / "logs")
+    group.start()
+    context = zmq.Context()
+    try:
+        with group.client(timeout=10.0) as client:
+            client.put("before", "v")
+        forger = PeerAuth("another secret, not the cluster's")
+        for target, node in enumerate(group.nodes):
+            socket = context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.RCVTIMEO, 5000)
+            socket.connect(group.address(node))
+            for source in range(3):
+                if source == target:
+                    continue
+                body = protocol.encode_quorum([_core.Message(
+                    _core.MSG_BEHIND, source, target, _core.MAX_INCARNATION, b"zz", 1, 1)])
+                for sealed in (body, forger.seal(protocol.Method.QUORUM, 7, body)):
+                    socket.send(_core.encode_frame(_core.FRAME_REQUEST, protocol.Method.QUORUM,
+                                                   7, 0, sealed))
+                    frames, _, _ = _core.decode_frames(socket.recv())
+                    [(_, reply_status, _, _, reply_body)] = frames
+                    with pytest.raises(kvsvr.InvalidArgument) as refused:
+                        protocol.parse_reply(protocol.Method.QUORUM, reply_status, reply_body)
+                    assert refused.value.field == "frame.mac"
+            socket.close()
+        with group.client(timeout=10.0) as client:
+            for i in range(30):
+                client.put(f"after:{i}", b"v")
+        converged(group, [b"before"] + [f"after:{i}".encode() for i in range(30)])
+        for node in group.nodes:
+            assert status(group, node)["counters"]["peer_auth_refused"] == 4
+    finally:
+        context.term()
+        group.stop()
 
 
 def test_a_read_on_a_lagging_replica_waits_for_the_majority_version(group: LocalCluster):
