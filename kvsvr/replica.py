@@ -1800,6 +1800,7 @@ class ReplicaNode(Node):
             "health": "ok" if self.voting and not down else
                       ("degraded" if self.voting else self.role),
             "peers": peers,
+            "peer_auth": self._peer_auth is not None,   # [security] peer_secret is set
             "quorum": {
                 "proposals_in_flight": quorum.proposals_in_flight if quorum else 0,
                 "open_instances": quorum.instances if quorum else 0,

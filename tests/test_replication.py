@@ -183,6 +183,7 @@ def test_with_a_peer_secret_forged_peer_requests_are_refused_and_writes_go_on(
         converged(group, [b"before"] + [f"after:{i}".encode() for i in range(30)])
         for node in group.nodes:
             assert status(group, node)["counters"]["peer_auth_refused"] == 4
+            assert status(group, node)["peer_auth"] is True
     finally:
         context.term()
         group.stop()
