@@ -27,6 +27,7 @@ from kvsvr.monitor import registry as monitor_ids
 from kvsvr.monitor.counters import counters_for
 from kvsvr.process import add_log_level, on_stop_signals, setup_logging
 from kvsvr.protocol import Method, MutateRequest
+from kvsvr.sharding import shard_of
 from kvsvr.store import Store, StoreLocked
 from kvsvr.votelog import VoteLogDamaged
 
@@ -42,6 +43,7 @@ _encode_frame = _core.encode_frame
 _REQUEST = _core.FRAME_REQUEST
 _RESPONSE = _core.FRAME_RESPONSE
 _MUTATE = Method.MUTATE
+_KEYED = frozenset({Method.MUTATE, Method.GET, Method.ROW_GET, Method.SCAN, Method.CHANGES})
 _METHOD_COUNTER = {m.value: f"requests.{m.name.lower()}" for m in Method}
 
 
@@ -63,6 +65,10 @@ class Node:
                            map_size_mib=config.storage.map_size_mib,
                            sync=config.storage.sync,
                            binlog_max_records=config.storage.binlog_max_records)
+        # Which keys are this group's: a key of another group's shards is refused, never
+        # stored here (it would be acknowledged, yet every routed read asks its real owner).
+        self._shard_owner = config.shard_table() if len(config.groups) > 1 else None
+        self._group_index = config.groups.index(self.group)
         self.started = time.time()
         self.stopping = False
         self.counters: collections.Counter[str] = collections.Counter()
@@ -82,6 +88,20 @@ class Node:
         }
 
     # --- request handling (no sockets here) ------------------------------------------------
+    def check_owned(self, key: bytes) -> None:
+        """InvalidArgument naming the owner if `key` is in another group's shards."""
+        owner = self._shard_owner
+        if owner is None:
+            return
+        shard = shard_of(key, len(owner))
+        if owner[shard] != self._group_index:
+            group = self.config.groups[owner[shard]]
+            raise InvalidArgument(
+                f"key: {key!r} is in shard {shard}, which group {group.name!r} owns "
+                f"({', '.join(r.node for r in group.replicas)}), not this node's group "
+                f"{self.group.name!r}: send it there (a client with the cluster config routes "
+                "it)", field="key")
+
     def _read(self, method: int, request: Any, txn: lmdb.Transaction) -> Any:
         reader = self._readers.get(method)
         if reader is None:
@@ -117,6 +137,8 @@ class Node:
                             request = decode_request(method, body)
                             counters[method_counter[method]] += 1
                             self.monitor.add(monitor_ids.NODE_REQUESTS, 1)
+                            if method in _KEYED:
+                                self.check_owned(request.key)
                             if method == _MUTATE:
                                 writes.append((out, len(out), request_id, request))
                                 written.add(request.key)

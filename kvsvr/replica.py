@@ -1123,10 +1123,11 @@ class ReplicaNode(Node):
             self._answer(identity, _encode_frame(_RESPONSE, 0, request_id, 0,
                                                  _encode(self._set_faults(request))))
             return
+        key = request.key
+        self.check_owned(key)
         if not self.voting:
             raise Unavailable(f"node {self.name} is {self.role}; try another replica",
                               field="node")
-        key = request.key
         if method in _READS:
             if request.consistency == CONSISTENCY_LOCAL:
                 if key in self._frozen:

@@ -358,5 +358,16 @@ data_dir = "data/n{g}"
         for g in (0, 1):
             with Client(address=cluster.address(f"n{g}")) as node_client:
                 assert node_client.status()["store"]["keys"] == expected[f"g{g}"] > 0
+        # A key sent straight to a node of the other group is refused, not stored there
+        # (it was acknowledged, and every routed read then asked its real owner).
+        foreign = next(f"user:{i}" for i in range(200)
+                       if shards.group_of(f"user:{i}".encode()).name == "g1")
+        with Client(address=cluster.address("n0")) as node_client:
+            for call in (lambda: node_client.put(foreign, "x"),
+                         lambda: node_client.get(foreign, consistency="local")):
+                with pytest.raises(kvsvr.InvalidArgument, match="group 'g1' owns") as error:
+                    call()
+                assert error.value.field == "key"
+            assert node_client.status()["store"]["keys"] == expected["g0"]
     finally:
         cluster.stop()

@@ -587,6 +587,15 @@ def test_two_groups_of_three_split_the_keys_and_each_survives_a_lost_replica(tmp
             held = counts()
             assert held[0] == held[1] == held[2] and held[3] == held[4] == held[5]
             assert held[0] + held[3] == 200 and min(held) > 50
+            foreign = next(k for k in keys
+                           if client._router.replicas_for(k.encode())[0] in
+                           {group.address(n) for n in ("n4", "n5", "n6")})
+            with Client(address=group.address("n1"), timeout=5.0) as direct:
+                for call in (lambda: direct.incr(foreign, 7), lambda: direct.get(foreign),
+                             lambda: direct.scan(foreign, consistency="local")):
+                    with pytest.raises(kvsvr.InvalidArgument, match="group 'g2' owns"):
+                        call()
+            assert client.get(foreign).value == foreign.encode()
             group.kill("n1")
             group.kill("n5")
             for key in keys:
