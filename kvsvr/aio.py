@@ -27,6 +27,7 @@ from kvsvr.client import (
     check_timeout,
     client_id_or_new,
     connect,
+    first_client_seq,
     make_router,
     send_frames,
 )
@@ -187,7 +188,7 @@ class AsyncClient(_Api):
         self.attempt_timeout = check_timeout("attempt_timeout", attempt_timeout)
         self.client_id = client_id_or_new(client_id)
         self.health = Health()  # which replicas this client saw failing
-        self._seq = itertools.count(1)
+        self._seq = itertools.count(first_client_seq())
         self._context = zmq.asyncio.Context()
         self._connections: dict[str, _Connection] = {}
         self._sockets: list[zmq.Socket] = []

@@ -73,6 +73,14 @@ def make_router(config: ClusterConfig | str | Path | None, address: str | None) 
     return Router(config)
 
 
+def first_client_seq() -> int:
+    """Where a client's op sequence starts: the wall clock in microseconds, so a client id
+    passed again to a later client (resuming it) continues past every op id of the earlier
+    one (no client sends a million ops a second). Starting at 1 made the later client's
+    incr and append calls answered from the earlier one's remembered replies, not applied."""
+    return time.time_ns() // 1000
+
+
 def client_id_or_new(client_id: Any) -> int:
     """The caller's client id, checked, or a new random one (op ids must never repeat)."""
     if client_id is None:
@@ -218,10 +226,11 @@ class Client(_Api):
         self.timeout = check_timeout("timeout", timeout)
         self.attempt_timeout = check_timeout("attempt_timeout", attempt_timeout)
         # Random per client instance: op ids (client_id, seq) must never repeat. Pass one only
-        # to resume a client's own sequence, never to share it between live clients.
+        # to resume a client (its sequence goes on past the earlier one's: first_client_seq),
+        # never to share it between live clients.
         self.client_id = client_id_or_new(client_id)
         self.health = Health()  # which replicas this client saw failing, shared by its threads
-        self._seq = itertools.count(1)
+        self._seq = itertools.count(first_client_seq())
         self._context = zmq.Context()
         self._local = threading.local()
         self._sockets: list[zmq.Socket] = []

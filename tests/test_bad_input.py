@@ -134,3 +134,16 @@ def test_a_client_dropped_after_an_error_does_not_hang_the_program(cluster):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0 and result.stdout == "done\n", result.stderr
+
+
+def test_a_client_id_passed_again_goes_on_past_the_earlier_clients_op_ids(client: Client,
+                                                                            cluster):
+    """A later client given an earlier one's id (resuming it) must not reuse its op ids: its
+    sequence started at 1 again, so its incr and append were answered from the earlier
+    client's remembered replies and never applied."""
+    for _life in range(3):
+        with Client(cluster.config, client_id=4242, timeout=10.0) as resumed:
+            resumed.incr("counter")
+            resumed.append("inbox", "m")
+    assert client.get("counter").value == b"3"
+    assert len(client.scan("inbox").rows) == 3
