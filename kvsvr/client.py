@@ -283,6 +283,16 @@ class Client(_Api):
         self.close()
 
     # --- transport -------------------------------------------------------------------------
+    def _drop_socket(self, address: str) -> None:
+        """Close this thread's socket to `address` with whatever it still queues (the next
+        call opens a new one)."""
+        sockets = getattr(self._local, "sockets", None)
+        entry = sockets.pop(address, None) if sockets else None
+        if entry is not None:
+            with self._lock:
+                self._sockets.remove(entry[0])
+            entry[0].close(linger=0)
+
     def _socket(self, address: str) -> tuple[zmq.Socket, list[int]]:
         """This thread's socket to `address` and its next request id (ids are per socket)."""
         if os.getpid() != self._pid:
@@ -346,6 +356,7 @@ class _Exchange:
         # address -> (socket, request id -> index): ids of every attempt of this exchange
         self.sockets: dict[str, tuple[zmq.Socket, dict[int, int]]] = {}
         self.poller: zmq.Poller | None = None
+        self.silent: set[str] = set()   # addresses that left an attempt unanswered
 
     def run(self) -> list[Any]:
         now = time.monotonic()
@@ -363,6 +374,12 @@ class _Exchange:
                 wake = min(wake, at)
             self._wait(wake - now)
             self._receive()
+        for address in self.silent:
+            # What this exchange sent there may still sit in the socket's queue (a replica
+            # that is down: ZeroMQ holds it for the reconnect). It was answered elsewhere or
+            # reported a Timeout; delivered when the replica comes back, seconds or minutes
+            # later, a write would be applied long after its caller gave up on it.
+            self.client._drop_socket(address)
         return self.results
 
     # --- sending ---------------------------------------------------------------------------
@@ -434,6 +451,7 @@ class _Exchange:
                           if current[i] == (address, attempt.first_id + k)]
             if unanswered:
                 self.unanswered.update(unanswered)
+                self.silent.add(address)
                 self.health.failed(address, now)
                 self._route(unanswered, now, address, paced=False)
 
@@ -495,6 +513,7 @@ class _Exchange:
         for attempt in self.attempts:
             if any(not self.done[i] and self.current[i] == (attempt.address, attempt.first_id + k)
                    for k, i in enumerate(attempt.indexes)):
+                self.silent.add(attempt.address)
                 self.health.failed(attempt.address, now)
         tried: dict[int, dict[str, None]] = {}
         for attempt in self.tried:

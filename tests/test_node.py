@@ -250,6 +250,25 @@ def test_kvsvr_cluster_on_busy_addresses_fails_instead_of_reporting_them_up(
         client.put("k", "v")
 
 
+def test_a_write_that_timed_out_on_a_dead_node_is_not_applied_when_it_comes_back(
+        cluster: LocalCluster):
+    """The client's socket to a node that is down queues what it sends (ZeroMQ keeps it for
+    the reconnect). A call that reported Timeout left its request there, and the restarted
+    node applied it seconds or minutes after the caller gave up (and maybe wrote again).
+    The socket of a replica that left an attempt unanswered is now closed with its queue."""
+    with Client(cluster.config, timeout=1.5, attempt_timeout=0.5) as client:
+        client.append("inbox", "before")
+        cluster.kill("n1")
+        for i in range(3):
+            with pytest.raises(kvsvr.Timeout):
+                client.append("inbox", f"timed out {i}")
+        cluster.start("n1")
+        time.sleep(1.0)   # (the old socket would have reconnected and delivered by now)
+        with Client(cluster.config, timeout=10.0) as reader:
+            rows = [r.value for r in reader.scan("inbox").rows]
+        assert rows == [b"before"], rows
+
+
 def test_bad_config_exits_2_naming_the_field(tmp_path: Path):
     config = tmp_path / "bad.toml"
     config.write_text('[[groups]]\nname = "g"\nshards = ["0-4095"]\n'
