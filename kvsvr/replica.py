@@ -386,6 +386,11 @@ class ReplicaNode(Node):
                     log.warning("node %s: peer %s (%s) silent for %.1f s: down", self.name,
                                 peer.name, peer.address, now - peer.heard_at)
 
+    def _silent_peers(self, now: float) -> list[str]:
+        """The peers not heard from within PEER_DOWN_AFTER_S."""
+        return [p.name for p in self._peers if p is not None
+                and not (p.heard_at and now - p.heard_at < PEER_DOWN_AFTER_S)]
+
     def _copying(self) -> bool:
         """A snapshot is being copied: keys may be half installed (a page can end inside a
         key's rows) and op ids follow the keys, so this replica neither votes nor serves nor
@@ -1128,6 +1133,15 @@ class ReplicaNode(Node):
         if not self.voting:
             raise Unavailable(f"node {self.name} is {self.role}; try another replica",
                               field="node")
+        silent = self._silent_peers(time.monotonic())
+        if self.replicas - len(silent) < _core.majority(self.replicas) \
+                and (method == Method.MUTATE or request.consistency != CONSISTENCY_LOCAL):
+            # Said at once, and true (nothing was proposed): waiting out the deadline ended
+            # in an ambiguous Timeout, and the write went on once the peers came back.
+            raise Unavailable(
+                f"node {self.name}: no majority of group {self.group.name} is reachable "
+                f"({', '.join(silent)} silent for over {PEER_DOWN_AFTER_S:g} s)",
+                field="node")
         if method in _READS:
             if request.consistency == CONSISTENCY_LOCAL:
                 if key in self._frozen:
@@ -1798,8 +1812,9 @@ class ReplicaNode(Node):
             "replica_index": self.index,
             "replicas": self.replicas,
             "incarnation": self.incarnation,
-            "health": "ok" if self.voting and not down else
-                      ("degraded" if self.voting else self.role),
+            "health": ("ok" if not down else "degraded" if self.replicas - len(down)
+                       >= _core.majority(self.replicas) else "no-majority")
+                      if self.voting else self.role,
             "peers": peers,
             "peer_auth": self._peer_auth is not None,   # [security] peer_secret is set
             "quorum": {

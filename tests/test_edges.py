@@ -4,6 +4,7 @@ bytes, reused and ancient op ids, bad addresses, a lowered binlog bound, CLI and
 from __future__ import annotations
 
 import asyncio
+import itertools
 import subprocess
 import sys
 import time
@@ -69,15 +70,22 @@ def test_answers_over_one_message_come_back_split(cluster: LocalCluster, client:
     asyncio.run(concurrently())
 
 
-def test_a_reused_client_id_is_refused_not_silently_answered(cluster: LocalCluster):
-    with Client(cluster.config, client_id=42) as first:
+def test_a_reused_op_id_is_refused_not_silently_answered(cluster: LocalCluster):
+    """Two live clients sharing a client id can send one op id for two requests (forced here):
+    the second is refused by name, not answered with the first's reply. A client id given
+    to a later client resumes it: its op ids go on past the earlier one's."""
+    with Client(cluster.config, client_id=42) as first, \
+            Client(cluster.config, client_id=42) as second:
+        seq = next(first._seq)
+        first._seq, second._seq = itertools.count(seq), itertools.count(seq)
         assert first.put("x", "1") == 1
-    with Client(cluster.config, client_id=42) as second:
         with pytest.raises(InvalidArgument) as error:
             second.put("y", "2")
         assert error.value.field == "client_seq"
         with pytest.raises(NotFound):
             second.get("y")
+    with Client(cluster.config, client_id=42) as later:
+        assert later.put("y", "2") == 1
 
 
 def test_a_retry_older_than_the_window_is_refused_not_reapplied(tmp_path):

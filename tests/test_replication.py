@@ -189,6 +189,33 @@ def test_with_a_peer_secret_forged_peer_requests_are_refused_and_writes_go_on(
         group.stop()
 
 
+def test_a_replica_without_a_reachable_majority_says_so_at_once_and_applies_nothing(
+        group: LocalCluster):
+    """With both peers down, writes and linearizable reads through the last replica are
+    refused Unavailable (not proposed, so surely not applied) instead of waiting out their
+    deadline into an ambiguous Timeout and being applied when the peers came back; local
+    reads still answer, and status says no-majority. Back together, the group serves."""
+    alone = group.nodes[0]
+    with node_client(group, alone) as client:
+        client.put("k", "before")
+        for node in group.nodes[1:]:
+            group.kill(node)
+        wait_for(lambda: status(group, alone)["health"] == "no-majority",
+                 what="status no-majority")
+        with pytest.raises(kvsvr.Unavailable, match="no majority"):
+            client.put("k", "refused")
+        with pytest.raises(kvsvr.Unavailable, match="no majority"):
+            client.get("k")
+        assert client.get("k", consistency="local").value == b"before"
+        for node in group.nodes[1:]:
+            group.start(node)
+        wait_for(lambda: status(group, alone)["health"] == "ok", what="status ok")
+    with group.client(timeout=10.0) as client:
+        assert client.get("k").value == b"before"
+        client.put("k", "after")
+        assert client.get("k").version == 2
+
+
 def test_a_read_on_a_lagging_replica_waits_for_the_majority_version(group: LocalCluster):
     """A linearizable read never returns an older version than a write acknowledged before it,
     whichever replica serves it, even one that was cut off from the write's quorum."""
