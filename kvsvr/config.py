@@ -33,6 +33,23 @@ def address_problem(address: str) -> str | None:
     return None
 
 
+_THIS_HOST = frozenset({"localhost", "0.0.0.0", "*", "[::]", "[::1]", "ip6-localhost"})
+
+
+def _same_socket_key(address: str) -> str:
+    """One spelling for every address that reaches the same listening socket on this host
+    (tcp://localhost:P, tcp://0.0.0.0:P and tcp://127.0.0.1:P are one port), so a config
+    cannot name one replica twice under two spellings: the node would count itself as its
+    own peer, and its own answer as a second vote."""
+    match = _ADDRESS.match(address)
+    if not match or match.group(2) is None:
+        return address
+    host = address[len("tcp://"):address.rindex(":")].lower()
+    if host in _THIS_HOST or host.startswith("127."):
+        host = "this-host"
+    return f"tcp://{host}:{int(match.group(2))}"
+
+
 _WEB_ADDRESS = re.compile(r"^([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$")
 
 
@@ -217,12 +234,14 @@ def _check_members(config: ClusterConfig, field: str,
                 f"{config_member.campus!r}; each {member} of a group must be in its own campus")
         campuses.add(config_member.campus)
         data_dir = str(config.data_dir(config_member).resolve())
-        for attribute, value in (("node", config_member.node),
-                                 ("address", config_member.address), ("data_dir", data_dir)):
-            if value in seen[attribute]:
+        for attribute, value, same in (
+                ("node", config_member.node, config_member.node),
+                ("address", config_member.address, _same_socket_key(config_member.address)),
+                ("data_dir", data_dir, data_dir)):
+            if same in seen[attribute]:
                 raise ConfigError(f"{where}.{attribute}: {value!r} is already used by "
-                                  f"{seen[attribute][value]}")
-            seen[attribute][value] = where
+                                  f"{seen[attribute][same]}")
+            seen[attribute][same] = where
 
 
 def _validate(config: ClusterConfig) -> ClusterConfig:
@@ -254,9 +273,10 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
     problem = address_problem(monitor.center)
     if problem:
         raise ConfigError(f"monitor.center: {problem}")
-    if monitor.enabled and monitor.center in seen["address"]:
+    center = _same_socket_key(monitor.center)
+    if monitor.enabled and center in seen["address"]:
         raise ConfigError(f"monitor.center: {monitor.center!r} is already used by "
-                          f"{seen['address'][monitor.center]} (set [monitor] center to a free "
+                          f"{seen['address'][center]} (set [monitor] center to a free "
                           "address, or enabled = false)")
     problem = web_address_problem(monitor.web)
     if problem:

@@ -18,6 +18,13 @@ campus = "a"
 address = "tcp://127.0.0.1:{port}"
 data_dir = "d/{node}"
 '''
+REPLICA = '''
+[[groups.replicas]]
+node = "{node}"
+campus = "{campus}"
+address = "{address}"
+data_dir = "{data_dir}"
+'''
 
 
 def two_groups(**overrides: str) -> str:
@@ -60,6 +67,12 @@ def test_two_groups_split_the_shards():
     (two_groups() + "\n[storage]\ncheckpoint_interval_ms = '50'\n",
      "storage.checkpoint_interval_ms"),
     ("virtual_shards = 0\n" + two_groups(), "virtual_shards"),
+    (GROUP.format(name="g", shards='"0-4095"', node="n1", port="7400")
+     + REPLICA.format(node="n2", campus="b", address="tcp://localhost:7400", data_dir="d2"),
+     "groups[0].replicas[1].address"),
+    (GROUP.format(name="g", shards='"0-4095"', node="n1", port="7400")
+     + REPLICA.format(node="n2", campus="b", address="tcp://0.0.0.0:7400", data_dir="d2"),
+     "groups[0].replicas[1].address"),
     (two_groups() + "\n[security]\npeer_secret = 'short'\n", "security.peer_secret"),
     (two_groups() + "\n[security]\npeer_secret = 42\n", "security.peer_secret"),
     (two_groups() + "\n[security]\npeer_sercet = 'x'\n", "peer_sercet"),
