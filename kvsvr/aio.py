@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from kvsvr.client import (
     _Api,
     check_timeout,
     client_id_or_new,
+    close_sockets,
     connect,
     first_client_seq,
     make_router,
@@ -195,6 +198,8 @@ class AsyncClient(_Api):
         self._sweeper: asyncio.Task[None] | None = None
         self._waiting: list[_Call] = []  # refused; resent when a back-off ends
         self._closed = False
+        self._finalizer = weakref.finalize(self, close_sockets, self._context, self._sockets,
+                                           os.getpid())
 
     def _op_id(self) -> tuple[int, int]:
         return self.client_id, next(self._seq)
@@ -282,7 +287,7 @@ class AsyncClient(_Api):
             if not call.future.done():
                 call.future.set_exception(Unavailable("client closed"))
         self._waiting.clear()
-        self._context.term()
+        self._finalizer()
 
     async def __aenter__(self) -> AsyncClient:
         return self

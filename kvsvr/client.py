@@ -22,6 +22,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,21 @@ def make_router(config: ClusterConfig | str | Path | None, address: str | None) 
     if not isinstance(config, ClusterConfig):
         config = load(config)
     return Router(config)
+
+
+def close_sockets(context: zmq.Context, sockets: list[zmq.Socket], pid: int) -> None:
+    """Close `sockets` (dropping what they queue), then `context`. A client registers this
+    with weakref.finalize, so it also runs when the client is dropped without close(): the
+    garbage collector calls it before any finalizer of the cycle the client was in, that is
+    before ZeroMQ's Context.__del__, which would otherwise wait forever in zmq_ctx_term for
+    sockets it could no longer see. Nothing is closed in a forked child."""
+    if os.getpid() != pid:
+        return
+    for socket in sockets:
+        socket.close(linger=0)
+    sockets.clear()
+    if not context.closed:
+        context.term()
 
 
 def first_client_seq() -> int:
@@ -236,6 +252,8 @@ class Client(_Api):
         self._sockets: list[zmq.Socket] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._finalizer = weakref.finalize(self, close_sockets, self._context, self._sockets,
+                                           self._pid)
 
     def _op_id(self) -> tuple[int, int]:
         return self.client_id, next(self._seq)
@@ -260,21 +278,10 @@ class Client(_Api):
         return Pipeline(self)
 
     def close(self) -> None:
-        """Close every socket, then the ZeroMQ context. A client dropped without close() is
-        closed when it is freed; errors it raised keep no reference to it, since a client
-        freed by the garbage collector (in a cycle) can have its context destroyed before
-        its sockets close, and zmq_ctx_term then waits for them forever."""
+        """Close every socket, then the ZeroMQ context (also done when a client is dropped
+        without close(): see close_sockets)."""
         with self._lock:
-            for socket in self._sockets:
-                socket.close(linger=0)
-            self._sockets.clear()
-        self._context.term()
-
-    def __del__(self) -> None:
-        context = getattr(self, "_context", None)
-        if context is not None and not context.closed \
-                and os.getpid() == getattr(self, "_pid", None):
-            self.close()
+            self._finalizer()
 
     def __enter__(self) -> Client:
         return self

@@ -116,18 +116,27 @@ def test_a_pipeline_timeout_is_checked_before_anything_is_sent(client: Client):
 
 
 def test_a_client_dropped_after_an_error_does_not_hang_the_program(cluster):
-    """A client that raised (NotFound here) and was dropped without close(): the garbage
-    collector used to free it in a cycle with the error, destroy its ZeroMQ context before
-    its sockets closed, and hang in zmq_ctx_term for ever."""
+    """Clients (blocking and asyncio) that raised (NotFound here) and were dropped without
+    close(): the garbage collector used to free them in a cycle, destroy their ZeroMQ
+    context before their sockets closed, and hang in zmq_ctx_term for ever."""
     script = textwrap.dedent(f"""
-        import gc, kvsvr
+        import asyncio, gc, kvsvr
+        config = {str(cluster.config_path)!r}
         def lookup():
-            c = kvsvr.Client({str(cluster.config_path)!r})
+            c = kvsvr.Client(config)
             try:
                 return c.get("no-such-key").value
             except kvsvr.NotFound:
                 return None
-        assert lookup() is None
+        async def lookup_async():
+            c = kvsvr.AsyncClient(config)   # (its connections and it form a cycle anyway)
+            try:
+                return (await c.get("no-such-key")).value
+            except kvsvr.NotFound:
+                return None
+        for _ in range(20):
+            assert lookup() is None
+            assert asyncio.run(lookup_async()) is None
         gc.collect()
         print("done")
     """)
