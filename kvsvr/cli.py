@@ -305,13 +305,20 @@ def _status_line(row: dict[str, Any]) -> str:
     if "uptime_s" in row:
         details.append(f"uptime_s={row['uptime_s']}")
     peers = row.get("peers")
+    last_lsn = store.get("binlog_last_lsn") if isinstance(store, dict) else None
     if isinstance(peers, dict) and peers:
         described = []
         for name, peer in sorted(peers.items()):
             if isinstance(peer, dict):
                 state = "up" if peer.get("up") else "down"
+                # lag: records of the peer's binlog this node has yet to read; behind: of
+                # this node's binlog, records the peer has not pulled (a down peer's gap).
                 lag = peer.get("lag_records")
-                described.append(f"{name}:{state}" + (f",lag={lag}" if lag is not None else ""))
+                through = peer.get("has_our_binlog_through")
+                described.append(
+                    f"{name}:{state}" + (f",lag={lag}" if lag is not None else "")
+                    + (f",behind={max(0, last_lsn - through)}"
+                       if isinstance(through, int) and isinstance(last_lsn, int) else ""))
             else:
                 described.append(f"{name}:{peer}")
         details.append("peers=" + ";".join(described))

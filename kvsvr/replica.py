@@ -504,7 +504,8 @@ class ReplicaNode(Node):
         finally:
             if clean:
                 self._checkpoint()   # a clean stop leaves nothing to replay
-                self._flush_clients()   # (local reads that waited for it)
+                self._answer_waiting_on_stop()
+                self._flush_clients()   # (and local reads that waited for the checkpoint)
             else:
                 # A failed round: the vote log has what counts.
                 with suppress(Exception):
@@ -1769,6 +1770,21 @@ class ReplicaNode(Node):
                 self._want_barrier[key] = kept
             else:
                 del self._want_barrier[key]
+
+    def _answer_waiting_on_stop(self) -> None:
+        """A stopping node answers what waits instead of leaving callers to time out. A write
+        may be under way (proposed, or chosen and not yet answered): Timeout, which is
+        ambiguous and sends the client to another replica with the same op id. A read:
+        Unavailable."""
+        for work in self._work.values():
+            for waiter in work.writes:
+                self._answer_error(waiter.identity, waiter.request_id, Timeout(
+                    f"node {self.name} stopped with the write waiting; it may or may not be "
+                    "applied (retry with the same op id)"))
+            for waiter in work.reads:
+                self._answer_error(waiter.identity, waiter.request_id, Unavailable(
+                    f"node {self.name} is stopping; try another replica", field="node"))
+        self._work.clear()
 
     def _fail_all_writes(self, error: KvError) -> None:
         for work in self._work.values():

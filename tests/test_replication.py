@@ -216,6 +216,24 @@ def test_a_replica_without_a_reachable_majority_says_so_at_once_and_applies_noth
         assert client.get("k").version == 2
 
 
+def test_a_replica_stopped_by_sigterm_answers_the_writes_waiting_on_it(group: LocalCluster):
+    """Writes waiting for a quorum when the node gets SIGTERM are answered (Timeout: they may
+    be under way) instead of being left for their callers to time out on silence."""
+    node = group.nodes[0]
+    for peer in group.nodes[1:]:
+        group.signal(peer, signal.SIGSTOP)
+    try:
+        with node_client(group, node, timeout=3.0) as client:
+            stopper = threading.Timer(0.5, group.signal, (node, signal.SIGTERM))
+            stopper.start()
+            with pytest.raises(kvsvr.Timeout, match="stopped with the write waiting"):
+                client.put("k", "v")
+            stopper.join()
+    finally:
+        for peer in group.nodes[1:]:
+            group.signal(peer, signal.SIGCONT)
+
+
 def test_a_read_on_a_lagging_replica_waits_for_the_majority_version(group: LocalCluster):
     """A linearizable read never returns an older version than a write acknowledged before it,
     whichever replica serves it, even one that was cut off from the write's quorum."""
