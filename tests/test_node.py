@@ -220,12 +220,17 @@ def test_a_second_node_on_the_same_data_dir_is_refused(cluster: LocalCluster):
     assert "another process holds this data directory" in result.stderr
 
 
-def test_a_busy_address_is_a_clear_error(cluster: LocalCluster, tmp_path: Path):
-    other = tmp_path / "other"
+def _same_address_config(cluster: LocalCluster, tmp_path: Path) -> Path:
+    """The cluster's config with its node's data elsewhere: a second node on the address."""
     text = Path(cluster.config_path).read_text().replace('data_dir = "data/n1"',
-                                                         f'data_dir = "{other}"')
+                                                         f'data_dir = "{tmp_path / "other"}"')
     config = tmp_path / "busy.toml"
     config.write_text(text)
+    return config
+
+
+def test_a_busy_address_is_a_clear_error(cluster: LocalCluster, tmp_path: Path):
+    config = _same_address_config(cluster, tmp_path)
     result = subprocess.run([sys.executable, "-m", "kvsvr.node", "--config", str(config)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
@@ -237,11 +242,7 @@ def test_kvsvr_cluster_on_busy_addresses_fails_instead_of_reporting_them_up(
     """Another node already answers on the address: kvsvr-cluster used to take its answer for
     its own node's, print "1 node(s) up", and run on with no node. Now it exits 1 naming
     the node whose process exited."""
-    other = tmp_path / "other"
-    text = Path(cluster.config_path).read_text().replace('data_dir = "data/n1"',
-                                                         f'data_dir = "{other}"')
-    config = tmp_path / "busy.toml"
-    config.write_text(text)
+    config = _same_address_config(cluster, tmp_path)
     result = subprocess.run([sys.executable, "-m", "kvsvr.launcher", "--config", str(config)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stdout + result.stderr
