@@ -115,10 +115,12 @@ class _Connection:
         frames, self.outbox = self.outbox, []
         send_frames(self.socket, frames)  # what does not fit now, the sweeper resends
 
-    def sweep(self, now: float, unanswered: list[_Call]) -> None:
+    def sweep(self, now: float, unanswered: list[_Call]) -> bool:
         """Drop finished calls, fail those past their deadline, and collect in `unanswered`
-        the calls whose current attempt is this connection's and has timed out."""
+        the calls whose current attempt is this connection's and has timed out. True if a
+        call ended with its attempt here unanswered."""
         address = self.address
+        silent = False
         for request_id, call in list(self.pending.items()):
             if call.future.done():
                 del self.pending[request_id]
@@ -128,10 +130,12 @@ class _Connection:
                     # Unanswered to the end: it counts against this replica as a timed-out
                     # attempt does (else a deadline equal to the attempt timeout never would).
                     self.client.health.failed(address, now)
+                    silent = True
                 call.future.set_exception(call.expired())
             elif (now >= call.attempt_deadline and call.request_id == request_id
                   and call.address == address):
                 unanswered.append(call)
+        return silent
 
     async def _read(self) -> None:
         recv = self.socket.recv
@@ -179,6 +183,19 @@ class _Connection:
                 call.future.set_exception(Unavailable("client closed"))
         self.pending.clear()
         self.socket.close(linger=0)
+
+    def retire(self) -> list[_Call]:
+        """Close the socket with what it still queues (see AsyncClient._sweep_at); returns
+        the calls whose current attempt was here, for the caller to send elsewhere."""
+        self.reader.cancel()
+        current = [call for request_id, call in self.pending.items()
+                   if not call.future.done() and call.address == self.address
+                   and call.request_id == request_id]
+        self.pending.clear()
+        if self.socket in self.client._sockets:
+            self.client._sockets.remove(self.socket)
+        self.socket.close(linger=0)
+        return current
 
 
 class AsyncClient(_Api):
@@ -244,17 +261,30 @@ class AsyncClient(_Api):
 
     def _sweep_at(self, now: float) -> None:
         unanswered: list[_Call] = []
-        for connection in list(self._connections.values()):
-            connection.sweep(now, unanswered)
         failed = set()
+        for connection in list(self._connections.values()):
+            if connection.sweep(now, unanswered):
+                failed.add(connection.address)
         for call in unanswered:
             address = call.address
             assert address is not None  # a current attempt has an address
             if address not in failed:   # one failure per replica and sweep: same episode
                 failed.add(address)
                 self.health.failed(address, now)
+        # A replica that left an attempt unanswered may be down, and ZeroMQ keeps what was
+        # sent to it for the reconnect: delivered when it comes back, a write that had been
+        # reported Timeout would be applied long after. Its connection is closed with its
+        # queue, and every call whose attempt was there goes on elsewhere (same op id).
+        moved = {id(call) for call in unanswered}
+        for address in failed:
+            if address in self._connections:
+                for call in self._connections.pop(address).retire():
+                    if id(call) not in moved:
+                        moved.add(id(call))
+                        unanswered.append(call)
+        for call in unanswered:
             call.unanswered = True
-            self._route(call, now, address, paced=False)
+            self._route(call, now, call.address, paced=False)
         if self._waiting:
             waiting, self._waiting = self._waiting, []
             for call in waiting:

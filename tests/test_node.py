@@ -256,15 +256,25 @@ def test_a_write_that_timed_out_on_a_dead_node_is_not_applied_when_it_comes_back
     """The client's socket to a node that is down queues what it sends (ZeroMQ keeps it for
     the reconnect). A call that reported Timeout left its request there, and the restarted
     node applied it seconds or minutes after the caller gave up (and maybe wrote again).
-    The socket of a replica that left an attempt unanswered is now closed with its queue."""
+    The socket of a replica that left an attempt unanswered is now closed with its queue,
+    by the blocking and the asyncio client."""
     with Client(cluster.config, timeout=1.5, attempt_timeout=0.5) as client:
         client.append("inbox", "before")
         cluster.kill("n1")
         for i in range(3):
             with pytest.raises(kvsvr.Timeout):
                 client.append("inbox", f"timed out {i}")
-        cluster.start("n1")
-        time.sleep(1.0)   # (the old socket would have reconnected and delivered by now)
+
+        async def timed_out_async() -> None:
+            async with AsyncClient(cluster.config, timeout=1.5, attempt_timeout=0.5) as aio:
+                for i in range(3):
+                    with pytest.raises(kvsvr.Timeout):
+                        await aio.append("inbox", f"timed out async {i}")
+                cluster.start("n1")
+                await asyncio.sleep(1.0)   # (the client and its sockets still live)
+
+        asyncio.run(timed_out_async())
+        time.sleep(0.5)
         with Client(cluster.config, timeout=10.0) as reader:
             rows = [r.value for r in reader.scan("inbox").rows]
         assert rows == [b"before"], rows
