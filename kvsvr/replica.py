@@ -303,6 +303,7 @@ class ReplicaNode(Node):
         self._apply_later: set[bytes] = set()     # keys whose chosen versions wait for it
         self._local_later: list[tuple[bytes, int, int, Any]] = []  # local reads of frozen keys
         self._checkpoint_s = config.storage.checkpoint_interval_ms / 1000
+        self._majority = _core.majority(self.replicas)
         secret = config.security.peer_secret
         self._peer_auth = PeerAuth(secret) if secret else None
         if self.incarnation:
@@ -386,10 +387,14 @@ class ReplicaNode(Node):
                     log.warning("node %s: peer %s (%s) silent for %.1f s: down", self.name,
                                 peer.name, peer.address, now - peer.heard_at)
 
-    def _silent_peers(self, now: float) -> list[str]:
-        """The peers not heard from within PEER_DOWN_AFTER_S."""
-        return [p.name for p in self._peers if p is not None
-                and not (p.heard_at and now - p.heard_at < PEER_DOWN_AFTER_S)]
+    def _majority_heard(self, now: float) -> bool:
+        """This replica and the peers heard from within PEER_DOWN_AFTER_S are a majority
+        (checked for every client request: no list built)."""
+        heard = 1
+        for p in self._peers:
+            if p is not None and p.heard_at and now - p.heard_at < PEER_DOWN_AFTER_S:
+                heard += 1
+        return heard >= self._majority
 
     def _copying(self) -> bool:
         """A snapshot is being copied: keys may be half installed (a page can end inside a
@@ -1134,11 +1139,12 @@ class ReplicaNode(Node):
         if not self.voting:
             raise Unavailable(f"node {self.name} is {self.role}; try another replica",
                               field="node")
-        silent = self._silent_peers(time.monotonic())
-        if self.replicas - len(silent) < _core.majority(self.replicas) \
-                and (method == Method.MUTATE or request.consistency != CONSISTENCY_LOCAL):
+        if (method == Method.MUTATE or request.consistency != CONSISTENCY_LOCAL) \
+                and not self._majority_heard(time.monotonic()):
             # Said at once, and true (nothing was proposed): waiting out the deadline ended
             # in an ambiguous Timeout, and the write went on once the peers came back.
+            silent = [p.name for p in self._peers if p is not None
+                      and not (p.heard_at and time.monotonic() - p.heard_at < PEER_DOWN_AFTER_S)]
             raise Unavailable(
                 f"node {self.name}: no majority of group {self.group.name} is reachable "
                 f"({', '.join(silent)} silent for over {PEER_DOWN_AFTER_S:g} s)",
