@@ -15,7 +15,11 @@
 #            report a compare-and-set conflict). chosen_value is None when the version is
 #            known chosen but not its value (an acceptor was past it: catch up first), or
 #            when a recovery proposal (value None) found nothing that could have been chosen.
-# The caller persists, then sends, then acts on decided.
+#   take_learned() -> instance records learned chosen since the last call (applied by the
+#            caller). Not in persist (see _learn): the caller may log them, but nothing it
+#            sends waits for that.
+# The caller persists, then sends, then acts on decided. CHOSEN messages reveal no vote of
+# this replica and need not wait for the persist.
 #
 # Rules worth reading twice:
 # - Round 0 of every version belongs to the key's home replica. Its ballot is the lowest any
@@ -189,6 +193,7 @@ cdef class QuorumReplica:
     cdef list _persist
     cdef list _send
     cdef list _decided
+    cdef list _learned
     cdef set _dirty
     cdef double _next_state_request
 
@@ -223,6 +228,7 @@ cdef class QuorumReplica:
         self._persist = []
         self._send = []
         self._decided = []
+        self._learned = []
         self._dirty = set()
         self._next_state_request = 0
         if rebuilding:
@@ -319,6 +325,19 @@ cdef class QuorumReplica:
                     del self._versions[key]
 
     # --- outputs ----------------------------------------------------------------------------
+    def take_learned(self):
+        """Instance records (as in persist) of the instances learned chosen since the last
+        call, by a proposal of ours or a CHOSEN message: the caller applies them, and may
+        log them so that a restart applies them at once, but no message waits for that."""
+        cdef _Instance instance
+        cdef list records = []
+        for instance_key in self._learned:
+            instance = self._instances.get(instance_key)
+            if instance is not None:
+                records.append(instance.record(instance_key[0], instance_key[1]))
+        self._learned = []
+        return records
+
     def ready(self):
         """(persist, send, decided) since the last call; persist before sending."""
         cdef _Instance instance
@@ -495,8 +514,12 @@ cdef class QuorumReplica:
     cdef void _learn(self, bytes key, uint64_t version, object value):
         cdef _Instance instance = self._instance(key, version)
         if instance.chosen_value is None:
+            # Not in persist: that a value is chosen is a fact about a majority's durable
+            # acceptances, which a restart cannot undo; what a restart forgets here, a
+            # recovery proposal learns again. (Persisting it before sending held the CHOSEN
+            # message, so every follower's apply, behind a second vote log sync.)
             instance.chosen_value = value
-            self._dirty.add((key, version))
+            self._learned.append((key, version))
         cdef _Proposal proposal = self._proposals.get((key, version))
         if proposal is not None:
             self._finish(proposal, value)

@@ -230,6 +230,7 @@ class ReplicaNode(Node):
         # Quorum messages wait for the vote log frames written before them to be durable:
         # (the last such frame, peer, the messages' frames), in the order they were made.
         self._held: deque[tuple[int, _Peer, list[bytes]]] = deque()
+        self._vote_gate = 0   # the last vote log frame holding votes: sends wait for it
         self._barriers: dict[int, _Barrier] = {}
         self._barrier_ids = itertools.count(1)
         self._want_barrier: dict[bytes, list[_Waiter]] = {}
@@ -565,11 +566,11 @@ class ReplicaNode(Node):
                 self.counters["peer_sends_dropped"] += 1  # its queue is full: it is behind
 
     def _send_votes(self, peer: _Peer, frames: list[bytes], now: float) -> None:
-        """Quorum messages: sent once every vote log frame written so far is durable (any
-        of them may hold the vote they reveal), else held until the sync thread says so."""
-        votes = self.votes
-        if self._held or votes.synced < votes.seq:
-            self._held.append((votes.seq, peer, frames))
+        """Quorum messages: sent once every vote log frame holding votes written so far is
+        durable (any of them may hold the vote they reveal), else held until the sync thread
+        says so."""
+        if self._held or self.votes.synced < self._vote_gate:
+            self._held.append((self._vote_gate, peer, frames))
         else:
             self._send_peer(peer, frames, now)
 
@@ -1414,8 +1415,10 @@ class ReplicaNode(Node):
         persist: list[Any] = []
         send: list[_core.Message] = []
         decided: list[Any] = []
+        learned: list[Any] = []
         if quorum is not None:
             persist, send, decided = quorum.ready()
+            learned = quorum.take_learned()
         if decided and not any(r[0] == "fence" for r in persist):
             # (A fence learned this round must be durable before any answer: a voter whose
             # first message it is could otherwise lose its disk, come back as a first life
@@ -1424,7 +1427,7 @@ class ReplicaNode(Node):
         pulled, self._pulled = self._pulled, []
         pages, self._pages = self._pages, []
         later = self._apply_later if self._committing is None else None
-        if not persist and not pulled and not pages and not later and not any(
+        if not persist and not pulled and not pages and not later and not learned and not any(
                 d[2] is not None for d in decided):
             self._after_commit(send, decided, now)
             return
@@ -1432,6 +1435,9 @@ class ReplicaNode(Node):
         touched: set[bytes] = {d[0] for d in decided}
         touched.update(r[1] for r in persist if r[0] == "instance" and r[6] is not None)
         open_since = self._open_since
+        for r in learned:
+            touched.add(r[1])
+            open_since.pop((r[1], r[2]), None)
         for r in persist:
             if r[0] == "instance":
                 if r[6] is not None:
@@ -1444,20 +1450,26 @@ class ReplicaNode(Node):
         durable_now = bool(pages) or any(r[0] != "instance" for r in persist)
         if durable_now:
             self._finish_commit(block=True)   # (rare) LMDB must take them now
-        if persist and not durable_now:
-            frame = self.votes.frame(persist)
+        if (persist or learned) and not durable_now:
+            # Learned choices ride along so that a restart applies them at once (its copy
+            # never goes back), but only votes make what is sent wait for a sync, and a
+            # frame of choices alone asks for none (the next vote's sync covers it: one
+            # of its own cost every replica a second fdatasync per write).
+            frame = self.votes.frame(persist + learned if learned else persist)
             if not self.votes.fits(frame):
                 self._checkpoint()
             if self.votes.fits(frame):
                 # Durable on the sync thread while this loop goes on; what reveals these
                 # votes waits in _held until it is.
-                self.votes.write(frame)
-            else:
+                self.votes.write(frame, sync=bool(persist))
+                if persist:
+                    self._vote_gate = self.votes.seq
+            elif persist:
                 durable_now = True
         if self._committing is not None:
             # A checkpoint is committing: LMDB takes no write until it ends, so the applies
             # wait (what was chosen stays in the core, and pulled records are asked again).
-            self._log_records(None, persist)
+            self._log_records(None, persist + learned)
             self._apply_later |= touched
             self._pulled = pulled + self._pulled
             self._after_commit(send, decided, now)
@@ -1467,7 +1479,7 @@ class ReplicaNode(Node):
             self._apply_later = set()
         try:
             batch = self._open_batch(now)
-            self._log_records(batch, persist)
+            self._log_records(batch, persist + learned)
             applied = self._install_pages(batch, pages, touched)
             if self._copying():
                 # Nothing but the copy until it is complete; what was chosen meanwhile
@@ -1500,8 +1512,8 @@ class ReplicaNode(Node):
             self._stop_storage_full(e)
         if quorum is not None:
             more_persist, more_send, more_decided = quorum.ready()
-            if more_persist:  # forget() persists nothing; a bug if it ever does
-                raise RuntimeError("quorum asked to persist after forgetting")
+            if more_persist or quorum.take_learned():  # forget() does neither
+                raise RuntimeError("quorum asked to persist or apply after forgetting")
             send += more_send
             decided += more_decided
         self._dirty.update(key for key in touched if key in self._work)
@@ -1722,21 +1734,34 @@ class ReplicaNode(Node):
             peer = self._peers[index] if 0 <= index < self.replicas else None
             if peer is None:
                 continue
-            frames: list[bytes] = []
-            chunk: list[_core.Message] = []
-            size = 0
-            for message in batch:
-                if message.kind == _core.MSG_STATE:
-                    self._quorum_frame([message], frames)  # whole, in a frame of its own
+            # A CHOSEN message reveals no vote of ours: it goes now, not after the vote log
+            # sync the others wait for (the follower applies the write a sync sooner).
+            chosen = [m for m in batch if m.kind == _core.MSG_CHOSEN]
+            if chosen:
+                self._send_peer(peer, self._quorum_frames(chosen), now)
+                if len(chosen) == len(batch):
                     continue
-                chunk.append(message)
-                size += 96 + (len(message.value) if isinstance(message.value, bytes) else 0)
-                if size >= QUORUM_FRAME_BYTES or len(chunk) >= QUORUM_FRAME_MESSAGES:
-                    self._quorum_frame(chunk, frames)
-                    chunk, size = [], 0
-            if chunk:
+                batch = [m for m in batch if m.kind != _core.MSG_CHOSEN]
+            self._send_votes(peer, self._quorum_frames(batch), now)
+
+    def _quorum_frames(self, messages: list[_core.Message]) -> list[bytes]:
+        """One peer's messages in frames of at most QUORUM_FRAME_BYTES or
+        QUORUM_FRAME_MESSAGES each (a state answer part in a frame of its own)."""
+        frames: list[bytes] = []
+        chunk: list[_core.Message] = []
+        size = 0
+        for message in messages:
+            if message.kind == _core.MSG_STATE:
+                self._quorum_frame([message], frames)  # whole, in a frame of its own
+                continue
+            chunk.append(message)
+            size += 96 + (len(message.value) if isinstance(message.value, bytes) else 0)
+            if size >= QUORUM_FRAME_BYTES or len(chunk) >= QUORUM_FRAME_MESSAGES:
                 self._quorum_frame(chunk, frames)
-            self._send_votes(peer, frames, now)
+                chunk, size = [], 0
+        if chunk:
+            self._quorum_frame(chunk, frames)
+        return frames
 
     def _quorum_frame(self, messages: list[_core.Message], frames: list[bytes]) -> None:
         try:

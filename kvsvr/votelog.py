@@ -212,10 +212,11 @@ class VoteLog:
     def fits(self, frame: bytes) -> bool:
         return self._place(len(frame)) is not None
 
-    def write(self, frame: bytes) -> None:
+    def write(self, frame: bytes, sync: bool = True) -> None:
         """Write a frame made by frame(); it is durable once `synced` reaches its sequence
         number (at once when sync is off: it is then in the page cache, which survives the
-        process being killed). With the sync thread started, this does not wait for it."""
+        process being killed). With the sync thread started, this does not wait for it.
+        `sync` false: ask no fdatasync for it (nothing waits for it); the next one covers it."""
         offset = self._place(len(frame))
         if offset is None:
             raise ValueError(f"vote log: a {len(frame)}-byte frame does not fit (live "
@@ -229,7 +230,7 @@ class VoteLog:
         self._live_bytes += len(frame)
         if not self.sync:
             self._synced = self.seq
-        elif self._syncer is not None:
+        elif self._syncer is not None and sync:
             self._syncer.request(self.seq)
 
     def append(self, frame: bytes) -> None:

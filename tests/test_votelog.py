@@ -249,6 +249,59 @@ def test_the_sync_thread_makes_written_frames_durable_and_wakes_the_loop(tmp_pat
     assert again.replay(through=0) == [_record(i) for i in range(30)] + [_record(99)]
 
 
+def test_a_frame_written_without_a_sync_is_covered_by_the_next_one(tmp_path: Path):
+    """Learned choices alone ask no fdatasync (nothing waits for them): the next vote's sync
+    makes them durable too, and both replay."""
+    wake = os.eventfd(0, os.EFD_NONBLOCK)
+    log = VoteLog(tmp_path / "votes.log", nonce=5, size=1 << 16)
+    log.start(wake)
+    try:
+        log.write(log.frame([_record(0, b"chosen")]), sync=False)
+        time.sleep(0.2)
+        assert log.synced == 0 and log.syncs[0] == 0, "a frame of choices asked a sync"
+        log.write(log.frame([_record(1)]))
+        deadline = time.monotonic() + 10
+        while log.synced < 2:
+            assert time.monotonic() < deadline, "the vote's frame was never synced"
+            _wait_for_wake(wake)
+        assert log.syncs[0] == 1
+    finally:
+        log.close()
+        os.close(wake)
+    again = VoteLog(tmp_path / "votes.log", nonce=5, size=1 << 16)
+    assert again.replay(through=0) == [_record(0, b"chosen"), _record(1)]
+
+
+def test_one_write_at_a_time_costs_each_replica_one_vote_log_sync(tmp_path: Path):
+    """A write's vote is synced on each replica once; the choice learned after it waits for
+    no sync of its own (it cost a second one per write on every replica, and the follower's
+    apply and the next write's vote waited behind it)."""
+    cluster = LocalCluster(write_cluster_config(tmp_path), log_dir=tmp_path / "logs")
+    cluster.start()
+    try:
+        def syncs() -> int:
+            total = 0
+            for node in cluster.nodes:
+                with Client(address=cluster.address(node), timeout=5.0) as one:
+                    total += one.status()["counters"].get("vote_log_syncs", 0)
+            return total
+
+        writes = 60
+        with cluster.client(timeout=10.0) as client:
+            client.put(b"warm", b"x")
+            time.sleep(0.5)
+            before = syncs()
+            for i in range(writes):
+                client.put(b"one-at-a-time-%d" % i, b"v")
+            time.sleep(0.3)
+            after = syncs()
+        per_write_per_node = (after - before) / writes / len(cluster.nodes)
+        # ~1.0 now (a sync can cover two writes' votes); 2.0 when choices were synced too.
+        assert 0.3 <= per_write_per_node <= 1.5, per_write_per_node
+    finally:
+        cluster.stop()
+
+
 def test_a_failed_fdatasync_stops_the_log_and_is_never_counted_durable(tmp_path: Path):
     wake = os.eventfd(0, os.EFD_NONBLOCK)
     read_end, write_end = os.pipe()   # fdatasync of a pipe fails (EINVAL)

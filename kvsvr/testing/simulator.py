@@ -100,6 +100,10 @@ class Simulation:
         peers are not acceptances.
         """
         persist, send, decided = node.replica.ready()
+        for _, key, version, _promised, _ballot, _value, chosen in node.replica.take_learned():
+            # (Not put on the node's disk: the node logs these too, but the protocol must
+            # not need them, so a restart here forgets them.)
+            self._check_learned(node.index, key, version, chosen)
         for record in persist:
             if record[0] != "instance":
                 node.disk[record[:2]] = record  # ("fence", peer), ("rebuilt"/"verified", inc)
