@@ -52,7 +52,7 @@ from typing import Any
 
 import lmdb
 import zmq
-from measure import Recorder, machine_busy_seconds, proc_cpu_seconds, summarise
+from measure import Recorder, disk_io, machine_busy_seconds, proc_cpu_seconds, summarise
 from tqdm import tqdm
 
 from kvsvr import _core, calls, protocol
@@ -331,10 +331,12 @@ def drive(target: Any, *, driver: Callable[..., None], spec: dict[str, Any], con
     start.value = time.perf_counter() + WARMUP_S
     ready.set()
     cpu: list[tuple[float, float]] = []
+    disk: list[tuple[int, int, int]] = []
 
     def sample(_start: float) -> None:  # CPU used by the servers and the whole machine
         cpu.append((proc_cpu_seconds(server_pids()) if server_pids else 0.0,
                     machine_busy_seconds()))
+        disk.append(disk_io())
     pending = sorted([*(events or []), (0.0, sample), (duration, sample)], key=lambda e: e[0])
     results: list[dict[str, Any]] = []
     shown = 0.0
@@ -362,6 +364,10 @@ def drive(target: Any, *, driver: Callable[..., None], spec: dict[str, Any], con
     outcome = summarise(label, results, duration)
     outcome["in_flight"] = sum(windows)
     outcome["client_processes"] = len(workers)
+    if len(disk) == 2 and disk[1][0] > disk[0][0]:
+        # The machine's disks, whoever wrote: the systems compared never run at once.
+        outcome["disk_writes"], outcome["disk_bytes"], outcome["disk_flushes"] = (
+            after - before for before, after in zip(disk[0], disk[1], strict=True))
     if len(cpu) == 2:
         if server_pids is not None:
             outcome["server_cpu_s"] = cpu[1][0] - cpu[0][0]
@@ -651,6 +657,20 @@ def _cores(w: dict[str, Any], duration: float) -> str:
     return text
 
 
+def _disk(w: dict[str, Any], duration: float) -> str:
+    """The device writes of a workload, per second and per request ('' if not measured)."""
+    if "disk_writes" not in w or not w["ops"]:
+        return ""
+    text = (f"disk {w['disk_writes'] / duration:,.0f} writes/s, "
+            f"{w['disk_bytes'] / duration / 1e6:.1f} MB/s")
+    if w["disk_flushes"]:
+        text += f", {w['disk_flushes'] / duration:,.0f} cache flushes/s"
+    text += f" ({w['disk_bytes'] / w['ops'] / 1024:.1f} KiB written per request"
+    if w["disk_flushes"]:
+        text += f", {w['disk_flushes'] / w['ops']:.2f} flushes"
+    return text + ")"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     where = parser.add_mutually_exclusive_group()
@@ -925,6 +945,8 @@ def report_kvsvr(args: argparse.Namespace, results: dict[str, Any]) -> None:
     for w in results["workloads"]:
         print(f"{w['label']}: {_cores(w, duration)}"
               + (f"; errors {w['error_kinds']}" if w["error_kinds"] else ""))
+        if _disk(w, duration):
+            print(f"{w['label']}: {_disk(w, duration)}")
         if args.timeline or "kill" in w:
             print_timeline(w)
         else:
@@ -996,6 +1018,8 @@ def report_peer(args: argparse.Namespace, results: dict[str, Any], peer: dict[st
             extra += f"; {m['leader_changes']:.0f} leader changes"
         print(f"  {e['label']}: {e['errors']} errors, {e['timeouts']} timeouts{extra}")
         print(f"  {'':{len(e['label'])}s}  {_cores(e, duration)}")
+        if _disk(e, duration):
+            print(f"  {'':{len(e['label'])}s}  {_disk(e, duration)}")
     ours_cpu = sum(w["client_cpu_s"] for w in results["workloads"])
     ours_ops = sum(w["ops"] for w in results["workloads"])
     etcd_cpu = sum(w["client_cpu_s"] for w in etcd_w)

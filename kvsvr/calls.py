@@ -136,10 +136,13 @@ def status(address: str | None = None) -> CallSpec:
     return CallSpec(None, p.Method.STATUS, p.StatusRequest(), _same, _node(address))
 
 
-def faults(address: str, peer: Any = "", drop: Any = 0.0, delay_ms: Any = 0) -> CallSpec:
+def faults(address: str, peer: Any = "", drop: Any = 0.0, delay_ms: Any = 0,
+           commit_delay_ms: Any = 0) -> CallSpec:
     """Fault injection on the links from the node at `address` to its peers (all, or the
     node named `peer`): drop each message with probability `drop`, hold the rest up to
-    `delay_ms` (so they reorder). drop=0, delay_ms=0 heals. Answers each link's faults."""
+    `delay_ms` (so they reorder). drop=0, delay_ms=0 heals. `commit_delay_ms` makes the
+    node's disk slow: each checkpoint commit waits that long first (0 heals). Answers each
+    link's faults."""
     if not isinstance(peer, str) or len(peer) > 64:
         raise InvalidArgument(f"peer: expected a node name, got {peer!r}", field="peer")
     if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0.0 <= drop <= 1.0:
@@ -148,5 +151,10 @@ def faults(address: str, peer: Any = "", drop: Any = 0.0, delay_ms: Any = 0) -> 
             not 0 <= delay_ms <= 60_000:
         raise InvalidArgument(f"delay_ms: expected 0..60000, got {delay_ms!r}",
                               field="delay_ms")
-    return CallSpec(None, p.Method.FAULTS, p.FaultsRequest(peer, float(drop), delay_ms), _same,
+    if isinstance(commit_delay_ms, bool) or not isinstance(commit_delay_ms, int) or \
+            not 0 <= commit_delay_ms <= 60_000:
+        raise InvalidArgument(f"commit_delay_ms: expected 0..60000, got {commit_delay_ms!r}",
+                              field="commit_delay_ms")
+    return CallSpec(None, p.Method.FAULTS,
+                    p.FaultsRequest(peer, float(drop), delay_ms, commit_delay_ms), _same,
                     _node(address))

@@ -215,6 +215,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drop", type=float, default=0.0, help="chance a message is lost, 0..1")
     p.add_argument("--delay-ms", type=int, default=0,
                    help="hold each message up to this long (uniform, so they reorder)")
+    p.add_argument("--commit-delay-ms", type=int, default=0,
+                   help="a slow disk: each checkpoint commit of the node waits this long "
+                        "first (node-wide; 0 heals)")
     return parser
 
 
@@ -251,7 +254,7 @@ def run(args: argparse.Namespace, client: Client) -> Any:
         return client.ping()
     if c == "faults":
         return client.faults(_node_address(args), peer=args.peer, drop=args.drop,
-                             delay_ms=args.delay_ms)
+                             delay_ms=args.delay_ms, commit_delay_ms=args.commit_delay_ms)
     raise AssertionError(c)
 
 

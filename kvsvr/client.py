@@ -179,11 +179,13 @@ class _Api:
         return self._run(calls.status(address))
 
     def faults(self, address: str, *, peer: str = "", drop: float = 0.0,
-               delay_ms: int = 0) -> Any:
+               delay_ms: int = 0, commit_delay_ms: int = 0) -> Any:
         """Inject faults on the links from the replica at `address` to its peers (every peer,
         or the one named `peer`): drop messages with probability `drop`, delay the rest by up
-        to `delay_ms` (reordering them). drop=0, delay_ms=0 heals the links."""
-        return self._run(calls.faults(address, peer, drop, delay_ms))
+        to `delay_ms` (reordering them). drop=0, delay_ms=0 heals the links.
+        `commit_delay_ms`: the replica's disk turns slow, each checkpoint commit waiting that
+        long first (0 heals)."""
+        return self._run(calls.faults(address, peer, drop, delay_ms, commit_delay_ms))
 
 
 class Batch:

@@ -34,6 +34,7 @@ class Committer:
             queue.SimpleQueue()
         self._pending = False             # a commit started by start_commit has not been taken
         self.last_commit_us = 0           # how long the last commit took on the thread
+        self.delay_s = 0.0                # a fault: each commit waits this long first
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -49,6 +50,8 @@ class Committer:
                     result = self.store.begin()
                 elif kind == _COMMIT:
                     started = time.perf_counter()
+                    if self.delay_s:
+                        time.sleep(self.delay_s)   # a slow disk (kvsvr faults)
                     self.store.commit(batch)
                     result = int((time.perf_counter() - started) * 1e6)
                 else:

@@ -132,11 +132,14 @@ Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 class FaultsRequest(Struct, array_like=True, forbid_unknown_fields=True):
     """Faults on the links from this node to `peer` (a node name; "" = every peer): each
     message is dropped with probability `drop`, else held for a uniform 0..delay_ms
-    (so delayed messages also reorder). drop 0 and delay_ms 0 heal the link."""
+    (so delayed messages also reorder). drop 0 and delay_ms 0 heal the link.
+    `commit_delay_ms`: a slow disk, node-wide: each LMDB checkpoint commit waits this long
+    first (while the loop goes on); every faults request sets it, 0 heals."""
 
     peer: Annotated[str, Meta(max_length=64)] = ""
     drop: Probability = 0.0
     delay_ms: Annotated[int, Meta(ge=0, le=60_000)] = 0
+    commit_delay_ms: Annotated[int, Meta(ge=0, le=60_000)] = 0
 
 
 class VersionsRequest(Struct, array_like=True, forbid_unknown_fields=True):

@@ -24,8 +24,11 @@
 
 Readers in this loop use the open transaction (they see every apply). While a commit is
 under way there is none: a read transaction does not see the keys that commit holds, so
-their applied version comes from memory (`_frozen`), and work that needs more of them
-(proposals, linearizable and local reads) waits for the commit to end. What leaves the node
+their applied version comes from memory (`_frozen`), and reads of them wait for the commit
+to end. Writes to them go on from the key's state kept in memory, unless that state was not
+kept or an op id the commit holds is among the key's waiting writes (a retry must find its
+first answer, which only the committed transaction shows): a checkpoint of 1 s held about
+3% of writes for its whole commit, the p99 of a write workload. What leaves the node
 as data (binlog pulls, snapshots, the LSN stamped on a rebuild answer) is only what a
 checkpoint made durable, so a peer never holds a record this node could lose in a crash.
 
@@ -295,11 +298,14 @@ class ReplicaNode(Node):
         self._batch: WriteBatch | None = None  # the LMDB transaction open across rounds
         self._batch_opened = 0.0
         self._batch_keys: dict[bytes, int] = {}  # keys applied in it -> their version
+        # Op ids applied in it (None: not known, as after a snapshot page: it brings op ids).
+        self._batch_ops: set[tuple[int, int]] | None = set()
         # The checkpoint under commit: (frames it covers, cursors in it). Until
         # it ends LMDB takes no writes, and a read transaction does not see it: the keys it
         # applied (-> their version) are frozen, and what needs them waits for it to end.
         self._committing: tuple[int, dict[int, tuple[int, int]]] | None = None
         self._frozen: dict[bytes, int] = {}
+        self._frozen_ops: set[tuple[int, int]] | None = set()   # _batch_ops of the commit
         self._thaw: set[bytes] = set()            # keys with work that waits for the commit
         self._apply_later: set[bytes] = set()     # keys whose chosen versions wait for it
         self._local_later: list[tuple[bytes, int, int, Any]] = []  # local reads of frozen keys
@@ -720,6 +726,7 @@ class ReplicaNode(Node):
         cursors = {p.index: p.saved for p in self._peers if p is not None}
         self._committing = (through, cursors)
         self._frozen, self._batch_keys = self._batch_keys, {}
+        self._frozen_ops, self._batch_ops = self._batch_ops, set()
         self._committer.start_commit(batch)
         if wait:
             self._finish_commit(block=True)
@@ -742,6 +749,7 @@ class ReplicaNode(Node):
             if peer is not None and peer.index in cursors:
                 peer.durable = cursors[peer.index]
         self._frozen = {}
+        self._frozen_ops = set()
         if self._thaw:
             self._dirty |= self._thaw
             self._thaw = set()
@@ -1188,6 +1196,10 @@ class ReplicaNode(Node):
             peer.drop, peer.delay_ms = request.drop, request.delay_ms
         log.warning("node %s: faults on links to %s: drop %.2f, delay up to %d ms", self.name,
                     request.peer or "every peer", request.drop, request.delay_ms)
+        if request.commit_delay_ms or self._committer.delay_s:
+            log.warning("node %s: slow disk: each checkpoint commit waits %d ms first",
+                        self.name, request.commit_delay_ms)
+        self._committer.delay_s = request.commit_delay_ms / 1000
         return {p.name: {"drop": p.drop, "delay_ms": p.delay_ms}
                 for p in self._peers if p is not None}
 
@@ -1202,8 +1214,24 @@ class ReplicaNode(Node):
                 work = self._work.get(key)
                 if work is None:
                     continue
-                if key in frozen or key in later:
-                    self._thaw.add(key)   # its state is in (or waits for) a commit under way
+                if not work.writes and not work.reads:
+                    del self._work[key]
+                    continue
+                if key in later:
+                    self._thaw.add(key)   # its chosen versions wait for the commit under way
+                    self.counters["work_held_by_checkpoint"] += 1
+                    continue
+                if key in frozen:
+                    # Its state is in the commit under way: reads wait for it, writes go on
+                    # from the state kept in memory when that is safe.
+                    if work.writes and self._writable_frozen(key, work):
+                        self._progress_write(key, work, frozen[key], txn, now)
+                    if work.reads or work.writes:
+                        self._thaw.add(key)
+                    if work.writes and not work.writes[0].proposed:
+                        self.counters["work_held_by_checkpoint"] += 1
+                    if not work.writes and not work.reads:
+                        del self._work[key]
                     continue
                 floor = self._latest(txn, key).version
                 if work.writes:
@@ -1212,6 +1240,19 @@ class ReplicaNode(Node):
                     self._progress_reads(key, work, floor, now)
                 if not work.writes and not work.reads:
                     del self._work[key]
+
+    def _writable_frozen(self, key: bytes, work: _KeyWork) -> bool:
+        """Whether writes to a key the commit under way holds can be proposed now: its newest
+        state is kept in memory (a read transaction has an older one), and no waiting write
+        is a retry of an op the commit holds (its first answer is in there)."""
+        state = self.store.cached_state(key)
+        if state is None or state.version != self._frozen[key]:
+            return False
+        ops = self._frozen_ops
+        if ops is None:
+            return False
+        return not any((w.request.client_id, w.request.client_seq) in ops
+                       for w in work.writes)
 
     def _progress_reads(self, key: bytes, work: _KeyWork, floor: int, now: float) -> None:
         """Reads whose barrier answered: serve, catch up, or finish an open instance."""
@@ -1616,6 +1657,7 @@ class ReplicaNode(Node):
                         if other["key"] == item.key:
                             other["installing"] = False
                     installed += 1
+                    self._batch_ops = None   # the page's op ids are not tracked
                     touched.add(item.key)
                     version = batch.latest(item.key).version
                     self._batch_keys[item.key] = version
@@ -1681,6 +1723,8 @@ class ReplicaNode(Node):
         quorum.forget(record.key, record.version, chosen)
         self._forget_instance(batch, record.key, record.version)
         self._batch_keys[record.key] = record.version
+        if record.client_id and self._batch_ops is not None:
+            self._batch_ops.add((record.client_id, record.client_seq))
 
     def _log_records(self, batch: WriteBatch | None, records: list[tuple[Any, ...]]) -> None:
         """Records the vote log took: instances wait for the checkpoint (most are applied
@@ -1877,6 +1921,11 @@ class ReplicaNode(Node):
                 "frames_since_checkpoint": self.votes.frames,
                 "bytes_since_checkpoint": self.votes.used,
                 "checkpoint_interval_ms": round(self._checkpoint_s * 1000),
+            },
+            "checkpoint": {
+                "committing": self._committing is not None,
+                "keys_in_commit": len(self._frozen),
+                "fault_commit_delay_ms": round(self._committer.delay_s * 1000),
             },
         })
         return status

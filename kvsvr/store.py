@@ -241,6 +241,10 @@ class Store:
         state = self._states.get(key)
         return KeyState.decode(txn.get(key, db=self._keys)) if state is None else state
 
+    def cached_state(self, key: bytes) -> KeyState | None:
+        """The key's newest state if it is kept in memory (see latest), else None."""
+        return self._states.get(key)
+
     def _keep(self, key: bytes, state: KeyState) -> None:
         states = self._states
         if state.value is not None and len(state.value) > STATE_CACHE_VALUE_BYTES:
