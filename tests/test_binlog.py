@@ -137,6 +137,7 @@ def test_quorum_records_survive_a_reopen_and_restore_a_replica(tmp_path):
                                _core.make_ballot(3, 1)), 0.0)
     replica.step(_core.Message(_core.MSG_CHOSEN, 2, 0, 4, b"c", 2, 0, 0, b"chosen"), 0.0)
     persist, _send, _decided = replica.ready()
+    persist += replica.take_learned()   # (not a vote, but the node logs it to re-apply it)
     store = Store(tmp_path, map_size_mib=64, sync=True)
     with store.write() as batch:
         batch.persist_quorum([*persist, ("rebuilt", 4), ("verified", 4)])
