@@ -945,8 +945,8 @@ def report_kvsvr(args: argparse.Namespace, results: dict[str, Any]) -> None:
     for w in results["workloads"]:
         print(f"{w['label']}: {_cores(w, duration)}"
               + (f"; errors {w['error_kinds']}" if w["error_kinds"] else ""))
-        if _disk(w, duration):
-            print(f"{w['label']}: {_disk(w, duration)}")
+        if disk := _disk(w, duration):
+            print(f"{w['label']}: {disk}")
         if args.timeline or "kill" in w:
             print_timeline(w)
         else:
@@ -1018,8 +1018,8 @@ def report_peer(args: argparse.Namespace, results: dict[str, Any], peer: dict[st
             extra += f"; {m['leader_changes']:.0f} leader changes"
         print(f"  {e['label']}: {e['errors']} errors, {e['timeouts']} timeouts{extra}")
         print(f"  {'':{len(e['label'])}s}  {_cores(e, duration)}")
-        if _disk(e, duration):
-            print(f"  {'':{len(e['label'])}s}  {_disk(e, duration)}")
+        if disk := _disk(e, duration):
+            print(f"  {'':{len(e['label'])}s}  {disk}")
     ours_cpu = sum(w["client_cpu_s"] for w in results["workloads"])
     ours_ops = sum(w["ops"] for w in results["workloads"])
     etcd_cpu = sum(w["client_cpu_s"] for w in etcd_w)

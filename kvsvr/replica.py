@@ -1241,12 +1241,13 @@ class ReplicaNode(Node):
                 if key in frozen:
                     # Its state is in the commit under way: reads wait for it, writes go on
                     # from the state kept in memory when that is safe.
-                    if work.writes and self._writable_frozen(key, work):
-                        self._progress_write(key, work, frozen[key], txn, now)
-                    if work.reads or work.writes:
+                    writable = bool(work.writes) and self._writable_frozen(key, work)
+                    if work.reads or not writable:
                         self._thaw.add(key)
-                    if work.writes and not work.writes[0].proposed:
+                    if not writable:
                         self.counters["work_held_by_checkpoint"] += 1
+                        continue
+                    self._progress_write(key, work, frozen[key], txn, now)
                     if not work.writes and not work.reads:
                         del self._work[key]
                     continue
@@ -1263,10 +1264,8 @@ class ReplicaNode(Node):
         state is kept in memory (a read transaction has an older one), and no waiting write
         is a retry of an op the commit holds (its first answer is in there)."""
         state = self.store.cached_state(key)
-        if state is None or state.version != self._frozen[key]:
-            return False
         ops = self._frozen_ops
-        if ops is None:
+        if state is None or state.version != self._frozen[key] or ops is None:
             return False
         return not any((w.request.client_id, w.request.client_seq) in ops
                        for w in work.writes)
@@ -1508,12 +1507,13 @@ class ReplicaNode(Node):
         durable_now = bool(pages) or any(r[0] != "instance" for r in persist)
         if durable_now:
             self._finish_commit(block=True)   # (rare) LMDB must take them now
-        if (persist or learned) and not durable_now:
+        logged = persist + learned if learned else persist
+        if logged and not durable_now:
             # Learned choices ride along so that a restart applies them at once (its copy
             # never goes back), but only votes make what is sent wait for a sync, and a
             # frame of choices alone asks for none (the next vote's sync covers it: one
             # of its own cost every replica a second fdatasync per write).
-            frame = self.votes.frame(persist + learned if learned else persist)
+            frame = self.votes.frame(logged)
             if not self.votes.fits(frame):
                 self._checkpoint()
             if self.votes.fits(frame):
@@ -1527,7 +1527,7 @@ class ReplicaNode(Node):
         if self._committing is not None:
             # A checkpoint is committing: LMDB takes no write until it ends, so the applies
             # wait (what was chosen stays in the core, and pulled records are asked again).
-            self._log_records(None, persist + learned)
+            self._log_records(None, logged)
             self._apply_later |= touched
             self._pulled = pulled + self._pulled
             self._after_commit(send, decided, now)
@@ -1537,7 +1537,7 @@ class ReplicaNode(Node):
             self._apply_later = set()
         try:
             batch = self._open_batch(now)
-            self._log_records(batch, persist + learned)
+            self._log_records(batch, logged)
             applied = self._install_pages(batch, pages, touched)
             if self._copying():
                 # Nothing but the copy until it is complete; what was chosen meanwhile
@@ -1797,13 +1797,14 @@ class ReplicaNode(Node):
                 continue
             # A CHOSEN message reveals no vote of ours: it goes now, not after the vote log
             # sync the others wait for (the follower applies the write a sync sooner).
-            chosen = [m for m in batch if m.kind == _core.MSG_CHOSEN]
+            chosen: list[_core.Message] = []
+            votes: list[_core.Message] = []
+            for message in batch:
+                (chosen if message.kind == _core.MSG_CHOSEN else votes).append(message)
             if chosen:
                 self._send_peer(peer, self._quorum_frames(chosen), now)
-                if len(chosen) == len(batch):
-                    continue
-                batch = [m for m in batch if m.kind != _core.MSG_CHOSEN]
-            self._send_votes(peer, self._quorum_frames(batch), now)
+            if votes:
+                self._send_votes(peer, self._quorum_frames(votes), now)
 
     def _quorum_frames(self, messages: list[_core.Message]) -> list[bytes]:
         """One peer's messages in frames of at most QUORUM_FRAME_BYTES or
