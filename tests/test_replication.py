@@ -725,7 +725,10 @@ def test_a_write_to_a_key_a_slow_checkpoint_holds_is_answered_before_the_commit_
     key = b"slow-disk-key"
     home = group.nodes[_core.QuorumReplica(0, 3).home(key)]
     with group.client(timeout=10.0) as client:
-        client.put(b"warm", b"x")
+        # Every replica homes some of these, so every pair has exchanged quorum messages:
+        # a first message from a peer records a fence with a (blocking, here 5 s) commit.
+        for i in range(30):
+            client.put(b"warm-%d" % i, b"x")
         for node in group.nodes:
             client.faults(group.address(node), commit_delay_ms=5000)
         wait_for(lambda: not status(group, home)["checkpoint"]["committing"], what="idle")
