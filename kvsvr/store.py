@@ -152,15 +152,16 @@ class StoreLocked(RuntimeError):
     """Another process already serves this data directory."""
 
 
-class KeyState:
-    __slots__ = ("compacted_through", "next_seq", "value", "version")
+class KeyState(msgspec.Struct, gc=False):
+    """What a key is at its latest version. Not tracked by the cyclic garbage collector (it
+    holds no containers): a store keeps up to STATE_CACHE_KEYS of them, and as plain objects
+    each full collection walked them all (32 ms per 100,000 on this machine, a write pause
+    of up to 150 ms while a node's cache filled)."""
 
-    def __init__(self, version: int = 0, next_seq: int = 0, value: bytes | None = None,
-                 compacted_through: int = 0):
-        self.version = version
-        self.next_seq = next_seq
-        self.value = value
-        self.compacted_through = compacted_through  # tombstones up to here are gone
+    version: int = 0
+    next_seq: int = 0
+    value: bytes | None = None
+    compacted_through: int = 0   # tombstones up to here are gone
 
     @classmethod
     def decode(cls, raw: bytes | None) -> KeyState:
