@@ -22,7 +22,7 @@ from typing import Any
 
 from kvsvr.store import Store, WriteBatch
 
-_BEGIN, _COMMIT, _ABORT, _STOP = range(4)
+_BEGIN, _COMMIT, _ABORT, _SYNC, _STOP = range(5)
 
 
 class Committer:
@@ -54,12 +54,16 @@ class Committer:
                         time.sleep(self.delay_s)   # a slow disk (kvsvr faults)
                     self.store.commit(batch)
                     result = int((time.perf_counter() - started) * 1e6)
+                elif kind == _SYNC:
+                    started = time.perf_counter()
+                    self.store.sync()
+                    result = int((time.perf_counter() - started) * 1e6)
                 else:
                     batch.abort()
             except BaseException as e:  # handed to the loop, which decides
                 error = e
             self._results.put((result, error))
-            if kind == _COMMIT and batch is not None and self.wake_fd is not None:
+            if kind in (_COMMIT, _SYNC) and self.wake_fd is not None:
                 os.eventfd_write(self.wake_fd, 1)
 
     def _call(self, kind: int, batch: WriteBatch | None = None) -> Any:
@@ -87,6 +91,14 @@ class Committer:
             raise RuntimeError("a commit is under way: finish() it first")
         self._pending = True
         self._requests.put((_COMMIT, batch))
+
+    def start_sync(self) -> None:
+        """Store.sync() while the caller goes on; `finish` says when it has ended (the
+        caller must not touch LMDB's write side until then, as for a commit)."""
+        if self._pending:
+            raise RuntimeError("a commit is under way: finish() it first")
+        self._pending = True
+        self._requests.put((_SYNC, None))
 
     @property
     def pending(self) -> bool:

@@ -107,6 +107,9 @@ from kvsvr.votelog import VoteLog
 
 log = logging.getLogger("kvsvr.replica")
 
+# `_committing` while the committer syncs the last commit's meta page (no commit under way).
+_SYNCING: tuple[int, dict[int, tuple[int, int]]] = (-1, {})
+
 # Tunables of a replica (time in seconds unless the name says otherwise).
 REQUEST_WAIT_MAX_S = 3.0        # a request the group cannot finish this long is answered
 BARRIER_RESEND_S = 0.25         # a version barrier without a majority is asked again
@@ -311,6 +314,11 @@ class ReplicaNode(Node):
         # it ends LMDB takes no writes, and a read transaction does not see it: the keys it
         # applied (-> their version) are frozen, and what needs them waits for it to end.
         self._committing: tuple[int, dict[int, tuple[int, int]]] | None = None
+        # The last checkpoint committed, durable once the next commit (or a sync) ends, as
+        # the store defers each commit's meta page sync: (frames it covers, cursors in it,
+        # when it ended). Until then its frames stay in the vote log and peers are told
+        # only the cursors before it (see Store's defer_meta_sync).
+        self._undurable: tuple[int, dict[int, tuple[int, int]], float] | None = None
         self._frozen: dict[bytes, int] = {}
         self._frozen_ops: set[tuple[int, int]] | None = set()   # _batch_ops of the commit
         self._thaw: set[bytes] = set()            # keys with work that waits for the commit
@@ -365,7 +373,7 @@ class ReplicaNode(Node):
             self._log_records(batch, replayed)
             for key in {r[1] for r in replayed if r[0] == "instance" and r[6] is not None}:
                 self._apply_chosen(batch, key)
-            self._checkpoint()
+            self._checkpoint(durable=True)
         self._update_role()
         log.info("node %s: incarnation %d, %s", self.name, self.incarnation, self.role)
 
@@ -440,7 +448,7 @@ class ReplicaNode(Node):
         knew = max(p.hello.knew_you for p in peers if p.hello is not None)
         wiped = knew > 0
         self.incarnation = knew + 1 if wiped else 1
-        self._checkpoint()
+        self._checkpoint(durable=True)
         with self.store.write() as batch:
             batch.set_incarnation(self.incarnation)
         if wiped:
@@ -522,7 +530,7 @@ class ReplicaNode(Node):
             clean = True
         finally:
             if clean:
-                self._checkpoint()   # a clean stop leaves nothing to replay
+                self._checkpoint(durable=True)   # a clean stop leaves nothing to replay
                 self._answer_waiting_on_stop()
                 self._flush_clients()   # (and local reads that waited for the checkpoint)
             else:
@@ -713,14 +721,23 @@ class ReplicaNode(Node):
                 or batch.applied >= CHECKPOINT_MAX_APPLIED
                 or self.votes.used > self.votes.size // 2):
             self._checkpoint(wait=False)
+        elif batch is None and self._committing is None and self._undurable is not None \
+                and now - self._undurable[2] >= self._checkpoint_s:
+            # Nothing more to commit: the last commit's meta page gets an fsync of its own
+            # (on the committer's thread), or peers would never be told about its records.
+            self._committing = _SYNCING
+            self._committer.start_sync()
 
-    def _checkpoint(self, wait: bool = True) -> None:
+    def _checkpoint(self, wait: bool = True, durable: bool = False) -> None:
         """Commit the open transaction (fsync): the vote log frames so far are in it. With
         `wait` false the commit runs on the committer's thread while the loop goes on, and
-        _finish_commit takes its end."""
+        _finish_commit takes its end. `durable`: also sync it (one more fsync, on the loop)
+        for what must not wait for the next commit: see _make_durable."""
         self._finish_commit(block=True)
         batch, self._batch = self._batch, None
         if batch is None:
+            if durable:
+                self._make_durable()   # (the last commit may still wait for its meta sync)
             return
         if self._logged:
             # The instances still open: once this commits, the log's room holding their
@@ -737,6 +754,28 @@ class ReplicaNode(Node):
         self._committer.start_commit(batch)
         if wait:
             self._finish_commit(block=True)
+        if durable:
+            self._make_durable()
+
+    def _make_durable(self) -> None:
+        """Every checkpoint committed so far durable now (the store defers each commit's
+        meta page sync to the next commit): before the vote log must have room at once,
+        before a snapshot is read for a peer, and for fences, rebuild markers and snapshot
+        pages, which count only once durable."""
+        self._finish_commit(block=True)
+        if self._undurable is None:
+            return
+        self.store.sync()
+        undurable, self._undurable = self._undurable, None
+        self._checkpoint_durable(undurable[0], undurable[1])
+
+    def _checkpoint_durable(self, through: int, cursors: dict[int, tuple[int, int]]) -> None:
+        """A checkpoint is durable: the vote log frames it covers are free, and the cursors
+        in it are what peers may trim their binlog by."""
+        self.votes.checkpointed(through)
+        for peer in self._peers:
+            if peer is not None and peer.index in cursors:
+                peer.durable = cursors[peer.index]
 
     def _finish_commit(self, block: bool) -> None:
         """Take the end of the checkpoint under commit, if it has ended (or wait for it)."""
@@ -750,11 +789,18 @@ class ReplicaNode(Node):
             self._committing = None
             self._stop_storage_full(e)
         self._committing = None
-        through, cursors = committing
-        self.votes.checkpointed(through)
-        for peer in self._peers:
-            if peer is not None and peer.index in cursors:
-                peer.durable = cursors[peer.index]
+        if committing is _SYNCING:
+            undurable, self._undurable = self._undurable, None
+            if undurable is not None:
+                self._checkpoint_durable(undurable[0], undurable[1])
+        elif self.store.defers_meta_sync:
+            # Its fsync made the checkpoint before it durable, not itself.
+            previous = self._undurable
+            self._undurable = (committing[0], committing[1], time.monotonic())
+            if previous is not None:
+                self._checkpoint_durable(previous[0], previous[1])
+        else:
+            self._checkpoint_durable(*committing)
         self._frozen = {}
         self._frozen_ops = set()
         if self._thaw:
@@ -773,6 +819,9 @@ class ReplicaNode(Node):
                     except Exception:  # as in _inbound: a bug costs one request
                         log.exception("request %d (method %d) failed", request_id, method)
                         self._answer_error(identity, request_id, Internal("internal error"))
+        if committing is _SYNCING:
+            self.counters["meta_syncs"] += 1
+            return
         self.counters["group_commits"] += 1
         self.counters["group_commit_us"] += self._committer.last_commit_us
         self.monitor.add(monitor_ids.NODE_GROUP_COMMITS, 1)
@@ -905,9 +954,12 @@ class ReplicaNode(Node):
                 through = min(through, store.durable_last_lsn)
                 peer.has_through = max(peer.has_through, through)
             # Only what a checkpoint made durable: a record lost in a crash of this node
-            # would otherwise live on in a peer, and its LSN be reused for another.
-            records = store.binlog_raw(request.from_lsn, request.max_records, PULL_MAX_BYTES) \
-                if request.from_lsn >= store.durable_first_lsn else []
+            # would otherwise live on in a peer, and its LSN be reused for another. (A read
+            # transaction also sees the last commit, durable only once the next one ends.)
+            durable = store.durable_last_lsn - request.from_lsn + 1
+            records = store.binlog_raw(request.from_lsn, min(request.max_records, durable),
+                                       PULL_MAX_BYTES) \
+                if request.from_lsn >= store.durable_first_lsn and durable > 0 else []
             return PullReply(self.incarnation, store.durable_first_lsn, store.durable_last_lsn,
                              records)
         if method == Method.HELLO:
@@ -1060,6 +1112,9 @@ class ReplicaNode(Node):
             if len(self._sessions) >= SNAPSHOT_SESSIONS_MAX:
                 raise Unavailable(f"node {self.name} already serves "
                                   f"{SNAPSHOT_SESSIONS_MAX} snapshots", field="session")
+            # The copy says from which of our LSNs the peer goes on: they must never be
+            # lost (after a power cut they would be reused for other records).
+            self._make_durable()
             txn = self.store.read()
             session = [txn, self.store.snapshot_lsn(txn), now]
             request_session = secrets.randbits(48) | 1
@@ -1515,7 +1570,7 @@ class ReplicaNode(Node):
             # of its own cost every replica a second fdatasync per write).
             frame = self.votes.frame(logged)
             if not self.votes.fits(frame):
-                self._checkpoint()
+                self._checkpoint(durable=True)
             if self.votes.fits(frame):
                 # Durable on the sync thread while this loop goes on; what reveals these
                 # votes waits in _held until it is.
@@ -1562,7 +1617,7 @@ class ReplicaNode(Node):
                     and not self._rebuild_done:
                 self._save_rebuild_progress(batch)
             if durable_now:
-                self._checkpoint()
+                self._checkpoint(durable=True)
             self.counters["applied"] += applied
             self.monitor.add(monitor_ids.NODE_MUTATIONS, applied)
             self.counters["apply_us"] += int((time.perf_counter() - started) * 1e6)
@@ -1598,11 +1653,12 @@ class ReplicaNode(Node):
             self._flush_clients()
 
     def _after_commit(self, send: list[_core.Message], decided: list[Any], now: float) -> None:
-        if (self._batch is not None or self._committing is not None) \
+        if (self._batch is not None or self._committing is not None
+                or self._undurable is not None) \
                 and any(m.kind == _core.MSG_STATE for m in send):
             # A rebuild answer says how far our binlog stood: that must be durable and
             # readable by the peer's pulls, which see only checkpoints.
-            self._checkpoint()
+            self._checkpoint(durable=True)
         if send:
             self._send_quorum(send, now)
         counters = self.counters
@@ -1944,6 +2000,9 @@ class ReplicaNode(Node):
                 "committing": self._committing is not None,
                 "keys_in_commit": len(self._frozen),
                 "fault_commit_delay_ms": round(self._committer.delay_s * 1000),
+                # The last commit's meta page waits for the next commit's fsync (or the
+                # idle sync a checkpoint interval later) to be durable.
+                "meta_sync_pending": self._undurable is not None,
             },
         })
         return status

@@ -95,3 +95,53 @@ def test_a_failed_commit_reaches_the_caller_and_keeps_nothing(tmp_path: Path):
     finally:
         committer.close()
         store.close()
+
+
+def test_a_deferred_meta_sync_makes_a_commit_durable_only_at_the_next_commit_or_sync(
+        tmp_path: Path):
+    """A replica's store fsyncs each commit's pages but not its meta page (MDB_NOMETASYNC),
+    which the next commit's fsync makes durable: what peers may pull (durable_last_lsn)
+    follows one commit behind, and sync() or a blocking write() catches it up."""
+    store = Store(tmp_path, map_size_mib=64, sync=True, defer_meta_sync=True)
+    committer = Committer(store)
+    wake = os.eventfd(0, os.EFD_NONBLOCK)
+    committer.wake_fd = wake
+    try:
+        assert store.defers_meta_sync and not store.meta_sync_pending
+        batch = committer.begin()
+        for i in range(10):
+            _put(batch, b"a%d" % i, b"1")
+        committer.start_commit(batch)
+        assert committer.finish(block=True)
+        # Committed and readable, but a power cut could still undo it.
+        with store.read() as txn:
+            assert store.get(txn, b"a9").value == b"1"
+        assert (store.last_lsn, store.durable_last_lsn) == (10, 0)
+        assert store.meta_sync_pending and store.stats()["binlog_durable_last_lsn"] == 0
+        batch = committer.begin()
+        _put(batch, b"b", b"2")
+        committer.start_commit(batch)
+        assert committer.finish(block=True)
+        assert (store.last_lsn, store.durable_last_lsn) == (11, 10)  # the first is durable
+        os.eventfd_read(wake)              # (the commits' wake-ups)
+        committer.start_sync()             # nothing more to commit: a sync of its own
+        assert select.select([wake], [], [], 30)[0], "the sync never woke the caller"
+        assert committer.finish(block=False)
+        assert store.durable_last_lsn == 11 and not store.meta_sync_pending
+        with store.write() as own:         # a blocking write is durable when it returns
+            _put(own, b"c", b"3")
+        assert store.durable_last_lsn == 12 and not store.meta_sync_pending
+    finally:
+        committer.close()
+        store.close()
+        os.close(wake)
+    # Every commit is there after a reopen; a store without the option is durable at once.
+    store = Store(tmp_path, map_size_mib=64, sync=True)
+    try:
+        assert not store.defers_meta_sync
+        assert store.durable_last_lsn == store.last_lsn == 12
+        with store.write() as batch:
+            _put(batch, b"d", b"4")
+        assert store.durable_last_lsn == 13 and not store.meta_sync_pending
+    finally:
+        store.close()

@@ -96,6 +96,37 @@ def test_every_operation_on_a_replicated_group(group: LocalCluster):
         assert client.status()["role"] == "replica"
 
 
+def test_an_idle_group_makes_its_last_commit_durable_and_pullable(group: LocalCluster):
+    """Each commit's meta page is synced by the next commit; when the writes stop there is
+    none, so a replica syncs it on its own a checkpoint interval later: only then may peers
+    pull its last records (and only then do its vote log frames go). Without that sync the
+    durable position would stay one commit behind for good."""
+    keys = [f"idle{i}".encode() for i in range(30)]
+    for i, key in enumerate(keys):
+        with node_client(group, group.nodes[i % 3]) as c:
+            c.put(key, b"x")
+    converged(group, keys)
+
+    def settled() -> bool:
+        for node in group.nodes:
+            s = status(group, node)
+            store = s["store"]
+            if s["checkpoint"]["meta_sync_pending"] \
+                    or store["binlog_durable_last_lsn"] != store["binlog_last_lsn"]:
+                return False
+            for other in group.nodes:
+                if other != node and status(group, other)["peers"][node][
+                        "pulled_through_lsn"] != store["binlog_last_lsn"]:
+                    return False
+        return True
+
+    wait_for(settled, what="every replica's last commit durable and pulled by its peers")
+    for node in group.nodes:
+        s = status(group, node)
+        assert s["store"]["binlog_last_lsn"] == len(keys)   # every write applied everywhere
+        assert s["counters"].get("meta_syncs", 0) >= 1      # the idle sync did it
+
+
 def test_replicas_converge_and_each_status_shows_its_peers(group: LocalCluster):
     """Writes through any replica reach all three (quorum plus binlog stream); each replica's
     status names its role, incarnation, binlog position and every peer up with no lag."""
