@@ -1,7 +1,9 @@
 """A replica's LMDB write transactions, begun and committed on a thread of their own.
 
-A checkpoint commit writes every page the transaction dirtied and fsyncs twice: about 10 ms
-on a shared disk, during which a loop that committed inline answered nothing. Here the loop
+A checkpoint commit writes every page the transaction dirtied and fsyncs them (a replica's
+meta page waits for the next commit's fsync, or for a sync this thread also runs: see Store's
+defer_meta_sync): about 10 ms on a shared disk, during which a loop that committed inline
+answered nothing. Here the loop
 hands the transaction over and goes on (votes go to the vote log meanwhile); py-lmdb releases
 the GIL for the whole of mdb_txn_commit, so the disk work overlaps the loop's.
 
@@ -48,15 +50,14 @@ class Committer:
             try:
                 if kind == _BEGIN:
                     result = self.store.begin()
-                elif kind == _COMMIT:
+                elif kind in (_COMMIT, _SYNC):
                     started = time.perf_counter()
-                    if self.delay_s:
-                        time.sleep(self.delay_s)   # a slow disk (kvsvr faults)
-                    self.store.commit(batch)
-                    result = int((time.perf_counter() - started) * 1e6)
-                elif kind == _SYNC:
-                    started = time.perf_counter()
-                    self.store.sync()
+                    if kind == _SYNC:
+                        self.store.sync()
+                    else:
+                        if self.delay_s:
+                            time.sleep(self.delay_s)   # a slow disk (kvsvr faults)
+                        self.store.commit(batch)
                     result = int((time.perf_counter() - started) * 1e6)
                 else:
                     batch.abort()

@@ -763,11 +763,16 @@ class ReplicaNode(Node):
         before a snapshot is read for a peer, and for fences, rebuild markers and snapshot
         pages, which count only once durable."""
         self._finish_commit(block=True)
-        if self._undurable is None:
-            return
-        self.store.sync()
-        undurable, self._undurable = self._undurable, None
-        self._checkpoint_durable(undurable[0], undurable[1])
+        if self._undurable is not None:
+            self.store.sync()
+            self._release_durable()
+
+    def _release_durable(self) -> None:
+        """The checkpoint waiting for its meta page sync counts once the store says it is
+        durable (at once for a store that syncs every commit)."""
+        if self._undurable is not None and not self.store.meta_sync_pending:
+            undurable, self._undurable = self._undurable, None
+            self._checkpoint_durable(undurable[0], undurable[1])
 
     def _checkpoint_durable(self, through: int, cursors: dict[int, tuple[int, int]]) -> None:
         """A checkpoint is durable: the vote log frames it covers are free, and the cursors
@@ -789,18 +794,14 @@ class ReplicaNode(Node):
             self._committing = None
             self._stop_storage_full(e)
         self._committing = None
-        if committing is _SYNCING:
-            undurable, self._undurable = self._undurable, None
-            if undurable is not None:
-                self._checkpoint_durable(undurable[0], undurable[1])
-        elif self.store.defers_meta_sync:
-            # Its fsync made the checkpoint before it durable, not itself.
+        if committing is not _SYNCING:
+            # Its fsync made the checkpoint before it durable (a store deferring meta page
+            # syncs); itself, only if the store syncs every commit.
             previous = self._undurable
             self._undurable = (committing[0], committing[1], time.monotonic())
             if previous is not None:
                 self._checkpoint_durable(previous[0], previous[1])
-        else:
-            self._checkpoint_durable(*committing)
+        self._release_durable()
         self._frozen = {}
         self._frozen_ops = set()
         if self._thaw:
