@@ -33,6 +33,10 @@ VOTE_LOG_BYTES = 16 << 20            # a replica's vote log file (zero-filled on
                                      # records that do not fit go to LMDB at once instead)
 STATE_CACHE_KEYS = 1 << 18           # key states a store keeps in memory (newest applied) ...
 STATE_CACHE_VALUE_BYTES = 512        # ... each with a value at most this big
+DEFERRED_RECORDS_MAX = 1 << 17       # binlog records a restart may replay into key states a
+                                     # replica held back from LMDB (see Store) ...
+KEY_FLUSH_CYCLE_S = 10.0             # ... which it writes once per this long, by key range
+KEY_FLUSH_IDLE_S = 1.0               # ... or all at once after this long without a commit
 PEER_SECRET_MIN_BYTES = 16           # [security] peer_secret, when set
 PEER_MAC_BYTES = 16                  # the MAC at the head of an authenticated peer request
 
@@ -48,9 +52,12 @@ __all__ = [
     "CLIENT_SWEEP_BATCH",
     "DEFAULT_SCAN_ROWS",
     "DEFAULT_TIMEOUT_S",
+    "DEFERRED_RECORDS_MAX",
     "DISK_FULL_BELOW_BYTES",
     "FRAME_HEADER_BYTES",
     "GROUP_COMMIT_MAX_OPS",
+    "KEY_FLUSH_CYCLE_S",
+    "KEY_FLUSH_IDLE_S",
     "MAX_BATCH_BYTES",
     "MAX_FRAMES_PER_MESSAGE",
     "MAX_FRAME_BYTES",

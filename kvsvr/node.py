@@ -66,7 +66,7 @@ class Node:
                            map_size_mib=config.storage.map_size_mib,
                            sync=config.storage.sync,
                            binlog_max_records=config.storage.binlog_max_records,
-                           defer_meta_sync=replicated)
+                           defer_meta_sync=replicated, defer_key_states=replicated)
         # Which keys are this group's: a key of another group's shards is refused, never
         # stored here (it would be acknowledged, yet every routed read asks its real owner).
         self._shard_owner = config.shard_table() if len(config.groups) > 1 else None

@@ -76,6 +76,7 @@ from kvsvr.errors import (
     Unavailable,
     VersionConflict,
 )
+from kvsvr.limits import KEY_FLUSH_CYCLE_S, KEY_FLUSH_IDLE_S
 from kvsvr.monitor import registry as monitor_ids
 from kvsvr.node import (
     _METHOD_COUNTER,
@@ -320,6 +321,7 @@ class ReplicaNode(Node):
         # only the cursors before it (see Store's defer_meta_sync).
         self._undurable: tuple[int, dict[int, tuple[int, int]], float] | None = None
         self._frozen: dict[bytes, int] = {}
+        self._commit_ended = 0.0   # when the last checkpoint commit (or sync) ended
         self._frozen_ops: set[tuple[int, int]] | None = set()   # _batch_ops of the commit
         self._thaw: set[bytes] = set()            # keys with work that waits for the commit
         self._apply_later: set[bytes] = set()     # keys whose chosen versions wait for it
@@ -530,6 +532,9 @@ class ReplicaNode(Node):
             clean = True
         finally:
             if clean:
+                if self.store.deferred_keys:
+                    self._finish_commit(block=True)
+                    self._open_batch(time.monotonic()).flush_all_key_states()
                 self._checkpoint(durable=True)   # a clean stop leaves nothing to replay
                 self._answer_waiting_on_stop()
                 self._flush_clients()   # (and local reads that waited for the checkpoint)
@@ -721,6 +726,12 @@ class ReplicaNode(Node):
                 or batch.applied >= CHECKPOINT_MAX_APPLIED
                 or self.votes.used > self.votes.size // 2):
             self._checkpoint(wait=False)
+        elif batch is None and self._committing is None and self.store.deferred_keys \
+                and now - self._commit_ended >= KEY_FLUSH_IDLE_S:
+            # No write for a while: the held key states go to LMDB at once (and the binlog
+            # records they needed may then be trimmed).
+            self._open_batch(now).flush_all_key_states()
+            self._checkpoint(wait=False)
         elif batch is None and self._committing is None and self._undurable is not None \
                 and now - self._undurable[2] >= self._checkpoint_s:
             # Nothing more to commit: the last commit's meta page gets an fsync of its own
@@ -747,6 +758,9 @@ class ReplicaNode(Node):
             self._logged = {}
         through, start = self.votes.mark()
         batch.set_meta_u64s(b"votes/through", through, start)
+        # A key range's held states go to LMDB with each checkpoint (see Store).
+        batch.flush_key_states(self._checkpoint_s / KEY_FLUSH_CYCLE_S)
+        batch.seal()   # (here: the commit runs on the committer's thread)
         cursors = {p.index: p.saved for p in self._peers if p is not None}
         self._committing = (through, cursors)
         self._frozen, self._batch_keys = self._batch_keys, {}
@@ -794,7 +808,9 @@ class ReplicaNode(Node):
             self._committing = None
             self._stop_storage_full(e)
         self._committing = None
+        self._commit_ended = time.monotonic()
         if committing is not _SYNCING:
+            self.store.commit_seen()   # (held key states it took are in LMDB for readers)
             # Its fsync made the checkpoint before it durable (a store deferring meta page
             # syncs); itself, only if the store syncs every commit.
             previous = self._undurable

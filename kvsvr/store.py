@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import itertools
+import math
 import os
 import re
 import struct
@@ -42,6 +43,7 @@ from kvsvr.limits import (
     BINLOG_TRIM_PER_WRITE,
     CLIENT_IDLE_EXPIRY_S,
     CLIENT_SWEEP_BATCH,
+    DEFERRED_RECORDS_MAX,
     DISK_FULL_BELOW_BYTES,
     OPS_REMEMBERED_PER_CLIENT,
     OPS_TRIM_STEP,
@@ -179,13 +181,25 @@ class KeyState(msgspec.Struct, gc=False):
 
 class Store:
     def __init__(self, path: str | Path, *, map_size_mib: int = 1024 * 1024, sync: bool = True,
-                 binlog_max_records: int = BINLOG_MAX_RECORDS, defer_meta_sync: bool = False):
+                 binlog_max_records: int = BINLOG_MAX_RECORDS, defer_meta_sync: bool = False,
+                 defer_key_states: bool = False):
         """`defer_meta_sync` (a replica, whose vote log holds what a lost commit had): each
         commit fsyncs its pages but not its meta page, which the next commit's fsync (or
         sync()) makes durable; the `durable_*` LSNs follow one commit behind. This is LMDB's
         MDB_NOMETASYNC: a power cut may undo the last commit but never corrupts the file.
         It saves one of the two fsyncs of every commit: +8% replicated puts, p99 -10%, on
-        this machine's shared disk (bench/load.py, three alternated pairs)."""
+        this machine's shared disk (bench/load.py, three alternated pairs).
+
+        `defer_key_states` (a replica): a write that changes no row leaves the key's new
+        state in memory, and a rolling sweep (WriteBatch.flush_key_states) writes the held
+        states a key range at a time, each about once per flush cycle, instead of every
+        checkpoint rewriting a random leaf page per written key: most of what a checkpoint
+        wrote (23.7 KiB per replicated put on this machine, 7 KiB without key states). The
+        binlog records are committed as before; a restart (or an aborted transaction)
+        replays them from `keys/replay_from`, the first record a held state has that LMDB
+        lacks, and the binlog is never trimmed past it. Only keys already in LMDB are held
+        (their first write goes through), so a snapshot read sees every key and swaps in
+        the held state."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         # LMDB itself allows many writer processes; two nodes on one directory would still
@@ -236,6 +250,24 @@ class Store:
         self._undurable: tuple[int, int] | None = None
         # The newest state of recently written or looked-up keys (see latest()).
         self._states: dict[bytes, KeyState] = {}
+        # With defer_key_states: the keys whose newest state is held in memory (in _states,
+        # never evicted) -> the LSN of the first binlog record LMDB's keys table lacks. A key
+        # enters at the end when its first held write is applied, so LSNs ascend: the first
+        # entry is where a replay starts.
+        self.defers_key_states = defer_key_states
+        self._deferred: dict[bytes, int] = {}
+        # Held states written into a transaction whose commit the owner has not seen end:
+        # still read from memory (a read transaction begun before the end sees the old one).
+        self._flushing: set[bytes] = set()
+        self._sweep: list[bytes] = []   # the flush cycle under way: its keys in key order
+        self._sweep_at = 0
+        self._replay_deferred()
+        if self._deferred and not defer_key_states:
+            # Held by a replica that ran on this directory: written out now, and the marker
+            # dropped (this store trims its binlog without regard to it).
+            with self.write() as batch:
+                batch.flush_all_key_states()
+                batch.set_meta(b"keys/replay_from", None)
 
     def close(self) -> None:
         self.sync()
@@ -260,7 +292,64 @@ class Store:
         return self.env.begin()
 
     def key_state(self, txn: lmdb.Transaction, key: bytes) -> KeyState:
+        if key in self._deferred or key in self._flushing:
+            return self._states[key]
         return KeyState.decode(txn.get(key, db=self._keys))
+
+    def _held(self, key: bytes) -> bool:
+        """Whether the key's newest state is to be read from memory, not LMDB."""
+        return key in self._deferred or key in self._flushing
+
+    def commit_seen(self) -> None:
+        """The owner saw the last commit end: held states it wrote are readable in LMDB."""
+        self._flushing.clear()
+
+    @property
+    def deferred_keys(self) -> int:
+        """Keys whose newest state is held in memory, not yet in LMDB's keys table."""
+        return len(self._deferred)
+
+    def replay_from(self) -> int:
+        """The first binlog record a held key state has that LMDB's keys table lacks."""
+        for lsn in self._deferred.values():
+            return lsn
+        return self.last_lsn + 1
+
+    def _replay_deferred(self) -> None:
+        """Rebuild the held key states from the committed binlog (at open, and after an
+        aborted transaction dropped what memory had)."""
+        with self.env.begin() as txn:
+            raw = txn.get(b"keys/replay_from", db=self._meta)
+            start = _U64BE.unpack(raw)[0] if raw else self.last_lsn + 1
+            if start > self.last_lsn:
+                return
+            if start < self.first_lsn:
+                raise RuntimeError(
+                    f"{self.path}: the binlog starts at lsn {self.first_lsn}, but key states "
+                    f"held in memory at the last commit need it from lsn {start}")
+            cursor = txn.cursor(db=self._binlog)
+            found = cursor.set_range(_U64BE.pack(start))
+            while found:
+                lsn = _U64BE.unpack(cursor.key())[0]
+                record = _core.decode_record(cursor.value())
+                key = record.key
+                state = self._states.get(key)
+                if state is None:
+                    state = KeyState.decode(txn.get(key, db=self._keys))
+                if record.version > state.version + 1 or (
+                        record.version == state.version + 1 and state.version == 0):
+                    raise RuntimeError(
+                        f"{self.path}: binlog lsn {lsn} has {key!r} v{record.version}, the "
+                        f"keys table v{state.version}: a held state is missing")
+                if record.version == state.version + 1:
+                    new_state, row_writes, _ = _plan(state, record.ops)
+                    if row_writes or new_state.compacted_through != state.compacted_through:
+                        raise RuntimeError(
+                            f"{self.path}: binlog lsn {lsn} ({key!r} v{record.version}) "
+                            "changes rows, yet the keys table does not have it")
+                    self._states[key] = new_state
+                    self._deferred.setdefault(key, lsn)
+                found = cursor.next()
 
     def latest(self, txn: lmdb.Transaction, key: bytes) -> KeyState:
         """The key's newest state, written by this store's open or committing transaction or
@@ -280,15 +369,22 @@ class Store:
             return
         states[key] = state
         if len(states) > STATE_CACHE_KEYS:
+            held = self._held
             for old in list(itertools.islice(states, STATE_CACHE_KEYS // 16)):
-                del states[old]      # the oldest kept, a slice at a time
+                if not held(old):   # (a held state is the only copy)
+                    del states[old]      # the oldest kept, a slice at a time
 
     def forget_states(self) -> None:
-        """A write transaction was aborted: what it wrote never happened."""
+        """A write transaction was aborted: what it wrote never happened (held key states
+        are rebuilt from what was committed)."""
         self._states.clear()
+        self._flushing.clear()
+        self._deferred.clear()
+        self._sweep, self._sweep_at = [], 0
+        self._replay_deferred()
 
     def get(self, txn: lmdb.Transaction, key: bytes) -> Versioned:
-        raw = txn.get(key, db=self._keys)
+        raw = self._states[key].encode() if self._held(key) else txn.get(key, db=self._keys)
         if raw is None or not raw[_HAS_VALUE]:
             version = _KEY_META.unpack_from(raw)[0] if raw is not None else 0
             raise NotFound("key holds no value", field="key", version=version)
@@ -440,7 +536,12 @@ class Store:
                     found = cursor.next()
             while found:
                 key = bytes(cursor.key())
-                yield (db, key, None, bytes(cursor.value()))
+                if db == 0 and self._held(key):
+                    # Newer than this view perhaps: the binlog after it has what the state
+                    # holds, and a copy skips records it is past.
+                    yield (db, key, None, self._states[key].encode())
+                else:
+                    yield (db, key, None, bytes(cursor.value()))
                 if db == 0:
                     yield from self._row_items(txn, key, None)
                 found = cursor.next()
@@ -517,6 +618,7 @@ class Store:
             info = self.env.info()
             return {
                 "keys": txn.stat(self._keys)["entries"],
+                "keys_deferred": len(self._deferred),
                 "rows": txn.stat(self._rows)["entries"],
                 "binlog_first_lsn": self.first_lsn,
                 "binlog_last_lsn": self.last_lsn,
@@ -540,6 +642,7 @@ class Store:
             batch.abort()
             raise
         self.commit(batch)
+        self.commit_seen()
         self.sync()
 
     def begin(self) -> WriteBatch:
@@ -579,14 +682,67 @@ class WriteBatch:
     def __init__(self, store: Store):
         self.store = store
         self.txn = store.env.begin(write=True)
+        self._sealed = False
         self._first_lsn = store.first_lsn
         self._last_lsn = store.last_lsn
         self.applied = 0
 
     def commit(self) -> None:
-        if self.store.first_lsn > self._first_lsn:
-            self.txn.put(b"last_lsn", _U64BE.pack(self.store.last_lsn), db=self.store._meta)
+        if not self._sealed:
+            self.seal()
         self.txn.commit()
+
+    def seal(self) -> None:
+        """What a commit records about the store; called by commit() unless the caller did
+        (a commit on another thread must not read the store while the caller writes on)."""
+        store = self.store
+        self._sealed = True
+        if store.first_lsn > self._first_lsn:
+            self.txn.put(b"last_lsn", _U64BE.pack(store.last_lsn), db=store._meta)
+        if store.defers_key_states:
+            self.txn.put(b"keys/replay_from", _U64BE.pack(store.replay_from()),
+                         db=store._meta)
+
+    def flush_key_states(self, share: float) -> int:
+        """Write the next `share` of the flush cycle's held key states to LMDB, in key order
+        (neighbours share leaf pages); a cycle starts with the keys held then, so each is
+        written about once per 1 / share calls. Returns how many were written."""
+        store = self.store
+        if store._sweep_at >= len(store._sweep):
+            if not store._deferred:
+                return 0
+            store._sweep, store._sweep_at = sorted(store._deferred), 0
+        end = min(len(store._sweep), store._sweep_at + math.ceil(len(store._sweep) * share))
+        written = 0
+        for key in store._sweep[store._sweep_at:end]:
+            if key in store._deferred:
+                self._write_held(key)
+                written += 1
+        store._sweep_at = end
+        return written
+
+    def flush_all_key_states(self) -> int:
+        """Write every held key state to LMDB."""
+        keys = sorted(self.store._deferred)
+        for key in keys:
+            self._write_held(key)
+        return len(keys)
+
+    def _write_held(self, key: bytes) -> None:
+        store = self.store
+        self.txn.put(key, store._states[key].encode(), db=store._keys)
+        del store._deferred[key]
+        store._flushing.add(key)
+
+    def _write_held_through(self, lsn: int) -> None:
+        """Write the held states that need binlog records up to `lsn` (about to be trimmed,
+        or too many for a restart to replay)."""
+        deferred = self.store._deferred
+        while deferred:
+            key, first = next(iter(deferred.items()))
+            if first > lsn:
+                return
+            self._write_held(key)
 
     def latest(self, key: bytes) -> KeyState:
         """Store.latest in this transaction (always current), kept in memory if read."""
@@ -598,10 +754,10 @@ class WriteBatch:
         return state
 
     def abort(self) -> None:
-        self.store.forget_states()
         self.txn.abort()
         self.store.first_lsn = self._first_lsn
         self.store.last_lsn = self._last_lsn
+        self.store.forget_states()
 
     def persist_quorum(self, records: list[tuple[Any, ...]]) -> None:
         """Make the version quorum's records durable with the rest of this transaction."""
@@ -656,6 +812,7 @@ class WriteBatch:
             while found and cursor.key()[:len(prefix)] == prefix:
                 found = cursor.delete()
         txn.put(key, raw, db=store._keys)
+        store._deferred.pop(key, None)
         store._keep(key, theirs)
         return True
 
@@ -672,6 +829,11 @@ class WriteBatch:
     def trim_binlog_through(self, lsn: int, limit: int) -> int:
         """Drop binlog records up to `lsn` (every peer has them), at most `limit` of them."""
         store, trimmed = self.store, 0
+        if store._deferred:
+            # Records a held key state still needs stay (the size bound alone forces them out,
+            # writing the state: see _write); writing held states here, as peers' cursors
+            # move on, would write them one by one and undo the point of holding them.
+            lsn = min(lsn, store.replay_from() - 1)
         while store.first_lsn <= min(lsn, store.last_lsn) and trimmed < limit:
             self.txn.delete(_U64BE.pack(store.first_lsn), db=store._binlog)
             store.first_lsn += 1
@@ -726,8 +888,17 @@ class WriteBatch:
     def _write(self, key: bytes, state: KeyState, row_writes: dict[bytes, bytes | None],
                record: bytes, compacted_before: int) -> None:
         store, txn = self.store, self.txn
-        txn.put(key, state.encode(), db=store._keys)
-        store._keep(key, state)
+        if store.defers_key_states and state.version > 1 and not row_writes \
+                and state.compacted_through == compacted_before \
+                and (state.value is None or len(state.value) <= STATE_CACHE_VALUE_BYTES):
+            # Held in memory (see Store): the binlog record below is what LMDB gets now.
+            # (A key's first write goes through, so every held key is in the keys table.)
+            store._keep(key, state)
+            store._deferred.setdefault(key, store.last_lsn + 1)
+        else:
+            txn.put(key, state.encode(), db=store._keys)
+            store._deferred.pop(key, None)
+            store._keep(key, state)
         if state.compacted_through > compacted_before:
             self._drop_tombstones(key, compacted_before, state.compacted_through)
         if row_writes:
@@ -747,10 +918,14 @@ class WriteBatch:
                 txn.put(prefix + stamp + row, b"", db=store._changes)
         store.last_lsn += 1
         txn.put(_U64BE.pack(store.last_lsn), record, db=store._binlog, append=True)
+        if store._deferred and store.last_lsn - DEFERRED_RECORDS_MAX >= store.replay_from():
+            self._write_held_through(store.last_lsn - DEFERRED_RECORDS_MAX)
         # Bounded work per write; a lowered bound is reached over the following writes.
         trimmed = 0
         while (store.last_lsn - store.first_lsn + 1 > store.binlog_max_records
                and trimmed < BINLOG_TRIM_PER_WRITE):
+            if store._deferred:
+                self._write_held_through(store.first_lsn)
             txn.delete(_U64BE.pack(store.first_lsn), db=store._binlog)
             store.first_lsn += 1
             trimmed += 1
