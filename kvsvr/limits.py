@@ -40,6 +40,8 @@ KEY_FLUSH_IDLE_S = 1.0               # ... or all at once after this long withou
 PEER_SECRET_MIN_BYTES = 16           # [security] peer_secret, when set
 PEER_MAC_BYTES = 16                  # the MAC at the head of an authenticated peer request
 
+# Held key states are pinned in the state cache, which must keep room for others.
+assert DEFERRED_RECORDS_MAX <= STATE_CACHE_KEYS // 2
 # A page of at least one maximal row must still fit in one frame.
 assert PAGE_MAX_BYTES + MAX_VALUE_BYTES + MAX_ROW_KEY_BYTES + 4096 <= MAX_FRAME_BYTES
 

@@ -21,7 +21,6 @@ which is how many client operations share one durable commit (group commit).
 from __future__ import annotations
 
 import fcntl
-import itertools
 import math
 import os
 import re
@@ -369,10 +368,17 @@ class Store:
             return
         states[key] = state
         if len(states) > STATE_CACHE_KEYS:
-            held = self._held
-            for old in list(itertools.islice(states, STATE_CACHE_KEYS // 16)):
-                if not held(old):   # (a held state is the only copy)
-                    del states[old]      # the oldest kept, a slice at a time
+            # The oldest kept, a slice at a time, passing over held states (the only copy):
+            # the scan goes on until the slice is full, so it runs once per slice of inserts
+            # whatever the held ones' places (at most DEFERRED_RECORDS_MAX < STATE_CACHE_KEYS).
+            held, doomed = self._held, []
+            for old in states:
+                if not held(old):
+                    doomed.append(old)
+                    if len(doomed) >= STATE_CACHE_KEYS // 16:
+                        break
+            for old in doomed:
+                del states[old]
 
     def forget_states(self) -> None:
         """A write transaction was aborted: what it wrote never happened (held key states

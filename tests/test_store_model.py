@@ -345,6 +345,30 @@ def test_a_killed_replica_store_replays_the_key_states_it_held(tmp_path):
                        for i in range(200))
 
 
+def test_held_key_states_are_never_evicted_from_the_state_cache(tmp_path, monkeypatch):
+    """The state cache evicts its oldest entries; a held state is the only copy of the key's
+    newest version, so eviction passes over it, however old its place."""
+    monkeypatch.setattr(store_module, "STATE_CACHE_KEYS", 32)
+    store = Store(tmp_path, sync=False, defer_key_states=True)
+    try:
+        with store.write() as batch:
+            for i in range(20):
+                batch.mutate(b"held%d" % i, [Op(_core.OP_PUT, b"", b"old")])
+        with store.write() as batch:
+            for i in range(20):
+                batch.mutate(b"held%d" % i, [Op(_core.OP_PUT, b"", b"new")])
+        assert store.deferred_keys == 20
+        with store.write() as batch:
+            for i in range(200):   # other keys through the cache, many times its size
+                batch.mutate(b"other%d" % i, [Op(_core.OP_PUT, b"", b"x")])
+        assert len(store._states) <= 32 + 20
+        with store.read() as txn:
+            for i in range(20):
+                assert store.get(txn, b"held%d" % i).value == b"new"
+    finally:
+        store.close()
+
+
 def test_key_states_are_invisible_to_the_cyclic_collector(tmp_path):
     """A node keeps up to STATE_CACHE_KEYS key states: as objects the collector tracks, each of
     its full passes walked them all (a write pause of up to 150 ms while a cache filled)."""
