@@ -486,9 +486,10 @@ class ReplicaNode(Node):
                 self._start_snapshot(peer, repair=half)
         self.router = router
         log.info("node %s (group %s, replica %d of %d, campus %s) serving on %s, data %s, "
-                 "binlog lsn %d..%d", self.name, self.group.name, self.index, self.replicas,
-                 self.replica.campus, self.replica.address, self.store.path,
-                 self.store.first_lsn, self.store.last_lsn)
+                 "binlog lsn %d..%d, %d key states held (replayed from lsn %d)", self.name,
+                 self.group.name, self.index, self.replicas, self.replica.campus,
+                 self.replica.address, self.store.path, self.store.first_lsn,
+                 self.store.last_lsn, self.store.deferred_keys, self.store.replay_from())
         peers_by_socket = {p.socket: p for p in self._peers if p is not None}
         wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         poller.register(wake, zmq.POLLIN)
