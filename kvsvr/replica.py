@@ -533,10 +533,8 @@ class ReplicaNode(Node):
             clean = True
         finally:
             if clean:
-                if self.store.deferred_keys:
-                    self._finish_commit(block=True)
-                    self._open_batch(time.monotonic()).flush_all_key_states()
-                self._checkpoint(durable=True)   # a clean stop leaves nothing to replay
+                # A clean stop leaves nothing to replay.
+                self._checkpoint(durable=True, all_held=True)
                 self._answer_waiting_on_stop()
                 self._flush_clients()   # (and local reads that waited for the checkpoint)
             else:
@@ -731,8 +729,7 @@ class ReplicaNode(Node):
                 and now - self._commit_ended >= KEY_FLUSH_IDLE_S:
             # No write for a while: the held key states go to LMDB at once (and the binlog
             # records they needed may then be trimmed).
-            self._open_batch(now).flush_all_key_states()
-            self._checkpoint(wait=False)
+            self._checkpoint(wait=False, all_held=True)
         elif batch is None and self._committing is None and self._undurable is not None \
                 and now - self._undurable[2] >= self._checkpoint_s:
             # Nothing more to commit: the last commit's meta page gets an fsync of its own
@@ -740,12 +737,16 @@ class ReplicaNode(Node):
             self._committing = _SYNCING
             self._committer.start_sync()
 
-    def _checkpoint(self, wait: bool = True, durable: bool = False) -> None:
+    def _checkpoint(self, wait: bool = True, durable: bool = False,
+                    all_held: bool = False) -> None:
         """Commit the open transaction (fsync): the vote log frames so far are in it. With
         `wait` false the commit runs on the committer's thread while the loop goes on, and
         _finish_commit takes its end. `durable`: also sync it (one more fsync, on the loop)
-        for what must not wait for the next commit: see _make_durable."""
+        for what must not wait for the next commit: see _make_durable. `all_held`: with
+        every held key state, not just the sweep's next key range (see Store)."""
         self._finish_commit(block=True)
+        if all_held and self.store.deferred_keys:
+            self._open_batch(time.monotonic()).flush_all_key_states()
         batch, self._batch = self._batch, None
         if batch is None:
             if durable:
@@ -815,7 +816,7 @@ class ReplicaNode(Node):
             # Its fsync made the checkpoint before it durable (a store deferring meta page
             # syncs); itself, only if the store syncs every commit.
             previous = self._undurable
-            self._undurable = (committing[0], committing[1], time.monotonic())
+            self._undurable = (committing[0], committing[1], self._commit_ended)
             if previous is not None:
                 self._checkpoint_durable(previous[0], previous[1])
         self._release_durable()

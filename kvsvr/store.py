@@ -291,7 +291,7 @@ class Store:
         return self.env.begin()
 
     def key_state(self, txn: lmdb.Transaction, key: bytes) -> KeyState:
-        if key in self._deferred or key in self._flushing:
+        if self._held(key):
             return self._states[key]
         return KeyState.decode(txn.get(key, db=self._keys))
 
