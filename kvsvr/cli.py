@@ -27,7 +27,7 @@ from kvsvr.errors import (
     Unavailable,
     VersionConflict,
 )
-from kvsvr.limits import DEFAULT_SCAN_ROWS, DEFAULT_TIMEOUT_S
+from kvsvr.limits import DEFAULT_SCAN_ROWS, DEFAULT_TIMEOUT_S, MAX_VALUE_BYTES
 from kvsvr.protocol import ChangesPage, RowValue, ScanPage, Versioned
 from kvsvr.store import seq_row
 
@@ -69,6 +69,18 @@ def row_argument(text: str) -> bytes:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r}: hex: needs hex digits") from None
     return os.fsencode(text)   # the bytes given, even when they are not UTF-8
+
+
+VALUE_HELP = "the value; - reads it from standard input (bytes as they are, up to the value limit)"
+
+
+STDIN_VALUE = b"\0kvsvr:stdin\0"   # a marker only: replaced by what standard input holds
+
+
+def value_argument(text: str) -> bytes:
+    """A value argument; "-" stands for standard input, read when the command runs (see
+    _read_values), so a value can be binary or larger than the command line allows."""
+    return STDIN_VALUE if text == "-" else os.fsencode(text)
 
 
 def positive_seconds(text: str) -> float:
@@ -160,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     local(p)
     p = command("put", "store a value; prints the new version")
     p.add_argument("key", type=os.fsencode)
-    p.add_argument("value", type=os.fsencode)
+    p.add_argument("value", type=value_argument, help=VALUE_HELP)
     expect(p)
     p = command("delete", "remove a key's value; prints the new version")
     p.add_argument("key", type=os.fsencode)
@@ -177,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     p = command("row-put", "store a row; prints the key's new version")
     p.add_argument("key", type=os.fsencode)
     p.add_argument("row", type=row_argument, help=row_help)
-    p.add_argument("value", type=os.fsencode)
+    p.add_argument("value", type=value_argument, help=VALUE_HELP)
     expect(p)
     p = command("row-delete", "delete a row (a tombstone is kept); prints the new version")
     p.add_argument("key", type=os.fsencode)
@@ -191,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     local(p)
     p = command("append", "append a row (an inbox message); prints its sequence number")
     p.add_argument("key", type=os.fsencode)
-    p.add_argument("value", type=os.fsencode)
+    p.add_argument("value", type=value_argument, help=VALUE_HELP)
     p = command("changes",
                 "rows changed after a version: VERSION<TAB>ROW<TAB>put|deleted<TAB>VALUE")
     p.add_argument("key", type=os.fsencode)
@@ -343,9 +355,22 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if all(row["up"] for row in rows) else EXIT_NODE_DOWN
 
 
+def _read_values(args: argparse.Namespace) -> None:
+    """Replace a "-" value by standard input, refusing one over the value limit before
+    anything is sent (reading at most one byte past it)."""
+    if getattr(args, "value", None) is not STDIN_VALUE:
+        return
+    data = sys.stdin.buffer.read(MAX_VALUE_BYTES + 1)
+    if len(data) > MAX_VALUE_BYTES:
+        raise InvalidArgument(f"value: standard input holds more than {MAX_VALUE_BYTES} "
+                              "bytes, the value limit", field="value")
+    args.value = data
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _read_values(args)
         if args.command == "status":
             return _status(args)
         timeout = args.timeout or DEFAULT_TIMEOUT_S

@@ -147,3 +147,26 @@ def test_cli_keys_and_values_that_are_not_utf8_are_taken_as_the_bytes_given(clus
                              cluster.config_path, "get", b"\xff"], capture_output=True,
                             timeout=60)
     assert result.returncode == 0 and result.stdout.rstrip(b"\n"), result.stderr
+
+
+def test_cli_values_from_standard_input(cluster):
+    """`-` as the value reads standard input as bytes (binary, bigger than argv allows);
+    more than the value limit is refused naming the field, and nothing is written."""
+    from kvsvr.limits import MAX_VALUE_BYTES
+
+    def kv(stdin: bytes, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "kvsvr.cli", "--config",
+                               cluster.config_path, *args], input=stdin,
+                              capture_output=True, timeout=60)
+
+    big = bytes(range(256)) * (MAX_VALUE_BYTES // 256)   # NULs included: not an argv
+    assert kv(big, "put", "blob", "-").returncode == 0
+    assert kv(b"\x00row", "row-put", "table", "r1", "-").returncode == 0
+    assert kv(b"msg\n", "append", "inbox", "-").stdout == b"0\n"
+    too_big = kv(big + b"x" * 257, "put", "blob", "-")
+    assert too_big.returncode == 2 and b"value" in too_big.stderr
+    with cluster.client(timeout=10.0) as client:
+        got = client.get(b"blob")
+        assert got.value == big and got.version == 1
+        assert client.row_get(b"table", b"r1").value == b"\x00row"
+        assert client.scan(b"inbox").rows[0].value == b"msg\n"
