@@ -101,6 +101,16 @@ class Message:
                  version: int, ballot: int = 0, accepted_ballot: int = 0,
                  value: Any = None) -> None: ...
 
+QWIRE_MAGIC: int
+MAX_QUORUM_MESSAGES: int
+
+class QuorumWireError(ValueError):
+    field: str
+    def __init__(self, message: str, field: str) -> None: ...
+
+def encode_quorum_messages(messages: list[Message]) -> bytes: ...
+def decode_quorum_messages(body: Any) -> list[Message]: ...
+
 # persist records: ("instance", key, version, promised, accepted_ballot, accepted_value,
 # chosen_value), ("fence", peer, incarnation), ("rebuilt", incarnation),
 # ("verified", incarnation)

@@ -1,6 +1,6 @@
 # cython: language_level=3
 """KVSvr's compiled core: limits, the binlog record codec, the wire frame codec, the
-version quorum state machine and the shared-memory monitor counters.
+version quorum state machine and its wire codec, and the shared-memory monitor counters.
 
 The core does no I/O: no sockets, no LMDB, no threads. The one exception to "no clock" is the
 counters' add()/set(), which stamp the current second themselves (a caller-supplied second
@@ -17,5 +17,6 @@ include "_consts.pxi"
 include "_record.pxi"
 include "_frame.pxi"
 include "_quorum.pxi"
+include "_qwire.pxi"
 include "_counters.pxi"
 include "_qlog.pxi"

@@ -313,7 +313,7 @@ _error_decoder = msgspec.msgpack.Decoder(ErrorReply)
 
 
 # --- replica to replica: version-quorum messages -------------------------------------------
-MAX_QUORUM_MESSAGES = 4096  # per QUORUM frame
+MAX_QUORUM_MESSAGES = _core.MAX_QUORUM_MESSAGES  # per QUORUM frame
 
 
 class QuorumStateRecord(Struct, array_like=True, forbid_unknown_fields=True):
@@ -345,7 +345,10 @@ _INSTANCE_KINDS = frozenset({_core.MSG_PREPARE, _core.MSG_PROMISE, _core.MSG_ACC
 
 
 def encode_quorum(messages: list[_core.Message]) -> bytes:
-    """The body of a QUORUM frame."""
+    """The body of a QUORUM frame: the core's binary layout (kvsvr/_qwire.pxi), or msgpack
+    when it holds a state answer (records in a list, rare and big)."""
+    if not any(m.kind == _core.MSG_STATE for m in messages):
+        return _core.encode_quorum_messages(messages)
     out = []
     for m in messages:
         value: Any = m.value
@@ -371,6 +374,11 @@ def _check_value(field: str, key: bytes, version: int, value: bytes | None) -> N
 
 def decode_quorum(body: Any) -> list[_core.Message]:
     """Decode and validate a QUORUM frame body; raises InvalidArgument naming the field."""
+    if len(body) and body[0] == _core.QWIRE_MAGIC:
+        try:
+            return _core.decode_quorum_messages(body)
+        except _core.QuorumWireError as e:
+            raise InvalidArgument(f"quorum: {e}", field=e.field) from None
     try:
         decoded = _quorum_decoder.decode(body)
     except msgspec.ValidationError as e:

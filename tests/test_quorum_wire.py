@@ -66,6 +66,78 @@ def test_bad_quorum_messages_are_refused_naming_the_field(body, field):
     assert error.value.field == field
 
 
+def _binary(message: _core.Message) -> bytearray:
+    body = protocol.encode_quorum([message])
+    assert body[0] == _core.QWIRE_MAGIC   # instance kinds travel in the core's binary layout
+    return bytearray(body)
+
+
+ACCEPT = _core.Message(_core.MSG_ACCEPT, 0, 1, 1, b"k", 1, 300, 0, RECORD)
+
+
+def _patched(offset: int, data: bytes, base: _core.Message = ACCEPT) -> bytes:
+    body = _binary(base)
+    body[offset:offset + len(data)] = data
+    return bytes(body)
+
+
+# Offsets into a one-message binary body: 4-byte header, then the 36-byte message header
+# (kind, source, target, has_value, incarnation u16, key_len u16, version, ballot,
+# accepted_ballot, value_len u32), the key, the value.
+@pytest.mark.parametrize("body, field", [
+    (_patched(4, b"\x63"), "messages[0].kind"),
+    (_patched(4, bytes([_core.MSG_STATE])), "messages[0].kind"),    # state answers: msgpack
+    (_patched(5, b"\x09"), "messages[0].source"),
+    (_patched(6, b"\x07"), "messages[0].target"),
+    (_patched(8, b"\x00\x00"), "messages[0].incarnation"),
+    (_patched(7, b"\x02"), "messages[0].value"),                  # has_value neither 0 nor 1
+    (_patched(12, (2).to_bytes(8, "little")), "messages[0].value"),  # record of v1, not v2
+    (_patched(40, b"x"), "messages[0].value"),                     # record of another key
+    (_patched(41 + 30, b"\xff"), "messages[0].value"),             # checksum mismatch
+    (_patched(10, (241).to_bytes(2, "little")), "messages[0].key"),
+    (_patched(10, b"\x00\x00"), "key"),                            # an instance needs a key
+    (_patched(2, b"\x00\x00"), "messages"),
+    (_patched(2, b"\x02\x00"), "body"),                            # one message, two counted
+    (_binary(ACCEPT)[:-1], "body"),                                # truncated
+    (bytes(_binary(ACCEPT)) + b"\x00", "body"),                     # trailing bytes
+    (_patched(1, b"\x02"), "body"),                                 # a layout of the future
+])
+def test_bad_binary_quorum_bodies_are_refused_naming_the_field(body, field):
+    with pytest.raises(InvalidArgument) as error:
+        protocol.decode_quorum(bytes(body))
+    assert error.value.field == field
+
+
+def test_the_binary_layout_refuses_to_encode_what_it_cannot_carry():
+    with pytest.raises(ValueError, match="incarnation"):
+        _core.encode_quorum_messages([_core.Message(_core.MSG_ACCEPTED, 0, 1, 70000, b"k", 1)])
+    with pytest.raises(ValueError, match="target"):
+        _core.encode_quorum_messages([_core.Message(_core.MSG_ACCEPTED, 0, 9, 1, b"k", 1)])
+    with pytest.raises(ValueError, match="messages"):
+        _core.encode_quorum_messages([])
+
+
+def test_random_messages_round_trip_through_the_binary_layout():
+    rng = random.Random(5)
+    kinds = [k for k in range(_core.MSG_PREPARE, _core.MSG_BEHIND + 1) if k != _core.MSG_STATE]
+    for _ in range(200):
+        messages = []
+        for _ in range(rng.randint(1, 40)):
+            kind = rng.choice(kinds)
+            key = b"" if kind == _core.MSG_STATE_REQUEST else rng.randbytes(rng.randint(1, 240))
+            version = rng.randint(1, 2**64 - 1)
+            value = None
+            if kind != _core.MSG_STATE_REQUEST and rng.random() < 0.5:
+                value = _core.encode_record(0, version, 0, 0, key,
+                                            [(_core.OP_PUT, b"", rng.randbytes(100))])
+            messages.append(_core.Message(kind, rng.randrange(7), rng.randrange(7),
+                                          rng.randint(1, 65535), key, version,
+                                          rng.randint(0, 2**64 - 1), rng.randint(0, 2**64 - 1),
+                                          value))
+        decoded = protocol.decode_quorum(protocol.encode_quorum(messages))
+        assert [repr(m) for m in decoded] == [repr(m) for m in messages]
+
+
 def test_random_bytes_never_escape_as_anything_but_invalid_argument():
     rng = random.Random(11)
     valid = protocol.encode_quorum([_core.Message(_core.MSG_ACCEPT, 0, 1, 1, b"k", 1, 300,
