@@ -54,6 +54,32 @@ def test_decode_32_frames(timed):
     timed(_core.decode_frames, MESSAGE)
 
 
+# A replicated write's quorum messages, 16 to a frame as under load: the binary layout the
+# nodes send (decoded and checked in the core) against msgpack with the same checks.
+QUORUM = [_core.Message(_core.MSG_ACCEPT, 0, 1, 1, KEYS[i], 5, 300, 0,
+                        _core.encode_record(0, 5, 9, i, KEYS[i], [(_core.OP_PUT, b"", VALUE)]))
+          for i in range(16)]
+QUORUM_MSGPACK = protocol.encode([[m.kind, m.source, m.target, m.incarnation, m.key, m.version,
+                                   m.ballot, m.accepted_ballot, m.value] for m in QUORUM])
+
+
+@pytest.mark.benchmark(group="quorum codec")
+def test_decode_16_quorum_messages(timed):
+    body = protocol.encode_quorum(QUORUM)
+    assert body[0] == _core.QWIRE_MAGIC
+    timed(protocol.decode_quorum, body)
+
+
+@pytest.mark.benchmark(group="quorum codec")
+def test_decode_16_quorum_messages_msgpack_baseline(timed):
+    timed(protocol.decode_quorum, QUORUM_MSGPACK)
+
+
+@pytest.mark.benchmark(group="quorum codec")
+def test_encode_16_quorum_messages(timed):
+    timed(protocol.encode_quorum, QUORUM)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory):
     s = Store(tmp_path_factory.mktemp("store"), map_size_mib=1024, sync=True)
