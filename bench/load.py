@@ -128,7 +128,7 @@ def _window_driver(target: str, spec: dict[str, Any], window: int, seed: int, ou
                    hello: Any, ready: Any, start: Any) -> None:
     """Keep `window` requests in flight (one DEALER socket per replica); record completions."""
     rng = random.Random(seed)
-    keys, read_share = spec["keys"], spec["read_share"]
+    keys, read_share, homed = spec["keys"], spec["read_share"], spec["homed"]
     value = b"v" * spec["value_size"]
     request_timeout = spec["request_timeout"]
     budget_ms = max(1, int(request_timeout * 1000))
@@ -188,7 +188,7 @@ def _window_driver(target: str, spec: dict[str, Any], window: int, seed: int, ou
         ids: dict[str, list[int]] = {}
         blocked = False
         while len(in_flight) < window:
-            index = rng.randrange(keys)
+            index = rng.choice(homed) if homed else rng.randrange(keys)
             address = routes.pick(index, now)
             if address is None:
                 blocked = True
@@ -248,7 +248,7 @@ def _async_driver(target: str, spec: dict[str, Any], window: int, seed: int, out
     async def run() -> dict[str, Any]:
         rng = random.Random(seed)
         value = b"v" * spec["value_size"]
-        keys, read_share = spec["keys"], spec["read_share"]
+        keys, read_share, homed = spec["keys"], spec["read_share"], spec["homed"]
         options: dict[str, Any] = {"timeout": spec["request_timeout"]}
         if is_address(target):
             client = AsyncClient(address=target, **options)
@@ -263,7 +263,7 @@ def _async_driver(target: str, spec: dict[str, Any], window: int, seed: int, out
 
             async def worker() -> None:
                 while True:
-                    key = f"key:{rng.randrange(keys)}"
+                    key = f"key:{rng.choice(homed) if homed else rng.randrange(keys)}"
                     sent = time.perf_counter()
                     recorder.cpu_mark(sent)
                     if sent >= end:
@@ -709,7 +709,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counters", action="store_true",
                         help="print the rate of every node counter that moved (all nodes)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--one-home", type=int, metavar="N", default=None,
+                        help="diagnostic, not the comparison workload: draw only keys whose home "
+                             "is replica N of a group of --replicas (every write through one "
+                             "replica, as etcd sends every write through its leader)")
     args = parser.parse_args(argv)
+    if args.one_home is not None and not (args.replicas and 0 <= args.one_home < args.replicas
+                                          and args.groups == 1):
+        parser.error("--one-home N needs one local group (--replicas R) and 0 <= N < R")
     if args.groups != 1 and args.replicas is None:
         parser.error("--groups needs --replicas (a local cluster)")
     if args.kill_halfway and (args.replicas is None or args.peer_only):
@@ -721,8 +728,11 @@ def main(argv: list[str] | None = None) -> int:
     mixes = args.mix or ["put", "get"]
     results: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k != "json"},
                                "cores": os.cpu_count(), "workloads": []}
+    homed = None if args.one_home is None else [
+        i for i in range(args.keys)
+        if home_index(f"key:{i}".encode(), args.replicas) == args.one_home]
     spec = {"value_size": args.value_size, "keys": args.keys, "duration": args.duration,
-            "request_timeout": args.request_timeout}
+            "request_timeout": args.request_timeout, "homed": homed}
     run = {"concurrency": args.concurrency, "processes": args.processes}
     kvsvr_driver = _window_driver if args.driver == "window" else _async_driver
 
@@ -739,6 +749,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"KVSvr load: {shape}; {args.concurrency} requests in flight from {args.processes} "
           f"processes, {args.value_size}-byte values, {args.keys} keys, driver={args.driver}, "
           f"{cores} cores")
+    if homed is not None:
+        print(f"note: --one-home {args.one_home}: only the {len(homed)} keys homed at replica "
+              f"{args.one_home} (a diagnostic of batching, not the comparison workload)")
     if cores <= 2 and (args.replicas or 1) * args.groups + args.processes > cores:
         print(f"note: {cores} cores shared by every node process and the {args.processes} client "
               "processes (and by etcd's members with --peer; the systems run one after the other, "
