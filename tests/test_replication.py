@@ -528,6 +528,52 @@ def test_link_faults_set_at_run_time_drop_delay_and_reorder_yet_lose_nothing(
     _check_outcome(group, load.history, load.acked, tmp_path)
 
 
+def test_a_stream_stopped_at_a_gap_no_other_stream_fills_copies_a_snapshot(
+        group: LocalCluster, tmp_path: Path):
+    """A rebuilt replica's new binlog holds later versions of keys whose earlier versions it
+    took from a snapshot, never as records. A replica that missed those versions and can read
+    only that binlog stops at the gap; when no other stream fills it within
+    GAP_SNAPSHOT_AFTER_S, it copies a snapshot of that peer. Here n3 is cut off while "gap1"
+    (homed at n1) goes to v2, n2 is wiped and rebuilds (taking v2 in its copy), v3 is written
+    by n1 and n2 (n2's binlog: v3 only), and n3 may then read n2 but not n1: without the gap
+    copy it would stay at v1 for good."""
+    from kvsvr.replica import GAP_SNAPSHOT_AFTER_S
+    from kvsvr.sharding import home_index
+    key = b"gap1"
+    assert home_index(key, 3) == 0
+    with group.client(timeout=5.0) as admin:
+        with node_client(group, "n1") as c:
+            c.put(key, b"v1")
+        assert converged(group, [key])[key].version == 1
+        for node in ("n1", "n2"):
+            admin.faults(group.address(node), peer="n3", drop=1.0)
+        admin.faults(group.address("n3"), drop=1.0)   # its pulls and answers too
+        with node_client(group, "n1") as c:
+            assert c.put(key, b"v2") == 2
+        group.kill("n2")
+        shutil.rmtree(tmp_path / "data" / "n2")
+        admin.faults(group.address("n3"), peer="n1", drop=1.0)   # n3 -> n2 heals
+        admin.faults(group.address("n3"), peer="n2")
+        group.start("n2")   # its faults were in memory: n2 -> n3 is whole again
+        wait_for(lambda: status(group, "n2")["role"] == "replica", timeout=30.0,
+                 what="n2 rebuilt")
+        with node_client(group, "n1") as c:
+            assert c.put(key, b"v3") == 3
+        started = time.monotonic()
+        with node_client(group, "n3") as c:
+            wait_for(lambda: c.get(key, consistency="local").version == 3,
+                     timeout=GAP_SNAPSHOT_AFTER_S + 20.0, what="n3 copied n2 past the gap")
+            assert c.get(key, consistency="local").value == b"v3"
+        counters = status(group, "n3")["counters"]
+        assert counters.get("pull_gaps", 0) >= 1 and counters.get("gap_snapshots", 0) >= 1
+        assert time.monotonic() - started >= GAP_SNAPSHOT_AFTER_S - 1.0  # waited for a filler
+        for node in group.nodes:
+            admin.faults(group.address(node))
+    with node_client(group, "n3") as c:
+        assert c.put(key, b"v4") == 4
+    assert converged(group, [key])[key].value == b"v4"
+
+
 def test_a_replica_down_past_the_binlog_bound_catches_up_from_a_snapshot(tmp_path: Path):
     """Peers keep their binlog for a replica that is down only up to binlog_max_records;
     past that they trim, and the replica, back, finds its cursor behind their first record:
