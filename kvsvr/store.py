@@ -390,7 +390,12 @@ class Store:
         self._replay_deferred()
 
     def get(self, txn: lmdb.Transaction, key: bytes) -> Versioned:
-        raw = self._states[key].encode() if self._held(key) else txn.get(key, db=self._keys)
+        if self._held(key):
+            state = self._states[key]
+            if state.value is None:
+                raise NotFound("key holds no value", field="key", version=state.version)
+            return Versioned(state.version, state.value)
+        raw = txn.get(key, db=self._keys)
         if raw is None or not raw[_HAS_VALUE]:
             version = _KEY_META.unpack_from(raw)[0] if raw is not None else 0
             raise NotFound("key holds no value", field="key", version=version)
