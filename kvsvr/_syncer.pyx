@@ -15,11 +15,23 @@ the fdatasync covers them), and writes 1 to the eventfd. While one fdatasync run
 requests wait for the next one, which covers them all. A failed fdatasync is never retried
 (after a failure the kernel may have dropped the pages it could not write): `error` is set
 and the thread stops.
+
+It also sends what waited for a sync. The messages that reveal votes must not leave before
+the frames holding those votes are durable; left to the loop, they went out when the loop
+next looked, which under load was after the round it was in: about as long again as the
+fdatasync itself, twice per write (the proposer's sync, then the acceptor's). So the loop
+hands such a message over with the sequence number it waits for (`send_after`), and this
+thread sends it on a ZeroMQ socket of its own the moment that sequence number is durable.
+A socket handed over (`add_socket`) is used only under the mutex, by whichever thread holds
+it (the loop sends at once what needs no sync), which is the full memory barrier ZeroMQ asks
+for between threads. The thread calls libzmq's zmq_send through a pointer the caller looks
+up in the libzmq pyzmq loaded, so this module links to no libzmq of its own.
 """
 
 from libc.errno cimport errno
-from libc.stdint cimport uint64_t
-from libc.string cimport strerror
+from libc.stdint cimport uint64_t, uintptr_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, strerror
 
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport fdatasync, write
@@ -44,6 +56,20 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_broadcast(pthread_cond_t *cond)
 
 
+ctypedef int (*_send_fn)(void *socket, const void *data, size_t length, int flags) noexcept nogil
+
+cdef enum:
+    _ZMQ_DONTWAIT = 1
+    _MAX_SOCKETS = 16
+
+
+cdef struct _Outgoing:        # a message that waits for a sync; its bytes follow the struct
+    uint64_t seq
+    int slot
+    size_t length
+    _Outgoing *next
+
+
 cdef struct _State:
     int fd
     int wake_fd
@@ -56,6 +82,30 @@ cdef struct _State:
     int error                 # errno of a failed fdatasync, 0 if none
     bint closing
     bint idle                 # the thread waits for a request (else it sees one when done)
+    _send_fn send             # libzmq's zmq_send (NULL: no socket handed over)
+    void *sockets[_MAX_SOCKETS]
+    int socket_count
+    _Outgoing *head           # messages waiting for `synced`, in the order handed over
+    _Outgoing *tail
+    uint64_t sent
+    uint64_t send_drops       # refused by a full (or unconnected) socket: the peer is behind
+
+
+cdef void _flush(_State *s) noexcept nogil:
+    """Send what waits for frames now durable (the mutex is held). Sequence numbers are
+    handed over in order, so the waiting ones are a prefix of the queue."""
+    cdef _Outgoing *item
+    while s.head != NULL and s.head.seq <= s.synced:
+        item = s.head
+        s.head = item.next
+        if s.head == NULL:
+            s.tail = NULL
+        if s.send(s.sockets[item.slot], <char *>item + sizeof(_Outgoing), item.length,
+                  _ZMQ_DONTWAIT) < 0:
+            s.send_drops += 1
+        else:
+            s.sent += 1
+        free(item)
 
 
 cdef inline uint64_t _now_ns() noexcept nogil:
@@ -90,6 +140,7 @@ cdef void *_run(void *arg) noexcept nogil:
                 s.synced = through
             s.syncs += 1
             s.sync_ns += elapsed
+            _flush(s)
         pthread_cond_broadcast(&s.cond)
         pthread_mutex_unlock(&s.mutex)
         write(s.wake_fd, &one, sizeof(one))   # an eventfd: 8 bytes, never blocks for long
@@ -114,6 +165,12 @@ cdef class Syncer:
         self._s.error = 0
         self._s.closing = False
         self._s.idle = False
+        self._s.send = NULL
+        self._s.socket_count = 0
+        self._s.head = NULL
+        self._s.tail = NULL
+        self._s.sent = 0
+        self._s.send_drops = 0
         self._running = False
         pthread_mutex_init(&self._s.mutex, NULL)
         pthread_cond_init(&self._s.cond, NULL)
@@ -142,8 +199,75 @@ cdef class Syncer:
             self._s.synced = seq
         if seq > self._s.requested:
             self._s.requested = seq
+        if self._s.error == 0:
+            _flush(&self._s)
         pthread_cond_broadcast(&self._s.cond)
         pthread_mutex_unlock(&self._s.mutex)
+
+    def add_socket(self, uintptr_t send_fn, uintptr_t socket) -> int:
+        """Hand over a ZeroMQ socket (its libzmq handle; `send_fn` is libzmq's zmq_send):
+        from now on only send_after uses it, until close() returns. Its slot number."""
+        if not send_fn or not socket:
+            raise ValueError("send_fn, socket: libzmq handles, not NULL")
+        pthread_mutex_lock(&self._s.mutex)
+        if self._s.socket_count >= _MAX_SOCKETS or not self._running:
+            pthread_mutex_unlock(&self._s.mutex)
+            raise ValueError(f"socket: a sync thread takes at most {_MAX_SOCKETS}")
+        if self._s.send != NULL and self._s.send != <_send_fn>send_fn:
+            pthread_mutex_unlock(&self._s.mutex)
+            raise ValueError("send_fn: every socket must use the same libzmq")
+        self._s.send = <_send_fn>send_fn
+        slot = self._s.socket_count
+        self._s.sockets[slot] = <void *>socket
+        self._s.socket_count += 1
+        pthread_mutex_unlock(&self._s.mutex)
+        return slot
+
+    def send_after(self, uint64_t seq, int slot, const unsigned char[:] data) -> bool:
+        """Send `data` on socket `slot` once frames up to `seq` are durable (now, if they
+        are). False if it was not taken: the thread stopped (a sync failed, or closing)."""
+        cdef size_t length = data.shape[0]
+        cdef _Outgoing *item
+        if not self._running:
+            return False   # closed: its sockets may be gone
+        if not 0 <= slot < self._s.socket_count:
+            raise ValueError(f"slot: {slot} is not a socket handed over")
+        item = <_Outgoing *>malloc(sizeof(_Outgoing) + length)
+        if item == NULL:
+            raise MemoryError()
+        item.seq = seq
+        item.slot = slot
+        item.length = length
+        item.next = NULL
+        if length:
+            memcpy(<char *>item + sizeof(_Outgoing), &data[0], length)
+        pthread_mutex_lock(&self._s.mutex)
+        if self._s.error != 0 or self._s.closing:
+            pthread_mutex_unlock(&self._s.mutex)
+            free(item)
+            return False
+        if self._s.tail == NULL:
+            self._s.head = item
+        else:
+            self._s.tail.next = item
+        self._s.tail = item
+        _flush(&self._s)   # (sends it now if its frames are durable already)
+        pthread_mutex_unlock(&self._s.mutex)
+        return True
+
+    @property
+    def sends(self) -> tuple:
+        """(messages sent, refused by a full or unconnected socket, still waiting)."""
+        cdef uint64_t waiting = 0
+        cdef _Outgoing *item
+        pthread_mutex_lock(&self._s.mutex)
+        item = self._s.head
+        while item != NULL:
+            waiting += 1
+            item = item.next
+        result = (self._s.sent, self._s.send_drops, waiting)
+        pthread_mutex_unlock(&self._s.mutex)
+        return result
 
     def wait(self, uint64_t seq) -> None:
         """Block until frames up to `seq` are durable (or a sync failed)."""
@@ -183,6 +307,15 @@ cdef class Syncer:
         with nogil:
             pthread_join(self._thread, NULL)
         self._running = False
+        # What still waits is dropped (its votes are not durable: it must never leave), and
+        # no socket is touched after this: the caller may close them.
+        cdef _Outgoing *item
+        while self._s.head != NULL:
+            item = self._s.head
+            self._s.head = item.next
+            free(item)
+        self._s.tail = NULL
+        self._s.socket_count = 0
 
     def __dealloc__(self):
         self._stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import gc
 import logging
 import os
@@ -303,6 +304,17 @@ def node_socket(context: zmq.Context, kind: int) -> zmq.Socket:
     socket.setsockopt(zmq.SNDHWM, NODE_QUEUE_MESSAGES)
     socket.setsockopt(zmq.RCVHWM, NODE_QUEUE_MESSAGES)
     return socket
+
+
+def libzmq_send() -> int:
+    """The address of zmq_send in the libzmq pyzmq runs on (0 if it cannot be found): what a
+    native thread calls to send on a socket handed to it (see kvsvr/_syncer.pyx)."""
+    try:
+        from zmq.backend.cython import _zmq  # (dlsym through it finds its libzmq)
+
+        return ctypes.cast(ctypes.CDLL(_zmq.__file__).zmq_send, ctypes.c_void_p).value or 0
+    except (ImportError, OSError, AttributeError):
+        return 0   # another pyzmq backend: the loop sends everything itself
 
 
 def bind_router(context: zmq.Context, address: str) -> zmq.Socket:

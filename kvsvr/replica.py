@@ -84,6 +84,7 @@ from kvsvr.node import (
     Node,
     _error_frame,
     bind_router,
+    libzmq_send,
     node_socket,
 )
 from kvsvr.peerauth import PeerAuth
@@ -225,6 +226,8 @@ class _Peer:
         self.trimmed_past_us = False  # its binlog no longer has what we need: snapshot
         self.snapshot: dict[str, Any] | None = None  # a copy from it under way
         self.snapshots_taken = 0
+        self.vote_socket: zmq.Socket | None = None   # the sync thread's link to it ...
+        self.vote_slot = -1       # ... and its slot there (-1: votes go out from the loop)
         self.drop = 0.0           # fault hook: chance a message to this peer is lost
         self.delay_ms = 0         # ... and the most it is held back (uniform, so reordered)
 
@@ -495,6 +498,9 @@ class ReplicaNode(Node):
         poller.register(wake, zmq.POLLIN)
         self.votes.start(wake)
         self._committer.wake_fd = wake
+        send_fn = libzmq_send()
+        for linked in peers_by_socket.values() if send_fn else ():
+            self._hand_vote_socket(context, linked, send_fn)
         clean = False
         try:
             busy = False
@@ -546,15 +552,28 @@ class ReplicaNode(Node):
                         self._committer.abort(self._batch)
                     self._batch = None
             self._committer.close()
-            self.votes.close()
+            self.votes.close()   # (the sync thread uses the vote sockets until it returns)
             os.close(wake)
             for link in self._peers:
                 if link is not None:
                     link.socket.close()
+                    if link.vote_socket is not None:
+                        link.vote_socket.close()
             router.close()
             context.term()
             self.store.close()
             log.info("node %s stopped", self.name)
+
+    def _hand_vote_socket(self, context: zmq.Context, peer: _Peer, send_fn: int) -> None:
+        """A socket to `peer` of the sync thread's own: the quorum messages that wait for a
+        vote log sync leave from it the moment the sync ends (see kvsvr/_syncer.pyx)."""
+        socket = node_socket(context, zmq.DEALER)
+        socket.connect(peer.address)
+        slot = self.votes.add_sender(send_fn, socket.underlying)
+        if slot is None:
+            socket.close()
+            return
+        peer.vote_socket, peer.vote_slot = socket, slot
 
     def _round_due(self, now: float) -> bool:
         """Whether a round has work beyond sending what a sync released."""
@@ -594,7 +613,11 @@ class ReplicaNode(Node):
         """Quorum messages: sent once every vote log frame holding votes written so far is
         durable (any of them may hold the vote they reveal), else held until the sync thread
         says so."""
-        if self._held or self.votes.synced < self._vote_gate:
+        if peer.vote_slot >= 0 and not peer.drop and not peer.delay_ms:
+            # The sync thread sends them as its fdatasync ends: the loop may be mid-round.
+            for message in protocol.pack(frames):
+                self.votes.send_after(self._vote_gate, peer.vote_slot, message)
+        elif self._held or self.votes.synced < self._vote_gate:
             self._held.append((self._vote_gate, peer, frames))
         else:
             self._send_peer(peer, frames, now)
@@ -1966,6 +1989,8 @@ class ReplicaNode(Node):
         counters = self.counters
         counters["vote_log_syncs"], sync_ns = self.votes.syncs   # counted by the sync thread
         counters["vote_log_sync_us"] = sync_ns // 1000
+        counters["votes_sent_by_sync_thread"], counters["vote_sends_dropped"], _ = \
+            self.votes.sends
         status = super().status()
         now = time.monotonic()
         quorum = self.quorum

@@ -256,6 +256,24 @@ class VoteLog:
             if self.seq > self._synced:
                 self._syncer.request(self.seq)
 
+    def add_sender(self, send_fn: int, socket: int) -> int | None:
+        """Hand a ZeroMQ socket (libzmq handle) to the sync thread for send_after; its slot,
+        or None without a sync thread (the caller then sends once `synced` says so)."""
+        if self._syncer is None or not send_fn:
+            return None
+        return self._syncer.add_socket(send_fn, socket)
+
+    def send_after(self, seq: int, slot: int, data: bytes) -> None:
+        """Send `data` on socket `slot` the moment frames up to `seq` are durable. Never
+        sent if the thread stops first (a failed sync, or close): those votes never were."""
+        assert self._syncer is not None
+        self._syncer.send_after(seq, slot, data)
+
+    @property
+    def sends(self) -> tuple[int, int, int]:
+        """(messages the sync thread sent, refused by a full socket, still waiting)."""
+        return (0, 0, 0) if self._syncer is None else self._syncer.sends
+
     @property
     def synced(self) -> int:
         """Every frame up to this sequence number is durable."""

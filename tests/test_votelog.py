@@ -18,6 +18,7 @@ import zmq
 from kvsvr import Client, NotFound, _core, protocol
 from kvsvr._syncer import Syncer
 from kvsvr.launcher import LocalCluster, write_cluster_config
+from kvsvr.node import libzmq_send
 from kvsvr.votelog import VoteLog, VoteLogDamaged
 
 
@@ -279,11 +280,11 @@ def test_one_write_at_a_time_costs_each_replica_one_vote_log_sync(tmp_path: Path
     cluster = LocalCluster(write_cluster_config(tmp_path), log_dir=tmp_path / "logs")
     cluster.start()
     try:
-        def syncs() -> int:
+        def syncs(counter: str = "vote_log_syncs") -> int:
             total = 0
             for node in cluster.nodes:
                 with Client(address=cluster.address(node), timeout=5.0) as one:
-                    total += one.status()["counters"].get("vote_log_syncs", 0)
+                    total += one.status()["counters"].get(counter, 0)
             return total
 
         writes = 60
@@ -298,6 +299,9 @@ def test_one_write_at_a_time_costs_each_replica_one_vote_log_sync(tmp_path: Path
         per_write_per_node = (after - before) / writes / len(cluster.nodes)
         # ~1.0 now (a sync can cover two writes' votes); 2.0 when choices were synced too.
         assert 0.3 <= per_write_per_node <= 1.5, per_write_per_node
+        # Each write's ACCEPTs and ACCEPTEDs left from the sync threads, none refused.
+        assert syncs("votes_sent_by_sync_thread") >= 2 * writes
+        assert syncs("vote_sends_dropped") == 0
     finally:
         cluster.stop()
 
@@ -330,6 +334,87 @@ def test_a_failed_fdatasync_stops_the_log_and_is_never_counted_durable(tmp_path:
             log.append(log.frame([_record(2)]))
     finally:
         log.close()
+        os.close(read_end)
+        os.close(write_end)
+        os.close(wake)
+
+
+def _received(router: zmq.Socket, timeout_ms: int) -> list[bytes]:
+    """Payloads the ROUTER gets within `timeout_ms` (identities dropped)."""
+    got = []
+    while router.poll(timeout_ms):
+        got.append(router.recv_multipart()[1])
+        timeout_ms = 50
+    return got
+
+
+def test_the_sync_thread_sends_what_waits_for_a_sync_only_once_it_is_durable(tmp_path: Path):
+    """Votes leave the moment their frames are durable, never before, in the order handed
+    over; what is still waiting when the thread stops is never sent."""
+    wake = os.eventfd(0, os.EFD_NONBLOCK)
+    fd = os.open(tmp_path / "votes.log", os.O_RDWR | os.O_CREAT, 0o644)
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.bind("inproc://votes")
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect("inproc://votes")
+    syncer = Syncer(fd, wake)
+    try:
+        slot = syncer.add_socket(libzmq_send(), dealer.underlying)
+        for seq, data in ((2, b"a"), (2, b"b"), (3, b"c")):
+            assert syncer.send_after(seq, slot, data)
+        assert _received(router, 300) == [], "sent before its frames were durable"
+        syncer.request(2)
+        _wait_for_wake(wake)
+        assert _received(router, 2000) == [b"a", b"b"]   # c waits for frame 3
+        assert syncer.synced == 2
+        syncer.mark_durable(3)                            # a checkpoint covered it
+        assert _received(router, 2000) == [b"c"]
+        assert syncer.send_after(1, slot, b"now")         # durable already: sent at once
+        assert _received(router, 2000) == [b"now"]
+        assert syncer.sends == (4, 0, 0)
+        assert syncer.send_after(9, slot, b"never")
+        with pytest.raises(ValueError, match="slot"):
+            syncer.send_after(1, slot + 1, b"x")
+        with pytest.raises(ValueError, match="send_fn"):
+            syncer.add_socket(0, dealer.underlying)
+    finally:
+        syncer.close()   # drops b"never": frame 9 never became durable
+    assert syncer.sends[2] == 0
+    assert not syncer.send_after(1, 0, b"after close")
+    assert _received(router, 300) == []
+    dealer.close()
+    router.close()
+    context.term()
+    os.close(fd)
+    os.close(wake)
+
+
+def test_votes_waiting_on_a_failed_fdatasync_never_leave(tmp_path: Path):
+    wake = os.eventfd(0, os.EFD_NONBLOCK)
+    read_end, write_end = os.pipe()   # fdatasync of a pipe fails (EINVAL)
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.bind("inproc://failing")
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect("inproc://failing")
+    unconnected = context.socket(zmq.DEALER)   # sends to it are refused, and counted
+    syncer = Syncer(write_end, wake)
+    try:
+        slot = syncer.add_socket(libzmq_send(), dealer.underlying)
+        nowhere = syncer.add_socket(libzmq_send(), unconnected.underlying)
+        assert syncer.send_after(0, nowhere, b"lost") and syncer.sends[:2] == (0, 1)
+        assert syncer.send_after(1, slot, b"vote")
+        syncer.request(1)
+        _wait_for_wake(wake)
+        assert syncer.stats[3] == errno.EINVAL
+        assert not syncer.send_after(0, slot, b"later"), "taken after the thread stopped"
+        assert _received(router, 300) == []
+    finally:
+        syncer.close()
+        for socket in (dealer, unconnected, router):
+            socket.close()
+        context.term()
         os.close(read_end)
         os.close(write_end)
         os.close(wake)
