@@ -22,10 +22,11 @@ next looked, which under load was after the round it was in: about as long again
 fdatasync itself, twice per write (the proposer's sync, then the acceptor's). So the loop
 hands such a message over with the sequence number it waits for (`send_after`), and this
 thread sends it on a ZeroMQ socket of its own the moment that sequence number is durable.
-A socket handed over (`add_socket`) is used only under the mutex, by whichever thread holds
-it (the loop sends at once what needs no sync), which is the full memory barrier ZeroMQ asks
-for between threads. The thread calls libzmq's zmq_send through a pointer the caller looks
-up in the libzmq pyzmq loaded, so this module links to no libzmq of its own.
+A socket handed over (`add_socket`) is used by this thread alone from then on (the mutex
+taken to hand it over is the full memory barrier ZeroMQ asks for between threads), and it
+sends outside the mutex, so the loop never waits for a send. It calls libzmq's zmq_send
+through a pointer the caller looks up in the libzmq pyzmq loaded, so this module links to
+no libzmq of its own.
 """
 
 from libc.errno cimport errno
@@ -91,21 +92,39 @@ cdef struct _State:
     uint64_t send_drops       # refused by a full (or unconnected) socket: the peer is behind
 
 
-cdef void _flush(_State *s) noexcept nogil:
-    """Send what waits for frames now durable (the mutex is held). Sequence numbers are
-    handed over in order, so the waiting ones are a prefix of the queue."""
+cdef inline bint _sendable(_State *s) noexcept nogil:
+    """Something waits for frames that are durable now (the mutex is held)."""
+    return s.head != NULL and s.head.seq <= s.synced
+
+
+cdef void _send_durable(_State *s) noexcept nogil:
+    """Send what waits for frames now durable: called with the mutex held, it lets go of it
+    while it sends. Sequence numbers are handed over in order, so those are a prefix."""
+    cdef _Outgoing *first = s.head
+    cdef _Outgoing *last = NULL
     cdef _Outgoing *item
+    cdef uint64_t sent = 0, dropped = 0
     while s.head != NULL and s.head.seq <= s.synced:
-        item = s.head
-        s.head = item.next
-        if s.head == NULL:
-            s.tail = NULL
+        last = s.head
+        s.head = last.next
+    if last == NULL:
+        return
+    last.next = NULL
+    if s.head == NULL:
+        s.tail = NULL
+    pthread_mutex_unlock(&s.mutex)
+    while first != NULL:
+        item = first
+        first = item.next
         if s.send(s.sockets[item.slot], <char *>item + sizeof(_Outgoing), item.length,
                   _ZMQ_DONTWAIT) < 0:
-            s.send_drops += 1
+            dropped += 1
         else:
-            s.sent += 1
+            sent += 1
         free(item)
+    pthread_mutex_lock(&s.mutex)
+    s.sent += sent
+    s.send_drops += dropped
 
 
 cdef inline uint64_t _now_ns() noexcept nogil:
@@ -120,10 +139,14 @@ cdef void *_run(void *arg) noexcept nogil:
     cdef int failed
     while True:
         pthread_mutex_lock(&s.mutex)
-        while s.requested <= s.synced and not s.closing:
+        while s.requested <= s.synced and not s.closing and not _sendable(s):
             s.idle = True
             pthread_cond_wait(&s.cond, &s.mutex)
             s.idle = False
+        if _sendable(s):
+            _send_durable(s)   # (handed over after their frames were durable: no sync)
+            pthread_mutex_unlock(&s.mutex)
+            continue
         if s.requested <= s.synced:
             pthread_mutex_unlock(&s.mutex)
             return NULL   # closing with nothing left to sync
@@ -140,8 +163,9 @@ cdef void *_run(void *arg) noexcept nogil:
                 s.synced = through
             s.syncs += 1
             s.sync_ns += elapsed
-            _flush(s)
         pthread_cond_broadcast(&s.cond)
+        if not failed:
+            _send_durable(s)   # first: they are what a write waits for
         pthread_mutex_unlock(&s.mutex)
         write(s.wake_fd, &one, sizeof(one))   # an eventfd: 8 bytes, never blocks for long
         if failed:
@@ -199,14 +223,12 @@ cdef class Syncer:
             self._s.synced = seq
         if seq > self._s.requested:
             self._s.requested = seq
-        if self._s.error == 0:
-            _flush(&self._s)
-        pthread_cond_broadcast(&self._s.cond)
+        pthread_cond_broadcast(&self._s.cond)   # (also: what waited for it can be sent)
         pthread_mutex_unlock(&self._s.mutex)
 
     def add_socket(self, uintptr_t send_fn, uintptr_t socket) -> int:
         """Hand over a ZeroMQ socket (its libzmq handle; `send_fn` is libzmq's zmq_send):
-        from now on only send_after uses it, until close() returns. Its slot number."""
+        from now on only the sync thread uses it, until close() returns. Its slot number."""
         if not send_fn or not socket:
             raise ValueError("send_fn, socket: libzmq handles, not NULL")
         pthread_mutex_lock(&self._s.mutex)
@@ -228,6 +250,7 @@ cdef class Syncer:
         are). False if it was not taken: the thread stopped (a sync failed, or closing)."""
         cdef size_t length = data.shape[0]
         cdef _Outgoing *item
+        cdef bint wake
         if not self._running:
             return False   # closed: its sockets may be gone
         if not 0 <= slot < self._s.socket_count:
@@ -251,8 +274,11 @@ cdef class Syncer:
         else:
             self._s.tail.next = item
         self._s.tail = item
-        _flush(&self._s)   # (sends it now if its frames are durable already)
+        # Durable already: the thread sends it now (a busy one looks when its sync ends).
+        wake = self._s.idle and seq <= self._s.synced
         pthread_mutex_unlock(&self._s.mutex)
+        if wake:
+            pthread_cond_broadcast(&self._s.cond)
         return True
 
     @property
