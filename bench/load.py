@@ -41,6 +41,7 @@ import queue
 import random
 import secrets
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -705,6 +706,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the same workloads against a 3-member etcd on loopback")
     parser.add_argument("--peer-only", action="store_true",
                         help="with --peer: measure only the peer (no KVSvr run)")
+    parser.add_argument("--rounds", type=int, default=1, metavar="N",
+                        help="with --peer: run both systems N times, the order alternating "
+                             "(KVSvr first, then etcd first, ...), and judge the target on the "
+                             "median of the N same-round ratios: this machine's speed drifts "
+                             "by +-20%% within minutes, and one run's ratio moves with it")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--counters", action="store_true",
                         help="print the rate of every node counter that moved (all nodes)")
@@ -723,6 +729,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--kill-halfway needs a local cluster: --replicas R")
     if args.peer_only and not args.peer:
         parser.error("--peer-only needs --peer")
+    if args.rounds < 1:
+        parser.error(f"--rounds: {args.rounds}; expected 1 or more")
+    if args.rounds > 1 and (not args.peer or args.peer_only or args.kill_halfway):
+        parser.error("--rounds N > 1 compares both systems: it needs --peer, and neither "
+                     "--peer-only nor --kill-halfway")
     if args.request_timeout is None:
         args.request_timeout = 1.0 if args.kill_halfway else 5.0
     mixes = args.mix or ["put", "get"]
@@ -757,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
               "processes (and by etcd's members with --peer; the systems run one after the other, "
               "never at once): the figures are what this machine gives, CPU-bound on both sides")
 
+    if args.rounds > 1:
+        return run_rounds(args, mixes, spec, run, kvsvr_driver, results)
+
     if not args.peer_only:
         status = run_kvsvr(args, mixes, spec, run, kvsvr_driver, results)
         if status:
@@ -785,6 +799,72 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"results written to {args.json}")
     return 0
+
+
+def run_rounds(args: argparse.Namespace, mixes: list[str], spec: dict[str, Any],
+               run: dict[str, Any], driver: Callable[..., None], results: dict[str, Any]) -> int:
+    """--rounds N: both systems N times, alternating which goes first; each round reported
+    in full, then the median ratios (what the target is judged on)."""
+    rounds: list[dict[str, Any]] = []
+    for number in range(1, args.rounds + 1):
+        one: dict[str, Any] = {**results, "workloads": []}
+        order = ("kvsvr", "etcd") if number % 2 else ("etcd", "kvsvr")
+        print(f"\n=== round {number} of {args.rounds}: {order[0]} first ===")
+        for system in order:
+            if system == "kvsvr":
+                status = run_kvsvr(args, mixes, spec, run, driver, one)
+                if status:
+                    return status
+            else:
+                run_etcd(args, mixes, spec, run, one)
+        report(args, one)
+        rounds.append(one)
+        if one.get("peer", {}).get("skipped"):
+            break   # no etcd here: nothing to compare, once is enough
+    results["rounds"] = rounds
+    report_rounds(rounds)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"results written to {args.json}")
+    return 0
+
+
+def round_ratios(one: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Per mix, (KVSvr/etcd throughput, KVSvr/etcd p99) of one round."""
+    etcd = {w["mix"]: w for w in one.get("peer", {}).get("workloads", [])}
+    ratios = {}
+    for k in one["workloads"]:
+        e = etcd.get(k["mix"])
+        if e and e["ops_per_s"] and e["p99_ms"]:
+            ratios[k["mix"]] = (k["ops_per_s"] / e["ops_per_s"], k["p99_ms"] / e["p99_ms"])
+    return ratios
+
+
+def report_rounds(rounds: list[dict[str, Any]]) -> None:
+    per_round = [round_ratios(one) for one in rounds]
+    mixes = [w["mix"] for w in rounds[0]["workloads"] if w["mix"] in per_round[0]]
+    if not mixes:
+        return
+    print(f"\nKVSvr/etcd over {len(rounds)} rounds (the order alternating; throughput ratio "
+          "and p99 ratio of each round, then their medians):")
+    for mix in mixes:
+        pairs = [r[mix] for r in per_round if mix in r]
+        cells = "  ".join(f"{x:4.2f}x/{p:4.2f}x" for x, p in pairs)
+        median_x = statistics.median(x for x, _ in pairs)
+        median_p = statistics.median(p for _, p in pairs)
+        print(f"  {mix:8s} {cells}  | median {median_x:4.2f}x, p99 {median_p:4.2f}x")
+    verdicts = []
+    for mix, name in (("put", "durable writes"), ("get", "linearizable reads")):
+        pairs = [r[mix] for r in per_round if mix in r]
+        if pairs:
+            median_x = statistics.median(x for x, _ in pairs)
+            median_p = statistics.median(p for _, p in pairs)
+            met = median_x >= 2.0 and median_p <= 1.0
+            verdicts.append(f"{name} {median_x:.2f}x with p99 {median_p:.2f}x etcd's: "
+                            f"{'met' if met else 'not met'}")
+    if verdicts:
+        print("  issue 3's target (>= 2x etcd's throughput, p99 no worse), on the medians: "
+              + "; ".join(verdicts))
 
 
 def run_kvsvr(args: argparse.Namespace, mixes: list[str], spec: dict[str, Any],
