@@ -66,6 +66,9 @@ def encode_quorum_messages(list messages not None) -> bytes:
             raise ValueError("value: a binlog record (bytes) or None")
         if len(m.key) > _MAX_KEY_BYTES:
             raise ValueError(f"key: {len(m.key)} bytes, the limit is {_MAX_KEY_BYTES}")
+        if not m.key and m.kind != MSG_STATE_REQUEST:
+            # (the decoder refuses it: a peer would drop the whole frame)
+            raise ValueError(f"key: required for kind {m.kind}")
         total += _QWIRE_MESSAGE_BYTES + len(m.key) + _size_of(m.value)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
     cdef uint8_t* p = <uint8_t*> PyBytes_AS_STRING(out)
@@ -151,7 +154,8 @@ def decode_quorum_messages(body) -> list:
             raise QuorumWireError(f"messages[{i}].key: {key_len} bytes, the limit is "
                                   f"{_MAX_KEY_BYTES}", f"messages[{i}].key")
         if kind != MSG_STATE_REQUEST and key_len == 0:
-            raise QuorumWireError(f"messages[{i}].key: required for this kind", "key")
+            raise QuorumWireError(f"messages[{i}].key: required for kind {kind}",
+                                  f"messages[{i}].key")
         pos += _QWIRE_MESSAGE_BYTES
         if <Py_ssize_t> key_len > n - pos or <Py_ssize_t> value_len > n - pos - key_len:
             raise QuorumWireError(f"messages[{i}]: key or value runs past the end", "body")

@@ -232,7 +232,10 @@ cdef class Syncer:
         if not send_fn or not socket:
             raise ValueError("send_fn, socket: libzmq handles, not NULL")
         pthread_mutex_lock(&self._s.mutex)
-        if self._s.socket_count >= _MAX_SOCKETS or not self._running:
+        if not self._running or self._s.closing:
+            pthread_mutex_unlock(&self._s.mutex)
+            raise ValueError("socket: the sync thread is closed")
+        if self._s.socket_count >= _MAX_SOCKETS:
             pthread_mutex_unlock(&self._s.mutex)
             raise ValueError(f"socket: a sync thread takes at most {_MAX_SOCKETS}")
         if self._s.send != NULL and self._s.send != <_send_fn>send_fn:

@@ -95,7 +95,7 @@ def _patched(offset: int, data: bytes, base: _core.Message = ACCEPT) -> bytes:
     (_patched(40, b"x"), "messages[0].value"),                     # record of another key
     (_patched(41 + 30, b"\xff"), "messages[0].value"),             # checksum mismatch
     (_patched(10, (241).to_bytes(2, "little")), "messages[0].key"),
-    (_patched(10, b"\x00\x00"), "key"),                            # an instance needs a key
+    (_patched(10, b"\x00\x00"), "messages[0].key"),                # an instance needs a key
     (_patched(2, b"\x00\x00"), "messages"),
     (_patched(2, b"\x02\x00"), "body"),                            # one message, two counted
     (_binary(ACCEPT)[:-1], "body"),                                # truncated
@@ -115,6 +115,8 @@ def test_the_binary_layout_refuses_to_encode_what_it_cannot_carry():
         _core.encode_quorum_messages([_core.Message(_core.MSG_ACCEPTED, 0, 9, 1, b"k", 1)])
     with pytest.raises(ValueError, match="messages"):
         _core.encode_quorum_messages([])
+    with pytest.raises(ValueError, match="key: required"):   # its peer would refuse the frame
+        _core.encode_quorum_messages([_core.Message(_core.MSG_ACCEPTED, 0, 1, 1, b"", 1)])
 
 
 def test_random_messages_round_trip_through_the_binary_layout():

@@ -390,6 +390,8 @@ def test_the_sync_thread_sends_what_waits_for_a_sync_only_once_it_is_durable(tmp
         syncer.close()   # drops b"never": frame 9 never became durable
     assert syncer.sends[2] == 0
     assert not syncer.send_after(1, 0, b"after close")
+    with pytest.raises(ValueError, match="closed"):
+        syncer.add_socket(libzmq_send(), dealer.underlying)
     assert _received(router, 300) == []
     dealer.close()
     router.close()
