@@ -11,7 +11,8 @@ holds for a few instructions, and wakes the loop through an eventfd.
 The protocol: the loop writes frames (pwrite) and calls request(seq) with the last frame's
 sequence number; the thread fdatasyncs and then publishes `synced` = the highest sequence
 number requested before that fdatasync began (every pwrite of those frames had returned, so
-the fdatasync covers them), and writes 1 to the eventfd. While one fdatasync runs, further
+the fdatasync covers them), and writes 1 to the eventfd (unless the loop said nothing of its
+own waits for it: wake_on_sync). While one fdatasync runs, further
 requests wait for the next one, which covers them all. A failed fdatasync is never retried
 (after a failure the kernel may have dropped the pages it could not write): `error` is set
 and the thread stops.
@@ -83,6 +84,7 @@ cdef struct _State:
     int error                 # errno of a failed fdatasync, 0 if none
     bint closing
     bint idle                 # the thread waits for a request (else it sees one when done)
+    bint wake_after_sync      # write the eventfd after every sync (else only after a failure)
     _send_fn send             # libzmq's zmq_send (NULL: no socket handed over)
     void *sockets[_MAX_SOCKETS]
     int socket_count
@@ -137,6 +139,7 @@ cdef void *_run(void *arg) noexcept nogil:
     cdef _State *s = <_State *>arg
     cdef uint64_t through, started, elapsed, one = 1
     cdef int failed
+    cdef bint wake
     while True:
         pthread_mutex_lock(&s.mutex)
         while s.requested <= s.synced and not s.closing and not _sendable(s):
@@ -166,8 +169,10 @@ cdef void *_run(void *arg) noexcept nogil:
         pthread_cond_broadcast(&s.cond)
         if not failed:
             _send_durable(s)   # first: they are what a write waits for
+        wake = failed or s.wake_after_sync
         pthread_mutex_unlock(&s.mutex)
-        write(s.wake_fd, &one, sizeof(one))   # an eventfd: 8 bytes, never blocks for long
+        if wake:
+            write(s.wake_fd, &one, sizeof(one))   # an eventfd: 8 bytes, never blocks for long
         if failed:
             return NULL
 
@@ -189,6 +194,7 @@ cdef class Syncer:
         self._s.error = 0
         self._s.closing = False
         self._s.idle = False
+        self._s.wake_after_sync = True
         self._s.send = NULL
         self._s.socket_count = 0
         self._s.head = NULL
@@ -215,6 +221,16 @@ cdef class Syncer:
         pthread_mutex_unlock(&self._s.mutex)
         if wake:
             pthread_cond_broadcast(&self._s.cond)
+
+    def wake_on_sync(self, bint on) -> None:
+        """Whether a finished sync writes the eventfd (a failed one always does). The loop
+        turns it off while nothing of its own waits for a sync (the thread sends the votes
+        itself): under load that is one wake-up of the loop saved per fdatasync. Turned on
+        before the loop looks at `synced` one last time, a sync that ends after that look
+        wakes it, so nothing waits for a later event."""
+        pthread_mutex_lock(&self._s.mutex)
+        self._s.wake_after_sync = on
+        pthread_mutex_unlock(&self._s.mutex)
 
     def mark_durable(self, uint64_t seq) -> None:
         """Frames up to `seq` are durable by other means (a checkpoint committed them)."""

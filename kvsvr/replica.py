@@ -248,6 +248,7 @@ class ReplicaNode(Node):
         # (the last such frame, peer, the messages' frames), in the order they were made.
         self._held: deque[tuple[int, _Peer, list[bytes]]] = deque()
         self._vote_gate = 0   # the last vote log frame holding votes: sends wait for it
+        self._sync_wakes = True   # each finished sync wakes the loop (see _wake_on_sync)
         self._barriers: dict[int, _Barrier] = {}
         self._barrier_ids = itertools.count(1)
         self._want_barrier: dict[bytes, list[_Waiter]] = {}
@@ -622,6 +623,11 @@ class ReplicaNode(Node):
         else:
             self._send_peer(peer, frames, now)
 
+    def _wake_on_sync(self, on: bool) -> None:
+        if on != self._sync_wakes:
+            self._sync_wakes = on
+            self.votes.wake_on_sync(on)
+
     def _release_held(self, now: float) -> None:
         """Send the quorum messages whose vote log frames are durable now."""
         held = self._held
@@ -714,7 +720,13 @@ class ReplicaNode(Node):
             self._expire_sessions(now)
         self._flush_clients()
         self._maybe_checkpoint(now)
+        # A sync wakes this loop only while messages of its own wait for one (the sync
+        # thread sends the rest): asked before the last look at what is durable, so a sync
+        # ending after that look still wakes it.
+        self._wake_on_sync(bool(self._held))
         self._release_held(now)
+        if not self._held:
+            self._wake_on_sync(False)
         # (Applies that wait for a commit under way are taken up when it wakes the loop.)
         return bool(self._dirty) or (self._committing is None
                                      and bool(self._pulled or self._apply_later))
@@ -1344,6 +1356,7 @@ class ReplicaNode(Node):
                     if not writable:
                         self.counters["work_held_by_checkpoint"] += 1
                         continue
+                    self.counters["writes_through_checkpoint"] += 1
                     self._progress_write(key, work, frozen[key], txn, now)
                     if not work.writes and not work.reads:
                         del self._work[key]
@@ -1629,6 +1642,12 @@ class ReplicaNode(Node):
             self._pulled = pulled + self._pulled
             self._after_commit(send, decided, now)
             return
+        if send and not durable_now and not any(m.kind == _core.MSG_STATE for m in send):
+            # Sent before the applies below, which nothing sent waits for: the votes leave
+            # from the sync thread the moment their frame is durable (the sync runs while
+            # this loop applies), the choices at once.
+            self._send_quorum(send, now)
+            send = []
         if later:
             touched |= later
             self._apply_later = set()
@@ -2043,6 +2062,8 @@ class ReplicaNode(Node):
             "checkpoint": {
                 "committing": self._committing is not None,
                 "keys_in_commit": len(self._frozen),
+                # Keys chosen while it commits: applied (and readable) once it ends.
+                "keys_waiting_to_apply": len(self._apply_later),
                 "fault_commit_delay_ms": round(self._committer.delay_s * 1000),
                 # The last commit's meta page waits for the next commit's fsync (or the
                 # idle sync a checkpoint interval later) to be durable.

@@ -250,11 +250,18 @@ class VoteLog:
 
     def start(self, wake_fd: int) -> None:
         """Sync on a native thread from now on; after each sync (or a failure) it writes 1 to
-        the eventfd `wake_fd`, so a loop polling it sends what waited for the frames."""
+        the eventfd `wake_fd`, so a loop polling it sends what waited for the frames (see
+        wake_on_sync)."""
         if self.sync and self._syncer is None:
             self._syncer = Syncer(self._fd, wake_fd, self._synced)
             if self.seq > self._synced:
                 self._syncer.request(self.seq)
+
+    def wake_on_sync(self, on: bool) -> None:
+        """Whether each finished sync writes the eventfd given to start() (a failed one
+        always does); on until turned off. Without a sync thread: nothing to do."""
+        if self._syncer is not None:
+            self._syncer.wake_on_sync(on)
 
     def add_sender(self, send_fn: int, socket: int) -> int | None:
         """Hand a ZeroMQ socket (libzmq handle) to the sync thread for send_after; its slot,

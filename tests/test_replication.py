@@ -795,6 +795,13 @@ def test_soak_random_faults_on_a_group(tmp_path: Path, seed: int):
         group.stop()
 
 
+def _commit_holds_all_applied(checkpoint: dict[str, Any]) -> bool:
+    """A checkpoint is committing what was applied before it (v1 included), and nothing
+    chosen since waits for it to end."""
+    return bool(checkpoint["committing"]) and checkpoint["keys_in_commit"] >= 1 \
+        and checkpoint["keys_waiting_to_apply"] == 0
+
+
 def test_a_write_to_a_key_a_slow_checkpoint_holds_is_answered_before_the_commit_ends(
         group: LocalCluster):
     """A checkpoint's commit holds the keys it applied (a read transaction cannot see them).
@@ -812,8 +819,11 @@ def test_a_write_to_a_key_a_slow_checkpoint_holds_is_answered_before_the_commit_
             client.faults(group.address(node), commit_delay_ms=5000)
         wait_for(lambda: not status(group, home)["checkpoint"]["committing"], what="idle")
         assert client.put(key, b"v1") == 1    # applied, then the checkpoint holding it starts
-        wait_for(lambda: status(group, home)["checkpoint"]["keys_in_commit"] >= 1,
-                 what="the home's checkpoint holding v1 to be committing")
+        # (The warm-up's own checkpoint may start between the idle check and v1, slowed too:
+        # v1 is then chosen during it and applied only once it ends, and the next one holds
+        # it. So wait for a commit under way with no chosen version waiting to apply.)
+        wait_for(lambda: _commit_holds_all_applied(status(group, home)["checkpoint"]),
+                 timeout=30.0, what="the home's checkpoint holding v1 to be committing")
         before = status(group, home)
         assert before["checkpoint"]["fault_commit_delay_ms"] == 5000
         assert client.put(key, b"v2") == 2
@@ -824,6 +834,9 @@ def test_a_write_to_a_key_a_slow_checkpoint_holds_is_answered_before_the_commit_
             before["counters"].get("group_commits", 0)
         assert after["counters"].get("work_held_by_checkpoint", 0) == \
             before["counters"].get("work_held_by_checkpoint", 0)
+        # ... and it was proposed through that commit, from the state kept in memory.
+        assert after["counters"].get("writes_through_checkpoint", 0) > \
+            before["counters"].get("writes_through_checkpoint", 0)
         for node in group.nodes:
             client.faults(group.address(node))   # heal
         assert client.get(key).value == b"v2"

@@ -250,6 +250,47 @@ def test_the_sync_thread_makes_written_frames_durable_and_wakes_the_loop(tmp_pat
     assert again.replay(through=0) == [_record(i) for i in range(30)] + [_record(99)]
 
 
+def _woken(wake: int) -> bool:
+    try:
+        os.eventfd_read(wake)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def test_a_sync_wakes_the_loop_only_while_it_asks_but_a_failure_always(tmp_path: Path):
+    """The loop turns the wake-up off while nothing of its own waits for a sync: the syncs
+    then go on (and count) without a word, and turned back on, the next one wakes it."""
+    wake = os.eventfd(0, os.EFD_NONBLOCK)
+    log = VoteLog(tmp_path / "votes.log", nonce=4, size=1 << 16)
+    log.start(wake)
+    try:
+        log.wake_on_sync(False)
+        for i in range(5):
+            log.append(log.frame([_record(i)]))   # waits for its sync
+        assert log.synced == 5 and log.syncs[0] >= 1
+        time.sleep(0.05)
+        assert not _woken(wake), "a sync wrote the eventfd with wake-ups turned off"
+        log.wake_on_sync(True)
+        log.write(log.frame([_record(5)]))
+        _wait_for_wake(wake)
+        assert log.synced == 6
+    finally:
+        log.close()
+    read_end, write_end = os.pipe()   # fdatasync of a pipe fails (EINVAL)
+    syncer = Syncer(write_end, wake)
+    try:
+        syncer.wake_on_sync(False)
+        syncer.request(1)
+        _wait_for_wake(wake)   # the node must learn of it at once: it stops
+        assert syncer.stats[3] == errno.EINVAL
+    finally:
+        syncer.close()
+        os.close(read_end)
+        os.close(write_end)
+        os.close(wake)
+
+
 def test_a_frame_written_without_a_sync_is_covered_by_the_next_one(tmp_path: Path):
     """Learned choices alone ask no fdatasync (nothing waits for them): the next vote's sync
     makes them durable too, and both replay."""
