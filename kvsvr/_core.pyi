@@ -1,5 +1,6 @@
 """Type stub of the Cython core (kvsvr/_core.pyx): what the Python shell may use."""
 
+from collections.abc import Callable
 from typing import Any
 
 DEBUG_BUILD: bool
@@ -142,6 +143,9 @@ class QuorumReplica:
     def home(self, key: bytes) -> int: ...
     def tick(self, now: float) -> None: ...
     def step(self, message: Message, now: float, floor: int = 0) -> None: ...
+    def step_all(self, messages: list[Message], now: float, frozen: dict[bytes, int],
+                 states: dict[bytes, Any], applied: Callable[[bytes], int],
+                 voting: bool) -> tuple[int, int, list[Message]]: ...
 
 # --- shared-memory counters and value blocks (_counters.pxi) -----------------------------
 COUNTERS_HEADER_BYTES: int

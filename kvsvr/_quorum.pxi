@@ -579,6 +579,48 @@ cdef class QuorumReplica:
         elif kind == MSG_STATE:
             self._on_state(message)
 
+    def step_all(self, list messages not None, double now, dict frozen not None,
+                 dict states not None, object applied not None, bint voting):
+        """step() each message of a frame, in order, as a replica's loop does (`now` in
+        seconds here). A message's floor (PREPARE, ACCEPT and CHOSEN of a key) is the
+        replica's applied version of the key: `frozen[key]` if there (a commit under way
+        holds it), else `states[key].version` if there (kept in memory), else `applied(key)`.
+        Skipped: messages not addressed to this replica (counted), and PREPARE and ACCEPT
+        while the replica is not `voting` and not rebuilding (its data is not caught up).
+
+        Returns (misaddressed, heard, follow_up): how many were misaddressed, a bit mask of
+        the sources heard from, and the messages the loop acts on after this: STATE parts
+        that arrived while rebuilding, and BEHIND answers about a key."""
+        cdef Message message
+        cdef int kind, misaddressed = 0
+        cdef uint64_t heard = 0, floor
+        cdef list follow_up = []
+        cdef double now_ms = now * 1000
+        for message in messages:
+            if message.target != self.node or message.source < 0 \
+                    or message.source >= self.replicas:
+                misaddressed += 1
+                continue
+            heard |= (<uint64_t> 1) << message.source
+            kind = message.kind
+            if not voting and (kind == MSG_PREPARE or kind == MSG_ACCEPT) \
+                    and not self.rebuilding:
+                continue
+            if kind == MSG_STATE and self.rebuilding:
+                follow_up.append(message)   # (the step may end the rebuild)
+            floor = 0
+            if message.key and (kind == MSG_PREPARE or kind == MSG_ACCEPT
+                                or kind == MSG_CHOSEN):
+                found = frozen.get(message.key)
+                if found is None:
+                    found = states.get(message.key)
+                    found = applied(message.key) if found is None else found.version
+                floor = found
+            self.step(message, now_ms, floor)
+            if kind == MSG_BEHIND and message.key:
+                follow_up.append(message)
+        return misaddressed, heard, follow_up
+
     cdef void _on_acceptor_request(self, Message message):
         if self.rebuilding:
             return  # amnesia guard: no vote before the state is rebuilt from peers

@@ -357,6 +357,11 @@ class Store:
         state = self._states.get(key)
         return KeyState.decode(txn.get(key, db=self._keys)) if state is None else state
 
+    @property
+    def kept_states(self) -> dict[bytes, KeyState]:
+        """The key states kept in memory (see latest), by key: to be read, never changed."""
+        return self._states
+
     def cached_state(self, key: bytes) -> KeyState | None:
         """The key's newest state if it is kept in memory (see latest), else None."""
         return self._states.get(key)

@@ -380,6 +380,58 @@ def test_an_acceptor_below_its_floor_answers_behind_and_never_votes():
     assert proposer.proposals_in_flight == 0
 
 
+class _Kept:
+    def __init__(self, version: int):
+        self.version = version
+
+
+def test_a_frame_stepped_at_once_is_each_message_stepped_with_the_replica_floor():
+    """step_all is the loop's batch form of step(): the same outputs, each key's floor taken
+    from the commit under way, else the kept states, else asked; misaddressed messages are
+    counted and skipped; STATE while rebuilding and BEHIND come back for the loop."""
+    ballot = _core.make_ballot(0, 2)
+    def frame():
+        return [
+            _core.Message(_core.MSG_ACCEPT, 2, 1, 1, b"frozen", 5, ballot, 0, b"a"),  # floor 5
+            _core.Message(_core.MSG_ACCEPT, 2, 1, 1, b"kept", 3, ballot, 0, b"b"),    # floor 1
+            _core.Message(_core.MSG_ACCEPT, 2, 1, 1, b"asked", 8, ballot, 0, b"c"),   # floor 8
+            _core.Message(_core.MSG_ACCEPT, 2, 0, 1, b"kept", 4, ballot, 0, b"d"),    # not ours
+            _core.Message(_core.MSG_ACCEPT, 7, 1, 1, b"kept", 4, ballot, 0, b"e"),    # no peer
+            _core.Message(_core.MSG_CHOSEN, 0, 1, 1, b"kept", 2, 0, 0, b"f"),
+            _core.Message(_core.MSG_BEHIND, 0, 1, 1, b"other", 9, 0, 12),
+        ]
+    one_by_one = _core.QuorumReplica(1, 3)
+    for message, floor in zip(frame(), [5, 1, 8, 0, 0, 1, 0], strict=True):
+        one_by_one.step(message, 1000.0, floor)
+    at_once = _core.QuorumReplica(1, 3)
+    asked = []
+    def applied(key):
+        asked.append(key)
+        return 8
+    misaddressed, heard, follow_up = at_once.step_all(
+        frame(), 1.0, {b"frozen": 5}, {b"kept": _Kept(1), b"frozen": _Kept(2)}, applied, True)
+    assert asked == [b"asked"]
+    assert (misaddressed, heard) == (2, 0b101)
+    assert [(m.kind, m.key) for m in follow_up] == [(_core.MSG_BEHIND, b"other")]
+    def outputs(replica):
+        persist, send, decided = replica.ready()
+        return (persist, [(m.kind, m.target, m.key, m.version, m.accepted_ballot)
+                          for m in send], decided, replica.take_learned())
+    assert outputs(at_once) == outputs(one_by_one)
+    # Not voting (its data is behind): no vote given, the choice still learned.
+    quiet = _core.QuorumReplica(1, 3)
+    quiet.step_all(frame(), 1.0, {}, {}, lambda key: 0, False)
+    persist, send, _, learned = outputs(quiet)
+    assert [r for r in persist if r[0] == "instance" and r[4]] == []   # nothing accepted
+    assert [m for m in send if m[0] == _core.MSG_ACCEPTED] == []
+    assert [r[1] for r in learned] == [b"kept"]
+    # Rebuilding: the STATE parts come back (the loop notes how far the peer's binlog was).
+    rebuilding = _core.QuorumReplica(1, 3, incarnation=2, rebuilding=True)
+    state = _core.Message(_core.MSG_STATE, 0, 1, 1, b"", 77, 0, 1 << 16 | 1, [])
+    _, _, follow_up = rebuilding.step_all([state], 1.0, {}, {}, lambda key: 0, False)
+    assert [(m.kind, m.version) for m in follow_up] == [(_core.MSG_STATE, 77)]
+
+
 def test_a_recovery_finds_nothing_or_finishes_what_was_accepted():
     """A read that meets an unfinished instance recovers it: with a value accepted somewhere
     in the majority, that value is chosen; with none, the proposal reports nothing chosen."""
