@@ -956,8 +956,8 @@ class ReplicaNode(Node):
         quorum = self.quorum
         if quorum is None:
             return  # joining: no acceptor state yet, and no vote to give
-        # (The floor counts only for requests and choices: see "Floors" in the core. The
-        # loop over a frame's messages runs there: here it cost about 5 us a message.)
+        # (The floor counts only for requests and choices: see "Floors" in the core, where
+        # the loop over a frame's messages runs: 0.3 of the 3.6 us a message took here.)
         misaddressed, heard, follow_up = quorum.step_all(
             messages, now, self._frozen, self.store.kept_states,
             lambda key: self._applied(txn, key), self.voting)
