@@ -138,6 +138,7 @@ EXPIRE_INTERVAL_S = 0.01        # waiting requests are checked for their deadlin
 ROUND_WAKE_ONLY_MAX_S = 0.005   # a sync ending alone skips the round if one ran this recently
 OPEN_RECOVER_AFTER_S = 1.0      # an instance accepted here but not chosen this long: finish it
 OPEN_CHECK_INTERVAL_S = 0.25    # how often open instances are looked at
+YIELD_AFTER_VOTE_S = 0.01       # a loop that wrote votes this recently yields once per wake
 CHECKPOINT_MAX_APPLIED = 20_000  # a checkpoint at least every this many applied versions
 
 _REQUEST = _core.FRAME_REQUEST
@@ -248,6 +249,7 @@ class ReplicaNode(Node):
         self._held: deque[tuple[int, _Peer, list[bytes]]] = deque()
         self._vote_gate = 0   # the last vote log frame holding votes: sends wait for it
         self._sync_wakes = True   # each finished sync wakes the loop (see _wake_on_sync)
+        self._voted_at = -1.0     # when a round last wrote votes (see serve)
         self._barriers: dict[int, _Barrier] = {}
         self._barrier_ids = itertools.count(1)
         self._want_barrier: dict[bytes, list[_Waiter]] = {}
@@ -509,6 +511,14 @@ class ReplicaNode(Node):
                     self.sweep_idle_clients()
                 timeout = 0 if busy else self._poll_timeout_ms()
                 events = dict(poller.poll(timeout))
+                if events and not busy and self._round_at - self._voted_at < YIELD_AFTER_VOTE_S:
+                    # Woken while writes are in flight: the threads already waiting for this
+                    # core (ZeroMQ's I/O thread, the sync thread, the other nodes) go first,
+                    # and what they deliver meanwhile joins this round. Under the put load:
+                    # 15% fewer rounds and 8% fewer syncs per put, +3-4% puts/s. Not for
+                    # reads alone: a read-only load lost 3-9% (each round is cheap there).
+                    os.sched_yield()
+                    events = dict(poller.poll(0))
                 if wake in events:   # a sync or a commit ended (or failed: the node stops)
                     with suppress(BlockingIOError):
                         os.eventfd_read(wake)
@@ -1629,6 +1639,7 @@ class ReplicaNode(Node):
                 self.votes.write(frame, sync=bool(persist))
                 if persist:
                     self._vote_gate = self.votes.seq
+                    self._voted_at = now
             elif persist:
                 durable_now = True
         if self._committing is not None:
