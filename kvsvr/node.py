@@ -39,6 +39,7 @@ POLL_INTERVAL_MS = 100           # how often an idle node looks at its stop flag
 ROUND_MAX_MESSAGES = 256         # client messages drained before a round answers what it has
 ROUND_MAX_BYTES = 32 << 20       # ... or this many bytes of them
 CLIENT_SWEEP_INTERVAL_S = 60.0   # how often idle clients' op ids are looked for
+IO_THREAD_SCHED_POLICY = os.SCHED_BATCH   # ZeroMQ's I/O thread (see node_context)
 
 _encode = protocol.encode
 _encode_frame = _core.encode_frame
@@ -256,7 +257,7 @@ class Node:
 
     # --- the I/O edge ----------------------------------------------------------------------
     def serve(self) -> None:
-        context = zmq.Context(io_threads=1)
+        context = node_context()
         socket = bind_router(context, self.replica.address)
         log.info("node %s (group %s, campus %s) serving on %s, data %s, binlog lsn %d..%d",
                  self.name, self.group.name, self.replica.campus, self.replica.address,
@@ -293,6 +294,20 @@ class Node:
             context.term()
             self.store.close()
             log.info("node %s stopped", self.name)
+
+
+def node_context() -> zmq.Context:
+    """The node's ZeroMQ context: one I/O thread, under SCHED_BATCH. A thread of that policy
+    woken by the kernel does not preempt the one running on its core: the node's loop then
+    finishes what it is doing (or yields, see the replica's serve) before the I/O thread
+    moves the next message, instead of being cut off for each one. On 2 cores shared by
+    three replicas and their clients: +8-11% replicated puts/s, p99 -10% (4 alternated
+    pairs), gets +5-23%. Where a core is idle the I/O thread runs there at once as before.
+    No privilege is needed for it."""
+    context = zmq.Context(io_threads=1)
+    context.set(zmq.THREAD_SCHED_POLICY, IO_THREAD_SCHED_POLICY)
+    context.set(zmq.THREAD_PRIORITY, 0)   # (the only priority that policy takes)
+    return context
 
 
 def node_socket(context: zmq.Context, kind: int) -> zmq.Socket:

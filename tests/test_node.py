@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import random
 import signal
 import subprocess
@@ -210,6 +211,20 @@ def test_sigterm_stops_cleanly_and_data_survives(tmp_path: Path):
             assert client.get("durable").value == b"yes"
     finally:
         cluster.stop()
+
+
+def test_the_nodes_zeromq_io_thread_never_preempts_its_loop(cluster: LocalCluster):
+    """SCHED_BATCH (see kvsvr.node.node_context): woken, it waits for the core it wants."""
+    with Client(address=cluster.address(cluster.nodes[0]), timeout=5.0) as client:
+        client.put(b"warm", b"x")   # (the I/O thread exists from the first socket on)
+    pid = cluster.processes[cluster.nodes[0]].pid
+    policies = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        name = (task / "comm").read_text().strip()
+        policies.setdefault(name, set()).add(os.sched_getscheduler(int(task.name)))
+    assert policies.get("ZMQbg/IO/0") == {os.SCHED_BATCH}, policies
+    others = {name: p for name, p in policies.items() if not name.startswith("ZMQbg")}
+    assert others and all(os.SCHED_BATCH not in p for p in others.values()), policies
 
 
 def test_a_second_node_on_the_same_data_dir_is_refused(cluster: LocalCluster):
