@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -305,9 +306,31 @@ def node_context() -> zmq.Context:
     pairs), gets +5-23%. Where a core is idle the I/O thread runs there at once as before.
     No privilege is needed for it."""
     context = zmq.Context(io_threads=1)
-    context.set(zmq.THREAD_SCHED_POLICY, IO_THREAD_SCHED_POLICY)
-    context.set(zmq.THREAD_PRIORITY, 0)   # (the only priority that policy takes)
+    if _may_schedule(IO_THREAD_SCHED_POLICY):
+        context.set(zmq.THREAD_SCHED_POLICY, IO_THREAD_SCHED_POLICY)
+        context.set(zmq.THREAD_PRIORITY, 0)   # (the only priority that policy takes)
+    else:
+        log.warning("scheduling policy %d refused here: ZeroMQ's I/O thread keeps the "
+                    "default (slower under load on a busy machine)", IO_THREAD_SCHED_POLICY)
     return context
+
+
+def _may_schedule(policy: int) -> bool:
+    """Whether a thread of this process may take `policy` (tried on a thread of its own):
+    libzmq aborts the process if setting its thread's policy fails."""
+    allowed: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            os.sched_setscheduler(0, policy, os.sched_param(0))
+            allowed.append(True)
+        except (OSError, AttributeError):
+            allowed.append(False)
+
+    probe = threading.Thread(target=attempt, name="sched-probe")
+    probe.start()
+    probe.join()
+    return allowed == [True]
 
 
 def node_socket(context: zmq.Context, kind: int) -> zmq.Socket:

@@ -227,6 +227,13 @@ def test_the_nodes_zeromq_io_thread_never_preempts_its_loop(cluster: LocalCluste
     assert others and all(os.SCHED_BATCH not in p for p in others.values()), policies
 
 
+def test_a_scheduling_policy_the_process_may_not_take_is_not_asked_of_zeromq():
+    """libzmq aborts the process if it cannot set its thread's policy: probed first."""
+    from kvsvr.node import _may_schedule
+    assert _may_schedule(os.SCHED_BATCH)
+    assert not _may_schedule(12345)   # no such policy: refused, and nothing else happens
+
+
 def test_a_second_node_on_the_same_data_dir_is_refused(cluster: LocalCluster):
     result = subprocess.run(
         [sys.executable, "-m", "kvsvr.node", "--config", cluster.config_path, "--node", "n1"],
