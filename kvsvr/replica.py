@@ -143,7 +143,6 @@ YIELD_AFTER_VOTE_S = 0.01       # a loop that wrote votes this recently yields i
 WAKE_YIELDS = 2                 # ... this many times when woken, before taking what arrived
 CHECKPOINT_MAX_APPLIED = 20_000  # a checkpoint at least every this many applied versions
 
-_IOB = os.environ.get("KVSVR_IOB", "0") == "1"
 _REQUEST = _core.FRAME_REQUEST
 _RESPONSE = _core.FRAME_RESPONSE
 _encode = protocol.encode
@@ -473,9 +472,6 @@ class ReplicaNode(Node):
     # --- the I/O edge -------------------------------------------------------------------------
     def serve(self) -> None:
         context = node_context()
-        if _IOB:
-            context.set(zmq.THREAD_SCHED_POLICY, 3)   # SCHED_BATCH
-            context.set(zmq.THREAD_PRIORITY, 0)
         router = bind_router(context, self.replica.address)
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
