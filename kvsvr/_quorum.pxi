@@ -135,6 +135,15 @@ cdef inline Py_ssize_t _size_of(object value):
     return len(<bytes> value) if type(value) is bytes else 0
 
 
+def any_kind(list messages not None, int kind):
+    """Whether any of `messages` is of `kind` (a loop the shell asks for on every round)."""
+    cdef Message m
+    for m in messages:
+        if m.kind == kind:
+            return True
+    return False
+
+
 cdef class _Instance:
     """An acceptor's state for one (key, version)."""
     cdef public uint64_t promised
@@ -273,6 +282,11 @@ cdef class QuorumReplica:
             return (0, 0, None, None)
         return (instance.promised, instance.accepted_ballot, instance.accepted_value,
                 instance.chosen_value)
+
+    def chosen_value(self, bytes key, uint64_t version):
+        """The value known chosen for (key, version), not yet forgotten, else None."""
+        cdef _Instance instance = self._instances.get((key, version))
+        return None if instance is None else instance.chosen_value
 
     @property
     def proposals_in_flight(self):

@@ -222,6 +222,44 @@ def decode_record(buf) -> Record:
     return _decode(buf)
 
 
+def applied_prefix(list records not None, dict states not None, Py_ssize_t start=0):
+    """The index of the first of `records` (raw binlog records), from `start` on, that is not
+    known applied here: its key has no state in `states` (key -> a state with .version: the
+    key states a store keeps in memory), that state is older than the record's version, or
+    the record does not check out (the caller decodes it and says why). len(records) when
+    none is.
+
+    A pull's answer is mostly versions the quorum brought already (each replica applies
+    every write): this passes over them with no Record built, checksum still checked (a
+    damaged header must not hide a version this replica lacks)."""
+    cdef Py_ssize_t i, size, n = len(records)
+    cdef const uint8_t* p
+    cdef uint32_t key_len
+    cdef object raw, state
+    for i in range(max(start, 0), n):
+        raw = records[i]
+        if type(raw) is not bytes:
+            return i
+        size = PyBytes_GET_SIZE(raw)
+        if size < _RECORD_HEADER_BYTES:
+            return i
+        p = <const uint8_t*> PyBytes_AS_STRING(raw)
+        key_len = _load32(p + 48)
+        if (_load32(p + 8) != _RECORD_MAGIC or _load16(p + 12) != _RECORD_LAYOUT
+                or <Py_ssize_t> _load32(p + 52) != size - _RECORD_HEADER_BYTES
+                or key_len < 1 or key_len > _MAX_KEY_BYTES
+                or <Py_ssize_t> key_len > size - _RECORD_HEADER_BYTES):
+            return i
+        state = states.get(PyBytes_FromStringAndSize(<const char*> (p + _RECORD_HEADER_BYTES),
+                                                     key_len))
+        if state is None or _load64(p + 24) == 0 \
+                or _load64(p + 24) > <uint64_t> state.version:
+            return i
+        if _load64(p) != <uint64_t> _xxh3_64(raw[8:]):
+            return i
+    return n
+
+
 def record_invalid(buf):
     """The reason `buf` is not a valid record, or None if it is one."""
     try:

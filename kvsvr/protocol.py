@@ -347,7 +347,7 @@ _INSTANCE_KINDS = frozenset({_core.MSG_PREPARE, _core.MSG_PROMISE, _core.MSG_ACC
 def encode_quorum(messages: list[_core.Message]) -> bytes:
     """The body of a QUORUM frame: the core's binary layout (kvsvr/_qwire.pxi), or msgpack
     when it holds a state answer (records in a list, rare and big)."""
-    if not any(m.kind == _core.MSG_STATE for m in messages):
+    if not _core.any_kind(messages, _core.MSG_STATE):
         return _core.encode_quorum_messages(messages)
     out = []
     for m in messages:

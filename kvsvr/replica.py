@@ -431,7 +431,11 @@ class ReplicaNode(Node):
         """A snapshot is being copied: keys may be half installed (a page can end inside a
         key's rows) and op ids follow the keys, so this replica neither votes nor serves nor
         applies anything else until every copy is complete."""
-        return any(p is not None and p.snapshot is not None for p in self._peers)
+        # A loop, not any() over a generator: asked several times a round.
+        for peer in self._peers:  # noqa: SIM110
+            if peer is not None and peer.snapshot is not None:
+                return True
+        return False
 
     def _data_rebuilt(self) -> bool:
         """A rebuilt life votes only once it holds every peer's data as of its answer."""
@@ -1597,7 +1601,26 @@ class ReplicaNode(Node):
         if quorum is not None:
             persist, send, decided = quorum.ready()
             learned = quorum.take_learned()
-        if decided and not any(r[0] == "fence" for r in persist):
+        # One pass over each list (this runs every round): what was chosen is applied, and
+        # instances accepted and not known chosen are watched (see _recover_open).
+        touched: set[bytes] = set()
+        open_since = self._open_since
+        fence = markers = False
+        for r in persist:
+            if r[0] == "instance":
+                if r[6] is not None:
+                    touched.add(r[1])
+                    open_since.pop((r[1], r[2]), None)
+                elif r[4]:
+                    open_since.setdefault((r[1], r[2]), now)
+            else:
+                markers = True
+                fence = fence or r[0] == "fence"
+        chosen_values = False
+        for d in decided:
+            touched.add(d[0])
+            chosen_values = chosen_values or d[2] is not None
+        if decided and not fence:
             # (A fence learned this round must be durable before any answer: a voter whose
             # first message it is could otherwise lose its disk, come back as a first life
             # nobody knew, and vote with no memory of the write being answered.)
@@ -1605,27 +1628,18 @@ class ReplicaNode(Node):
         pulled, self._pulled = self._pulled, []
         pages, self._pages = self._pages, []
         later = self._apply_later if self._committing is None else None
-        if not persist and not pulled and not pages and not later and not learned and not any(
-                d[2] is not None for d in decided):
+        if not persist and not pulled and not pages and not later and not learned \
+                and not chosen_values:
             self._after_commit(send, decided, now)
             return
         started = time.perf_counter()
-        touched: set[bytes] = {d[0] for d in decided}
-        touched.update(r[1] for r in persist if r[0] == "instance" and r[6] is not None)
-        open_since = self._open_since
         for r in learned:
             touched.add(r[1])
             open_since.pop((r[1], r[2]), None)
-        for r in persist:
-            if r[0] == "instance":
-                if r[6] is not None:
-                    open_since.pop((r[1], r[2]), None)
-                elif r[4]:
-                    open_since.setdefault((r[1], r[2]), now)
         # Votes go to the vote log (one fdatasync). Fences and the rebuild markers, snapshot
         # pages, and a frame bigger than the whole log are made durable by committing LMDB
         # before anything is sent, as every round did before the log.
-        durable_now = bool(pages) or any(r[0] != "instance" for r in persist)
+        durable_now = bool(pages) or markers
         if durable_now:
             self._finish_commit(block=True)   # (rare) LMDB must take them now
         logged = persist + learned if learned else persist
@@ -1654,7 +1668,7 @@ class ReplicaNode(Node):
             self._pulled = pulled + self._pulled
             self._after_commit(send, decided, now)
             return
-        if send and not durable_now and not any(m.kind == _core.MSG_STATE for m in send):
+        if send and not durable_now and not _core.any_kind(send, _core.MSG_STATE):
             # Sent before the applies below, which nothing sent waits for: the votes leave
             # from the sync thread the moment their frame is durable (the sync runs while
             # this loop applies), the choices at once.
@@ -1728,7 +1742,7 @@ class ReplicaNode(Node):
     def _after_commit(self, send: list[_core.Message], decided: list[Any], now: float) -> None:
         if (self._batch is not None or self._committing is not None
                 or self._undurable is not None) \
-                and any(m.kind == _core.MSG_STATE for m in send):
+                and _core.any_kind(send, _core.MSG_STATE):
             # A rebuild answer says how far our binlog stood: that must be durable and
             # readable by the peer's pulls, which see only checkpoints.
             self._checkpoint(durable=True)
@@ -1747,10 +1761,24 @@ class ReplicaNode(Node):
     def _apply_pulled(self, batch: Any, pulled: list[tuple[_Peer, int, list[bytes]]],
                       touched: set[bytes]) -> int:
         applied = 0
+        states = self.store.kept_states
         for peer, cursor, records in pulled:
             if cursor != peer.cursor:
                 continue  # an older answer (the cursor moved or was reset since it was asked)
-            for raw in records[:APPLY_MAX_PER_ROUND]:
+            records = records[:APPLY_MAX_PER_ROUND]
+            at = 0
+            while at < len(records):
+                # Most of a pull's records are versions the quorum brought already (each
+                # replica applies every write): passed over in the core, no Record built.
+                known = _core.applied_prefix(records, states, at)
+                if known > at:
+                    peer.cursor += known - at
+                    peer.gap_since = 0.0
+                    at = known
+                    if at == len(records):
+                        break
+                raw = records[at]
+                at += 1
                 try:
                     record = _core.decode_record(raw)
                 except ValueError as e:
@@ -1842,14 +1870,14 @@ class ReplicaNode(Node):
         quorum = self.quorum
         assert quorum is not None
         applied = 0
-        version = batch.latest(key).version
-        while True:
-            chosen = quorum.acceptor_state(key, version + 1)[3]
-            if chosen is None:
-                return applied
+        version = batch.latest(key).version + 1
+        chosen = quorum.chosen_value(key, version)
+        while chosen is not None:
             self._apply(batch, _core.decode_record(chosen), chosen)
-            version += 1
             applied += 1
+            version += 1
+            chosen = quorum.chosen_value(key, version)
+        return applied
 
     def _apply(self, batch: Any, record: Any, chosen: bytes | None) -> None:
         """Apply one chosen version (data, binlog, op id) and forget its instance."""

@@ -63,6 +63,37 @@ def test_every_single_byte_corruption_is_detected():
             assert _core.record_invalid(bytes(damaged)), f"flip at byte {position} accepted"
 
 
+class _State:
+    def __init__(self, version: int):
+        self.version = version
+
+
+def test_applied_prefix_passes_only_versions_held_and_intact():
+    """A pulled record is passed over only when the key's kept state is at least that new
+    and the record checks out; anything else stops the scan for the caller to decode."""
+    records = [_core.encode_record(lsn, version, 0, 0, key, [(_core.OP_PUT, b"", b"v")])
+               for lsn, (key, version) in enumerate(
+                   [(b"a", 1), (b"b", 2), (b"a", 2), (b"c", 5), (b"a", 3)], start=1)]
+    states = {b"a": _State(2), b"b": _State(9), b"c": _State(5)}
+    assert _core.applied_prefix(records, states) == 4          # a v3 is newer than a's v2
+    assert _core.applied_prefix(records, states, 4) == 4
+    assert _core.applied_prefix(records, states, 5) == 5      # past the end: none left
+    assert _core.applied_prefix(records, {}) == 0               # no state kept: ask LMDB
+    assert _core.applied_prefix([], states) == 0
+    assert _core.applied_prefix(records, {**states, b"a": _State(3)}) == 5
+    assert _core.applied_prefix(records, states, -3) == 4
+    # Every single bit flipped in a passable record stops the scan at it.
+    raw = records[1]
+    for position in range(len(raw)):
+        damaged = bytearray(raw)
+        damaged[position] ^= 0x10
+        got = _core.applied_prefix([records[0], bytes(damaged), records[2]], states)
+        assert got <= 1, f"a flip at byte {position} was passed over"
+    # Not a record at all, truncated, or not bytes: the caller decodes it and says why.
+    for bad in (b"", raw[:40], raw[:-1], b"\0" * len(raw), bytearray(raw), None):
+        assert _core.applied_prefix([records[0], bad], states) == 1
+
+
 def test_trailing_bytes_and_foreign_data_are_rejected():
     raw = _sample_record()
     assert "length mismatch" in _core.record_invalid(raw + b"\0")

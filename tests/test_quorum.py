@@ -91,6 +91,26 @@ def test_home_replica_commits_in_one_round_trip():
     assert (0, key, 1, "x") in sim.decided
 
 
+def test_chosen_value_and_any_kind_read_what_the_replica_holds():
+    sim = scripted()
+    key = key_with_home(0)
+    assert sim.propose(0, key, "x", version=1)
+    pending = sim.pending()
+    assert _core.any_kind(pending, _core.MSG_ACCEPT)
+    assert not _core.any_kind(pending, _core.MSG_CHOSEN)
+    assert not _core.any_kind([], _core.MSG_ACCEPT)
+    with pytest.raises(TypeError):
+        _core.any_kind([object()], _core.MSG_ACCEPT)
+    home = sim.nodes[0].replica
+    assert home.chosen_value(key, 1) is None          # accepted by the home only
+    sim.deliver_where(lambda m: m.kind == _core.MSG_ACCEPT and m.target == 1)
+    sim.deliver_where(lambda m: m.kind == _core.MSG_ACCEPTED)
+    assert home.chosen_value(key, 1) == home.acceptor_state(key, 1)[3] == "x"
+    assert home.chosen_value(key, 2) is None
+    home.forget(key, 1, "x")
+    assert home.chosen_value(key, 1) is None
+
+
 def test_other_replica_prepares_and_adopts_an_accepted_value():
     """Node 2 proposes y, but x may already be chosen (accepted by nodes 0 and 1): it must
     finish x for this version and report that its own value lost."""
