@@ -1,4 +1,5 @@
-"""Build the Cython core `kvsvr._core` and the vote log's sync thread `kvsvr._syncer`;
+"""Build the Cython core `kvsvr._core`, the vote log's sync thread `kvsvr._syncer` and the
+replica's compiled apply path `kvsvr._applier`;
 everything else is declared in pyproject.toml.
 
 The extension is required: there is no pure-Python fallback, so a failed build fails the install.
@@ -28,7 +29,7 @@ extensions = [
         define_macros=macros,
         extra_compile_args=["-O0", "-g"] if debug else ["-O2"],
     )
-    for name in ("_core", "_syncer")
+    for name in ("_core", "_syncer", "_applier")
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

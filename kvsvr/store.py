@@ -33,9 +33,9 @@ from typing import Any
 
 import lmdb
 import msgspec
-from xxhash import xxh64_intdigest
 
 from kvsvr import _core
+from kvsvr._applier import Applier, remembered_value, request_digest
 from kvsvr.errors import Compacted, InvalidArgument, NotFound, StorageFull, VersionConflict
 from kvsvr.limits import (
     BINLOG_MAX_RECORDS,
@@ -75,7 +75,6 @@ _U16BE = struct.Struct(">H")
 _OP_ID = struct.Struct(">QQ")
 _CLIENT = struct.Struct("<QQ")  # horizon seq, last active (unix seconds)
 _DECIMAL = re.compile(rb"-?[0-9]{1,19}")
-_reply_encoder = msgspec.msgpack.Encoder()
 _remembered_decoder = msgspec.msgpack.Decoder(tuple[int, MutateReply])
 _paxos_encoder = msgspec.msgpack.Encoder()
 _paxos_decoder = msgspec.msgpack.Decoder(tuple[int, int, bytes | None, bytes | None])
@@ -260,6 +259,10 @@ class Store:
         self._flushing: set[bytes] = set()
         self._sweep: list[bytes] = []   # the flush cycle under way: its keys in key order
         self._sweep_at = 0
+        # Binlog records a restart may replay (read once: a test lowers the bound).
+        self.deferred_max = DEFERRED_RECORDS_MAX
+        # Plain writes' compiled path (see _commit_mutation): only held states make it pay.
+        self.applier: Applier | None = Applier(self) if defer_key_states else None
         self._replay_deferred()
         if self._deferred and not defer_key_states:
             # Held by a replica that ran on this directory: written out now, and the marker
@@ -729,11 +732,14 @@ class WriteBatch:
                 return 0
             store._sweep, store._sweep_at = sorted(store._deferred), 0
         end = min(len(store._sweep), store._sweep_at + math.ceil(len(store._sweep) * share))
-        written = 0
-        for key in store._sweep[store._sweep_at:end]:
-            if key in store._deferred:
-                self._write_held(key)
-                written += 1
+        if store.applier is not None:
+            written = store.applier.write_held(self.txn, store._sweep, store._sweep_at, end)
+        else:
+            written = 0
+            for key in store._sweep[store._sweep_at:end]:
+                if key in store._deferred:
+                    self._write_held(key)
+                    written += 1
         store._sweep_at = end
         return written
 
@@ -887,10 +893,23 @@ class WriteBatch:
     def _commit_mutation(self, key: bytes, state: KeyState,
                          ops: list[tuple[int, bytes, bytes]], client_id: int,
                          client_seq: int) -> MutateReply:
+        store = self.store
+        try:
+            if store.applier is not None:
+                # A plain write (most of a replica's) takes the compiled path, which writes
+                # exactly what the lines below would.
+                fast = store.applier.apply(self.txn, key, state, ops, client_id, client_seq)
+                if fast is not None:
+                    if fast[1]:
+                        _remember_client(store, self.txn, client_id, client_seq)
+                    self.applied += 1
+                    return fast[0]
+        except lmdb.MapFullError:
+            raise StorageFull("the node's LMDB map is full (storage.map_size_mib)") from None
         new_state, row_writes, results = _plan(state, ops)
         version = new_state.version
         reply = MutateReply(version, results)
-        record = _core.encode_record(self.store.last_lsn + 1, version, client_id, client_seq,
+        record = _core.encode_record(store.last_lsn + 1, version, client_id, client_seq,
                                      key, ops)
         try:
             self._write(key, new_state, row_writes, record, state.compacted_through)
@@ -934,8 +953,8 @@ class WriteBatch:
                 txn.put(prefix + stamp + row, b"", db=store._changes)
         store.last_lsn += 1
         txn.put(_U64BE.pack(store.last_lsn), record, db=store._binlog, append=True)
-        if store._deferred and store.last_lsn - DEFERRED_RECORDS_MAX >= store.replay_from():
-            self._write_held_through(store.last_lsn - DEFERRED_RECORDS_MAX)
+        if store._deferred and store.last_lsn - store.deferred_max >= store.replay_from():
+            self._write_held_through(store.last_lsn - store.deferred_max)
         # Bounded work per write; a lowered bound is reached over the following writes.
         trimmed = 0
         while (store.last_lsn - store.first_lsn + 1 > store.binlog_max_records
@@ -1007,7 +1026,7 @@ def _remembered(store: Store, txn: lmdb.Transaction, key: bytes,
     raw = txn.get(_OP_ID.pack(client_id, client_seq), db=store._ops)
     if raw is not None:
         digest, reply = _remembered_decoder.decode(raw)
-        if digest != _request_digest(key, ops):
+        if digest != request_digest(key, ops):
             raise InvalidArgument(
                 f"client_seq: operation id ({client_id}, {client_seq}) was already used "
                 "for a different request; a client id must never be reused",
@@ -1026,14 +1045,19 @@ def _remember(store: Store, txn: lmdb.Transaction, key: bytes,
               ops: list[tuple[int, bytes, bytes]], client_id: int, client_seq: int,
               reply: MutateReply) -> None:
     txn.put(_OP_ID.pack(client_id, client_seq),
-            _reply_encoder.encode((_request_digest(key, ops), reply)), db=store._ops)
-    client_key = _U64BE.pack(client_id)
+            remembered_value(request_digest(key, ops), reply), db=store._ops)
     # The clients entry is written on a client's first write and at each trim step, so
     # most writes pay nothing for it; it says when the client was last active and below
     # which seq retries are refused (their answers were trimmed).
-    first = not txn.get(client_key, db=store._clients)
-    if not first and client_seq % OPS_TRIM_STEP:
+    if client_seq % OPS_TRIM_STEP and txn.get(_U64BE.pack(client_id), db=store._clients):
         return
+    _remember_client(store, txn, client_id, client_seq)
+
+
+def _remember_client(store: Store, txn: lmdb.Transaction, client_id: int,
+                     client_seq: int) -> None:
+    """Write the client's entry, dropping the op ids that fell out of its window."""
+    client_key = _U64BE.pack(client_id)
     horizon = 0
     if client_seq > OPS_REMEMBERED_PER_CLIENT:
         horizon = client_seq - OPS_REMEMBERED_PER_CLIENT
@@ -1044,11 +1068,6 @@ def _remember(store: Store, txn: lmdb.Transaction, key: bytes,
                 if not cursor.delete():
                     break
     txn.put(client_key, _CLIENT.pack(horizon, int(time.time())), db=store._clients)
-
-
-def _request_digest(key: bytes, ops: list[tuple[int, bytes, bytes]]) -> int:
-    """Identifies a request, so an op id reused for another request is caught."""
-    return xxh64_intdigest(_reply_encoder.encode((key, ops)))
 
 
 __all__ = ["KeyState", "Store", "StoreLocked", "WriteBatch", "seq_of_row", "seq_row"]
