@@ -100,6 +100,46 @@ def encode_quorum_messages(list messages not None) -> bytes:
     return out
 
 
+def group_quorum(list messages not None):
+    """`messages` by target, each list in order: {target: (chosen, others)}. A CHOSEN reveals
+    no vote of the sender and leaves at once; the others wait for its vote log."""
+    cdef dict out = {}
+    cdef Message m
+    cdef tuple entry
+    for item in messages:
+        m = <Message?> item
+        entry = out.get(m.target)
+        if entry is None:
+            entry = out[m.target] = ([], [])
+        if m.kind == MSG_CHOSEN:
+            (<list> entry[0]).append(m)
+        else:
+            (<list> entry[1]).append(m)
+    return out
+
+
+def encode_quorum_chunks(list messages not None, Py_ssize_t max_bytes,
+                         Py_ssize_t max_messages):
+    """The bodies of the QUORUM frames that carry `messages` in order (none of them MSG_STATE):
+    a frame ends once it reaches `max_messages`, or `max_bytes` counting 96 bytes a message
+    plus its value. Raises ValueError as encode_quorum_messages does."""
+    cdef list bodies = []
+    cdef list chunk = []
+    cdef Py_ssize_t size = 0
+    cdef Message m
+    for item in messages:
+        m = <Message?> item
+        chunk.append(m)
+        size += 96 + _size_of(m.value)
+        if size >= max_bytes or len(chunk) >= max_messages:
+            bodies.append(encode_quorum_messages(chunk))
+            chunk = []
+            size = 0
+    if chunk:
+        bodies.append(encode_quorum_messages(chunk))
+    return bodies
+
+
 def decode_quorum_messages(body) -> list:
     """The messages of a binary QUORUM body, every field checked; raises QuorumWireError
     naming the field (messages[i].<field>) on anything malformed."""

@@ -1939,25 +1939,17 @@ class ReplicaNode(Node):
                      self.incarnation)
 
     def _send_quorum(self, messages: list[_core.Message], now: float) -> None:
-        by_peer: dict[int, list[_core.Message]] = {}
-        for message in messages:
-            if message.kind == _core.MSG_STATE:
-                # Stamp where our binlog stands: the rebuilding peer catches up to it.
-                message = _core.Message(message.kind, message.source, message.target,
-                                        message.incarnation, message.key,
-                                        self.store.durable_last_lsn, message.ballot,
-                                        message.accepted_ballot, message.value)
-            by_peer.setdefault(message.target, []).append(message)
-        for index, batch in by_peer.items():
+        if _core.any_kind(messages, _core.MSG_STATE):
+            # Stamp where our binlog stands: the rebuilding peer catches up to it.
+            messages = [m if m.kind != _core.MSG_STATE else _core.Message(
+                m.kind, m.source, m.target, m.incarnation, m.key, self.store.durable_last_lsn,
+                m.ballot, m.accepted_ballot, m.value) for m in messages]
+        # A CHOSEN message reveals no vote of ours: it goes now, not after the vote log sync
+        # the others wait for (the follower applies the write a sync sooner).
+        for index, (chosen, votes) in _core.group_quorum(messages).items():
             peer = self._peers[index] if 0 <= index < self.replicas else None
             if peer is None:
                 continue
-            # A CHOSEN message reveals no vote of ours: it goes now, not after the vote log
-            # sync the others wait for (the follower applies the write a sync sooner).
-            chosen: list[_core.Message] = []
-            votes: list[_core.Message] = []
-            for message in batch:
-                (chosen if message.kind == _core.MSG_CHOSEN else votes).append(message)
             if chosen:
                 self._send_peer(peer, self._quorum_frames(chosen), now)
             if votes:
@@ -1966,6 +1958,13 @@ class ReplicaNode(Node):
     def _quorum_frames(self, messages: list[_core.Message]) -> list[bytes]:
         """One peer's messages in frames of at most QUORUM_FRAME_BYTES or
         QUORUM_FRAME_MESSAGES each (a state answer part in a frame of its own)."""
+        if not _core.any_kind(messages, _core.MSG_STATE):
+            try:   # (every round: chunked and encoded in the core)
+                return [self._peer_frame(Method.QUORUM, 0, body) for body in
+                        _core.encode_quorum_chunks(messages, QUORUM_FRAME_BYTES,
+                                                   QUORUM_FRAME_MESSAGES)]
+            except ValueError:
+                pass   # framed one chunk at a time below, which says which did not fit
         frames: list[bytes] = []
         chunk: list[_core.Message] = []
         size = 0

@@ -140,6 +140,43 @@ def test_random_messages_round_trip_through_the_binary_layout():
         assert [repr(m) for m in decoded] == [repr(m) for m in messages]
 
 
+def test_messages_grouped_by_target_and_chunked_into_frames_keep_their_order():
+    rng = random.Random(9)
+    kinds = [k for k in range(_core.MSG_PREPARE, _core.MSG_BEHIND + 1)
+             if k not in (_core.MSG_STATE, _core.MSG_STATE_REQUEST)]
+    for _ in range(100):
+        messages = []
+        for _ in range(rng.randint(0, 60)):
+            kind = rng.choice(kinds)
+            key = rng.randbytes(rng.randint(1, 20))
+            value = _core.encode_record(0, 1, 0, 0, key, [(_core.OP_PUT, b"", b"v" * 200)]) \
+                if rng.random() < 0.5 else None
+            messages.append(_core.Message(kind, 0, rng.randrange(3), 1, key, 1, 5, 0, value))
+        groups = _core.group_quorum(messages)
+        for target, (chosen, others) in groups.items():
+            mine = [m for m in messages if m.target == target]
+            assert chosen == [m for m in mine if m.kind == _core.MSG_CHOSEN]
+            assert others == [m for m in mine if m.kind != _core.MSG_CHOSEN]
+        assert sum(len(c) + len(o) for c, o in groups.values()) == len(messages)
+        if not messages:
+            assert _core.encode_quorum_chunks(messages, 1000, 7) == []
+            continue
+        max_bytes, max_messages = rng.choice([(1 << 20, 1024), (1000, 7), (1, 1000)])
+        bodies = _core.encode_quorum_chunks(messages, max_bytes, max_messages)
+        chunks = [protocol.decode_quorum(body) for body in bodies]
+        assert [repr(m) for chunk in chunks for m in chunk] == [repr(m) for m in messages]
+        for chunk in chunks[:-1]:   # each frame but the last is full, by count or by size
+            size = sum(96 + len(m.value or b"") for m in chunk)
+            assert len(chunk) == max_messages or size >= max_bytes
+            assert len(chunk) <= max_messages
+            assert size - 96 - len(chunk[-1].value or b"") < max_bytes
+    state = _core.Message(_core.MSG_STATE, 0, 1, 1, b"", 0, 0, 0, [])
+    with pytest.raises(ValueError):
+        _core.encode_quorum_chunks([state], 1 << 20, 1024)
+    with pytest.raises(TypeError):
+        _core.group_quorum([object()])
+
+
 def test_random_bytes_never_escape_as_anything_but_invalid_argument():
     rng = random.Random(11)
     valid = protocol.encode_quorum([_core.Message(_core.MSG_ACCEPT, 0, 1, 1, b"k", 1, 300,
