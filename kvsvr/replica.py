@@ -57,8 +57,7 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from typing import Any, NoReturn
 
 import msgspec
@@ -105,7 +104,7 @@ from kvsvr.protocol import (
     VersionsReply,
     VersionsRequest,
 )
-from kvsvr.store import KeyState, WriteBatch, _plan
+from kvsvr.store import KeyState, Store, WriteBatch, _plan
 from kvsvr.votelog import VoteLog
 
 log = logging.getLogger("kvsvr.replica")
@@ -197,6 +196,27 @@ class _Barrier:
         self.created = sent_at
         self.sent_at = sent_at
         self.answers: dict[int, list[KeyVersions]] = {}
+
+
+class _View:
+    """ReplicaNode._view's context: a class, not a generator (three a round: a generator-based
+    one cost 3 us each under the put load, profiled)."""
+
+    __slots__ = ("_batch", "_store", "_txn")
+
+    def __init__(self, store: Store, batch: WriteBatch | None):
+        self._store, self._batch = store, batch
+        self._txn: Any = None
+
+    def __enter__(self) -> Any:
+        if self._batch is not None:
+            return self._batch.txn
+        self._txn = self._store.read()
+        return self._txn
+
+    def __exit__(self, *exc: object) -> None:
+        if self._txn is not None:
+            self._txn.abort()
 
 
 class _Peer:
@@ -749,18 +769,10 @@ class ReplicaNode(Node):
                                      and bool(self._pulled or self._apply_later))
 
     # --- the open LMDB transaction and its checkpoints ------------------------------------------
-    @contextmanager
-    def _view(self) -> Iterator[Any]:
+    def _view(self) -> _View:
         """A transaction to read in: the open write transaction (it sees every apply of this
         node), else a read transaction."""
-        if self._batch is not None:
-            yield self._batch.txn
-            return
-        txn = self.store.read()
-        try:
-            yield txn
-        finally:
-            txn.abort()
+        return _View(self.store, self._batch)
 
     def _open_batch(self, now: float) -> WriteBatch:
         if self._batch is None:
