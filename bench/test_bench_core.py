@@ -155,6 +155,78 @@ def test_raw_lmdb_put_32_per_commit_baseline(timed, raw):
     timed(put)
 
 
+def _replica_store(path: Path, compiled: bool) -> Store:
+    """A replica's store (key states held in memory), its keys written once, sync off: the
+    group measures the write path's CPU, not the disk."""
+    s = Store(path, map_size_mib=1024, sync=False, defer_key_states=True)
+    if not compiled:
+        s.applier = None
+    with s.write() as batch:
+        for key in KEYS:
+            batch.mutate(key, [protocol.put_op(VALUE)])
+    return s
+
+
+@pytest.fixture(scope="module")
+def replica_compiled(tmp_path_factory: pytest.TempPathFactory):
+    s = _replica_store(tmp_path_factory.mktemp("replica-compiled"), True)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def replica_general(tmp_path_factory: pytest.TempPathFactory):
+    s = _replica_store(tmp_path_factory.mktemp("replica-general"), False)
+    yield s
+    s.close()
+
+
+def _replica_puts(store: Store, client: int):
+    keys = itertools.cycle(KEYS)
+    seq = itertools.count(1)
+
+    def put():
+        with store.write() as batch:
+            for _ in range(BATCH):
+                batch.mutate(next(keys), [protocol.put_op(VALUE)], None, client, next(seq))
+    return put
+
+
+@pytest.mark.benchmark(group="replica put x32")
+def test_replica_put_32_compiled(timed, replica_compiled):
+    """A replica's plain puts on held keys: kvsvr/_applier.pyx."""
+    timed(_replica_puts(replica_compiled, 97))
+
+
+@pytest.mark.benchmark(group="replica put x32")
+def test_replica_put_32_python(timed, replica_general):
+    """The same puts through the general Python path (the compiled one switched off)."""
+    timed(_replica_puts(replica_general, 97))
+
+
+@pytest.mark.benchmark(group="replica put x32")
+def test_raw_lmdb_replica_writes_32_baseline(timed, raw):
+    """What LMDB must do for each such put (a binlog record appended, an op id written, the
+    client's entry read), in one transaction of 32, sync off like the two above."""
+    env = lmdb.open(str(Path(raw.path()).parent / "raw-replica"), map_size=1 << 30,
+                    sync=False, max_dbs=4)
+    binlog, ops, clients = (env.open_db(name) for name in (b"binlog", b"ops", b"clients"))
+    with env.begin(write=True) as txn:
+        txn.put(struct.pack(">Q", 96), b"c" * 16, db=clients)
+    lsn = itertools.count(1)
+    record = _core.encode_record(1, 2, 96, 1, KEYS[0], [(_core.OP_PUT, b"", VALUE)])
+
+    def write():
+        with env.begin(write=True) as txn:
+            for _ in range(BATCH):
+                n = next(lsn)
+                txn.put(struct.pack(">Q", n), record, db=binlog, append=True)
+                txn.put(struct.pack(">QQ", 96, n), b"r" * 12, db=ops)
+                txn.get(struct.pack(">Q", 96), db=clients)
+    timed(write)
+    env.close()
+
+
 def test_benchmarks_wrote_real_files(store, raw):
     """Guard: the store under test is on disk and durable (sync on), not a tmpfs toy."""
     assert Path(store.path, "data.mdb").stat().st_size > 1_000_000
