@@ -205,11 +205,10 @@ def test_replica_put_32_python(timed, replica_general):
 
 
 @pytest.mark.benchmark(group="replica put x32")
-def test_raw_lmdb_replica_writes_32_baseline(timed, raw):
+def test_raw_lmdb_replica_writes_32_baseline(timed, tmp_path):
     """What LMDB must do for each such put (a binlog record appended, an op id written, the
     client's entry read), in one transaction of 32, sync off like the two above."""
-    env = lmdb.open(str(Path(raw.path()).parent / "raw-replica"), map_size=1 << 30,
-                    sync=False, max_dbs=4)
+    env = lmdb.open(str(tmp_path), map_size=1 << 30, sync=False, max_dbs=4)
     binlog, ops, clients = (env.open_db(name) for name in (b"binlog", b"ops", b"clients"))
     with env.begin(write=True) as txn:
         txn.put(struct.pack(">Q", 96), b"c" * 16, db=clients)

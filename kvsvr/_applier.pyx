@@ -42,6 +42,12 @@ cdef bytes _remembered(digest, reply):
     return _encoder.encode((digest, reply))
 
 
+def encode_state(state) -> bytes:
+    """A key state as the keys table holds it (KeyState.encode): u64 version, u64 next_seq,
+    u64 compacted_through, u8 has_value, little-endian, then the value."""
+    return _encode_state(state)
+
+
 def request_digest(bytes key, ops) -> int:
     """Identifies a request (its key and ops), so an op id reused for another one is caught.
     The ops table stores it: it must never change for data already written."""
@@ -68,8 +74,6 @@ cdef inline void _store_le64(uint8_t* p, uint64_t v) noexcept:
 
 
 cdef bytes _encode_state(state):
-    """KeyState.encode (kvsvr/store.py): u64 version, u64 next_seq, u64 compacted_through,
-    u8 has_value, little-endian, then the value."""
     value = state.value
     cdef bytes data = b"" if value is None else value   # (a checked cast: bytes or TypeError)
     cdef Py_ssize_t n = len(data)

@@ -118,26 +118,32 @@ def group_quorum(list messages not None):
     return out
 
 
-def encode_quorum_chunks(list messages not None, Py_ssize_t max_bytes,
-                         Py_ssize_t max_messages):
-    """The bodies of the QUORUM frames that carry `messages` in order (none of them MSG_STATE):
-    a frame ends once it reaches `max_messages`, or `max_bytes` counting 96 bytes a message
-    plus its value. Raises ValueError as encode_quorum_messages does."""
-    cdef list bodies = []
+def chunk_quorum(list messages not None, Py_ssize_t max_bytes, Py_ssize_t max_messages):
+    """`messages` cut into the chunks that each go in one QUORUM frame, in order: a state
+    answer part alone (it travels as msgpack), the others up to `max_messages`, or until
+    they reach `max_bytes` counting 96 bytes a message plus its value."""
+    cdef list chunks = []
     cdef list chunk = []
     cdef Py_ssize_t size = 0
     cdef Message m
     for item in messages:
         m = <Message?> item
+        if m.kind == MSG_STATE:
+            if chunk:
+                chunks.append(chunk)
+                chunk = []
+                size = 0
+            chunks.append([m])
+            continue
         chunk.append(m)
         size += 96 + _size_of(m.value)
         if size >= max_bytes or len(chunk) >= max_messages:
-            bodies.append(encode_quorum_messages(chunk))
+            chunks.append(chunk)
             chunk = []
             size = 0
     if chunk:
-        bodies.append(encode_quorum_messages(chunk))
-    return bodies
+        chunks.append(chunk)
+    return chunks
 
 
 def decode_quorum_messages(body) -> list:

@@ -1970,26 +1970,8 @@ class ReplicaNode(Node):
     def _quorum_frames(self, messages: list[_core.Message]) -> list[bytes]:
         """One peer's messages in frames of at most QUORUM_FRAME_BYTES or
         QUORUM_FRAME_MESSAGES each (a state answer part in a frame of its own)."""
-        if not _core.any_kind(messages, _core.MSG_STATE):
-            try:   # (every round: chunked and encoded in the core)
-                return [self._peer_frame(Method.QUORUM, 0, body) for body in
-                        _core.encode_quorum_chunks(messages, QUORUM_FRAME_BYTES,
-                                                   QUORUM_FRAME_MESSAGES)]
-            except ValueError:
-                pass   # framed one chunk at a time below, which says which did not fit
         frames: list[bytes] = []
-        chunk: list[_core.Message] = []
-        size = 0
-        for message in messages:
-            if message.kind == _core.MSG_STATE:
-                self._quorum_frame([message], frames)  # whole, in a frame of its own
-                continue
-            chunk.append(message)
-            size += 96 + (len(message.value) if isinstance(message.value, bytes) else 0)
-            if size >= QUORUM_FRAME_BYTES or len(chunk) >= QUORUM_FRAME_MESSAGES:
-                self._quorum_frame(chunk, frames)
-                chunk, size = [], 0
-        if chunk:
+        for chunk in _core.chunk_quorum(messages, QUORUM_FRAME_BYTES, QUORUM_FRAME_MESSAGES):
             self._quorum_frame(chunk, frames)
         return frames
 

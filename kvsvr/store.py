@@ -35,7 +35,7 @@ import lmdb
 import msgspec
 
 from kvsvr import _core
-from kvsvr._applier import Applier, remembered_value, request_digest
+from kvsvr._applier import Applier, encode_state, remembered_value, request_digest
 from kvsvr.errors import Compacted, InvalidArgument, NotFound, StorageFull, VersionConflict
 from kvsvr.limits import (
     BINLOG_MAX_RECORDS,
@@ -172,9 +172,7 @@ class KeyState(msgspec.Struct, gc=False):
                    compacted_through)
 
     def encode(self) -> bytes:
-        has_value = self.value is not None
-        return _KEY_META.pack(self.version, self.next_seq, self.compacted_through,
-                              has_value) + (self.value or b"")
+        return encode_state(self)   # (one encoder: the compiled path writes states too)
 
 
 class Store:

@@ -132,3 +132,18 @@ def test_the_op_id_digest_is_the_one_on_disk(tmp_path):
     from xxhash import xxh64_intdigest
     packed = (b"\x92\xc4\x03key\x91\x93\x01\xc4\x00\xc4\x05value")
     assert request_digest(b"key", ops) == xxh64_intdigest(packed)
+
+
+def test_a_key_state_encodes_to_the_layout_the_keys_table_reads():
+    import struct
+
+    from kvsvr.store import KeyState
+    for state in (KeyState(), KeyState(1, 0, b"", 0), KeyState(7, 3, b"value", 2),
+                  KeyState(2**64 - 1, 2**64 - 1, None, 2**64 - 1)):
+        raw = state.encode()
+        assert raw[:25] == struct.pack("<QQQB", state.version, state.next_seq,
+                                       state.compacted_through, state.value is not None)
+        assert raw[25:] == (state.value or b"")
+        assert KeyState.decode(raw) == state
+    with pytest.raises(TypeError):
+        KeyState(1, 0, "not bytes", 0).encode()

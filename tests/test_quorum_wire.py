@@ -159,22 +159,28 @@ def test_messages_grouped_by_target_and_chunked_into_frames_keep_their_order():
             assert others == [m for m in mine if m.kind != _core.MSG_CHOSEN]
         assert sum(len(c) + len(o) for c, o in groups.values()) == len(messages)
         if not messages:
-            assert _core.encode_quorum_chunks(messages, 1000, 7) == []
+            assert _core.chunk_quorum(messages, 1000, 7) == []
             continue
         max_bytes, max_messages = rng.choice([(1 << 20, 1024), (1000, 7), (1, 1000)])
-        bodies = _core.encode_quorum_chunks(messages, max_bytes, max_messages)
-        chunks = [protocol.decode_quorum(body) for body in bodies]
-        assert [repr(m) for chunk in chunks for m in chunk] == [repr(m) for m in messages]
+        chunks = _core.chunk_quorum(messages, max_bytes, max_messages)
+        # Each chunk is one frame: encoded and decoded, they give the messages back in order.
+        decoded = [protocol.decode_quorum(protocol.encode_quorum(chunk)) for chunk in chunks]
+        assert [repr(m) for chunk in decoded for m in chunk] == [repr(m) for m in messages]
         for chunk in chunks[:-1]:   # each frame but the last is full, by count or by size
             size = sum(96 + len(m.value or b"") for m in chunk)
             assert len(chunk) == max_messages or size >= max_bytes
             assert len(chunk) <= max_messages
             assert size - 96 - len(chunk[-1].value or b"") < max_bytes
+    # A state answer part goes in a frame of its own, wherever it comes.
     state = _core.Message(_core.MSG_STATE, 0, 1, 1, b"", 0, 0, 0, [])
-    with pytest.raises(ValueError):
-        _core.encode_quorum_chunks([state], 1 << 20, 1024)
+    accept = _core.Message(_core.MSG_ACCEPT, 0, 1, 1, b"k", 1, 5, 0, None)
+    assert _core.chunk_quorum([accept, state, accept, accept], 1 << 20, 1024) == \
+        [[accept], [state], [accept, accept]]
+    assert _core.chunk_quorum([state, state], 1 << 20, 1024) == [[state], [state]]
     with pytest.raises(TypeError):
         _core.group_quorum([object()])
+    with pytest.raises(TypeError):
+        _core.chunk_quorum([object()], 1 << 20, 1024)
 
 
 def test_random_bytes_never_escape_as_anything_but_invalid_argument():
