@@ -863,7 +863,7 @@ def report_rounds(rounds: list[dict[str, Any]]) -> None:
             verdicts.append(f"{name} {median_x:.2f}x with p99 {median_p:.2f}x etcd's: "
                             f"{'met' if met else 'not met'}")
     if verdicts:
-        print("  issue 3's target (>= 2x etcd's throughput, p99 no worse), on the medians: "
+        print("  the target (>= 2x etcd's throughput, p99 no worse), on the medians: "
               + "; ".join(verdicts))
 
 
@@ -1080,7 +1080,7 @@ def report_peer(args: argparse.Namespace, results: dict[str, Any], peer: dict[st
           "gets: linearizable reads on both (etcd: Range with serializable=false)")
     if cluster and cluster["replicas"] != 3:
         print(f"  note: KVSvr ran {cluster['replicas']} replica(s) per group, etcd 3 members: "
-              "not the issue's like-for-like comparison (that is --replicas 3)")
+              "not the like-for-like comparison (that is --replicas 3)")
     if any("kill" in w for w in results["workloads"]):
         print("  note: the KVSvr runs had a replica killed halfway; etcd's did not")
     print(f"{'workload':10s} | {'KVSvr ops/s':>11s} {'p50':>7s} {'p99':>7s} {'p99.9':>7s} | "
@@ -1132,7 +1132,7 @@ def report_peer(args: argparse.Namespace, results: dict[str, Any], peer: dict[st
             verdicts.append(f"{name} {x:.2f}x with p99 {k['p99_ms']:.2f} vs "
                             f"{e['p99_ms']:.2f} ms: {'met' if met else 'not met'}")
     if verdicts:
-        print("  issue 3's target (>= 2x etcd's throughput, p99 no worse), measured here: "
+        print("  the target (>= 2x etcd's throughput, p99 no worse), measured here: "
               + "; ".join(verdicts))
 
 

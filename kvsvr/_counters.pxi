@@ -73,7 +73,7 @@ cdef extern from *:
     """
     #include <stdint.h>
     #include <time.h>
-    /* Atomics on the shared map: the compiler's builtins, no locks (issue 4). */
+    /* Atomics on the shared map: the compiler's builtins, no locks. */
     static inline uint64_t kvsvr_load64(uint64_t *p) {
         return __atomic_load_n(p, __ATOMIC_ACQUIRE);
     }

@@ -80,7 +80,7 @@ class StorageConfig(Struct, forbid_unknown_fields=True):
     # A replica's LMDB transaction commits (a checkpoint) this often; between checkpoints its
     # votes are durable in the vote log. Longer: fewer page writes per write, more to replay.
     # 50: the same write throughput as 100 here, with a p99 about a fifth lower (each
-    # commit's page writes delay the vote log's fdatasyncs less; README, session 8).
+    # commit's page writes delay the vote log's fdatasyncs less; bench/RESULTS.md, 2026-12-01).
     checkpoint_interval_ms: Annotated[int, Meta(ge=1, le=600_000)] = 50
 
 

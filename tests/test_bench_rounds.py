@@ -29,6 +29,7 @@ def test_the_verdict_is_on_the_medians_not_on_the_best_round(capsys: pytest.Capt
     out = capsys.readouterr().out
     assert "2.50x/0.50x  1.50x/0.50x  1.80x/1.50x  | median 1.80x, p99 0.50x" in out
     assert "durable writes 1.80x with p99 0.50x etcd's: not met" in out
+    assert "the target (>= 2x etcd's throughput, p99 no worse), on the medians: " in out
     load.report_rounds([_round(2100, 1000, 10, 20), _round(1900, 1000, 10, 20),
                         _round(2300, 1000, 25, 20)])
     assert "durable writes 2.10x with p99 0.50x etcd's: met" in capsys.readouterr().out

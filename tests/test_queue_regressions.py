@@ -1,4 +1,4 @@
-"""Regression tests for the quorum queue review (issue 5 follow-up), each on real server
+"""Regression tests for the quorum queue review, each on real server
 processes: a batch's whole life is bounded (the gap rule never drops an acknowledged
 message), producer ids are not reused, a handler error loses nothing, a dead server never
 hangs the CLI or the launcher, and closing a producer with a stuck batch returns."""
