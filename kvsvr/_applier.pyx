@@ -1,16 +1,16 @@
 # cython: language_level=3
 """A replica's hot apply path, compiled: one plain chosen version into the open LMDB write
-transaction (kvsvr/store.py's WriteBatch._commit_mutation tries it first), and the rolling
-flush of the key states a replica holds back.
+transaction (kvsvr/store/batch.py's WriteBatch._commit_mutation tries it first), and the
+rolling flush of the key states a replica holds back (kvsvr/store/states.py).
 
-Every replica applies every write, so this runs once per write on each of them: in Python,
-the general path (plan, encode, write, remember) took 6.1 us a record on this machine, 1.4 of
-them LMDB's own. This path takes only what that general path would do for a *plain* record:
-puts and deletes of the key's value, no rows, no compaction, on a key whose state is kept in
-memory and held back from LMDB's keys table (Store's defer_key_states), with no bound of the
-binlog or of the held states reached. It checks all of that before writing anything and
-answers None when one does not hold, and the caller then takes the general path. What it
-writes is byte for byte what the general path writes (tests/test_applier.py compares the two).
+Every replica applies every write, so this runs once per write on each of them, where the
+general Python path (plan, encode, write, remember) spends most of its time outside LMDB.
+This path takes only what that general path would do for a *plain* record: puts and deletes
+of the key's value, no rows, no compaction, on a key whose state is kept in memory and held
+back from LMDB's keys table (Store's defer_key_states), with no bound of the binlog or of
+the held states reached. It checks all of that before writing anything and answers None when
+one does not hold, and the caller then takes the general path. What it writes is byte for
+byte what the general path writes (tests/test_applier.py compares the two).
 
 Like the core, no threads and no clock; unlike it, it writes to LMDB (through py-lmdb).
 """
@@ -102,25 +102,28 @@ cdef bytes _be64x2(uint64_t a, uint64_t b):
 
 
 cdef class Applier:
-    """Bound to one Store: the tables and dicts it never replaces (it clears them)."""
+    """Bound to one Store: its LMDB tables (store.tables) and its key-state cache's dicts
+    and set (store.states), which the cache never replaces (it clears them); all resolved
+    once, here, not per write."""
 
     cdef object store
     cdef dict states
-    cdef dict deferred
+    cdef dict held
     cdef object binlog_db, ops_db, clients_db, keys_db
     cdef set flushing
-    cdef uint64_t deferred_max
+    cdef uint64_t deferred_records_max
 
     def __init__(self, store):
+        tables, cache = store.tables, store.states
         self.store = store
-        self.states = store._states
-        self.deferred = store._deferred
-        self.binlog_db = store._binlog
-        self.ops_db = store._ops
-        self.clients_db = store._clients
-        self.keys_db = store._keys
-        self.flushing = store._flushing
-        self.deferred_max = store.deferred_max
+        self.states = cache.kept
+        self.held = cache.held
+        self.binlog_db = tables.binlog
+        self.ops_db = tables.ops
+        self.clients_db = tables.clients
+        self.keys_db = tables.keys
+        self.flushing = cache.flushing
+        self.deferred_records_max = cache.deferred_records_max
 
     def apply(self, txn, bytes key, state, list ops, uint64_t client_id,
               uint64_t client_seq):
@@ -149,17 +152,17 @@ cdef class Applier:
         if lsn - first_lsn + 1 > <uint64_t> store.binlog_max_records:
             return None   # the binlog bound trims (and may write held states) first
         cdef uint64_t replay_from = lsn
-        for held_from in self.deferred.values():
+        for held_from in self.held.values():
             replay_from = held_from
             break
-        if lsn >= self.deferred_max and lsn - self.deferred_max >= replay_from:
+        if lsn >= self.deferred_records_max and lsn - self.deferred_records_max >= replay_from:
             return None   # too many records to replay: held states are written first
         new_state = type(state)(version, state.next_seq, value, state.compacted_through)
         binlog_record = encode_record(lsn, version, client_id, client_seq, key, ops)
         reply = MutateReply(version, [None] * len(ops))
         # Written in the general path's order: key state, binlog, then the op id.
         self.states[key] = new_state
-        self.deferred.setdefault(key, lsn)
+        self.held.setdefault(key, lsn)
         store.last_lsn = lsn
         txn.put(_be64(lsn), binlog_record, True, True, True, self.binlog_db)
         cdef bint client_due = False
@@ -172,15 +175,15 @@ cdef class Applier:
 
     def write_held(self, txn, list keys not None, Py_ssize_t start, Py_ssize_t end):
         """Write the states of keys[start:end] still held back into `txn`'s keys table, as
-        WriteBatch._write_held does one by one (the rolling flush: about one a write).
+        KeyStates.write_held does one by one (the rolling flush: about one a write).
         Returns how many were written."""
         cdef Py_ssize_t i, written = 0
-        cdef dict deferred = self.deferred
+        cdef dict held = self.held
         for i in range(max(start, 0), min(end, len(keys))):
             key = keys[i]
-            if key in deferred:
+            if key in held:
                 txn.put(key, _encode_state(self.states[key]), True, True, False, self.keys_db)
-                del deferred[key]
+                del held[key]
                 self.flushing.add(key)
                 written += 1
         return written

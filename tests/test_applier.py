@@ -9,18 +9,19 @@ import random
 import pytest
 
 from kvsvr import _core
-from kvsvr import store as store_module
-from kvsvr.errors import KvError
+from kvsvr.errors import KvError, StorageFull
 from kvsvr.limits import OPS_TRIM_STEP
 from kvsvr.protocol import Op
 from kvsvr.store import Store
+from kvsvr.store import states as states_module
 
-TABLES = ("_keys", "_rows", "_changes", "_binlog", "_ops", "_clients", "_meta")
+TABLES = ("keys", "rows", "changes", "binlog", "ops", "clients", "meta")
 
 
 def _tables(store: Store) -> dict[str, list[tuple[bytes, bytes]]]:
     with store.env.begin() as txn:
-        return {name: [(bytes(k), bytes(v)) for k, v in txn.cursor(db=getattr(store, name))]
+        return {name: [(bytes(k), bytes(v))
+                       for k, v in txn.cursor(db=getattr(store.tables, name))]
                 for name in TABLES}
 
 
@@ -48,7 +49,7 @@ def test_plain_writes_land_byte_for_byte_as_the_general_path_writes_them(tmp_pat
     rng = random.Random(seed)
     # Small bounds so that the binlog bound, the replay bound and trim steps all come up.
     deferred_bound, binlog_bound = [(1 << 17, 1_000_000), (40, 30), (7, 1_000_000)][seed % 3]
-    monkeypatch.setattr(store_module, "DEFERRED_RECORDS_MAX", deferred_bound)
+    monkeypatch.setattr(states_module, "DEFERRED_RECORDS_MAX", deferred_bound)
     fast = Store(tmp_path / "fast", map_size_mib=64, sync=False, defer_key_states=True,
                  binlog_max_records=binlog_bound)
     general = Store(tmp_path / "general", map_size_mib=64, sync=False, defer_key_states=True,
@@ -90,8 +91,8 @@ def test_plain_writes_land_byte_for_byte_as_the_general_path_writes_them(tmp_pat
                     except KvError as e:
                         outcomes.append(("error", type(e), str(e)))
                 assert outcomes[0] == outcomes[1]
-                assert fast._states == general._states
-                assert fast._deferred == general._deferred
+                assert fast.states.kept == general.states.kept
+                assert fast.states.held == general.states.held
                 assert (fast.first_lsn, fast.last_lsn) == (general.first_lsn, general.last_lsn)
             if rng.random() < 0.3:
                 for batch in batches:
@@ -102,8 +103,8 @@ def test_plain_writes_land_byte_for_byte_as_the_general_path_writes_them(tmp_pat
                 else:
                     store.commit(batch)
             assert _tables(fast) == _tables(general)
-            assert fast._states == general._states
-            assert fast._deferred == general._deferred
+            assert fast.states.kept == general.states.kept
+            assert fast.states.held == general.states.held
     finally:
         fast.close()
         general.close()
@@ -115,7 +116,7 @@ def test_a_full_map_is_storage_full_on_the_compiled_path_too(tmp_path):
     with store.write() as batch:
         batch.mutate(b"k", [Op(_core.OP_PUT, b"", b"v")])
     batch = store.begin()
-    with pytest.raises(store_module.StorageFull):
+    with pytest.raises(StorageFull):
         for seq in range(1, 100_000):
             batch.mutate(b"k", [Op(_core.OP_PUT, b"", b"v" * 500)], None, 9, seq)
     batch.abort()

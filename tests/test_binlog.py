@@ -23,8 +23,8 @@ def _dump(store: Store) -> dict[str, list[tuple[bytes, bytes]]]:
     """Every entry of the data sub-databases, to compare two stores byte for byte."""
     with store.env.begin() as txn:
         return {name: list(txn.cursor(db=db))
-                for name, db in (("keys", store._keys), ("rows", store._rows),
-                                 ("changes", store._changes), ("ops", store._ops))}
+                for name, db in (("keys", store.tables.keys), ("rows", store.tables.rows),
+                                 ("changes", store.tables.changes), ("ops", store.tables.ops))}
 
 
 @settings(max_examples=40, deadline=None)
@@ -92,9 +92,9 @@ def test_a_corrupted_binlog_record_is_reported_not_misread(tmp_path):
         with store.write() as batch:
             batch.mutate(b"k", [Op(_core.OP_PUT, b"", b"value")])
         with store.env.begin(write=True) as txn:
-            raw = bytearray(txn.get(b"\0" * 7 + b"\1", db=store._binlog))
+            raw = bytearray(txn.get(b"\0" * 7 + b"\1", db=store.tables.binlog))
             raw[-1] ^= 0xFF
-            txn.put(b"\0" * 7 + b"\1", bytes(raw), db=store._binlog)
+            txn.put(b"\0" * 7 + b"\1", bytes(raw), db=store.tables.binlog)
         with pytest.raises(_core.RecordError, match="checksum"):
             store.binlog(0)
     finally:

@@ -35,10 +35,9 @@ def _fill(store: Store, seed: int, keys: int = 40) -> None:
 
 def _dump(store: Store) -> dict[str, list[tuple[bytes, bytes]]]:
     with store.read() as txn:
-        return {name: [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]
-                for name, db in (("keys", store._keys), ("rows", store._rows),
-                                 ("changes", store._changes), ("ops", store._ops),
-                                 ("clients", store._clients))}
+        return {name: [(bytes(k), bytes(v))
+                       for k, v in txn.cursor(db=getattr(store.tables, name))]
+                for name in ("keys", "rows", "changes", "ops", "clients")}
 
 
 def _copy(source: Store, target: Store, max_bytes: int) -> int:

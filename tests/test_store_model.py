@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvsvr import _core
-from kvsvr import store as store_module
 from kvsvr.errors import Compacted, InvalidArgument, KvError, NotFound, VersionConflict
 from kvsvr.protocol import Op, decode_delta, encode_delta
-from kvsvr.store import KeyState, Store, seq_row
+from kvsvr.store import KeyState, Meta, Store, seq_row
+from kvsvr.store import states as states_module
 
 KEYS = [b"alice", b"bob", b"k\x00\xff"]
 ROWS = [b"a", b"b", b"b\x00", b"zz"]
@@ -216,8 +216,8 @@ class DeferredStoreMachine(StoreMachine):
     its newest state."""
 
     def __init__(self) -> None:
-        self._bound = store_module.DEFERRED_RECORDS_MAX
-        store_module.DEFERRED_RECORDS_MAX = 12
+        self._bound = states_module.DEFERRED_RECORDS_MAX
+        states_module.DEFERRED_RECORDS_MAX = 12
         super().__init__()
         self.store.close()
         self.store = self._open()
@@ -227,7 +227,7 @@ class DeferredStoreMachine(StoreMachine):
                      binlog_max_records=binlog_bound, defer_key_states=True)
 
     def teardown(self) -> None:
-        store_module.DEFERRED_RECORDS_MAX = self._bound
+        states_module.DEFERRED_RECORDS_MAX = self._bound
         super().teardown()
 
     @rule(binlog_bound=st.sampled_from([5, 20]))
@@ -278,7 +278,7 @@ class DeferredStoreMachine(StoreMachine):
     def held_states_are_bounded_and_replayable(self):
         store = self.store
         assert store.first_lsn <= store.replay_from()
-        assert store.last_lsn + 1 - store.replay_from() <= store_module.DEFERRED_RECORDS_MAX
+        assert store.last_lsn + 1 - store.replay_from() <= states_module.DEFERRED_RECORDS_MAX
 
 
 DeferredStoreMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40,
@@ -348,7 +348,7 @@ def test_a_killed_replica_store_replays_the_key_states_it_held(tmp_path):
 def test_held_key_states_are_never_evicted_from_the_state_cache(tmp_path, monkeypatch):
     """The state cache evicts its oldest entries; a held state is the only copy of the key's
     newest version, so eviction passes over it, however old its place."""
-    monkeypatch.setattr(store_module, "STATE_CACHE_KEYS", 32)
+    monkeypatch.setattr(states_module, "STATE_CACHE_KEYS", 32)
     store = Store(tmp_path, sync=False, defer_key_states=True)
     try:
         with store.write() as batch:
@@ -361,7 +361,7 @@ def test_held_key_states_are_never_evicted_from_the_state_cache(tmp_path, monkey
         with store.write() as batch:
             for i in range(200):   # other keys through the cache, many times its size
                 batch.mutate(b"other%d" % i, [Op(_core.OP_PUT, b"", b"x")])
-        assert len(store._states) <= 32 + 20
+        assert len(store.states.kept) <= 32 + 20
         with store.read() as txn:
             for i in range(20):
                 assert store.get(txn, b"held%d" % i).value == b"new"
@@ -371,7 +371,7 @@ def test_held_key_states_are_never_evicted_from_the_state_cache(tmp_path, monkey
 
 def test_key_states_are_invisible_to_the_cyclic_collector(tmp_path):
     """A node keeps up to STATE_CACHE_KEYS key states: as objects the collector tracks, each of
-    its full passes walked them all (a write pause of up to 150 ms while a cache filled)."""
+    its full passes walked them all (a write pause while a cache filled)."""
     import gc
 
     store = Store(tmp_path, sync=False)
@@ -391,3 +391,30 @@ def test_key_states_are_invisible_to_the_cyclic_collector(tmp_path):
         assert not any(gc.is_tracked(s) for s in states)
     finally:
         store.close()
+
+
+def test_every_meta_name_a_store_writes_is_in_the_registry(tmp_path):
+    """Meta names are part of the on-disk format: each one a store writes is a name of
+    kvsvr.store.Meta (or one of its per-peer prefixes), spelt as stores already hold it."""
+    assert (Meta.SCHEMA, Meta.LAST_LSN, Meta.KEYS_REPLAY_FROM, Meta.QUORUM_INCARNATION,
+            Meta.QUORUM_FENCE_PREFIX, Meta.CURSOR_PREFIX, Meta.COPY_INSTALLING_PREFIX,
+            Meta.VOTES_THROUGH) == (b"schema", b"last_lsn", b"keys/replay_from",
+                                    b"quorum/incarnation", b"quorum/fence/", b"cursor/",
+                                    b"copy/installing/", b"votes/through")
+    names = {value for name, value in vars(Meta).items() if name.isupper()}
+    peer_prefixes = {Meta.QUORUM_FENCE_PREFIX, Meta.CURSOR_PREFIX, Meta.REBUILD_TARGET_PREFIX,
+                     Meta.COPY_INSTALLING_PREFIX}
+    store = Store(tmp_path, map_size_mib=64, sync=False, binlog_max_records=2,
+                  defer_key_states=True)
+    try:
+        with store.write() as batch:
+            for version in range(4):
+                batch.mutate(b"k", [Op(_core.OP_PUT, b"", b"v%d" % version)])
+            batch.persist_quorum([("fence", 2, 5), ("rebuilt", 3), ("verified", 3)])
+            batch.set_incarnation(3)
+        written = set(store.meta_raw(b""))
+    finally:
+        store.close()
+    assert {b"schema", b"last_lsn", b"keys/replay_from", b"quorum/fence/\x02"} <= written
+    for name in written:
+        assert name in names or name[:-1] in peer_prefixes, name

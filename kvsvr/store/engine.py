@@ -1,0 +1,455 @@
+"""The engine of one node's storage: `Store` opens the LMDB environment, reads, and hands
+out write transactions (`WriteBatch`, kvsvr/store/batch.py)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from kvsvr import _core
+from kvsvr._applier import Applier
+from kvsvr.errors import Compacted, NotFound, StorageFull
+from kvsvr.limits import (
+    BINLOG_MAX_RECORDS,
+    DISK_FULL_BELOW_BYTES,
+    PAGE_MAX_BYTES,
+    SCAN_MAX_ENTRIES_VISITED,
+)
+from kvsvr.protocol import (
+    Change,
+    ChangesPage,
+    MutateReply,
+    Op,
+    Row,
+    RowValue,
+    ScanPage,
+    Versioned,
+)
+from kvsvr.store.batch import WriteBatch
+from kvsvr.store.exactly_once import OpIds
+from kvsvr.store.layout import (
+    KEY_STATE,
+    KEY_STATE_HAS_VALUE_OFFSET,
+    ROW_META,
+    SCHEMA,
+    SCHEMA_VERSION,
+    U64BE,
+    KeyState,
+    Meta,
+    Tables,
+    key_prefix,
+)
+from kvsvr.store.quorum import QuorumState
+from kvsvr.store.snapshots import SnapshotItem, SnapshotPosition, Snapshots
+from kvsvr.store.states import KeyStates
+
+MAP_SIZE_MIB_DEFAULT = 1024 * 1024   # the LMDB map's bound (address space, not disk)
+LMDB_READERS_MAX = 256               # read transactions open at once in the environment
+BINLOG_READ_RECORDS_DEFAULT = 1000   # records `Store.binlog` returns unless told
+
+
+class StoreLocked(RuntimeError):
+    """Another process already serves this data directory."""
+
+
+class Store:
+    def __init__(self, path: str | Path, *, map_size_mib: int = MAP_SIZE_MIB_DEFAULT,
+                 sync: bool = True, binlog_max_records: int = BINLOG_MAX_RECORDS,
+                 defer_meta_sync: bool = False, defer_key_states: bool = False):
+        """`defer_meta_sync` (a replica, whose vote log holds what a lost commit had): each
+        commit fsyncs its pages but not its meta page, which the next commit's fsync (or
+        sync()) makes durable; the `durable_*` LSNs follow one commit behind. This is LMDB's
+        MDB_NOMETASYNC: a power cut may undo the last commit but never corrupts the file.
+        It saves one of the two fsyncs of every commit.
+
+        `defer_key_states` (a replica): a write that changes no row leaves the key's new
+        state in memory, and a rolling sweep (WriteBatch.flush_key_states) writes the held
+        states a key range at a time (see kvsvr/store/states.py): most of what a checkpoint
+        wrote was key states, one random leaf page per written key. The binlog records are
+        committed as before; a restart (or an aborted transaction) replays them from
+        `keys/replay_from`, the first record a held state has that LMDB lacks, and the binlog
+        is never trimmed past it. Only keys already in LMDB are held (their first write goes
+        through), so a snapshot read sees every key and swaps in the held state."""
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        # LMDB itself allows many writer processes; two nodes on one directory would still
+        # interleave LSNs kept in memory, so one process owns a data directory.
+        self._lock_file = open(self.path / "LOCK", "a+")  # noqa: SIM115 (held for life)
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise StoreLocked(f"{self.path}: another process holds this data directory") from None
+        self.binlog_max_records = binlog_max_records
+        self.defers_meta_sync = sync and defer_meta_sync
+        self.env = lmdb.open(
+            str(self.path), map_size=map_size_mib << 20, max_dbs=len(Tables.NAMES), sync=sync,
+            metasync=sync and not defer_meta_sync, readahead=False,
+            max_readers=LMDB_READERS_MAX,
+        )
+        if self.defers_meta_sync:
+            # What the last run committed may still be in the page cache only (a killed
+            # process leaves it there): durable before anything is said about it.
+            self.env.sync(True)
+        self.tables = Tables(self.env)
+        self.first_lsn, self.last_lsn = self._open_schema_and_binlog()
+        # What readers outside the write transaction see (pulls, snapshots): first_lsn and
+        # last_lsn run ahead while a transaction kept open across rounds is not committed.
+        self.durable_first_lsn, self.durable_last_lsn = self.first_lsn, self.last_lsn
+        # With defer_meta_sync: the LSNs of the last commit, durable from the next one on.
+        self._undurable: tuple[int, int] | None = None
+        self.defers_key_states = defer_key_states
+        self.states = KeyStates()
+        self.op_ids = OpIds(self.tables)
+        self.quorum_state = QuorumState(self.tables)
+        self.snapshots = Snapshots(self.tables, self.states)
+        # Plain writes' compiled path (see WriteBatch.mutate): only held states make it pay.
+        self.applier: Applier | None = Applier(self) if defer_key_states else None
+        self._replay_held()
+        if self.states.held and not defer_key_states:
+            # Held by a replica that ran on this directory: written out now, and the marker
+            # dropped (this store trims its binlog without regard to it).
+            with self.write() as batch:
+                batch.flush_all_key_states()
+                batch.set_meta(Meta.KEYS_REPLAY_FROM, None)
+
+    def _open_schema_and_binlog(self) -> tuple[int, int]:
+        """Mark a new store with SCHEMA_VERSION (refuse another's); the binlog's first and
+        last LSN."""
+        meta = self.tables.meta
+        with self.env.begin(write=True) as txn:
+            schema = txn.get(Meta.SCHEMA, db=meta)
+            if schema is None:
+                txn.put(Meta.SCHEMA, SCHEMA.pack(SCHEMA_VERSION), db=meta)
+            elif SCHEMA.unpack(schema)[0] != SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path}: schema {SCHEMA.unpack(schema)[0]}, "
+                                   f"this build reads {SCHEMA_VERSION}")
+            cursor = txn.cursor(db=self.tables.binlog)
+            first_lsn = U64BE.unpack(cursor.key())[0] if cursor.first() else 1
+            last_lsn = U64BE.unpack(cursor.key())[0] if cursor.last() else 0
+            if last_lsn == 0:
+                # An empty binlog continues after the last LSN ever used, not at 1.
+                saved = txn.get(Meta.LAST_LSN, db=meta)
+                last_lsn = U64BE.unpack(saved)[0] if saved else 0
+                first_lsn = last_lsn + 1
+        return first_lsn, last_lsn
+
+    def close(self) -> None:
+        self.sync()
+        self.env.close()
+        self._lock_file.close()
+
+    @property
+    def meta_sync_pending(self) -> bool:
+        """Whether the last commit waits for the next one (or sync()) to be durable."""
+        return self._undurable is not None
+
+    def sync(self) -> None:
+        """Make every commit so far durable (with defer_meta_sync, the last one is not)."""
+        if self._undurable is None:
+            return
+        self.env.sync(True)
+        self.durable_first_lsn, self.durable_last_lsn = self._undurable
+        self._undurable = None
+
+    # --- key states (see kvsvr/store/states.py) ------------------------------------------
+    def key_state(self, txn: lmdb.Transaction, key: bytes) -> KeyState:
+        states = self.states
+        if states.held_or_flushing(key):
+            return states.kept[key]
+        return KeyState.decode(txn.get(key, db=self.tables.keys))
+
+    def latest(self, txn: lmdb.Transaction, key: bytes) -> KeyState:
+        """The key's newest state, written by this store's open or committing transaction or
+        before: from memory when it is kept there (an LMDB lookup costs a B-tree descent),
+        else read in `txn`, which must then be current for the key. Never modify it."""
+        state = self.states.kept.get(key)
+        return KeyState.decode(txn.get(key, db=self.tables.keys)) if state is None else state
+
+    @property
+    def kept_states(self) -> dict[bytes, KeyState]:
+        """The key states kept in memory (see latest), by key: to be read, never changed."""
+        return self.states.kept
+
+    def cached_state(self, key: bytes) -> KeyState | None:
+        """The key's newest state if it is kept in memory (see latest), else None."""
+        return self.states.kept.get(key)
+
+    def commit_seen(self) -> None:
+        """The owner saw the last commit end: held states it wrote are readable in LMDB."""
+        self.states.flushing.clear()
+
+    @property
+    def deferred_keys(self) -> int:
+        """Keys whose newest state is held in memory, not yet in LMDB's keys table."""
+        return len(self.states.held)
+
+    def replay_from(self) -> int:
+        """The first binlog record a held key state has that LMDB's keys table lacks."""
+        return self.states.first_held_lsn(self.last_lsn + 1)
+
+    def forget_states(self) -> None:
+        """A write transaction was aborted: what it wrote never happened (held key states
+        are rebuilt from what was committed)."""
+        self.states.forget()
+        self._replay_held()
+
+    def _replay_held(self) -> None:
+        """Rebuild the held key states from the committed binlog (at open, and after an
+        aborted transaction dropped what memory had)."""
+        with self.env.begin() as txn:
+            raw = txn.get(Meta.KEYS_REPLAY_FROM, db=self.tables.meta)
+            start = U64BE.unpack(raw)[0] if raw else self.last_lsn + 1
+            if start > self.last_lsn:
+                return
+            if start < self.first_lsn:
+                raise RuntimeError(
+                    f"{self.path}: the binlog starts at lsn {self.first_lsn}, but key states "
+                    f"held in memory at the last commit need it from lsn {start}")
+            self.states.replay(txn, self.tables, start, self.path)
+
+    # --- reads -----------------------------------------------------------------------------
+    def read(self) -> lmdb.Transaction:
+        return self.env.begin()
+
+    def get(self, txn: lmdb.Transaction, key: bytes) -> Versioned:
+        states = self.states
+        if states.held_or_flushing(key):
+            state = states.kept[key]
+            if state.value is None:
+                raise NotFound("key holds no value", field="key", version=state.version)
+            return Versioned(state.version, state.value)
+        raw = txn.get(key, db=self.tables.keys)
+        if raw is None or not raw[KEY_STATE_HAS_VALUE_OFFSET]:
+            version = KEY_STATE.unpack_from(raw)[0] if raw is not None else 0
+            raise NotFound("key holds no value", field="key", version=version)
+        return Versioned(KEY_STATE.unpack_from(raw)[0], raw[KEY_STATE.size:])
+
+    def row_get(self, txn: lmdb.Transaction, key: bytes, row: bytes) -> RowValue:
+        state = self.key_state(txn, key)
+        raw = txn.get(key_prefix(key) + row, db=self.tables.rows)
+        if raw is None or raw[8]:
+            raise NotFound("row holds no value", field="row", version=state.version)
+        return RowValue(state.version, ROW_META.unpack_from(raw)[0], raw[ROW_META.size:])
+
+    def scan(self, txn: lmdb.Transaction, key: bytes, start: bytes, end: bytes | None,
+             limit: int) -> ScanPage:
+        prefix = key_prefix(key)
+        stop = prefix + end if end is not None else None
+        rows: list[Row] = []
+        next_start = None
+        visited = 0
+        size = 0
+        cursor = txn.cursor(db=self.tables.rows)
+        if cursor.set_range(prefix + start):
+            for raw_key, raw in cursor:
+                if not raw_key.startswith(prefix) or (stop is not None and raw_key >= stop):
+                    break
+                row = raw_key[len(prefix):]
+                if (len(rows) == limit or visited == SCAN_MAX_ENTRIES_VISITED
+                        or size > PAGE_MAX_BYTES):
+                    next_start = row  # more remain: continue from here
+                    break
+                visited += 1
+                if not raw[8]:
+                    rows.append(Row(row, ROW_META.unpack_from(raw)[0], raw[ROW_META.size:]))
+                    size += len(raw_key) + len(raw)
+        return ScanPage(self.key_state(txn, key).version, rows, next_start)
+
+    def changes(self, txn: lmdb.Transaction, key: bytes, since_version: int, after_row: bytes,
+                limit: int) -> ChangesPage:
+        """Rows changed after (since_version, after_row), tombstones included, version order.
+
+        From 0 (a full sync) always; from below the key's compaction horizon never, as the
+        deletions in between are gone: that raises Compacted, and the caller resyncs from 0.
+        """
+        prefix = key_prefix(key)
+        if since_version:
+            state = self.key_state(txn, key)
+            if since_version < state.compacted_through:
+                raise Compacted(
+                    f"since_version: {since_version} is before the compaction horizon "
+                    f"{state.compacted_through}; resync from version 0",
+                    field="since_version", version=state.compacted_through)
+        if after_row:
+            start = prefix + U64BE.pack(since_version) + after_row + b"\x00"
+        elif since_version >= 2**64 - 1:
+            return ChangesPage(self.key_state(txn, key).version, [], None)
+        else:
+            start = prefix + U64BE.pack(since_version + 1)
+        changes: list[Change] = []
+        resume = None
+        size = 0
+        rows = self.tables.rows
+        cursor = txn.cursor(db=self.tables.changes)
+        if cursor.set_range(start):
+            for index_key in cursor.iternext(keys=True, values=False):
+                if not index_key.startswith(prefix):
+                    break
+                version = U64BE.unpack_from(index_key, len(prefix))[0]
+                row = index_key[len(prefix) + 8:]
+                if len(changes) == limit or size > PAGE_MAX_BYTES:
+                    last = changes[-1]
+                    resume = (last.version, last.row)
+                    break
+                raw = txn.get(prefix + row, db=rows)
+                assert raw is not None and ROW_META.unpack_from(raw)[0] == version, \
+                    "change index out of step with rows"
+                changes.append(Change(row, version, bool(raw[8]), raw[ROW_META.size:]))
+                size += len(index_key) + len(raw)
+        return ChangesPage(self.key_state(txn, key).version, changes, resume)
+
+    def binlog(self, from_lsn: int = 0,
+               limit: int = BINLOG_READ_RECORDS_DEFAULT) -> list[_core.Record]:
+        """Decoded binlog records from `from_lsn` (verifies each checksum)."""
+        records = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.tables.binlog)
+            if cursor.set_range(U64BE.pack(from_lsn)):
+                for _, raw in cursor:
+                    records.append(_core.decode_record(raw))
+                    if len(records) == limit:
+                        break
+        return records
+
+    def binlog_raw(self, from_lsn: int, max_records: int, max_bytes: int) -> list[bytes]:
+        """Raw records from `from_lsn` on, none skipped, within the two bounds (at least one
+        record when any is there)."""
+        records: list[bytes] = []
+        size = 0
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.tables.binlog)
+            if cursor.set_key(U64BE.pack(max(from_lsn, 1))):
+                for raw in cursor.iternext(keys=False, values=True):
+                    if records and size + len(raw) > max_bytes:
+                        break
+                    records.append(raw)
+                    size += len(raw)
+                    if len(records) == max_records:
+                        break
+        return records
+
+    def remembered(self, txn: lmdb.Transaction, key: bytes, ops: list[Op], client_id: int,
+                   client_seq: int) -> MutateReply | None:
+        """The first answer to this op id if it was applied (see WriteBatch.mutate)."""
+        return self.op_ids.remembered(txn, key, [(op.kind, op.row, op.value) for op in ops],
+                                      client_id, client_seq)
+
+    # --- snapshots (see kvsvr/store/snapshots.py) --------------------------------------------
+    def snapshot_lsn(self, txn: lmdb.Transaction) -> int:
+        """The last LSN applied as of `txn`: a snapshot read in `txn` holds everything up to
+        it, and the binlog after it is the tail to apply on top."""
+        return self.snapshots.lsn(txn)
+
+    def snapshot_page(self, txn: lmdb.Transaction, position: SnapshotPosition | None,
+                      max_bytes: int) -> tuple[list[SnapshotItem], SnapshotPosition | None]:
+        """One page of a consistent copy read in `txn`: items strictly after `position`
+        (None: from the start), and the position of the last one, or None when the copy is
+        complete. An item is (db, key, row, raw): db 0 the keys, each followed by its rows
+        (row None: the key's own record), db 1 the op ids, db 2 the clients."""
+        return self.snapshots.page(txn, position, max_bytes)
+
+    # --- meta and the version quorum's state -----------------------------------------------
+    def meta_u64s(self, prefix: bytes) -> dict[bytes, tuple[int, ...]]:
+        """Meta entries under `prefix` (name suffix -> the u64s stored)."""
+        return {name: struct.unpack(f">{len(raw) // 8}Q", raw)
+                for name, raw in self.meta_raw(prefix).items()}
+
+    def meta_raw(self, prefix: bytes) -> dict[bytes, bytes]:
+        """Meta entries under `prefix` (name suffix -> the bytes stored)."""
+        out: dict[bytes, bytes] = {}
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.tables.meta)
+            if cursor.set_range(prefix):
+                for name, raw in cursor:
+                    if not name.startswith(prefix):
+                        break
+                    out[bytes(name[len(prefix):])] = bytes(raw)
+        return out
+
+    def quorum_records(self) -> list[tuple[Any, ...]]:
+        """Every persisted record of the version quorum, in the form QuorumReplica.restore
+        takes (see _quorum.pxi)."""
+        with self.env.begin() as txn:
+            return self.quorum_state.records(txn)
+
+    @property
+    def incarnation(self) -> int:
+        """This node's life: 0 until a quorum member first sets it."""
+        with self.env.begin() as txn:
+            return self.quorum_state.incarnation(txn)
+
+    def stats(self) -> dict[str, Any]:
+        tables = self.tables
+        with self.env.begin() as txn:
+            info = self.env.info()
+            return {
+                "keys": txn.stat(tables.keys)["entries"],
+                "keys_deferred": len(self.states.held),
+                "rows": txn.stat(tables.rows)["entries"],
+                "binlog_first_lsn": self.first_lsn,
+                "binlog_last_lsn": self.last_lsn,
+                # What a power cut cannot undo (what peers may pull): behind last_lsn while a
+                # write transaction is open, and by one commit with defer_meta_sync.
+                "binlog_durable_last_lsn": self.durable_last_lsn,
+                "remembered_op_ids": txn.stat(tables.ops)["entries"],
+                "clients": txn.stat(tables.clients)["entries"],
+                "map_used_bytes": (info["last_pgno"] + 1) * self.env.stat()["psize"],
+                "map_size_bytes": info["map_size"],
+            }
+
+    # --- writes ----------------------------------------------------------------------------
+    @contextmanager
+    def write(self) -> Iterator[WriteBatch]:
+        """One durable transaction for many mutations; on any error nothing of it is kept."""
+        batch = WriteBatch(self)
+        try:
+            yield batch
+        except BaseException:
+            batch.abort()
+            raise
+        self.commit(batch)
+        self.commit_seen()
+        self.sync()
+
+    def begin(self) -> WriteBatch:
+        """A write transaction the caller keeps open (across rounds) and ends with commit()
+        or abort(); while it is open no other write transaction may begin in this process."""
+        return WriteBatch(self)
+
+    def commit(self, batch: WriteBatch) -> None:
+        """Commit `batch` durably (fsync unless storage.sync is off; with defer_meta_sync,
+        durable once the next commit or sync() has ended); on an error nothing of it is kept
+        and the error says why (StorageFull for a full map or disk)."""
+        try:
+            batch.commit()
+        except lmdb.MapFullError:
+            batch.abort()
+            raise StorageFull("the node's LMDB map is full (storage.map_size_mib)") from None
+        except lmdb.Error:
+            batch.abort()  # nothing was kept, so the LSNs step back too
+            # LMDB reports a full disk as EIO; tell it apart by what is left on the disk.
+            stat = os.statvfs(self.path)
+            if stat.f_bavail * stat.f_frsize < DISK_FULL_BELOW_BYTES:
+                raise StorageFull(f"the disk holding {self.path} is full") from None
+            raise
+        except BaseException:
+            batch.abort()
+            raise
+        if not self.defers_meta_sync:
+            self.durable_first_lsn, self.durable_last_lsn = self.first_lsn, self.last_lsn
+            return
+        # This commit's fsync made the previous commit's meta page durable, not its own.
+        if self._undurable is not None:
+            self.durable_first_lsn, self.durable_last_lsn = self._undurable
+        self._undurable = (self.first_lsn, self.last_lsn)
+
+
+__all__ = ["Store", "StoreLocked"]

@@ -1,0 +1,125 @@
+"""Snapshots: a consistent copy of a store, read in pages and installed into another one (a
+replica that lost its disk, or fell behind a peer's trimmed binlog, copies a peer's).
+
+A copy is a sequence of items (db, key, row, raw), read in one read transaction: db 0 the
+keys, each key's own record (row None: its keys record) followed by its rows (rows records);
+db 1 the op ids (ops records), db 2 the clients (clients records); raw is the record as the
+table holds it (see layout). The binlog after the transaction's last LSN is the tail to apply
+on top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from kvsvr.store.layout import U64BE, KeyState, Meta, Tables, key_prefix
+from kvsvr.store.states import KeyStates
+
+SnapshotItem = tuple[int, bytes, bytes | None, bytes]      # db, key, row, raw
+SnapshotPosition = tuple[int, bytes | None, bytes | None]  # db, key, row
+
+
+class Snapshots:
+    """Reads a store's copy in pages, and installs a copy's items into it."""
+
+    __slots__ = ("_states", "_tables")
+
+    def __init__(self, tables: Tables, states: KeyStates) -> None:
+        self._tables = tables
+        self._states = states
+
+    def lsn(self, txn: Any) -> int:
+        """The last LSN applied as of `txn`: a snapshot read in `txn` holds everything up to
+        it, and the binlog after it is the tail to apply on top."""
+        cursor = txn.cursor(db=self._tables.binlog)
+        if cursor.last():
+            return int(U64BE.unpack(cursor.key())[0])
+        saved = txn.get(Meta.LAST_LSN, db=self._tables.meta)
+        return int(U64BE.unpack(saved)[0]) if saved else 0
+
+    def page(self, txn: Any, position: SnapshotPosition | None,
+             max_bytes: int) -> tuple[list[SnapshotItem], SnapshotPosition | None]:
+        """Items strictly after `position` (None: from the start) up to about `max_bytes`,
+        and the position of the last one, or None when the copy is complete."""
+        items: list[SnapshotItem] = []
+        size = 0
+        for item in self._items(txn, position or (0, None, None)):
+            item_bytes = len(item[1]) + len(item[2] or b"") + len(item[3]) + 16
+            if items and size + item_bytes > max_bytes:
+                last = items[-1]
+                return items, (last[0], last[1], last[2])
+            items.append(item)
+            size += item_bytes
+        return items, None
+
+    def _items(self, txn: Any, position: SnapshotPosition) -> Iterator[SnapshotItem]:
+        db, after_key, after_row = position
+        tables, states = self._tables, self._states
+        dbs = (tables.keys, tables.ops, tables.clients)
+        while db < len(dbs):
+            cursor = txn.cursor(db=dbs[db])
+            if after_key is None:
+                found = cursor.first()
+            else:
+                if db == 0:
+                    yield from self._row_items(txn, after_key, after_row)
+                found = cursor.set_range(after_key)
+                if found and cursor.key() == after_key:
+                    found = cursor.next()
+            while found:
+                key = bytes(cursor.key())
+                if db == 0 and states.held_or_flushing(key):
+                    # Newer than this view perhaps: the binlog after it has what the state
+                    # holds, and a copy skips records it is past.
+                    yield (db, key, None, states.kept[key].encode())
+                else:
+                    yield (db, key, None, bytes(cursor.value()))
+                if db == 0:
+                    yield from self._row_items(txn, key, None)
+                found = cursor.next()
+            db, after_key, after_row = db + 1, None, None
+
+    def _row_items(self, txn: Any, key: bytes,
+                   after_row: bytes | None) -> Iterator[SnapshotItem]:
+        prefix = key_prefix(key)
+        cursor = txn.cursor(db=self._tables.rows)
+        found = cursor.set_range(prefix + (after_row or b""))
+        if found and after_row is not None and cursor.key() == prefix + after_row:
+            found = cursor.next()
+        while found and cursor.key()[:len(prefix)] == prefix:
+            yield (0, key, bytes(cursor.key()[len(prefix):]), bytes(cursor.value()))
+            found = cursor.next()
+
+    def install(self, txn: Any, item: SnapshotItem, installing: bool,
+                repair: set[bytes] | frozenset[bytes],
+                latest: Callable[[bytes], KeyState]) -> bool:
+        """Take one item in `txn` (see WriteBatch.install); `latest` is the transaction's
+        newest state of a key."""
+        tables = self._tables
+        db, key, row, raw = item
+        if db != 0:
+            txn.put(key, raw, db=tables.ops if db == 1 else tables.clients, overwrite=False)
+            return False
+        prefix = key_prefix(key)
+        if row is not None:
+            if installing:
+                txn.put(prefix + row, raw, db=tables.rows)
+                txn.put(prefix + raw[:8][::-1] + row, b"", db=tables.changes)
+            return installing
+        theirs = KeyState.decode(raw)
+        ours = latest(key).version
+        if theirs.version < ours or (theirs.version == ours and key not in repair):
+            return False  # ours is as new: keep it
+        for db_handle in (tables.rows, tables.changes):
+            cursor = txn.cursor(db=db_handle)
+            found = cursor.set_range(prefix)
+            while found and cursor.key()[:len(prefix)] == prefix:
+                found = cursor.delete()
+        txn.put(key, raw, db=tables.keys)
+        self._states.held.pop(key, None)
+        self._states.keep(key, theirs)
+        return True
+
+
+__all__ = ["SnapshotItem", "SnapshotPosition", "Snapshots"]
