@@ -340,7 +340,7 @@ def test_a_killed_replica_store_replays_the_key_states_it_held(tmp_path):
     with lmdb.open(str(tmp_path), max_dbs=8, readonly=True, lock=False) as env:
         keys, meta = env.open_db(b"keys", create=False), env.open_db(b"meta", create=False)
         with env.begin() as txn:
-            assert txn.get(b"keys/replay_from", db=meta) is None
+            assert txn.get(Meta.KEYS_REPLAY_FROM, db=meta) is None
             assert all(KeyState.decode(txn.get(b"k%d" % i, db=keys)).version > committed
                        for i in range(200))
 

@@ -60,6 +60,11 @@ class StoreLocked(RuntimeError):
 
 
 class Store:
+    """One node's storage in one LMDB environment, owned by one process. Its parts:
+    `tables` (the LMDB handles), `states` (the key-state cache), `op_ids`, `quorum_state`,
+    `snapshots`, and `applier` (the compiled path of plain writes, None unless it holds key
+    states); `first_lsn` and `last_lsn` bound its binlog as the open transaction sees it."""
+
     def __init__(self, path: str | Path, *, map_size_mib: int = MAP_SIZE_MIB_DEFAULT,
                  sync: bool = True, binlog_max_records: int = BINLOG_MAX_RECORDS,
                  defer_meta_sync: bool = False, defer_key_states: bool = False):
