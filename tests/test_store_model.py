@@ -418,3 +418,29 @@ def test_every_meta_name_a_store_writes_is_in_the_registry(tmp_path):
     assert {b"schema", b"last_lsn", b"keys/replay_from", b"quorum/fence/\x02"} <= written
     for name in written:
         assert name in names or name[:-1] in peer_prefixes, name
+
+
+def test_a_flushed_key_that_takes_a_big_value_reads_back_in_the_same_transaction(tmp_path):
+    """A held key state written by the rolling flush is read from memory until the commit is
+    seen; a value too big to keep in memory then replaces it in LMDB, and reads must go there
+    (they raised KeyError: the key was still marked as being flushed, with nothing kept)."""
+    store = Store(tmp_path, sync=False, defer_key_states=True)
+    try:
+        with store.write() as batch:
+            batch.mutate(b"k", [Op(_core.OP_PUT, b"", b"small")])
+        with store.write() as batch:
+            batch.mutate(b"k", [Op(_core.OP_PUT, b"", b"small again")])
+        assert store.deferred_keys == 1
+        big = b"x" * 600
+        with store.write() as batch:
+            assert batch.flush_key_states(1.0) == 1
+            batch.mutate(b"k", [Op(_core.OP_PUT, b"", big)])
+            got = store.get(batch.txn, b"k")
+            assert (got.version, got.value) == (3, big)
+            assert store.key_state(batch.txn, b"k").version == 3
+        store.commit_seen()
+        with store.read() as txn:
+            got = store.get(txn, b"k")
+            assert (got.version, got.value) == (3, big)
+    finally:
+        store.close()

@@ -59,7 +59,8 @@ class KeyStates:
         """Keep `state` as the key's newest, evicting the oldest kept ones past the bound."""
         states = self.kept
         if state.value is not None and len(state.value) > STATE_CACHE_VALUE_BYTES:
-            states.pop(key, None)   # big values stay in LMDB only
+            states.pop(key, None)   # big values stay in LMDB only ...
+            self.flushing.discard(key)   # ... so reads of the key go there, not to memory
             return
         states[key] = state
         if len(states) > STATE_CACHE_KEYS:
