@@ -1,5 +1,7 @@
 """Limits of KVSvr, as compiled into the core (`kvsvr/_consts.pxi` is the one definition)."""
 
+import os
+
 from kvsvr._core import (
     DEFAULT_SCAN_ROWS,
     FRAME_HEADER_BYTES,
@@ -40,24 +42,74 @@ KEY_FLUSH_IDLE_S = 1.0               # ... or all at once after this long withou
 PEER_SECRET_MIN_BYTES = 16           # [security] peer_secret, when set
 PEER_MAC_BYTES = 16                  # the MAC at the head of an authenticated peer request
 
+# A node's loop (kvsvr.single: a group of one replica; kvsvr.replica: a replicated group).
+NODE_POLL_INTERVAL_MS = 100          # how often an idle single node looks at its stop flag
+NODE_ROUND_MESSAGES_MAX = 256        # client messages a single node drains before it answers
+NODE_ROUND_BYTES_MAX = 32 << 20      # ... or this many bytes of them
+CLIENT_SWEEP_INTERVAL_S = 60.0       # how often idle clients' op ids are looked for
+IO_THREAD_SCHED_POLICY = os.SCHED_BATCH  # ZeroMQ's I/O thread (see kvsvr.sockets.node_context)
+
+# Tunables of a replica (time in seconds unless the name says otherwise).
+ROUND_MESSAGES_MAX = 512             # inbound messages a replica takes per round (each side)
+IDLE_POLL_MS = 20                    # a replica's poll timeout with nothing pending
+REQUEST_WAIT_S_MAX = 3.0             # a request the group cannot finish this long is answered
+EXPIRE_INTERVAL_S = 0.01             # waiting requests are checked for their deadline this often
+ROUND_WAKE_ONLY_S_MAX = 0.005        # a sync ending alone skips the round if one ran this recently
+YIELD_AFTER_VOTE_S = 0.01            # a loop that wrote votes this recently yields its core ...
+WAKE_YIELDS = 2                      # ... this many times when woken, before taking what arrived
+BARRIER_RESEND_S = 0.25              # a version barrier without a majority is asked again
+BARRIER_KEYS_MAX = 4096              # keys asked about in one version barrier
+PULL_IDLE_INTERVAL_S = 0.02          # a peer whose binlog had nothing new is asked again then,
+PULL_IDLE_INTERVAL_S_MAX = 0.2       # ... twice as long after each empty answer, up to this
+PULL_TIMEOUT_S = 1.0                 # an unanswered pull is sent again, ...
+PULL_TIMEOUT_S_MAX = 8.0             # ... after twice as long each time it goes unanswered
+PULL_RECORDS_MAX = 2048              # binlog records per pull answer ...
+PULL_BYTES_MAX = 2 << 20             # ... and bytes
+APPLY_PULLED_RECORDS_MAX = 20_000    # pulled records applied in one round
+TRIM_RECORDS_PER_ROUND_MAX = 4096    # binlog records every peer has, trimmed per round
+HELLO_RESEND_S = 0.5                 # a joining node asks silent peers again
+JOINING_LOG_INTERVAL_S = 5.0         # ... and says whom it is waiting for this often
+SNAPSHOT_PAGE_BYTES_MAX = 1 << 20    # a page of a snapshot
+SNAPSHOT_SESSIONS_MAX = 4            # copies a node serves at once (each pins an LMDB read txn)
+SNAPSHOT_IDLE_S_MAX = 30.0           # a copy nobody asked a page of for this long is dropped
+GAP_SNAPSHOT_AFTER_S = 5.0           # a stream stopped at a gap this long: copy that peer instead
+PEER_DOWN_AFTER_S = 2.0              # a peer silent this long is reported down in status
+PEER_WATCH_INTERVAL_S = 1.0          # how often silent peers (and the binlog lag) are looked at
+QUORUM_FRAME_BYTES_MAX = 1 << 20     # quorum messages per frame, by size ...
+QUORUM_FRAME_MESSAGES_MAX = 1024     # ... and count
+OPEN_RECOVER_AFTER_S = 1.0           # an instance accepted here but not chosen this long: finish it
+OPEN_CHECK_INTERVAL_S = 0.25         # how often open instances are looked at
+CHECKPOINT_APPLIED_MAX = 20_000      # a checkpoint at least every this many applied versions
+
 # Held key states are pinned in the state cache, which must keep room for others.
 assert DEFERRED_RECORDS_MAX <= STATE_CACHE_KEYS // 2
 # A page of at least one maximal row must still fit in one frame.
 assert PAGE_MAX_BYTES + MAX_VALUE_BYTES + MAX_ROW_KEY_BYTES + 4096 <= MAX_FRAME_BYTES
 
 __all__ = [
+    "APPLY_PULLED_RECORDS_MAX",
+    "BARRIER_KEYS_MAX",
+    "BARRIER_RESEND_S",
     "BINLOG_MAX_RECORDS",
     "BINLOG_TRIM_PER_WRITE",
+    "CHECKPOINT_APPLIED_MAX",
     "CLIENT_ATTEMPT_TIMEOUT_S",
     "CLIENT_IDLE_EXPIRY_S",
     "CLIENT_QUEUE_MESSAGES",
     "CLIENT_SWEEP_BATCH",
+    "CLIENT_SWEEP_INTERVAL_S",
     "DEFAULT_SCAN_ROWS",
     "DEFAULT_TIMEOUT_S",
     "DEFERRED_RECORDS_MAX",
     "DISK_FULL_BELOW_BYTES",
+    "EXPIRE_INTERVAL_S",
     "FRAME_HEADER_BYTES",
+    "GAP_SNAPSHOT_AFTER_S",
     "GROUP_COMMIT_MAX_OPS",
+    "HELLO_RESEND_S",
+    "IDLE_POLL_MS",
+    "IO_THREAD_SCHED_POLICY",
+    "JOINING_LOG_INTERVAL_S",
     "KEY_FLUSH_CYCLE_S",
     "KEY_FLUSH_IDLE_S",
     "MAX_BATCH_BYTES",
@@ -69,14 +121,38 @@ __all__ = [
     "MAX_ROW_KEY_BYTES",
     "MAX_SCAN_ROWS",
     "MAX_VALUE_BYTES",
+    "NODE_POLL_INTERVAL_MS",
     "NODE_QUEUE_MESSAGES",
+    "NODE_ROUND_BYTES_MAX",
+    "NODE_ROUND_MESSAGES_MAX",
+    "OPEN_CHECK_INTERVAL_S",
+    "OPEN_RECOVER_AFTER_S",
     "OPS_REMEMBERED_PER_CLIENT",
     "OPS_TRIM_STEP",
     "PAGE_MAX_BYTES",
+    "PEER_DOWN_AFTER_S",
     "PEER_MAC_BYTES",
     "PEER_SECRET_MIN_BYTES",
+    "PEER_WATCH_INTERVAL_S",
+    "PULL_BYTES_MAX",
+    "PULL_IDLE_INTERVAL_S",
+    "PULL_IDLE_INTERVAL_S_MAX",
+    "PULL_RECORDS_MAX",
+    "PULL_TIMEOUT_S",
+    "PULL_TIMEOUT_S_MAX",
+    "QUORUM_FRAME_BYTES_MAX",
+    "QUORUM_FRAME_MESSAGES_MAX",
+    "REQUEST_WAIT_S_MAX",
+    "ROUND_MESSAGES_MAX",
+    "ROUND_WAKE_ONLY_S_MAX",
     "SCAN_MAX_ENTRIES_VISITED",
+    "SNAPSHOT_IDLE_S_MAX",
+    "SNAPSHOT_PAGE_BYTES_MAX",
+    "SNAPSHOT_SESSIONS_MAX",
     "STATE_CACHE_KEYS",
     "STATE_CACHE_VALUE_BYTES",
+    "TRIM_RECORDS_PER_ROUND_MAX",
     "VOTE_LOG_BYTES",
+    "WAKE_YIELDS",
+    "YIELD_AFTER_VOTE_S",
 ]

@@ -214,7 +214,7 @@ def test_sigterm_stops_cleanly_and_data_survives(tmp_path: Path):
 
 
 def test_the_nodes_zeromq_io_thread_never_preempts_its_loop(cluster: LocalCluster):
-    """SCHED_BATCH (see kvsvr.node.node_context): woken, it waits for the core it wants."""
+    """SCHED_BATCH (see kvsvr.sockets.node_context): woken, it waits for the core it wants."""
     with Client(address=cluster.address(cluster.nodes[0]), timeout=5.0) as client:
         client.put(b"warm", b"x")   # (the I/O thread exists from the first socket on)
     pid = cluster.processes[cluster.nodes[0]].pid
@@ -229,9 +229,9 @@ def test_the_nodes_zeromq_io_thread_never_preempts_its_loop(cluster: LocalCluste
 
 def test_a_scheduling_policy_the_process_may_not_take_is_not_asked_of_zeromq():
     """libzmq aborts the process if it cannot set its thread's policy: probed first."""
-    from kvsvr.node import _may_schedule
-    assert _may_schedule(os.SCHED_BATCH)
-    assert not _may_schedule(12345)   # no such policy: refused, and nothing else happens
+    from kvsvr.sockets import may_schedule
+    assert may_schedule(os.SCHED_BATCH)
+    assert not may_schedule(12345)   # no such policy: refused, and nothing else happens
 
 
 def test_a_second_node_on_the_same_data_dir_is_refused(cluster: LocalCluster):

@@ -537,7 +537,7 @@ def test_a_stream_stopped_at_a_gap_no_other_stream_fills_copies_a_snapshot(
     (homed at n1) goes to v2, n2 is wiped and rebuilds (taking v2 in its copy), v3 is written
     by n1 and n2 (n2's binlog: v3 only), and n3 may then read n2 but not n1: without the gap
     copy it would stay at v1 for good."""
-    from kvsvr.replica import GAP_SNAPSHOT_AFTER_S
+    from kvsvr.limits import GAP_SNAPSHOT_AFTER_S
     from kvsvr.sharding import home_index
     key = b"gap1"
     assert home_index(key, 3) == 0

@@ -18,7 +18,7 @@ import zmq
 from kvsvr import Client, NotFound, _core, protocol
 from kvsvr._syncer import Syncer
 from kvsvr.launcher import LocalCluster, write_cluster_config
-from kvsvr.node import libzmq_send
+from kvsvr.sockets import libzmq_send
 from kvsvr.votelog import VoteLog, VoteLogDamaged
 
 

@@ -1,0 +1,304 @@
+"""`Node`: a node whose group has one replica, and the base every node builds on (a replica
+keeps its request reading, ownership check, counters and status).
+
+The loop: wait for requests; drain what has arrived (bounded); answer reads from one LMDB read
+transaction; fold every mutation of the round into one durable write transaction (group
+commit); then send each client message's answers together, in request order. A write is
+answered only after its commit returned, so an acknowledged write survives SIGKILL.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from typing import Any
+
+import lmdb
+import zmq
+
+from kvsvr import _core, protocol
+from kvsvr.config import ClusterConfig
+from kvsvr.errors import ConfigError, Internal, InvalidArgument, KvError, StorageFull
+from kvsvr.limits import (
+    CLIENT_SWEEP_INTERVAL_S,
+    GROUP_COMMIT_MAX_OPS,
+    NODE_POLL_INTERVAL_MS,
+    NODE_ROUND_BYTES_MAX,
+    NODE_ROUND_MESSAGES_MAX,
+)
+from kvsvr.monitor import registry as monitor_ids
+from kvsvr.monitor.counters import counters_for
+from kvsvr.protocol import Method, MutateRequest
+from kvsvr.sharding import shard_of
+from kvsvr.sockets import bind_router, node_context
+from kvsvr.store import Store
+
+log = logging.getLogger("kvsvr.node")
+
+_encode = protocol.encode
+_encode_frame = _core.encode_frame
+_REQUEST = _core.FRAME_REQUEST
+_RESPONSE = _core.FRAME_RESPONSE
+_MUTATE = Method.MUTATE
+_KEYED = frozenset({Method.MUTATE, Method.GET, Method.ROW_GET, Method.SCAN, Method.CHANGES})
+# The counter of each method's requests.
+METHOD_COUNTER = {m.value: f"requests.{m.name.lower()}" for m in Method}
+
+
+def error_frame(request_id: int, error: KvError) -> bytes:
+    """The response frame that answers request `request_id` with `error`."""
+    return _encode_frame(_RESPONSE, error.code, request_id, 0, protocol.encode_error(error))
+
+
+class Node:
+    def __init__(self, config: ClusterConfig, name: str, *, replicated: bool = False):
+        self.config = config
+        self.name = name
+        self.group, self.replica = config.replica(name)
+        if len(self.group.replicas) > 1 and not replicated:
+            # Serving one replica of a larger group alone would let replicas diverge.
+            raise ConfigError(
+                f"groups: group {self.group.name!r} has {len(self.group.replicas)} replicas; "
+                "its nodes run as replicas (kvsvr.replica.ReplicaNode, which main() picks)")
+        self.store = Store(config.data_dir(self.replica),
+                           map_size_mib=config.storage.map_size_mib,
+                           sync=config.storage.sync,
+                           binlog_max_records=config.storage.binlog_max_records,
+                           defer_meta_sync=replicated, defer_key_states=replicated)
+        # Which keys are this group's: a key of another group's shards is refused, never
+        # stored here (it would be acknowledged, yet every routed read asks its real owner).
+        self._shard_owner = config.shard_table() if len(config.groups) > 1 else None
+        self._group_index = config.groups.index(self.group)
+        self.started = time.time()
+        self.stopping = False
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.monitor = counters_for(config)   # the machine's shared-memory counters
+        self.round_requests = 0               # frames in the round being answered
+        self.next_client_sweep = time.monotonic() + CLIENT_SWEEP_INTERVAL_S
+        self._client_sweep_from = b""
+        store = self.store
+        self._readers: dict[int, Any] = {
+            Method.GET: lambda r, txn: store.get(txn, r.key),
+            Method.ROW_GET: lambda r, txn: store.row_get(txn, r.key, r.row),
+            Method.SCAN: lambda r, txn: store.scan(txn, r.key, r.start, r.end, r.limit),
+            Method.CHANGES: lambda r, txn: store.changes(txn, r.key, r.since_version,
+                                                         r.after_row, r.limit),
+            Method.PING: lambda r, txn: {"node": self.name},
+            Method.STATUS: lambda r, txn: self.status(),
+        }
+
+    # --- request handling (no sockets here) ------------------------------------------------
+    def check_owned(self, key: bytes) -> None:
+        """InvalidArgument naming the owner if `key` is in another group's shards."""
+        owner = self._shard_owner
+        if owner is None:
+            return
+        shard = shard_of(key, len(owner))
+        if owner[shard] != self._group_index:
+            group = self.config.groups[owner[shard]]
+            raise InvalidArgument(
+                f"key: {key!r} is in shard {shard}, which group {group.name!r} owns "
+                f"({', '.join(r.node for r in group.replicas)}), not this node's group "
+                f"{self.group.name!r}: send it there (a client with the cluster config routes "
+                "it)", field="key")
+
+    def _read(self, method: int, request: Any, txn: lmdb.Transaction) -> Any:
+        reader = self._readers.get(method)
+        if reader is None:
+            raise InvalidArgument(f"method: {Method(method).name.lower()} is not served by a "
+                                  "single-replica node", field="method")
+        return reader(request, txn)
+
+    def handle_round(self, messages: list[list[bytes]]) -> list[list[bytes]]:
+        """Answer one round of client messages ([identity, payload...] each): the messages
+        to send back, [identity, payload] each, answers in request order."""
+        answers: list[list[Any]] = []
+        writes: list[tuple[list[Any], int, int, MutateRequest]] = []
+        written: set[bytes] = set()
+        deferred: list[tuple[list[Any], int, int, int, Any]] = []
+        counters = self.counters
+        self.round_requests = 0
+        method_counter = METHOD_COUNTER
+        decode_request = protocol.decode_request
+        read = self._read
+        txn = self.store.read()
+        try:
+            for parts in messages:
+                out: list[Any] = []
+                answers.append([parts[0], out])
+                for payload in parts[1:]:
+                    frames, error, error_request_id = _core.decode_frames(payload)
+                    self.round_requests += len(frames) + (error is not None)
+                    for kind, method, request_id, _budget_ms, body in frames:
+                        try:
+                            if kind != _REQUEST:
+                                raise InvalidArgument("frame.kind: a node only takes requests",
+                                                      field="frame.kind")
+                            request = decode_request(method, body)
+                            counters[method_counter[method]] += 1
+                            self.monitor.add(monitor_ids.NODE_REQUESTS, 1)
+                            if method in _KEYED:
+                                self.check_owned(request.key)
+                            if method == _MUTATE:
+                                writes.append((out, len(out), request_id, request))
+                                written.add(request.key)
+                                out.append(None)
+                                continue
+                            if written and getattr(request, "key", None) in written:
+                                # Keep pipeline order: read after this round's writes commit.
+                                deferred.append((out, len(out), request_id, method, request))
+                                out.append(None)
+                                continue
+                            out.append(_encode_frame(_RESPONSE, 0, request_id, 0,
+                                                     _encode(read(method, request, txn))))
+                        except KvError as e:
+                            counters[f"errors.{type(e).__name__}"] += 1
+                            self.monitor.add(monitor_ids.NODE_FAILURES, 1)
+                            out.append(error_frame(request_id, e))
+                        except Exception:  # a bug must cost one request, never the node
+                            log.exception("request %d (method %d) failed", request_id, method)
+                            counters["errors.Internal"] += 1
+                            self.monitor.add(monitor_ids.NODE_FAILURES, 1)
+                            out.append(error_frame(request_id, Internal("internal error")))
+                    if error is not None:
+                        counters["bad_frames"] += 1
+                        self.monitor.add(monitor_ids.NODE_BAD_FRAMES, 1)
+                        self.monitor.add(monitor_ids.NODE_FAILURES, 1)
+                        out.append(error_frame(error_request_id,
+                                                InvalidArgument(error, field="frame")))
+        finally:
+            txn.abort()
+        for start in range(0, len(writes), GROUP_COMMIT_MAX_OPS):
+            self._commit(writes[start:start + GROUP_COMMIT_MAX_OPS])
+        if deferred:
+            self._answer_reads(deferred)
+        # Answers go back in as many messages as the size limits need (a client takes any).
+        return [[answer[0], message] for answer in answers
+                for message in protocol.pack(answer[1])]
+
+    def _answer_reads(self, reads: list[tuple[list[Any], int, int, int, Any]]) -> None:
+        with self.store.read() as txn:
+            for out, index, request_id, method, request in reads:
+                try:
+                    out[index] = _encode_frame(_RESPONSE, 0, request_id, 0,
+                                               _encode(self._read(method, request, txn)))
+                except KvError as e:
+                    self.counters[f"errors.{type(e).__name__}"] += 1
+                    out[index] = error_frame(request_id, e)
+                except Exception:  # as in handle_round: one request fails, not the node
+                    log.exception("request %d (method %d) failed", request_id, method)
+                    self.counters["errors.Internal"] += 1
+                    out[index] = error_frame(request_id, Internal("internal error"))
+
+    def _commit(self, writes: list[tuple[list[Any], int, int, MutateRequest]]) -> None:
+        counters = self.counters
+        started = time.perf_counter()
+        try:
+            with self.store.write() as batch:
+                for out, index, request_id, request in writes:
+                    try:
+                        reply = batch.mutate(request.key, request.ops, request.expected_version,
+                                             request.client_id, request.client_seq)
+                        out[index] = _encode_frame(_RESPONSE, 0, request_id, 0, _encode(reply))
+                    except StorageFull:
+                        raise
+                    except KvError as e:
+                        counters[f"errors.{type(e).__name__}"] += 1
+                        out[index] = error_frame(request_id, e)
+            counters["group_commits"] += 1
+            counters["mutations"] += batch.applied
+            self.monitor.add(monitor_ids.NODE_GROUP_COMMITS, 1)
+            self.monitor.add(monitor_ids.NODE_MUTATIONS, batch.applied)
+            counters["group_commit_us"] += int((time.perf_counter() - started) * 1e6)
+        except Exception as e:
+            # Nothing of the transaction was kept: every write of the round is answered with
+            # the error, including those that had looked successful before the abort.
+            error = e if isinstance(e, KvError) else Internal(f"commit failed: {e}")
+            if not isinstance(e, KvError):
+                log.exception("group commit of %d writes failed", len(writes))
+            counters[f"errors.{type(error).__name__}"] += len(writes)
+            self.monitor.add(monitor_ids.NODE_FAILURES, len(writes))
+            for out, index, request_id, _ in writes:
+                out[index] = error_frame(request_id, error)
+
+    def observe_latency(self, seconds: float, requests: int = 1) -> None:
+        """Count `requests` answered after `seconds` in their latency bucket id."""
+        self.monitor.add(monitor_ids.latency_id(seconds), requests)
+
+    def sweep_idle_clients(self) -> None:
+        """Forget clients idle past CLIENT_IDLE_EXPIRY_S, a bounded batch at a time."""
+        self.next_client_sweep = time.monotonic() + CLIENT_SWEEP_INTERVAL_S
+        try:
+            with self.store.write() as batch:
+                self._client_sweep_from = batch.forget_idle_clients(
+                    start=self._client_sweep_from)
+        except Exception:  # housekeeping must never take the node down
+            log.exception("sweeping idle clients failed")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.name,
+            "group": self.group.name,
+            "campus": self.replica.campus,
+            "address": self.replica.address,
+            "role": "single",
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "data_dir": str(self.store.path),
+            "sync": self.config.storage.sync,
+            "counters": dict(self.counters),
+            "store": self.store.stats(),
+            "version": _package_version(),
+        }
+
+    # --- the I/O edge ----------------------------------------------------------------------
+    def serve(self) -> None:
+        context = node_context()
+        socket = bind_router(context, self.replica.address)
+        log.info("node %s (group %s, campus %s) serving on %s, data %s, binlog lsn %d..%d",
+                 self.name, self.group.name, self.replica.campus, self.replica.address,
+                 self.store.path, self.store.first_lsn, self.store.last_lsn)
+        recv, send, again = socket.recv_multipart, socket.send_multipart, zmq.Again
+        try:
+            while not self.stopping:
+                if time.monotonic() >= self.next_client_sweep:
+                    self.sweep_idle_clients()
+                if not socket.poll(NODE_POLL_INTERVAL_MS):
+                    continue
+                messages: list[list[bytes]] = []
+                received = 0
+                while received < NODE_ROUND_BYTES_MAX \
+                        and len(messages) < NODE_ROUND_MESSAGES_MAX:
+                    try:
+                        parts = recv(zmq.NOBLOCK)
+                    except again:
+                        break
+                    messages.append(parts)
+                    received += sum(len(part) for part in parts)
+                started = time.perf_counter()
+                sent = 0
+                for answer in self.handle_round(messages):
+                    try:
+                        send(answer, zmq.NOBLOCK)
+                        sent += len(answer[1])
+                    except again:
+                        self.counters["replies_dropped"] += 1  # the client is not reading
+                self.monitor.add(monitor_ids.NODE_BYTES_IN, received)
+                self.monitor.add(monitor_ids.NODE_BYTES_OUT, sent)
+                self.observe_latency(time.perf_counter() - started, self.round_requests)
+        finally:
+            socket.close()
+            context.term()
+            self.store.close()
+            log.info("node %s stopped", self.name)
+
+
+def _package_version() -> str:
+    from kvsvr import __version__
+
+    return __version__
+
+
+__all__ = ["METHOD_COUNTER", "Node", "error_frame"]
