@@ -84,8 +84,8 @@ class ReplicaNode(Node):
             name, store, self.votes, self.committer, self.peers, self.life, self.counters,
             self.monitor, checkpoint_s=config.storage.checkpoint_interval_ms / 1000,
             clock=self.clock, on_storage_full=self._stop_storage_full)
-        self.sender = QuorumSender(name, self.peers, self.votes, self.edge, store,
-                                   self.counters)
+        self.sender = QuorumSender(name, self.peers, self.votes, self.checkpoints, self.edge,
+                                   store, self.counters)
         self.stream = Stream(name, store, self.peers, self.life, self.checkpoints, self.edge,
                              self.counters)
         self.work = Work(name, self.group.name, store, self.peers, self.life, self.checkpoints,
@@ -459,7 +459,7 @@ class ReplicaNode(Node):
             checkpoints.finish_commit(block=True)   # (rare) LMDB must take them now
         logged = persist + learned if learned else persist
         if logged and not durable_now:
-            durable_now = self._log_votes(logged, bool(persist), now)
+            durable_now = self.sender.log_votes(logged, bool(persist), now)
         if checkpoints.committing is not None:
             # A checkpoint is committing: LMDB takes no write until it ends, so the applies
             # wait (what was chosen stays in the core, and pulled records are asked again).
@@ -512,24 +512,6 @@ class ReplicaNode(Node):
             touched.add(d[0])
             chosen_values = chosen_values or d[2] is not None
         return touched, fence, markers, chosen_values
-
-    def _log_votes(self, logged: list[Any], votes: bool, now: float) -> bool:
-        """Write the round's records as one vote log frame, durable on the sync thread while
-        this loop goes on (what reveals its votes waits for that). Learned choices ride
-        along so that a restart applies them at once, but only votes make what is sent wait
-        for a sync, and a frame of choices alone asks for none (the next vote's sync covers
-        it). True if the frame does not fit even after a checkpoint and holds votes: LMDB
-        must take them now."""
-        log_ = self.votes
-        frame = log_.frame(logged)
-        if not log_.fits(frame):
-            self.checkpoints.checkpoint(durable=True)
-        if log_.fits(frame):
-            log_.write(frame, sync=votes)
-            if votes:
-                self.sender.wrote_votes(log_.seq, now)
-            return False
-        return votes
 
     def _apply(self, logged: list[Any], pulled: list[Pulled], pages: list[Page],
                touched: set[bytes], durable_now: bool, now: float) -> set[bytes]:
@@ -610,14 +592,7 @@ class ReplicaNode(Node):
                 "fast_path": bool(quorum.fast_path) if quorum else False,
             },
             "waiting": {"keys": len(self.work.keys), "barriers": len(self.barriers.pending)},
-            "vote_log": {
-                "last_frame": votes.seq,
-                "last_durable_frame": votes.synced,
-                "messages_waiting_for_sync": len(self.sender.held),
-                "frames_since_checkpoint": votes.frames,
-                "bytes_since_checkpoint": votes.used,
-                "checkpoint_interval_ms": round(self.checkpoints.checkpoint_s * 1000),
-            },
+            "vote_log": self.sender.status(),
             "checkpoint": self.checkpoints.status(),
         })
         return status

@@ -1,16 +1,18 @@
-"""A round's quorum messages to the peers: persist before send. A vote may be revealed only
-once the vote log frame holding it is durable, so the messages that carry votes wait for the
-frames written before them (on the sync thread, which sends them as its fdatasync ends, or
-held here); a choice reveals no vote and leaves at once."""
+"""A round's votes to the vote log and its quorum messages to the peers: persist before send.
+A vote may be revealed only once the vote log frame holding it is durable, so the messages
+that carry votes wait for the frames written before them (on the sync thread, which sends
+them as its fdatasync ends, or held here); a choice reveals no vote and leaves at once."""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter, deque
+from typing import Any
 
 from kvsvr import _core, protocol
 from kvsvr.limits import QUORUM_FRAME_BYTES_MAX, QUORUM_FRAME_MESSAGES_MAX
 from kvsvr.protocol import Method
+from kvsvr.replica.checkpoints import Checkpoints
 from kvsvr.replica.network import Network
 from kvsvr.replica.peers import Peers
 from kvsvr.store import Store
@@ -20,13 +22,14 @@ log = logging.getLogger("kvsvr.replica")
 
 
 class QuorumSender:
-    """The quorum messages of this replica and the vote log frames they wait for."""
+    """The vote log frames of this replica and the quorum messages that wait for them."""
 
-    def __init__(self, name: str, peers: Peers, votes: VoteLog, edge: Network, store: Store,
-                 counters: Counter[str]):
+    def __init__(self, name: str, peers: Peers, votes: VoteLog, checkpoints: Checkpoints,
+                 edge: Network, store: Store, counters: Counter[str]):
         self._name = name
         self._peers = peers
         self._votes = votes
+        self._checkpoints = checkpoints
         self._edge = edge
         self._store = store
         self._counters = counters
@@ -37,10 +40,24 @@ class QuorumSender:
         self.voted_at = -1.0     # when a round last wrote votes (see Edge.run)
         self._sync_wakes = True  # each finished sync wakes the loop (see wake_on_sync)
 
-    def wrote_votes(self, seq: int, now: float) -> None:
-        """Vote log frame `seq` holds votes: what is sent from now on waits for it."""
-        self.gate = seq
-        self.voted_at = now
+    def log_votes(self, records: list[Any], votes: bool, now: float) -> bool:
+        """Write a round's records as one vote log frame, durable on the sync thread while
+        the loop goes on (what reveals its votes waits for that). Learned choices ride along
+        so that a restart applies them at once, but only votes (`votes`) make what is sent
+        wait for a sync, and a frame of choices alone asks for none (the next vote's sync
+        covers it). True if the frame does not fit even after a checkpoint and holds votes:
+        LMDB must take them now."""
+        log_ = self._votes
+        frame = log_.frame(records)
+        if not log_.fits(frame):
+            self._checkpoints.checkpoint(durable=True)
+        if log_.fits(frame):
+            log_.write(frame, sync=votes)
+            if votes:
+                self.gate = log_.seq   # what is sent from now on waits for this frame
+                self.voted_at = now
+            return False
+        return votes
 
     def send(self, messages: list[_core.Message], now: float) -> None:
         if _core.any_kind(messages, _core.MSG_STATE):
@@ -102,6 +119,17 @@ class QuorumSender:
                 waiting.extend(frames)
         for index, frames in ready.items():
             self._edge.send_peer(index, frames, now)
+
+    def status(self) -> dict[str, Any]:
+        votes = self._votes
+        return {
+            "last_frame": votes.seq,
+            "last_durable_frame": votes.synced,
+            "messages_waiting_for_sync": len(self.held),
+            "frames_since_checkpoint": votes.frames,
+            "bytes_since_checkpoint": votes.used,
+            "checkpoint_interval_ms": round(self._checkpoints.checkpoint_s * 1000),
+        }
 
     def wake_on_sync(self, on: bool) -> None:
         """Whether a finished vote log sync wakes the loop: only while messages of its own
