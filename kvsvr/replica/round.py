@@ -51,6 +51,8 @@ _RESPONSE = _core.FRAME_RESPONSE
 _encode = protocol.encode
 _encode_frame = _core.encode_frame
 _PEER_METHODS = protocol.PEER_METHODS
+_QUORUM = Method.QUORUM
+_FAULTS = Method.FAULTS
 _STREAM_METHODS = (Method.PULL, Method.SNAPSHOT)
 _LOCAL_METHODS = (Method.PING, Method.STATUS)
 _pull_reply_decoder = msgspec.msgpack.Decoder(PullReply)
@@ -284,14 +286,14 @@ class ReplicaNode(Node):
                     except InvalidArgument:
                         counters["peer_auth_refused"] += 1
                         raise
-                if method == Method.QUORUM:
+                if method == _QUORUM:
                     self._on_quorum(protocol.decode_quorum(body), txn, now)
                     continue
                 request = protocol.decode_request(method, body)
                 counters[METHOD_COUNTER[method]] += 1
                 if method in _PEER_METHODS:
                     result = self._peer_request(method, request, txn, now)
-                elif method == Method.FAULTS:
+                elif method == _FAULTS:
                     self.monitor.add(monitor_ids.NODE_REQUESTS, 1)
                     result = self._set_faults(request)
                 elif method in _LOCAL_METHODS:
