@@ -507,12 +507,17 @@ class ReplicaDriver:
         # What serve() does before its loop.
         node.stream.repair_half_installed()
         node.votes.start(-1)
+        # The first sweep of idle clients within the run (then every CLIENT_SWEEP_INTERVAL_S),
+        # so that its writes into the open transaction run too.
+        node.next_client_sweep = sim.scheduler.now + sim.random_rounds.uniform(0, 3)
         replica.node = node
         replica.wake()
 
     def round(self, replica: _Replica, node: SimReplicaNode, inbound: list[list[bytes]],
               replies: list[tuple[int, bytes]], woken: bool, now: float) -> bool:
         """What the serve loop does once it has taken what arrived: True if busy."""
+        if now >= node.next_client_sweep:
+            node.sweep_idle_clients()
         if woken:
             node.woken(now)
             if not inbound and not replies and not replica.busy and not node.round_due(now):
@@ -531,6 +536,9 @@ class ReplicaDriver:
         keeps its durable frames only."""
         node, replica.node = replica.node, None
         assert node is not None and replica.committer is not None and replica.votes is not None
+        for name, value in node.counters.items():   # what paths the run took
+            if not name.endswith("_us"):             # (not how long they took: wall time)
+                self.sim.count(f"node.{name}", value)
         replica.committer.crash(self.sim.random_disk)
         replica.votes.crash()
         node.store.close()
