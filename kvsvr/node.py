@@ -19,7 +19,6 @@ from kvsvr.errors import ConfigError
 from kvsvr.process import add_log_level, on_stop_signals, setup_logging
 from kvsvr.replica import ReplicaNode
 from kvsvr.single import Node
-from kvsvr.sockets import bind_router
 from kvsvr.store import StoreLocked
 from kvsvr.votelog import VoteLogDamaged
 
@@ -66,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# bind_router: kept here for callers from before kvsvr.sockets held it (the monitor center).
-__all__ = ["Node", "ReplicaNode", "bind_router", "main"]
+__all__ = ["Node", "ReplicaNode", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

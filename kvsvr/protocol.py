@@ -382,7 +382,7 @@ def decode_quorum(body: Any) -> list[_core.Message]:
     try:
         decoded = _quorum_decoder.decode(body)
     except msgspec.ValidationError as e:
-        message, field = _describe_validation_error(list[QuorumMessage], str(e))
+        message, field = describe_validation_error(list[QuorumMessage], str(e))
         if field:
             field, message = f"messages{field}", f"messages{message}"
         raise InvalidArgument(f"quorum: {message}", field=field) from None
@@ -445,7 +445,7 @@ def decode_request(method: int, body: Any) -> Any:
     try:
         request: Any = decoder.decode(body)
     except msgspec.ValidationError as e:
-        message, field = _describe_validation_error(REQUEST_TYPES[method], str(e))
+        message, field = describe_validation_error(REQUEST_TYPES[method], str(e))
         raise InvalidArgument(f"{Method(method).name.lower()}: {message}", field=field) from None
     except msgspec.DecodeError as e:
         raise InvalidArgument(f"body: malformed msgpack ({e})", field="body") from None
@@ -477,7 +477,7 @@ def encode_error(error: KvError) -> bytes:
 _PATH_SEGMENT = re.compile(r"\[(\d+)\]|\.(\w+)")
 
 
-def _describe_validation_error(root: type, text: str) -> tuple[str, str | None]:
+def describe_validation_error(root: type, text: str) -> tuple[str, str | None]:
     """Turn msgspec's `... - at `$[1][0][2]`` into `ops[0].value` for array-like structs."""
     message, sep, path = text.rpartition(" - at `")
     if not sep:
@@ -668,4 +668,5 @@ __all__ = [
     "RowValue",
     "ScanPage",
     "Versioned",
+    "describe_validation_error",
 ]

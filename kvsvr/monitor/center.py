@@ -36,8 +36,8 @@ from kvsvr.monitor.report import (
 )
 from kvsvr.monitor.rules import MAX_ABSENT_FOR_S, ResolvedRule, samples_needed
 from kvsvr.monitor.series import MAX_SERIES_SECONDS, AlertEvent, SeriesStore
-from kvsvr.node import bind_router
 from kvsvr.process import add_log_level, setup_logging
+from kvsvr.sockets import bind_router
 
 log = logging.getLogger("kvsvr.monitor")
 

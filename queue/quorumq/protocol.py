@@ -16,7 +16,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from kvsvr.errors import ERRORS_BY_CODE, Internal, InvalidArgument, KvError, UnknownMethod
-from kvsvr.protocol import _describe_validation_error
+from kvsvr.protocol import describe_validation_error
 from quorumq.limits import (
     BATCH_MAX_BYTES,
     FETCH_MAX_BYTES,
@@ -185,7 +185,7 @@ def decode_request(method: int, body: Any) -> Any:
     try:
         request: Any = decoder.decode(body)
     except msgspec.ValidationError as e:
-        message, field = _describe_validation_error(REQUEST_TYPES[method], str(e))
+        message, field = describe_validation_error(REQUEST_TYPES[method], str(e))
         raise InvalidArgument(f"{QMethod(method).name.lower()}: {message}",
                               field=field) from None
     except msgspec.DecodeError as e:
