@@ -3,12 +3,13 @@ logic (kvsvr.replica.ReplicaNode) in one process, on a real LMDB store, with a f
 vote log fdatasync, committer and clock, under seeded faults. Each seed checks that every
 key's history of acknowledged operations is linearizable, that nothing acknowledged is lost
 (incr and append applied exactly once), that every replica applied the same operation at
-each version, and that the replicas converge.
+each version, that the replicas converge, and that no replica logs an error.
 
 The seeds run in a process whose PYTHONHASHSEED is fixed (the replica iterates sets of keys,
 whose order follows the hash seed), so a failure's message gives the command that replays it
 exactly. The fakes themselves are tested first: the simulation's findings are only as good
-as their promises."""
+as their promises. Scenario scripts (tests/testdata/replica_sim/) walk through subtle cases
+step by step; two of them show issues the simulation found, expected to fail until fixed."""
 
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ REWRITE = os.environ.get("KVSVR_REWRITE_SCRIPTS") == "1"   # make the files what
 
 # The fault mixes of the default seeds (Faults' fields).
 MESSAGES = {"drop": 0.05, "duplicate": 0.03, "delay_ms_max": 6.0}
-CRASHES = {"crashes": 4, "slow_commit": 0.3, "slow_commit_ms": 200.0}
+CRASHES = {"crashes": 4, "stops": 2, "slow_commit": 0.3, "slow_commit_ms": 200.0}
 WIPES = {"crashes": 2, "wipes": 1}
 PARTITIONS = {"partitions": 4, "partition_ms": [200.0, 2500.0]}
-EVERYTHING = {"crashes": 3, "wipes": 1, "partitions": 2, "slow_commit": 0.2}
+EVERYTHING = {"crashes": 3, "wipes": 1, "stops": 1, "partitions": 2, "slow_commit": 0.2}
 # The bug the checks must catch: votes sent before their vote log frame is durable, with
 # crashes often enough to lose such frames (votes in the log longer: rare checkpoints).
 EARLY_DURABLE = {"options": {"clients": 6, "checkpoint_interval_ms": 1000},
@@ -180,8 +181,9 @@ def test_seeds_with_lost_duplicated_and_reordered_messages():
 
 def test_seeds_with_crashes_and_slow_checkpoint_commits():
     """Replicas killed at random moments (the open LMDB transaction and the vote log frames
-    not yet durable are lost; what a checkpoint committed stays) and restarted, while
-    checkpoint commits are often slow, so writes meet keys frozen in a commit: 40 seeds."""
+    not yet durable are lost; what a checkpoint committed stays) or stopped cleanly, and
+    restarted, while checkpoint commits are often slow,
+    so writes meet keys frozen in a commit: 40 seeds."""
     assert_seeds_pass(range(100, 140), CRASHES)
 
 
@@ -199,8 +201,8 @@ def test_seeds_with_partitions():
 
 
 def test_seeds_with_every_fault_at_once():
-    """Lost messages, crashes, a wiped disk, partitions and slow commits in one run: 40
-    seeds."""
+    """Lost messages, crashes, a clean stop, a wiped disk, partitions and slow commits in one
+    run: 40 seeds."""
     assert_seeds_pass(range(400, 440), EVERYTHING)
 
 
@@ -264,14 +266,24 @@ def test_known_issue_a_compare_and_set_answered_conflict_is_never_applied():
     assert "n1 replica, r0 v2 b" in got
 
 
+# The soak's mixes: faults and Simulation's other options.
+SOAK_MIXES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "messages": (MESSAGES, {}), "crashes": (CRASHES, {}), "wipes": (WIPES, {}),
+    "partitions": (PARTITIONS, {}), "everything": (EVERYTHING, {}),
+    "five replicas": (EVERYTHING, {"replicas": 5}),
+}
+
+
 @pytest.mark.soak
-@pytest.mark.parametrize("mix", ["MESSAGES", "CRASHES", "WIPES", "PARTITIONS", "EVERYTHING"])
+@pytest.mark.parametrize("mix", list(SOAK_MIXES))
 def test_soak_many_seeds(mix: str):
-    """Many more seeds of each mix (SOAK_SEEDS per mix, default 500), and longer runs."""
+    """Many more seeds of each mix (SOAK_SEEDS of them, default 500), with more clients and
+    runs twice as long."""
     count = int(os.environ.get("SOAK_SEEDS", "500"))
-    start = 10_000 + ["MESSAGES", "CRASHES", "WIPES", "PARTITIONS", "EVERYTHING"].index(mix) \
-        * 100_000
+    start = 10_000 + list(SOAK_MIXES).index(mix) * 100_000
+    faults, options = SOAK_MIXES[mix]
     failures = run_seeds_replayable(list(range(start, start + count)),
-                                    {"faults": globals()[mix], "clients": 6}, duration_s=6.0)
+                                    {"clients": 6, **options, "faults": faults},
+                                    duration_s=6.0)
     assert not failures, f"{len(failures)} of {count} seeds failed:\n\n" + \
         "\n\n".join(failures[seed] for seed in sorted(failures)[:10])

@@ -171,18 +171,24 @@ class ReplicaNode(Node):
             edge.run(self)
             clean = True
         finally:
-            if clean:
-                # A clean stop leaves nothing to replay.
-                self.checkpoints.checkpoint(durable=True, all_held=True)
-                self.work.answer_waiting_on_stop()
-                edge.flush()   # (and local reads that waited for the checkpoint)
-            else:
-                self.checkpoints.abandon()   # a failed round: the vote log has what counts
-            self.committer.close()
-            self.votes.close()   # (the sync thread uses the vote sockets until it returns)
+            self.stop_serving(clean)
             edge.close()
             store.close()
             log.info("node %s stopped", self.name)
+
+    def stop_serving(self, clean: bool) -> None:
+        """The end of serve() before its sockets and store close (a simulator stops a node
+        with it too). `clean`: the loop stopped as asked, so the open transaction is
+        checkpointed and what waits is answered; else a round failed, and the vote log has
+        what counts."""
+        if clean:
+            self.checkpoints.checkpoint(durable=True, all_held=True)
+            self.work.answer_waiting_on_stop()
+            self.edge.flush()   # (and local reads that waited for the checkpoint)
+        else:
+            self.checkpoints.abandon()
+        self.committer.close()
+        self.votes.close()   # (the sync thread uses the vote sockets until it returns)
 
     # What the edge's serve loop asks between rounds (see kvsvr.replica.edge.Loop).
     def due(self) -> float | None:

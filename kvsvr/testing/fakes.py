@@ -179,8 +179,9 @@ class FakeVoteLog(VoteLog):
     def sends(self) -> tuple[int, int, int]:
         return self._sent, 0, len(self._waiting)
 
-    def replay(self, through: int, start: int = 0) -> list[tuple[Any, ...]]:
-        records = super().replay(through, start)
+    def replay(self, *args: Any, **kwargs: Any) -> Any:
+        """VoteLog.replay (whatever its records' type); the frames found are durable."""
+        records = super().replay(*args, **kwargs)
         self._durable = max(self._durable, self.seq)   # found on disk after a crash
         return records
 
@@ -272,7 +273,14 @@ class FakeVoteLog(VoteLog):
 
     # --- ends -----------------------------------------------------------------------------
     def close(self) -> None:
+        """As the sync thread stops: one last sync covers every frame written, and what
+        still waited to be sent never is (those votes never were)."""
         self._waiting = []
+        self._make_durable(self.seq)
+        self._shut()
+
+    def _shut(self) -> None:
+        self.dead = True
         super().close()
         if self._reader >= 0:
             os.close(self._reader)
@@ -280,8 +288,8 @@ class FakeVoteLog(VoteLog):
 
     def crash(self) -> None:
         """The process is gone: what no sync covered never reached the disk."""
-        self.dead = True
-        self.close()
+        self._waiting = []
+        self._shut()
         if self.path.exists():
             with open(self.path, "r+b") as file:
                 file.write(self.durable_image)

@@ -8,8 +8,9 @@ simulation says so, and a crash loses the rest), the committer's thread (commits
 simulated milliseconds, so keys freeze during a commit), and the clock (a fake `now` handed to
 every round; nothing sleeps). Clients send real request frames with op ids and retry with the
 same op id, possibly on another replica. Faults during a run: crashes (what SIGKILL does: the
-open LMDB transaction is lost, the store reopened from its directory), wipes (the directory
-deleted: a new incarnation that rebuilds from its peers), partitions, slow commits.
+open LMDB transaction is lost, the store reopened from its directory), clean stops (what
+SIGTERM does), wipes (the directory deleted: a new
+incarnation that rebuilds from its peers), partitions, slow commits.
 
 After the run the faults heal and the group settles; then every seed is checked:
 - every key's history of acknowledged operations is linearizable (final reads included);
@@ -115,6 +116,7 @@ class Faults:
     slow_commit_ms: float = 150.0   # ... and takes this long
     crashes: int = 0                # replicas killed during the run (each restarts later)
     wipes: int = 0                  # of which this many lose their data directory
+    stops: int = 0                  # replicas stopped cleanly (as by SIGTERM), restarted later
     partitions: int = 0             # links cut for a while
     down_ms: tuple[float, float] = (20.0, 1_500.0)        # how long a crashed replica is down
     partition_ms: tuple[float, float] = (100.0, 2_000.0)  # how long a cut lasts
@@ -315,6 +317,7 @@ class _Replica:
         self.identities: dict[bytes, Callable[[bytes], None]] = {}  # peers' links, by name
         self.role = "down"          # as of its last round
         self.rebuilding = False     # started on a wiped directory, not yet a voting replica
+        self.stopped_cleanly = False   # its last life ended with a clean stop
         self.binlog_read = 0        # the simulation read this life's binlog through here
         self.sync_thread_sends = True   # this life's votes leave from the vote log
 
@@ -504,6 +507,11 @@ class ReplicaDriver:
         replica.sync_thread_sends = sends == "sync-thread" or (
             sends == "either" and sim.random_disk.random() < 0.5)
         node = SimReplicaNode(replica)
+        if replica.stopped_cleanly and node.counters["votes_replayed"]:
+            # A clean stop that found no open transaction (a commit was under way) leaves
+            # the votes logged since that commit began to be replayed: harmless, counted.
+            sim.count("replays_after_clean_stop")
+        replica.stopped_cleanly = False
         # What serve() does before its loop.
         node.stream.repair_half_installed()
         node.votes.start(-1)
@@ -536,9 +544,7 @@ class ReplicaDriver:
         keeps its durable frames only."""
         node, replica.node = replica.node, None
         assert node is not None and replica.committer is not None and replica.votes is not None
-        for name, value in node.counters.items():   # what paths the run took
-            if not name.endswith("_us"):             # (not how long they took: wall time)
-                self.sim.count(f"node.{name}", value)
+        self._count(node)
         replica.committer.crash(self.sim.random_disk)
         replica.votes.crash()
         node.store.close()
@@ -546,7 +552,21 @@ class ReplicaDriver:
         replica._note_role("down")
 
     def stop(self, replica: _Replica) -> None:
-        self.crash(replica)   # (the directory goes with the simulation)
+        """What a clean stop (SIGTERM) does: the end of serve(), then the store closes."""
+        node = replica.node
+        assert node is not None
+        node.stop_serving(clean=True)
+        self._count(node)
+        replica.node = None
+        node.store.close()
+        replica.identities.clear()
+        replica.stopped_cleanly = True
+        replica._note_role("down")
+
+    def _count(self, node: SimReplicaNode) -> None:
+        for name, value in node.counters.items():   # what paths the run took
+            if not name.endswith("_us"):             # (not how long they took: wall time)
+                self.sim.count(f"node.{name}", value)
 
 
 # --- the simulation ------------------------------------------------------------------------------
@@ -721,7 +741,7 @@ class Simulation:
                 finally:
                     for replica in self.replicas:
                         if replica.up:
-                            self.driver.stop(replica)
+                            self.driver.crash(replica)   # (the directory goes too)
         finally:
             logger.removeHandler(self.errors)
             logger.setLevel(level)
@@ -839,27 +859,33 @@ class Simulation:
         """Draw the run's faults up front, each at a time while the clients call."""
         faults, rng = self.faults, self.random_faults
         span_us = self.calls_end_us - START_US
-        for i in range(faults.crashes):
+        for i in range(faults.crashes + faults.stops):
             at = START_US + rng.randint(100 * US_PER_MS, span_us)
-            self.scheduler.at(at, functools.partial(self._crash, i < faults.wipes))
+            how = "wipe" if i < faults.wipes else "crash" if i < faults.crashes else "stop"
+            self.scheduler.at(at, functools.partial(self._take_down, how))
         for _ in range(faults.partitions):
             self.scheduler.at(START_US + rng.randint(50 * US_PER_MS, span_us), self._partition)
         if faults.slow_commit:
             self.scheduler.at(self.calls_end_us, self._end_slow_commits)
 
-    def _crash(self, wipe: bool) -> None:
+    def _take_down(self, how: str) -> None:
+        """A replica crashes, loses its disk too ("wipe") or stops cleanly; it restarts
+        after a while."""
         rng = self.random_faults
         up = [r for r in self.replicas if r.up]
         if not up:
             return
-        if wipe and any(r.rebuilding for r in self.replicas):
+        if how == "wipe" and any(r.rebuilding for r in self.replicas):
             # One lost disk at a time: a second before the first rebuilt is more than a
             # group is built to survive.
-            wipe = False
+            how = "crash"
         victim = up[rng.randrange(len(up))]
-        self.note(f"{'wipe' if wipe else 'crash'} {victim.name}")
-        self.driver.crash(victim)
-        if wipe:
+        self.note(f"{how} {victim.name}")
+        if how == "stop":
+            self.driver.stop(victim)
+        else:
+            self.driver.crash(victim)
+        if how == "wipe":
             shutil.rmtree(victim.data_dir)
             victim.rebuilding = True
         down_us = int(rng.uniform(*self.faults.down_ms) * US_PER_MS)
