@@ -1,7 +1,6 @@
 """Type stub of the Cython core (kvsvr/_core.pyx): what the Python shell may use."""
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 DEBUG_BUILD: bool
 
@@ -61,10 +60,13 @@ def decode_frames(buf: Any) -> tuple[list[Frame], str | None, int]: ...
 def decode_frame(buf: Any) -> Frame: ...
 
 # --- version quorum (_quorum.pxi) ---------------------------------------------------------
+# Time in the quorum core is milliseconds: every entry point takes `now_ms` (on the caller's
+# monotonic clock: the node's seconds times 1000, the simulator's tick count), and the *_TICKS
+# timeouts are milliseconds too.
 MAX_REPLICAS: int
 MAX_INCARNATION: int
-PROPOSAL_TIMEOUT_TICKS: int
-RETRY_BACKOFF_TICKS: int
+PROPOSAL_TIMEOUT_TICKS: int   # milliseconds
+RETRY_BACKOFF_TICKS: int      # milliseconds
 RETRY_DOUBLINGS_MAX: int
 MAX_PROPOSALS_IN_FLIGHT: int
 STATE_PART_BYTES: int
@@ -111,17 +113,64 @@ class QuorumWireError(ValueError):
     def __init__(self, message: str, field: str) -> None: ...
 
 def any_kind(messages: list[Message], kind: int) -> bool: ...
+def floor_keys(messages: list[Message]) -> list[bytes]: ...
 def encode_quorum_messages(messages: list[Message]) -> bytes: ...
 def group_quorum(messages: list[Message]) -> dict[int, tuple[list[Message], list[Message]]]: ...
 def chunk_quorum(messages: list[Message], max_bytes: int,
                  max_messages: int) -> list[list[Message]]: ...
 def decode_quorum_messages(body: Any) -> list[Message]: ...
 
-# persist records: ("instance", key, version, promised, accepted_ballot, accepted_value,
-# chosen_value), ("fence", peer, incarnation), ("rebuilt", incarnation),
-# ("verified", incarnation)
-PersistRecord = tuple[Any, ...]
-Decided = tuple[bytes, int, Any, bool]   # chosen value None: taken, value unknown
+# --- what QuorumReplica hands its caller ---------------------------------------------------
+# Persist records keep their kind string first: the vote log and the store encode each as the
+# array of its fields, the same bytes as the plain tuples they replaced.
+INSTANCE: Literal["instance"]
+FENCE: Literal["fence"]
+REBUILT: Literal["rebuilt"]
+VERIFIED: Literal["verified"]
+
+class InstanceRecord(NamedTuple):
+    """An acceptor's state for one (key, version)."""
+    kind: Literal["instance"]
+    key: bytes
+    version: int
+    promised: int
+    accepted_ballot: int
+    accepted_value: Any   # a binlog record (bytes) in the node, any object in the simulator
+    chosen_value: Any     # the same, or None: not known chosen
+
+class FenceRecord(NamedTuple):
+    """Messages of `peer` from lives before `incarnation` are dropped."""
+    kind: Literal["fence"]
+    peer: int
+    incarnation: int
+
+class RebuiltRecord(NamedTuple):
+    """Life `incarnation` rebuilt its acceptor state from its peers: it votes."""
+    kind: Literal["rebuilt"]
+    incarnation: int
+
+class VerifiedRecord(NamedTuple):
+    """Life `incarnation` rebuilt from every peer: round 0 without a prepare is safe."""
+    kind: Literal["verified"]
+    incarnation: int
+
+PersistRecord = InstanceRecord | FenceRecord | RebuiltRecord | VerifiedRecord
+
+def persist_record(fields: Any) -> PersistRecord:
+    """The record of a decoded array (kind first); ValueError for an unknown kind."""
+
+class Decided(NamedTuple):
+    """A proposal of this replica finished."""
+    key: bytes
+    version: int
+    value: Any               # chosen; None: taken (value unknown) or a recovery found nothing
+    own_value_chosen: bool   # False: another value won the version
+
+class Ready(NamedTuple):
+    """Make `persist` durable, acknowledge with QuorumReplica.advance, then send `send`."""
+    persist: list[PersistRecord]
+    send: list[Message]
+    decided: list[Decided]
 
 class QuorumReplica:
     node: int
@@ -138,20 +187,25 @@ class QuorumReplica:
     def restore(self, records: list[PersistRecord]) -> None: ...
     def acceptor_state(self, key: bytes, version: int) -> tuple[int, int, Any, Any]: ...
     def chosen_value(self, key: bytes, version: int) -> bytes | None: ...
-    def ready(self) -> tuple[list[PersistRecord], list[Message], list[Decided]]: ...
-    def take_learned(self) -> list[PersistRecord]: ...
-    def propose(self, key: bytes, version: int, value: Any, now: float,
+    def ready(self) -> Ready:
+        """Raises RuntimeError while the last Ready with records is not acknowledged."""
+    def advance(self, ready: Ready) -> None:
+        """`ready.persist` is durable (the node: in a vote log frame written): ready() may
+        hand out more."""
+    def take_learned(self) -> list[InstanceRecord]: ...
+    def propose(self, key: bytes, version: int, value: Any, now_ms: float,
                 recover: bool = False) -> bool: ...
     def proposing(self, key: bytes, version: int) -> bool: ...
     def highest_open(self, key: bytes) -> int: ...
     def forget(self, key: bytes, version: int, chosen_value: Any = None) -> None: ...
     def forget_through(self, key: bytes, version: int) -> list[int]: ...
     def home(self, key: bytes) -> int: ...
-    def tick(self, now: float) -> None: ...
-    def step(self, message: Message, now: float, floor: int = 0) -> None: ...
-    def step_all(self, messages: list[Message], now: float, frozen: dict[bytes, int],
-                 states: dict[bytes, Any], applied: Callable[[bytes], int],
-                 voting: bool) -> tuple[int, int, list[Message]]: ...
+    def tick(self, now_ms: float) -> None: ...
+    def step(self, message: Message, now_ms: float, floor: int = 0) -> None: ...
+    def step_all(self, messages: list[Message], now_ms: float, floors: dict[bytes, int],
+                 voting: bool) -> tuple[int, int, list[Message]]:
+        """`floors`: the applied version of every key floor_keys(messages) lists (a key
+        missing that a message needs raises ValueError)."""
 
 # --- shared-memory counters and value blocks (_counters.pxi) -----------------------------
 COUNTERS_HEADER_BYTES: int

@@ -1,25 +1,36 @@
 # The version quorum: committing version v of a key is one single-decree Paxos instance
 # among the group's replicas. This file is the whole protocol, as a state machine with no I/O.
 #
-# Inputs:  propose(key, version, value, now), step(message, now, floor), tick(now),
-#          forget(key, version, chosen_value) once the caller applied a chosen version.
-# Outputs: ready() -> (persist, send, decided)
+# Time: every entry point takes `now_ms`, milliseconds on the caller's monotonic clock (the
+# node converts its seconds once a round; the simulator counts one per tick). The timeouts of
+# _consts.pxi (the *_TICKS) are in the same milliseconds.
+#
+# Inputs:  propose(key, version, value, now_ms), step(message, now_ms, floor), tick(now_ms),
+#          step_all(messages, now_ms, floors, voting) (a frame of messages, each key's floor
+#          given: floor_keys(messages) lists the keys), forget(key, version, chosen_value)
+#          once the caller applied a chosen version.
+# Outputs: ready() -> Ready(persist, send, decided), then advance(ready) once persisted:
 #   persist: records to make durable BEFORE any message of the same ready() is sent:
-#            ("instance", key, version, promised, accepted_ballot, accepted_value, chosen)
-#            ("fence", peer, incarnation)   drop that peer's messages from older lives
-#            ("rebuilt", incarnation)       this life may vote (it rebuilt from a quorum)
-#            ("verified", incarnation)      this life rebuilt from every peer: fast path ok
+#            InstanceRecord(INSTANCE, key, version, promised, accepted_ballot,
+#                           accepted_value, chosen_value)
+#            FenceRecord(FENCE, peer, incarnation)   drop that peer's messages from older lives
+#            RebuiltRecord(REBUILT, incarnation)     this life may vote (it rebuilt from a quorum)
+#            VerifiedRecord(VERIFIED, incarnation)   this life rebuilt from every peer: fast path
 #   send:    Message objects
-#   decided: (key, version, chosen_value, own) for proposals of this replica that finished;
-#            own is False when another value won the version (retry at version + 1, or
-#            report a compare-and-set conflict). chosen_value is None when the version is
-#            known chosen but not its value (an acceptor was past it: catch up first), or
-#            when a recovery proposal (value None) found nothing that could have been chosen.
+#   decided: Decided(key, version, value, own_value_chosen) for proposals of this replica that
+#            finished; own_value_chosen is False when another value won the version (retry at
+#            version + 1, or report a compare-and-set conflict). value is None when the
+#            version is known chosen but not its value (an acceptor was past it: catch up
+#            first), or when a recovery proposal (value None) found nothing that could have
+#            been chosen.
 #   take_learned() -> instance records learned chosen since the last call (applied by the
 #            caller). Not in persist (see _learn): the caller may log them, but nothing it
 #            sends waits for that.
-# The caller persists, then sends, then acts on decided. CHOSEN messages reveal no vote of
-# this replica and need not wait for the persist.
+# The records keep their kind string first: the vote log and the store encode each as the
+# array of its fields, byte for byte what the plain tuples they replaced encoded to.
+# The caller persists, acknowledges (advance), then sends, then acts on decided: ready()
+# refuses to hand out more while a persist is unacknowledged. CHOSEN messages reveal no vote
+# of this replica and need not wait for the persist.
 #
 # Rules worth reading twice:
 # - Round 0 of every version belongs to the key's home replica. Its ballot is the lowest any
@@ -44,12 +55,19 @@
 #   caller; an acceptor refuses a round-0 ballot of any other node.
 # - Floors. Instances are kept only until the caller has applied them; then forget() drops
 #   them (memory and disk stay bounded by what is in flight). The caller passes the key's
-#   applied version as `floor` with every message: a version at or below it was chosen and
-#   applied, so an acceptor answers BEHIND instead of voting (it must never vote again on
-#   an instance it forgot), and a proposer that hears BEHIND stops: its version is taken.
+#   applied version as `floor` with every message (step_all: in `floors`, and a key missing
+#   there is an error, never floor 0): a version at or below it was chosen and applied, so
+#   an acceptor answers BEHIND instead of voting (it must never vote again on an instance it
+#   forgot), and a proposer that hears BEHIND stops: its version is taken.
 
 
+from cpython.object cimport PyObject, PyTypeObject
+
+from collections import namedtuple as _namedtuple
 from xxhash import xxh64_intdigest as _xxh64
+
+cdef extern from "Python.h":
+    PyTypeObject PyTuple_Type
 
 
 cpdef int majority(int replicas):
@@ -98,6 +116,68 @@ cpdef uint64_t ballot_incarnation(uint64_t ballot):
     return 0 if ballot == 0 else ((ballot - 1) >> 8) & 0xFFFF
 
 
+# --- what the core hands its caller: named tuples ------------------------------------------
+# The kinds of persist records, each record's first field.
+INSTANCE = "instance"
+FENCE = "fence"
+REBUILT = "rebuilt"
+VERIFIED = "verified"
+
+cdef type _InstanceRecord = _namedtuple("InstanceRecord", (
+    "kind", "key", "version", "promised", "accepted_ballot", "accepted_value", "chosen_value"),
+    module=__name__)
+cdef type _FenceRecord = _namedtuple("FenceRecord", ("kind", "peer", "incarnation"),
+                                     module=__name__)
+cdef type _RebuiltRecord = _namedtuple("RebuiltRecord", ("kind", "incarnation"),
+                                       module=__name__)
+cdef type _VerifiedRecord = _namedtuple("VerifiedRecord", ("kind", "incarnation"),
+                                        module=__name__)
+cdef type _Decided = _namedtuple("Decided", ("key", "version", "value", "own_value_chosen"),
+                                 module=__name__)
+cdef type _Ready = _namedtuple("Ready", ("persist", "send", "decided"), module=__name__)
+_InstanceRecord.__doc__ = (
+    "An acceptor's state for one (key, version): what it promised, accepted and knows chosen.")
+_FenceRecord.__doc__ = "Messages of `peer` from lives before `incarnation` are dropped."
+_RebuiltRecord.__doc__ = "Life `incarnation` rebuilt its acceptor state from its peers: it votes."
+_VerifiedRecord.__doc__ = (
+    "Life `incarnation` rebuilt from every peer: round 0 without a prepare is safe for it.")
+_Decided.__doc__ = (
+    "A proposal of this replica finished: `value` chosen for (key, version) (None: taken, "
+    "value unknown, or a recovery that found nothing), `own_value_chosen` if it was its own.")
+_Ready.__doc__ = (
+    "What the core asks of its caller: make `persist` durable, acknowledge it with "
+    "advance(), then send `send`, then act on `decided`.")
+InstanceRecord = _InstanceRecord
+FenceRecord = _FenceRecord
+RebuiltRecord = _RebuiltRecord
+VerifiedRecord = _VerifiedRecord
+Decided = _Decided
+Ready = _Ready
+PersistRecord = _InstanceRecord | _FenceRecord | _RebuiltRecord | _VerifiedRecord
+cdef dict _RECORD_TYPES = {INSTANCE: _InstanceRecord, FENCE: _FenceRecord,
+                           REBUILT: _RebuiltRecord, VERIFIED: _VerifiedRecord}
+
+
+cdef inline object _named(type cls, tuple fields):
+    # tuple.__new__(cls, fields), without the named tuple's __new__ written in Python: this
+    # builds every record and decision of the hot path.
+    cdef tuple args = (fields,)
+    return PyTuple_Type.tp_new(cls, <PyObject*> args, NULL)
+
+
+def persist_record(fields):
+    """The persist record of `fields`, a decoded array with its kind first (a vote log frame
+    or an old caller's plain tuple). ValueError for an unknown kind or a wrong field count."""
+    kind = fields[0] if len(fields) else None
+    cls = _RECORD_TYPES.get(kind) if type(kind) is str else None
+    if cls is None:
+        raise ValueError(f"record: unknown quorum record kind {kind!r}")
+    if len(fields) != len(cls._fields):
+        raise ValueError(f"record: a {kind} record has {len(cls._fields)} fields, "
+                         f"not {len(fields)}")
+    return _named(cls, tuple(fields))
+
+
 cdef class Message:
     """One quorum message. `accepted_ballot` carries the acceptor's accepted ballot in a
     PROMISE and STATE, and its promise in a REJECT."""
@@ -144,6 +224,22 @@ def any_kind(list messages not None, int kind):
     return False
 
 
+def floor_keys(list messages not None):
+    """The distinct keys (in order of first mention) that a PREPARE, ACCEPT or CHOSEN message
+    of `messages` names: those whose applied version QuorumReplica.step_all needs."""
+    cdef Message m
+    cdef int kind
+    cdef list keys = []
+    cdef set seen = set()
+    for m in messages:
+        kind = m.kind
+        if m.key and (kind == MSG_PREPARE or kind == MSG_ACCEPT or kind == MSG_CHOSEN) \
+                and m.key not in seen:
+            seen.add(m.key)
+            keys.append(m.key)
+    return keys
+
+
 cdef class _Instance:
     """An acceptor's state for one (key, version)."""
     cdef public uint64_t promised
@@ -157,9 +253,10 @@ cdef class _Instance:
         self.accepted_value = None
         self.chosen_value = None
 
-    cdef tuple record(self, bytes key, uint64_t version):
-        return ("instance", key, version, self.promised, self.accepted_ballot,
-                self.accepted_value, self.chosen_value)
+    cdef object record(self, bytes key, uint64_t version):
+        return _named(_InstanceRecord, (INSTANCE, key, version, self.promised,
+                                        self.accepted_ballot, self.accepted_value,
+                                        self.chosen_value))
 
 
 cdef enum Phase:
@@ -180,7 +277,7 @@ cdef class _Proposal:
     cdef dict promises           # node -> (accepted_ballot, accepted_value)
     cdef set accepted
     cdef set rejected
-    cdef double deadline
+    cdef double deadline_ms
     cdef int attempts
 
 
@@ -200,11 +297,12 @@ cdef class QuorumReplica:
     cdef uint32_t _answers       # state answers given (numbers them)
     cdef readonly Py_ssize_t state_part_bytes
     cdef list _persist
+    cdef object _unacknowledged  # the last Ready with records, until advance() takes it
     cdef list _send
     cdef list _decided
     cdef list _learned
     cdef set _dirty
-    cdef double _next_state_request
+    cdef double _next_state_request_ms
 
     def __init__(self, int node, int replicas, uint64_t incarnation=1, bint rebuilding=False,
                  Py_ssize_t state_part_bytes=_STATE_PART_BYTES, uint32_t answer_base=0):
@@ -235,11 +333,12 @@ cdef class QuorumReplica:
         # so parts of an answer given before a restart never complete one given after it.
         self._answers = answer_base
         self._persist = []
+        self._unacknowledged = None
         self._send = []
         self._decided = []
         self._learned = []
         self._dirty = set()
-        self._next_state_request = 0
+        self._next_state_request_ms = 0
         if rebuilding:
             self._request_state(0)
 
@@ -254,23 +353,24 @@ cdef class QuorumReplica:
         cdef _Instance instance
         cdef bint rebuilt = self.incarnation == 1
         for record in records:
-            if record[0] == "fence":
-                self._fences[record[1]] = max(self._fences.get(record[1], 0), record[2])
-                continue
-            if record[0] == "verified":
-                self.fast_path = self.fast_path or record[1] == self.incarnation
-                continue
-            if record[0] == "rebuilt":
-                rebuilt = rebuilt or record[1] == self.incarnation
-                continue
-            _, key, version, promised, accepted_ballot, accepted_value, chosen_value = record
-            instance = _Instance()
-            instance.promised = promised
-            instance.accepted_ballot = accepted_ballot
-            instance.accepted_value = accepted_value
-            instance.chosen_value = chosen_value
-            self._instances[(key, version)] = instance
-            self._versions.setdefault(key, set()).add(version)
+            if isinstance(record, _InstanceRecord):
+                instance = _Instance()
+                instance.promised = record.promised
+                instance.accepted_ballot = record.accepted_ballot
+                instance.accepted_value = record.accepted_value
+                instance.chosen_value = record.chosen_value
+                self._instances[(record.key, record.version)] = instance
+                self._versions.setdefault(record.key, set()).add(record.version)
+            elif isinstance(record, _FenceRecord):
+                self._fences[record.peer] = max(self._fences.get(record.peer, 0),
+                                                record.incarnation)
+            elif isinstance(record, _VerifiedRecord):
+                self.fast_path = self.fast_path or record.incarnation == self.incarnation
+            elif isinstance(record, _RebuiltRecord):
+                rebuilt = rebuilt or record.incarnation == self.incarnation
+            else:
+                raise TypeError(f"records: {record!r} is not a persist record (InstanceRecord, "
+                                "FenceRecord, RebuiltRecord or VerifiedRecord)")
         if not rebuilt and not self.rebuilding:
             self.rebuilding = True
             self._request_state(0)
@@ -353,7 +453,13 @@ cdef class QuorumReplica:
         return records
 
     def ready(self):
-        """(persist, send, decided) since the last call; persist before sending."""
+        """Ready(persist, send, decided) since the last call. The caller makes `persist`
+        durable, then acknowledges with advance(ready), then sends: until a Ready with records
+        is acknowledged, ready() raises RuntimeError (a send must never overtake the votes it
+        reveals)."""
+        if self._unacknowledged is not None:
+            raise RuntimeError("ready: the persist records of the last ready() are not "
+                               "acknowledged; call advance(ready) once they are durable")
         cdef _Instance instance
         # Instance records first, markers (fences, rebuilt, verified) after them, so that a
         # caller persisting in order can never record "rebuilt" without the merged state.
@@ -362,9 +468,26 @@ cdef class QuorumReplica:
             instance = self._instances[instance_key]
             records.append(instance.record(instance_key[0], instance_key[1]))
         self._dirty.clear()
-        out = (records + self._persist, self._send, self._decided)
-        self._persist, self._send, self._decided = [], [], []
+        if self._persist:
+            records.extend(self._persist)
+            self._persist = []
+        out = _named(_Ready, (records, self._send, self._decided))
+        self._send, self._decided = [], []
+        if records:
+            self._unacknowledged = out
         return out
+
+    def advance(self, ready not None):
+        """`ready.persist` (of the last ready()) is durable, or as durable as the caller's
+        log makes it before anything is sent (the node: written into its vote log frame, the
+        sends held for that frame's sync): ready() may hand out more. Acknowledging a Ready
+        with records that is not the one outstanding (twice, or an older one) raises
+        RuntimeError; one without records needs none and is let pass."""
+        if ready is self._unacknowledged:
+            self._unacknowledged = None
+        elif ready.persist:
+            raise RuntimeError("advance: this Ready is not the one awaiting acknowledgement "
+                               "(acknowledged already, or not the last ready())")
 
     cdef void _emit(self, int kind, int target, bytes key, uint64_t version, uint64_t ballot=0,
                     uint64_t accepted_ballot=0, object value=None):
@@ -381,7 +504,7 @@ cdef class QuorumReplica:
         return instance
 
     # --- proposer -----------------------------------------------------------------------------
-    def propose(self, bytes key, uint64_t version, object value, double now,
+    def propose(self, bytes key, uint64_t version, object value, double now_ms,
                 bint recover=False):
         """Start committing `value` as `version` of `key`. Returns False if this replica
         cannot propose now (rebuilding, the instance is busy, or too many in flight).
@@ -403,8 +526,9 @@ cdef class QuorumReplica:
             return False
         cdef _Instance instance = self._instances.get(instance_key)
         if instance is not None and instance.chosen_value is not None:
-            self._decided.append((key, version, instance.chosen_value,
-                                  value is not None and instance.chosen_value == value))
+            self._decided.append(_named(_Decided, (
+                key, version, instance.chosen_value,
+                value is not None and instance.chosen_value == value)))
             return True
         cdef _Proposal proposal = _Proposal()
         proposal.key = key
@@ -418,12 +542,12 @@ cdef class QuorumReplica:
         if home and self.fast_path and proposal.highest_seen == 0 and value is not None:
             # Round 0 is ours alone and we never used it (our own acceptor would have
             # recorded it): no lower ballot exists, so no prepare is needed.
-            self._start_accept(proposal, make_ballot(0, self.node, self.incarnation), now)
+            self._start_accept(proposal, make_ballot(0, self.node, self.incarnation), now_ms)
         else:
-            self._start_prepare(proposal, now)
+            self._start_prepare(proposal, now_ms)
         return True
 
-    cdef void _start_prepare(self, _Proposal proposal, double now):
+    cdef void _start_prepare(self, _Proposal proposal, double now_ms):
         cdef _Instance own = self._instance(proposal.key, proposal.version)
         if own.chosen_value is not None:
             self._finish(proposal, own.chosen_value)
@@ -438,16 +562,16 @@ cdef class QuorumReplica:
         proposal.rejected = set()
         proposal.value = proposal.own_value
         proposal.attempts += 1
-        proposal.deadline = now + self._retry_delay(proposal, _PROPOSAL_TIMEOUT_TICKS)
+        proposal.deadline_ms = now_ms + self._retry_delay(proposal, _PROPOSAL_TIMEOUT_TICKS)
         # Our own promise is recorded (and persisted before anything is sent), so a restart
         # can never reuse this ballot with another value.
         own.promised = proposal.ballot
         self._dirty.add((proposal.key, proposal.version))
         proposal.promises[self.node] = (own.accepted_ballot, own.accepted_value)
         self._send_to_peers(MSG_PREPARE, proposal.key, proposal.version, proposal.ballot, None)
-        self._check_promises(proposal, now)
+        self._check_promises(proposal, now_ms)
 
-    cdef void _start_accept(self, _Proposal proposal, uint64_t ballot, double now):
+    cdef void _start_accept(self, _Proposal proposal, uint64_t ballot, double now_ms):
         cdef _Instance own = self._instance(proposal.key, proposal.version)
         proposal.phase = PHASE_ACCEPT
         proposal.ballot = ballot
@@ -455,9 +579,9 @@ cdef class QuorumReplica:
             proposal.highest_seen = ballot
         proposal.accepted = set()
         proposal.rejected = set()
-        proposal.deadline = now + self._retry_delay(proposal, _PROPOSAL_TIMEOUT_TICKS)
+        proposal.deadline_ms = now_ms + self._retry_delay(proposal, _PROPOSAL_TIMEOUT_TICKS)
         if ballot < own.promised:
-            self._back_off(proposal, now)  # we promised someone higher meanwhile
+            self._back_off(proposal, now_ms)  # we promised someone higher meanwhile
             return
         own.promised = ballot
         own.accepted_ballot = ballot
@@ -474,7 +598,7 @@ cdef class QuorumReplica:
             if peer != self.node:
                 self._emit(kind, peer, key, version, ballot, 0, value)
 
-    cdef void _check_promises(self, _Proposal proposal, double now):
+    cdef void _check_promises(self, _Proposal proposal, double now_ms):
         if vote_result(len(proposal.promises), len(proposal.rejected),
                        self.replicas) != WON:
             return
@@ -489,7 +613,7 @@ cdef class QuorumReplica:
             # our promises now stop the lower ballots that might still be under way).
             self._finish(proposal, None)
             return
-        self._start_accept(proposal, proposal.ballot, now)
+        self._start_accept(proposal, proposal.ballot, now_ms)
 
     cdef void _check_accepts(self, _Proposal proposal):
         if vote_result(len(proposal.accepted), len(proposal.rejected),
@@ -500,14 +624,14 @@ cdef class QuorumReplica:
         self._send_to_peers(MSG_CHOSEN, key, version, 0, value)
         self._learn(key, version, value)
 
-    cdef void _back_off(self, _Proposal proposal, double now):
+    cdef void _back_off(self, _Proposal proposal, double now_ms):
         proposal.phase = PHASE_WAIT
         # Differs per node and grows with attempts, so two proposers do not duel forever.
-        proposal.deadline = now + self._retry_delay(proposal,
-                                                    _RETRY_BACKOFF_TICKS * (1 + self.node))
+        proposal.deadline_ms = now_ms + self._retry_delay(
+            proposal, _RETRY_BACKOFF_TICKS * (1 + self.node))
 
-    cdef double _retry_delay(self, _Proposal proposal, double base):
-        """`base` doubled for every attempt after the first (up to _RETRY_DOUBLINGS_MAX),
+    cdef double _retry_delay(self, _Proposal proposal, double base_ms):
+        """`base_ms` doubled for every attempt after the first (up to _RETRY_DOUBLINGS_MAX),
         plus up to half again. A fixed phase timeout shorter than the round trip (a loaded
         machine, a disk slow to sync) re-prepared every instance before any answer came back,
         each time with a higher ballot that made the answers stale: no proposal finished, and
@@ -518,12 +642,13 @@ cdef class QuorumReplica:
         cdef uint64_t mix = _xxh64(proposal.key, seed=(
             (proposal.version * 0x9E3779B97F4A7C15 + <uint64_t> self.node * 0x100
              + <uint64_t> proposal.attempts) & 0xFFFFFFFFFFFFFFFF))
-        return base * (1 << doublings) * (1.0 + <double> (mix & 0x3FF) / 2048.0)
+        return base_ms * (1 << doublings) * (1.0 + <double> (mix & 0x3FF) / 2048.0)
 
     cdef void _finish(self, _Proposal proposal, object chosen_value):
         del self._proposals[(proposal.key, proposal.version)]
-        self._decided.append((proposal.key, proposal.version, chosen_value,
-                              chosen_value is not None and chosen_value == proposal.own_value))
+        self._decided.append(_named(_Decided, (
+            proposal.key, proposal.version, chosen_value,
+            chosen_value is not None and chosen_value == proposal.own_value)))
 
     cdef void _learn(self, bytes key, uint64_t version, object value):
         cdef _Instance instance = self._instance(key, version)
@@ -538,23 +663,26 @@ cdef class QuorumReplica:
         if proposal is not None:
             self._finish(proposal, value)
 
-    def tick(self, double now):
+    def tick(self, double now_ms):
         cdef _Proposal proposal
         # Keep asking until every peer has answered: rebuilding ends at rebuild_quorum,
         # the fast path needs them all.
         if (self.rebuilding or (not self.fast_path and self.incarnation > 1)) \
-                and now >= self._next_state_request:
-            self._request_state(now)
+                and now_ms >= self._next_state_request_ms:
+            self._request_state(now_ms)
         for proposal in list(self._proposals.values()):
-            if now < proposal.deadline:
+            if now_ms < proposal.deadline_ms:
                 continue
             # A phase without a majority in time, or a back-off that ran out: a new ballot.
-            self._start_prepare(proposal, now)
+            self._start_prepare(proposal, now_ms)
 
     # --- messages -----------------------------------------------------------------------------
-    def step(self, Message message not None, double now, uint64_t floor=0):
+    def step(self, Message message not None, double now_ms, uint64_t floor=0):
         """Handle one message addressed to this replica. `floor`: the version of
         message.key the caller has applied (see "Floors" above)."""
+        self._step(message, now_ms, floor)
+
+    cdef void _step(self, Message message, double now_ms, uint64_t floor):
         if message.target != self.node or message.source < 0 \
                 or message.source >= self.replicas or message.source == self.node:
             return
@@ -580,7 +708,7 @@ cdef class QuorumReplica:
                 return
             self._on_acceptor_request(message)
         elif kind == MSG_PROMISE or kind == MSG_ACCEPTED or kind == MSG_REJECT:
-            self._on_acceptor_reply(message, now)
+            self._on_acceptor_reply(message, now_ms)
         elif kind == MSG_BEHIND:
             proposal = self._proposals.get((message.key, message.version))
             if proposal is not None:
@@ -593,14 +721,15 @@ cdef class QuorumReplica:
         elif kind == MSG_STATE:
             self._on_state(message)
 
-    def step_all(self, list messages not None, double now, dict frozen not None,
-                 dict states not None, object applied not None, bint voting):
-        """step() each message of a frame, in order, as a replica's loop does (`now` in
-        seconds here). A message's floor (PREPARE, ACCEPT and CHOSEN of a key) is the
-        replica's applied version of the key: `frozen[key]` if there (a commit under way
-        holds it), else `states[key].version` if there (kept in memory), else `applied(key)`.
-        Skipped: messages not addressed to this replica (counted), and PREPARE and ACCEPT
-        while the replica is not `voting` and not rebuilding (its data is not caught up).
+    def step_all(self, list messages not None, double now_ms, dict floors not None,
+                 bint voting):
+        """step() each message of a frame, in order, as a replica's loop does. A message's
+        floor (PREPARE, ACCEPT and CHOSEN of a key) is `floors[key]`, the replica's applied
+        version of the key: the caller fills `floors` for the keys floor_keys(messages)
+        lists. A key missing there raises ValueError (floor 0 would let this acceptor vote
+        again on an instance it applied and forgot). Skipped: messages not addressed to this
+        replica (counted), and PREPARE and ACCEPT while the replica is not `voting` and not
+        rebuilding (its data is not caught up).
 
         Returns (misaddressed, heard, follow_up): how many were misaddressed, a bit mask of
         the sources heard from, and the messages the loop acts on after this: STATE parts
@@ -609,7 +738,6 @@ cdef class QuorumReplica:
         cdef int kind, misaddressed = 0
         cdef uint64_t heard = 0, floor
         cdef list follow_up = []
-        cdef double now_ms = now * 1000
         for message in messages:
             if message.target != self.node or message.source < 0 \
                     or message.source >= self.replicas:
@@ -625,12 +753,13 @@ cdef class QuorumReplica:
             floor = 0
             if message.key and (kind == MSG_PREPARE or kind == MSG_ACCEPT
                                 or kind == MSG_CHOSEN):
-                found = frozen.get(message.key)
+                found = floors.get(message.key)
                 if found is None:
-                    found = states.get(message.key)
-                    found = applied(message.key) if found is None else found.version
+                    raise ValueError(f"floors: no applied version of {message.key!r}, which a "
+                                     f"message of kind {kind} names (give one for every key "
+                                     "floor_keys(messages) lists)")
                 floor = found
-            self.step(message, now_ms, floor)
+            self._step(message, now_ms, floor)
             if kind == MSG_BEHIND and message.key:
                 follow_up.append(message)
         return misaddressed, heard, follow_up
@@ -672,7 +801,7 @@ cdef class QuorumReplica:
                 self._emit(MSG_REJECT, message.source, message.key, message.version,
                            message.ballot, instance.promised)
 
-    cdef void _on_acceptor_reply(self, Message message, double now):
+    cdef void _on_acceptor_reply(self, Message message, double now_ms):
         cdef _Proposal proposal = self._proposals.get((message.key, message.version))
         if proposal is None or message.ballot != proposal.ballot:
             return  # a reply to a finished proposal or an older ballot
@@ -688,11 +817,11 @@ cdef class QuorumReplica:
                 result = vote_result(len(proposal.accepted), len(proposal.rejected),
                                      self.replicas)
             if result == LOST:
-                self._back_off(proposal, now)
+                self._back_off(proposal, now_ms)
             return
         if message.kind == MSG_PROMISE and proposal.phase == PHASE_PREPARE:
             proposal.promises[message.source] = (message.accepted_ballot, message.value)
-            self._check_promises(proposal, now)
+            self._check_promises(proposal, now_ms)
         elif message.kind == MSG_ACCEPTED and proposal.phase == PHASE_ACCEPT:
             proposal.accepted.add(message.source)
             self._check_accepts(proposal)
@@ -700,7 +829,7 @@ cdef class QuorumReplica:
     # --- rebuilding after a lost disk ----------------------------------------------------------
     cdef void _set_fence(self, int peer, uint64_t incarnation):
         self._fences[peer] = incarnation
-        self._persist.append(("fence", peer, incarnation))
+        self._persist.append(_named(_FenceRecord, (FENCE, peer, incarnation)))
 
     cdef void _on_state_request(self, Message message):
         if self.rebuilding:
@@ -739,16 +868,16 @@ cdef class QuorumReplica:
         cdef _Instance instance
         # Merging is safe before the answer is whole (it only raises what we know); counting
         # the peer as rebuilt from is not.
-        for _, key, version, promised, accepted_ballot, accepted_value, chosen_value \
-                in message.value:
+        for record in message.value:
+            key, version = record.key, record.version
             instance = self._instance(key, version)
-            if promised > instance.promised:
-                instance.promised = promised
-            if accepted_ballot > instance.accepted_ballot:
-                instance.accepted_ballot = accepted_ballot
-                instance.accepted_value = accepted_value
-            if chosen_value is not None and instance.chosen_value is None:
-                instance.chosen_value = chosen_value
+            if record.promised > instance.promised:
+                instance.promised = record.promised
+            if record.accepted_ballot > instance.accepted_ballot:
+                instance.accepted_ballot = record.accepted_ballot
+                instance.accepted_value = record.accepted_value
+            if record.chosen_value is not None and instance.chosen_value is None:
+                instance.chosen_value = record.chosen_value
             self._dirty.add((key, version))
         # Parts of different answers never add up (each answer may split the records
         # differently); a few answers are followed at once, the oldest dropped first.
@@ -765,14 +894,14 @@ cdef class QuorumReplica:
         self._rebuild_done[message.source] = message.incarnation
         if self.rebuilding and len(self._rebuild_done) >= rebuild_quorum(self.replicas):
             self.rebuilding = False
-            self._persist.append(("rebuilt", self.incarnation))
+            self._persist.append(_named(_RebuiltRecord, (REBUILT, self.incarnation)))
             if not self.fast_path:
                 self.fast_path = True
-                self._persist.append(("verified", self.incarnation))
+                self._persist.append(_named(_VerifiedRecord, (VERIFIED, self.incarnation)))
 
-    cdef void _request_state(self, double now):
+    cdef void _request_state(self, double now_ms):
         cdef int peer
         for peer in range(self.replicas):
             if peer != self.node and peer not in self._rebuild_done:
                 self._emit(MSG_STATE_REQUEST, peer, b"", 0)
-        self._next_state_request = now + _PROPOSAL_TIMEOUT_TICKS
+        self._next_state_request_ms = now_ms + _PROPOSAL_TIMEOUT_TICKS

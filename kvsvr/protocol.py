@@ -317,6 +317,8 @@ MAX_QUORUM_MESSAGES = _core.MAX_QUORUM_MESSAGES  # per QUORUM frame
 
 
 class QuorumStateRecord(Struct, array_like=True, forbid_unknown_fields=True):
+    """A state answer's InstanceRecord on the wire (its kind left out)."""
+
     key: Key
     version: U64
     promised: U64
@@ -353,7 +355,8 @@ def encode_quorum(messages: list[_core.Message]) -> bytes:
     for m in messages:
         value: Any = m.value
         if m.kind == _core.MSG_STATE:
-            value = [QuorumStateRecord(*record[1:]) for record in m.value]
+            value = [QuorumStateRecord(r.key, r.version, r.promised, r.accepted_ballot,
+                                       r.accepted_value, r.chosen_value) for r in m.value]
         out.append(QuorumMessage(m.kind, m.source, m.target, m.incarnation, m.key, m.version,
                                  m.ballot, m.accepted_ballot, value))
     return encode(out)
@@ -409,8 +412,9 @@ def decode_quorum(body: Any) -> list[_core.Message]:
                              r.accepted_value)
                 _check_value(f"{where}.value[{j}].chosen_value", r.key, r.version,
                              r.chosen_value)
-                value.append(("instance", r.key, r.version, r.promised, r.accepted_ballot,
-                              r.accepted_value, r.chosen_value))
+                value.append(_core.InstanceRecord(_core.INSTANCE, r.key, r.version, r.promised,
+                                                  r.accepted_ballot, r.accepted_value,
+                                                  r.chosen_value))
         else:  # MSG_STATE_REQUEST
             value = None
         messages.append(_core.Message(m.kind, m.source, m.target, m.incarnation, m.key,

@@ -25,14 +25,16 @@ rounds' frames wait for a single following one (group commit). Without the threa
 writes and syncs inline.
 
 Frame: u32 payload length, u64 sequence, u64 xxh64 of (length, sequence, payload) seeded
-with the log's nonce, payload (msgpack list of records). Reading stops at the first frame that
-is torn, fails its checksum, or does not continue the sequence (after looking once at offset
-0 for the continuation): frames left from before a wrap have older sequence numbers, so they
-can never be mistaken for the continuation, and each sequence number is written once: after
-a crash, frames past a torn one may still be on disk (written, never durable), so a replica
-numbers its next frames past anything the file can hold (`skip_past_stale`) and checkpoints
-that number before it votes. A later frame found where the first after the checkpoint was
-due, with that first frame nowhere, is such a never-durable tail (a sync covers a prefix).
+with the log's nonce, payload (msgpack list of records, each the array of its fields with its
+kind first: the core's named persist records, rebuilt as such by `replay`). Reading stops at
+the first frame that is torn, fails its checksum, or does not continue the sequence (after
+looking once at offset 0 for the continuation): frames left from before a wrap have older
+sequence numbers, so they can never be mistaken for the continuation, and each sequence
+number is written once: after a crash, frames past a torn one may still be on disk (written,
+never durable), so a replica numbers its next frames past anything the file can hold
+(`skip_past_stale`) and checkpoints that number before it votes. A later frame found where
+the first after the checkpoint was due, with that first frame nowhere, is such a
+never-durable tail (a sync covers a prefix).
 The nonce is drawn once per LMDB environment and kept in it, so frames of a file that
 outlived its LMDB (a data directory half deleted) fail their checksum instead of being
 replayed into another.
@@ -51,6 +53,7 @@ from typing import Any
 import msgspec
 from xxhash import xxh64_intdigest
 
+from kvsvr._core import PersistRecord, persist_record
 from kvsvr._syncer import Syncer
 from kvsvr.limits import VOTE_LOG_BYTES
 
@@ -121,11 +124,11 @@ class VoteLog:
             self._fd = -1
 
     # --- recovery -------------------------------------------------------------------------
-    def replay(self, through: int, start: int = 0) -> list[tuple[Any, ...]]:
+    def replay(self, through: int, start: int = 0) -> list[PersistRecord]:
         """The records of every frame after sequence `through` (the last checkpoint), which
         it said goes at offset `start`, in order; afterwards `seq` is the last frame's
         sequence number."""
-        records: list[tuple[Any, ...]] = []
+        records: list[PersistRecord] = []
         offset, previous, expected = start, None, through + 1
         tried_zero = start == 0
         ahead = 0   # a later frame found where the next one was to go
@@ -151,7 +154,10 @@ class VoteLog:
                     raise VoteLogDamaged(
                         f"{self.path}: frame {seq} follows checkpoint {through}; frames "
                         f"{expected}..{seq - 1} are missing")
-                records.extend(tuple(r) for r in _decoder.decode(payload))
+                try:
+                    records.extend(persist_record(r) for r in _decoder.decode(payload))
+                except ValueError as e:
+                    raise VoteLogDamaged(f"{self.path}: frame {seq}: {e}") from None
                 expected = seq + 1
             previous = seq
             offset += _HEADER.size + length
@@ -190,7 +196,7 @@ class VoteLog:
         return seq, length, payload
 
     # --- writing --------------------------------------------------------------------------
-    def frame(self, records: list[tuple[Any, ...]]) -> bytes:
+    def frame(self, records: list[PersistRecord]) -> bytes:
         """The next frame holding `records` (not yet written)."""
         payload = _encoder.encode(records)
         seq = self.seq + 1

@@ -5,6 +5,7 @@ record layout."""
 from __future__ import annotations
 
 import lmdb
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -127,6 +128,41 @@ def test_compiled_codec_matches_the_reference_model(lsn, version, client, seq, k
     assert reference_record.decode(compiled) == (lsn, version, client, seq, key, op_list)
 
 
+def test_quorum_records_are_stored_as_the_plain_tuples_were(tmp_path):
+    """The store writes a named record's fields where and as the plain tuple's went (a paxos
+    row: msgpack [promised, accepted_ballot, accepted_value, chosen_value] under the key's
+    length, the key and the version; meta quorum/ names: the incarnation), and reads back the
+    named records; a plain tuple is still taken, the same bytes."""
+    named = [_core.InstanceRecord(_core.INSTANCE, b"key", 3, 300, 257, b"accepted", None),
+             _core.InstanceRecord(_core.INSTANCE, b"key", 4, 9, 9, b"x", b"x"),
+             _core.FenceRecord(_core.FENCE, 2, 5), _core.RebuiltRecord(_core.REBUILT, 4),
+             _core.VerifiedRecord(_core.VERIFIED, 6)]
+    expected = {
+        "paxos": {b"\x00\x03key" + (3).to_bytes(8, "big"): msgspec.msgpack.encode(
+                      [300, 257, b"accepted", None]),
+                  b"\x00\x03key" + (4).to_bytes(8, "big"): msgspec.msgpack.encode(
+                      [9, 9, b"x", b"x"])},
+        "meta": {b"quorum/fence/\x02": (5).to_bytes(8, "big"),
+                 b"quorum/rebuilt": (4).to_bytes(8, "big"),
+                 b"quorum/verified": (6).to_bytes(8, "big")},
+    }
+    for records, where in ((named, "named"), ([tuple(r) for r in named], "plain")):
+        store = Store(tmp_path / where, map_size_mib=64, sync=True)
+        try:
+            with store.write() as batch:
+                batch.persist_quorum(records)
+            with store.env.begin() as txn:
+                stored = {
+                    "paxos": dict(txn.cursor(db=store.tables.paxos)),
+                    "meta": {name: raw for name, raw in txn.cursor(db=store.tables.meta)
+                             if name.startswith(b"quorum/")}}
+            assert stored == expected, where
+            back = store.quorum_records()
+            assert back == named and [type(r) for r in back] == [type(r) for r in named]
+        finally:
+            store.close()
+
+
 def test_quorum_records_survive_a_reopen_and_restore_a_replica(tmp_path):
     """What the version quorum persists comes back as it was, and a replica restored from it
     answers as the one that wrote it (same promises, same accepted values)."""
@@ -138,16 +174,16 @@ def test_quorum_records_survive_a_reopen_and_restore_a_replica(tmp_path):
     replica.step(_core.Message(_core.MSG_CHOSEN, 2, 0, 4, b"c", 2, 0, 0, b"chosen"), 0.0)
     persist, _send, _decided = replica.ready()
     persist += replica.take_learned()   # (not a vote, but the node logs it to re-apply it)
+    markers = [_core.RebuiltRecord(_core.REBUILT, 4), _core.VerifiedRecord(_core.VERIFIED, 4)]
     store = Store(tmp_path, map_size_mib=64, sync=True)
     with store.write() as batch:
-        batch.persist_quorum([*persist, ("rebuilt", 4), ("verified", 4)])
+        batch.persist_quorum([*persist, *markers])
         batch.set_incarnation(4)
     store.close()
     store = Store(tmp_path, map_size_mib=64, sync=True)
     try:
         records = store.quorum_records()
-        assert sorted(map(repr, records)) == sorted(
-            map(repr, [*persist, ("rebuilt", 4), ("verified", 4)]))
+        assert sorted(map(repr, records)) == sorted(map(repr, [*persist, *markers]))
         assert store.incarnation == 4
         restored = _core.QuorumReplica(0, 3)
         restored.restore(records)

@@ -5,14 +5,24 @@ delays, reorders, crashes and disk wipes, checked against ground truth."""
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
+import msgspec
 import pytest
 
 from kvsvr import _core
+from kvsvr.replica.checkpoints import Checkpoints
 from kvsvr.sharding import home_index
 from kvsvr.testing.simulator import Faults, Simulation, Violation
 
 PENDING, WON, LOST = _core.PENDING, _core.WON, _core.LOST
+
+
+def drained(replica: _core.QuorumReplica) -> _core.Ready:
+    """ready(), acknowledged at once: these tests keep nothing durable."""
+    ready = replica.ready()
+    replica.advance(ready)
+    return ready
 
 
 @pytest.mark.parametrize("replicas, yes, no, result", [
@@ -214,7 +224,7 @@ def test_only_the_home_may_skip_the_prepare():
     sim.drop_where(lambda m: True)
     forged = _core.Message(_core.MSG_ACCEPT, 2, 1, 1, key, 1, _core.make_ballot(0, 2), 0, "y")
     sim.nodes[1].replica.step(forged, 0.0)
-    _persist, send, _decided = sim.nodes[1].replica.ready()
+    _persist, send, _decided = drained(sim.nodes[1].replica)
     assert [m.kind for m in send] == [_core.MSG_REJECT]
     assert sim.nodes[1].replica.acceptor_state(key, 1)[2] == "x"
 
@@ -224,7 +234,7 @@ def test_a_repeated_prepare_is_promised_again():
     prepare = _core.Message(_core.MSG_PREPARE, 2, 1, 1, b"k", 1, _core.make_ballot(1, 2))
     replica.step(prepare, 0.0)
     replica.step(prepare, 0.0)
-    _persist, send, _decided = replica.ready()
+    _persist, send, _decided = drained(replica)
     assert [m.kind for m in send] == [_core.MSG_PROMISE, _core.MSG_PROMISE]
 
 
@@ -275,8 +285,9 @@ def test_a_replica_ignores_messages_not_for_it():
                     _core.Message(_core.MSG_ACCEPT, -1, 0, 1, b"k", 1, 5, 0, "v"),
                     _core.Message(42, 1, 0, 1, b"k", 1, 5, 0, "v")):
         replica.step(message, 0.0)
-    persist, send, decided = replica.ready()
-    assert [r for r in persist if r[0] == "instance"] == [] and send == [] and decided == []
+    persist, send, decided = drained(replica)
+    assert [r for r in persist if isinstance(r, _core.InstanceRecord)] == [] and send == [] \
+        and decided == []
 
 
 SEEDS = range(40)
@@ -319,12 +330,12 @@ def test_retries_back_off_exponentially_and_replay_exactly():
         replica = _core.QuorumReplica(1, 3)   # not the home of b"k": it prepares
         key = next(k for k in (b"k%d" % i for i in range(100)) if home_index(k, 3) != 1)
         assert replica.propose(key, 1, b"v", 0.0)
-        replica.ready()
+        drained(replica)
         times, now = [], 0.0
         while len(times) < _core.RETRY_DOUBLINGS_MAX + 4:
             now += 1.0
             replica.tick(now)
-            if any(m.kind == _core.MSG_PREPARE for m in replica.ready()[1]):
+            if any(m.kind == _core.MSG_PREPARE for m in drained(replica).send):
                 times.append(now)
         return times
 
@@ -387,16 +398,17 @@ def test_an_acceptor_below_its_floor_answers_behind_and_never_votes():
     for kind in (_core.MSG_PREPARE, _core.MSG_ACCEPT):
         ballot = _core.make_ballot(1, 2)
         acceptor.step(_core.Message(kind, 2, 1, 1, b"k", 4, ballot, 0, b"x"), 0.0, 5)
-        persist, send, _ = acceptor.ready()
-        assert [r for r in persist if r[0] == "instance"] == []   # no vote was recorded
+        persist, send, _ = drained(acceptor)
+        # no vote was recorded
+        assert [r for r in persist if isinstance(r, _core.InstanceRecord)] == []
         assert [(m.kind, m.version, m.accepted_ballot) for m in send] == [
             (_core.MSG_BEHIND, 4, 5)]
     proposer = _core.QuorumReplica(2, 3)
     assert proposer.propose(b"k", 4, "mine", 0.0)
-    proposer.ready()
+    drained(proposer)
     proposer.step(_core.Message(_core.MSG_BEHIND, 1, 2, 1, b"k", 4, 0, 5), 0.0, 3)
-    _, _, decided = proposer.ready()
-    assert decided == [(b"k", 4, None, False)]
+    _, _, decided = drained(proposer)
+    assert decided == [(b"k", 4, None, False)] and not decided[0].own_value_chosen
     assert proposer.proposals_in_flight == 0
 
 
@@ -405,10 +417,11 @@ class _Kept:
         self.version = version
 
 
-def test_a_frame_stepped_at_once_is_each_message_stepped_with_the_replica_floor():
+def test_a_frame_stepped_at_once_is_each_message_stepped_with_its_floor():
     """step_all is the loop's batch form of step(): the same outputs, each key's floor taken
-    from the commit under way, else the kept states, else asked; misaddressed messages are
-    counted and skipped; STATE while rebuilding and BEHIND come back for the loop."""
+    from `floors`, filled for the keys floor_keys lists (each once, in order); misaddressed
+    messages are counted and skipped; STATE while rebuilding and BEHIND come back for the
+    loop."""
     ballot = _core.make_ballot(0, 2)
     def frame():
         return [
@@ -420,36 +433,153 @@ def test_a_frame_stepped_at_once_is_each_message_stepped_with_the_replica_floor(
             _core.Message(_core.MSG_CHOSEN, 0, 1, 1, b"kept", 2, 0, 0, b"f"),
             _core.Message(_core.MSG_BEHIND, 0, 1, 1, b"other", 9, 0, 12),
         ]
+    assert _core.floor_keys(frame()) == [b"frozen", b"kept", b"asked"]
     one_by_one = _core.QuorumReplica(1, 3)
     for message, floor in zip(frame(), [5, 1, 8, 0, 0, 1, 0], strict=True):
         one_by_one.step(message, 1000.0, floor)
     at_once = _core.QuorumReplica(1, 3)
-    asked = []
-    def applied(key):
-        asked.append(key)
-        return 8
     misaddressed, heard, follow_up = at_once.step_all(
-        frame(), 1.0, {b"frozen": 5}, {b"kept": _Kept(1), b"frozen": _Kept(2)}, applied, True)
-    assert asked == [b"asked"]
+        frame(), 1000.0, {b"frozen": 5, b"kept": 1, b"asked": 8}, True)
     assert (misaddressed, heard) == (2, 0b101)
     assert [(m.kind, m.key) for m in follow_up] == [(_core.MSG_BEHIND, b"other")]
     def outputs(replica):
-        persist, send, decided = replica.ready()
+        persist, send, decided = drained(replica)
         return (persist, [(m.kind, m.target, m.key, m.version, m.accepted_ballot)
                           for m in send], decided, replica.take_learned())
     assert outputs(at_once) == outputs(one_by_one)
     # Not voting (its data is behind): no vote given, the choice still learned.
     quiet = _core.QuorumReplica(1, 3)
-    quiet.step_all(frame(), 1.0, {}, {}, lambda key: 0, False)
+    quiet.step_all(frame(), 1000.0, dict.fromkeys(_core.floor_keys(frame()), 0), False)
     persist, send, _, learned = outputs(quiet)
-    assert [r for r in persist if r[0] == "instance" and r[4]] == []   # nothing accepted
+    assert [r for r in persist
+            if isinstance(r, _core.InstanceRecord) and r.accepted_ballot] == []  # no accept
     assert [m for m in send if m[0] == _core.MSG_ACCEPTED] == []
-    assert [r[1] for r in learned] == [b"kept"]
+    assert [r.key for r in learned] == [b"kept"]
     # Rebuilding: the STATE parts come back (the loop notes how far the peer's binlog was).
     rebuilding = _core.QuorumReplica(1, 3, incarnation=2, rebuilding=True)
     state = _core.Message(_core.MSG_STATE, 0, 1, 1, b"", 77, 0, 1 << 16 | 1, [])
-    _, _, follow_up = rebuilding.step_all([state], 1.0, {}, {}, lambda key: 0, False)
+    _, _, follow_up = rebuilding.step_all([state], 1000.0, {}, False)
     assert [(m.kind, m.version) for m in follow_up] == [(_core.MSG_STATE, 77)]
+
+
+@pytest.mark.parametrize("kind, target, voting, needs_floor", [
+    (_core.MSG_PREPARE, 1, True, True),
+    (_core.MSG_ACCEPT, 1, True, True),
+    (_core.MSG_CHOSEN, 1, True, True),
+    (_core.MSG_CHOSEN, 1, False, True),     # a choice is learned while not voting too
+    (_core.MSG_PREPARE, 1, False, False),   # not voting: skipped before its floor counts
+    (_core.MSG_ACCEPT, 0, True, False),     # not addressed to this replica
+    (_core.MSG_PROMISE, 1, True, False),
+    (_core.MSG_ACCEPTED, 1, True, False),
+    (_core.MSG_REJECT, 1, True, False),
+    (_core.MSG_BEHIND, 1, True, False),
+])
+def test_step_all_refuses_a_request_or_choice_whose_key_has_no_floor(kind, target, voting,
+                                                                     needs_floor):
+    """Floor 0 in place of a missing floor would let an acceptor vote again on an instance
+    it applied and forgot: step_all raises instead. floor_keys names exactly the keys of
+    the kinds that may need one."""
+    message = _core.Message(kind, 2, target, 1, b"k", 3, _core.make_ballot(1, 2), 0, b"v")
+    assert _core.floor_keys([message]) == (
+        [b"k"] if kind in (_core.MSG_PREPARE, _core.MSG_ACCEPT, _core.MSG_CHOSEN) else [])
+    replica = _core.QuorumReplica(1, 3)
+    if needs_floor:
+        with pytest.raises(ValueError, match=r"floors: no applied version of b'k'"):
+            replica.step_all([message], 0.0, {}, voting)
+    else:
+        replica.step_all([message], 0.0, {}, voting)
+    replica.step_all([message], 0.0, {b"k": 0}, voting)   # given, it goes through
+
+
+def test_the_replica_takes_a_floor_from_the_commit_under_way_then_memory_then_lmdb():
+    """The floors a replica hands step_all: a key the commit under way holds has the version
+    it applied there (`frozen`), else the key state kept in memory has it, else the key is
+    read in the transaction; only the keys asked are looked up."""
+    read = []
+
+    class _Store:
+        kept_states = {b"kept": _Kept(1), b"frozen": _Kept(2)}
+
+        def latest(self, txn, key):
+            read.append(key)
+            return _Kept(8)
+
+    checkpoints = Checkpoints("n", _Store(), None, None, None, None, Counter(), None,
+                              checkpoint_s=1.0, clock=lambda: 0.0, on_storage_full=None)
+    checkpoints.frozen = {b"frozen": 5}
+    assert checkpoints.floors(object(), [b"frozen", b"kept", b"asked"]) == {
+        b"frozen": 5, b"kept": 1, b"asked": 8}
+    assert read == [b"asked"]
+
+
+def test_persist_records_are_named_and_encode_as_the_plain_tuples():
+    """Each record keeps its kind first, so the arrays the vote log and the store encode are
+    those of the plain tuples the records were before they had names; persist_record builds
+    one from a decoded array and refuses what is none."""
+    encoder = msgspec.msgpack.Encoder()
+    for record, plain in [
+        (_core.InstanceRecord(_core.INSTANCE, b"k", 3, 300, 257, b"a", None),
+         ("instance", b"k", 3, 300, 257, b"a", None)),
+        (_core.FenceRecord(_core.FENCE, 2, 5), ("fence", 2, 5)),
+        (_core.RebuiltRecord(_core.REBUILT, 4), ("rebuilt", 4)),
+        (_core.VerifiedRecord(_core.VERIFIED, 4), ("verified", 4)),
+    ]:
+        assert encoder.encode(record) == encoder.encode(plain)
+        rebuilt = _core.persist_record(list(plain))
+        assert rebuilt == record and type(rebuilt) is type(record)
+        assert isinstance(record, _core.PersistRecord)
+    for fields, error in [(["bogus", 1], "unknown quorum record kind 'bogus'"),
+                          ([], "unknown quorum record kind None"),
+                          (["fence", 1], "a fence record has 3 fields, not 2")]:
+        with pytest.raises(ValueError, match=error):
+            _core.persist_record(fields)
+
+
+@pytest.mark.parametrize("script, refused", [
+    (["propose", "ready", "ready"], "ready: the persist records"),
+    (["propose", "ready", "advance", "ready"], None),
+    (["ready", "ready"], None),                    # no records: nothing to acknowledge
+    (["ready", "advance", "advance"], None),       # ... and acknowledging one is harmless
+    (["propose", "ready", "advance", "advance"], "advance: this Ready"),          # twice
+    (["propose", "ready", "advance", "propose", "ready", "advance first"],
+     "advance: this Ready"),                                                      # an old one
+])
+def test_a_ready_with_records_must_be_acknowledged_before_the_next(script, refused):
+    """Persist before send is part of the interface: a Ready that asks to persist is
+    acknowledged with advance() once it is durable, and ready() refuses to hand out more
+    until then (its messages could reveal votes not yet durable)."""
+    replica = _core.QuorumReplica(0, 3)
+    keys = iter(k for k in (b"k%d" % i for i in range(100)) if replica.home(k) == 0)
+    taken = []
+    def run():
+        for step in script:
+            if step == "propose":
+                assert replica.propose(next(keys), 1, b"v", 0.0)
+            elif step == "ready":
+                taken.append(replica.ready())
+            elif step == "advance":
+                replica.advance(taken[-1])
+            else:
+                replica.advance(taken[0])
+    if refused is None:
+        run()
+    else:
+        with pytest.raises(RuntimeError, match=refused):
+            run()
+
+
+def test_a_refused_ready_loses_nothing():
+    replica = _core.QuorumReplica(0, 3)
+    key, other = [k for k in (b"k%d" % i for i in range(100)) if replica.home(k) == 0][:2]
+    assert replica.propose(key, 1, b"v", 0.0)
+    first = replica.ready()
+    assert replica.propose(other, 1, b"w", 0.0)
+    with pytest.raises(RuntimeError):
+        replica.ready()
+    replica.advance(first)
+    second = replica.ready()
+    assert [(r.key, r.accepted_value) for r in second.persist] == [(other, b"w")]
+    assert {m.key for m in second.send} == {other}
 
 
 def test_a_recovery_finds_nothing_or_finishes_what_was_accepted():
@@ -468,11 +598,11 @@ def test_a_recovery_finds_nothing_or_finishes_what_was_accepted():
     assert any(d[0] == 2 and d[3] == "x" for d in sim.decided)
     fresh = _core.QuorumReplica(0, 3)
     assert fresh.propose(b"other", 1, None, 0.0, recover=True)
-    _, send, _ = fresh.ready()
+    _, send, _ = drained(fresh)
     for message in send:
         fresh.step(_core.Message(_core.MSG_PROMISE, message.target, 0, 1, b"other", 1,
                                  message.ballot, 0, None), 0.0)
-    _, _, decided = fresh.ready()
+    _, _, decided = drained(fresh)
     assert decided == [(b"other", 1, None, False)]
 
 
@@ -492,14 +622,14 @@ def test_the_checker_catches_voting_below_the_floor():
 def _peer_with_instances(node: int, count: int) -> _core.QuorumReplica:
     peer = _core.QuorumReplica(node, 3, state_part_bytes=1)  # one record per part
     ballot = _core.make_ballot(1, node)
-    peer.restore([("instance", b"k%d" % i, 1 + node, ballot, ballot, b"v%d" % i, None)
-                  for i in range(count)])
+    peer.restore([_core.InstanceRecord(_core.INSTANCE, b"k%d" % i, 1 + node, ballot, ballot,
+                                       b"v%d" % i, None) for i in range(count)])
     return peer
 
 
 def _state_answer(peer: _core.QuorumReplica, request: _core.Message) -> list[_core.Message]:
     peer.step(request, 0)
-    return [m for m in peer.ready()[1] if m.kind == _core.MSG_STATE]
+    return [m for m in drained(peer).send if m.kind == _core.MSG_STATE]
 
 
 def test_a_state_answer_in_parts_counts_only_once_every_part_of_one_answer_arrived():
@@ -508,7 +638,7 @@ def test_a_state_answer_in_parts_counts_only_once_every_part_of_one_answer_arriv
     parts of an older answer mixed with a newer one (which may split the records differently,
     leaving a hole) must all keep it rebuilding."""
     rebuilding = _core.QuorumReplica(2, 3, incarnation=2, rebuilding=True)
-    requests = {m.target: m for m in rebuilding.ready()[1]
+    requests = {m.target: m for m in drained(rebuilding).send
                 if m.kind == _core.MSG_STATE_REQUEST}
     peer0, peer1 = _peer_with_instances(0, 5), _peer_with_instances(1, 3)
     first = _state_answer(peer0, requests[0])
@@ -539,9 +669,10 @@ def test_a_state_answer_is_cut_by_size_and_a_part_out_of_range_is_ignored():
     peer = _core.QuorumReplica(0, 3)
     ballot = _core.make_ballot(1, 0)
     big = b"x" * (_core.STATE_PART_BYTES // 3)
-    peer.restore([("instance", b"k%d" % i, 1, ballot, ballot, big, None) for i in range(7)])
+    peer.restore([_core.InstanceRecord(_core.INSTANCE, b"k%d" % i, 1, ballot, ballot, big, None)
+                  for i in range(7)])
     rebuilding = _core.QuorumReplica(2, 3, incarnation=2, rebuilding=True)
-    request = next(m for m in rebuilding.ready()[1] if m.target == 0)
+    request = next(m for m in drained(rebuilding).send if m.target == 0)
     parts = _state_answer(peer, request)
     assert [len(m.value) for m in parts] == [2, 2, 2, 1]
     bogus = parts[0]

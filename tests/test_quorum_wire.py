@@ -36,13 +36,25 @@ def test_every_kind_round_trips():
         _core.Message(_core.MSG_CHOSEN, 0, 1, 1, b"k", 1, 0, 0, RECORD),
         _core.Message(_core.MSG_STATE_REQUEST, 1, 2, 7, b"", 0),
         _core.Message(_core.MSG_STATE, 2, 1, 1, b"", 0, 7, 0,
-                      [("instance", b"k", 1, 300, 300, RECORD, RECORD)]),
+                      [_core.InstanceRecord(_core.INSTANCE, b"k", 1, 300, 300, RECORD, RECORD)]),
     ]
     decoded = protocol.decode_quorum(protocol.encode_quorum(messages))
     fields = ("kind", "source", "target", "incarnation", "key", "version", "ballot",
               "accepted_ballot", "value")
     for before, after in zip(messages, decoded, strict=True):
         assert [getattr(before, f) for f in fields] == [getattr(after, f) for f in fields]
+
+
+def test_a_state_answer_travels_as_the_msgpack_arrays_it_always_did():
+    """A STATE message carries instance records as arrays without their kind; decoded, they
+    are the core's named records again."""
+    record = _core.InstanceRecord(_core.INSTANCE, b"k", 1, 300, 257, RECORD, None)
+    state = _core.Message(_core.MSG_STATE, 2, 1, 3, b"", 41, 3, 1 << 16 | 1, [record])
+    body = protocol.encode_quorum([state])
+    assert body == msgspec.msgpack.encode(
+        [[_core.MSG_STATE, 2, 1, 3, b"", 41, 3, 1 << 16 | 1, [[b"k", 1, 300, 257, RECORD, None]]]])
+    decoded = protocol.decode_quorum(body)[0].value
+    assert decoded == [record] and type(decoded[0]) is _core.InstanceRecord
 
 
 @pytest.mark.parametrize("body, field", [

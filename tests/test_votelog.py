@@ -22,8 +22,9 @@ from kvsvr.sockets import libzmq_send
 from kvsvr.votelog import VoteLog, VoteLogDamaged
 
 
-def _record(i: int, chosen: bytes | None = None) -> tuple:
-    return ("instance", b"key-%d" % i, i + 1, 7, 7, b"value-%d" % i, chosen)
+def _record(i: int, chosen: bytes | None = None) -> _core.InstanceRecord:
+    return _core.InstanceRecord(_core.INSTANCE, b"key-%d" % i, i + 1, 7, 7, b"value-%d" % i,
+                                chosen)
 
 
 def _write(log: VoteLog, first: int, count: int) -> None:
@@ -42,6 +43,29 @@ def test_frames_replay_in_order_after_the_checkpoint_only(tmp_path: Path):
     assert again.replay(through=3) == [_record(3), _record(3, b"chosen"),
                                        _record(4), _record(4, b"chosen")]
     assert again.replay(through=5) == [] and again.seq == 5
+
+
+def test_named_records_frame_as_the_plain_tuples_did_and_replay_named(tmp_path: Path):
+    """A frame of the core's named records is byte for byte the frame of the plain tuples
+    they were before (the records' kind stays first); replay builds the named records, and a
+    record of no known kind in a whole frame is damage, not something to restore."""
+    records = [_record(1), _record(2, b"chosen"), _core.FenceRecord(_core.FENCE, 2, 5),
+               _core.RebuiltRecord(_core.REBUILT, 4), _core.VerifiedRecord(_core.VERIFIED, 4)]
+    log = VoteLog(tmp_path / "votes.log", nonce=9, size=1 << 16)
+    assert log.frame(records) == log.frame([tuple(r) for r in records])
+    log.append(log.frame(records))
+    log.close()
+    again = VoteLog(tmp_path / "votes.log", nonce=9, size=1 << 16)
+    replayed = again.replay(through=0)
+    assert replayed == records and [type(r) for r in replayed] == [type(r) for r in records]
+    again.close()
+    damaged = VoteLog(tmp_path / "damaged.log", nonce=9, size=1 << 16)
+    damaged.append(damaged.frame([("bogus", 1)]))
+    damaged.close()
+    damaged = VoteLog(tmp_path / "damaged.log", nonce=9, size=1 << 16)
+    with pytest.raises(VoteLogDamaged, match="frame 1: record: unknown quorum record kind"):
+        damaged.replay(through=0)
+    damaged.close()
 
 
 def test_after_a_wrap_the_older_frames_behind_the_new_ones_are_not_replayed(tmp_path: Path):
@@ -203,7 +227,7 @@ def test_frames_left_behind_a_torn_one_never_join_the_log_after_a_restart(tmp_pa
 
 def test_a_frame_bigger_than_the_room_left_does_not_fit(tmp_path: Path):
     log = VoteLog(tmp_path / "votes.log", nonce=4, size=4096)
-    big = log.frame([("instance", b"k", 1, 1, 1, bytes(5000), None)])
+    big = log.frame([_core.InstanceRecord(_core.INSTANCE, b"k", 1, 1, 1, bytes(5000), None)])
     assert not log.fits(big)
     with pytest.raises(ValueError, match="does not fit"):
         log.append(big)

@@ -12,9 +12,10 @@
    open versions of the key) and is answered from local LMDB once this replica is at least
    that new.
 3. Tick the core; what it asks to persist (votes) is one frame of the vote log, made durable
-   with one fdatasync (kvsvr/votelog.py). The same records, every chosen version applied in
-   order (from the quorum or from a peer's binlog) and the instances it forgets go into an
-   LMDB write transaction that stays open across rounds (checkpoints.py).
+   with one fdatasync (kvsvr/votelog.py); the core is told once the frame is written
+   (advance), and hands out nothing more before that. The same records, every chosen
+   version applied in order (from the quorum or from a peer's binlog) and the instances it
+   forgets go into an LMDB write transaction that stays open across rounds (checkpoints.py).
 4. Only then send peer messages (persist before send, sending.py). A write is answered as
    soon as the quorum has chosen it (a majority holds it durably), even before the local
    apply commits.

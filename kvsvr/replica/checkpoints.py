@@ -27,9 +27,10 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from kvsvr import _core
+from kvsvr._core import InstanceRecord, PersistRecord
 from kvsvr.committer import Committer
 from kvsvr.errors import KvError, StorageFull
 from kvsvr.limits import CHECKPOINT_APPLIED_MAX, KEY_FLUSH_CYCLE_S, KEY_FLUSH_IDLE_S
@@ -118,7 +119,7 @@ class Checkpoints:
         # (the latest per instance), which the checkpoint writes to LMDB if still open, and
         # those LMDB holds. Most instances are chosen and applied within one checkpoint
         # interval, so they never cost LMDB a put and a delete.
-        self._logged: dict[tuple[bytes, int], tuple[Any, ...]] = {}
+        self._logged: dict[tuple[bytes, int], InstanceRecord] = {}
         self._in_lmdb: set[tuple[bytes, int]] = set()
         # Instances accepted here and not known chosen, since when: one whose proposer went
         # quiet (died after a majority accepted, before anyone learned) is finished here, so
@@ -135,6 +136,20 @@ class Checkpoints:
         """The key's applied version (a read transaction does not see a commit under way)."""
         version = self.frozen.get(key)
         return self.latest(txn, key).version if version is None else version
+
+    def floors(self, txn: Any, keys: list[bytes]) -> dict[bytes, int]:
+        """The applied version of each of `keys` (the floors QuorumReplica.step_all takes):
+        from the commit under way if it holds the key, else the key state kept in memory,
+        else read in `txn`."""
+        frozen, kept = self.frozen, self._store.kept_states
+        floors = {}
+        for key in keys:
+            version = frozen.get(key)
+            if version is None:
+                state = kept.get(key)
+                version = self.latest(txn, key).version if state is None else state.version
+            floors[key] = version
+        return floors
 
     def latest(self, txn: Any, key: bytes) -> KeyState:
         """Store.latest; read in the open write transaction (always current), the state is
@@ -153,14 +168,14 @@ class Checkpoints:
             self._batch_opened = now
         return self.batch
 
-    def log_records(self, batch: WriteBatch | None, records: list[tuple[Any, ...]]) -> None:
+    def log_records(self, batch: WriteBatch | None, records: list[PersistRecord]) -> None:
         """Records the vote log took: instances wait for the checkpoint (most are applied
         and forgotten before it), the rest go into the open transaction now."""
-        other = []
+        other: list[tuple[Any, ...]] = []   # (what WriteBatch.persist_quorum is typed to take)
         logged = self._logged
         for record in records:
-            if record[0] == "instance":
-                logged[(record[1], record[2])] = record
+            if isinstance(record, InstanceRecord):
+                logged[(record.key, record.version)] = record
             else:
                 other.append(record)
         if other:
@@ -347,28 +362,30 @@ class Checkpoints:
         what they chose applied again (the transaction that had applied it was lost with the
         process), and a checkpoint of that with a frame number no frame left in the file can
         follow."""
-        stored = self._store.quorum_records()
-        self._in_lmdb = {(r[1], r[2]) for r in stored if r[0] == "instance"}
+        # (Store.quorum_records is typed list[tuple]; its items are the core's records.)
+        stored = cast(list[PersistRecord], self._store.quorum_records())
+        self._in_lmdb = {(r.key, r.version) for r in stored if isinstance(r, InstanceRecord)}
         if rebuilding:
             return
         store = self._store
         # (A store from before the ring kept no offset: its log started again at 0.)
         through, start = (*store.meta_u64s(b"votes/through").get(b"", (0,)), 0)[:2]
         logged = self._votes.replay(through, start)
-        records = []
-        stale = []
+        records: list[PersistRecord] = []
+        stale: list[InstanceRecord] = []
         with store.read() as txn:
             for record in stored + logged:
-                if record[0] == "instance" and \
-                        record[2] <= store.key_state(txn, record[1]).version:
+                if isinstance(record, InstanceRecord) and \
+                        record.version <= store.key_state(txn, record.key).version:
                     stale.append(record)  # applied before a crash: never needed again
                     continue
                 records.append(record)
         quorum.restore(records)
         started = self._clock()
         for record in records:
-            if record[0] == "instance" and record[4] and record[6] is None:
-                self.open_since[(record[1], record[2])] = started
+            if isinstance(record, InstanceRecord) and record.accepted_ballot \
+                    and record.chosen_value is None:
+                self.open_since[(record.key, record.version)] = started
         if logged:
             self._counters["votes_replayed"] += len(logged)
             log.info("node %s: %d votes replayed from the vote log (frames %d..%d)",
@@ -376,11 +393,12 @@ class Checkpoints:
         self._votes.skip_past_stale()
         batch = self.open_batch(started)
         for record in stale:
-            self.forget_instance(batch, record[1], record[2])
-        replayed = [r for r in logged if r[0] != "instance" or r[2] >
-                    store.key_state(batch.txn, r[1]).version]
+            self.forget_instance(batch, record.key, record.version)
+        replayed = [r for r in logged if not isinstance(r, InstanceRecord)
+                    or r.version > store.key_state(batch.txn, r.key).version]
         self.log_records(batch, replayed)
-        for key in {r[1] for r in replayed if r[0] == "instance" and r[6] is not None}:
+        for key in {r.key for r in replayed
+                    if isinstance(r, InstanceRecord) and r.chosen_value is not None}:
             self.apply_chosen(batch, key)
         self.checkpoint(durable=True)
 

@@ -3,7 +3,6 @@ the package docstring, kvsvr/replica/__init__.py, for the loop)."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import secrets
 import time
@@ -14,6 +13,7 @@ from typing import Any, NoReturn
 import msgspec
 
 from kvsvr import _core, protocol
+from kvsvr._core import Decided, FenceRecord, InstanceRecord, PersistRecord
 from kvsvr.committer import Committer
 from kvsvr.config import ClusterConfig
 from kvsvr.errors import Internal, InvalidArgument, KvError, StorageFull
@@ -231,6 +231,7 @@ class ReplicaNode(Node):
         """Handle what arrived, move work on, commit, send. True if more work is ready."""
         self.counters["rounds"] += 1
         self.round_at = now
+        now_ms = now * 1000   # the quorum core's time unit
         checkpoints, work, stream, sender = self.checkpoints, self.work, self.stream, self.sender
         if checkpoints.committing is not None:
             checkpoints.finish_commit(block=False)
@@ -239,17 +240,17 @@ class ReplicaNode(Node):
         with checkpoints.view() as txn:
             for parts in inbound:
                 for payload in parts[1:]:
-                    self._inbound(parts[0], payload, txn, now)
+                    self._inbound(parts[0], payload, txn, now, now_ms)
         for peer, payload in replies:
             self._peer_reply(peer, payload, now)
         quorum = self.life.quorum
         if quorum is None:
             self.life.hello(now)
         else:
-            work.progress(now)
+            work.progress(now_ms)
             if checkpoints.open_since and now - self._open_checked >= OPEN_CHECK_INTERVAL_S:
-                self._recover_open(now)
-            quorum.tick(now * 1000)
+                self._recover_open(now, now_ms)
+            quorum.tick(now_ms)
         self._persist_and_apply(now)
         self.life.update_role(stream.copying())
         if now - self._peers_watched >= PEER_WATCH_INTERVAL_S:
@@ -277,7 +278,8 @@ class ReplicaNode(Node):
         return bool(work.dirty) or (checkpoints.committing is None
                                     and bool(stream.pulled or checkpoints.apply_later))
 
-    def _inbound(self, identity: bytes, payload: bytes, txn: Any, now: float) -> None:
+    def _inbound(self, identity: bytes, payload: bytes, txn: Any, now: float,
+                 now_ms: float) -> None:
         self.monitor.add(monitor_ids.NODE_BYTES_IN, len(payload))
         frames, error, error_request_id = _core.decode_frames(payload)
         auth, counters, work = self.peers.auth, self.counters, self.work
@@ -293,7 +295,7 @@ class ReplicaNode(Node):
                         counters["peer_auth_refused"] += 1
                         raise
                 if method == _QUORUM:
-                    self._on_quorum(protocol.decode_quorum(body), txn, now)
+                    self._on_quorum(protocol.decode_quorum(body), txn, now, now_ms)
                     continue
                 request = protocol.decode_request(method, body)
                 counters[METHOD_COUNTER[method]] += 1
@@ -333,17 +335,16 @@ class ReplicaNode(Node):
         return faults
 
     # --- peers' requests and answers --------------------------------------------------------------
-    def _on_quorum(self, messages: list[_core.Message], txn: Any, now: float) -> None:
+    def _on_quorum(self, messages: list[_core.Message], txn: Any, now: float,
+                   now_ms: float) -> None:
         life = self.life
         quorum = life.quorum
         if quorum is None:
             return  # joining: no acceptor state yet, and no vote to give
-        # (The floor counts only for requests and choices: see "Floors" in the core, where
-        # the loop over a frame's messages runs.)
-        checkpoints = self.checkpoints
-        misaddressed, heard, follow_up = quorum.step_all(
-            messages, now, checkpoints.frozen, self.store.kept_states,
-            functools.partial(checkpoints.applied, txn), life.voting)
+        # (A floor counts only for requests and choices, so only their keys are looked up:
+        # see "Floors" in the core, where the loop over a frame's messages runs.)
+        floors = self.checkpoints.floors(txn, _core.floor_keys(messages))
+        misaddressed, heard, follow_up = quorum.step_all(messages, now_ms, floors, life.voting)
         if misaddressed:
             self.counters["quorum_misaddressed"] += misaddressed
         if heard:
@@ -399,7 +400,7 @@ class ReplicaNode(Node):
                 self.counters["bad_peer_replies"] += 1
                 log.warning("node %s: unreadable answer from %s: %s", self.name, peer.name, e)
 
-    def _recover_open(self, now: float) -> None:
+    def _recover_open(self, now: float, now_ms: float) -> None:
         """Finish instances accepted here long ago and still not known chosen (a prepare that
         adopts the highest accepted value, ours at least, so the instance always closes)."""
         self._open_checked = now
@@ -416,7 +417,7 @@ class ReplicaNode(Node):
                 if floor >= version:
                     del open_since[(key, version)]   # applied meanwhile
                 elif floor + 1 == version:
-                    if quorum.propose(key, version, None, now * 1000, recover=True):
+                    if quorum.propose(key, version, None, now_ms, recover=True):
                         self.counters["open_recoveries"] += 1
                         open_since[(key, version)] = now  # next try after another wait
                 else:
@@ -432,15 +433,12 @@ class ReplicaNode(Node):
     def _persist_and_apply(self, now: float) -> None:
         """What the core asks to persist goes to the vote log (votes) or LMDB; what was chosen,
         pulled or copied is applied in the open transaction; then the quorum's messages are
-        sent (persist before send). A write is answered once chosen."""
+        sent (persist before send: the core is told with advance() once the persist is
+        written). A write is answered once chosen."""
         quorum = self.life.quorum
-        persist: list[Any] = []
-        send: list[_core.Message] = []
-        decided: list[Any] = []
-        learned: list[Any] = []
-        if quorum is not None:
-            persist, send, decided = quorum.ready()
-            learned = quorum.take_learned()
+        ready = _core.Ready([], [], []) if quorum is None else quorum.ready()
+        persist, send, decided = ready.persist, ready.send, ready.decided
+        learned = [] if quorum is None else quorum.take_learned()
         touched, fence, markers, chosen_values = self._scan_ready(persist, decided, now)
         if decided and not fence:
             # (A fence learned this round must be durable before any answer: a voter whose
@@ -456,18 +454,20 @@ class ReplicaNode(Node):
             return
         started = time.perf_counter()
         open_since = checkpoints.open_since
-        for r in learned:
-            touched.add(r[1])
-            open_since.pop((r[1], r[2]), None)
+        for record in learned:
+            touched.add(record.key)
+            open_since.pop((record.key, record.version), None)
         # Votes go to the vote log (one fdatasync). Fences and the rebuild markers, snapshot
         # pages, and a frame bigger than the whole log are made durable by committing LMDB
         # before anything is sent.
         durable_now = bool(pages) or markers
         if durable_now:
             checkpoints.finish_commit(block=True)   # (rare) LMDB must take them now
-        logged = persist + learned if learned else persist
+        logged: list[PersistRecord] = [*persist, *learned] if learned else persist
         if logged and not durable_now:
             durable_now = self.sender.log_votes(logged, bool(persist), now)
+        if quorum is not None and not durable_now:
+            quorum.advance(ready)   # (in the vote log frame just written: sends wait for it)
         if checkpoints.committing is not None:
             # A checkpoint is committing: LMDB takes no write until it ends, so the applies
             # wait (what was chosen stays in the core, and pulled records are asked again).
@@ -488,16 +488,18 @@ class ReplicaNode(Node):
         touched = self._apply(logged, pulled, pages, touched, durable_now, now)
         self.counters["apply_us"] += int((time.perf_counter() - started) * 1e6)
         if quorum is not None:
-            more_persist, more_send, more_decided = quorum.ready()
-            if more_persist or quorum.take_learned():  # forget() does neither
+            if durable_now:
+                quorum.advance(ready)   # (in the checkpoint _apply made durable)
+            more = quorum.ready()
+            if more.persist or quorum.take_learned():  # forget() does neither
                 raise RuntimeError("quorum asked to persist or apply after forgetting")
-            send += more_send
-            decided += more_decided
+            send += more.send
+            decided += more.decided
         work = self.work
         work.dirty.update(key for key in touched if key in work.keys)
         self._after_commit(send, decided, now)
 
-    def _scan_ready(self, persist: list[Any], decided: list[Any],
+    def _scan_ready(self, persist: list[PersistRecord], decided: list[Decided],
                     now: float) -> tuple[set[bytes], bool, bool, bool]:
         """One pass over each list (this runs every round): the keys with versions chosen,
         whether a fence or another marker is to persist, whether a decision carries a value;
@@ -505,23 +507,23 @@ class ReplicaNode(Node):
         touched: set[bytes] = set()
         open_since = self.checkpoints.open_since
         fence = markers = False
-        for r in persist:
-            if r[0] == "instance":
-                if r[6] is not None:
-                    touched.add(r[1])
-                    open_since.pop((r[1], r[2]), None)
-                elif r[4]:
-                    open_since.setdefault((r[1], r[2]), now)
+        for record in persist:
+            if isinstance(record, InstanceRecord):
+                if record.chosen_value is not None:
+                    touched.add(record.key)
+                    open_since.pop((record.key, record.version), None)
+                elif record.accepted_ballot:
+                    open_since.setdefault((record.key, record.version), now)
             else:
                 markers = True
-                fence = fence or r[0] == "fence"
+                fence = fence or isinstance(record, FenceRecord)
         chosen_values = False
-        for d in decided:
-            touched.add(d[0])
-            chosen_values = chosen_values or d[2] is not None
+        for decision in decided:
+            touched.add(decision.key)
+            chosen_values = chosen_values or decision.value is not None
         return touched, fence, markers, chosen_values
 
-    def _apply(self, logged: list[Any], pulled: list[Pulled], pages: list[Page],
+    def _apply(self, logged: list[PersistRecord], pulled: list[Pulled], pages: list[Page],
                touched: set[bytes], durable_now: bool, now: float) -> set[bytes]:
         """The round's records, snapshot pages, pulled records and chosen versions into the
         open transaction (committed at once if `durable_now`). The keys applied."""
@@ -554,7 +556,8 @@ class ReplicaNode(Node):
             self._stop_storage_full(e)
         return touched
 
-    def _after_commit(self, send: list[_core.Message], decided: list[Any], now: float) -> None:
+    def _after_commit(self, send: list[_core.Message], decided: list[Decided],
+                      now: float) -> None:
         checkpoints = self.checkpoints
         if (checkpoints.batch is not None or checkpoints.committing is not None
                 or checkpoints.undurable is not None) \

@@ -10,6 +10,7 @@ from collections import Counter, deque
 from typing import Any
 
 from kvsvr import _core, protocol
+from kvsvr._core import PersistRecord
 from kvsvr.limits import QUORUM_FRAME_BYTES_MAX, QUORUM_FRAME_MESSAGES_MAX
 from kvsvr.protocol import Method
 from kvsvr.replica.checkpoints import Checkpoints
@@ -40,7 +41,7 @@ class QuorumSender:
         self.voted_at = -1.0     # when a round last wrote votes (see Edge.run)
         self._sync_wakes = True  # each finished sync wakes the loop (see wake_on_sync)
 
-    def log_votes(self, records: list[Any], votes: bool, now: float) -> bool:
+    def log_votes(self, records: list[PersistRecord], votes: bool, now: float) -> bool:
         """Write a round's records as one vote log frame, durable on the sync thread while
         the loop goes on (what reveals its votes waits for that). Learned choices ride along
         so that a restart applies them at once, but only votes (`votes`) make what is sent

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from kvsvr import _core, protocol
+from kvsvr._core import Decided
 from kvsvr.errors import (
     Internal,
     InvalidArgument,
@@ -163,7 +164,9 @@ class Work:
             self.dirty.add(key)
 
     # --- moving work on -----------------------------------------------------------------------
-    def progress(self, now: float) -> None:
+    def progress(self, now_ms: float) -> None:
+        """Move on the work of the keys marked dirty (`now_ms`: the round's time for the
+        quorum core, in milliseconds)."""
         if not self.dirty:
             return
         dirty, self.dirty = self.dirty, set()
@@ -193,15 +196,15 @@ class Work:
                         counters["work_held_by_checkpoint"] += 1
                         continue
                     counters["writes_through_checkpoint"] += 1
-                    self._progress_write(key, work, frozen[key], txn, now)
+                    self._progress_write(key, work, frozen[key], txn, now_ms)
                     if not work.writes and not work.reads:
                         del keys[key]
                     continue
                 floor = checkpoints.latest(txn, key).version
                 if work.writes:
-                    self._progress_write(key, work, floor, txn, now)
+                    self._progress_write(key, work, floor, txn, now_ms)
                 if work.reads:
-                    self._progress_reads(key, work, floor, now)
+                    self._progress_reads(key, work, floor, now_ms)
                 if not work.writes and not work.reads:
                     del keys[key]
 
@@ -216,7 +219,7 @@ class Work:
         return not any((w.request.client_id, w.request.client_seq) in ops
                        for w in work.writes)
 
-    def _progress_reads(self, key: bytes, work: KeyWork, floor: int, now: float) -> None:
+    def _progress_reads(self, key: bytes, work: KeyWork, floor: int, now_ms: float) -> None:
         """Reads whose barrier answered: serve, catch up, or finish an open instance."""
         quorum = self._life.quorum
         assert quorum is not None
@@ -237,7 +240,7 @@ class Work:
                 # Maybe chosen, not applied anywhere we asked: finish it, then ask again.
                 waiting.append(waiter)
                 if not quorum.proposing(key, floor + 1) and not work.writes:
-                    quorum.propose(key, floor + 1, None, now * 1000, recover=True)
+                    quorum.propose(key, floor + 1, None, now_ms, recover=True)
                     self._counters["read_recoveries"] += 1
                 self.await_barrier(key, waiter)
             else:
@@ -252,7 +255,7 @@ class Work:
                         self.answer_error(waiter.identity, waiter.request_id, e)
 
     def _progress_write(self, key: bytes, work: KeyWork, floor: int, txn: Any,
-                        now: float) -> None:
+                        now_ms: float) -> None:
         """The head write of a key: answer it if it is done or doomed, else propose it."""
         quorum = self._life.quorum
         assert quorum is not None
@@ -274,7 +277,8 @@ class Work:
                     return  # a peer is ahead: catch up before proposing
                 if waiter.barrier:
                     return  # a barrier is wanted or under way
-                if waiter.target >= 0 and not self._barrier_settled(key, waiter, floor, now):
+                if waiter.target >= 0 and not self._barrier_settled(key, waiter, floor,
+                                                                     now_ms):
                     return
                 state = self._checkpoints.latest(txn, key)
                 expected = request.expected_version
@@ -299,7 +303,7 @@ class Work:
                                             request.client_seq, key, ops)
                 if quorum.proposing(key, state.version + 1):
                     return  # a recovery of that version runs: wait for it
-                if not quorum.propose(key, state.version + 1, value, now * 1000):
+                if not quorum.propose(key, state.version + 1, value, now_ms):
                     raise Unavailable(f"node {self._name} cannot propose now "
                                       f"({self._life.role}, {quorum.proposals_in_flight} "
                                       "proposals in flight)")
@@ -312,7 +316,8 @@ class Work:
                 work.writes.popleft()
                 self.answer_error(waiter.identity, waiter.request_id, e)
 
-    def _barrier_settled(self, key: bytes, waiter: Waiter, floor: int, now: float) -> bool:
+    def _barrier_settled(self, key: bytes, waiter: Waiter, floor: int,
+                         now_ms: float) -> bool:
         """For a write that waited on a barrier: is this replica current for the key now?"""
         quorum = self._life.quorum
         assert quorum is not None
@@ -321,7 +326,7 @@ class Work:
             return False
         if waiter.open > floor:
             if not quorum.proposing(key, floor + 1):
-                quorum.propose(key, floor + 1, None, now * 1000, recover=True)
+                quorum.propose(key, floor + 1, None, now_ms, recover=True)
             self.await_barrier(key, waiter)
             return False
         waiter.confirmed = True
@@ -338,19 +343,19 @@ class Work:
         return want
 
     # --- what the quorum decided --------------------------------------------------------------
-    def answer_chosen(self, decided: list[Any]) -> None:
+    def answer_chosen(self, decided: list[Decided]) -> None:
         """Writes of ours that were chosen are answered now, before they are applied here: a
         majority holds them durably already, and the answer was computed when proposed. This
         keeps the local apply's fsync off the write's latency."""
         answered = False
-        for key, version, _value, own in decided:
-            if not own:
+        for decision in decided:
+            if not decision.own_value_chosen:
                 continue
-            work = self.keys.get(key)
+            work = self.keys.get(decision.key)
             if work is None or not work.writes:
                 continue
             head = work.writes[0]
-            if head.proposed == version and head.reply is not None:
+            if head.proposed == decision.version and head.reply is not None:
                 work.writes.popleft()
                 self.answer_ok(head, head.reply)
                 self._counters["mutations_acknowledged"] += 1
@@ -358,17 +363,19 @@ class Work:
         if answered:
             self._edge.flush()
 
-    def decided(self, decided: list[Any]) -> None:
+    def decided(self, decided: list[Decided]) -> None:
         """Count what was decided; a write of ours decided at its version is applied if it
         was chosen, so the op-id table answers it from now on."""
         counters = self._counters
         monitor = self._monitor
-        for key, version, value, own in decided:
-            counters["decided_own" if own else "decided_taken" if value is None
+        for decision in decided:
+            own = decision.own_value_chosen
+            counters["decided_own" if own else "decided_taken" if decision.value is None
                      else "decided_other"] += 1
             monitor.add(monitor_ids.NODE_QUORUM_RETRIES, int(not own))
+            key = decision.key
             work = self.keys.get(key)
-            if work is not None and work.writes and work.writes[0].proposed == version:
+            if work is not None and work.writes and work.writes[0].proposed == decision.version:
                 work.writes[0].proposed = 0
             self.dirty.add(key)
 

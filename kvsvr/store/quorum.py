@@ -1,22 +1,37 @@
 """The version quorum's durable state in a store: each open instance's acceptor state (the
 paxos table) and the node's life, fences and rebuild markers (meta's quorum/ names).
 
-The records are the core's (kvsvr/_quorum.pxi): ("instance", key, version, promised,
-accepted_ballot, accepted_value, chosen_value), ("fence", peer, incarnation),
-("rebuilt", incarnation), ("verified", incarnation).
+The records are the core's named persist records (kvsvr/_quorum.pxi): InstanceRecord (a row
+of the paxos table: msgpack [promised, accepted_ballot, accepted_value, chosen_value] under
+the key's prefix and the version), FenceRecord (meta quorum/fence/<peer>), RebuiltRecord and
+VerifiedRecord (meta quorum/rebuilt and quorum/verified, the incarnation).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
+from kvsvr._core import (
+    FENCE,
+    INSTANCE,
+    REBUILT,
+    VERIFIED,
+    FenceRecord,
+    InstanceRecord,
+    PersistRecord,
+    RebuiltRecord,
+    VerifiedRecord,
+    persist_record,
+)
 from kvsvr.store.layout import U16BE, U64BE, Meta, Tables, key_prefix
 
 _paxos_encoder = msgspec.msgpack.Encoder()
 _paxos_decoder = msgspec.msgpack.Decoder(tuple[int, int, bytes | None, bytes | None])
-_MARKERS = {"rebuilt": Meta.QUORUM_REBUILT, "verified": Meta.QUORUM_VERIFIED}
+_REBUILT = Meta.QUORUM_REBUILT
+_VERIFIED = Meta.QUORUM_VERIFIED
 
 
 class QuorumState:
@@ -28,22 +43,27 @@ class QuorumState:
         self.paxos = tables.paxos
         self.meta = tables.meta
 
-    def persist(self, txn: Any, records: list[tuple[Any, ...]]) -> None:
-        """Write the core's records in `txn`."""
+    def persist(self, txn: Any, records: Sequence[tuple[Any, ...]]) -> None:
+        """Write the core's records in `txn`. (A plain tuple with its kind first is taken
+        too, as the records were before they had names: a compatibility path, to be removed
+        once no caller passes one.) ValueError for a record of no known kind."""
         for record in records:
-            kind = record[0]
-            if kind == "instance":
-                _, key, version, promised, accepted_ballot, accepted_value, chosen = record
-                txn.put(key_prefix(key) + U64BE.pack(version),
-                        _paxos_encoder.encode([promised, accepted_ballot, accepted_value,
-                                               chosen]), db=self.paxos)
-            elif kind == "fence":
-                txn.put(Meta.QUORUM_FENCE_PREFIX + bytes([record[1]]), U64BE.pack(record[2]),
-                        db=self.meta)
-            elif kind in _MARKERS:
-                txn.put(_MARKERS[kind], U64BE.pack(record[1]), db=self.meta)
+            if type(record) is tuple:
+                record = persist_record(record)
+            if isinstance(record, InstanceRecord):
+                txn.put(key_prefix(record.key) + U64BE.pack(record.version),
+                        _paxos_encoder.encode([record.promised, record.accepted_ballot,
+                                               record.accepted_value, record.chosen_value]),
+                        db=self.paxos)
+            elif isinstance(record, FenceRecord):
+                txn.put(Meta.QUORUM_FENCE_PREFIX + bytes([record.peer]),
+                        U64BE.pack(record.incarnation), db=self.meta)
+            elif isinstance(record, RebuiltRecord):
+                txn.put(_REBUILT, U64BE.pack(record.incarnation), db=self.meta)
+            elif isinstance(record, VerifiedRecord):
+                txn.put(_VERIFIED, U64BE.pack(record.incarnation), db=self.meta)
             else:
-                raise ValueError(f"record: unknown quorum record kind {kind!r}")
+                raise ValueError(f"record: unknown quorum record kind {record!r}")
 
     def set_incarnation(self, txn: Any, incarnation: int) -> None:
         txn.put(Meta.QUORUM_INCARNATION, U64BE.pack(incarnation), db=self.meta)
@@ -52,17 +72,19 @@ class QuorumState:
         """The version was applied: its acceptor state is no longer kept."""
         txn.delete(key_prefix(key) + U64BE.pack(version), db=self.paxos)
 
-    def records(self, txn: Any) -> list[tuple[Any, ...]]:
-        """Every persisted record, in the form QuorumReplica.restore takes."""
-        records: list[tuple[Any, ...]] = []
+    def records(self, txn: Any) -> list[Any]:
+        """Every persisted record (a PersistRecord each), as QuorumReplica.restore takes
+        them. (Typed list[Any] for Store.quorum_records, which still says list[tuple]: a
+        compatibility, to be list[PersistRecord] once it does too.)"""
+        records: list[PersistRecord] = []
         for raw_key, raw in txn.cursor(db=self.paxos):
             key_len = U16BE.unpack_from(raw_key)[0]
             key = raw_key[2:2 + key_len]
             version = U64BE.unpack_from(raw_key, 2 + key_len)[0]
             promised, accepted_ballot, accepted_value, chosen_value = \
                 _paxos_decoder.decode(raw)
-            records.append(("instance", key, version, promised, accepted_ballot,
-                            accepted_value, chosen_value))
+            records.append(InstanceRecord(INSTANCE, key, version, promised, accepted_ballot,
+                                          accepted_value, chosen_value))
         cursor = txn.cursor(db=self.meta)
         if cursor.set_range(Meta.QUORUM_PREFIX):
             for name, raw in cursor:
@@ -70,9 +92,12 @@ class QuorumState:
                     break
                 value = U64BE.unpack(raw)[0]
                 if name.startswith(Meta.QUORUM_FENCE_PREFIX):
-                    records.append(("fence", name[len(Meta.QUORUM_FENCE_PREFIX)], value))
-                elif name in (Meta.QUORUM_REBUILT, Meta.QUORUM_VERIFIED):
-                    records.append((name[len(Meta.QUORUM_PREFIX):].decode(), value))
+                    records.append(FenceRecord(FENCE, name[len(Meta.QUORUM_FENCE_PREFIX)],
+                                               value))
+                elif name == _REBUILT:
+                    records.append(RebuiltRecord(REBUILT, value))
+                elif name == _VERIFIED:
+                    records.append(VerifiedRecord(VERIFIED, value))
         return records
 
     def incarnation(self, txn: Any) -> int:

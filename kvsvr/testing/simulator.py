@@ -18,6 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvsvr import _core
+from kvsvr._core import (
+    FENCE,
+    INSTANCE,
+    REBUILT,
+    FenceRecord,
+    InstanceRecord,
+    PersistRecord,
+    RebuiltRecord,
+)
 from kvsvr.protocol import decode_quorum, encode_quorum
 
 
@@ -37,7 +46,9 @@ class Faults:
 class _Node:
     index: int
     replica: _core.QuorumReplica
-    disk: dict[tuple, tuple] = field(default_factory=dict)  # record identity -> record
+    # What the replica persisted, by record identity: (INSTANCE, key, version), (FENCE, peer),
+    # (REBUILT or VERIFIED, incarnation).
+    disk: dict[tuple, PersistRecord] = field(default_factory=dict)
     up: bool = True
     wiped: bool = False        # lost its disk; comes back as a new incarnation that rebuilds
     incarnation: int = 1
@@ -75,7 +86,7 @@ class Simulation:
         self.unsafe_floor = unsafe_floor
         self.applied_values: dict[tuple[bytes, int], object] = {}  # what any replica applied
         self.state_floors: list[dict[bytes, int]] = []  # a STATE answer's sender's floors
-        self.now = 0
+        self.now = 0   # the fake clock: ticks of one millisecond, the core's time unit
         # Its own random source, so the fault schedule of a seed is the same as before parts.
         self.lives = random.Random(seed * 7919 + 1)
         # Most seeds cut state answers into parts of a record or a few (out of order, lost,
@@ -99,23 +110,28 @@ class Simulation:
         as a persisted accepted ballot of its own current life. Records a rebuild copied from
         peers are not acceptances.
         """
-        persist, send, decided = node.replica.ready()
-        for _, key, version, _promised, _ballot, _value, chosen in node.replica.take_learned():
+        ready = node.replica.ready()
+        for learned in node.replica.take_learned():
             # (Not put on the node's disk: the node logs these too, but the protocol must
             # not need them, so a restart here forgets them.)
-            self._check_learned(node.index, key, version, chosen)
-        for record in persist:
-            if record[0] != "instance":
-                node.disk[record[:2]] = record  # ("fence", peer), ("rebuilt"/"verified", inc)
+            self._check_learned(node.index, learned.key, learned.version, learned.chosen_value)
+        for record in ready.persist:
+            if isinstance(record, FenceRecord):
+                node.disk[(FENCE, record.peer)] = record
                 continue
-            _, key, version, _promised, accepted_ballot, accepted_value, chosen = record
-            node.disk[("instance", key, version)] = record
-            if chosen is not None:
-                self._check_learned(node.index, key, version, chosen)
-            if (accepted_ballot and _core.ballot_node(accepted_ballot) == node.index
-                    and _core.ballot_incarnation(accepted_ballot) == node.incarnation):
-                self._record_accept(node.index, key, version, accepted_ballot, accepted_value)
-        for message in send:
+            if not isinstance(record, InstanceRecord):
+                node.disk[(record.kind, record.incarnation)] = record   # REBUILT, VERIFIED
+                continue
+            key, version = record.key, record.version
+            node.disk[(INSTANCE, key, version)] = record
+            if record.chosen_value is not None:
+                self._check_learned(node.index, key, version, record.chosen_value)
+            ballot = record.accepted_ballot
+            if (ballot and _core.ballot_node(ballot) == node.index
+                    and _core.ballot_incarnation(ballot) == node.incarnation):
+                self._record_accept(node.index, key, version, ballot, record.accepted_value)
+        node.replica.advance(ready)
+        for message in ready.send:
             if self.apply and message.kind == _core.MSG_STATE:
                 # As the node stamps its binlog position on a STATE answer: the rebuilding
                 # replica will hold this sender's data as of now before it votes.
@@ -125,12 +141,15 @@ class Simulation:
                                         len(self.state_floors) - 1, message.ballot,
                                         message.accepted_ballot, message.value)
             if message.kind == _core.MSG_ACCEPTED:
-                record = node.disk[("instance", message.key, message.version)]
-                assert record[4] == message.ballot, "ACCEPTED without the acceptance persisted"
+                accepted = node.disk[(INSTANCE, message.key, message.version)]
+                assert isinstance(accepted, InstanceRecord)
+                assert accepted.accepted_ballot == message.ballot, \
+                    "ACCEPTED without the acceptance persisted"
                 self._record_accept(node.index, message.key, message.version, message.ballot,
-                                    record[5])
+                                    accepted.accepted_value)
             self._send(message)
-        for key, version, value, _own in decided:
+        for decided in ready.decided:
+            key, version, value = decided.key, decided.version, decided.value
             if value is None:
                 continue  # taken (BEHIND) or a recovery that found nothing: no claim made
             self.decided.append((node.index, key, version, value))
@@ -147,7 +166,7 @@ class Simulation:
         for key in self.keys:
             while True:
                 version = node.applied.get(key, 0) + 1
-                value = node.replica.acceptor_state(key, version)[3]
+                value = node.replica.chosen_value(key, version)
                 if value is None:
                     break
                 self._check_learned(node.index, key, version, value)
@@ -155,7 +174,7 @@ class Simulation:
                 self.applied_values[(key, version)] = value
                 node.known_version[key] = max(node.known_version.get(key, 0), version)
                 node.replica.forget(key, version, value)
-                node.disk.pop(("instance", key, version), None)
+                node.disk.pop((INSTANCE, key, version), None)
 
     def _catch_up(self, node: _Node, key: bytes) -> None:
         """The binlog stream: a version some peer applied is applied here too, in order."""
@@ -165,7 +184,7 @@ class Simulation:
             node.applied[key] = version
             node.known_version[key] = max(node.known_version.get(key, 0), version)
             node.replica.forget(key, version, value)
-            node.disk.pop(("instance", key, version), None)
+            node.disk.pop((INSTANCE, key, version), None)
         self._drain(node)
 
     def _step(self, node: _Node, message: _core.Message) -> None:
@@ -180,7 +199,7 @@ class Simulation:
             for key, version in node.rebuild_floors.items():
                 node.applied[key] = max(node.applied.get(key, 0), version)
                 for dropped in node.replica.forget_through(key, node.applied[key]):
-                    node.disk.pop(("instance", key, dropped), None)
+                    node.disk.pop((INSTANCE, key, dropped), None)
             node.rebuild_floors.clear()
         self._drain(node)
         if self.apply and message.kind == _core.MSG_BEHIND:
@@ -250,7 +269,7 @@ class Simulation:
             node.replica = self._replica(index, node.incarnation,
                                          rebuilding=not self.unsafe_amnesia)
             if self.unsafe_amnesia:  # the bug to catch: vote at once, as if never wiped
-                node.replica.restore([("rebuilt", node.incarnation)])
+                node.replica.restore([RebuiltRecord(REBUILT, node.incarnation)])
         else:
             node.replica = self._replica(index, node.incarnation)
             node.replica.restore(list(node.disk.values()))
