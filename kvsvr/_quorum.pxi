@@ -61,13 +61,12 @@
 #   forgot), and a proposer that hears BEHIND stops: its version is taken.
 
 
-from cpython.object cimport PyObject, PyTypeObject
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_SET_ITEM
+from cpython.type cimport PyType_GenericAlloc
 
 from collections import namedtuple as _namedtuple
 from xxhash import xxh64_intdigest as _xxh64
-
-cdef extern from "Python.h":
-    PyTypeObject PyTuple_Type
 
 
 cpdef int majority(int replicas):
@@ -122,6 +121,7 @@ INSTANCE = "instance"
 FENCE = "fence"
 REBUILT = "rebuilt"
 VERIFIED = "verified"
+cdef str _INSTANCE = INSTANCE
 
 cdef type _InstanceRecord = _namedtuple("InstanceRecord", (
     "kind", "key", "version", "promised", "accepted_ballot", "accepted_value", "chosen_value"),
@@ -158,11 +158,43 @@ cdef dict _RECORD_TYPES = {INSTANCE: _InstanceRecord, FENCE: _FenceRecord,
                            REBUILT: _RebuiltRecord, VERIFIED: _VerifiedRecord}
 
 
-cdef inline object _named(type cls, tuple fields):
-    # tuple.__new__(cls, fields), without the named tuple's __new__ written in Python: this
-    # builds every record and decision of the hot path.
-    cdef tuple args = (fields,)
-    return PyTuple_Type.tp_new(cls, <PyObject*> args, NULL)
+cdef inline void _put(object out, Py_ssize_t i, object item):
+    Py_INCREF(item)   # (SET_ITEM takes over a reference)
+    PyTuple_SET_ITEM(out, i, item)
+
+
+# The named tuples are built as tuple.__new__ builds a subclass's instance (allocate, fill),
+# not by calling the class, whose __new__ is written in Python: these build every record and
+# decision on the hot path.
+cdef object _named(type cls, tuple fields):
+    cdef Py_ssize_t i, n = len(fields)
+    cdef object out = PyType_GenericAlloc(cls, n)
+    for i in range(n):
+        _put(out, i, <object> PyTuple_GET_ITEM(fields, i))
+    return out
+
+
+cdef inline object _instance_record(bytes key, uint64_t version, uint64_t promised,
+                                    uint64_t accepted_ballot, object accepted_value,
+                                    object chosen_value):
+    cdef object out = PyType_GenericAlloc(_InstanceRecord, 7)
+    _put(out, 0, _INSTANCE)
+    _put(out, 1, key)
+    _put(out, 2, version)
+    _put(out, 3, promised)
+    _put(out, 4, accepted_ballot)
+    _put(out, 5, accepted_value)
+    _put(out, 6, chosen_value)
+    return out
+
+
+cdef inline object _decided(bytes key, uint64_t version, object value, bint own_value_chosen):
+    cdef object out = PyType_GenericAlloc(_Decided, 4)
+    _put(out, 0, key)
+    _put(out, 1, version)
+    _put(out, 2, value)
+    _put(out, 3, own_value_chosen)
+    return out
 
 
 def persist_record(fields):
@@ -254,9 +286,8 @@ cdef class _Instance:
         self.chosen_value = None
 
     cdef object record(self, bytes key, uint64_t version):
-        return _named(_InstanceRecord, (INSTANCE, key, version, self.promised,
-                                        self.accepted_ballot, self.accepted_value,
-                                        self.chosen_value))
+        return _instance_record(key, version, self.promised, self.accepted_ballot,
+                                self.accepted_value, self.chosen_value)
 
 
 cdef enum Phase:
@@ -526,9 +557,9 @@ cdef class QuorumReplica:
             return False
         cdef _Instance instance = self._instances.get(instance_key)
         if instance is not None and instance.chosen_value is not None:
-            self._decided.append(_named(_Decided, (
+            self._decided.append(_decided(
                 key, version, instance.chosen_value,
-                value is not None and instance.chosen_value == value)))
+                value is not None and instance.chosen_value == value))
             return True
         cdef _Proposal proposal = _Proposal()
         proposal.key = key
@@ -646,9 +677,9 @@ cdef class QuorumReplica:
 
     cdef void _finish(self, _Proposal proposal, object chosen_value):
         del self._proposals[(proposal.key, proposal.version)]
-        self._decided.append(_named(_Decided, (
+        self._decided.append(_decided(
             proposal.key, proposal.version, chosen_value,
-            chosen_value is not None and chosen_value == proposal.own_value)))
+            chosen_value is not None and chosen_value == proposal.own_value))
 
     cdef void _learn(self, bytes key, uint64_t version, object value):
         cdef _Instance instance = self._instance(key, version)
