@@ -248,12 +248,11 @@ def test_scenario_script(name: str):
         expected.splitlines(True), got.splitlines(True), "expected", "now"))
 
 
-@pytest.mark.xfail(strict=True, reason="known issue: a snapshot holds a key's state kept in "
-                   "memory, newer than the op ids it copies (see the script)")
-def test_known_issue_a_retry_at_a_rebuilt_replica_is_answered_its_first_answer():
-    """An incr applied at its peers but not yet in their checkpoints, then copied by a
-    rebuilding replica, is not applied again when retried there."""
-    got = run_script("known_issue_snapshot_loses_op_ids.txt")
+def test_a_retry_at_a_rebuilt_replica_is_answered_its_first_answer():
+    """An incr applied at its peers but not yet in their checkpoints, when a rebuilding
+    replica copies them, is not applied again when retried there: the copies have the key
+    as their read transactions do, and the incr then comes with its op id."""
+    got = run_script("snapshot_keeps_op_ids.txt")
     assert "c1 incr r0 5 at n3: ok v2 6" in got and "n1 replica, r0 v2 6" in got
 
 

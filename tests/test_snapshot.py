@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 from kvsvr import _core
 from kvsvr.protocol import Op
-from kvsvr.store import Store
+from kvsvr.store import KeyState, SnapshotItem, Store
+from kvsvr.store.layout import OP_ID
 
 
 def _fill(store: Store, seed: int, keys: int = 40) -> None:
@@ -93,3 +95,61 @@ def test_installing_keeps_what_is_newer_here_and_takes_what_is_newer_there(tmp_p
         assert [c.row for c in changes] == [b"r1", b"r2"]
     ahead.close()
     behind.close()
+
+
+def _page_through(store: Store, txn: Any, max_bytes: int,
+                  held: dict[bytes, KeyState] | None) -> list[SnapshotItem]:
+    items: list[SnapshotItem] = []
+    position = None
+    while True:
+        page, position = store.snapshot_page(txn, position, max_bytes, held)
+        items += page
+        if position is None:
+            return items
+
+
+def test_a_held_key_state_is_copied_as_the_read_transaction_has_it(tmp_path: Path):
+    """A replica's store holds key states in memory; a key written again in the open write
+    transaction, after a copy's read transaction began, is copied as that transaction has it
+    (version and value), matching the op ids and LSN the copy takes from it, in pages read
+    while the write transaction is open and after it committed and wrote the held states."""
+    store = Store(tmp_path / "replica", sync=False, defer_key_states=True)
+    incr = [Op(_core.OP_INCR, b"", (5).to_bytes(8, "little", signed=True))]
+    with store.write() as batch:
+        batch.mutate(b"k", [Op(_core.OP_PUT, b"", b"first")], None, 7, 1)   # into LMDB
+        batch.mutate(b"n", incr, None, 7, 2)
+    with store.write() as batch:
+        batch.mutate(b"k", [Op(_core.OP_PUT, b"", b"second")], None, 7, 3)  # held
+        batch.mutate(b"n", incr, None, 7, 4)
+    assert store.deferred_keys == 2
+    txn = store.read()
+    view = {key: store.key_state(txn, key) for key in (b"k", b"n")}
+    assert view[b"k"] == KeyState(2, 0, b"second") and view[b"n"].version == 2
+    lsn = store.snapshot_lsn(txn)
+    held = store.snapshot_states(txn)
+    assert held == view
+
+    batch = store.begin()
+    batch.mutate(b"k", [Op(_core.OP_PUT, b"", b"third")], None, 7, 5)   # held, newer
+    batch.mutate(b"n", incr, None, 7, 6)
+    assert store.cached_state(b"k") == KeyState(3, 0, b"third")
+
+    def check(items: list[SnapshotItem]) -> None:
+        keys = {item[1]: KeyState.decode(item[3]) for item in items
+                if item[0] == 0 and item[2] is None}
+        assert keys == view
+        seqs = sorted(OP_ID.unpack(item[1])[1] for item in items if item[0] == 1)
+        assert seqs == [1, 2, 3, 4]   # each key's version is its writes among these
+        assert store.snapshot_lsn(txn) == lsn == 4
+
+    for max_bytes in (1, 1 << 20):
+        check(_page_through(store, txn, max_bytes, held))
+        check(_page_through(store, txn, max_bytes, None))
+    batch.flush_all_key_states()
+    store.commit(batch)
+    store.commit_seen()
+    assert store.deferred_keys == 0   # now in the keys table, newer than the read's
+    check(_page_through(store, txn, 1, held))
+    check(_page_through(store, txn, 1, None))
+    txn.abort()
+    store.close()

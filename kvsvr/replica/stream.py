@@ -72,7 +72,8 @@ class Stream:
         self._counters = counters
         self.pulled: list[Pulled] = []
         self.pages: list[Page] = []
-        self._sessions: dict[int, list[Any]] = {}  # copies served: [txn, lsn, last used]
+        # Copies served: [txn, lsn, last used, the key states held as of txn].
+        self._sessions: dict[int, list[Any]] = {}
         self._after_copy: set[bytes] = set()  # keys whose chosen versions wait for a copy
         self.lag_peak = 0  # most records a stream was behind since the gauge was last set
 
@@ -429,7 +430,10 @@ class Stream:
             # lost (after a power cut they would be reused for other records).
             self._checkpoints.make_durable()
             txn = self._store.read()
-            session = [txn, self._store.snapshot_lsn(txn), now]
+            # Held key states as of txn, not as memory has them now (maybe newer than the op
+            # ids the copy takes from txn): rebuilt once per copy, see Store.snapshot_states.
+            session = [txn, self._store.snapshot_lsn(txn), now,
+                       self._store.snapshot_states(txn)]
             session_id = secrets.randbits(48) | 1
             self._sessions[session_id] = session
             log.info("node %s: snapshot %x for replica %d from lsn %d", self._name,
@@ -440,7 +444,7 @@ class Stream:
         after = request.after
         position = (after.db, after.key, after.row) if after is not None else None
         items, following = self._store.snapshot_page(
-            session[0], position, min(request.max_bytes, SNAPSHOT_PAGE_BYTES_MAX))
+            session[0], position, min(request.max_bytes, SNAPSHOT_PAGE_BYTES_MAX), session[3])
         if following is None:
             session[0].abort()
             del self._sessions[session_id]

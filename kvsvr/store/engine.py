@@ -48,7 +48,7 @@ from kvsvr.store.layout import (
 )
 from kvsvr.store.quorum import QuorumState
 from kvsvr.store.snapshots import SnapshotItem, SnapshotPosition, Snapshots
-from kvsvr.store.states import KeyStates
+from kvsvr.store.states import KeyStates, replay_into
 
 MAP_SIZE_MIB_DEFAULT = 1024 * 1024   # the LMDB map's bound (address space, not disk)
 LMDB_READERS_MAX = 256               # read transactions open at once in the environment
@@ -81,7 +81,8 @@ class Store:
         committed as before; a restart (or an aborted transaction) replays them from
         `keys/replay_from`, the first record a held state has that LMDB lacks, and the binlog
         is never trimmed past it. Only keys already in LMDB are held (their first write goes
-        through), so a snapshot read sees every key and swaps in the held state."""
+        through), so a snapshot read sees every key and swaps in the state held as of its
+        read (see snapshot_states)."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         # LMDB itself allows many writer processes; two nodes on one directory would still
@@ -210,15 +211,23 @@ class Store:
         """Rebuild the held key states from the committed binlog (at open, and after an
         aborted transaction dropped what memory had)."""
         with self.env.begin() as txn:
-            raw = txn.get(Meta.KEYS_REPLAY_FROM, db=self.tables.meta)
-            start = U64BE.unpack(raw)[0] if raw else self.last_lsn + 1
-            if start > self.last_lsn:
-                return
-            if start < self.first_lsn:
-                raise RuntimeError(
-                    f"{self.path}: the binlog starts at lsn {self.first_lsn}, but key states "
-                    f"held in memory at the last commit need it from lsn {start}")
-            self.states.replay(txn, self.tables, start, self.path)
+            start = self._replay_start(txn, self.first_lsn, self.last_lsn)
+            if start is not None:
+                self.states.replay(txn, self.tables, start, self.path)
+
+    def _replay_start(self, txn: lmdb.Transaction, first_lsn: int, last_lsn: int) -> int | None:
+        """Where the key states held as of `txn` (a committed one, whose binlog spans
+        `first_lsn` to `last_lsn`) are replayed from: its keys/replay_from, None when it
+        holds none."""
+        raw = txn.get(Meta.KEYS_REPLAY_FROM, db=self.tables.meta)
+        start = U64BE.unpack(raw)[0] if raw else last_lsn + 1
+        if start > last_lsn:
+            return None
+        if start < first_lsn:
+            raise RuntimeError(
+                f"{self.path}: the binlog starts at lsn {first_lsn}, but key states "
+                f"held in memory at the last commit need it from lsn {start}")
+        return int(start)
 
     # --- reads -----------------------------------------------------------------------------
     def read(self) -> lmdb.Transaction:
@@ -353,13 +362,34 @@ class Store:
         it, and the binlog after it is the tail to apply on top."""
         return self.snapshots.lsn(txn)
 
+    def snapshot_states(self, txn: lmdb.Transaction) -> dict[bytes, KeyState]:
+        """The key states held as of `txn`, a read transaction, by key (any other key's state
+        is `txn`'s keys table entry): what a restart from `txn`'s commit would rebuild. A
+        snapshot copies these, never the held states in memory: those may be newer than
+        `txn` (a later commit, or the open write transaction), and the copy's op ids and LSN
+        are `txn`'s, so its reader would skip the newer write's record and never learn its
+        op id. At most DEFERRED_RECORDS_MAX records are replayed."""
+        last_lsn = self.snapshots.lsn(txn)
+        cursor = txn.cursor(db=self.tables.binlog)
+        first_lsn = U64BE.unpack(cursor.key())[0] if cursor.first() else last_lsn + 1
+        held: dict[bytes, KeyState] = {}
+        start = self._replay_start(txn, first_lsn, last_lsn)
+        if start is not None:
+            replay_into(held, {}, txn, self.tables, start, self.path)
+        return held
+
     def snapshot_page(self, txn: lmdb.Transaction, position: SnapshotPosition | None,
-                      max_bytes: int) -> tuple[list[SnapshotItem], SnapshotPosition | None]:
+                      max_bytes: int, held: dict[bytes, KeyState] | None = None,
+                      ) -> tuple[list[SnapshotItem], SnapshotPosition | None]:
         """One page of a consistent copy read in `txn`: items strictly after `position`
         (None: from the start), and the position of the last one, or None when the copy is
         complete. An item is (db, key, row, raw): db 0 the keys, each followed by its rows
-        (row None: the key's own record), db 1 the op ids, db 2 the clients."""
-        return self.snapshots.page(txn, position, max_bytes)
+        (row None: the key's own record), db 1 the op ids, db 2 the clients. `held`:
+        snapshot_states(txn), which a copy read in pages rebuilds once (None: rebuilt for
+        this page)."""
+        if held is None:
+            held = self.snapshot_states(txn)
+        return self.snapshots.page(txn, position, max_bytes, held)
 
     # --- meta and the version quorum's state -----------------------------------------------
     def meta_u64s(self, prefix: bytes) -> dict[bytes, tuple[int, ...]]:

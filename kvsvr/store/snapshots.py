@@ -4,8 +4,9 @@ replica that lost its disk, or fell behind a peer's trimmed binlog, copies a pee
 A copy is a sequence of items (db, key, row, raw), read in one read transaction: db 0 the
 keys, each key's own record (row None: its keys record) followed by its rows (rows records);
 db 1 the op ids (ops records), db 2 the clients (clients records); raw is the record as the
-table holds it (see layout). The binlog after the transaction's last LSN is the tail to apply
-on top.
+table holds it (see layout); a key whose state was held back from the keys table is copied
+as it was held as of that transaction (Store.snapshot_states). The binlog after the
+transaction's last LSN is the tail to apply on top.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ class Snapshots:
         saved = txn.get(Meta.LAST_LSN, db=self._tables.meta)
         return int(U64BE.unpack(saved)[0]) if saved else 0
 
-    def page(self, txn: Any, position: SnapshotPosition | None,
-             max_bytes: int) -> tuple[list[SnapshotItem], SnapshotPosition | None]:
+    def page(self, txn: Any, position: SnapshotPosition | None, max_bytes: int,
+             held: dict[bytes, KeyState]) -> tuple[list[SnapshotItem], SnapshotPosition | None]:
         """Items strictly after `position` (None: from the start) up to about `max_bytes`,
-        and the position of the last one, or None when the copy is complete."""
+        and the position of the last one, or None when the copy is complete; `held`: the key
+        states held as of `txn` (Store.snapshot_states)."""
         items: list[SnapshotItem] = []
         size = 0
-        for item in self._items(txn, position or (0, None, None)):
+        for item in self._items(txn, position or (0, None, None), held):
             item_bytes = len(item[1]) + len(item[2] or b"") + len(item[3]) + 16
             if items and size + item_bytes > max_bytes:
                 last = items[-1]
@@ -53,9 +55,10 @@ class Snapshots:
             size += item_bytes
         return items, None
 
-    def _items(self, txn: Any, position: SnapshotPosition) -> Iterator[SnapshotItem]:
+    def _items(self, txn: Any, position: SnapshotPosition,
+               held: dict[bytes, KeyState]) -> Iterator[SnapshotItem]:
         db, after_key, after_row = position
-        tables, states = self._tables, self._states
+        tables = self._tables
         dbs = (tables.keys, tables.ops, tables.clients)
         while db < len(dbs):
             cursor = txn.cursor(db=dbs[db])
@@ -69,10 +72,10 @@ class Snapshots:
                     found = cursor.next()
             while found:
                 key = bytes(cursor.key())
-                if db == 0 and states.held_or_flushing(key):
-                    # Newer than this view perhaps: the binlog after it has what the state
-                    # holds, and a copy skips records it is past.
-                    yield (db, key, None, states.kept[key].encode())
+                if db == 0 and key in held:
+                    # Held as of this view (its keys table entry is older): never the state
+                    # in memory, which may be newer than the view the op ids come from.
+                    yield (db, key, None, held[key].encode())
                 else:
                     yield (db, key, None, bytes(cursor.value()))
                 if db == 0:

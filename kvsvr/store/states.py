@@ -6,7 +6,8 @@ write's new state stays here, and only its binlog record goes to LMDB at once; a
 writes the held states a key range at a time, each about once per flush cycle, instead of
 every checkpoint rewriting a random leaf page per written key. A restart (or an aborted
 transaction) rebuilds the held states by replaying the binlog from the first record one of
-them needs (meta's keys/replay_from), so the binlog is never trimmed past it.
+them needs (meta's keys/replay_from), so the binlog is never trimmed past it; a snapshot
+rebuilds the same way the states held as of its read transaction (`replay_into`).
 """
 
 from __future__ import annotations
@@ -115,30 +116,39 @@ class KeyStates:
     def replay(self, txn: Any, tables: Tables, start: int, where: Path) -> None:
         """Rebuild the held states from the committed binlog records from `start` on, read
         in `txn` (`where` names the store in errors)."""
-        kept, held = self.kept, self.held
-        cursor = txn.cursor(db=tables.binlog)
-        found = cursor.set_range(U64BE.pack(start))
-        while found:
-            lsn = U64BE.unpack(cursor.key())[0]
-            record = _core.decode_record(cursor.value())
-            key = record.key
-            state = kept.get(key)
-            if state is None:
-                state = KeyState.decode(txn.get(key, db=tables.keys))
-            if record.version > state.version + 1 or (
-                    record.version == state.version + 1 and state.version == 0):
+        replay_into(self.kept, self.held, txn, tables, start, where)
+
+
+def replay_into(kept: dict[bytes, KeyState], held: dict[bytes, int], txn: Any,
+                tables: Tables, start: int, where: Path) -> None:
+    """Replay into `kept` the binlog records from `start` on, read in `txn`, that the keys
+    table lacks: a key's state is taken from `kept`, else from `txn`'s keys table, and `held`
+    gets the LSN of each replayed key's first such record. From meta's keys/replay_from in a
+    committed `txn`, this rebuilds the states held as of that commit (`where` names the store
+    in errors)."""
+    cursor = txn.cursor(db=tables.binlog)
+    found = cursor.set_range(U64BE.pack(start))
+    while found:
+        lsn = U64BE.unpack(cursor.key())[0]
+        record = _core.decode_record(cursor.value())
+        key = record.key
+        state = kept.get(key)
+        if state is None:
+            state = KeyState.decode(txn.get(key, db=tables.keys))
+        if record.version > state.version + 1 or (
+                record.version == state.version + 1 and state.version == 0):
+            raise RuntimeError(
+                f"{where}: binlog lsn {lsn} has {key!r} v{record.version}, the "
+                f"keys table v{state.version}: a held state is missing")
+        if record.version == state.version + 1:
+            new_state, row_writes, _ = plan(state, record.ops)
+            if row_writes or new_state.compacted_through != state.compacted_through:
                 raise RuntimeError(
-                    f"{where}: binlog lsn {lsn} has {key!r} v{record.version}, the "
-                    f"keys table v{state.version}: a held state is missing")
-            if record.version == state.version + 1:
-                new_state, row_writes, _ = plan(state, record.ops)
-                if row_writes or new_state.compacted_through != state.compacted_through:
-                    raise RuntimeError(
-                        f"{where}: binlog lsn {lsn} ({key!r} v{record.version}) "
-                        "changes rows, yet the keys table does not have it")
-                kept[key] = new_state
-                held.setdefault(key, lsn)
-            found = cursor.next()
+                    f"{where}: binlog lsn {lsn} ({key!r} v{record.version}) "
+                    "changes rows, yet the keys table does not have it")
+            kept[key] = new_state
+            held.setdefault(key, lsn)
+        found = cursor.next()
 
 
-__all__ = ["KeyStates"]
+__all__ = ["KeyStates", "replay_into"]
