@@ -9,7 +9,7 @@ The seeds run in a process whose PYTHONHASHSEED is fixed (the replica iterates s
 whose order follows the hash seed), so a failure's message gives the command that replays it
 exactly. The fakes themselves are tested first: the simulation's findings are only as good
 as their promises. Scenario scripts (tests/testdata/replica_sim/) walk through subtle cases
-step by step; two of them show issues the simulation found, expected to fail until fixed."""
+step by step; one shows an issue the simulation found, expected to fail until fixed."""
 
 from __future__ import annotations
 
