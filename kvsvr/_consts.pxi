@@ -7,19 +7,19 @@
 # LMDB refuses keys over 511 bytes. The longest LMDB key we build is the change index entry
 # (u16 key length + key + u64 version + row key), so key and row key share that budget.
 cdef enum:
-    _MAX_KEY_BYTES = 240
-    _MAX_ROW_KEY_BYTES = 240
-    _MAX_VALUE_BYTES = 1048576          # 1 MiB per value or row
-    _MAX_OPS_PER_BATCH = 256            # operations in one atomic batch on one key
-    _MAX_BATCH_BYTES = 4194304          # rows + values of one batch
-    _MAX_SCAN_ROWS = 10000              # rows returned by one scan / changes call
-    _DEFAULT_SCAN_ROWS = 1000
+    _KEY_BYTES_MAX = 240
+    _ROW_KEY_BYTES_MAX = 240
+    _VALUE_BYTES_MAX = 1048576          # 1 MiB per value or row
+    _OPS_PER_BATCH_MAX = 256            # operations in one atomic batch on one key
+    _BATCH_BYTES_MAX = 4194304          # rows + values of one batch
+    _SCAN_ROWS_MAX = 10000              # rows returned by one scan / changes call
+    _SCAN_ROWS_DEFAULT = 1000
 
 # --- wire limits -------------------------------------------------------------------------
 cdef enum:
-    _MAX_FRAME_BYTES = 4259840          # one request or response frame: a full batch + slack
-    _MAX_FRAMES_PER_MESSAGE = 1024      # pipelined requests carried by one ZeroMQ message
-    _MAX_MESSAGE_BYTES = 16777216       # one ZeroMQ message (frames back to back)
+    _FRAME_BYTES_MAX = 4259840          # one request or response frame: a full batch + slack
+    _FRAMES_PER_MESSAGE_MAX = 1024      # pipelined requests carried by one ZeroMQ message
+    _MESSAGE_BYTES_MAX = 16777216       # one ZeroMQ message (frames back to back)
 
 # --- binlog record layout (see _record.pxi) ------------------------------------------------
 cdef enum:
@@ -34,16 +34,16 @@ cdef enum:
     _FRAME_PROTOCOL = 1
     _FRAME_HEADER_BYTES = 24
 
-MAX_KEY_BYTES = _MAX_KEY_BYTES
-MAX_ROW_KEY_BYTES = _MAX_ROW_KEY_BYTES
-MAX_VALUE_BYTES = _MAX_VALUE_BYTES
-MAX_OPS_PER_BATCH = _MAX_OPS_PER_BATCH
-MAX_BATCH_BYTES = _MAX_BATCH_BYTES
-MAX_SCAN_ROWS = _MAX_SCAN_ROWS
-DEFAULT_SCAN_ROWS = _DEFAULT_SCAN_ROWS
-MAX_FRAME_BYTES = _MAX_FRAME_BYTES
-MAX_FRAMES_PER_MESSAGE = _MAX_FRAMES_PER_MESSAGE
-MAX_MESSAGE_BYTES = _MAX_MESSAGE_BYTES
+KEY_BYTES_MAX = _KEY_BYTES_MAX
+ROW_KEY_BYTES_MAX = _ROW_KEY_BYTES_MAX
+VALUE_BYTES_MAX = _VALUE_BYTES_MAX
+OPS_PER_BATCH_MAX = _OPS_PER_BATCH_MAX
+BATCH_BYTES_MAX = _BATCH_BYTES_MAX
+SCAN_ROWS_MAX = _SCAN_ROWS_MAX
+SCAN_ROWS_DEFAULT = _SCAN_ROWS_DEFAULT
+FRAME_BYTES_MAX = _FRAME_BYTES_MAX
+FRAMES_PER_MESSAGE_MAX = _FRAMES_PER_MESSAGE_MAX
+MESSAGE_BYTES_MAX = _MESSAGE_BYTES_MAX
 RECORD_HEADER_BYTES = _RECORD_HEADER_BYTES
 FRAME_HEADER_BYTES = _FRAME_HEADER_BYTES
 FRAME_PROTOCOL = _FRAME_PROTOCOL
@@ -75,22 +75,22 @@ cdef enum:
 # Ballot = ((round << 24) | (incarnation << 8) | node) + 1: 0 means "no ballot", two lives of a
 # replica never share a ballot, and round 0 sorts below every round >= 1.
 cdef enum:
-    _MAX_REPLICAS = 7
-    _MAX_INCARNATION = 65535
-    _PROPOSAL_TIMEOUT_TICKS = 50        # a proposal phase without a majority is retried ...
-    _RETRY_BACKOFF_TICKS = 10           # first retry delay after a rejection (grows, per node)
+    _REPLICAS_MAX = 7
+    _INCARNATION_MAX = 65535
+    _PROPOSAL_TIMEOUT_MS = 50        # a proposal phase without a majority is retried ...
+    _RETRY_BACKOFF_MS = 10           # first retry delay after a rejection (grows, per node)
     _RETRY_DOUBLINGS_MAX = 6            # ... each retry waits twice as long, up to 64x
-    _MAX_PROPOSALS_IN_FLIGHT = 65536    # per replica; beyond it propose() refuses
+    _PROPOSALS_IN_FLIGHT_MAX = 65536    # per replica; beyond it propose() refuses
     _STATE_PART_BYTES = 2097152         # a state answer is sent in parts of about this size
-    _MAX_STATE_PARTS = 65535            # ... numbered in 16 bits
+    _STATE_PARTS_MAX = 65535            # ... numbered in 16 bits
     _STATE_ANSWERS_FOLLOWED = 4         # answers of one peer assembled at once
 
-MAX_REPLICAS = _MAX_REPLICAS
-MAX_INCARNATION = _MAX_INCARNATION
-PROPOSAL_TIMEOUT_TICKS = _PROPOSAL_TIMEOUT_TICKS
-RETRY_BACKOFF_TICKS = _RETRY_BACKOFF_TICKS
+REPLICAS_MAX = _REPLICAS_MAX
+INCARNATION_MAX = _INCARNATION_MAX
+PROPOSAL_TIMEOUT_MS = _PROPOSAL_TIMEOUT_MS
+RETRY_BACKOFF_MS = _RETRY_BACKOFF_MS
 RETRY_DOUBLINGS_MAX = _RETRY_DOUBLINGS_MAX
-MAX_PROPOSALS_IN_FLIGHT = _MAX_PROPOSALS_IN_FLIGHT
+PROPOSALS_IN_FLIGHT_MAX = _PROPOSALS_IN_FLIGHT_MAX
 STATE_PART_BYTES = _STATE_PART_BYTES
 
 # Quorum message kinds.
@@ -114,14 +114,14 @@ cdef enum:
     _COUNTERS_LAYOUT = 1
     _COUNTERS_HEADER_BYTES = 64
     _COUNTERS_SLOT_HEADER_BYTES = 8     # u32 kind, u32 reserved
-    _MAX_MONITOR_IDS = 65536            # ids are 1..max_ids; a file holds at most this many
-    _DEFAULT_MONITOR_IDS = 1024
-    _MIN_WINDOW_S = 8                   # seconds of per-second buckets kept per id
-    _MAX_WINDOW_S = 86400
-    _DEFAULT_WINDOW_S = 600
+    _MONITOR_IDS_MAX = 65536            # ids are 1..max_ids; a file holds at most this many
+    _MONITOR_IDS_DEFAULT = 1024
+    _WINDOW_S_MIN = 8                   # seconds of per-second buckets kept per id
+    _WINDOW_S_MAX = 86400
+    _WINDOW_S_DEFAULT = 600
     _BUCKET_VALUE_BITS = 44             # a bucket word: 20-bit cycle stamp, 44-bit value
-    _MAX_MONITOR_NAME_BYTES = 64
-    _MAX_MONITOR_DESCRIPTION_BYTES = 256
+    _MONITOR_NAME_BYTES_MAX = 64
+    _MONITOR_DESCRIPTION_BYTES_MAX = 256
     _VALUE_ENTRY_BYTES = 12             # value block entry: u32 id, i64 value
 
 # Kinds of a monitor id (the u32 at the head of its slot).
@@ -131,13 +131,13 @@ cdef enum:
     _KIND_GAUGE = 2                     # set(): per-second last value
 
 COUNTERS_HEADER_BYTES = _COUNTERS_HEADER_BYTES
-MAX_MONITOR_IDS = _MAX_MONITOR_IDS
-DEFAULT_MONITOR_IDS = _DEFAULT_MONITOR_IDS
-MIN_WINDOW_S = _MIN_WINDOW_S
-MAX_WINDOW_S = _MAX_WINDOW_S
-DEFAULT_WINDOW_S = _DEFAULT_WINDOW_S
-MAX_MONITOR_NAME_BYTES = _MAX_MONITOR_NAME_BYTES
-MAX_MONITOR_DESCRIPTION_BYTES = _MAX_MONITOR_DESCRIPTION_BYTES
+MONITOR_IDS_MAX = _MONITOR_IDS_MAX
+MONITOR_IDS_DEFAULT = _MONITOR_IDS_DEFAULT
+WINDOW_S_MIN = _WINDOW_S_MIN
+WINDOW_S_MAX = _WINDOW_S_MAX
+WINDOW_S_DEFAULT = _WINDOW_S_DEFAULT
+MONITOR_NAME_BYTES_MAX = _MONITOR_NAME_BYTES_MAX
+MONITOR_DESCRIPTION_BYTES_MAX = _MONITOR_DESCRIPTION_BYTES_MAX
 VALUE_ENTRY_BYTES = _VALUE_ENTRY_BYTES
 BUCKET_VALUE_MAX = (<long long> 1 << (_BUCKET_VALUE_BITS - 1)) - 1
 BUCKET_VALUE_MIN = -(<long long> 1 << (_BUCKET_VALUE_BITS - 1))

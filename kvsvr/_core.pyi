@@ -4,16 +4,16 @@ from typing import Any, Literal, NamedTuple
 
 DEBUG_BUILD: bool
 
-MAX_KEY_BYTES: int
-MAX_ROW_KEY_BYTES: int
-MAX_VALUE_BYTES: int
-MAX_OPS_PER_BATCH: int
-MAX_BATCH_BYTES: int
-MAX_SCAN_ROWS: int
-DEFAULT_SCAN_ROWS: int
-MAX_FRAME_BYTES: int
-MAX_FRAMES_PER_MESSAGE: int
-MAX_MESSAGE_BYTES: int
+KEY_BYTES_MAX: int
+ROW_KEY_BYTES_MAX: int
+VALUE_BYTES_MAX: int
+OPS_PER_BATCH_MAX: int
+BATCH_BYTES_MAX: int
+SCAN_ROWS_MAX: int
+SCAN_ROWS_DEFAULT: int
+FRAME_BYTES_MAX: int
+FRAMES_PER_MESSAGE_MAX: int
+MESSAGE_BYTES_MAX: int
 RECORD_HEADER_BYTES: int
 FRAME_HEADER_BYTES: int
 FRAME_PROTOCOL: int
@@ -61,14 +61,14 @@ def decode_frame(buf: Any) -> Frame: ...
 
 # --- version quorum (_quorum.pxi) ---------------------------------------------------------
 # Time in the quorum core is milliseconds: every entry point takes `now_ms` (on the caller's
-# monotonic clock: the node's seconds times 1000, the simulator's tick count), and the *_TICKS
+# monotonic clock: the node's seconds times 1000, the simulator's tick count), and the *_MS
 # timeouts are milliseconds too.
-MAX_REPLICAS: int
-MAX_INCARNATION: int
-PROPOSAL_TIMEOUT_TICKS: int   # milliseconds
-RETRY_BACKOFF_TICKS: int      # milliseconds
+REPLICAS_MAX: int
+INCARNATION_MAX: int
+PROPOSAL_TIMEOUT_MS: int   # milliseconds
+RETRY_BACKOFF_MS: int      # milliseconds
 RETRY_DOUBLINGS_MAX: int
-MAX_PROPOSALS_IN_FLIGHT: int
+PROPOSALS_IN_FLIGHT_MAX: int
 STATE_PART_BYTES: int
 MSG_PREPARE: int
 MSG_PROMISE: int
@@ -106,7 +106,7 @@ class Message:
                  value: Any = None) -> None: ...
 
 QWIRE_MAGIC: int
-MAX_QUORUM_MESSAGES: int
+QUORUM_MESSAGES_MAX: int
 
 class QuorumWireError(ValueError):
     field: str
@@ -209,13 +209,13 @@ class QuorumReplica:
 
 # --- shared-memory counters and value blocks (_counters.pxi) -----------------------------
 COUNTERS_HEADER_BYTES: int
-MAX_MONITOR_IDS: int
-DEFAULT_MONITOR_IDS: int
-MIN_WINDOW_S: int
-MAX_WINDOW_S: int
-DEFAULT_WINDOW_S: int
-MAX_MONITOR_NAME_BYTES: int
-MAX_MONITOR_DESCRIPTION_BYTES: int
+MONITOR_IDS_MAX: int
+MONITOR_IDS_DEFAULT: int
+WINDOW_S_MIN: int
+WINDOW_S_MAX: int
+WINDOW_S_DEFAULT: int
+MONITOR_NAME_BYTES_MAX: int
+MONITOR_DESCRIPTION_BYTES_MAX: int
 VALUE_ENTRY_BYTES: int
 BUCKET_VALUE_MAX: int
 BUCKET_VALUE_MIN: int

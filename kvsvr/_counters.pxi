@@ -11,8 +11,8 @@
 #        0    4 magic          0x5443564B (b"KVCT")
 #        4    2 layout         1
 #        6    2 header_bytes   64
-#        8    4 max_ids        ids 1..max_ids have a slot (1..MAX_MONITOR_IDS)
-#       12    4 window_s       per-second buckets per id (MIN_WINDOW_S..MAX_WINDOW_S)
+#        8    4 max_ids        ids 1..max_ids have a slot (1..MONITOR_IDS_MAX)
+#       12    4 window_s       per-second buckets per id (WINDOW_S_MIN..WINDOW_S_MAX)
 #       16    4 slot_bytes     8 + 8 * window_s
 #       20    4 reserved       0
 #       24    8 file_bytes     64 + max_ids * slot_bytes: the exact file size
@@ -150,10 +150,10 @@ def counters_file_bytes(int max_ids, int window_s) -> int:
 
 
 cdef _check_sizing(int max_ids, int window_s):
-    if max_ids < 1 or max_ids > _MAX_MONITOR_IDS:
-        raise CountersError(f"max_ids: {max_ids}, expected 1..{_MAX_MONITOR_IDS}")
-    if window_s < _MIN_WINDOW_S or window_s > _MAX_WINDOW_S:
-        raise CountersError(f"window_s: {window_s}, expected {_MIN_WINDOW_S}..{_MAX_WINDOW_S}")
+    if max_ids < 1 or max_ids > _MONITOR_IDS_MAX:
+        raise CountersError(f"max_ids: {max_ids}, expected 1..{_MONITOR_IDS_MAX}")
+    if window_s < _WINDOW_S_MIN or window_s > _WINDOW_S_MAX:
+        raise CountersError(f"window_s: {window_s}, expected {_WINDOW_S_MIN}..{_WINDOW_S_MAX}")
 
 
 def format_counters(buf, int max_ids, int window_s, int64_t created_s) -> None:
@@ -197,10 +197,10 @@ def counters_invalid(buf):
         return "checksum: the header is damaged"
     cdef uint32_t max_ids = _load32(p + 8)
     cdef uint32_t window = _load32(p + 12)
-    if max_ids < 1 or max_ids > _MAX_MONITOR_IDS:
-        return f"max_ids: {max_ids}, expected 1..{_MAX_MONITOR_IDS}"
-    if window < _MIN_WINDOW_S or window > _MAX_WINDOW_S:
-        return f"window_s: {window}, expected {_MIN_WINDOW_S}..{_MAX_WINDOW_S}"
+    if max_ids < 1 or max_ids > _MONITOR_IDS_MAX:
+        return f"max_ids: {max_ids}, expected 1..{_MONITOR_IDS_MAX}"
+    if window < _WINDOW_S_MIN or window > _WINDOW_S_MAX:
+        return f"window_s: {window}, expected {_WINDOW_S_MIN}..{_WINDOW_S_MAX}"
     if _load32(p + 16) != 8 + 8 * window:
         return f"slot_bytes: {_load32(p + 16)}, expected {8 + 8 * window} for window_s {window}"
     cdef uint64_t size = _COUNTERS_HEADER_BYTES + <uint64_t> max_ids * (8 + 8 * window)
@@ -437,8 +437,8 @@ def block_invalid(buf):
     cdef int64_t value
     for pos in range(0, n, _VALUE_ENTRY_BYTES):
         id = _load32(p + pos)
-        if id < 1 or id > _MAX_MONITOR_IDS:
-            return f"entry {pos // _VALUE_ENTRY_BYTES}: id {id}, expected 1..{_MAX_MONITOR_IDS}"
+        if id < 1 or id > _MONITOR_IDS_MAX:
+            return f"entry {pos // _VALUE_ENTRY_BYTES}: id {id}, expected 1..{_MONITOR_IDS_MAX}"
         if id <= previous:
             return (f"entry {pos // _VALUE_ENTRY_BYTES}: id {id} after id {previous}, "
                     "ids must be strictly ascending")
@@ -462,8 +462,8 @@ def encode_block(pairs) -> bytes:
     cdef int64_t previous = 0
     for i in range(count):
         id, value = items[i]
-        if id < 1 or id > _MAX_MONITOR_IDS:
-            raise ValueError(f"id: {id}, expected 1..{_MAX_MONITOR_IDS}")
+        if id < 1 or id > _MONITOR_IDS_MAX:
+            raise ValueError(f"id: {id}, expected 1..{_MONITOR_IDS_MAX}")
         if id == previous:
             raise ValueError(f"id: {id} appears twice")
         previous = id

@@ -1,7 +1,7 @@
 # Wire frames: every request and response on every KVSvr socket is one.
 #
 # A ZeroMQ message is one part holding one or more frames back to back (at most
-# MAX_FRAMES_PER_MESSAGE, MAX_MESSAGE_BYTES in all): each header's body_len says where the next
+# FRAMES_PER_MESSAGE_MAX, MESSAGE_BYTES_MAX in all): each header's body_len says where the next
 # frame starts. So a client pipelines many requests in one send and a node answers them in
 # one send, paying ZeroMQ's per-message cost once.
 #
@@ -13,7 +13,7 @@
 #        6    2 flags       reserved, must be 0
 #        8    8 request_id  chosen by the caller, echoed in the response
 #       16    4 budget_ms   request: how long the caller waits (0 = unbounded); response: 0
-#       20    4 body_len    bytes of body after this header (<= MAX_FRAME_BYTES - 24)
+#       20    4 body_len    bytes of body after this header (<= FRAME_BYTES_MAX - 24)
 #       24      body        msgpack, its schema chosen by (kind, code)
 #
 # The header is fixed so that later layers (RPC services, replica-to-replica streams) reuse
@@ -32,8 +32,8 @@ def encode_frame(int kind, int code, uint64_t request_id, uint32_t budget_ms, bo
         raise ValueError(f"kind: {kind}, expected 1 (request) or 2 (response)")
     if code < 0 or code > 0xFFFF:
         raise ValueError(f"code: {code} does not fit in u16")
-    if body_len + _FRAME_HEADER_BYTES > _MAX_FRAME_BYTES:
-        raise ValueError(f"body: {body_len} bytes, a frame is at most {_MAX_FRAME_BYTES}")
+    if body_len + _FRAME_HEADER_BYTES > _FRAME_BYTES_MAX:
+        raise ValueError(f"body: {body_len} bytes, a frame is at most {_FRAME_BYTES_MAX}")
     cdef bytes out = PyBytes_FromStringAndSize(NULL, _FRAME_HEADER_BYTES + body_len)
     cdef uint8_t* p = <uint8_t*> PyBytes_AS_STRING(out)
     _store16(p, _FRAME_MAGIC)
@@ -62,8 +62,8 @@ cdef str _header_invalid(const uint8_t* p, Py_ssize_t available):
     if _load16(p + 6) != 0:
         return "frame.flags: reserved bits set"
     cdef uint32_t body_len = _load32(p + 20)
-    if <Py_ssize_t> body_len + _FRAME_HEADER_BYTES > _MAX_FRAME_BYTES:
-        return f"frame.body_len: {body_len}, a frame is at most {_MAX_FRAME_BYTES} bytes"
+    if <Py_ssize_t> body_len + _FRAME_HEADER_BYTES > _FRAME_BYTES_MAX:
+        return f"frame.body_len: {body_len}, a frame is at most {_FRAME_BYTES_MAX} bytes"
     if <Py_ssize_t> body_len > available - _FRAME_HEADER_BYTES:
         return (f"frame.body_len: header says {body_len}, "
                 f"{available - _FRAME_HEADER_BYTES} bytes present")
@@ -88,8 +88,8 @@ def decode_frames(buf):
     cdef list frames = []
     if n == 0:
         return frames, "message: empty", 0
-    if n > _MAX_MESSAGE_BYTES:
-        return frames, f"message: {n} bytes, the limit is {_MAX_MESSAGE_BYTES}", 0
+    if n > _MESSAGE_BYTES_MAX:
+        return frames, f"message: {n} bytes, the limit is {_MESSAGE_BYTES_MAX}", 0
     cdef const uint8_t* p = &view[0]
     cdef Py_ssize_t pos = 0
     cdef uint32_t body_len
@@ -99,8 +99,8 @@ def decode_frames(buf):
         error = _header_invalid(p + pos, n - pos)
         if error is not None:
             return frames, error, (_load64(p + pos + 8) if n - pos >= 16 else 0)
-        if len(frames) == _MAX_FRAMES_PER_MESSAGE:
-            return (frames, f"message: more than {_MAX_FRAMES_PER_MESSAGE} frames",
+        if len(frames) == _FRAMES_PER_MESSAGE_MAX:
+            return (frames, f"message: more than {_FRAMES_PER_MESSAGE_MAX} frames",
                     _load64(p + pos + 8))
         body_len = _load32(p + pos + 20)
         frames.append((p[pos + 3], _load16(p + pos + 4), _load64(p + pos + 8),

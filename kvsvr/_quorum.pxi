@@ -3,7 +3,7 @@
 #
 # Time: every entry point takes `now_ms`, milliseconds on the caller's monotonic clock (the
 # node converts its seconds once a round; the simulator counts one per tick). The timeouts of
-# _consts.pxi (the *_TICKS) are in the same milliseconds.
+# _consts.pxi (the *_MS) are in the same milliseconds.
 #
 # Inputs:  propose(key, version, value, now_ms), step(message, now_ms, floor), tick(now_ms),
 #          step_all(messages, now_ms, floors, voting) (a frame of messages, each key's floor
@@ -337,12 +337,12 @@ cdef class QuorumReplica:
 
     def __init__(self, int node, int replicas, uint64_t incarnation=1, bint rebuilding=False,
                  Py_ssize_t state_part_bytes=_STATE_PART_BYTES, uint32_t answer_base=0):
-        if replicas < 1 or replicas > _MAX_REPLICAS:
-            raise ValueError(f"replicas: {replicas}, expected 1..{_MAX_REPLICAS}")
+        if replicas < 1 or replicas > _REPLICAS_MAX:
+            raise ValueError(f"replicas: {replicas}, expected 1..{_REPLICAS_MAX}")
         if node < 0 or node >= replicas:
             raise ValueError(f"node: {node}, expected 0..{replicas - 1}")
-        if incarnation < 1 or incarnation > _MAX_INCARNATION:
-            raise ValueError(f"incarnation: {incarnation}, expected 1..{_MAX_INCARNATION}")
+        if incarnation < 1 or incarnation > _INCARNATION_MAX:
+            raise ValueError(f"incarnation: {incarnation}, expected 1..{_INCARNATION_MAX}")
         if rebuilding and replicas == 1:
             raise ValueError("rebuilding: a group of one replica has no peer to rebuild from; "
                              "its data is lost")
@@ -553,7 +553,7 @@ cdef class QuorumReplica:
         cdef tuple instance_key = (key, version)
         if self.rebuilding or instance_key in self._proposals:
             return False
-        if len(self._proposals) >= _MAX_PROPOSALS_IN_FLIGHT:
+        if len(self._proposals) >= _PROPOSALS_IN_FLIGHT_MAX:
             return False
         cdef _Instance instance = self._instances.get(instance_key)
         if instance is not None and instance.chosen_value is not None:
@@ -593,7 +593,7 @@ cdef class QuorumReplica:
         proposal.rejected = set()
         proposal.value = proposal.own_value
         proposal.attempts += 1
-        proposal.deadline_ms = now_ms + self._retry_delay(proposal, _PROPOSAL_TIMEOUT_TICKS)
+        proposal.deadline_ms = now_ms + self._retry_delay(proposal, _PROPOSAL_TIMEOUT_MS)
         # Our own promise is recorded (and persisted before anything is sent), so a restart
         # can never reuse this ballot with another value.
         own.promised = proposal.ballot
@@ -610,7 +610,7 @@ cdef class QuorumReplica:
             proposal.highest_seen = ballot
         proposal.accepted = set()
         proposal.rejected = set()
-        proposal.deadline_ms = now_ms + self._retry_delay(proposal, _PROPOSAL_TIMEOUT_TICKS)
+        proposal.deadline_ms = now_ms + self._retry_delay(proposal, _PROPOSAL_TIMEOUT_MS)
         if ballot < own.promised:
             self._back_off(proposal, now_ms)  # we promised someone higher meanwhile
             return
@@ -659,7 +659,7 @@ cdef class QuorumReplica:
         proposal.phase = PHASE_WAIT
         # Differs per node and grows with attempts, so two proposers do not duel forever.
         proposal.deadline_ms = now_ms + self._retry_delay(
-            proposal, _RETRY_BACKOFF_TICKS * (1 + self.node))
+            proposal, _RETRY_BACKOFF_MS * (1 + self.node))
 
     cdef double _retry_delay(self, _Proposal proposal, double base_ms):
         """`base_ms` doubled for every attempt after the first (up to _RETRY_DOUBLINGS_MAX),
@@ -873,7 +873,7 @@ cdef class QuorumReplica:
             record_size = 64 + len(key) + _size_of(instance.accepted_value) \
                 + _size_of(instance.chosen_value)
             if current and size + record_size > self.state_part_bytes \
-                    and len(parts) < _MAX_STATE_PARTS:
+                    and len(parts) < _STATE_PARTS_MAX:
                 current = []
                 parts.append(current)
                 size = 0
@@ -935,4 +935,4 @@ cdef class QuorumReplica:
         for peer in range(self.replicas):
             if peer != self.node and peer not in self._rebuild_done:
                 self._emit(MSG_STATE_REQUEST, peer, b"", 0)
-        self._next_state_request_ms = now_ms + _PROPOSAL_TIMEOUT_TICKS
+        self._next_state_request_ms = now_ms + _PROPOSAL_TIMEOUT_MS

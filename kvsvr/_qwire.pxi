@@ -10,14 +10,14 @@
 #                           it is this layout and anything else is msgpack (state answers,
 #                           whose value is a list of records, travel as msgpack)
 #        1    1 layout      1
-#        2    2 count       messages that follow, 1 .. MAX_QUORUM_MESSAGES
+#        2    2 count       messages that follow, 1 .. QUORUM_MESSAGES_MAX
 #   then `count` times:
 #        0    1 kind        MSG_PREPARE .. MSG_BEHIND, not MSG_STATE
-#        1    1 source      replica index, < MAX_REPLICAS
-#        2    1 target      replica index, < MAX_REPLICAS
+#        1    1 source      replica index, < REPLICAS_MAX
+#        2    1 target      replica index, < REPLICAS_MAX
 #        3    1 has_value   0 or 1
-#        4    2 incarnation 1 .. MAX_INCARNATION
-#        6    2 key_len     0 .. MAX_KEY_BYTES (at least 1 for the instance kinds)
+#        4    2 incarnation 1 .. INCARNATION_MAX
+#        6    2 key_len     0 .. KEY_BYTES_MAX (at least 1 for the instance kinds)
 #        8    8 version
 #       16    8 ballot
 #       24    8 accepted_ballot
@@ -38,34 +38,34 @@ cdef enum:
     _QWIRE_LAYOUT = 1
     _QWIRE_HEADER_BYTES = 4
     _QWIRE_MESSAGE_BYTES = 36
-    _MAX_QUORUM_MESSAGES = 4096
+    _QUORUM_MESSAGES_MAX = 4096
 
 QWIRE_MAGIC = _QWIRE_MAGIC
-MAX_QUORUM_MESSAGES = _MAX_QUORUM_MESSAGES
+QUORUM_MESSAGES_MAX = _QUORUM_MESSAGES_MAX
 
 
 def encode_quorum_messages(list messages not None) -> bytes:
     """The binary body of a QUORUM frame holding `messages` (none of them MSG_STATE: those
     travel as msgpack). Raises ValueError for a message the layout cannot carry."""
     cdef Py_ssize_t count = len(messages)
-    if count < 1 or count > _MAX_QUORUM_MESSAGES:
-        raise ValueError(f"messages: {count}, expected 1..{_MAX_QUORUM_MESSAGES}")
+    if count < 1 or count > _QUORUM_MESSAGES_MAX:
+        raise ValueError(f"messages: {count}, expected 1..{_QUORUM_MESSAGES_MAX}")
     cdef Py_ssize_t total = _QWIRE_HEADER_BYTES
     cdef Message m
     for item in messages:
         m = <Message?> item
         if m.kind == MSG_STATE or m.kind < MSG_PREPARE or m.kind > MSG_BEHIND:
             raise ValueError(f"kind: {m.kind} is not sent in the binary layout")
-        if m.incarnation < 1 or m.incarnation > _MAX_INCARNATION:
-            raise ValueError(f"incarnation: {m.incarnation}, expected 1..{_MAX_INCARNATION}")
-        if m.source < 0 or m.source >= _MAX_REPLICAS or m.target < 0 \
-                or m.target >= _MAX_REPLICAS:
+        if m.incarnation < 1 or m.incarnation > _INCARNATION_MAX:
+            raise ValueError(f"incarnation: {m.incarnation}, expected 1..{_INCARNATION_MAX}")
+        if m.source < 0 or m.source >= _REPLICAS_MAX or m.target < 0 \
+                or m.target >= _REPLICAS_MAX:
             raise ValueError(f"source, target: {m.source}, {m.target}, expected 0.."
-                             f"{_MAX_REPLICAS - 1}")
+                             f"{_REPLICAS_MAX - 1}")
         if m.value is not None and type(m.value) is not bytes:
             raise ValueError("value: a binlog record (bytes) or None")
-        if len(m.key) > _MAX_KEY_BYTES:
-            raise ValueError(f"key: {len(m.key)} bytes, the limit is {_MAX_KEY_BYTES}")
+        if len(m.key) > _KEY_BYTES_MAX:
+            raise ValueError(f"key: {len(m.key)} bytes, the limit is {_KEY_BYTES_MAX}")
         if not m.key and m.kind != MSG_STATE_REQUEST:
             # (the decoder refuses it: a peer would drop the whole frame)
             raise ValueError(f"key: required for kind {m.kind}")
@@ -157,8 +157,8 @@ def decode_quorum_messages(body) -> list:
     if p[0] != _QWIRE_MAGIC or p[1] != _QWIRE_LAYOUT:
         raise QuorumWireError(f"body: layout {p[1]}, this build reads {_QWIRE_LAYOUT}", "body")
     cdef Py_ssize_t count = _load16(p + 2)
-    if count < 1 or count > _MAX_QUORUM_MESSAGES:
-        raise QuorumWireError(f"messages: {count}, expected 1..{_MAX_QUORUM_MESSAGES}",
+    if count < 1 or count > _QUORUM_MESSAGES_MAX:
+        raise QuorumWireError(f"messages: {count}, expected 1..{_QUORUM_MESSAGES_MAX}",
                               "messages")
     cdef list out = []
     cdef Py_ssize_t pos = _QWIRE_HEADER_BYTES, head, i
@@ -184,21 +184,21 @@ def decode_quorum_messages(body) -> list:
             raise QuorumWireError(f"messages[{i}].kind: {kind}, expected {MSG_PREPARE}.."
                                   f"{MSG_BEHIND} (a state message is msgpack)",
                                   f"messages[{i}].kind")
-        if source >= _MAX_REPLICAS:
+        if source >= _REPLICAS_MAX:
             raise QuorumWireError(f"messages[{i}].source: {source}, expected < "
-                                  f"{_MAX_REPLICAS}", f"messages[{i}].source")
-        if target >= _MAX_REPLICAS:
+                                  f"{_REPLICAS_MAX}", f"messages[{i}].source")
+        if target >= _REPLICAS_MAX:
             raise QuorumWireError(f"messages[{i}].target: {target}, expected < "
-                                  f"{_MAX_REPLICAS}", f"messages[{i}].target")
+                                  f"{_REPLICAS_MAX}", f"messages[{i}].target")
         if incarnation < 1:
             raise QuorumWireError(f"messages[{i}].incarnation: 0, expected >= 1",
                                   f"messages[{i}].incarnation")
         if p[pos + 3] > 1 or (p[pos + 3] == 0 and value_len != 0):
             raise QuorumWireError(f"messages[{i}].has_value: {p[pos + 3]} with "
                                   f"{value_len} value bytes", f"messages[{i}].value")
-        if key_len > _MAX_KEY_BYTES:
+        if key_len > _KEY_BYTES_MAX:
             raise QuorumWireError(f"messages[{i}].key: {key_len} bytes, the limit is "
-                                  f"{_MAX_KEY_BYTES}", f"messages[{i}].key")
+                                  f"{_KEY_BYTES_MAX}", f"messages[{i}].key")
         if kind != MSG_STATE_REQUEST and key_len == 0:
             raise QuorumWireError(f"messages[{i}].key: required for kind {kind}",
                                   f"messages[{i}].key")

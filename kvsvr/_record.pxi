@@ -6,12 +6,12 @@
 #        0    8 checksum    xxh3_64 of bytes [8, end): everything after this field
 #        8    4 magic       0x4C42564B (b"KVBL")
 #       12    2 layout      1
-#       14    2 op_count    1 .. MAX_OPS_PER_BATCH
+#       14    2 op_count    1 .. OPS_PER_BATCH_MAX
 #       16    8 lsn         binlog position of this record on the node that wrote it
 #       24    8 version     the key's version after this mutation (>= 1)
 #       32    8 client_id   operation id: client ...
 #       40    8 client_seq  ... and its sequence (0, 0 = no id)
-#       48    4 key_len     1 .. MAX_KEY_BYTES
+#       48    4 key_len     1 .. KEY_BYTES_MAX
 #       52    4 body_len    bytes after the header; must equal len(record) - 56
 #       56      key         key_len bytes
 #               ops         op_count times: u8 kind, u32 row_len, u32 value_len, row, value
@@ -63,10 +63,10 @@ cpdef check_op(int kind, bytes row, bytes value):
     """Raise ValueError naming the field if (kind, row, value) is not a well-formed op."""
     if kind < 1 or kind > _OP_KIND_MAX:
         raise ValueError(f"op.kind: unknown operation kind {kind}, expected 1..{_OP_KIND_MAX}")
-    if len(row) > _MAX_ROW_KEY_BYTES:
-        raise ValueError(f"op.row: {len(row)} bytes, the limit is {_MAX_ROW_KEY_BYTES}")
-    if len(value) > _MAX_VALUE_BYTES:
-        raise ValueError(f"op.value: {len(value)} bytes, the limit is {_MAX_VALUE_BYTES}")
+    if len(row) > _ROW_KEY_BYTES_MAX:
+        raise ValueError(f"op.row: {len(row)} bytes, the limit is {_ROW_KEY_BYTES_MAX}")
+    if len(value) > _VALUE_BYTES_MAX:
+        raise ValueError(f"op.value: {len(value)} bytes, the limit is {_VALUE_BYTES_MAX}")
     if kind == OP_ROW_PUT or kind == OP_ROW_DELETE:
         if len(row) == 0:
             raise ValueError(f"op.row: {OP_NAMES[kind]} needs a non-empty row key")
@@ -111,10 +111,10 @@ def encode_record(uint64_t lsn, uint64_t version, uint64_t client_id, uint64_t c
     cdef Py_ssize_t payload = 0
     cdef int kind
     cdef bytes row, value
-    if key_len < 1 or key_len > _MAX_KEY_BYTES:
-        raise ValueError(f"key: {key_len} bytes, expected 1..{_MAX_KEY_BYTES}")
-    if n_ops < 1 or n_ops > _MAX_OPS_PER_BATCH:
-        raise ValueError(f"ops: {n_ops} operations, expected 1..{_MAX_OPS_PER_BATCH}")
+    if key_len < 1 or key_len > _KEY_BYTES_MAX:
+        raise ValueError(f"key: {key_len} bytes, expected 1..{_KEY_BYTES_MAX}")
+    if n_ops < 1 or n_ops > _OPS_PER_BATCH_MAX:
+        raise ValueError(f"ops: {n_ops} operations, expected 1..{_OPS_PER_BATCH_MAX}")
     if version < 1:
         raise ValueError("version: a committed mutation has version >= 1")
     for op in ops:
@@ -122,9 +122,9 @@ def encode_record(uint64_t lsn, uint64_t version, uint64_t client_id, uint64_t c
         check_op(kind, row, value)
         total += _OP_HEADER_BYTES + len(row) + len(value)
         payload += len(row) + len(value)
-    if payload > _MAX_BATCH_BYTES:
+    if payload > _BATCH_BYTES_MAX:
         raise ValueError(
-            f"ops: {payload} bytes of rows and values, the limit is {_MAX_BATCH_BYTES}")
+            f"ops: {payload} bytes of rows and values, the limit is {_BATCH_BYTES_MAX}")
 
     cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
     cdef uint8_t* p = <uint8_t*> PyBytes_AS_STRING(out)
@@ -175,9 +175,9 @@ cdef Record _decode(const uint8_t[::1] view):
     # The checksum passed; the checks below still guard against a buggy or hostile writer.
     cdef uint16_t n_ops = _load16(p + 14)
     cdef uint32_t key_len = _load32(p + 48)
-    if key_len < 1 or key_len > _MAX_KEY_BYTES or key_len > body_len:
+    if key_len < 1 or key_len > _KEY_BYTES_MAX or key_len > body_len:
         raise RecordError(f"bad key length {key_len}")
-    if n_ops < 1 or n_ops > _MAX_OPS_PER_BATCH:
+    if n_ops < 1 or n_ops > _OPS_PER_BATCH_MAX:
         raise RecordError(f"bad op count {n_ops}")
     cdef Record r = Record.__new__(Record)
     r.lsn = _load64(p + 16)
@@ -247,7 +247,7 @@ def applied_prefix(list records not None, dict states not None, Py_ssize_t start
         key_len = _load32(p + 48)
         if (_load32(p + 8) != _RECORD_MAGIC or _load16(p + 12) != _RECORD_LAYOUT
                 or <Py_ssize_t> _load32(p + 52) != size - _RECORD_HEADER_BYTES
-                or key_len < 1 or key_len > _MAX_KEY_BYTES
+                or key_len < 1 or key_len > _KEY_BYTES_MAX
                 or <Py_ssize_t> key_len > size - _RECORD_HEADER_BYTES):
             return i
         state = states.get(PyBytes_FromStringAndSize(<const char*> (p + _RECORD_HEADER_BYTES),

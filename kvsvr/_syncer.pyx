@@ -62,7 +62,7 @@ ctypedef int (*_send_fn)(void *socket, const void *data, size_t length, int flag
 
 cdef enum:
     _ZMQ_DONTWAIT = 1
-    _MAX_SOCKETS = 16
+    _SOCKETS_MAX = 16
 
 
 cdef struct _Outgoing:        # a message that waits for a sync; its bytes follow the struct
@@ -86,7 +86,7 @@ cdef struct _State:
     bint idle                 # the thread waits for a request (else it sees one when done)
     bint wake_after_sync      # write the eventfd after every sync (else only after a failure)
     _send_fn send             # libzmq's zmq_send (NULL: no socket handed over)
-    void *sockets[_MAX_SOCKETS]
+    void *sockets[_SOCKETS_MAX]
     int socket_count
     _Outgoing *head           # messages waiting for `synced`, in the order handed over
     _Outgoing *tail
@@ -251,9 +251,9 @@ cdef class Syncer:
         if not self._running or self._s.closing:
             pthread_mutex_unlock(&self._s.mutex)
             raise ValueError("socket: the sync thread is closed")
-        if self._s.socket_count >= _MAX_SOCKETS:
+        if self._s.socket_count >= _SOCKETS_MAX:
             pthread_mutex_unlock(&self._s.mutex)
-            raise ValueError(f"socket: a sync thread takes at most {_MAX_SOCKETS}")
+            raise ValueError(f"socket: a sync thread takes at most {_SOCKETS_MAX}")
         if self._s.send != NULL and self._s.send != <_send_fn>send_fn:
             pthread_mutex_unlock(&self._s.mutex)
             raise ValueError("send_fn: every socket must use the same libzmq")

@@ -37,7 +37,7 @@ from kvsvr.client import (
 from kvsvr.config import ClusterConfig
 from kvsvr.errors import Internal, KvError, Timeout, Unavailable
 from kvsvr.health import Health
-from kvsvr.limits import CLIENT_ATTEMPT_TIMEOUT_S, DEFAULT_TIMEOUT_S
+from kvsvr.limits import CLIENT_ATTEMPT_TIMEOUT_S, TIMEOUT_S_DEFAULT
 
 _encode = p.encode
 _encode_frame = _core.encode_frame
@@ -200,7 +200,7 @@ class _Connection:
 
 class AsyncClient(_Api):
     def __init__(self, config: ClusterConfig | str | Path | None = None, *,
-                 address: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 address: str | None = None, timeout: float = TIMEOUT_S_DEFAULT,
                  attempt_timeout: float = CLIENT_ATTEMPT_TIMEOUT_S,
                  client_id: int | None = None):
         self._router = make_router(config, address)

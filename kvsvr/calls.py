@@ -50,7 +50,7 @@ def get(key: Any, consistency: Any = LINEARIZABLE) -> CallSpec:
 
 def row_get(key: Any, row: Any, consistency: Any = LINEARIZABLE) -> CallSpec:
     k = p.as_key(key)
-    r = p.as_bytes("row", row, min_length=1, max_length=p.MAX_ROW_KEY_BYTES)
+    r = p.as_bytes("row", row, min_length=1, max_length=p.ROW_KEY_BYTES_MAX)
     return CallSpec(k, p.Method.ROW_GET,
                     p.RowGetRequest(k, r, p.as_consistency(consistency)), _same)
 
@@ -80,8 +80,8 @@ def mutate(key: Any, ops: list[p.Op], expected_version: Any, op_id: tuple[int, i
     k = p.as_key(key)
     if not ops:
         raise p.InvalidArgument("ops: a batch needs at least one operation", field="ops")
-    if len(ops) > p.MAX_OPS_PER_BATCH:
-        raise p.InvalidArgument(f"ops: {len(ops)} operations, the limit is {p.MAX_OPS_PER_BATCH}",
+    if len(ops) > p.OPS_PER_BATCH_MAX:
+        raise p.InvalidArgument(f"ops: {len(ops)} operations, the limit is {p.OPS_PER_BATCH_MAX}",
                                 field="ops")
     p.check_ops(ops)   # as the node will (a batch over the byte limit would not even encode)
     request = p.MutateRequest(k, ops, p.as_version("expected_version", expected_version),

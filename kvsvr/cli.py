@@ -27,7 +27,7 @@ from kvsvr.errors import (
     Unavailable,
     VersionConflict,
 )
-from kvsvr.limits import DEFAULT_SCAN_ROWS, DEFAULT_TIMEOUT_S, MAX_VALUE_BYTES
+from kvsvr.limits import SCAN_ROWS_DEFAULT, TIMEOUT_S_DEFAULT, VALUE_BYTES_MAX
 from kvsvr.protocol import ChangesPage, RowValue, ScanPage, Versioned
 from kvsvr.store import seq_row
 
@@ -150,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--config", help="cluster TOML (default: the embedded config)")
     target.add_argument("--address", help="talk to one node, e.g. tcp://127.0.0.1:7400")
     parser.add_argument("--timeout", type=positive_seconds, default=None,
-                        help=f"seconds to wait for an answer (default {DEFAULT_TIMEOUT_S}; "
+                        help=f"seconds to wait for an answer (default {TIMEOUT_S_DEFAULT}; "
                              f"status: {STATUS_TIMEOUT_S} per node)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -199,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("key", type=os.fsencode)
     p.add_argument("--start", type=row_argument, default=b"", help=row_help)
     p.add_argument("--end", type=row_argument, default=None, help=row_help)
-    p.add_argument("--limit", type=int, default=DEFAULT_SCAN_ROWS)
+    p.add_argument("--limit", type=int, default=SCAN_ROWS_DEFAULT)
     local(p)
     p = command("append", "append a row (an inbox message); prints its sequence number")
     p.add_argument("key", type=os.fsencode)
@@ -210,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("since_version", type=int)
     p.add_argument("--after-row", type=row_argument, default=b"",
                    help="continue a page: " + row_help)
-    p.add_argument("--limit", type=int, default=DEFAULT_SCAN_ROWS)
+    p.add_argument("--limit", type=int, default=SCAN_ROWS_DEFAULT)
     local(p)
     p = command("compact", "drop a key's tombstones up to a version; prints the new version")
     p.add_argument("key", type=os.fsencode)
@@ -360,9 +360,9 @@ def _read_values(args: argparse.Namespace) -> None:
     anything is sent (reading at most one byte past it)."""
     if getattr(args, "value", None) is not STDIN_VALUE:
         return
-    data = sys.stdin.buffer.read(MAX_VALUE_BYTES + 1)
-    if len(data) > MAX_VALUE_BYTES:
-        raise InvalidArgument(f"value: standard input holds more than {MAX_VALUE_BYTES} "
+    data = sys.stdin.buffer.read(VALUE_BYTES_MAX + 1)
+    if len(data) > VALUE_BYTES_MAX:
+        raise InvalidArgument(f"value: standard input holds more than {VALUE_BYTES_MAX} "
                               "bytes, the value limit", field="value")
     args.value = data
 
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         _read_values(args)
         if args.command == "status":
             return _status(args)
-        timeout = args.timeout or DEFAULT_TIMEOUT_S
+        timeout = args.timeout or TIMEOUT_S_DEFAULT
         with Client(args.config, address=args.address, timeout=timeout,
                     attempt_timeout=min(1.0, timeout)) as client:
             result = run(args, client)

@@ -37,8 +37,8 @@ from kvsvr.health import Health
 from kvsvr.limits import (
     CLIENT_ATTEMPT_TIMEOUT_S,
     CLIENT_QUEUE_MESSAGES,
-    DEFAULT_SCAN_ROWS,
-    DEFAULT_TIMEOUT_S,
+    SCAN_ROWS_DEFAULT,
+    TIMEOUT_S_DEFAULT,
 )
 from kvsvr.protocol import MutateReply
 from kvsvr.sharding import Router
@@ -148,7 +148,7 @@ class _Api:
         return self._run(calls.row_delete(key, row, expected_version, self._op_id()))
 
     def scan(self, key: Any, start: Any = b"", end: Any = None,
-             limit: int = DEFAULT_SCAN_ROWS, *, consistency: str = LINEARIZABLE) -> Any:
+             limit: int = SCAN_ROWS_DEFAULT, *, consistency: str = LINEARIZABLE) -> Any:
         """Rows with start <= row < end (end None: to the last row), at most `limit`."""
         return self._run(calls.scan(key, start, end, limit, consistency))
 
@@ -162,7 +162,7 @@ class _Api:
         return self._run(calls.compact(key, through_version, self._op_id()))
 
     def changes(self, key: Any, since_version: int, *, after_row: Any = b"",
-                limit: int = DEFAULT_SCAN_ROWS, consistency: str = LINEARIZABLE) -> Any:
+                limit: int = SCAN_ROWS_DEFAULT, consistency: str = LINEARIZABLE) -> Any:
         """Rows changed or deleted after `since_version` (tombstones included)."""
         return self._run(calls.changes(key, since_version, after_row, limit, consistency))
 
@@ -235,7 +235,7 @@ class Batch:
 
 class Client(_Api):
     def __init__(self, config: ClusterConfig | str | Path | None = None, *,
-                 address: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 address: str | None = None, timeout: float = TIMEOUT_S_DEFAULT,
                  attempt_timeout: float = CLIENT_ATTEMPT_TIMEOUT_S,
                  client_id: int | None = None):
         """Connect to the cluster of `config` (a path, a ClusterConfig, or None for the

@@ -89,9 +89,9 @@ class MonitorConfig(Struct, forbid_unknown_fields=True):
 
     enabled: bool = True            # false: nodes count nothing (NullCounters)
     counters_path: str = ""         # "": /dev/shm/kvsvr-counters-<user> (per machine)
-    max_ids: Annotated[int, Meta(ge=1, le=_core.MAX_MONITOR_IDS)] = _core.DEFAULT_MONITOR_IDS
-    window_s: Annotated[int, Meta(ge=_core.MIN_WINDOW_S,
-                                  le=_core.MAX_WINDOW_S)] = _core.DEFAULT_WINDOW_S
+    max_ids: Annotated[int, Meta(ge=1, le=_core.MONITOR_IDS_MAX)] = _core.MONITOR_IDS_DEFAULT
+    window_s: Annotated[int, Meta(ge=_core.WINDOW_S_MIN,
+                                  le=_core.WINDOW_S_MAX)] = _core.WINDOW_S_DEFAULT
     registry: list[str] = []        # id registry files (relative to the config file)
     center: str = "tcp://127.0.0.1:7500"   # where agents send and the center listens
     web: str = "127.0.0.1:7580"     # HOST:PORT of the center's page (checked in validate)

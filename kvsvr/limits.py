@@ -3,17 +3,17 @@
 import os
 
 from kvsvr._core import (
-    DEFAULT_SCAN_ROWS,
+    BATCH_BYTES_MAX,
+    FRAME_BYTES_MAX,
     FRAME_HEADER_BYTES,
-    MAX_BATCH_BYTES,
-    MAX_FRAME_BYTES,
-    MAX_FRAMES_PER_MESSAGE,
-    MAX_KEY_BYTES,
-    MAX_MESSAGE_BYTES,
-    MAX_OPS_PER_BATCH,
-    MAX_ROW_KEY_BYTES,
-    MAX_SCAN_ROWS,
-    MAX_VALUE_BYTES,
+    FRAMES_PER_MESSAGE_MAX,
+    KEY_BYTES_MAX,
+    MESSAGE_BYTES_MAX,
+    OPS_PER_BATCH_MAX,
+    ROW_KEY_BYTES_MAX,
+    SCAN_ROWS_DEFAULT,
+    SCAN_ROWS_MAX,
+    VALUE_BYTES_MAX,
 )
 
 # Tunables of the Python shell that are not part of any on-disk or wire layout.
@@ -27,9 +27,9 @@ PAGE_MAX_BYTES = 2 << 20             # rows + values in one scan/changes page (f
 BINLOG_TRIM_PER_WRITE = 64           # records trimmed per mutation when over the bound
 DISK_FULL_BELOW_BYTES = 16 << 20     # a failed commit with less free disk than this: full
 CLIENT_ATTEMPT_TIMEOUT_S = 1.0       # a request unanswered this long is resent (same op id)
-DEFAULT_TIMEOUT_S = 5.0              # overall deadline of a client call
+TIMEOUT_S_DEFAULT = 5.0              # overall deadline of a client call
 CLIENT_QUEUE_MESSAGES = 10_000       # ZeroMQ messages queued per client socket, each way
-NODE_QUEUE_MESSAGES = 1_000          # ... per peer of a node (each <= MAX_MESSAGE_BYTES)
+NODE_QUEUE_MESSAGES = 1_000          # ... per peer of a node (each <= MESSAGE_BYTES_MAX)
 BINLOG_MAX_RECORDS = 1_000_000       # default bound on binlog length (trimmed oldest first)
 VOTE_LOG_BYTES = 16 << 20            # a replica's vote log file (zero-filled once; a round's
                                      # records that do not fit go to LMDB at once instead)
@@ -84,12 +84,13 @@ CHECKPOINT_APPLIED_MAX = 20_000      # a checkpoint at least every this many app
 # Held key states are pinned in the state cache, which must keep room for others.
 assert DEFERRED_RECORDS_MAX <= STATE_CACHE_KEYS // 2
 # A page of at least one maximal row must still fit in one frame.
-assert PAGE_MAX_BYTES + MAX_VALUE_BYTES + MAX_ROW_KEY_BYTES + 4096 <= MAX_FRAME_BYTES
+assert PAGE_MAX_BYTES + VALUE_BYTES_MAX + ROW_KEY_BYTES_MAX + 4096 <= FRAME_BYTES_MAX
 
 __all__ = [
     "APPLY_PULLED_RECORDS_MAX",
     "BARRIER_KEYS_MAX",
     "BARRIER_RESEND_S",
+    "BATCH_BYTES_MAX",
     "BINLOG_MAX_RECORDS",
     "BINLOG_TRIM_PER_WRITE",
     "CHECKPOINT_APPLIED_MAX",
@@ -98,11 +99,11 @@ __all__ = [
     "CLIENT_QUEUE_MESSAGES",
     "CLIENT_SWEEP_BATCH",
     "CLIENT_SWEEP_INTERVAL_S",
-    "DEFAULT_SCAN_ROWS",
-    "DEFAULT_TIMEOUT_S",
     "DEFERRED_RECORDS_MAX",
     "DISK_FULL_BELOW_BYTES",
     "EXPIRE_INTERVAL_S",
+    "FRAMES_PER_MESSAGE_MAX",
+    "FRAME_BYTES_MAX",
     "FRAME_HEADER_BYTES",
     "GAP_SNAPSHOT_AFTER_S",
     "GROUP_COMMIT_MAX_OPS",
@@ -110,23 +111,17 @@ __all__ = [
     "IDLE_POLL_MS",
     "IO_THREAD_SCHED_POLICY",
     "JOINING_LOG_INTERVAL_S",
+    "KEY_BYTES_MAX",
     "KEY_FLUSH_CYCLE_S",
     "KEY_FLUSH_IDLE_S",
-    "MAX_BATCH_BYTES",
-    "MAX_FRAMES_PER_MESSAGE",
-    "MAX_FRAME_BYTES",
-    "MAX_KEY_BYTES",
-    "MAX_MESSAGE_BYTES",
-    "MAX_OPS_PER_BATCH",
-    "MAX_ROW_KEY_BYTES",
-    "MAX_SCAN_ROWS",
-    "MAX_VALUE_BYTES",
+    "MESSAGE_BYTES_MAX",
     "NODE_POLL_INTERVAL_MS",
     "NODE_QUEUE_MESSAGES",
     "NODE_ROUND_BYTES_MAX",
     "NODE_ROUND_MESSAGES_MAX",
     "OPEN_CHECK_INTERVAL_S",
     "OPEN_RECOVER_AFTER_S",
+    "OPS_PER_BATCH_MAX",
     "OPS_REMEMBERED_PER_CLIENT",
     "OPS_TRIM_STEP",
     "PAGE_MAX_BYTES",
@@ -145,13 +140,18 @@ __all__ = [
     "REQUEST_WAIT_S_MAX",
     "ROUND_MESSAGES_MAX",
     "ROUND_WAKE_ONLY_S_MAX",
+    "ROW_KEY_BYTES_MAX",
     "SCAN_MAX_ENTRIES_VISITED",
+    "SCAN_ROWS_DEFAULT",
+    "SCAN_ROWS_MAX",
     "SNAPSHOT_IDLE_S_MAX",
     "SNAPSHOT_PAGE_BYTES_MAX",
     "SNAPSHOT_SESSIONS_MAX",
     "STATE_CACHE_KEYS",
     "STATE_CACHE_VALUE_BYTES",
+    "TIMEOUT_S_DEFAULT",
     "TRIM_RECORDS_PER_ROUND_MAX",
+    "VALUE_BYTES_MAX",
     "VOTE_LOG_BYTES",
     "WAKE_YIELDS",
     "YIELD_AFTER_VOTE_S",

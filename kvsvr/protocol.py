@@ -20,15 +20,15 @@ from msgspec import Meta, Struct
 from kvsvr import _core
 from kvsvr.errors import ERRORS_BY_CODE, Internal, InvalidArgument, KvError, UnknownMethod
 from kvsvr.limits import (
-    DEFAULT_SCAN_ROWS,
-    MAX_FRAME_BYTES,
-    MAX_FRAMES_PER_MESSAGE,
-    MAX_KEY_BYTES,
-    MAX_MESSAGE_BYTES,
-    MAX_OPS_PER_BATCH,
-    MAX_ROW_KEY_BYTES,
-    MAX_SCAN_ROWS,
-    MAX_VALUE_BYTES,
+    FRAME_BYTES_MAX,
+    FRAMES_PER_MESSAGE_MAX,
+    KEY_BYTES_MAX,
+    MESSAGE_BYTES_MAX,
+    OPS_PER_BATCH_MAX,
+    ROW_KEY_BYTES_MAX,
+    SCAN_ROWS_DEFAULT,
+    SCAN_ROWS_MAX,
+    VALUE_BYTES_MAX,
 )
 
 U64_MAX = 2**64 - 1
@@ -65,15 +65,15 @@ CONSISTENCY_LOCAL = 1
 CONSISTENCY_NAMES = {"linearizable": CONSISTENCY_LINEARIZABLE, "local": CONSISTENCY_LOCAL}
 Consistency = Annotated[int, Meta(ge=CONSISTENCY_LINEARIZABLE, le=CONSISTENCY_LOCAL)]
 
-Key = Annotated[bytes, Meta(min_length=1, max_length=MAX_KEY_BYTES)]
-RowKey = Annotated[bytes, Meta(min_length=1, max_length=MAX_ROW_KEY_BYTES)]
-RowBound = Annotated[bytes, Meta(max_length=MAX_ROW_KEY_BYTES)]
-Value = Annotated[bytes, Meta(max_length=MAX_VALUE_BYTES)]
+Key = Annotated[bytes, Meta(min_length=1, max_length=KEY_BYTES_MAX)]
+RowKey = Annotated[bytes, Meta(min_length=1, max_length=ROW_KEY_BYTES_MAX)]
+RowBound = Annotated[bytes, Meta(max_length=ROW_KEY_BYTES_MAX)]
+Value = Annotated[bytes, Meta(max_length=VALUE_BYTES_MAX)]
 U64 = Annotated[int, Meta(ge=0)]  # msgpack itself caps it at 2^64-1
-Limit = Annotated[int, Meta(ge=1, le=MAX_SCAN_ROWS)]
+Limit = Annotated[int, Meta(ge=1, le=SCAN_ROWS_MAX)]
 OpKind = Annotated[int, Meta(ge=_core.OP_PUT, le=_core.OP_COMPACT)]
-RecordBytes = Annotated[bytes, Meta(min_length=1, max_length=MAX_FRAME_BYTES)]
-ReplicaIndex = Annotated[int, Meta(ge=0, lt=_core.MAX_REPLICAS)]
+RecordBytes = Annotated[bytes, Meta(min_length=1, max_length=FRAME_BYTES_MAX)]
+ReplicaIndex = Annotated[int, Meta(ge=0, lt=_core.REPLICAS_MAX)]
 
 
 # --- requests (array-like: compact on the wire; errors are mapped back to field names) ----
@@ -120,7 +120,7 @@ class Op(Struct, array_like=True, forbid_unknown_fields=True):
 
 class MutateRequest(Struct, array_like=True, forbid_unknown_fields=True):
     key: Key
-    ops: Annotated[list[Op], Meta(min_length=1, max_length=MAX_OPS_PER_BATCH)]
+    ops: Annotated[list[Op], Meta(min_length=1, max_length=OPS_PER_BATCH_MAX)]
     expected_version: U64 | None
     client_id: U64
     client_seq: U64
@@ -143,7 +143,7 @@ class FaultsRequest(Struct, array_like=True, forbid_unknown_fields=True):
 
 
 class VersionsRequest(Struct, array_like=True, forbid_unknown_fields=True):
-    keys: Annotated[list[Key], Meta(max_length=MAX_FRAMES_PER_MESSAGE * 4)]
+    keys: Annotated[list[Key], Meta(max_length=FRAMES_PER_MESSAGE_MAX * 4)]
 
 
 class KeyVersions(Struct, array_like=True, forbid_unknown_fields=True, gc=False):
@@ -159,7 +159,7 @@ class PullRequest(Struct, array_like=True, forbid_unknown_fields=True):
     source: ReplicaIndex       # the puller (its cursor tells the server what it may trim)
     from_lsn: U64              # first LSN wanted; everything below it the puller has ...
     incarnation: U64           # ... of this life of the server (an older life's LSNs differ)
-    max_records: Annotated[int, Meta(ge=1, le=MAX_FRAMES_PER_MESSAGE * 16)]
+    max_records: Annotated[int, Meta(ge=1, le=FRAMES_PER_MESSAGE_MAX * 16)]
     # What of this life the puller holds in its last checkpoint: all the server may trim
     # (from_lsn can be ahead of it, and a crash of the puller goes back to the checkpoint).
     durable_through: U64 | None = None
@@ -188,7 +188,7 @@ SnapshotDb = Annotated[int, Meta(ge=0, le=2)]
 
 class SnapshotPosition(Struct, array_like=True, forbid_unknown_fields=True):
     db: SnapshotDb
-    key: Annotated[bytes, Meta(max_length=MAX_KEY_BYTES + 64)] | None
+    key: Annotated[bytes, Meta(max_length=KEY_BYTES_MAX + 64)] | None
     row: RowBound | None
 
 
@@ -196,12 +196,12 @@ class SnapshotRequest(Struct, array_like=True, forbid_unknown_fields=True):
     source: ReplicaIndex
     session: U64                  # 0: start a copy (the answer names its session)
     after: SnapshotPosition | None
-    max_bytes: Annotated[int, Meta(ge=1, le=MAX_FRAME_BYTES // 2)]
+    max_bytes: Annotated[int, Meta(ge=1, le=FRAME_BYTES_MAX // 2)]
 
 
 class SnapshotItem(Struct, array_like=True, forbid_unknown_fields=True, gc=False):
     db: SnapshotDb
-    key: Annotated[bytes, Meta(min_length=1, max_length=MAX_KEY_BYTES + 64)]
+    key: Annotated[bytes, Meta(min_length=1, max_length=KEY_BYTES_MAX + 64)]
     row: RowKey | None
     raw: RecordBytes
 
@@ -313,7 +313,7 @@ _error_decoder = msgspec.msgpack.Decoder(ErrorReply)
 
 
 # --- replica to replica: version-quorum messages -------------------------------------------
-MAX_QUORUM_MESSAGES = _core.MAX_QUORUM_MESSAGES  # per QUORUM frame
+QUORUM_MESSAGES_MAX = _core.QUORUM_MESSAGES_MAX  # per QUORUM frame
 
 
 class QuorumStateRecord(Struct, array_like=True, forbid_unknown_fields=True):
@@ -331,8 +331,8 @@ class QuorumMessage(Struct, array_like=True, forbid_unknown_fields=True):
     kind: Annotated[int, Meta(ge=_core.MSG_PREPARE, le=_core.MSG_BEHIND)]
     source: ReplicaIndex
     target: ReplicaIndex
-    incarnation: Annotated[int, Meta(ge=1, le=_core.MAX_INCARNATION)]
-    key: Annotated[bytes, Meta(max_length=MAX_KEY_BYTES)]
+    incarnation: Annotated[int, Meta(ge=1, le=_core.INCARNATION_MAX)]
+    key: Annotated[bytes, Meta(max_length=KEY_BYTES_MAX)]
     version: U64
     ballot: U64
     accepted_ballot: U64
@@ -340,7 +340,7 @@ class QuorumMessage(Struct, array_like=True, forbid_unknown_fields=True):
 
 
 _quorum_decoder = msgspec.msgpack.Decoder(
-    Annotated[list[QuorumMessage], Meta(max_length=MAX_QUORUM_MESSAGES)])
+    Annotated[list[QuorumMessage], Meta(max_length=QUORUM_MESSAGES_MAX)])
 _INSTANCE_KINDS = frozenset({_core.MSG_PREPARE, _core.MSG_PROMISE, _core.MSG_ACCEPT,
                              _core.MSG_ACCEPTED, _core.MSG_REJECT, _core.MSG_CHOSEN,
                              _core.MSG_BEHIND})
@@ -425,14 +425,14 @@ def decode_quorum(body: Any) -> list[_core.Message]:
 # --- framing of messages ------------------------------------------------------------------
 def pack(frames: list[bytes]) -> list[bytes]:
     """Frames back to back in as few ZeroMQ messages as the limits allow (at most
-    MAX_FRAMES_PER_MESSAGE frames and MAX_MESSAGE_BYTES each; a frame is never split)."""
+    FRAMES_PER_MESSAGE_MAX frames and MESSAGE_BYTES_MAX each; a frame is never split)."""
     messages: list[bytes] = []
     start = 0
     while start < len(frames):
         end = start
         size = 0
-        while (end < len(frames) and end - start < MAX_FRAMES_PER_MESSAGE
-               and (size + len(frames[end]) <= MAX_MESSAGE_BYTES or end == start)):
+        while (end < len(frames) and end - start < FRAMES_PER_MESSAGE_MAX
+               and (size + len(frames[end]) <= MESSAGE_BYTES_MAX or end == start)):
             size += len(frames[end])
             end += 1
         messages.append(frames[start] if end == start + 1 else b"".join(frames[start:end]))
@@ -467,9 +467,9 @@ def check_ops(ops: list[Op]) -> None:
         except ValueError as e:
             raise InvalidArgument(f"ops[{i}]: {e}", field=f"ops[{i}]") from None
         total += len(op.row) + len(op.value)
-    if total > _core.MAX_BATCH_BYTES:
+    if total > _core.BATCH_BYTES_MAX:
         raise InvalidArgument(
-            f"ops: {total} bytes of rows and values, the limit is {_core.MAX_BATCH_BYTES}",
+            f"ops: {total} bytes of rows and values, the limit is {_core.BATCH_BYTES_MAX}",
             field="ops",
         )
 
@@ -546,7 +546,7 @@ def as_bytes(name: str, value: Any, *, max_length: int, min_length: int = 0) -> 
 
 
 def as_key(key: Any) -> bytes:
-    return as_bytes("key", key, min_length=1, max_length=MAX_KEY_BYTES)
+    return as_bytes("key", key, min_length=1, max_length=KEY_BYTES_MAX)
 
 
 def as_consistency(value: Any) -> int:
@@ -582,7 +582,7 @@ def decode_delta(value: bytes) -> int:
 
 
 def put_op(value: Any) -> Op:
-    return Op(_core.OP_PUT, b"", as_bytes("value", value, max_length=MAX_VALUE_BYTES))
+    return Op(_core.OP_PUT, b"", as_bytes("value", value, max_length=VALUE_BYTES_MAX))
 
 
 def delete_op() -> Op:
@@ -594,13 +594,13 @@ def incr_op(delta: Any) -> Op:
 
 
 def row_put_op(row: Any, value: Any) -> Op:
-    return Op(_core.OP_ROW_PUT, as_bytes("row", row, min_length=1, max_length=MAX_ROW_KEY_BYTES),
-              as_bytes("value", value, max_length=MAX_VALUE_BYTES))
+    return Op(_core.OP_ROW_PUT, as_bytes("row", row, min_length=1, max_length=ROW_KEY_BYTES_MAX),
+              as_bytes("value", value, max_length=VALUE_BYTES_MAX))
 
 
 def row_delete_op(row: Any) -> Op:
     return Op(_core.OP_ROW_DELETE,
-              as_bytes("row", row, min_length=1, max_length=MAX_ROW_KEY_BYTES))
+              as_bytes("row", row, min_length=1, max_length=ROW_KEY_BYTES_MAX))
 
 
 def compact_op(through_version: Any) -> Op:
@@ -615,32 +615,32 @@ def decode_version(value: bytes) -> int:
 
 
 def append_op(value: Any) -> Op:
-    return Op(_core.OP_APPEND, b"", as_bytes("value", value, max_length=MAX_VALUE_BYTES))
+    return Op(_core.OP_APPEND, b"", as_bytes("value", value, max_length=VALUE_BYTES_MAX))
 
 
 def limit_arg(limit: Any) -> int:
-    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_SCAN_ROWS:
-        raise InvalidArgument(f"limit: expected 1..{MAX_SCAN_ROWS}, got {limit!r}", field="limit")
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= SCAN_ROWS_MAX:
+        raise InvalidArgument(f"limit: expected 1..{SCAN_ROWS_MAX}, got {limit!r}", field="limit")
     return limit
 
 
 def scan_request(key: Any, start: Any = b"", end: Any = None,
-                 limit: Any = DEFAULT_SCAN_ROWS) -> ScanRequest:
+                 limit: Any = SCAN_ROWS_DEFAULT) -> ScanRequest:
     return ScanRequest(
         as_key(key),
-        as_bytes("start", start, max_length=MAX_ROW_KEY_BYTES),
-        None if end is None else as_bytes("end", end, max_length=MAX_ROW_KEY_BYTES),
+        as_bytes("start", start, max_length=ROW_KEY_BYTES_MAX),
+        None if end is None else as_bytes("end", end, max_length=ROW_KEY_BYTES_MAX),
         limit_arg(limit),
     )
 
 
 def changes_request(key: Any, since_version: Any, after_row: Any = b"",
-                    limit: Any = DEFAULT_SCAN_ROWS) -> ChangesRequest:
+                    limit: Any = SCAN_ROWS_DEFAULT) -> ChangesRequest:
     since = as_version("since_version", since_version)
     if since is None:
         raise InvalidArgument("since_version: required", field="since_version")
     return ChangesRequest(as_key(key), since,
-                          as_bytes("after_row", after_row, max_length=MAX_ROW_KEY_BYTES),
+                          as_bytes("after_row", after_row, max_length=ROW_KEY_BYTES_MAX),
                           limit_arg(limit))
 
 
@@ -660,8 +660,8 @@ def parse_reply(method: int, status: int, body: Any) -> Any:
 
 
 __all__ = [
-    "MAX_OPS_PER_BATCH",
-    "MAX_ROW_KEY_BYTES",
+    "OPS_PER_BATCH_MAX",
+    "ROW_KEY_BYTES_MAX",
     "Change",
     "ChangesPage",
     "InvalidArgument",

@@ -10,7 +10,7 @@ import threading
 
 import zmq
 
-from kvsvr.limits import IO_THREAD_SCHED_POLICY, MAX_MESSAGE_BYTES, NODE_QUEUE_MESSAGES
+from kvsvr.limits import IO_THREAD_SCHED_POLICY, MESSAGE_BYTES_MAX, NODE_QUEUE_MESSAGES
 
 log = logging.getLogger("kvsvr.node")
 
@@ -50,11 +50,11 @@ def may_schedule(policy: int) -> bool:
 
 
 def node_socket(context: zmq.Context, kind: int) -> zmq.Socket:
-    """A node's socket: no linger; a larger message than MAX_MESSAGE_BYTES drops the sender,
+    """A node's socket: no linger; a larger message than MESSAGE_BYTES_MAX drops the sender,
     so memory per peer is bounded by the queue length times that."""
     socket = context.socket(kind)
     socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    socket.setsockopt(zmq.MAXMSGSIZE, MESSAGE_BYTES_MAX)
     socket.setsockopt(zmq.SNDHWM, NODE_QUEUE_MESSAGES)
     socket.setsockopt(zmq.RCVHWM, NODE_QUEUE_MESSAGES)
     return socket

@@ -26,7 +26,7 @@ def invoke(client: Client, kind: str, key: bytes, argument: object) -> object:
         return client.append(key, argument)
     # One page holds the whole inbox (a fast machine appends past the default 1,000 rows,
     # and a truncated page is not what the model's full-table read expects).
-    page = client.scan(key, limit=kvsvr.limits.MAX_SCAN_ROWS)
+    page = client.scan(key, limit=kvsvr.limits.SCAN_ROWS_MAX)
     assert page.next_start is None, "the inbox outgrew one scan page: shorten the test"
     return page
 

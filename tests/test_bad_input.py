@@ -10,20 +10,20 @@ import textwrap
 import pytest
 
 from kvsvr import AsyncClient, Client, InvalidArgument, NotFound
-from kvsvr.limits import MAX_KEY_BYTES, MAX_OPS_PER_BATCH, MAX_ROW_KEY_BYTES, MAX_VALUE_BYTES
+from kvsvr.limits import KEY_BYTES_MAX, OPS_PER_BATCH_MAX, ROW_KEY_BYTES_MAX, VALUE_BYTES_MAX
 
 
 @pytest.mark.parametrize("call, field", [
-    (lambda c: c.put("k" * (MAX_KEY_BYTES + 1), "v"), "key"),
+    (lambda c: c.put("k" * (KEY_BYTES_MAX + 1), "v"), "key"),
     (lambda c: c.put("", "v"), "key"),
     (lambda c: c.put(12, "v"), "key"),
-    (lambda c: c.put("k", b"v" * (MAX_VALUE_BYTES + 1)), "value"),
+    (lambda c: c.put("k", b"v" * (VALUE_BYTES_MAX + 1)), "value"),
     (lambda c: c.put("k", 3.5), "value"),
     (lambda c: c.put("k", "v", expected_version=-1), "expected_version"),
     (lambda c: c.put("k", "v", expected_version="1"), "expected_version"),
     (lambda c: c.incr("k", 2**63), "delta"),
     (lambda c: c.incr("k", "1"), "delta"),
-    (lambda c: c.row_put("k", "r" * (MAX_ROW_KEY_BYTES + 1), "v"), "row"),
+    (lambda c: c.row_put("k", "r" * (ROW_KEY_BYTES_MAX + 1), "v"), "row"),
     (lambda c: c.row_put("k", "", "v"), "row"),
     (lambda c: c.scan("k", limit=0), "limit"),
     (lambda c: c.scan("k", limit=10**9), "limit"),
@@ -42,7 +42,7 @@ def test_bad_arguments_name_the_field_and_change_nothing(client: Client, call, f
 
 def test_too_many_ops_in_a_batch(client: Client):
     batch = client.batch("k")
-    for i in range(MAX_OPS_PER_BATCH + 1):
+    for i in range(OPS_PER_BATCH_MAX + 1):
         batch.row_put(f"r{i}", "v")
     with pytest.raises(InvalidArgument, match="ops"):
         batch.commit()
@@ -82,7 +82,7 @@ def test_a_batch_over_the_byte_limit_is_refused_before_it_is_sent(client: Client
     says so by name (it used to fail encoding the frame with a bare ValueError)."""
     batch = client.batch("big")
     for i in range(5):
-        batch.row_put(f"r{i}", b"x" * MAX_VALUE_BYTES)
+        batch.row_put(f"r{i}", b"x" * VALUE_BYTES_MAX)
     with pytest.raises(InvalidArgument, match=r"ops: \d+ bytes of rows and values") as error:
         batch.commit()
     assert error.value.field == "ops"

@@ -152,14 +152,14 @@ def test_cli_keys_and_values_that_are_not_utf8_are_taken_as_the_bytes_given(clus
 def test_cli_values_from_standard_input(cluster):
     """`-` as the value reads standard input as bytes (binary, bigger than argv allows);
     more than the value limit is refused naming the field, and nothing is written."""
-    from kvsvr.limits import MAX_VALUE_BYTES
+    from kvsvr.limits import VALUE_BYTES_MAX
 
     def kv(stdin: bytes, *args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run([sys.executable, "-m", "kvsvr.cli", "--config",
                                cluster.config_path, *args], input=stdin,
                               capture_output=True, timeout=60)
 
-    big = bytes(range(256)) * (MAX_VALUE_BYTES // 256)   # NULs included: not an argv
+    big = bytes(range(256)) * (VALUE_BYTES_MAX // 256)   # NULs included: not an argv
     assert kv(big, "put", "blob", "-").returncode == 0
     assert kv(b"\x00row", "row-put", "table", "r1", "-").returncode == 0
     assert kv(b"msg\n", "append", "inbox", "-").stdout == b"0\n"

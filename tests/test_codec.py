@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvsvr import _core
-from kvsvr.limits import MAX_KEY_BYTES, MAX_OPS_PER_BATCH, MAX_ROW_KEY_BYTES
+from kvsvr.limits import KEY_BYTES_MAX, OPS_PER_BATCH_MAX, ROW_KEY_BYTES_MAX
 
-keys = st.binary(min_size=1, max_size=MAX_KEY_BYTES)
-rows = st.binary(min_size=1, max_size=MAX_ROW_KEY_BYTES)
+keys = st.binary(min_size=1, max_size=KEY_BYTES_MAX)
+rows = st.binary(min_size=1, max_size=ROW_KEY_BYTES_MAX)
 values = st.binary(max_size=300)
 ops = st.one_of(
     st.tuples(st.just(_core.OP_PUT), st.just(b""), values),
@@ -103,9 +103,9 @@ def test_trailing_bytes_and_foreign_data_are_rejected():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"key": b""}, "key"),
-    ({"key": b"k" * (MAX_KEY_BYTES + 1)}, "key"),
+    ({"key": b"k" * (KEY_BYTES_MAX + 1)}, "key"),
     ({"ops": []}, "ops"),
-    ({"ops": [(_core.OP_PUT, b"", b"v")] * (MAX_OPS_PER_BATCH + 1)}, "ops"),
+    ({"ops": [(_core.OP_PUT, b"", b"v")] * (OPS_PER_BATCH_MAX + 1)}, "ops"),
     ({"ops": [(99, b"", b"")]}, "op.kind"),
     ({"ops": [(_core.OP_PUT, b"row", b"v")]}, "op.row"),
     ({"ops": [(_core.OP_ROW_PUT, b"", b"v")]}, "op.row"),

@@ -14,7 +14,7 @@ import pytest
 from kvsvr import AsyncClient, Client, InvalidArgument, NotFound, _core
 from kvsvr.errors import ConfigError
 from kvsvr.launcher import LocalCluster
-from kvsvr.limits import MAX_MESSAGE_BYTES, OPS_REMEMBERED_PER_CLIENT, OPS_TRIM_STEP
+from kvsvr.limits import MESSAGE_BYTES_MAX, OPS_REMEMBERED_PER_CLIENT, OPS_TRIM_STEP
 from kvsvr.protocol import Op, encode_delta
 from kvsvr.store import Store
 
@@ -56,7 +56,7 @@ def test_changes_pages_stop_by_bytes_too(client: Client):
 
 def test_answers_over_one_message_come_back_split(cluster: LocalCluster, client: Client):
     client.put("mib", b"m" * (MIB - 64))
-    count = MAX_MESSAGE_BYTES // MIB + 4
+    count = MESSAGE_BYTES_MAX // MIB + 4
     pipeline = client.pipeline()
     for _ in range(count):
         pipeline.get("mib")

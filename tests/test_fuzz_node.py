@@ -15,7 +15,7 @@ import zmq
 from kvsvr import _core, protocol
 from kvsvr.client import Client
 from kvsvr.launcher import LocalCluster, write_cluster_config
-from kvsvr.limits import MAX_MESSAGE_BYTES
+from kvsvr.limits import MESSAGE_BYTES_MAX
 from kvsvr.protocol import Method
 
 SEED = 20261121
@@ -178,7 +178,7 @@ def test_oversize_message_drops_the_sender_not_the_node(cluster: LocalCluster, c
     context = zmq.Context()
     socket = _socket(context, cluster.address("n1"))
     try:
-        socket.send(b"\x00" * (MAX_MESSAGE_BYTES + 1))
+        socket.send(b"\x00" * (MESSAGE_BYTES_MAX + 1))
         assert client.ping() == {"node": "n1"}
         assert cluster.processes["n1"].poll() is None
     finally:

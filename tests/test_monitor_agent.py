@@ -32,8 +32,8 @@ from kvsvr.monitor.agent import (
 from kvsvr.monitor.counters import open_counters
 from kvsvr.monitor.registry import MonitorId, builtin_registry, load_registry
 from kvsvr.monitor.report import (
-    MAX_META_BYTES,
-    MAX_REPORT_BYTES,
+    META_BYTES_MAX,
+    REPORT_BYTES_MAX,
     Report,
     decode_report,
     encode_report,
@@ -79,7 +79,7 @@ def test_reports_carry_every_value_once_and_fit_a_frame(tmp_path):
     values = 0
     for report in reports:
         body = encode_report(report)
-        assert len(body) <= MAX_REPORT_BYTES
+        assert len(body) <= REPORT_BYTES_MAX
         decoded = decode_report(body)
         assert decoded.first_second == previous + 1
         previous = decoded.through_second
@@ -171,10 +171,10 @@ def test_a_catalog_over_the_meta_limit_ships_in_parts(tmp_path):
     shipped = []
     for report in reports:
         body = encode_report(report)
-        assert len(body) <= MAX_REPORT_BYTES
+        assert len(body) <= REPORT_BYTES_MAX
         shipped.extend(decode_report(body).catalog)
     assert shipped == catalog
-    assert all(len(msgspec.msgpack.encode(p)) < MAX_META_BYTES for p in parts)
+    assert all(len(msgspec.msgpack.encode(p)) < META_BYTES_MAX for p in parts)
 
 
 @pytest.mark.parametrize(("cursor", "now", "expected"), [

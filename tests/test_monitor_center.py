@@ -24,7 +24,7 @@ import zmq
 from kvsvr import _core
 from kvsvr.errors import Internal, InvalidArgument, Unavailable
 from kvsvr.launcher import free_port
-from kvsvr.monitor.center import MAX_CLOCK_SKEW_S, Center, watch_task
+from kvsvr.monitor.center import CLOCK_SKEW_S_MAX, Center, watch_task
 from kvsvr.monitor.registry import load_registry
 from kvsvr.monitor.report import METHOD_REPORT, Report, encode_report
 from kvsvr.monitor.rules import parse_rules
@@ -126,10 +126,10 @@ def test_values_past_the_counters_range_are_refused_and_the_center_goes_on(cente
 
 
 def test_a_future_dated_report_is_refused_naming_the_skew(center):
-    """A report covering seconds more than MAX_CLOCK_SKEW_S past the center's clock is
+    """A report covering seconds more than CLOCK_SKEW_S_MAX past the center's clock is
     refused (Unavailable: the agent retries) naming through_second; the views keep ending at
     the center's now."""
-    future = int(time.time()) + MAX_CLOCK_SKEW_S + 3600
+    future = int(time.time()) + CLOCK_SKEW_S_MAX + 3600
     status, answer = center.send(_report("ahead", future, [(1000, 7)]))
     assert status == Unavailable.code
     assert "report.through_second" in answer[0] and "ahead of the center's clock" in answer[0]

@@ -130,8 +130,8 @@ def test_a_node_keeps_serving_and_counting_after_the_clock_went_back(tmp_path):
     stepped back by more than the window leaves): the node used to fail each request on its
     first add() and then exit. Now it serves every request and counts them at its clock."""
     counters_path = tmp_path / "counters"
-    counters = open_counters(counters_path, max_ids=_core.DEFAULT_MONITOR_IDS,
-                             window_s=_core.DEFAULT_WINDOW_S, registry=ids.builtin_registry())
+    counters = open_counters(counters_path, max_ids=_core.MONITOR_IDS_DEFAULT,
+                             window_s=_core.WINDOW_S_DEFAULT, registry=ids.builtin_registry())
     window = counters.window_s
     ahead = counters.now_s() + window + 5
     for entry in ids.BUILTIN:

@@ -241,10 +241,10 @@ def test_commit_for_another_incarnation_is_refused(queue):
 
 def test_a_burst_of_fetches_in_one_message_is_bounded(queue):
     """300 fetch frames of 4 MiB each packed in one small message (the client never reads):
-    the server answers at most MAX_REQUESTS_PER_MESSAGE of them, fetch replies stay within
+    the server answers at most REQUESTS_PER_MESSAGE_MAX of them, fetch replies stay within
     the per-client round budget, the rest get a clear error, and its memory stays bounded."""
     from kvsvr.protocol import pack
-    from quorumq.limits import CLIENT_ROUND_REPLY_BYTES, MAX_REQUESTS_PER_MESSAGE
+    from quorumq.limits import CLIENT_ROUND_REPLY_BYTES, REQUESTS_PER_MESSAGE_MAX
 
     queue.create_topic("t")
     for start in range(0, 5000, 1000):
@@ -279,7 +279,7 @@ def test_a_burst_of_fetches_in_one_message_is_bounded(queue):
     refused = [a for a in answers if a[1] != 0]
     assert sum(len(bytes(a[4])) for a in ok) <= CLIENT_ROUND_REPLY_BYTES + (64 << 10)
     too_many = [a for a in refused if b"too many requests in one message" in bytes(a[4])]
-    assert len(too_many) == 300 - MAX_REQUESTS_PER_MESSAGE
+    assert len(too_many) == 300 - REQUESTS_PER_MESSAGE_MAX
     assert any(a[1] == Unavailable.code for a in refused)
     assert rss_kib() - before < 64 << 10, "the server buffered far more than its budget"
     assert queue.processes[NODE].poll() is None

@@ -311,7 +311,7 @@ def test_proposals_finish_when_the_round_trip_is_longer_than_the_phase_timeout(s
     machine, a disk slow to sync): each replica proposes for the same 20 instances at once.
     Retries wait longer each time, so every proposal finishes. With a fixed timeout every
     phase was re-prepared at a higher ballot before its answers came back, forever."""
-    slow = _core.PROPOSAL_TIMEOUT_TICKS * 3
+    slow = _core.PROPOSAL_TIMEOUT_MS * 3
     sim = Simulation(seed, keys=20, faults=Faults(drop=0.0, duplicate=0.0, min_delay=slow,
                                                   max_delay=slow + 50, crash=0.0, wipe=0.0,
                                                   restart=0.0, propose=0.0))
@@ -341,7 +341,7 @@ def test_retries_back_off_exponentially_and_replay_exactly():
 
     times = retry_times()
     gaps = [b - a for a, b in itertools.pairwise([0.0, *times])]
-    timeout = _core.PROPOSAL_TIMEOUT_TICKS
+    timeout = _core.PROPOSAL_TIMEOUT_MS
     for retry, gap in enumerate(gaps):   # the wait before the (retry + 2)th prepare
         base = timeout * 2 ** min(retry, _core.RETRY_DOUBLINGS_MAX)
         assert base <= gap <= base * 1.5 + 1, (retry, gaps)

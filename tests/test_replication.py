@@ -200,7 +200,7 @@ def test_with_a_peer_secret_forged_peer_requests_are_refused_and_writes_go_on(
                 if source == target:
                     continue
                 body = protocol.encode_quorum([_core.Message(
-                    _core.MSG_BEHIND, source, target, _core.MAX_INCARNATION, b"zz", 1, 1)])
+                    _core.MSG_BEHIND, source, target, _core.INCARNATION_MAX, b"zz", 1, 1)])
                 for sealed in (body, forger.seal(protocol.Method.QUORUM, 7, body)):
                     socket.send(_core.encode_frame(_core.FRAME_REQUEST, protocol.Method.QUORUM,
                                                    7, 0, sealed))
@@ -437,7 +437,7 @@ def _check_outcome(group: LocalCluster, history: list[Op], acked: dict[str, list
             assert peer["pulled_through_lsn"] <= peer["peer_last_lsn"], (node, name, peer)
     with group.client(timeout=10.0) as client:
         rows = {key: {kvsvr.seq_of_row(r.row): r.value
-                      for r in client.scan(key, limit=kvsvr.limits.MAX_SCAN_ROWS).rows}
+                      for r in client.scan(key, limit=kvsvr.limits.SCAN_ROWS_MAX).rows}
                 for key in inboxes}
     for key, value, seq in acked["append"]:
         assert rows[key].get(seq) == value, f"acknowledged append {value!r} lost {context}"

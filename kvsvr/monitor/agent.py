@@ -55,12 +55,12 @@ from kvsvr.monitor.counters import CountersError, CountersMissing, open_counters
 from kvsvr.monitor.registry import Registry, load_registry
 from kvsvr.monitor.report import (
     BLOCK_HEADER,
+    GAPS_MAX,
     HEADER,
-    MAX_GAPS,
-    MAX_META_BYTES,
-    MAX_REPORT_BYTES,
-    MAX_REPORT_SECONDS,
+    META_BYTES_MAX,
     METHOD_REPORT,
+    REPORT_BYTES_MAX,
+    REPORT_SECONDS_MAX,
     Ack,
     CatalogEntry,
     Report,
@@ -73,8 +73,8 @@ log = logging.getLogger("kvsvr.agent")
 
 GRACE_S = 2                    # a second is shipped once it ended this long ago
 ACK_TIMEOUT_S = 10.0           # a report unanswered this long is sent again (new socket)
-REPORT_BUDGET_BYTES = MAX_REPORT_BYTES - (1 << 20)   # blocks per report; room for the catalog
-CATALOG_PART_BYTES = MAX_META_BYTES - (16 << 10)      # one report's catalog; room for gaps
+REPORT_BUDGET_BYTES = REPORT_BYTES_MAX - (1 << 20)   # blocks per report; room for the catalog
+CATALOG_PART_BYTES = META_BYTES_MAX - (16 << 10)      # one report's catalog; room for gaps
 CATALOG_ENTRY_OVERHEAD = 24     # msgpack bytes of an entry beyond its name and description
 RETRY_FIRST_S = 1.0             # after a failed send: 1 s, doubling up to the period
 WAIT_LOG_S = 30.0               # how often "waiting for the counters file" is logged
@@ -133,7 +133,7 @@ def build_reports(counters: _core.Counters, machine: str, cursor: int, now: floa
     if first > through:
         return []
     parts = split_catalog(catalog)
-    seconds_per_report = MAX_REPORT_SECONDS
+    seconds_per_report = REPORT_SECONDS_MAX
     if len(parts) > 1:
         seconds_per_report = max(1, -(-(through - first + 1) // len(parts)))
     reports: list[Report] = []
@@ -149,7 +149,7 @@ def build_reports(counters: _core.Counters, machine: str, cursor: int, now: floa
         if not block:
             continue
         if blocks and (size + BLOCK_HEADER.size + len(block) > REPORT_BUDGET_BYTES
-                       or len(blocks) == MAX_REPORT_SECONDS):
+                       or len(blocks) == REPORT_SECONDS_MAX):
             reports.append(Report(machine, start, second - 1, blocks))
             start, blocks, size = second, [], fixed
         blocks.append((second, block))
@@ -158,7 +158,7 @@ def build_reports(counters: _core.Counters, machine: str, cursor: int, now: floa
     for report, part in zip(reports, parts, strict=False):
         report.catalog = part
     gaps = [g for g in lost if g[1] < first] + ([gap] if gap is not None else [])
-    reports[0].gaps = gaps[-MAX_GAPS:]
+    reports[0].gaps = gaps[-GAPS_MAX:]
     return reports
 
 
@@ -330,7 +330,7 @@ class Agent:
                     # docstring); the cursor moves on.
                     link.save_cursor(report.through_second)
                     link.lost = [*link.lost, (report.first_second, report.through_second)]
-                    link.lost = link.lost[-(MAX_GAPS - 1):]
+                    link.lost = link.lost[-(GAPS_MAX - 1):]
                     continue
                 if outcome != "acked":
                     all_done = False

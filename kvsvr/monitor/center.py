@@ -34,8 +34,8 @@ from kvsvr.monitor.report import (
     ReportError,
     decode_report,
 )
-from kvsvr.monitor.rules import MAX_ABSENT_FOR_S, ResolvedRule, samples_needed
-from kvsvr.monitor.series import MAX_SERIES_SECONDS, AlertEvent, SeriesStore
+from kvsvr.monitor.rules import ABSENT_FOR_S_MAX, ResolvedRule, samples_needed
+from kvsvr.monitor.series import SERIES_SECONDS_MAX, AlertEvent, SeriesStore
 from kvsvr.process import add_log_level, setup_logging
 from kvsvr.sockets import bind_router
 
@@ -43,14 +43,14 @@ log = logging.getLogger("kvsvr.monitor")
 
 RULES_INTERVAL_S = 1.0
 TRIM_INTERVAL_S = 60.0
-DEFAULT_RETENTION_S = 7 * 86_400
-MAX_CLOCK_SKEW_S = 300        # a report covering seconds further ahead of the center's clock
+RETENTION_S_DEFAULT = 7 * 86_400
+CLOCK_SKEW_S_MAX = 300        # a report covering seconds further ahead of the center's clock
 #                               is refused (Unavailable: the agent retries): one bad clock
 #                               must not push every view into the future
 LIVE_SLACK_S = 30             # a machine is "reporting" while its last report is at most two
 #                               agent periods plus this old (see Center.sum_through)
-DEFAULT_LIVE_S = 2 * 60 + LIVE_SLACK_S
-assert MAX_ABSENT_FOR_S <= MAX_SERIES_SECONDS     # an absent rule's first look-back fits
+LIVE_S_DEFAULT = 2 * 60 + LIVE_SLACK_S
+assert ABSENT_FOR_S_MAX <= SERIES_SECONDS_MAX     # an absent rule's first look-back fits
 _RESPONSE = _core.FRAME_RESPONSE
 _REQUEST = _core.FRAME_REQUEST
 
@@ -59,7 +59,7 @@ class Center:
     """The center's logic over its store (no sockets here: `handle` takes a message)."""
 
     def __init__(self, store: SeriesStore, rules: list[ResolvedRule], registry: Registry,
-                 *, live_s: float = DEFAULT_LIVE_S):
+                 *, live_s: float = LIVE_S_DEFAULT):
         self.store = store
         self.rules = rules
         self.registry = registry
@@ -123,11 +123,11 @@ class Center:
             report = decode_report(body)
         except ReportError as e:
             raise InvalidArgument(f"report: {e}", field="report") from None
-        if report.through_second > now + MAX_CLOCK_SKEW_S:
+        if report.through_second > now + CLOCK_SKEW_S_MAX:
             raise Unavailable(
                 f"report.through_second: {report.through_second} is "
                 f"{report.through_second - int(now)} s ahead of the center's clock (at most "
-                f"{MAX_CLOCK_SKEW_S} s): check the clocks of {report.machine} and the center",
+                f"{CLOCK_SKEW_S_MAX} s): check the clocks of {report.machine} and the center",
                 field="through_second")
         report.catalog = self._accepted_catalog(report.machine, report.catalog)
         try:
@@ -208,7 +208,7 @@ class Center:
         if key not in self.last_value:
             # First look since the start: read back (for_s is at most the longest query).
             look_from = max(int(now) - resolved.rule.for_s - 1,
-                            through - MAX_SERIES_SECONDS + 1)
+                            through - SERIES_SECONDS_MAX + 1)
             values = self.store.series(resolved.id, look_from, through, machine or None) \
                 if through >= look_from else []
             found = None
@@ -266,7 +266,7 @@ class Center:
         here (not in the registry, the catalog or the newest sums)."""
         if text.isascii() and text.isdigit() and len(text) <= 6:
             id = int(text)
-            if 1 <= id <= _core.MAX_MONITOR_IDS and (
+            if 1 <= id <= _core.MONITOR_IDS_MAX and (
                     id in self.registry.by_id or id in self.store.ids()):
                 return id
             return None
@@ -310,7 +310,7 @@ def watch_task(task: asyncio.Task[None], stop: asyncio.Event, failed: list[str])
 
 
 async def serve(center: Center, listen: str, web_address: str,
-                retention_s: int = DEFAULT_RETENTION_S,
+                retention_s: int = RETENTION_S_DEFAULT,
                 ready: asyncio.Event | None = None) -> int:
     """Run the center until SIGTERM/SIGINT (0) or until one of its tasks fails (1)."""
     from aiohttp import web as aioweb
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", help="alert rules TOML (default: monitor.rules)")
     parser.add_argument("--registry", action="append", default=None,
                         help="id registry TOML (repeatable; default: monitor.registry)")
-    parser.add_argument("--retention-s", type=int, default=DEFAULT_RETENTION_S,
+    parser.add_argument("--retention-s", type=int, default=RETENTION_S_DEFAULT,
                         help="seconds of values kept (default: 7 days)")
     parser.add_argument("--forget", metavar="MACHINE", action="append", default=None,
                         help="drop a decommissioned machine (its state, gaps and rule scopes; "

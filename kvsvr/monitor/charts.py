@@ -88,10 +88,10 @@ def _label(value: float) -> str:
     return f"{value:g}"
 
 
-MAX_CURVE_POINTS = 3600      # past this, a curve draws the maximum of each k seconds
+CURVE_POINTS_MAX = 3600      # past this, a curve draws the maximum of each k seconds
 
 
-def downsample(values: Series, max_points: int = MAX_CURVE_POINTS) -> tuple[list[int | None], int]:
+def downsample(values: Series, max_points: int = CURVE_POINTS_MAX) -> tuple[list[int | None], int]:
     """(values, seconds per point): every second up to `max_points`, else the maximum of
     each run of k seconds (so a one-second spike still shows; the JSON API keeps every
     second)."""

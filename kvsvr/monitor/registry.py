@@ -26,9 +26,9 @@ from kvsvr import _core
 from kvsvr.config import decode_toml
 from kvsvr.errors import ConfigError
 
-MAX_NAME_BYTES = _core.MAX_MONITOR_NAME_BYTES
-MAX_DESCRIPTION_BYTES = _core.MAX_MONITOR_DESCRIPTION_BYTES
-MAX_IDS = _core.MAX_MONITOR_IDS
+NAME_BYTES_MAX = _core.MONITOR_NAME_BYTES_MAX
+DESCRIPTION_BYTES_MAX = _core.MONITOR_DESCRIPTION_BYTES_MAX
+IDS_MAX = _core.MONITOR_IDS_MAX
 FIRST_USER_ID = 1000          # ids below belong to KVSvr's own programs
 KINDS = {"counter": _core.KIND_COUNTER, "gauge": _core.KIND_GAUGE}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
@@ -51,18 +51,18 @@ class MonitorId(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 def id_problem(entry: MonitorId, *, builtin: bool = False) -> str | None:
     """Why `entry` cannot be registered (the field first), or None."""
     low = 1 if builtin else FIRST_USER_ID
-    high = FIRST_USER_ID - 1 if builtin else MAX_IDS
+    high = FIRST_USER_ID - 1 if builtin else IDS_MAX
     if not low <= entry.id <= high:
         return f"id: {entry.id}, expected {low}..{high}"
     name_bytes = len(entry.name.encode())
-    if not 1 <= name_bytes <= MAX_NAME_BYTES:
-        return f"name: {name_bytes} bytes, expected 1..{MAX_NAME_BYTES}"
+    if not 1 <= name_bytes <= NAME_BYTES_MAX:
+        return f"name: {name_bytes} bytes, expected 1..{NAME_BYTES_MAX}"
     if not _NAME.match(entry.name):
         return (f"name: {entry.name!r}, expected lowercase words of [a-z0-9_] joined by dots "
                 "(e.g. chat.messages_sent)")
     description_bytes = len(entry.description.encode())
-    if not 1 <= description_bytes <= MAX_DESCRIPTION_BYTES:
-        return f"description: {description_bytes} bytes, expected 1..{MAX_DESCRIPTION_BYTES}"
+    if not 1 <= description_bytes <= DESCRIPTION_BYTES_MAX:
+        return f"description: {description_bytes} bytes, expected 1..{DESCRIPTION_BYTES_MAX}"
     if entry.kind not in KINDS:
         return f"kind: {entry.kind!r}, expected one of {sorted(KINDS)}"
     return None

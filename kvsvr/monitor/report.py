@@ -11,9 +11,9 @@ saying what was wrong (then nothing of it was stored). Layout, little-endian, la
       14    2 flags          0 (reserved)
       16    8 first_second   the span this report covers: every second in
       24    8 through_second [first, through] was read; a second with no block had no values
-      32    4 block_count    0..MAX_REPORT_SECONDS
-      36    4 machine_len    1..MAX_MACHINE_BYTES
-      40    4 meta_len       0..MAX_META_BYTES
+      32    4 block_count    0..REPORT_SECONDS_MAX
+      36    4 machine_len    1..MACHINE_BYTES_MAX
+      40    4 meta_len       0..META_BYTES_MAX
       44    4 reserved       0
       48      machine        UTF-8 name of the reporting machine
               meta           msgpack {"catalog": [[id, kind, name, description], ...],
@@ -43,14 +43,14 @@ LAYOUT = 1
 HEADER = struct.Struct("<QIHHQQIIII")
 BLOCK_HEADER = struct.Struct("<QII")
 assert HEADER.size == 48 and BLOCK_HEADER.size == 16
-MAX_MACHINE_BYTES = 64
-MAX_META_BYTES = 1 << 20      # the catalog of a full table: 65,536 ids x ~330 bytes is more;
+MACHINE_BYTES_MAX = 64
+META_BYTES_MAX = 1 << 20      # the catalog of a full table: 65,536 ids x ~330 bytes is more;
 #                               a machine with that many names ships them over several reports
-MAX_REPORT_SECONDS = 3600
-MAX_GAPS = 64
-MAX_BLOCK_BYTES = _core.MAX_MONITOR_IDS * _core.VALUE_ENTRY_BYTES
-MAX_REPORT_BYTES = _core.MAX_FRAME_BYTES - _core.FRAME_HEADER_BYTES
-MAX_SECOND = 1 << 40          # far beyond any clock; bounds arithmetic on hostile input
+REPORT_SECONDS_MAX = 3600
+GAPS_MAX = 64
+BLOCK_BYTES_MAX = _core.MONITOR_IDS_MAX * _core.VALUE_ENTRY_BYTES
+REPORT_BYTES_MAX = _core.FRAME_BYTES_MAX - _core.FRAME_HEADER_BYTES
+SECOND_MAX = 1 << 40          # far beyond any clock; bounds arithmetic on hostile input
 
 CatalogEntry = tuple[int, int, str, str]   # id, kind, name, description
 
@@ -60,14 +60,14 @@ class ReportError(ValueError):
 
 
 class _Meta(msgspec.Struct, forbid_unknown_fields=True):
-    catalog: Annotated[list[tuple[Annotated[int, Meta(ge=1, le=_core.MAX_MONITOR_IDS)],
+    catalog: Annotated[list[tuple[Annotated[int, Meta(ge=1, le=_core.MONITOR_IDS_MAX)],
                                   Annotated[int, Meta(ge=1, le=2)],
                                   Annotated[str, Meta(min_length=1, max_length=256)],
                                   Annotated[str, Meta(max_length=1024)]]],
-                       Meta(max_length=_core.MAX_MONITOR_IDS)] = []
-    gaps: Annotated[list[tuple[Annotated[int, Meta(ge=0, le=MAX_SECOND)],
-                               Annotated[int, Meta(ge=0, le=MAX_SECOND)]]],
-                    Meta(max_length=MAX_GAPS)] = []
+                       Meta(max_length=_core.MONITOR_IDS_MAX)] = []
+    gaps: Annotated[list[tuple[Annotated[int, Meta(ge=0, le=SECOND_MAX)],
+                               Annotated[int, Meta(ge=0, le=SECOND_MAX)]]],
+                    Meta(max_length=GAPS_MAX)] = []
 
 
 _meta_decoder = msgspec.msgpack.Decoder(_Meta)
@@ -89,8 +89,8 @@ class Report(msgspec.Struct):
 
 def machine_problem(machine: str) -> str | None:
     size = len(machine.encode())
-    if not 1 <= size <= MAX_MACHINE_BYTES:
-        return f"machine: {size} bytes, expected 1..{MAX_MACHINE_BYTES}"
+    if not 1 <= size <= MACHINE_BYTES_MAX:
+        return f"machine: {size} bytes, expected 1..{MACHINE_BYTES_MAX}"
     if not machine.isprintable() or "/" in machine:
         return f"machine: {machine!r} has a control character or a '/'"
     return None
@@ -101,16 +101,16 @@ def encode_report(report: Report) -> bytes:
     problem = machine_problem(report.machine)
     if problem:
         raise ValueError(problem)
-    if not 0 <= report.first_second <= report.through_second <= MAX_SECOND:
+    if not 0 <= report.first_second <= report.through_second <= SECOND_MAX:
         raise ValueError(f"seconds: first {report.first_second}, through "
                          f"{report.through_second}: expected 0 <= first <= through")
-    if len(report.blocks) > MAX_REPORT_SECONDS:
-        raise ValueError(f"blocks: {len(report.blocks)}, at most {MAX_REPORT_SECONDS}")
+    if len(report.blocks) > REPORT_SECONDS_MAX:
+        raise ValueError(f"blocks: {len(report.blocks)}, at most {REPORT_SECONDS_MAX}")
     meta = b""
     if report.catalog or report.gaps:
         meta = _meta_encoder.encode({"catalog": report.catalog, "gaps": report.gaps})
-    if len(meta) > MAX_META_BYTES:
-        raise ValueError(f"meta: {len(meta)} bytes, at most {MAX_META_BYTES}")
+    if len(meta) > META_BYTES_MAX:
+        raise ValueError(f"meta: {len(meta)} bytes, at most {META_BYTES_MAX}")
     machine = report.machine.encode()
     parts = [b"", machine, meta]
     previous = report.first_second - 1
@@ -123,8 +123,8 @@ def encode_report(report: Report) -> bytes:
     parts[0] = HEADER.pack(0, MAGIC, LAYOUT, 0, report.first_second, report.through_second,
                            len(report.blocks), len(machine), len(meta), 0)
     body = b"".join(parts)
-    if len(body) > MAX_REPORT_BYTES:
-        raise ValueError(f"report: {len(body)} bytes, a frame carries {MAX_REPORT_BYTES}")
+    if len(body) > REPORT_BYTES_MAX:
+        raise ValueError(f"report: {len(body)} bytes, a frame carries {REPORT_BYTES_MAX}")
     return struct.pack("<Q", xxh3_64_intdigest(memoryview(body)[8:])) + body[8:]
 
 
@@ -134,8 +134,8 @@ def decode_report(buf: bytes | memoryview) -> Report:
     size = view.nbytes
     if size < HEADER.size:
         raise ReportError(f"truncated: {size} bytes, the header is {HEADER.size}")
-    if size > MAX_REPORT_BYTES:
-        raise ReportError(f"size: {size} bytes, a report is at most {MAX_REPORT_BYTES}")
+    if size > REPORT_BYTES_MAX:
+        raise ReportError(f"size: {size} bytes, a report is at most {REPORT_BYTES_MAX}")
     (checksum, magic, layout, flags, first, through, count, machine_len, meta_len,
      reserved) = HEADER.unpack_from(view)
     if magic != MAGIC:
@@ -147,16 +147,16 @@ def decode_report(buf: bytes | memoryview) -> Report:
     # The checksum passed; the bounds below still guard against a buggy or hostile agent.
     if flags or reserved:
         raise ReportError("flags: reserved bits set")
-    if not first <= through <= MAX_SECOND:
+    if not first <= through <= SECOND_MAX:
         raise ReportError(f"seconds: first {first}, through {through}: expected first <= "
-                          f"through <= {MAX_SECOND}")
-    if count > MAX_REPORT_SECONDS or count > through - first + 1:
+                          f"through <= {SECOND_MAX}")
+    if count > REPORT_SECONDS_MAX or count > through - first + 1:
         raise ReportError(f"block_count: {count} for {through - first + 1} seconds "
-                          f"(at most {MAX_REPORT_SECONDS})")
-    if not 1 <= machine_len <= MAX_MACHINE_BYTES:
-        raise ReportError(f"machine_len: {machine_len}, expected 1..{MAX_MACHINE_BYTES}")
-    if meta_len > MAX_META_BYTES:
-        raise ReportError(f"meta_len: {meta_len}, at most {MAX_META_BYTES}")
+                          f"(at most {REPORT_SECONDS_MAX})")
+    if not 1 <= machine_len <= MACHINE_BYTES_MAX:
+        raise ReportError(f"machine_len: {machine_len}, expected 1..{MACHINE_BYTES_MAX}")
+    if meta_len > META_BYTES_MAX:
+        raise ReportError(f"meta_len: {meta_len}, at most {META_BYTES_MAX}")
     pos = HEADER.size
     if pos + machine_len + meta_len > size:
         raise ReportError(f"truncated: machine and meta need {machine_len + meta_len} bytes, "
@@ -193,9 +193,9 @@ def decode_report(buf: bytes | memoryview) -> Report:
             raise ReportError(f"blocks[{index}].second: {second}, expected ascending seconds "
                               f"in [{first}, {through}]")
         previous = second
-        if byte_len > MAX_BLOCK_BYTES or byte_len > size - pos:
+        if byte_len > BLOCK_BYTES_MAX or byte_len > size - pos:
             raise ReportError(f"blocks[{index}].byte_len: {byte_len}, {size - pos} bytes left "
-                              f"(a block is at most {MAX_BLOCK_BYTES})")
+                              f"(a block is at most {BLOCK_BYTES_MAX})")
         block = bytes(view[pos:pos + byte_len])
         problem = _core.block_invalid(block)
         if problem:

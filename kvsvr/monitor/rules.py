@@ -36,9 +36,9 @@ from kvsvr.config import decode_toml
 from kvsvr.errors import ConfigError
 from kvsvr.monitor.registry import Registry
 
-MAX_RULES = 1000
-MAX_WINDOW_S = 3600
-MAX_ABSENT_FOR_S = 86_400     # series.MAX_SERIES_SECONDS: the look-back of one query
+RULES_MAX = 1000
+WINDOW_S_MAX = 3600
+ABSENT_FOR_S_MAX = 86_400     # series.SERIES_SECONDS_MAX: the look-back of one query
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
@@ -52,9 +52,9 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     scope: Literal["sum", "machine"] = "sum"
     op: Literal[">", ">=", "<", "<="] = ">"
     value: float = 0.0
-    window_s: Annotated[int, Meta(ge=1, le=MAX_WINDOW_S)] = 1
+    window_s: Annotated[int, Meta(ge=1, le=WINDOW_S_MAX)] = 1
     # absent: at most the longest look-back of one query (a day), or it would fire early
-    for_s: Annotated[int, Meta(ge=1, le=MAX_ABSENT_FOR_S)] = 180
+    for_s: Annotated[int, Meta(ge=1, le=ABSENT_FOR_S_MAX)] = 180
 
 
 class ResolvedRule(msgspec.Struct, frozen=True):
@@ -65,7 +65,7 @@ class ResolvedRule(msgspec.Struct, frozen=True):
 
 
 class _RulesFile(msgspec.Struct, forbid_unknown_fields=True):
-    rules: Annotated[list[Rule], Meta(max_length=MAX_RULES)] = []
+    rules: Annotated[list[Rule], Meta(max_length=RULES_MAX)] = []
 
 
 def parse_rules(text: str | bytes, registry: Registry, *,
@@ -88,9 +88,9 @@ def parse_rules(text: str | bytes, registry: Registry, *,
                               f"(known: {known}, ...)")
         if not math.isfinite(rule.value):
             raise ConfigError(f"{field}.value: {rule.value}, expected a finite number")
-        if rule.kind == "rate" and rule.window_s * 2 > MAX_WINDOW_S:
+        if rule.kind == "rate" and rule.window_s * 2 > WINDOW_S_MAX:
             raise ConfigError(f"{field}.window_s: a rate rule compares two windows; at most "
-                              f"{MAX_WINDOW_S // 2}")
+                              f"{WINDOW_S_MAX // 2}")
         resolved.append(ResolvedRule(rule, entry.id, entry.name, entry.kind == "counter"))
     return resolved
 

@@ -33,9 +33,9 @@ from kvsvr.monitor.report import Report
 
 SECOND = struct.Struct(">Q")
 ID = struct.Struct(">I")
-DEFAULT_MAP_SIZE_MIB = 64 * 1024        # address space only; the file grows as data comes
+MAP_SIZE_MIB_DEFAULT = 64 * 1024        # address space only; the file grows as data comes
 TRIM_BATCH = 10_000                      # entries deleted per trim call (bounded work)
-MAX_SERIES_SECONDS = 86_400              # one query reads at most a day of seconds
+SERIES_SECONDS_MAX = 86_400              # one query reads at most a day of seconds
 
 
 class MachineState(msgspec.Struct):
@@ -63,7 +63,7 @@ _decode = msgspec.msgpack.decode
 
 
 class SeriesStore:
-    def __init__(self, path: str | Path, *, map_size_mib: int = DEFAULT_MAP_SIZE_MIB,
+    def __init__(self, path: str | Path, *, map_size_mib: int = MAP_SIZE_MIB_DEFAULT,
                  sync: bool = True):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -175,8 +175,8 @@ class SeriesStore:
         one machine's."""
         if last < first:
             return []
-        if last - first + 1 > MAX_SERIES_SECONDS:
-            raise ValueError(f"range: {last - first + 1} seconds, at most {MAX_SERIES_SECONDS}")
+        if last - first + 1 > SERIES_SECONDS_MAX:
+            raise ValueError(f"range: {last - first + 1} seconds, at most {SERIES_SECONDS_MAX}")
         out: list[bytes | None] = [None] * (last - first + 1)
         with self.env.begin() as txn:
             if machine is None:

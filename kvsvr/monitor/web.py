@@ -28,10 +28,10 @@ from aiohttp import web
 
 from kvsvr import _core
 from kvsvr.monitor import charts
-from kvsvr.monitor.series import MAX_SERIES_SECONDS
+from kvsvr.monitor.series import SERIES_SECONDS_MAX
 
 RANGES_S = (300, 900, 3600, 6 * 3600, 86_400)
-DEFAULT_RANGE_S = 900
+RANGE_S_DEFAULT = 900
 SPARKLINE_S = 600
 HISTORY_SHOWN = 200
 
@@ -64,10 +64,10 @@ def _number(text: str) -> int | None:
 
 
 def _range(request: web.Request) -> int:
-    text = request.query.get("range", str(DEFAULT_RANGE_S))
+    text = request.query.get("range", str(RANGE_S_DEFAULT))
     span = _number(text)
-    if span is None or not 10 <= span <= MAX_SERIES_SECONDS:
-        raise _bad(f"range: {text!r}, expected seconds 10..{MAX_SERIES_SECONDS}")
+    if span is None or not 10 <= span <= SERIES_SECONDS_MAX:
+        raise _bad(f"range: {text!r}, expected seconds 10..{SERIES_SECONDS_MAX}")
     return span
 
 
@@ -91,7 +91,7 @@ def _id(center: Any, text: str) -> int:
     id = center.resolve_id(text)
     if id is None:
         raise web.HTTPNotFound(text=f"id: {text[:80]!r} is not a known id (a number "
-                               f"1..{_core.MAX_MONITOR_IDS} or a name that has values here)")
+                               f"1..{_core.MONITOR_IDS_MAX} or a name that has values here)")
     return id
 
 

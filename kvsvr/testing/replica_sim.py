@@ -53,7 +53,7 @@ from kvsvr import _core, calls, protocol
 from kvsvr.committer import Committer
 from kvsvr.config import ClusterConfig, GroupConfig, MonitorConfig, ReplicaConfig, StorageConfig
 from kvsvr.errors import InvalidArgument, KvError, NotFound, Timeout, Unavailable, VersionConflict
-from kvsvr.limits import MAX_SCAN_ROWS
+from kvsvr.limits import SCAN_ROWS_MAX
 from kvsvr.protocol import Method
 from kvsvr.replica import ReplicaNode
 from kvsvr.replica.network import Network
@@ -460,7 +460,7 @@ class _Replica:
                 copy: Any
                 try:
                     if key in INBOXES:
-                        copy = node.store.scan(txn, key, b"", None, MAX_SCAN_ROWS)
+                        copy = node.store.scan(txn, key, b"", None, SCAN_ROWS_MAX)
                     else:
                         copy = node.store.get(txn, key)
                 except KvError as e:
@@ -796,7 +796,7 @@ class Simulation:
         if kind == "get":
             spec = calls.get(key)
         elif kind == "scan":
-            spec = calls.scan(key, b"", None, MAX_SCAN_ROWS)
+            spec = calls.scan(key, b"", None, SCAN_ROWS_MAX)
         elif kind in ("put", "cas"):
             value = str((client.index + 1) * 100_000 + op_id[1]).encode()  # unique, numeric
             expected = None
@@ -953,7 +953,7 @@ class Simulation:
             ("versions", calls.CallSpec(None, Method.VERSIONS,
                                         protocol.VersionsRequest(list(KEYS)), _same))]
         specs += [(key, calls.get(key, consistency="local")) for key in REGISTERS]
-        specs += [(key, calls.scan(key, b"", None, MAX_SCAN_ROWS, consistency="local"))
+        specs += [(key, calls.scan(key, b"", None, SCAN_ROWS_MAX, consistency="local"))
                   for key in INBOXES]
         answers: list[dict[Any, Any]] = [{} for _ in self.replicas]
         pending = [len(specs) * len(self.replicas)]
@@ -994,7 +994,7 @@ class Simulation:
                 return
             key, replica = plan.pop(0)
             scan = key in INBOXES
-            spec = calls.scan(key, b"", None, MAX_SCAN_ROWS) if scan else calls.get(key)
+            spec = calls.scan(key, b"", None, SCAN_ROWS_MAX) if scan else calls.get(key)
             op = Op(client.index, "scan" if scan else "get", key, None, UNKNOWN,
                     self.scheduler.now)
             self.history.append(op)
@@ -1236,7 +1236,7 @@ class _ScriptClient:
         elif kind == "get":
             spec = calls.get(key, consistency)
         else:
-            spec = calls.scan(key, b"", None, MAX_SCAN_ROWS, consistency)
+            spec = calls.scan(key, b"", None, SCAN_ROWS_MAX, consistency)
         self.last = (spec, " ".join([kind, *args[1:]]))
         self._send(*self.last, node)
 

@@ -29,7 +29,7 @@ from quorumq.consumer import Delivery
 
 MARKER_PREFIX = b"\x00quorumq:"
 RETRY_PAUSE_S = 0.05
-MAX_ATTEMPTS = 100
+ATTEMPTS_MAX = 100
 
 
 def marker_row(producer_id: int) -> bytes:
@@ -53,7 +53,7 @@ class ExactlyOnce:
     def __call__(self, delivery: Delivery) -> bool:
         key = self.key_of(delivery)
         row = marker_row(delivery.producer_id)
-        for _attempt in range(MAX_ATTEMPTS):
+        for _attempt in range(ATTEMPTS_MAX):
             try:
                 try:
                     marker = self.client.row_get(key, row)
@@ -73,5 +73,5 @@ class ExactlyOnce:
                 continue            # someone else wrote the key: read again
             except (Timeout, Unavailable):
                 time.sleep(RETRY_PAUSE_S)   # maybe applied: the marker will say
-        raise Timeout(f"message {delivery.message_id}: not applied after {MAX_ATTEMPTS} "
+        raise Timeout(f"message {delivery.message_id}: not applied after {ATTEMPTS_MAX} "
                       "attempts (the key is contended or KVSvr is unavailable)")

@@ -11,14 +11,14 @@ from kvsvr._core import (
     QUEUE_MAX_MESSAGE_BYTES,
     QUEUE_RECORD_HEADER_BYTES,
 )
-from kvsvr.limits import MAX_FRAME_BYTES, MAX_MESSAGE_BYTES
+from kvsvr.limits import FRAME_BYTES_MAX, MESSAGE_BYTES_MAX
 
 # --- wire -------------------------------------------------------------------------------------
 BATCH_MAX_BYTES = 4 << 20           # values of one produce batch (a batch is one frame)
 FETCH_MAX_BYTES = 4 << 20           # records returned by one fetch
 FETCH_DEFAULT_BYTES = 1 << 20
 FETCH_MAX_WAIT_MS = 30_000          # a fetch may wait this long for new records (long poll)
-MAX_TOPIC_BYTES = 200               # topic name length (it is a directory name)
+TOPIC_BYTES_MAX = 200               # topic name length (it is a directory name)
 PRODUCER_MAP_MAX_BYTES = 2 << 20    # a consumer group's per-producer positions, encoded
 
 # --- server -----------------------------------------------------------------------------------
@@ -29,8 +29,8 @@ PARKED_FETCHES_MAX = 10_000         # long-poll fetches waiting at once (more: a
 INDEX_INTERVAL_BYTES = 64 << 10     # sparse offset index: one entry per this many bytes
 RETENTION_CHECK_S = 1.0             # how often retention and parked fetches are looked at
 OFFSETS_LOG_MAX_BYTES = 16 << 20    # the offsets log is rewritten (latest commits) past this
-MAX_TOPICS = 10_000                 # topics per server
-MAX_REQUESTS_PER_MESSAGE = 64       # frames handled per ZeroMQ message (the rest: an error)
+TOPICS_MAX = 10_000                 # topics per server
+REQUESTS_PER_MESSAGE_MAX = 64       # frames handled per ZeroMQ message (the rest: an error)
 CLIENT_ROUND_REPLY_BYTES = 2 * FETCH_MAX_BYTES   # fetch reply bytes per client per round
 
 # --- clients ----------------------------------------------------------------------------------
@@ -45,8 +45,8 @@ CONSUMER_MAX_TRACKED_PRODUCERS = 100_000  # producers whose next seq a group rem
 CONSUMER_COMMIT_INTERVAL_S = 0.2        # offsets are committed at most this often
 REQUEST_TIMEOUT_S = 5.0                 # CLI, status and admin calls
 
-assert BATCH_MAX_BYTES + QUEUE_MAX_BATCH_MESSAGES * 8 + 4096 <= MAX_FRAME_BYTES
-assert FETCH_MAX_BYTES + 4096 <= MAX_FRAME_BYTES <= MAX_MESSAGE_BYTES
+assert BATCH_MAX_BYTES + QUEUE_MAX_BATCH_MESSAGES * 8 + 4096 <= FRAME_BYTES_MAX
+assert FETCH_MAX_BYTES + 4096 <= FRAME_BYTES_MAX <= MESSAGE_BYTES_MAX
 assert QUEUE_MAX_MESSAGE_BYTES <= BATCH_MAX_BYTES
 
 __all__ = [
@@ -60,9 +60,6 @@ __all__ = [
     "GROUP_BACKOFF_MAX_S",
     "GROUP_BACKOFF_S",
     "INDEX_INTERVAL_BYTES",
-    "MAX_REQUESTS_PER_MESSAGE",
-    "MAX_TOPICS",
-    "MAX_TOPIC_BYTES",
     "OFFSETS_LOG_MAX_BYTES",
     "PARKED_FETCHES_MAX",
     "PRODUCER_LINGER_MS",
@@ -71,9 +68,12 @@ __all__ = [
     "QUEUE_MAX_BATCH_MESSAGES",
     "QUEUE_MAX_MESSAGE_BYTES",
     "QUEUE_RECORD_HEADER_BYTES",
+    "REQUESTS_PER_MESSAGE_MAX",
     "REQUEST_TIMEOUT_S",
     "RETENTION_CHECK_S",
     "ROUND_MAX_BYTES",
     "ROUND_MAX_MESSAGES",
     "SERVER_QUEUE_MESSAGES",
+    "TOPICS_MAX",
+    "TOPIC_BYTES_MAX",
 ]

@@ -21,10 +21,10 @@ from quorumq.limits import (
     BATCH_MAX_BYTES,
     FETCH_MAX_BYTES,
     FETCH_MAX_WAIT_MS,
-    MAX_TOPIC_BYTES,
     PRODUCER_MAP_MAX_BYTES,
     QUEUE_MAX_BATCH_MESSAGES,
     QUEUE_MAX_MESSAGE_BYTES,
+    TOPIC_BYTES_MAX,
 )
 
 
@@ -43,9 +43,9 @@ OK = 0
 SEQ_LIMIT = 1 << 64   # seqs and offsets are u64 on disk
 
 # A topic is a directory name: no leading dot (".", ".." and hidden names are refused).
-TopicName = Annotated[str, Meta(min_length=1, max_length=MAX_TOPIC_BYTES,
+TopicName = Annotated[str, Meta(min_length=1, max_length=TOPIC_BYTES_MAX,
                                 pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")]
-GroupName = Annotated[str, Meta(min_length=1, max_length=MAX_TOPIC_BYTES,
+GroupName = Annotated[str, Meta(min_length=1, max_length=TOPIC_BYTES_MAX,
                                 pattern=r"^[A-Za-z0-9_.:-]+$")]
 U64 = Annotated[int, Meta(ge=0)]
 MessageBytes = Annotated[bytes, Meta(max_length=QUEUE_MAX_MESSAGE_BYTES)]
@@ -246,7 +246,7 @@ def check_topic(topic: Any) -> str:
         return msgspec.convert(topic, TopicName)
     except msgspec.ValidationError:
         raise InvalidArgument(f"topic: {topic!r} is not a topic name (expected 1.."
-                              f"{MAX_TOPIC_BYTES} of A-Z a-z 0-9 _ - ., not starting with "
+                              f"{TOPIC_BYTES_MAX} of A-Z a-z 0-9 _ - ., not starting with "
                               "a dot)", field="topic") from None
 
 

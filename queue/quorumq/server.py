@@ -39,8 +39,8 @@ from kvsvr.protocol import pack
 from quorumq import protocol
 from quorumq.limits import (
     CLIENT_ROUND_REPLY_BYTES,
-    MAX_REQUESTS_PER_MESSAGE,
     PARKED_FETCHES_MAX,
+    REQUESTS_PER_MESSAGE_MAX,
     RETENTION_CHECK_S,
     ROUND_MAX_BYTES,
     ROUND_MAX_MESSAGES,
@@ -114,10 +114,10 @@ class QueueServer:
         frames, error, error_request_id = _core.decode_frames(payload)
         for number, (kind, method, request_id, _budget_ms, body) in enumerate(frames):
             try:
-                if number >= MAX_REQUESTS_PER_MESSAGE:
+                if number >= REQUESTS_PER_MESSAGE_MAX:
                     raise InvalidArgument(
                         f"frame: too many requests in one message ({len(frames)}, the limit "
-                        f"is {MAX_REQUESTS_PER_MESSAGE}); request {request_id} was not "
+                        f"is {REQUESTS_PER_MESSAGE_MAX}); request {request_id} was not "
                         "handled", field="frame")
                 if kind != _REQUEST:
                     raise InvalidArgument("frame.kind: a server only takes requests",
@@ -342,7 +342,7 @@ class QueueServer:
         context = zmq.Context(io_threads=1)
         socket = context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.MAXMSGSIZE, _core.MAX_MESSAGE_BYTES)
+        socket.setsockopt(zmq.MAXMSGSIZE, _core.MESSAGE_BYTES_MAX)
         socket.setsockopt(zmq.SNDHWM, SERVER_QUEUE_MESSAGES)
         socket.setsockopt(zmq.RCVHWM, SERVER_QUEUE_MESSAGES)
         try:

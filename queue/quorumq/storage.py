@@ -42,7 +42,7 @@ from typing import Any
 import msgspec
 
 from kvsvr import _core
-from quorumq.limits import INDEX_INTERVAL_BYTES, MAX_TOPICS, OFFSETS_LOG_MAX_BYTES
+from quorumq.limits import INDEX_INTERVAL_BYTES, OFFSETS_LOG_MAX_BYTES, TOPICS_MAX
 
 log = logging.getLogger("quorumq.storage")
 
@@ -459,8 +459,8 @@ class ServerStore:
                 _write_record_file(topic.directory / "topic", _encode(settings))
                 topic.settings = settings
             return topic
-        if len(self.topics) >= MAX_TOPICS:
-            raise ValueError(f"topic: this server holds {MAX_TOPICS} topics, the limit")
+        if len(self.topics) >= TOPICS_MAX:
+            raise ValueError(f"topic: this server holds {TOPICS_MAX} topics, the limit")
         directory = self.path / "topics" / name
         directory.mkdir(exist_ok=True)
         _write_record_file(directory / "topic", _encode(settings))

@@ -17,7 +17,7 @@ import zmq.asyncio
 
 from kvsvr import _core
 from kvsvr.errors import Internal, InvalidArgument, KvError, Timeout
-from kvsvr.limits import MAX_MESSAGE_BYTES
+from kvsvr.limits import MESSAGE_BYTES_MAX
 from quorumq import protocol
 from quorumq.limits import REQUEST_TIMEOUT_S
 
@@ -27,7 +27,7 @@ CLIENT_QUEUE_MESSAGES = 100_000
 def dealer(context: zmq.Context, address: str, *, immediate: bool = True) -> zmq.Socket:
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    socket.setsockopt(zmq.MAXMSGSIZE, MESSAGE_BYTES_MAX)
     socket.setsockopt(zmq.SNDHWM, CLIENT_QUEUE_MESSAGES)
     socket.setsockopt(zmq.RCVHWM, CLIENT_QUEUE_MESSAGES)
     # Queue only to a connected server: a request to a dead one fails by timeout instead of
@@ -50,9 +50,9 @@ def encode_request(method: int, request_id: int, body: bytes) -> bytes:
         message = _core.encode_frame(_core.FRAME_REQUEST, method, request_id, 0, body)
     except ValueError as e:
         raise InvalidArgument(f"request: {e}", field="request") from None
-    if len(message) > MAX_MESSAGE_BYTES:
+    if len(message) > MESSAGE_BYTES_MAX:
         raise InvalidArgument(f"request: {len(message)} bytes, the largest message a queue "
-                              f"server takes is {MAX_MESSAGE_BYTES}", field="request")
+                              f"server takes is {MESSAGE_BYTES_MAX}", field="request")
     return message
 
 
