@@ -254,8 +254,8 @@ def block_series(blocks: Any, id: int) -> list[int | None]: ...
 
 # --- quorum-queue log records (_qlog.pxi) ---------------------------------------------------
 QUEUE_RECORD_HEADER_BYTES: int
-QUEUE_MAX_MESSAGE_BYTES: int
-QUEUE_MAX_BATCH_MESSAGES: int
+QUEUE_MESSAGE_BYTES_MAX: int
+QUEUE_BATCH_MESSAGES_MAX: int
 SCAN_END: int
 SCAN_TRUNCATED: int
 SCAN_CORRUPT: int

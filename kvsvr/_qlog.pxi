@@ -7,7 +7,7 @@
 #   offset size field
 #        0    8 checksum     xxh3_64 of bytes [8, end): everything after this field
 #        8    4 magic        0x31524D51 (b"QMR1": the layout is part of the magic)
-#       12    4 value_len    0 .. QUEUE_MAX_MESSAGE_BYTES
+#       12    4 value_len    0 .. QUEUE_MESSAGE_BYTES_MAX
 #       16    8 offset       position of the message in this server's log of the topic
 #       24    8 producer_id  message id: the producer ...
 #       32    8 seq          ... and its sequence number (contiguous from 0 per producer)
@@ -21,12 +21,12 @@
 cdef enum:
     _QREC_MAGIC = 0x31524D51
     _QREC_HEADER_BYTES = 48
-    _QUEUE_MAX_MESSAGE_BYTES = 1048576      # one message value: 1 MiB
-    _QUEUE_MAX_BATCH_MESSAGES = 4096        # messages in one produce batch
+    _QUEUE_MESSAGE_BYTES_MAX = 1048576      # one message value: 1 MiB
+    _QUEUE_BATCH_MESSAGES_MAX = 4096        # messages in one produce batch
 
 QUEUE_RECORD_HEADER_BYTES = _QREC_HEADER_BYTES
-QUEUE_MAX_MESSAGE_BYTES = _QUEUE_MAX_MESSAGE_BYTES
-QUEUE_MAX_BATCH_MESSAGES = _QUEUE_MAX_BATCH_MESSAGES
+QUEUE_MESSAGE_BYTES_MAX = _QUEUE_MESSAGE_BYTES_MAX
+QUEUE_BATCH_MESSAGES_MAX = _QUEUE_BATCH_MESSAGES_MAX
 
 # What stopped a scan (scan_queue_records' `stop`).
 SCAN_END = 0          # the buffer ended exactly at a record boundary, or a limit was reached
@@ -45,15 +45,15 @@ def encode_queue_records(uint64_t first_offset, uint64_t producer_id, uint64_t f
     cdef Py_ssize_t count = len(values)
     cdef Py_ssize_t total = 0
     cdef Py_ssize_t i, n
-    if count > _QUEUE_MAX_BATCH_MESSAGES:
-        raise ValueError(f"messages: {count}, a batch holds at most {_QUEUE_MAX_BATCH_MESSAGES}")
+    if count > _QUEUE_BATCH_MESSAGES_MAX:
+        raise ValueError(f"messages: {count}, a batch holds at most {_QUEUE_BATCH_MESSAGES_MAX}")
     for i in range(count):
         value = values[i]
         if not isinstance(value, bytes):
             raise ValueError(f"messages[{i}]: expected bytes, got {type(value).__name__}")
         n = PyBytes_GET_SIZE(value)
-        if n > _QUEUE_MAX_MESSAGE_BYTES:
-            raise ValueError(f"messages[{i}]: {n} bytes, the limit is {_QUEUE_MAX_MESSAGE_BYTES}")
+        if n > _QUEUE_MESSAGE_BYTES_MAX:
+            raise ValueError(f"messages[{i}]: {n} bytes, the limit is {_QUEUE_MESSAGE_BYTES_MAX}")
         total += _QREC_HEADER_BYTES + n
     cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
     cdef uint8_t* p = <uint8_t*> PyBytes_AS_STRING(out)
@@ -85,7 +85,7 @@ cdef str _qrec_invalid(const uint8_t* p, Py_ssize_t available, object mv, Py_ssi
     cdef uint32_t value_len = _load32(p + 12)
     if _load32(p + 8) != _QREC_MAGIC:
         return "bad magic: not a queue record"
-    if value_len > _QUEUE_MAX_MESSAGE_BYTES:
+    if value_len > _QUEUE_MESSAGE_BYTES_MAX:
         return f"bad value length {value_len}"
     if verify and _load64(p) != <uint64_t> _xxh3_64(
             mv[pos + 8:pos + _QREC_HEADER_BYTES + value_len]):
@@ -121,7 +121,7 @@ def scan_queue_records(buf, Py_ssize_t pos=0, Py_ssize_t max_bytes=-1,
                     f"truncated: {n - pos} bytes left, a record header is {_QREC_HEADER_BYTES}")
         value_len = _load32(p + pos + 12)
         size = _QREC_HEADER_BYTES + <Py_ssize_t> value_len
-        if _load32(p + pos + 8) == _QREC_MAGIC and value_len <= _QUEUE_MAX_MESSAGE_BYTES \
+        if _load32(p + pos + 8) == _QREC_MAGIC and value_len <= _QUEUE_MESSAGE_BYTES_MAX \
                 and size > n - pos:
             return (pos, count, first_offset, last_offset, last_ms, SCAN_TRUNCATED,
                     f"truncated: record needs {size} bytes, {n - pos} left")
@@ -174,7 +174,7 @@ def decode_queue_records(buf):
         if n - pos < _QREC_HEADER_BYTES:
             raise QueueRecordError(f"record at byte {pos}: truncated header")
         value_len = _load32(p + pos + 12)
-        if value_len > _QUEUE_MAX_MESSAGE_BYTES \
+        if value_len > _QUEUE_MESSAGE_BYTES_MAX \
                 or _QREC_HEADER_BYTES + <Py_ssize_t> value_len > n - pos:
             raise QueueRecordError(f"record at byte {pos}: value runs past the end")
         reason = _qrec_invalid(p + pos, n - pos, mv, pos, True)

@@ -37,13 +37,16 @@ from kvsvr.client import (
 from kvsvr.config import ClusterConfig
 from kvsvr.errors import Internal, KvError, Timeout, Unavailable
 from kvsvr.health import Health
-from kvsvr.limits import CLIENT_ATTEMPT_TIMEOUT_S, TIMEOUT_S_DEFAULT
+from kvsvr.limits import (
+    ASYNC_CLIENT_SWEEP_INTERVAL_S,
+    CLIENT_ATTEMPT_TIMEOUT_S,
+    TIMEOUT_S_DEFAULT,
+)
 
 _encode = p.encode
 _encode_frame = _core.encode_frame
 _decode_frames = _core.decode_frames
 _REQUEST = _core.FRAME_REQUEST
-SWEEP_INTERVAL_S = 0.05
 
 
 class _Call:
@@ -255,7 +258,7 @@ class AsyncClient(_Api):
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
+            await asyncio.sleep(ASYNC_CLIENT_SWEEP_INTERVAL_S)
             if not self._closed:
                 self._sweep_at(time.monotonic())
 

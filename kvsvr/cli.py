@@ -27,11 +27,15 @@ from kvsvr.errors import (
     Unavailable,
     VersionConflict,
 )
-from kvsvr.limits import SCAN_ROWS_DEFAULT, TIMEOUT_S_DEFAULT, VALUE_BYTES_MAX
+from kvsvr.limits import (
+    CLI_STATUS_TIMEOUT_S,
+    SCAN_ROWS_DEFAULT,
+    TIMEOUT_S_DEFAULT,
+    VALUE_BYTES_MAX,
+)
 from kvsvr.protocol import ChangesPage, RowValue, ScanPage, Versioned
 from kvsvr.store import seq_row
 
-STATUS_TIMEOUT_S = 1.0   # `status` waits this long for each node unless --timeout says otherwise
 EXIT_NODE_DOWN = 4
 
 EXIT_CODES: list[tuple[type[Exception], int]] = [
@@ -151,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--address", help="talk to one node, e.g. tcp://127.0.0.1:7400")
     parser.add_argument("--timeout", type=positive_seconds, default=None,
                         help=f"seconds to wait for an answer (default {TIMEOUT_S_DEFAULT}; "
-                             f"status: {STATUS_TIMEOUT_S} per node)")
+                             f"status: {CLI_STATUS_TIMEOUT_S} per node)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -346,7 +350,7 @@ def _status_line(row: dict[str, Any]) -> str:
 
 def _status(args: argparse.Namespace) -> int:
     config = None if args.address else load(args.config)
-    rows = cluster_status(config, args.address, args.timeout or STATUS_TIMEOUT_S)
+    rows = cluster_status(config, args.address, args.timeout or CLI_STATUS_TIMEOUT_S)
     if args.json:
         print(json.dumps(rows))
     else:

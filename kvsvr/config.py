@@ -17,7 +17,7 @@ from msgspec import Meta, Struct
 
 from kvsvr import _core
 from kvsvr.errors import ConfigError, InvalidArgument
-from kvsvr.limits import BINLOG_MAX_RECORDS, PEER_SECRET_MIN_BYTES
+from kvsvr.limits import BINLOG_RECORDS_MAX, PEER_SECRET_BYTES_MIN
 
 Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 _ADDRESS = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:]+:(\d{1,5})|ipc://.+)$")
@@ -76,7 +76,7 @@ class StorageConfig(Struct, forbid_unknown_fields=True):
     # disk, not the map, is what limits a node.
     map_size_mib: Annotated[int, Meta(ge=16, le=16 * 1024 * 1024)] = 1024 * 1024
     sync: bool = True
-    binlog_max_records: Annotated[int, Meta(ge=1000)] = BINLOG_MAX_RECORDS
+    binlog_max_records: Annotated[int, Meta(ge=1000)] = BINLOG_RECORDS_MAX
     # A replica's LMDB transaction commits (a checkpoint) this often; between checkpoints its
     # votes are durable in the vote log. Longer: fewer page writes per write, more to replay.
     # 50: the same write throughput as 100 here, with a p99 about a fifth lower (each
@@ -268,9 +268,9 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
                        f"queue group {queue_group.name!r}", "server", seen)
     config.shard_table()
     secret = config.security.peer_secret
-    if secret and len(secret.encode()) < PEER_SECRET_MIN_BYTES:
+    if secret and len(secret.encode()) < PEER_SECRET_BYTES_MIN:
         raise ConfigError(f"security.peer_secret: {len(secret.encode())} bytes, expected at "
-                          f"least {PEER_SECRET_MIN_BYTES} (or \"\" for none)")
+                          f"least {PEER_SECRET_BYTES_MIN} (or \"\" for none)")
     monitor = config.monitor
     problem = address_problem(monitor.center)
     if problem:

@@ -9,7 +9,7 @@ The states of an address, all transitions in this class:
     healthy    no failure since its last answer: calls use it in their key's order
     failing    an attempt timed out or answered Unavailable: calls skip it until its
                back-off ends (BACKOFF_FIRST_S, doubling per consecutive failure, at most
-               BACKOFF_MAX_S)
+               BACKOFF_S_MAX)
     probe due  the back-off ended: the next call that picks it is the probe
     probing    a probe is in flight: other calls skip it for one attempt (the probe window)
 
@@ -25,13 +25,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+from kvsvr.limits import BACKOFF_FIRST_S, BACKOFF_S_MAX
+
 # Client-side tunables, kept here rather than in kvsvr/limits.py (the node's side owns that
 # file): how long a failing replica is skipped after its first failure, and the ceiling of the
 # doubling back-off. Short enough that a restarted replica gets its traffic back within
 # seconds; long enough that a dead one costs a timed-out attempt only now and then.
-BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 10.0
-_BACKOFF_MAX_DOUBLINGS = 16   # 0.5 s * 2^16 is far past the ceiling: no huge powers of two
+_BACKOFF_DOUBLINGS_MAX = 16   # 0.5 s * 2^16 is far past the ceiling: no huge powers of two
 
 HEALTHY = "healthy"
 FAILING = "failing"
@@ -41,8 +41,8 @@ PROBING = "probing"
 
 def backoff_s(failures: int) -> float:
     """The back-off after `failures` consecutive failures (failures >= 1)."""
-    return min(BACKOFF_MAX_S,
-               BACKOFF_FIRST_S * 2.0 ** min(failures - 1, _BACKOFF_MAX_DOUBLINGS))
+    return min(BACKOFF_S_MAX,
+               BACKOFF_FIRST_S * 2.0 ** min(failures - 1, _BACKOFF_DOUBLINGS_MAX))
 
 
 class _Failing:
@@ -131,5 +131,4 @@ def _usable(entry: _Failing | None, now: float) -> bool:
     return entry is None or now >= entry.until
 
 
-__all__ = ["BACKOFF_FIRST_S", "BACKOFF_MAX_S", "FAILING", "HEALTHY", "PROBE_DUE", "PROBING",
-           "Health", "backoff_s"]
+__all__ = ["FAILING", "HEALTHY", "PROBE_DUE", "PROBING", "Health", "backoff_s"]

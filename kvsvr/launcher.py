@@ -23,10 +23,8 @@ from typing import Self
 from kvsvr.client import Client
 from kvsvr.config import ClusterConfig, default_text, load
 from kvsvr.errors import ConfigError, KvError
+from kvsvr.limits import NODE_READY_TIMEOUT_S
 from kvsvr.process import on_stop_signals
-
-READY_TIMEOUT_S = 30.0
-
 
 _handed_out: set[int] = set()
 
@@ -204,7 +202,7 @@ class LocalCluster(ChildProcesses):
                 for name in self.nodes:
                     self.wait_joined(name)
 
-    def wait_joined(self, node: str, timeout: float = READY_TIMEOUT_S) -> None:
+    def wait_joined(self, node: str, timeout: float = NODE_READY_TIMEOUT_S) -> None:
         """Until a replica has joined its group (a new one learns from every peer whether it
         had an earlier life; that needs them all up, so a whole cluster start waits here)."""
         deadline = time.monotonic() + timeout
@@ -219,7 +217,7 @@ class LocalCluster(ChildProcesses):
                     raise RuntimeError(f"node {node} did not join its group in {timeout} s")
                 time.sleep(0.02)
 
-    def wait_ready(self, node: str, timeout: float = READY_TIMEOUT_S) -> None:
+    def wait_ready(self, node: str, timeout: float = NODE_READY_TIMEOUT_S) -> None:
         """Until the node answers on its address. The answer must come from our process:
         another one already on that port (an earlier cluster left running) answers too, and
         ours then exits on the address in use, which _check_alive reports."""

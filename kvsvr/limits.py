@@ -21,16 +21,16 @@ OPS_REMEMBERED_PER_CLIENT = 10_000   # exactly-once window: retried op ids recog
 OPS_TRIM_STEP = 256                  # ... trimmed every this many ops (window + step at most)
 CLIENT_IDLE_EXPIRY_S = 86_400        # a client silent this long is forgotten, op ids and all
 CLIENT_SWEEP_BATCH = 1_000           # clients looked at per sweep (bounded work per round)
-GROUP_COMMIT_MAX_OPS = 2_048         # mutations folded into one durable LMDB transaction
-SCAN_MAX_ENTRIES_VISITED = 20_000    # tombstones skipped by one scan before it returns a page
-PAGE_MAX_BYTES = 2 << 20             # rows + values in one scan/changes page (fits a frame)
+GROUP_COMMIT_OPS_MAX = 2_048         # mutations folded into one durable LMDB transaction
+SCAN_ENTRIES_VISITED_MAX = 20_000    # tombstones skipped by one scan before it returns a page
+PAGE_BYTES_MAX = 2 << 20             # rows + values in one scan/changes page (fits a frame)
 BINLOG_TRIM_PER_WRITE = 64           # records trimmed per mutation when over the bound
 DISK_FULL_BELOW_BYTES = 16 << 20     # a failed commit with less free disk than this: full
 CLIENT_ATTEMPT_TIMEOUT_S = 1.0       # a request unanswered this long is resent (same op id)
 TIMEOUT_S_DEFAULT = 5.0              # overall deadline of a client call
 CLIENT_QUEUE_MESSAGES = 10_000       # ZeroMQ messages queued per client socket, each way
 NODE_QUEUE_MESSAGES = 1_000          # ... per peer of a node (each <= MESSAGE_BYTES_MAX)
-BINLOG_MAX_RECORDS = 1_000_000       # default bound on binlog length (trimmed oldest first)
+BINLOG_RECORDS_MAX = 1_000_000       # default bound on binlog length (trimmed oldest first)
 VOTE_LOG_BYTES = 16 << 20            # a replica's vote log file (zero-filled once; a round's
                                      # records that do not fit go to LMDB at once instead)
 STATE_CACHE_KEYS = 1 << 18           # key states a store keeps in memory (newest applied) ...
@@ -39,7 +39,7 @@ DEFERRED_RECORDS_MAX = 1 << 17       # binlog records a restart may replay into 
                                      # replica held back from LMDB (see Store) ...
 KEY_FLUSH_CYCLE_S = 10.0             # ... which it writes once per this long, by key range
 KEY_FLUSH_IDLE_S = 1.0               # ... or all at once after this long without a commit
-PEER_SECRET_MIN_BYTES = 16           # [security] peer_secret, when set
+PEER_SECRET_BYTES_MIN = 16           # [security] peer_secret, when set
 PEER_MAC_BYTES = 16                  # the MAC at the head of an authenticated peer request
 
 # A node's loop (kvsvr.single: a group of one replica; kvsvr.replica: a replicated group).
@@ -81,17 +81,34 @@ OPEN_RECOVER_AFTER_S = 1.0           # an instance accepted here but not chosen 
 OPEN_CHECK_INTERVAL_S = 0.25         # how often open instances are looked at
 CHECKPOINT_APPLIED_MAX = 20_000      # a checkpoint at least every this many applied versions
 
+# A store (kvsvr.store).
+STORE_MAP_SIZE_MIB_DEFAULT = 1024 * 1024  # the LMDB map's bound (address space, not disk)
+LMDB_READERS_MAX = 256               # read transactions open at once in the environment
+BINLOG_READ_RECORDS_DEFAULT = 1000   # records `Store.binlog` returns unless told
+STATE_CACHE_EVICT_SLICES = 16        # a full key-state cache evicts 1/n of its bound at a time
+
+# Clients and tools.
+BACKOFF_FIRST_S = 0.5                # a failing replica is skipped this long first, ...
+BACKOFF_S_MAX = 10.0                 # ... doubling per consecutive failure, up to this
+ASYNC_CLIENT_SWEEP_INTERVAL_S = 0.05  # the asyncio client looks for expired attempts this often
+CLI_STATUS_TIMEOUT_S = 1.0           # `kvsvr status` waits this long for each node by default
+NODE_READY_TIMEOUT_S = 30.0          # the launcher waits this long for a node to serve
+
 # Held key states are pinned in the state cache, which must keep room for others.
 assert DEFERRED_RECORDS_MAX <= STATE_CACHE_KEYS // 2
 # A page of at least one maximal row must still fit in one frame.
-assert PAGE_MAX_BYTES + VALUE_BYTES_MAX + ROW_KEY_BYTES_MAX + 4096 <= FRAME_BYTES_MAX
+assert PAGE_BYTES_MAX + VALUE_BYTES_MAX + ROW_KEY_BYTES_MAX + 4096 <= FRAME_BYTES_MAX
 
 __all__ = [
     "APPLY_PULLED_RECORDS_MAX",
+    "ASYNC_CLIENT_SWEEP_INTERVAL_S",
+    "BACKOFF_FIRST_S",
+    "BACKOFF_S_MAX",
     "BARRIER_KEYS_MAX",
     "BARRIER_RESEND_S",
     "BATCH_BYTES_MAX",
-    "BINLOG_MAX_RECORDS",
+    "BINLOG_READ_RECORDS_DEFAULT",
+    "BINLOG_RECORDS_MAX",
     "BINLOG_TRIM_PER_WRITE",
     "CHECKPOINT_APPLIED_MAX",
     "CLIENT_ATTEMPT_TIMEOUT_S",
@@ -99,6 +116,7 @@ __all__ = [
     "CLIENT_QUEUE_MESSAGES",
     "CLIENT_SWEEP_BATCH",
     "CLIENT_SWEEP_INTERVAL_S",
+    "CLI_STATUS_TIMEOUT_S",
     "DEFERRED_RECORDS_MAX",
     "DISK_FULL_BELOW_BYTES",
     "EXPIRE_INTERVAL_S",
@@ -106,7 +124,7 @@ __all__ = [
     "FRAME_BYTES_MAX",
     "FRAME_HEADER_BYTES",
     "GAP_SNAPSHOT_AFTER_S",
-    "GROUP_COMMIT_MAX_OPS",
+    "GROUP_COMMIT_OPS_MAX",
     "HELLO_RESEND_S",
     "IDLE_POLL_MS",
     "IO_THREAD_SCHED_POLICY",
@@ -114,9 +132,11 @@ __all__ = [
     "KEY_BYTES_MAX",
     "KEY_FLUSH_CYCLE_S",
     "KEY_FLUSH_IDLE_S",
+    "LMDB_READERS_MAX",
     "MESSAGE_BYTES_MAX",
     "NODE_POLL_INTERVAL_MS",
     "NODE_QUEUE_MESSAGES",
+    "NODE_READY_TIMEOUT_S",
     "NODE_ROUND_BYTES_MAX",
     "NODE_ROUND_MESSAGES_MAX",
     "OPEN_CHECK_INTERVAL_S",
@@ -124,10 +144,10 @@ __all__ = [
     "OPS_PER_BATCH_MAX",
     "OPS_REMEMBERED_PER_CLIENT",
     "OPS_TRIM_STEP",
-    "PAGE_MAX_BYTES",
+    "PAGE_BYTES_MAX",
     "PEER_DOWN_AFTER_S",
     "PEER_MAC_BYTES",
-    "PEER_SECRET_MIN_BYTES",
+    "PEER_SECRET_BYTES_MIN",
     "PEER_WATCH_INTERVAL_S",
     "PULL_BYTES_MAX",
     "PULL_IDLE_INTERVAL_S",
@@ -141,14 +161,16 @@ __all__ = [
     "ROUND_MESSAGES_MAX",
     "ROUND_WAKE_ONLY_S_MAX",
     "ROW_KEY_BYTES_MAX",
-    "SCAN_MAX_ENTRIES_VISITED",
+    "SCAN_ENTRIES_VISITED_MAX",
     "SCAN_ROWS_DEFAULT",
     "SCAN_ROWS_MAX",
     "SNAPSHOT_IDLE_S_MAX",
     "SNAPSHOT_PAGE_BYTES_MAX",
     "SNAPSHOT_SESSIONS_MAX",
+    "STATE_CACHE_EVICT_SLICES",
     "STATE_CACHE_KEYS",
     "STATE_CACHE_VALUE_BYTES",
+    "STORE_MAP_SIZE_MIB_DEFAULT",
     "TIMEOUT_S_DEFAULT",
     "TRIM_RECORDS_PER_ROUND_MAX",
     "VALUE_BYTES_MAX",

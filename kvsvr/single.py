@@ -23,7 +23,7 @@ from kvsvr.config import ClusterConfig
 from kvsvr.errors import ConfigError, Internal, InvalidArgument, KvError, StorageFull
 from kvsvr.limits import (
     CLIENT_SWEEP_INTERVAL_S,
-    GROUP_COMMIT_MAX_OPS,
+    GROUP_COMMIT_OPS_MAX,
     NODE_POLL_INTERVAL_MS,
     NODE_ROUND_BYTES_MAX,
     NODE_ROUND_MESSAGES_MAX,
@@ -170,8 +170,8 @@ class Node:
                                                 InvalidArgument(error, field="frame")))
         finally:
             txn.abort()
-        for start in range(0, len(writes), GROUP_COMMIT_MAX_OPS):
-            self._commit(writes[start:start + GROUP_COMMIT_MAX_OPS])
+        for start in range(0, len(writes), GROUP_COMMIT_OPS_MAX):
+            self._commit(writes[start:start + GROUP_COMMIT_OPS_MAX])
         if deferred:
             self._answer_reads(deferred)
         # Answers go back in as many messages as the size limits need (a client takes any).

@@ -36,17 +36,9 @@ from kvsvr import (
 from kvsvr import protocol as p
 from kvsvr.config import ClusterConfig, load
 from kvsvr.errors import KvError, Unavailable
-from kvsvr.health import (
-    BACKOFF_FIRST_S,
-    BACKOFF_MAX_S,
-    FAILING,
-    HEALTHY,
-    PROBE_DUE,
-    PROBING,
-    Health,
-    backoff_s,
-)
+from kvsvr.health import FAILING, HEALTHY, PROBE_DUE, PROBING, Health, backoff_s
 from kvsvr.launcher import LocalCluster, write_cluster_config, write_single_node_config
+from kvsvr.limits import BACKOFF_FIRST_S, BACKOFF_S_MAX
 from kvsvr.sharding import Router, home_index
 
 ATTEMPT_S = 0.2
@@ -232,7 +224,7 @@ def test_health_state_machine_by_table():
     assert health.choose(["a", "b"], 2.0, exclude="a") == ("b", 2.0)   # b's probe, excluded a
     assert health.choose(["a"], 2.0, exclude="a") == ("a", 2.0)        # the only one: used
     assert [backoff_s(n) for n in range(1, 8)] == [0.5, 1, 2, 4, 8, 10, 10]
-    assert backoff_s(10**6) == BACKOFF_MAX_S and BACKOFF_FIRST_S == 0.5
+    assert backoff_s(10**6) == BACKOFF_S_MAX and BACKOFF_FIRST_S == 0.5
 
 
 def test_router_lists_the_group_home_first_then_ring_order(group: Group):

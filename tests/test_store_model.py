@@ -410,7 +410,9 @@ def test_every_meta_name_a_store_writes_is_in_the_registry(tmp_path):
         with store.write() as batch:
             for version in range(4):
                 batch.mutate(b"k", [Op(_core.OP_PUT, b"", b"v%d" % version)])
-            batch.persist_quorum([("fence", 2, 5), ("rebuilt", 3), ("verified", 3)])
+            batch.persist_quorum([_core.FenceRecord(_core.FENCE, 2, 5),
+                                  _core.RebuiltRecord(_core.REBUILT, 3),
+                                  _core.VerifiedRecord(_core.VERIFIED, 3)])
             batch.set_incarnation(3)
         written = set(store.meta_raw(b""))
     finally:

@@ -28,7 +28,6 @@ log = logging.getLogger("kvsvr.monitor")
 
 Counters = _core.Counters
 CountersError = _core.CountersError
-IDS_MAX_DEFAULT = _core.MONITOR_IDS_DEFAULT
 WINDOW_S_DEFAULT = _core.WINDOW_S_DEFAULT
 FILE_MODE = 0o600             # the counting processes and the agent run as one user
 
@@ -81,7 +80,7 @@ def open_counters(path: str | Path | None = None, *, max_ids: int | None = None,
         except FileNotFoundError:
             if not create:
                 raise CountersMissing(f"{path}: no counters file (yet)") from None
-            _create(path, max_ids or IDS_MAX_DEFAULT, window_s or WINDOW_S_DEFAULT)
+            _create(path, max_ids or _core.MONITOR_IDS_DEFAULT, window_s or WINDOW_S_DEFAULT)
             continue
         except OSError as e:
             raise CountersError(f"{path}: cannot open ({e.strerror})") from None

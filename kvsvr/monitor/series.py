@@ -33,7 +33,7 @@ from kvsvr.monitor.report import Report
 
 SECOND = struct.Struct(">Q")
 ID = struct.Struct(">I")
-MAP_SIZE_MIB_DEFAULT = 64 * 1024        # address space only; the file grows as data comes
+SERIES_MAP_SIZE_MIB_DEFAULT = 64 * 1024        # address space only; the file grows as data comes
 TRIM_BATCH = 10_000                      # entries deleted per trim call (bounded work)
 SERIES_SECONDS_MAX = 86_400              # one query reads at most a day of seconds
 
@@ -63,7 +63,7 @@ _decode = msgspec.msgpack.decode
 
 
 class SeriesStore:
-    def __init__(self, path: str | Path, *, map_size_mib: int = MAP_SIZE_MIB_DEFAULT,
+    def __init__(self, path: str | Path, *, map_size_mib: int = SERIES_MAP_SIZE_MIB_DEFAULT,
                  sync: bool = True):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 from kvsvr import _core
 from kvsvr._core import InstanceRecord, PersistRecord
@@ -38,7 +38,7 @@ from kvsvr.monitor import registry as monitor_ids
 from kvsvr.monitor.counters import CounterSink
 from kvsvr.replica.lives import Life
 from kvsvr.replica.peers import Peers
-from kvsvr.store import KeyState, Store, WriteBatch
+from kvsvr.store import KeyState, Meta, Store, WriteBatch
 from kvsvr.votelog import VoteLog
 
 log = logging.getLogger("kvsvr.replica")
@@ -171,7 +171,7 @@ class Checkpoints:
     def log_records(self, batch: WriteBatch | None, records: list[PersistRecord]) -> None:
         """Records the vote log took: instances wait for the checkpoint (most are applied
         and forgotten before it), the rest go into the open transaction now."""
-        other: list[tuple[Any, ...]] = []   # (what WriteBatch.persist_quorum is typed to take)
+        other: list[PersistRecord] = []
         logged = self._logged
         for record in records:
             if isinstance(record, InstanceRecord):
@@ -271,7 +271,7 @@ class Checkpoints:
             self._in_lmdb.update(self._logged)
             self._logged = {}
         through, start = self._votes.mark()
-        batch.set_meta_u64s(b"votes/through", through, start)
+        batch.set_meta_u64s(Meta.VOTES_THROUGH, through, start)
         # A key range's held states go to LMDB with each checkpoint (see Store).
         batch.flush_key_states(self.checkpoint_s / KEY_FLUSH_CYCLE_S)
         batch.seal()   # (here: the commit runs on the committer's thread)
@@ -363,13 +363,13 @@ class Checkpoints:
         process), and a checkpoint of that with a frame number no frame left in the file can
         follow."""
         # (Store.quorum_records is typed list[tuple]; its items are the core's records.)
-        stored = cast(list[PersistRecord], self._store.quorum_records())
+        stored = self._store.quorum_records()
         self._in_lmdb = {(r.key, r.version) for r in stored if isinstance(r, InstanceRecord)}
         if rebuilding:
             return
         store = self._store
         # (A store from before the ring kept no offset: its log started again at 0.)
-        through, start = (*store.meta_u64s(b"votes/through").get(b"", (0,)), 0)[:2]
+        through, start = (*store.meta_u64s(Meta.VOTES_THROUGH).get(b"", (0,)), 0)[:2]
         logged = self._votes.replay(through, start)
         records: list[PersistRecord] = []
         stale: list[InstanceRecord] = []

@@ -23,7 +23,7 @@ from kvsvr.limits import HELLO_RESEND_S, JOINING_LOG_INTERVAL_S
 from kvsvr.protocol import HelloReply, HelloRequest, Method
 from kvsvr.replica.network import Network
 from kvsvr.replica.peers import Peer, Peers, request_id
-from kvsvr.store import Store
+from kvsvr.store import Meta, Store
 
 log = logging.getLogger("kvsvr.replica")
 
@@ -51,13 +51,13 @@ class Life:
         self._joining_logged = 0.0
         # peer -> its last LSN when it sent its acceptor state to this rebuilding life
         self.rebuild_targets = {
-            int(k[0]): v[0] for k, v in store.meta_u64s(b"rebuild/target/").items() if k}
-        self.rebuild_done = bool(store.meta_u64s(b"rebuild/done"))
+            int(k[0]): v[0] for k, v in store.meta_u64s(Meta.REBUILD_TARGET_PREFIX).items() if k}
+        self.rebuild_done = bool(store.meta_u64s(Meta.REBUILD_DONE))
         # Keys a copy was installing when the node stopped (a page can end inside a key's
         # rows, and a checkpoint can make that half durable): copied again from that peer,
         # those keys replaced even by their own version, before anything else.
         self.half_installed = {int(k[0]): set(msgspec.msgpack.decode(v, type=list[bytes]))
-                               for k, v in store.meta_raw(b"copy/installing/").items() if k}
+                               for k, v in store.meta_raw(Meta.COPY_INSTALLING_PREFIX).items() if k}
 
     def start_quorum(self, rebuilding: bool) -> _core.QuorumReplica:
         """The acceptor of this life (its state restored by the caller)."""
@@ -104,9 +104,9 @@ class Life:
 
     def save_rebuild_progress(self, batch: Any) -> None:
         for index, target in self.rebuild_targets.items():
-            batch.set_meta_u64s(b"rebuild/target/" + bytes([index]), target)
+            batch.set_meta_u64s(Meta.REBUILD_TARGET_PREFIX + bytes([index]), target)
         if self.quorum is not None and not self.quorum.rebuilding and self.data_rebuilt():
-            batch.set_meta_u64s(b"rebuild/done", self.incarnation)
+            batch.set_meta_u64s(Meta.REBUILD_DONE, self.incarnation)
             self.rebuild_done = True
             log.info("node %s: rebuilt life %d holds every peer's data: voting", self._name,
                      self.incarnation)
@@ -164,7 +164,7 @@ class Life:
 
     def fence_of(self, peer: int) -> int:
         """The highest life of `peer` this node has heard from (persisted as fences)."""
-        fences = self._store.meta_u64s(b"quorum/fence/" + bytes([peer]))
+        fences = self._store.meta_u64s(Meta.QUORUM_FENCE_PREFIX + bytes([peer]))
         return max((v[0] for v in fences.values()), default=0)
 
 

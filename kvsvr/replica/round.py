@@ -41,7 +41,7 @@ from kvsvr.replica.sending import QuorumSender
 from kvsvr.replica.stream import Page, Pulled, Stream
 from kvsvr.replica.work import Work
 from kvsvr.single import METHOD_COUNTER, Node
-from kvsvr.store import Store
+from kvsvr.store import Meta, Store
 from kvsvr.votelog import VoteLog
 
 log = logging.getLogger("kvsvr.replica")
@@ -74,7 +74,7 @@ class ReplicaNode(Node):
         self.index = self.group.replicas.index(self.replica)
         self.replicas = len(self.group.replicas)
         store = self.store
-        cursors = {int(k[0]): v for k, v in store.meta_u64s(b"cursor/").items() if k}
+        cursors = {int(k[0]): v for k, v in store.meta_u64s(Meta.CURSOR_PREFIX).items() if k}
         self.peers = Peers(self.group, self.index, cursors, config.security.peer_secret)
         self.votes = self._open_vote_log()
         # LMDB write transactions begin and commit on the committer's thread; a checkpoint's
@@ -118,7 +118,7 @@ class ReplicaNode(Node):
     def _open_vote_log(self) -> VoteLog:
         # The nonce is stored only once its log file is whole (zero-filled and synced): a
         # store with a nonce and no whole log lost votes, and VoteLog refuses to go on.
-        nonce = self.store.meta_u64s(b"votes/nonce").get(b"")
+        nonce = self.store.meta_u64s(Meta.VOTES_NONCE).get(b"")
         had_log = nonce is not None
         if nonce is None:
             nonce = (secrets.randbits(64),)
@@ -126,7 +126,7 @@ class ReplicaNode(Node):
                                    sync=self.config.storage.sync, must_exist=had_log)
         if not had_log:
             with self.store.write() as batch:
-                batch.set_meta_u64s(b"votes/nonce", *nonce)
+                batch.set_meta_u64s(Meta.VOTES_NONCE, *nonce)
         return votes
 
     # --- lives ------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from kvsvr.replica.checkpoints import Checkpoints
 from kvsvr.replica.lives import Life
 from kvsvr.replica.network import Network
 from kvsvr.replica.peers import Peer, Peers, request_id
-from kvsvr.store import Store
+from kvsvr.store import Meta, Store
 
 log = logging.getLogger("kvsvr.replica")
 
@@ -348,7 +348,7 @@ class Stream:
             # Durable with this page: the key it may end inside (its rows can go on in the
             # next page), for a restart to repair.
             half = (repair | {key}) if installing and key is not None else repair
-            batch.set_meta(b"copy/installing/" + bytes([peer.index]),
+            batch.set_meta(Meta.COPY_INSTALLING_PREFIX + bytes([peer.index]),
                            _encode(sorted(half)) if half and reply.next is not None else None)
             if reply.next is None:
                 self._copy_complete(peer, reply, repair)
@@ -377,7 +377,7 @@ class Stream:
         moved = {id(p) for p, _, _ in pulled} | {id(p) for p, _, _ in pages}
         for peer in self._peers.linked:
             if id(peer) in moved:
-                batch.set_meta_u64s(b"cursor/" + bytes([peer.index]), peer.incarnation,
+                batch.set_meta_u64s(Meta.CURSOR_PREFIX + bytes([peer.index]), peer.incarnation,
                                     peer.cursor)
                 peer.saved = (peer.incarnation, peer.cursor)
 

@@ -26,8 +26,6 @@ from kvsvr.store.layout import SCHEMA_VERSION, KeyState, Meta, seq_of_row, seq_r
 from kvsvr.store.planner import plan
 from kvsvr.store.snapshots import SnapshotItem, SnapshotPosition
 
-_plan = plan   # compatibility alias, to be removed: use `plan`
-
 __all__ = [
     "SCHEMA_VERSION",
     "KeyState",
@@ -37,7 +35,6 @@ __all__ = [
     "Store",
     "StoreLocked",
     "WriteBatch",
-    "_plan",
     "plan",
     "seq_of_row",
     "seq_row",

@@ -10,11 +10,13 @@ the caller's one transaction, which is how many client operations share one dura
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import lmdb
 
 from kvsvr import _core
+from kvsvr._core import PersistRecord
 from kvsvr.errors import StorageFull, VersionConflict
 from kvsvr.limits import (
     BINLOG_TRIM_PER_WRITE,
@@ -105,7 +107,7 @@ class WriteBatch:
         return state
 
     # --- the version quorum, snapshots, meta -----------------------------------------------
-    def persist_quorum(self, records: list[tuple[Any, ...]]) -> None:
+    def persist_quorum(self, records: Sequence[PersistRecord]) -> None:
         """Make the version quorum's records durable with the rest of this transaction."""
         self.store.quorum_state.persist(self.txn, records)
 

@@ -15,12 +15,16 @@ import lmdb
 
 from kvsvr import _core
 from kvsvr._applier import Applier
+from kvsvr._core import PersistRecord
 from kvsvr.errors import Compacted, NotFound, StorageFull
 from kvsvr.limits import (
-    BINLOG_MAX_RECORDS,
+    BINLOG_READ_RECORDS_DEFAULT,
+    BINLOG_RECORDS_MAX,
     DISK_FULL_BELOW_BYTES,
-    PAGE_MAX_BYTES,
-    SCAN_MAX_ENTRIES_VISITED,
+    LMDB_READERS_MAX,
+    PAGE_BYTES_MAX,
+    SCAN_ENTRIES_VISITED_MAX,
+    STORE_MAP_SIZE_MIB_DEFAULT,
 )
 from kvsvr.protocol import (
     Change,
@@ -50,10 +54,6 @@ from kvsvr.store.quorum import QuorumState
 from kvsvr.store.snapshots import SnapshotItem, SnapshotPosition, Snapshots
 from kvsvr.store.states import KeyStates, replay_into
 
-MAP_SIZE_MIB_DEFAULT = 1024 * 1024   # the LMDB map's bound (address space, not disk)
-LMDB_READERS_MAX = 256               # read transactions open at once in the environment
-BINLOG_READ_RECORDS_DEFAULT = 1000   # records `Store.binlog` returns unless told
-
 
 class StoreLocked(RuntimeError):
     """Another process already serves this data directory."""
@@ -65,8 +65,8 @@ class Store:
     `snapshots`, and `applier` (the compiled path of plain writes, None unless it holds key
     states); `first_lsn` and `last_lsn` bound its binlog as the open transaction sees it."""
 
-    def __init__(self, path: str | Path, *, map_size_mib: int = MAP_SIZE_MIB_DEFAULT,
-                 sync: bool = True, binlog_max_records: int = BINLOG_MAX_RECORDS,
+    def __init__(self, path: str | Path, *, map_size_mib: int = STORE_MAP_SIZE_MIB_DEFAULT,
+                 sync: bool = True, binlog_max_records: int = BINLOG_RECORDS_MAX,
                  defer_meta_sync: bool = False, defer_key_states: bool = False):
         """`defer_meta_sync` (a replica, whose vote log holds what a lost commit had): each
         commit fsyncs its pages but not its meta page, which the next commit's fsync (or
@@ -267,8 +267,8 @@ class Store:
                 if not raw_key.startswith(prefix) or (stop is not None and raw_key >= stop):
                     break
                 row = raw_key[len(prefix):]
-                if (len(rows) == limit or visited == SCAN_MAX_ENTRIES_VISITED
-                        or size > PAGE_MAX_BYTES):
+                if (len(rows) == limit or visited == SCAN_ENTRIES_VISITED_MAX
+                        or size > PAGE_BYTES_MAX):
                     next_start = row  # more remain: continue from here
                     break
                 visited += 1
@@ -309,7 +309,7 @@ class Store:
                     break
                 version = U64BE.unpack_from(index_key, len(prefix))[0]
                 row = index_key[len(prefix) + 8:]
-                if len(changes) == limit or size > PAGE_MAX_BYTES:
+                if len(changes) == limit or size > PAGE_BYTES_MAX:
                     last = changes[-1]
                     resume = (last.version, last.row)
                     break
@@ -409,7 +409,7 @@ class Store:
                     out[bytes(name[len(prefix):])] = bytes(raw)
         return out
 
-    def quorum_records(self) -> list[tuple[Any, ...]]:
+    def quorum_records(self) -> list[PersistRecord]:
         """Every persisted record of the version quorum, in the form QuorumReplica.restore
         takes (see _quorum.pxi)."""
         with self.env.begin() as txn:

@@ -24,7 +24,6 @@ from kvsvr._core import (
     PersistRecord,
     RebuiltRecord,
     VerifiedRecord,
-    persist_record,
 )
 from kvsvr.store.layout import U16BE, U64BE, Meta, Tables, key_prefix
 
@@ -43,13 +42,9 @@ class QuorumState:
         self.paxos = tables.paxos
         self.meta = tables.meta
 
-    def persist(self, txn: Any, records: Sequence[tuple[Any, ...]]) -> None:
-        """Write the core's records in `txn`. (A plain tuple with its kind first is taken
-        too, as the records were before they had names: a compatibility path, to be removed
-        once no caller passes one.) ValueError for a record of no known kind."""
+    def persist(self, txn: Any, records: Sequence[PersistRecord]) -> None:
+        """Write the core's records in `txn`. ValueError for a record of no known kind."""
         for record in records:
-            if type(record) is tuple:
-                record = persist_record(record)
             if isinstance(record, InstanceRecord):
                 txn.put(key_prefix(record.key) + U64BE.pack(record.version),
                         _paxos_encoder.encode([record.promised, record.accepted_ballot,
@@ -72,10 +67,8 @@ class QuorumState:
         """The version was applied: its acceptor state is no longer kept."""
         txn.delete(key_prefix(key) + U64BE.pack(version), db=self.paxos)
 
-    def records(self, txn: Any) -> list[Any]:
-        """Every persisted record (a PersistRecord each), as QuorumReplica.restore takes
-        them. (Typed list[Any] for Store.quorum_records, which still says list[tuple]: a
-        compatibility, to be list[PersistRecord] once it does too.)"""
+    def records(self, txn: Any) -> list[PersistRecord]:
+        """Every persisted record, as QuorumReplica.restore takes them."""
         records: list[PersistRecord] = []
         for raw_key, raw in txn.cursor(db=self.paxos):
             key_len = U16BE.unpack_from(raw_key)[0]

@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from kvsvr import _core
-from kvsvr.limits import DEFERRED_RECORDS_MAX, STATE_CACHE_KEYS, STATE_CACHE_VALUE_BYTES
+from kvsvr.limits import (
+    DEFERRED_RECORDS_MAX,
+    STATE_CACHE_EVICT_SLICES,
+    STATE_CACHE_KEYS,
+    STATE_CACHE_VALUE_BYTES,
+)
 from kvsvr.store.layout import U64BE, KeyState, Table, Tables
 from kvsvr.store.planner import plan
-
-STATE_CACHE_EVICT_SLICES = 16   # a full cache evicts this share of its bound at a time (1/n)
 
 
 class KeyStates:

@@ -72,7 +72,7 @@ from kvsvr.testing.linearizability import UNKNOWN, Op, check
 from kvsvr.votelog import VoteLog
 
 START_US = 1_000 * US_PER_S       # the fake clock's start (0 means "never" to a replica)
-VOTE_LOG_BYTES = 256 << 10        # small, so the ring wraps and fills within a run
+SIM_VOTE_LOG_BYTES = 256 << 10        # small, so the ring wraps and fills within a run
 MAP_SIZE_MIB = 64                 # each replica's LMDB map
 IDLE_ROUND_US = 20 * US_PER_MS    # a node with nothing due runs a round this often
 ROUND_MESSAGES_MAX = 512          # what a round takes from each of its inboxes
@@ -334,7 +334,7 @@ class _Replica:
             path, nonce, scheduler=sim.scheduler, rng=sim.random_disk,
             sync_us=(int(low * US_PER_MS), int(high * US_PER_MS)), wake=self.woke,
             send=lambda slot, data: self.send_peer(slot, [data], votes=True),
-            size=VOTE_LOG_BYTES, sync=sync, must_exist=must_exist,
+            size=SIM_VOTE_LOG_BYTES, sync=sync, must_exist=must_exist,
             unsafe_early_durable=sim.faults.unsafe_early_durable)
         return self.votes
 

@@ -78,11 +78,11 @@ from kvsvr.errors import InvalidArgument, KvError
 from quorumq import protocol, quorum
 from quorumq.limits import (
     CONSUMER_COMMIT_INTERVAL_S,
-    FETCH_DEFAULT_BYTES,
-    FETCH_MAX_BYTES,
-    FETCH_MAX_WAIT_MS,
-    GROUP_BACKOFF_MAX_S,
+    FETCH_BYTES_DEFAULT,
+    FETCH_BYTES_MAX,
+    FETCH_WAIT_MS_MAX,
     GROUP_BACKOFF_S,
+    GROUP_BACKOFF_S_MAX,
 )
 from quorumq.ordering import ProducerOrder
 from quorumq.producer import queue_groups
@@ -155,7 +155,7 @@ class _Server:
             log.info("queue server %s (%s): %s; reading others for %.1f s", self.node,
                      self.address, why, self.backoff)
         self.down_until = now + self.backoff
-        self.backoff = min(self.backoff * 2, GROUP_BACKOFF_MAX_S)
+        self.backoff = min(self.backoff * 2, GROUP_BACKOFF_S_MAX)
         self.requests.clear()
         self.fetching = False
         self.caught_up_at = None
@@ -165,15 +165,15 @@ class Consumer:
     """Consume `topic` as consumer group `group`: `run(handler)` or `poll()` + `commit()`."""
 
     def __init__(self, config: ClusterConfig | str | Path | None, topic: str, group: str, *,
-                 fetch_bytes: int = FETCH_DEFAULT_BYTES, wait_ms: int = 200):
+                 fetch_bytes: int = FETCH_BYTES_DEFAULT, wait_ms: int = 200):
         self.config, self.groups = queue_groups(config)
         self.topic = protocol.check_topic(topic)
         self.group = protocol.check_group(group)
-        if not 1 <= fetch_bytes <= FETCH_MAX_BYTES:
-            raise InvalidArgument(f"fetch_bytes: expected 1..{FETCH_MAX_BYTES}",
+        if not 1 <= fetch_bytes <= FETCH_BYTES_MAX:
+            raise InvalidArgument(f"fetch_bytes: expected 1..{FETCH_BYTES_MAX}",
                                   field="fetch_bytes")
-        if not isinstance(wait_ms, int) or not 0 <= wait_ms <= FETCH_MAX_WAIT_MS:
-            raise InvalidArgument(f"wait_ms: expected 0..{FETCH_MAX_WAIT_MS} (ms), got "
+        if not isinstance(wait_ms, int) or not 0 <= wait_ms <= FETCH_WAIT_MS_MAX:
+            raise InvalidArgument(f"wait_ms: expected 0..{FETCH_WAIT_MS_MAX} (ms), got "
                                   f"{wait_ms!r}", field="wait_ms")
         self.fetch_bytes = fetch_bytes
         self.wait_ms = wait_ms

@@ -16,10 +16,9 @@ from kvsvr.config import ClusterConfig, load
 from kvsvr.errors import ConfigError, KvError
 from kvsvr.launcher import ChildProcesses, free_port, stop_requested
 from quorumq import protocol
+from quorumq.limits import SERVER_READY_TIMEOUT_S
 from quorumq.protocol import QMethod
 from quorumq.transport import call
-
-READY_TIMEOUT_S = 30.0
 
 
 def write_queue_config(directory: str | Path, *, groups: int = 1, sync: bool = True,
@@ -80,7 +79,7 @@ class LocalQueueCluster(ChildProcesses):
             for name in names:
                 self.wait_ready(name)
 
-    def wait_ready(self, node: str, timeout: float = READY_TIMEOUT_S) -> None:
+    def wait_ready(self, node: str, timeout: float = SERVER_READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive(node, "queue server")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
-from quorumq.limits import CONSUMER_MAX_TRACKED_PRODUCERS
+from quorumq.limits import CONSUMER_TRACKED_PRODUCERS_MAX
 
 Message = tuple[int, int, int, int, bytes]   # offset, producer_id, seq, append_ms, value
 Out = list[tuple[Hashable, Message]]         # (server it was read from, message)
@@ -74,7 +74,7 @@ class ProducerOrder:
             # Anything held below next_seq is a duplicate of what was just delivered.
             for seq in [s for s in held if s < next_seq]:
                 self._release(held.pop(seq)[1])
-        if len(self.next_seq) > CONSUMER_MAX_TRACKED_PRODUCERS:
+        if len(self.next_seq) > CONSUMER_TRACKED_PRODUCERS_MAX:
             self._forget_oldest()
 
     def _release(self, copies: list[tuple[Hashable, int]]) -> None:
@@ -89,7 +89,7 @@ class ProducerOrder:
         order they first appeared). A forgotten producer's late duplicate would be
         delivered again: at-least-once still holds."""
         for producer in list(self.next_seq):
-            if len(self.next_seq) <= CONSUMER_MAX_TRACKED_PRODUCERS:
+            if len(self.next_seq) <= CONSUMER_TRACKED_PRODUCERS_MAX:
                 return
             if producer not in self.held:
                 del self.next_seq[producer]

@@ -44,13 +44,13 @@ from kvsvr.errors import ConfigError, InvalidArgument, KvError, NotFound, Timeou
 from kvsvr.protocol import as_bytes
 from quorumq import protocol, quorum
 from quorumq.limits import (
-    BATCH_MAX_BYTES,
-    GROUP_BACKOFF_MAX_S,
     GROUP_BACKOFF_S,
+    GROUP_BACKOFF_S_MAX,
+    PRODUCE_BATCH_BYTES_MAX,
+    PRODUCER_BATCHES_IN_FLIGHT_MAX,
     PRODUCER_LINGER_MS,
-    PRODUCER_MAX_BATCHES_IN_FLIGHT,
-    QUEUE_MAX_BATCH_MESSAGES,
-    QUEUE_MAX_MESSAGE_BYTES,
+    QUEUE_BATCH_MESSAGES_MAX,
+    QUEUE_MESSAGE_BYTES_MAX,
     REQUEST_TIMEOUT_S,
 )
 from quorumq.protocol import QMethod
@@ -74,18 +74,18 @@ class Committed:
 
 
 def as_message(index: int, value: Any) -> bytes:
-    return as_bytes(f"messages[{index}]", value, max_length=QUEUE_MAX_MESSAGE_BYTES)
+    return as_bytes(f"messages[{index}]", value, max_length=QUEUE_MESSAGE_BYTES_MAX)
 
 
 def check_batch(values: Iterable[Any]) -> list[bytes]:
     messages = [as_message(i, v) for i, v in enumerate(values)]
-    if not 1 <= len(messages) <= QUEUE_MAX_BATCH_MESSAGES:
+    if not 1 <= len(messages) <= QUEUE_BATCH_MESSAGES_MAX:
         raise InvalidArgument(f"messages: {len(messages)} in one batch, expected "
-                              f"1..{QUEUE_MAX_BATCH_MESSAGES}", field="messages")
+                              f"1..{QUEUE_BATCH_MESSAGES_MAX}", field="messages")
     total = sum(len(m) for m in messages)
-    if total > BATCH_MAX_BYTES:
+    if total > PRODUCE_BATCH_BYTES_MAX:
         raise InvalidArgument(f"messages: {total} bytes in one batch, the limit is "
-                              f"{BATCH_MAX_BYTES}", field="messages")
+                              f"{PRODUCE_BATCH_BYTES_MAX}", field="messages")
     return messages
 
 
@@ -116,7 +116,7 @@ class AsyncProducer:
 
     def __init__(self, config: ClusterConfig | str | Path | None, topic: str, *,
                  producer_id: int | None = None, max_in_flight: int =
-                 PRODUCER_MAX_BATCHES_IN_FLIGHT, linger_ms: float = PRODUCER_LINGER_MS,
+                 PRODUCER_BATCHES_IN_FLIGHT_MAX, linger_ms: float = PRODUCER_LINGER_MS,
                  ack_deadline: float | None = None, first_group: int | None = None,
                  next_seq: int | None = None):
         self.config, self.groups = queue_groups(config)
@@ -238,8 +238,8 @@ class AsyncProducer:
         message = as_message(0, value)
         future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
         self._pending.append((message, future))
-        if len(self._pending) >= QUEUE_MAX_BATCH_MESSAGES or \
-                sum(len(m) for m, _ in self._pending) >= BATCH_MAX_BYTES // 2:
+        if len(self._pending) >= QUEUE_BATCH_MESSAGES_MAX or \
+                sum(len(m) for m, _ in self._pending) >= PRODUCE_BATCH_BYTES_MAX // 2:
             await self._flush_pending()
         elif self._linger is None:
             loop = asyncio.get_running_loop()
@@ -280,8 +280,8 @@ class AsyncProducer:
         while pending:
             size = 0
             end = 0
-            while end < len(pending) and end < QUEUE_MAX_BATCH_MESSAGES and \
-                    size + len(pending[end][0]) <= BATCH_MAX_BYTES:
+            while end < len(pending) and end < QUEUE_BATCH_MESSAGES_MAX and \
+                    size + len(pending[end][0]) <= PRODUCE_BATCH_BYTES_MAX:
                 size += len(pending[end][0])
                 end += 1
             chunk, pending = pending[:end], pending[end:]
@@ -379,7 +379,7 @@ class AsyncProducer:
         if self._backoff_until[group] > now:
             return
         self._backoff_until[group] = now + self._backoff[group]
-        self._backoff[group] = min(self._backoff[group] * 2, GROUP_BACKOFF_MAX_S)
+        self._backoff[group] = min(self._backoff[group] * 2, GROUP_BACKOFF_S_MAX)
         self.counters["group_failures"] += 1
         failed = self._group_failed[group]
         self._group_failed[group] = asyncio.get_running_loop().create_future()

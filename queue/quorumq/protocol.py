@@ -18,12 +18,12 @@ from msgspec import Meta, Struct
 from kvsvr.errors import ERRORS_BY_CODE, Internal, InvalidArgument, KvError, UnknownMethod
 from kvsvr.protocol import describe_validation_error
 from quorumq.limits import (
-    BATCH_MAX_BYTES,
-    FETCH_MAX_BYTES,
-    FETCH_MAX_WAIT_MS,
-    PRODUCER_MAP_MAX_BYTES,
-    QUEUE_MAX_BATCH_MESSAGES,
-    QUEUE_MAX_MESSAGE_BYTES,
+    FETCH_BYTES_MAX,
+    FETCH_WAIT_MS_MAX,
+    PRODUCE_BATCH_BYTES_MAX,
+    PRODUCER_MAP_BYTES_MAX,
+    QUEUE_BATCH_MESSAGES_MAX,
+    QUEUE_MESSAGE_BYTES_MAX,
     TOPIC_BYTES_MAX,
 )
 
@@ -48,7 +48,7 @@ TopicName = Annotated[str, Meta(min_length=1, max_length=TOPIC_BYTES_MAX,
 GroupName = Annotated[str, Meta(min_length=1, max_length=TOPIC_BYTES_MAX,
                                 pattern=r"^[A-Za-z0-9_.:-]+$")]
 U64 = Annotated[int, Meta(ge=0)]
-MessageBytes = Annotated[bytes, Meta(max_length=QUEUE_MAX_MESSAGE_BYTES)]
+MessageBytes = Annotated[bytes, Meta(max_length=QUEUE_MESSAGE_BYTES_MAX)]
 
 
 class StatusRequest(Struct, array_like=True, forbid_unknown_fields=True):
@@ -66,7 +66,7 @@ class ProduceRequest(Struct, array_like=True, forbid_unknown_fields=True):
     producer_id: Annotated[int, Meta(ge=1)]
     first_seq: U64                # message i of the batch is (producer_id, first_seq + i)
     messages: Annotated[list[MessageBytes], Meta(min_length=1,
-                                                 max_length=QUEUE_MAX_BATCH_MESSAGES)]
+                                                 max_length=QUEUE_BATCH_MESSAGES_MAX)]
     # Wall-clock ms after which no server may append or acknowledge this batch (the
     # producer's submit time + batch_lifetime_ms, the same in every attempt).
     expires_ms: U64
@@ -80,8 +80,8 @@ class ProduceReply(Struct, array_like=True, gc=False):
 class FetchRequest(Struct, array_like=True, forbid_unknown_fields=True):
     topic: TopicName
     offset: U64
-    max_bytes: Annotated[int, Meta(ge=1, le=FETCH_MAX_BYTES)]
-    wait_ms: Annotated[int, Meta(ge=0, le=FETCH_MAX_WAIT_MS)] = 0
+    max_bytes: Annotated[int, Meta(ge=1, le=FETCH_BYTES_MAX)]
+    wait_ms: Annotated[int, Meta(ge=0, le=FETCH_WAIT_MS_MAX)] = 0
 
 
 class FetchReply(Struct, array_like=True, gc=False):
@@ -99,7 +99,7 @@ class CommitRequest(Struct, array_like=True, forbid_unknown_fields=True):
     incarnation: U64              # the server life the offset belongs to (else refused)
     offset: U64
     whole: bool                   # this server holds everything, for this consumer group
-    producers: Annotated[bytes, Meta(max_length=PRODUCER_MAP_MAX_BYTES)] = b""
+    producers: Annotated[bytes, Meta(max_length=PRODUCER_MAP_BYTES_MAX)] = b""
 
 
 class OffsetsRequest(Struct, array_like=True, forbid_unknown_fields=True):
@@ -196,9 +196,9 @@ def decode_request(method: int, body: Any) -> Any:
                                   f"messages passes the largest seq ({SEQ_LIMIT - 1})",
                                   field="first_seq")
         total = sum(len(m) for m in request.messages)
-        if total > BATCH_MAX_BYTES:
+        if total > PRODUCE_BATCH_BYTES_MAX:
             raise InvalidArgument(f"messages: {total} bytes in one batch, the limit is "
-                                  f"{BATCH_MAX_BYTES}", field="messages")
+                                  f"{PRODUCE_BATCH_BYTES_MAX}", field="messages")
     return request
 
 

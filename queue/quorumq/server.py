@@ -42,9 +42,9 @@ from quorumq.limits import (
     PARKED_FETCHES_MAX,
     REQUESTS_PER_MESSAGE_MAX,
     RETENTION_CHECK_S,
-    ROUND_MAX_BYTES,
-    ROUND_MAX_MESSAGES,
     SERVER_QUEUE_MESSAGES,
+    SERVER_ROUND_BYTES_MAX,
+    SERVER_ROUND_MESSAGES_MAX,
 )
 from quorumq.protocol import QMethod
 from quorumq.storage import OffsetCommit, ServerStore, SyncItem, TopicSettings, now_ms
@@ -389,7 +389,7 @@ class QueueServer:
                     self._syncing = None
                 if socket in events and not self.stopping:
                     received = 0
-                    for _ in range(ROUND_MAX_MESSAGES):
+                    for _ in range(SERVER_ROUND_MESSAGES_MAX):
                         try:
                             parts = recv(zmq.NOBLOCK)
                         except again:
@@ -400,7 +400,7 @@ class QueueServer:
                             continue
                         for payload in parts[1:]:
                             self.handle_message(parts[0], payload, now, out)
-                        if received >= ROUND_MAX_BYTES:
+                        if received >= SERVER_ROUND_BYTES_MAX:
                             break
                 self.housekeeping(now, out)
                 if self._syncing is None:

@@ -42,7 +42,7 @@ from typing import Any
 import msgspec
 
 from kvsvr import _core
-from quorumq.limits import INDEX_INTERVAL_BYTES, OFFSETS_LOG_MAX_BYTES, TOPICS_MAX
+from quorumq.limits import INDEX_INTERVAL_BYTES, OFFSETS_LOG_BYTES_MAX, TOPICS_MAX
 
 log = logging.getLogger("quorumq.storage")
 
@@ -324,7 +324,7 @@ class Topic:
                 continue
             # One index interval before the wanted record, then the records themselves.
             chunk = os.pread(segment.fd, min(length, max_bytes + INDEX_INTERVAL_BYTES +
-                                             _core.QUEUE_MAX_MESSAGE_BYTES), position)
+                                             _core.QUEUE_MESSAGE_BYTES_MAX), position)
             at = _core.seek_queue_records(chunk, 0, offset)
             end, count, _first, last, _ms, _stop, _reason = _core.scan_queue_records(
                 chunk, at, max_bytes, verify=False)
@@ -495,7 +495,7 @@ class ServerStore:
         values = [_encode(c) for c in self.offsets.values()]
         tmp = self._offsets_path.with_name("offsets.log.tmp")
         with open(tmp, "wb") as f:
-            for start in range(0, len(values), _core.QUEUE_MAX_BATCH_MESSAGES):
+            for start in range(0, len(values), _core.QUEUE_BATCH_MESSAGES_MAX):
                 f.write(_core.encode_queue_records(0, 0, 0, now_ms(),
                                                    values[start:start + 4096]))
             f.flush()
@@ -512,7 +512,7 @@ class ServerStore:
         self.offsets_dirty = True
 
     def maybe_compact_offsets(self) -> None:
-        if self._offsets_size > OFFSETS_LOG_MAX_BYTES and not self.offsets_dirty:
+        if self._offsets_size > OFFSETS_LOG_BYTES_MAX and not self.offsets_dirty:
             os.close(self._offsets_fd)
             self._rewrite_offsets()
             self._offsets_fd = os.open(self._offsets_path, os.O_RDWR | os.O_APPEND)

@@ -19,17 +19,15 @@ from kvsvr import _core
 from kvsvr.errors import Internal, InvalidArgument, KvError, Timeout
 from kvsvr.limits import MESSAGE_BYTES_MAX
 from quorumq import protocol
-from quorumq.limits import REQUEST_TIMEOUT_S
-
-CLIENT_QUEUE_MESSAGES = 100_000
+from quorumq.limits import QUEUE_CLIENT_SOCKET_MESSAGES, REQUEST_TIMEOUT_S
 
 
 def dealer(context: zmq.Context, address: str, *, immediate: bool = True) -> zmq.Socket:
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, MESSAGE_BYTES_MAX)
-    socket.setsockopt(zmq.SNDHWM, CLIENT_QUEUE_MESSAGES)
-    socket.setsockopt(zmq.RCVHWM, CLIENT_QUEUE_MESSAGES)
+    socket.setsockopt(zmq.SNDHWM, QUEUE_CLIENT_SOCKET_MESSAGES)
+    socket.setsockopt(zmq.RCVHWM, QUEUE_CLIENT_SOCKET_MESSAGES)
     # Queue only to a connected server: a request to a dead one fails by timeout instead of
     # reaching its next life long after the caller gave up.
     # (A consumer's reads are harmless to queue: it does not set this.)
