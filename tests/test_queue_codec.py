@@ -65,8 +65,8 @@ def test_limits_and_seek():
 def test_bad_input_names_the_field():
     """Oversize values, too many messages and non-bytes are refused with the field named."""
     with pytest.raises(ValueError, match=r"messages\[1\]"):
-        _core.encode_queue_records(0, 1, 0, 0, [b"", b"x" * (_core.QUEUE_MAX_MESSAGE_BYTES + 1)])
+        _core.encode_queue_records(0, 1, 0, 0, [b"", b"x" * (_core.QUEUE_MESSAGE_BYTES_MAX + 1)])
     with pytest.raises(ValueError, match="messages"):
-        _core.encode_queue_records(0, 1, 0, 0, [b""] * (_core.QUEUE_MAX_BATCH_MESSAGES + 1))
+        _core.encode_queue_records(0, 1, 0, 0, [b""] * (_core.QUEUE_BATCH_MESSAGES_MAX + 1))
     with pytest.raises(ValueError, match=r"messages\[0\]: expected bytes"):
         _core.encode_queue_records(0, 1, 0, 0, ["text"])
