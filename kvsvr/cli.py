@@ -157,8 +157,11 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"seconds to wait for an answer (default {TIMEOUT_S_DEFAULT}; "
                              f"status: {CLI_STATUS_TIMEOUT_S} per node)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return parser
 
+
+def _add_commands(commands: Any) -> None:
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help_text, description=help_text)
 
@@ -234,7 +237,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-delay-ms", type=int, default=0,
                    help="a slow disk: each checkpoint commit of the node waits this long "
                         "first (node-wide; 0 heals)")
-    return parser
 
 
 def run(args: argparse.Namespace, client: Client) -> Any:

@@ -108,7 +108,16 @@ async def workload(cluster: LocalCluster, users: int, messages: int, kill: bool,
                 tasks.append(killer())
             await asyncio.gather(*tasks)
 
-    # Verification, with a fresh client: what was acknowledged is there, exactly once.
+    problems, sync_line = _verify(cluster, acked_inbox)
+    return {"problems": problems, "restart_s": restart_s, "sync": sync_line,
+            "messages": sum(len(v) for v in acked_inbox.values())}
+
+
+def _verify(cluster: LocalCluster, acked_inbox: dict[int, list[tuple[int, bytes]]]
+            ) -> tuple[list[str], str]:
+    """With a fresh client: what was acknowledged is there, exactly once. Returns the
+    problems found and a line about one user's sync."""
+    users = len(acked_inbox)
     problems: list[str] = []
     with Client(cluster.config, timeout=10.0) as check:
         for u in tqdm(range(users), desc="verify   ", unit="user"):
@@ -135,8 +144,7 @@ async def workload(cluster: LocalCluster, users: int, messages: int, kill: bool,
         page = check.changes(f"user:{busiest}:inbox", since_version=0, limit=5)
         sync_line = (f"user {busiest}: inbox at version {page.version}, first "
                      f"{len(page.changes)} changes since version 0 synced")
-    return {"problems": problems, "restart_s": restart_s, "sync": sync_line,
-            "messages": sum(len(v) for v in acked_inbox.values())}
+    return problems, sync_line
 
 
 def _wait_caught_up(cluster: LocalCluster, node: str, timeout: float = 60.0) -> None:

@@ -106,3 +106,22 @@ def test_no_two_constants_of_one_name_have_two_values():
             clashes.append(f"{name}: " + ", ".join(f"{where} = {value}"
                                                    for where, value in places))
     assert not clashes, "\n".join(clashes)
+
+
+FUNCTION_LINES_MAX = 80
+
+
+def test_no_function_is_long_without_a_reason():
+    """A function of the product over FUNCTION_LINES_MAX lines says why beside its `def`
+    (a `# long: ...` comment on the line above): long functions hide what they do."""
+    long = []
+    for path in sorted([*ROOT.glob("kvsvr/**/*.py"), *ROOT.glob("queue/quorumq/*.py")]):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines), str(path))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            size = node.end_lineno - node.lineno + 1 if node.end_lineno else 0
+            if size > FUNCTION_LINES_MAX and not lines[first - 2].strip().startswith("# long:"):
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {size} lines")
+    assert not long, "\n".join(long)

@@ -338,8 +338,7 @@ class QueueServer:
             self.store.maybe_compact_offsets()
 
     # --- the I/O edge ----------------------------------------------------------------------
-    def serve(self) -> None:
-        context = zmq.Context(io_threads=1)
+    def _listen(self, context: zmq.Context) -> zmq.Socket:
         socket = context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, _core.MESSAGE_BYTES_MAX)
@@ -351,6 +350,11 @@ class QueueServer:
             socket.close()
             context.term()
             raise OSError(f"cannot listen on {self.server.address}: {e}") from None
+        return socket
+
+    def serve(self) -> None:
+        context = zmq.Context(io_threads=1)
+        socket = self._listen(context)
         # The sync thread tells the loop a round is durable through this pair.
         done_rx = context.socket(zmq.PAIR)
         done_rx.bind(f"inproc://sync-done-{id(self)}")
