@@ -1,4 +1,4 @@
-"""The replica group simulation (kvsvr/testing/replica_sim.py): every replica runs its own round
+"""The replica group simulation (kvsvr/testing/replica_sim/): every replica runs its own round
 logic (kvsvr.replica.ReplicaNode) in one process, on a real LMDB store, with a fake network,
 vote log fdatasync, committer and clock, under seeded faults. Each seed checks that every
 key's history of acknowledged operations is linearizable, that nothing acknowledged is lost

@@ -1,5 +1,5 @@
 """In-memory stand-ins for what a replica does outside its round: the clock, the network, the
-vote log's fdatasync and the committer's thread. The simulation (kvsvr/testing/replica_sim.py)
+vote log's fdatasync and the committer's thread. The simulation (kvsvr/testing/replica_sim/)
 runs every replica of a group in one process with these, and a seed replays a run exactly:
 no wall clock, no thread, and every random choice drawn from a source seeded by the run.
 
