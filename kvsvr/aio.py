@@ -5,7 +5,9 @@ concurrent tasks pipeline for free); one reader task per replica resolves answer
 id; one sweeper resends requests unanswered for `attempt_timeout` to the next replica of their
 key that is not failing (same op ids, so writes apply once), resends those answered
 Unavailable (or Timeout) once a back-off allows, and fails those past their deadline. Replica
-choice and health are the blocking client's (kvsvr.health): home first, failing ones skipped.
+choice and health are the blocking client's (kvsvr.health): home first, failing ones skipped;
+a refusal that may not be final is raised as Timeout on the same rule
+(kvsvr.calls.refusal_outcome).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from kvsvr import _core
+from kvsvr import _core, calls
 from kvsvr import protocol as p
 from kvsvr.calls import CallSpec
 from kvsvr.client import (
@@ -53,11 +55,12 @@ class _Call:
     """One call in flight: its current attempt (address, request_id; address None while it
     waits for a back-off to end) and its deadlines. Earlier attempts stay in their
     connection's table until the call is done, so a late answer to one still counts. It ends
-    without an answer as the blocking client's do (see kvsvr.client._Exchange)."""
+    without an answer, or with a refusal that may not be final, as the blocking client's do
+    (see kvsvr.client._Exchange)."""
 
     __slots__ = ("address", "attempt_deadline", "body", "deadline", "exclude", "future",
-                 "refusal", "request_id", "resend_at", "route", "spec", "timeout", "tried",
-                 "unanswered")
+                 "loose", "refusal", "request_id", "resend_at", "route", "spec", "timeout",
+                 "tried", "unanswered")
 
     def __init__(self, spec: CallSpec, route: tuple[str, ...], future: asyncio.Future[Any],
                  now: float, timeout: float):
@@ -75,6 +78,27 @@ class _Call:
         self.tried: list[str] = []
         self.unanswered = False           # met silence or a Timeout answer: ambiguous
         self.refusal: KvError | None = None   # the last Unavailable or Timeout answer
+        # Attempts no longer current that may still apply it (address, request id): silent
+        # past their attempt timeout, or answered Timeout.
+        self.loose: list[tuple[str, int]] | None = None
+
+    def set_loose(self) -> None:
+        """The current attempt is given up on without an answer that says it holds nothing."""
+        assert self.address is not None
+        if self.loose is None:
+            self.loose = []
+        self.loose.append((self.address, self.request_id))
+
+    def refused(self, error: KvError, address: str, request_id: int) -> KvError:
+        """What the call raises for `error`, the answer of `address` to its attempt
+        `request_id`: Timeout if another attempt, at another replica and out or loose, may
+        still apply the write and the refusal may not be final, else `error`."""
+        if self.loose is None and self.address == address and self.request_id == request_id:
+            return error   # its only attempt (the common case)
+        elsewhere = {other: None for other, _ in self.loose or () if other != address}
+        if self.address is not None and self.address != address:   # a later attempt is out
+            elsewhere[self.address] = None
+        return calls.refusal_outcome(self.spec, error, address, list(elsewhere))
 
     def expired(self) -> KvError:
         """The error of a call out of time: the last Unavailable if every attempt was
@@ -166,11 +190,16 @@ class _Connection:
                         call.unanswered = True
                     if call.address == address and call.request_id == request_id:
                         call.refusal = e
+                        if isinstance(e, Timeout):
+                            call.set_loose()
                         client._route(call, now, address, paced=True)
+                    elif (isinstance(e, Unavailable) and call.loose
+                          and (address, request_id) in call.loose):
+                        call.loose.remove((address, request_id))   # it holds nothing after all
                     continue  # else a later attempt of the call is out: it answers
                 except KvError as e:
                     health.succeeded(address)
-                    call.future.set_exception(e)
+                    call.future.set_exception(call.refused(e, address, request_id))
                     continue
                 except Exception as e:  # one bad answer fails its call, not the reader
                     health.succeeded(address)
@@ -287,6 +316,7 @@ class AsyncClient(_Api):
                         unanswered.append(call)
         for call in unanswered:
             call.unanswered = True
+            call.set_loose()
             self._route(call, now, call.address, paced=False)
         if self._waiting:
             waiting, self._waiting = self._waiting, []

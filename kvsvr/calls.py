@@ -1,17 +1,18 @@
 """Every client call as data: which key routes it, the method, the request, and how the reply
 becomes the caller's result. The blocking client, the pipeline, batches and the asyncio
-client all run these specs; none of them builds a request on its own."""
+client all run these specs; none of them builds a request on its own. Also the clients'
+one rule for a refusal that may not be final (`refusal_outcome`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 import msgspec
 
 from kvsvr import protocol as p
 from kvsvr.config import check_client_address
-from kvsvr.errors import Internal, InvalidArgument
+from kvsvr.errors import Internal, InvalidArgument, KvError, Timeout, VersionConflict
 
 LINEARIZABLE = "linearizable"
 LOCAL = "local"
@@ -116,6 +117,49 @@ def compact(key: Any, through_version: Any, op_id: tuple[int, int]) -> CallSpec:
 
 def append(key: Any, value: Any, op_id: tuple[int, int]) -> CallSpec:
     return mutate(key, [p.append_op(value)], None, op_id, _first_result)
+
+
+# The fields of the refusals a mutation's plan draws from the key's value
+# (kvsvr/store/planner.py): an incr of a value that is not a decimal integer ("key") or whose
+# sum overflows ("delta"), a compact through a version the key has not reached
+# ("through_version"). Those carry the key's version; a refusal of the request itself never
+# does.
+VALUE_REFUSAL_FIELDS = frozenset({"key", "delta", "through_version"})
+
+
+def refusal_is_final(spec: CallSpec, error: KvError) -> bool:
+    """Whether a replica's refusal of `spec` holds whatever the key does next. A
+    compare-and-set expecting a version the key has not reached, and a refusal drawn from the
+    key's value (VALUE_REFUSAL_FIELDS), hold only at the version they were made at: the key
+    may get there, or its value change, and then an attempt of the same op id still waiting
+    at another replica applies the write. A conflict with a version the key is past is final
+    (versions only grow), so is a refusal at the very version the request expects (that
+    version's value never changes), and so is every refusal of the request itself."""
+    version = error.version
+    if version is None or spec.method != p.Method.MUTATE:
+        return True
+    expected = spec.request.expected_version
+    if isinstance(error, VersionConflict):
+        return expected is None or expected <= version
+    if isinstance(error, InvalidArgument) and error.field in VALUE_REFUSAL_FIELDS:
+        return expected is not None and expected <= version
+    return True
+
+
+def refusal_outcome(spec: CallSpec, error: KvError, address: str,
+                    elsewhere: Collection[str]) -> KvError:
+    """What a call raises for `error`, the answer of the replica at `address`, while other
+    attempts of it (same op id) at the replicas `elsewhere` are unanswered or were answered
+    Timeout: `error` if it is final or `elsewhere` is empty, else Timeout, since one of those
+    attempts may still apply the write. Attempts answered Unavailable hold nothing, so they
+    are not in `elsewhere`; nor are other attempts at `address`: a replica takes a key's
+    writes in the order they come, so it settled those before this one."""
+    if not elsewhere or refusal_is_final(spec, error):
+        return error
+    return Timeout(
+        f"the write may or may not have been applied: refused at version {error.version} by "
+        f"the replica at {address} ({error.message}), but another attempt of it (same op id) "
+        f"at {', '.join(elsewhere)} may still apply it")
 
 
 def _node(address: str | None) -> str | None:

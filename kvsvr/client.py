@@ -8,8 +8,11 @@ failing, with the same operation id: the replicas
 dedupe by op id, so a write that was already applied is answered from the op-id table instead
 of being applied twice, whichever replica the retry reaches. The client remembers which
 replicas failed (kvsvr.health) and skips them until their back-off ends, then probes them
-again. `pipeline()` sends many calls at once, one message per replica; `batch(key)` commits
-several mutations of one key atomically as one version.
+again. A refusal that may not be final (a compare-and-set expecting a version the key has not
+reached, say) is raised as Timeout when another attempt of the request, unanswered at another
+replica, may still apply it (kvsvr.calls.refusal_outcome). `pipeline()` sends many calls at
+once, one message per replica; `batch(key)` commits several mutations of one key atomically
+as one version.
 
 A Client may be shared by threads (each thread gets its own sockets); create one per process
 after fork.
@@ -340,7 +343,10 @@ class _Exchange:
     How a request ends without an answer: if every attempt was answered Unavailable, with the
     last Unavailable, as soon as no replica can be asked again before the deadline (the
     replicas said no; nothing is left in flight); if any attempt went unanswered or was
-    answered Timeout, with Timeout at the deadline (that replica may have applied a write)."""
+    answered Timeout, with Timeout at the deadline (that replica may have applied a write).
+    A refusal that holds only at the key's present version is raised as Timeout if an attempt
+    at another replica that went unanswered, or was answered Timeout, may still apply the
+    write once the key moves on (kvsvr.calls.refusal_outcome)."""
 
     def __init__(self, client: Client, specs: list[CallSpec], timeout: float | None):
         self.client = client
@@ -362,6 +368,9 @@ class _Exchange:
         self.waiting: dict[int, tuple[float, str]] = {}   # index -> (resend at, excluded)
         self.refusals: dict[int, KvError] = {}      # index -> its last Unavailable/Timeout
         self.unanswered: set[int] = set()           # indexes that met silence or a Timeout
+        # index -> its attempts no longer responsible for it that may still apply it: silent
+        # past their timer, or answered Timeout (address, request id)
+        self.loose: dict[int, list[tuple[str, int]]] = {}
         # address -> (socket, request id -> index): ids of every attempt of this exchange
         self.sockets: dict[str, tuple[zmq.Socket, dict[int, int]]] = {}
         self.poller: zmq.Poller | None = None
@@ -460,6 +469,11 @@ class _Exchange:
                           if current[i] == (address, attempt.first_id + k)]
             if unanswered:
                 self.unanswered.update(unanswered)
+                loose = self.loose
+                for index in unanswered:
+                    timed_out = current[index]
+                    assert timed_out is not None   # (address, its request id): see above
+                    loose.setdefault(index, []).append(timed_out)
                 self.silent.add(address)
                 self.health.failed(address, now)
                 self._route(unanswered, now, address, paced=False)
@@ -501,14 +515,32 @@ class _Exchange:
             if self.current[index] == (address, request_id):  # else: a later attempt is out
                 self.current[index] = None
                 self.refusals[index] = e
+                if isinstance(e, Timeout):
+                    self.loose.setdefault(index, []).append((address, request_id))
                 self._route([index], now, address, paced=True)
+            elif isinstance(e, Unavailable):   # a loose attempt that holds nothing after all
+                loose = self.loose.get(index)
+                if loose and (address, request_id) in loose:
+                    loose.remove((address, request_id))
             return
         except KvError as e:
             result = e
+            if index in self.loose or self.current[index] != (address, request_id):
+                result = self._refusal(index, address, e)
         except Exception as e:  # an answer that does not fit its call
             result = Internal(f"unreadable answer: {e!r}")
         self.health.succeeded(address)
         self._finish(index, result)
+
+    def _refusal(self, index: int, address: str, error: KvError) -> KvError:
+        """What a call raises for `error` from `address` while other attempts of it are out
+        or loose: Timeout if one of those, at another replica, may still apply the write and
+        the refusal may not be final (kvsvr.calls.refusal_outcome), else `error`."""
+        elsewhere = {other: None for other, _ in self.loose.get(index, ()) if other != address}
+        current = self.current[index]
+        if current is not None and current[0] != address:   # a later attempt is out there
+            elsewhere[current[0]] = None
+        return calls.refusal_outcome(self.specs[index], error, address, list(elsewhere))
 
     def _finish(self, index: int, result: Any) -> None:
         self.results[index] = result
