@@ -1,6 +1,7 @@
 """The simulation's clients: the ones whose calls make the history (one call at a time,
-resent with the same op id as kvsvr.client does) and the checker that reads each replica's
-status and own copy; and how an answer reads in a script."""
+resent with the same op id as kvsvr.client does, and a refusal that may not be final taken
+as kvsvr.calls.refusal_outcome says) and the checker that reads each replica's status and
+own copy; and how an answer reads in a script."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class Call:
     spec: calls.CallSpec
     started_us: int
     done: Callable[[Any], None]
-    request_ids: set[int] = field(default_factory=set)
+    request_ids: dict[int, int] = field(default_factory=dict)   # request id -> replica asked
+    declined: set[int] = field(default_factory=set)   # request ids answered Unavailable
     attempt: int = 0
     target: int = 0            # the replica asked last
 
@@ -44,7 +46,9 @@ class Call:
 class SimClient:
     """One simulated client: one call at a time, resent to the next replica (same op id) when
     an attempt goes unanswered or is answered Unavailable or Timeout, as kvsvr.client does;
-    after CALL_TIMEOUT_US its outcome is unknown."""
+    after CALL_TIMEOUT_US its outcome is unknown. So is the outcome of a refusal that may not
+    be final while an attempt at another replica, not answered Unavailable, may still apply
+    the write: kvsvr.client raises Timeout for it."""
 
     def __init__(self, sim: Simulation, index: int, client_id: int):
         self.sim = sim
@@ -75,7 +79,7 @@ class SimClient:
         call.attempt += 1
         call.target = target
         self.request_id += 1
-        call.request_ids.add(self.request_id)
+        call.request_ids[self.request_id] = target
         sim.send_request(self, target, call.spec, self.request_id, remaining_us)
         attempt = call.attempt
         sim.scheduler.after(min(ATTEMPT_TIMEOUT_US, remaining_us),
@@ -104,13 +108,25 @@ class SimClient:
                 continue   # an answer to an earlier call, or a copy of one already taken
             try:
                 result = protocol.parse_reply(call.spec.method, status, body)
-            except (Unavailable, Timeout):
+            except (Unavailable, Timeout) as e:
+                if isinstance(e, Unavailable):
+                    call.declined.add(request_id)   # that attempt holds nothing
                 self._retry_later(call)   # that replica cannot (or could not in time)
                 continue
             except KvError as e:
-                result = e
+                result = self._refusal(call, request_id, e)
             self.call = None
             call.done(result)
+
+    def _refusal(self, call: Call, request_id: int, error: KvError) -> Any:
+        """`error` as the call's outcome, or UNKNOWN where kvsvr.client raises Timeout."""
+        target = call.request_ids[request_id]
+        elsewhere = {self.sim.replicas[other].host: None
+                     for rid, other in call.request_ids.items()
+                     if other != target and rid not in call.declined}
+        outcome = calls.refusal_outcome(call.spec, error, self.sim.replicas[target].host,
+                                        list(elsewhere))
+        return UNKNOWN if outcome is not error else error
 
 
 class Checker:

@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Iterator
 
 from kvsvr import _core, calls, protocol
-from kvsvr.errors import KvError
+from kvsvr.errors import KvError, Timeout
 from kvsvr.limits import SCAN_ROWS_MAX
 from kvsvr.testing.fakes import US_PER_MS
 from kvsvr.testing.replica_sim.clients import describe_answer
@@ -115,7 +115,10 @@ class Script:
 
 class ScriptClient:
     """A client of a script: each call has an op id of its own; `retry` sends the last one
-    again (same op id, new request id); answers are noted as they arrive."""
+    again (same op id, new request id); answers are noted as they arrive. A refusal that may
+    not be final, while an attempt of the same op id at another replica is unanswered or was
+    answered Timeout, is noted as the Timeout kvsvr.client raises for it
+    (kvsvr.calls.refusal_outcome): "Timeout, not conflict v1: ..."."""
 
     def __init__(self, sim: Simulation, name: str):
         self.sim = sim
@@ -126,6 +129,8 @@ class ScriptClient:
         self.request_id = 0
         self.last: tuple[calls.CallSpec, str] | None = None
         self.sent: dict[int, tuple[calls.CallSpec, str, str, int]] = {}
+        # request id -> (spec, node) of the attempts answered Timeout: they may still apply
+        self.timed_out: dict[int, tuple[calls.CallSpec, str]] = {}
         sim.hosts_by_identity[self.identity] = self
 
     def call(self, kind: str, args: list[str]) -> None:
@@ -168,11 +173,28 @@ class ScriptClient:
             spec, what, node, at_us = sent
             try:
                 answer = describe_answer(protocol.parse_reply(spec.method, status, body))
-            except KvError as e:
+            except Timeout as e:
+                self.timed_out[request_id] = (spec, node)
                 answer = describe_answer(e)
+            except KvError as e:
+                answer = self._refusal(spec, node, e)
             took_ms = (self.sim.scheduler.now_us - at_us) / US_PER_MS
             self.sim.note(f"{self.name} {what} at {node}: {answer} (+{took_ms:.1f}ms)",
                           fault=False)
+
+    def _refusal(self, spec: calls.CallSpec, node: str, error: KvError) -> str:
+        """How `error`, the answer of `node`, reads: as the client's Timeout when an attempt
+        of the same call at another node may still apply the write and `error` may not be
+        final."""
+        elsewhere = {other: None for other_spec, _, other, _ in self.sent.values()
+                     if other_spec is spec and other != node}
+        elsewhere.update((other, None) for other_spec, other in self.timed_out.values()
+                         if other_spec is spec and other != node)
+        outcome = calls.refusal_outcome(spec, error, node, list(elsewhere))
+        if outcome is error:
+            return describe_answer(error)
+        return (f"{describe_answer(outcome)}, not {describe_answer(error)}: the attempt at "
+                f"{', '.join(elsewhere)} may still apply it")
 
 
 def _script_blocks(text: str) -> Iterator[tuple[list[str], str]]:
