@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import pytest
 
 from kvsvr import AsyncClient, Client, calls
+from kvsvr import protocol as p
 from kvsvr.config import ClusterConfig, load
 from kvsvr.errors import (
     Compacted,
@@ -29,6 +30,9 @@ from kvsvr.errors import (
     VersionConflict,
 )
 from kvsvr.launcher import LocalCluster, write_cluster_config
+from kvsvr.protocol import I64_MAX
+from kvsvr.store.layout import KeyState
+from kvsvr.store.planner import plan
 from tests.test_failover import ATTEMPT_S, FakeReplica, key_with_home
 
 OP_ID = (7, 1)
@@ -83,6 +87,25 @@ def test_a_refusal_is_final_unless_it_depends_on_the_keys_future_and_may_still_a
             message = str(got)
             assert f"refused at version {refusal.version} by the replica at {A}" in message
             assert f"at {B} may still apply it" in message and refusal.message in message
+
+
+def test_the_plans_refusals_drawn_from_the_key_are_the_ones_the_rule_knows():
+    """Every refusal the mutation planner draws from the key's state (an incr of a value
+    that is not a decimal integer or that overflows, a compact ahead of the key) carries the
+    key's version and a field of calls.VALUE_REFUSAL_FIELDS, so the clients can tell it from
+    a refusal of the request itself."""
+    cases = [
+        (KeyState(3, 0, b"abc", 0), p.incr_op(1)),
+        (KeyState(3, 0, str(I64_MAX).encode(), 0), p.incr_op(1)),
+        (KeyState(3, 0, b"1", 0), p.compact_op(5)),
+    ]
+    fields = set()
+    for state, op in cases:
+        with pytest.raises(InvalidArgument) as refused:
+            plan(state, [(op.kind, op.row, op.value)])
+        assert refused.value.version == 3
+        fields.add(refused.value.field)
+    assert fields == calls.VALUE_REFUSAL_FIELDS
 
 
 # --- the clients, against fake replicas ------------------------------------------------------
