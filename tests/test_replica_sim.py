@@ -235,8 +235,7 @@ def run_script(name: str) -> str:
     return got
 
 
-@pytest.mark.parametrize("name", sorted(path.name for path in SCRIPTS.glob("*.txt")
-                                        if not path.name.startswith("known_issue")))
+@pytest.mark.parametrize("name", sorted(path.name for path in SCRIPTS.glob("*.txt")))
 def test_scenario_script(name: str):
     """Each script in tests/testdata/replica_sim prints what its header comment says should
     happen (a read barrier across a crash, a write during a slow checkpoint commit, a wiped

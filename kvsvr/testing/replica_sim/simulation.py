@@ -80,7 +80,8 @@ class Simulation:
     `replicas` in the group (3 or 5, say); `clients` calling at once on the keys REGISTERS
     and INBOXES; `faults`; the replicas' `checkpoint_interval_ms`; `cas_ahead`: a
     compare-and-set may expect the version after the one its client last saw (off by
-    default: see the known issue in tests/testdata/replica_sim/); `directory` for the
+    default, so the default seeds keep their draws; it exercises the refusals that may not be
+    final, which the clients report as Timeout); `directory` for the
     replicas' data (default: a new one in /dev/shm, removed after)."""
 
     def __init__(self, seed: int, *, replicas: int = 3, clients: int = 4,
