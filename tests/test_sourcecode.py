@@ -125,3 +125,15 @@ def test_no_function_is_long_without_a_reason():
             if size > FUNCTION_LINES_MAX and not lines[first - 2].strip().startswith("# long:"):
                 long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {size} lines")
     assert not long, "\n".join(long)
+
+
+MODULE_LINES_MAX = 800
+
+
+def test_no_module_is_over_the_size_a_reader_can_hold():
+    """A module of the product over MODULE_LINES_MAX lines is several jobs in one file: split
+    it into parts that own their state (as kvsvr/replica/ and kvsvr/store/ are)."""
+    big = [f"{path.relative_to(ROOT)}: {count} lines"
+           for path in sorted([*ROOT.glob("kvsvr/**/*.py"), *ROOT.glob("queue/quorumq/*.py")])
+           if (count := len(path.read_text().splitlines())) > MODULE_LINES_MAX]
+    assert not big, "\n".join(big)
