@@ -23,6 +23,7 @@ from kvsvr.errors import InvalidArgument
 from kvsvr.limits import IDLE_POLL_MS, ROUND_MESSAGES_MAX, WAKE_YIELDS
 from kvsvr.monitor import registry as monitor_ids
 from kvsvr.monitor.counters import CounterSink
+from kvsvr.replica.network import Outbox
 from kvsvr.replica.peers import Peer, Peers
 from kvsvr.sockets import bind_router, libzmq_send, node_context, node_socket
 from kvsvr.votelog import VoteLog
@@ -57,7 +58,7 @@ class Edge:
         self._votes = votes
         self._counters = counters
         self._monitor = monitor
-        self.outbox: dict[bytes, list[bytes]] = {}   # answers to send at the round's end
+        self._outbox = Outbox()   # answers to send at the round's end
         replicas = peers.replicas
         # The fault hook, per link: the chance a message is lost, and the most it is held
         # back (uniform, so reordered).
@@ -213,22 +214,20 @@ class Edge:
 
     def answer(self, identity: bytes, frame: bytes) -> None:
         """A response to a client or a peer's request, sent with the round's others."""
-        self.outbox.setdefault(identity, []).append(frame)
+        self._outbox.add(identity, frame)
 
     @property
     def answering(self) -> bool:
-        return bool(self.outbox)
+        return bool(self._outbox)
 
     def flush(self) -> None:
         """Send the answers to clients and to peers' requests."""
-        outbox, self.outbox = self.outbox, {}
-        for identity, frames in outbox.items():
-            for message in protocol.pack(frames):
-                self._monitor.add(monitor_ids.NODE_BYTES_OUT, len(message))
-                try:
-                    self._router.send_multipart([identity, message], zmq.NOBLOCK)
-                except zmq.Again:
-                    self._counters["replies_dropped"] += 1
+        for identity, message in self._outbox.take():
+            self._monitor.add(monitor_ids.NODE_BYTES_OUT, len(message))
+            try:
+                self._router.send_multipart([identity, message], zmq.NOBLOCK)
+            except zmq.Again:
+                self._counters["replies_dropped"] += 1
 
     # --- the fault hook -----------------------------------------------------------------------
     def set_faults(self, peer: str, drop: float, delay_ms: int) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from kvsvr import protocol
+
 
 class Network(Protocol):
     def send_peer(self, index: int, frames: list[bytes], now: float) -> None:
@@ -36,4 +38,27 @@ class Network(Protocol):
         """(drop, delay_ms) of each peer's link, by index."""
 
 
-__all__ = ["Network"]
+class Outbox:
+    """The answers of a round (to clients and to peers' requests), kept until its end and
+    then taken as few messages per destination as the frame limits allow: what every
+    Network implementation does with `answer`, `answering` and `flush`, whatever sends."""
+
+    __slots__ = ("_frames",)
+
+    def __init__(self) -> None:
+        self._frames: dict[bytes, list[bytes]] = {}
+
+    def add(self, identity: bytes, frame: bytes) -> None:
+        self._frames.setdefault(identity, []).append(frame)
+
+    def __bool__(self) -> bool:
+        return bool(self._frames)
+
+    def take(self) -> list[tuple[bytes, bytes]]:
+        """(identity, message) for everything added since the last take, which it empties."""
+        frames, self._frames = self._frames, {}
+        return [(identity, message) for identity, pending in frames.items()
+                for message in protocol.pack(pending)]
+
+
+__all__ = ["Network", "Outbox"]

@@ -30,6 +30,7 @@ from typing import Any
 from kvsvr import protocol
 from kvsvr.committer import Committer
 from kvsvr.errors import InvalidArgument
+from kvsvr.replica.network import Outbox
 from kvsvr.store import Store, WriteBatch
 from kvsvr.votelog import VoteLog
 
@@ -430,7 +431,7 @@ class FakeEdge:
         self._send_peer = send_peer
         self._answer = answer
         self._vote_log_sends = vote_log_sends
-        self.outbox: dict[bytes, list[bytes]] = {}
+        self._outbox = Outbox()
 
     def send_peer(self, index: int, frames: list[bytes], now: float) -> None:
         self._send_peer(index, protocol.pack(frames))
@@ -446,17 +447,15 @@ class FakeEdge:
         """Nothing is held back here (the simulated network delays messages itself)."""
 
     def answer(self, identity: bytes, frame: bytes) -> None:
-        self.outbox.setdefault(identity, []).append(frame)
+        self._outbox.add(identity, frame)
 
     @property
     def answering(self) -> bool:
-        return bool(self.outbox)
+        return bool(self._outbox)
 
     def flush(self) -> None:
-        outbox, self.outbox = self.outbox, {}
-        for identity, frames in outbox.items():
-            for message in protocol.pack(frames):
-                self._answer(identity, message)
+        for identity, message in self._outbox.take():
+            self._answer(identity, message)
 
     def set_faults(self, peer: str, drop: float, delay_ms: int) -> dict[str, Any]:
         raise InvalidArgument("faults: not simulated (the simulated network has its own)",
