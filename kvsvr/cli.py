@@ -1,7 +1,10 @@
 """`kvsvr`: the command-line client.
 
-Text output is for people (a get prints the value); --json prints every result as one JSON
-object for scripts. Exit status: 0 ok, 1 not found, 2 bad usage or argument, 3 version
+Values are bytes and leave as bytes: get and row-get write the value itself to standard
+output (a newline is added only on a terminal); scan and changes print one line per row,
+with values as text only when every one is printable, else they ask for --base64 (values in
+base64) or --json (one JSON object; values in "value_base64", and in "value" as text when
+they are valid UTF-8). Exit status: 0 ok, 1 not found, 2 bad usage or argument, 3 version
 conflict, 4 timeout or unavailable (and for `status`: some node did not answer), 5 any other
 error, 6 compacted (resync from version 0).
 """
@@ -9,6 +12,7 @@ error, 6 compacted (resync from version 0).
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import struct
@@ -97,41 +101,89 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def _utf8(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _value_fields(data: bytes) -> dict[str, str]:
+    """A value in JSON: "value_base64" always (the exact bytes), and "value" too when the
+    bytes are valid UTF-8 (the same bytes as text)."""
+    text = _utf8(data)
+    fields = {} if text is None else {"value": text}
+    fields["value_base64"] = _b64(data)
+    return fields
+
+
 def _jsonable(result: Any) -> Any:
     if isinstance(result, bytes):
-        return _text(result)
+        return _value_fields(result)
     if isinstance(result, Versioned):
-        return {"version": result.version, "value": _text(result.value)}
+        return {"version": result.version, **_value_fields(result.value)}
     if isinstance(result, RowValue):
         return {"key_version": result.key_version, "row_version": result.row_version,
-                "value": _text(result.value)}
+                **_value_fields(result.value)}
     if isinstance(result, ScanPage):
         return {"version": result.version,
-                "rows": [{"row": _row_text(r.row), "version": r.version, "value": _text(r.value)}
+                "rows": [{"row": _row_text(r.row), "row_base64": _b64(r.row),
+                          "version": r.version, **_value_fields(r.value)}
                          for r in result.rows],
                 "next_start": (None if result.next_start is None
                                else _row_text(result.next_start))}
     if isinstance(result, ChangesPage):
         return {"version": result.version,
-                "changes": [{"row": _row_text(c.row), "version": c.version, "deleted": c.deleted,
-                             "value": _text(c.value)} for c in result.changes],
+                "changes": [{"row": _row_text(c.row), "row_base64": _b64(c.row),
+                             "version": c.version, "deleted": c.deleted,
+                             **_value_fields(c.value)} for c in result.changes],
                 "resume": None if result.resume is None
                 else [result.resume[0], _row_text(result.resume[1])]}
     return result
 
 
-def _print_text(command: str, result: Any) -> None:
+def _write(data: bytes) -> None:
+    sys.stdout.flush()   # whatever print() holds goes first
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _line_value(row: bytes, value: bytes, encoded: bool) -> str:
+    """A value in a multi-row line: base64 with --base64, else the text itself, which must be
+    printable (no tab, newline or other control character, valid UTF-8) so that lines and
+    columns stay unambiguous."""
+    if encoded:
+        return _b64(value)
+    text = _utf8(value)
+    if text is None or not text.isprintable():
+        raise InvalidArgument(f"value: row {_row_text(row)} holds bytes that are not printable "
+                              "text (non-UTF-8, tab, newline or another control character); "
+                              "ask again with --base64 or --json", field="value")
+    return text
+
+
+def _print_text(command: str, result: Any, encoded: bool = False) -> None:
+    """Text output. A single value (get, row-get) is written as its bytes, with a newline
+    only when standard output is a terminal, or as one base64 line with --base64."""
     if isinstance(result, Versioned | RowValue):
-        print(_text(result.value))
+        if encoded:
+            print(_b64(result.value))
+        else:
+            _write(result.value + (b"\n" if sys.stdout.isatty() else b""))
     elif isinstance(result, ScanPage):
-        for row in result.rows:
-            print(f"{_row_text(row.row)}\t{row.version}\t{_text(row.value)}")
+        lines = [f"{_row_text(r.row)}\t{r.version}\t{_line_value(r.row, r.value, encoded)}"
+                 for r in result.rows]
+        print("".join(line + "\n" for line in lines), end="")
         if result.next_start is not None:
             print(f"# more rows: --start {_row_text(result.next_start)}", file=sys.stderr)
     elif isinstance(result, ChangesPage):
-        for change in result.changes:
-            what = "deleted" if change.deleted else "put"
-            print(f"{change.version}\t{_row_text(change.row)}\t{what}\t{_text(change.value)}")
+        lines = [f"{c.version}\t{_row_text(c.row)}\t{'deleted' if c.deleted else 'put'}\t"
+                 f"{_line_value(c.row, c.value, encoded)}" for c in result.changes]
+        print("".join(line + "\n" for line in lines), end="")
         print(f"# key version {result.version}", file=sys.stderr)
         if result.resume is not None:
             print(f"# more changes: SINCE {result.resume[0]} --after-row "
@@ -142,6 +194,16 @@ def _print_text(command: str, result: Any) -> None:
         print(f"version {result}")
     else:
         print(result)
+
+
+JSON_HELP = ("print the result as one JSON object; a value is in \"value_base64\" (its "
+             "exact bytes) and also in \"value\" (as text) when it is valid UTF-8; a row "
+             "also in \"row_base64\"")
+BASE64_HELP = "write values in base64 (get, row-get: one line; scan, changes: the VALUE column)"
+LINES_HELP = ("ROW: text, #N (appended row N) or hex:HEXDIGITS. VALUE: the value as text if "
+              "every value listed is printable UTF-8 text (no tab, newline or control "
+              "character), else the command fails with exit status 2: use --base64 (VALUE in "
+              "base64) or --json")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -156,7 +218,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=positive_seconds, default=None,
                         help=f"seconds to wait for an answer (default {TIMEOUT_S_DEFAULT}; "
                              f"status: {CLI_STATUS_TIMEOUT_S} per node)")
-    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("--json", action="store_true", help=JSON_HELP)
+    parser.add_argument("--base64", action="store_true", help=BASE64_HELP)
     _add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return parser
 
@@ -170,13 +233,20 @@ def _add_commands(commands: Any) -> None:
                        help="read the replica's own copy without asking a majority first "
                             "(faster, possibly stale; --json shows the version read)")
 
+    def encoded(p: argparse.ArgumentParser) -> None:
+        # SUPPRESS: given after the command it sets the flag, absent it keeps the global one
+        p.add_argument("--base64", action="store_true", default=argparse.SUPPRESS,
+                       help=BASE64_HELP)
+
     def expect(p: argparse.ArgumentParser) -> None:
         p.add_argument("--expect-version", type=int, default=None,
                        help="apply only if the key is at this version (compare-and-set)")
 
-    p = command("get", "print a key's value")
+    p = command("get", "write a key's value to standard output: its bytes as they are "
+                       "(a newline added only on a terminal), or one base64 line with --base64")
     p.add_argument("key", type=os.fsencode)
     local(p)
+    encoded(p)
     p = command("put", "store a value; prints the new version")
     p.add_argument("key", type=os.fsencode)
     p.add_argument("value", type=value_argument, help=VALUE_HELP)
@@ -189,10 +259,12 @@ def _add_commands(commands: Any) -> None:
     p.add_argument("delta", nargs="?", type=int, default=1)
     expect(p)
     row_help = "row key: text, #N for appended row N, or hex:HEXDIGITS"
-    p = command("row-get", "print a row of a key's table")
+    p = command("row-get", "write a row's value of a key's table to standard output (as "
+                           "get does)")
     p.add_argument("key", type=os.fsencode)
     p.add_argument("row", type=row_argument, help=row_help)
     local(p)
+    encoded(p)
     p = command("row-put", "store a row; prints the key's new version")
     p.add_argument("key", type=os.fsencode)
     p.add_argument("row", type=row_argument, help=row_help)
@@ -202,23 +274,25 @@ def _add_commands(commands: Any) -> None:
     p.add_argument("key", type=os.fsencode)
     p.add_argument("row", type=row_argument, help=row_help)
     expect(p)
-    p = command("scan", "list rows: ROW<TAB>VERSION<TAB>VALUE")
+    p = command("scan", "list rows, one line each: ROW<TAB>VERSION<TAB>VALUE. " + LINES_HELP)
     p.add_argument("key", type=os.fsencode)
     p.add_argument("--start", type=row_argument, default=b"", help=row_help)
     p.add_argument("--end", type=row_argument, default=None, help=row_help)
     p.add_argument("--limit", type=int, default=SCAN_ROWS_DEFAULT)
     local(p)
+    encoded(p)
     p = command("append", "append a row (an inbox message); prints its sequence number")
     p.add_argument("key", type=os.fsencode)
     p.add_argument("value", type=value_argument, help=VALUE_HELP)
-    p = command("changes",
-                "rows changed after a version: VERSION<TAB>ROW<TAB>put|deleted<TAB>VALUE")
+    p = command("changes", "rows changed after a version, one line each: "
+                           "VERSION<TAB>ROW<TAB>put|deleted<TAB>VALUE. " + LINES_HELP)
     p.add_argument("key", type=os.fsencode)
     p.add_argument("since_version", type=int)
     p.add_argument("--after-row", type=row_argument, default=b"",
                    help="continue a page: " + row_help)
     p.add_argument("--limit", type=int, default=SCAN_ROWS_DEFAULT)
     local(p)
+    encoded(p)
     p = command("compact", "drop a key's tombstones up to a version; prints the new version")
     p.add_argument("key", type=os.fsencode)
     p.add_argument("through_version", type=int)
@@ -399,10 +473,16 @@ def main(argv: list[str] | None = None) -> int:
                               "version": getattr(e, "version", None)}))
         print(f"kvsvr: {kind}: {e}{detail}", file=sys.stderr)
         return code
-    if args.json:
-        print(json.dumps(_jsonable(result)))
-    else:
-        _print_text(args.command, result)
+    try:
+        if args.json:
+            print(json.dumps(_jsonable(result)))
+        else:
+            _print_text(args.command, result, args.base64)
+    except InvalidArgument as e:   # a value that text lines cannot carry
+        print(f"kvsvr: invalid: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:   # the reader stopped (`kvsvr scan ... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

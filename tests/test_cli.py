@@ -22,8 +22,9 @@ def kv(cluster: LocalCluster):
 
 def test_cli_round_trip(kv):
     assert kv("put", "greeting", "hello").stdout == "version 1\n"
-    assert kv("get", "greeting").stdout == "hello\n"
-    assert json.loads(kv("--json", "get", "greeting").stdout) == {"version": 1, "value": "hello"}
+    assert kv("get", "greeting").stdout == "hello"   # the bytes: no newline added off a tty
+    assert json.loads(kv("--json", "get", "greeting").stdout) == {
+        "version": 1, "value": "hello", "value_base64": "aGVsbG8="}
     assert kv("incr", "n", "5").stdout == "5\n"
     assert kv("append", "inbox", "first").stdout == "0\n"
     assert kv("append", "inbox", "second").stdout == "1\n"
@@ -34,7 +35,7 @@ def test_cli_round_trip(kv):
     [status] = json.loads(kv("--json", "status").stdout)
     assert status["node"] == "n1" and status["store"]["binlog_last_lsn"] == 6
     assert status["up"] is True and status["address"].startswith("tcp://127.0.0.1:")
-    assert kv("get", "greeting", "--local").stdout == "hello\n"
+    assert kv("get", "greeting", "--local").stdout == "hello"
     assert kv("scan", "inbox", "--local", "--limit", "1").stdout == "#0\t1\tfirst\n"
 
 
@@ -170,3 +171,55 @@ def test_cli_values_from_standard_input(cluster):
         assert got.value == big and got.version == 1
         assert client.row_get(b"table", b"r1").value == b"\x00row"
         assert client.scan(b"inbox").rows[0].value == b"msg\n"
+
+
+def test_cli_values_round_trip_as_bytes(cluster):
+    """Every byte value, the empty value and a value at the limit come back exactly: raw
+    from get and row-get, in base64 with --base64 and in JSON's value_base64; scan and
+    changes refuse a value their text lines cannot carry and ask for --base64 or --json."""
+    import base64
+    import random
+
+    from kvsvr.limits import VALUE_BYTES_MAX
+
+    def kv(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run([sys.executable, "-m", "kvsvr.cli", "--config",
+                                 cluster.config_path, *args], input=stdin,
+                                capture_output=True, timeout=60)
+        return result
+
+    every_byte = bytes(range(256))
+    at_limit = random.Random(7).randbytes(VALUE_BYTES_MAX)
+    for key, value in [("all", every_byte), ("empty", b""), ("big", at_limit)]:
+        assert kv("put", key, "-", stdin=value).returncode == 0
+        got = kv("get", key)
+        assert got.returncode == 0 and got.stdout == value, got.stderr
+        assert base64.b64decode(kv("get", key, "--base64").stdout) == value
+        assert base64.b64decode(kv("--base64", "get", key).stdout) == value
+        answer = json.loads(kv("--json", "get", key).stdout)
+        assert base64.b64decode(answer["value_base64"]) == value
+        assert ("value" in answer) == _utf8(value)
+    assert kv("row-put", "t", "hex:00ff", "-", stdin=every_byte).returncode == 0
+    assert kv("row-put", "t", "plain", "a b").returncode == 0
+    assert kv("row-get", "t", "hex:00ff").stdout == every_byte
+    refused = kv("scan", "t")
+    assert refused.returncode == 2 and b"--base64" in refused.stderr and not refused.stdout
+    lines = kv("scan", "t", "--base64").stdout.decode().splitlines()
+    assert lines == [f"hex:00ff\t1\t{base64.b64encode(every_byte).decode()}",
+                     f"plain\t2\t{base64.b64encode(b'a b').decode()}"]
+    rows = json.loads(kv("--json", "scan", "t").stdout)["rows"]
+    assert [base64.b64decode(r["row_base64"]) for r in rows] == [b"\x00\xff", b"plain"]
+    assert [base64.b64decode(r["value_base64"]) for r in rows] == [every_byte, b"a b"]
+    assert rows[1]["value"] == "a b" and "value" not in rows[0]
+    assert kv("changes", "t", "0").returncode == 2
+    changes = kv("changes", "t", "1", "--base64").stdout.decode().splitlines()
+    assert changes == [f"2\tplain\tput\t{base64.b64encode(b'a b').decode()}"]
+    assert kv("changes", "t", "1").stdout.decode().splitlines() == ["2\tplain\tput\ta b"]
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
