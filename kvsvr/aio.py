@@ -17,6 +17,7 @@ import itertools
 import os
 import time
 import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,20 @@ from kvsvr.limits import (
     ASYNC_CLIENT_SWEEP_INTERVAL_S,
     CLIENT_ATTEMPT_TIMEOUT_S,
     TIMEOUT_S_DEFAULT,
+    WATCH_WAIT_S_DEFAULT,
 )
+from kvsvr.watching import WatchEvent, watch_events_async
 
 _encode = p.encode
 _encode_frame = _core.encode_frame
 _decode_frames = _core.decode_frames
 _REQUEST = _core.FRAME_REQUEST
+
+
+def attempt_s(spec: CallSpec, default: float) -> float:
+    """How long an attempt of `spec` may go unanswered: a long poll's own, else `default`."""
+    own = spec.attempt_timeout
+    return default if own is None or own < default else own
 
 
 class _Call:
@@ -132,7 +141,8 @@ class _Connection:
         self.pending[request_id] = call
         call.address = self.address
         call.request_id = request_id
-        call.attempt_deadline = min(call.deadline, now + self.client.attempt_timeout)
+        call.attempt_deadline = min(call.deadline,
+                                    now + attempt_s(call.spec, self.client.attempt_timeout))
         call.tried.append(self.address)
         if not self.outbox:
             self.loop.call_soon(self._flush)
@@ -283,7 +293,7 @@ class AsyncClient(_Api):
             self._waiting.append(call)
             return
         self._connection(address).send(call, now)
-        self.health.sending(address, now, self.attempt_timeout)
+        self.health.sending(address, now, attempt_s(call.spec, self.attempt_timeout))
 
     async def _sweep(self) -> None:
         while True:
@@ -338,6 +348,12 @@ class AsyncClient(_Api):
                      now, self.timeout if timeout is None else timeout)
         self._route(call, now, None, paced=False)
         return call.future
+
+    def watch(self, key: Any, since_version: int = 0, *, timeout: float | None = None,
+              wait: float = WATCH_WAIT_S_DEFAULT) -> AsyncIterator[WatchEvent]:
+        """`async for event in client.watch(key)`: as Client.watch, awaited."""
+        return watch_events_async(self._run, key, since_version, timeout=timeout, wait=wait,
+                                  call_timeout=self.timeout)
 
     async def close(self) -> None:
         self._closed = True

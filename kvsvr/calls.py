@@ -13,6 +13,7 @@ import msgspec
 from kvsvr import protocol as p
 from kvsvr.config import check_client_address
 from kvsvr.errors import Internal, InvalidArgument, KvError, Timeout, VersionConflict
+from kvsvr.limits import SCAN_ROWS_DEFAULT, WATCH_REPLY_GRACE_S
 
 LINEARIZABLE = "linearizable"
 LOCAL = "local"
@@ -24,6 +25,7 @@ class CallSpec(NamedTuple):
     request: Any
     finish: Callable[[Any], Any]
     address: str | None = None  # this node only, no failover (status of every node)
+    attempt_timeout: float | None = None  # this call's own (a long poll's); None: the client's
 
 
 def _same(reply: Any) -> Any:
@@ -67,6 +69,15 @@ def changes(key: Any, since_version: Any, after_row: Any, limit: Any,
     request = _with_consistency(p.changes_request(key, since_version, after_row, limit),
                                 consistency)
     return CallSpec(request.key, p.Method.CHANGES, request, _same)
+
+
+def watch(key: Any, since_version: Any, after_row: Any = b"", wait: Any = 0.0,
+          limit: Any = SCAN_ROWS_DEFAULT) -> CallSpec:
+    """A long poll on `key` (see kvsvr/watching.py): the node holds it up to `wait` seconds,
+    so an attempt counts as unanswered only WATCH_REPLY_GRACE_S after that."""
+    request = p.watch_request(key, since_version, after_row, wait, limit)
+    return CallSpec(request.key, p.Method.WATCH, request, _same,
+                    attempt_timeout=request.wait_ms / 1000 + WATCH_REPLY_GRACE_S)
 
 
 def _with_consistency(request: Any, consistency: Any) -> Any:

@@ -36,9 +36,12 @@ from kvsvr.limits import (
     SCAN_ROWS_DEFAULT,
     TIMEOUT_S_DEFAULT,
     VALUE_BYTES_MAX,
+    WATCH_WAIT_S_DEFAULT,
+    WATCH_WAIT_S_MAX,
 )
 from kvsvr.protocol import ChangesPage, RowValue, ScanPage, Versioned
 from kvsvr.store import seq_row
+from kvsvr.watching import WatchEvent
 
 EXIT_NODE_DOWN = 4
 
@@ -293,6 +296,23 @@ def _add_commands(commands: Any) -> None:
     p.add_argument("--limit", type=int, default=SCAN_ROWS_DEFAULT)
     local(p)
     encoded(p)
+    p = command("watch", "print a key's changes as they are applied, until interrupted (or "
+                         "--duration ends): one line per changed row, VERSION<TAB>ROW<TAB>"
+                         "put|deleted<TAB>VALUE, and after each poll's rows the key's value, "
+                         "VERSION<TAB><TAB>value|none<TAB>VALUE (values between two polls are "
+                         "coalesced; VERSION says how far the watch got). " + LINES_HELP)
+    p.add_argument("key", type=os.fsencode)
+    p.add_argument("--since", type=int, default=0,
+                   help="changes after this version (default 0: everything the key holds)")
+    p.add_argument("--wait", type=positive_seconds, default=WATCH_WAIT_S_DEFAULT,
+                   help=f"how long each poll waits on a replica (at most {WATCH_WAIT_S_MAX:g}; "
+                        f"default {WATCH_WAIT_S_DEFAULT:g})")
+    p.add_argument("--duration", type=positive_seconds, default=None,
+                   help="stop after this many seconds (default: never)")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="one JSON object per line per event: version, complete, changes, and "
+                        "the value (null: none) as get --json gives it")
+    encoded(p)
     p = command("compact", "drop a key's tombstones up to a version; prints the new version")
     p.add_argument("key", type=os.fsencode)
     p.add_argument("through_version", type=int)
@@ -447,6 +467,39 @@ def _read_values(args: argparse.Namespace) -> None:
     args.value = data
 
 
+def _watch_lines(event: WatchEvent, encoded: bool) -> str:
+    """An event as text lines: its rows as `changes` prints them, then the key's value."""
+    lines = [f"{c.version}\t{_row_text(c.row)}\t{'deleted' if c.deleted else 'put'}\t"
+             f"{_line_value(c.row, c.value, encoded)}\n" for c in event.changes]
+    if event.complete:
+        value = event.value
+        lines.append(f"{event.version}\t\tnone\t\n" if value is None else
+                     f"{event.version}\t\tvalue\t{_line_value(b'', value, encoded)}\n")
+    return "".join(lines)
+
+
+def _watch_json(event: WatchEvent) -> dict[str, Any]:
+    value = None if event.value is None else _value_fields(event.value)
+    return {"version": event.version, "complete": event.complete, "value": value,
+            "changes": _jsonable(ChangesPage(event.version, event.changes, None))["changes"]}
+
+
+def _watch(args: argparse.Namespace, client: Client) -> int:
+    """Print each event of a watch as it comes; 0 when --duration ends (or ^C)."""
+    try:
+        for event in client.watch(args.key, args.since, timeout=args.duration,
+                                  wait=args.wait):
+            if args.json:
+                print(json.dumps(_watch_json(event)), flush=True)
+            else:
+                print(_watch_lines(event, args.base64), end="", flush=True)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:   # the reader stopped: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -456,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         timeout = args.timeout or TIMEOUT_S_DEFAULT
         with Client(args.config, address=args.address, timeout=timeout,
                     attempt_timeout=min(1.0, timeout)) as client:
+            if args.command == "watch":
+                return _watch(args, client)
             result = run(args, client)
     except (KvError, ConfigError) as e:
         code = next(code for cls, code in EXIT_CODES if isinstance(e, cls))

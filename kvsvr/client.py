@@ -26,6 +26,7 @@ import secrets
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,11 @@ from kvsvr.limits import (
     CLIENT_QUEUE_MESSAGES,
     SCAN_ROWS_DEFAULT,
     TIMEOUT_S_DEFAULT,
+    WATCH_WAIT_S_DEFAULT,
 )
 from kvsvr.protocol import MutateReply
 from kvsvr.sharding import Router
+from kvsvr.watching import WatchEvent, watch_events
 
 LINEARIZABLE = calls.LINEARIZABLE
 
@@ -278,6 +281,17 @@ class Client(_Api):
             return (spec.address,)
         return self._router.replicas_for(spec.key)
 
+    def watch(self, key: Any, since_version: int = 0, *, timeout: float | None = None,
+              wait: float = WATCH_WAIT_S_DEFAULT) -> Iterator[WatchEvent]:
+        """Changes of `key` after `since_version` as they are applied, one WatchEvent per
+        poll (version, value, changed rows; see kvsvr.watching), failing over between the
+        key's replicas without losing or repeating one. Each poll waits up to `wait` seconds
+        on a replica; the iteration ends after `timeout` seconds (None: never). Raises
+        Compacted if `since_version` is before the key's compaction horizon (start again
+        from 0), and Timeout or Unavailable if no replica answers a poll in time."""
+        return watch_events(self._run, key, since_version, timeout=timeout, wait=wait,
+                            call_timeout=self.timeout)
+
     def pipeline(self) -> Pipeline:
         """Queue calls and send them together: `p = c.pipeline(); p.get(k); p.execute()`."""
         return Pipeline(self)
@@ -444,11 +458,16 @@ class _Exchange:
             current[index] = (address, request_id)
             request_id += 1
         next_id[0] = request_id
-        attempt = _Attempt(address, min(self.deadline, now + client.attempt_timeout), indexes,
+        attempt_s = client.attempt_timeout
+        for index in indexes:   # a long poll waits longer than the client's usual attempt
+            own = specs[index].attempt_timeout
+            if own is not None and own > attempt_s:
+                attempt_s = own
+        attempt = _Attempt(address, min(self.deadline, now + attempt_s), indexes,
                            request_id - len(indexes))
         self.attempts.append(attempt)
         self.tried.append(attempt)
-        self.health.sending(address, now, client.attempt_timeout)
+        self.health.sending(address, now, attempt_s)
         send_frames(socket, frames)
 
     def _check_timers(self, now: float) -> None:

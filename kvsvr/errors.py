@@ -70,6 +70,13 @@ class Compacted(KvError):
     code = 9
 
 
+class ResourceExhausted(KvError):
+    """The node holds as much of something as its limit allows (parked watches, say): try
+    again later or another replica. Nothing was changed."""
+
+    code = 10
+
+
 class ConfigError(ValueError):
     """A cluster config is invalid; the message names the field."""
 
@@ -77,7 +84,7 @@ class ConfigError(ValueError):
 ERRORS_BY_CODE: dict[int, type[KvError]] = {
     cls.code: cls
     for cls in (NotFound, VersionConflict, InvalidArgument, Timeout, Unavailable, StorageFull,
-                UnknownMethod, Internal, Compacted)
+                UnknownMethod, Internal, Compacted, ResourceExhausted)
 }
 
 __all__ = [
@@ -88,6 +95,7 @@ __all__ = [
     "InvalidArgument",
     "KvError",
     "NotFound",
+    "ResourceExhausted",
     "StorageFull",
     "Timeout",
     "Unavailable",

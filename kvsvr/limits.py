@@ -94,6 +94,12 @@ ASYNC_CLIENT_SWEEP_INTERVAL_S = 0.05  # the asyncio client looks for expired att
 CLI_STATUS_TIMEOUT_S = 1.0           # `kvsvr status` waits this long for each node by default
 NODE_READY_TIMEOUT_S = 30.0          # the launcher waits this long for a node to serve
 
+# Watches: a long poll on a key, parked on the node until the key is applied past a version.
+WATCH_WAIT_S_MAX = 30.0              # longest a node holds a watch before "no change yet"
+WATCH_WAIT_S_DEFAULT = 10.0          # what the clients ask for each poll unless told
+WATCH_REPLY_GRACE_S = 2.0            # a poll unanswered this long past its wait fails over
+WATCHES_PARKED_MAX = 50_000          # watches one node holds at once; more are refused
+
 # Held key states are pinned in the state cache, which must keep room for others.
 assert DEFERRED_RECORDS_MAX <= STATE_CACHE_KEYS // 2
 # A page of at least one maximal row must still fit in one frame.
@@ -176,5 +182,9 @@ __all__ = [
     "VALUE_BYTES_MAX",
     "VOTE_LOG_BYTES",
     "WAKE_YIELDS",
+    "WATCHES_PARKED_MAX",
+    "WATCH_REPLY_GRACE_S",
+    "WATCH_WAIT_S_DEFAULT",
+    "WATCH_WAIT_S_MAX",
     "YIELD_AFTER_VOTE_S",
 ]

@@ -29,6 +29,7 @@ from kvsvr.limits import (
     SCAN_ROWS_DEFAULT,
     SCAN_ROWS_MAX,
     VALUE_BYTES_MAX,
+    WATCH_WAIT_S_MAX,
 )
 
 U64_MAX = 2**64 - 1
@@ -49,6 +50,7 @@ class Method(enum.IntEnum):
     PULL = 32       # replica to replica: binlog records from an LSN (the data stream)
     HELLO = 33      # replica to replica: what do you know of my past lives (bootstrap)
     SNAPSHOT = 34   # replica to replica: a page of a consistent copy of the data
+    WATCH = 14      # a long poll: answered once the key is applied past a version
 
 
 PEER_METHODS = frozenset({Method.QUORUM, Method.VERSIONS, Method.PULL, Method.HELLO,
@@ -110,6 +112,20 @@ class ChangesRequest(Struct, array_like=True, forbid_unknown_fields=True):
     after_row: RowBound
     limit: Limit
     consistency: Consistency = CONSISTENCY_LINEARIZABLE
+
+
+WatchWaitMs = Annotated[int, Meta(ge=0, le=int(WATCH_WAIT_S_MAX * 1000))]
+
+
+class WatchRequest(Struct, array_like=True, forbid_unknown_fields=True):
+    """Answer once the key is applied past `since_version` (at once when `after_row` is set:
+    the rest of a page cut at that version), or after `wait_ms` with no change (0: at once)."""
+
+    key: Key
+    since_version: U64
+    after_row: RowBound
+    wait_ms: WatchWaitMs
+    limit: Limit = SCAN_ROWS_DEFAULT
 
 
 class Op(Struct, array_like=True, forbid_unknown_fields=True):
@@ -221,6 +237,7 @@ REQUEST_TYPES: dict[int, type[Struct]] = {
     Method.ROW_GET: RowGetRequest,
     Method.SCAN: ScanRequest,
     Method.CHANGES: ChangesRequest,
+    Method.WATCH: WatchRequest,
     Method.MUTATE: MutateRequest,
     Method.FAULTS: FaultsRequest,
     Method.VERSIONS: VersionsRequest,
@@ -277,6 +294,19 @@ class ChangesPage(Struct, array_like=True):
     resume: tuple[int, bytes] | None
 
 
+class WatchReply(Struct, array_like=True):
+    """A watch's answer. `changed` false: no change within the wait, the key is still at
+    `version` (poll again). Else the key's `version` and `value` (None: it holds none) as
+    applied on the replica, and the rows changed after the request's position in version
+    order (CHANGES' page: continue from `resume` while not None)."""
+
+    version: int
+    changed: bool
+    value: bytes | None
+    changes: list[Change]
+    resume: tuple[int, bytes] | None
+
+
 class MutateReply(Struct, array_like=True, gc=False):
     """The key's new version and per-op results (incr: new value, append: seq, else None)."""
 
@@ -297,6 +327,7 @@ REPLY_TYPES: dict[int, Any] = {
     Method.ROW_GET: RowValue,
     Method.SCAN: ScanPage,
     Method.CHANGES: ChangesPage,
+    Method.WATCH: WatchReply,
     Method.MUTATE: MutateReply,
     Method.FAULTS: dict[str, Any],
     Method.VERSIONS: VersionsReply,
@@ -644,6 +675,21 @@ def changes_request(key: Any, since_version: Any, after_row: Any = b"",
                           limit_arg(limit))
 
 
+def watch_request(key: Any, since_version: Any, after_row: Any = b"", wait: Any = 0.0,
+                  limit: Any = SCAN_ROWS_DEFAULT) -> WatchRequest:
+    """A WATCH request; `wait` in seconds, 0..WATCH_WAIT_S_MAX."""
+    since = as_version("since_version", since_version)
+    if since is None:
+        raise InvalidArgument("since_version: required", field="since_version")
+    if (isinstance(wait, bool) or not isinstance(wait, int | float) or wait != wait
+            or not 0 <= wait <= WATCH_WAIT_S_MAX):
+        raise InvalidArgument(f"wait: expected seconds 0..{WATCH_WAIT_S_MAX:g}, got {wait!r}",
+                              field="wait")
+    return WatchRequest(as_key(key), since,
+                        as_bytes("after_row", after_row, max_length=ROW_KEY_BYTES_MAX),
+                        int(wait * 1000), limit_arg(limit))
+
+
 def parse_reply(method: int, status: int, body: Any) -> Any:
     """A node's answer as a result object, or raise the typed error it carries."""
     if status == OK:
@@ -672,5 +718,7 @@ __all__ = [
     "RowValue",
     "ScanPage",
     "Versioned",
+    "WatchReply",
+    "WatchRequest",
     "describe_validation_error",
 ]

@@ -10,6 +10,7 @@ answered only after its commit returned, so an acknowledged write survives SIGKI
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import time
@@ -20,7 +21,14 @@ import zmq
 
 from kvsvr import _core, protocol
 from kvsvr.config import ClusterConfig
-from kvsvr.errors import ConfigError, Internal, InvalidArgument, KvError, StorageFull
+from kvsvr.errors import (
+    ConfigError,
+    Internal,
+    InvalidArgument,
+    KvError,
+    StorageFull,
+    Unavailable,
+)
 from kvsvr.limits import (
     CLIENT_SWEEP_INTERVAL_S,
     GROUP_COMMIT_OPS_MAX,
@@ -34,6 +42,7 @@ from kvsvr.protocol import Method, MutateRequest
 from kvsvr.sharding import shard_of
 from kvsvr.sockets import bind_router, node_context
 from kvsvr.store import Store
+from kvsvr.watches import ParkedWatch, Watches, due, read_watch, unchanged
 
 log = logging.getLogger("kvsvr.node")
 
@@ -42,7 +51,12 @@ _encode_frame = _core.encode_frame
 _REQUEST = _core.FRAME_REQUEST
 _RESPONSE = _core.FRAME_RESPONSE
 _MUTATE = Method.MUTATE
-_KEYED = frozenset({Method.MUTATE, Method.GET, Method.ROW_GET, Method.SCAN, Method.CHANGES})
+_KEYED = frozenset({Method.MUTATE, Method.GET, Method.ROW_GET, Method.SCAN, Method.CHANGES,
+                    Method.WATCH})
+_WATCH = Method.WATCH
+# A watch answered later, or read once the round's writes committed: (answers of its message,
+# its index there, request id, request, the client's identity).
+PendingWatch = tuple[list[Any], int, int, Any, bytes]
 # The counter of each method's requests.
 METHOD_COUNTER = {m.value: f"requests.{m.name.lower()}" for m in Method}
 
@@ -78,6 +92,7 @@ class Node:
         self.round_requests = 0               # frames in the round being answered
         self.next_client_sweep = time.monotonic() + CLIENT_SWEEP_INTERVAL_S
         self._client_sweep_from = b""
+        self.watches = Watches()   # parked WATCH requests (kvsvr/watches.py)
         store = self.store
         self._readers: dict[int, Any] = {
             Method.GET: lambda r, txn: store.get(txn, r.key),
@@ -111,6 +126,7 @@ class Node:
                                   "single-replica node", field="method")
         return reader(request, txn)
 
+    # long: one pass over a round's frames keeps the per-request cost of the hot path low
     def handle_round(self, messages: list[list[bytes]]) -> list[list[bytes]]:
         """Answer one round of client messages ([identity, payload...] each): the messages
         to send back, [identity, payload] each, answers in request order."""
@@ -118,6 +134,7 @@ class Node:
         writes: list[tuple[list[Any], int, int, MutateRequest]] = []
         written: set[bytes] = set()
         deferred: list[tuple[list[Any], int, int, int, Any]] = []
+        watches: list[PendingWatch] = []
         counters = self.counters
         self.round_requests = 0
         method_counter = METHOD_COUNTER
@@ -144,6 +161,10 @@ class Node:
                             if method == _MUTATE:
                                 writes.append((out, len(out), request_id, request))
                                 written.add(request.key)
+                                out.append(None)
+                                continue
+                            if method == _WATCH:   # read once the round's writes committed
+                                watches.append((out, len(out), request_id, request, parts[0]))
                                 out.append(None)
                                 continue
                             if written and getattr(request, "key", None) in written:
@@ -174,9 +195,76 @@ class Node:
             self._commit(writes[start:start + GROUP_COMMIT_OPS_MAX])
         if deferred:
             self._answer_reads(deferred)
+        woken = self._serve_watches(watches, written) if watches or self.watches.count else []
+        if watches:   # a parked watch is answered later, in a message of its own
+            for answer in answers:
+                answer[1] = [frame for frame in answer[1] if frame is not None]
         # Answers go back in as many messages as the size limits need (a client takes any).
         return [[answer[0], message] for answer in answers
-                for message in protocol.pack(answer[1])]
+                for message in protocol.pack(answer[1]) if answer[1]] + woken
+
+    # --- watches (kvsvr/watches.py) ----------------------------------------------------------
+    def _serve_watches(self, pending: list[PendingWatch],
+                       written: set[bytes]) -> list[list[bytes]]:
+        """Wake the parked watches of the keys this round wrote (their answers, each a
+        message of its own, are returned), then answer this round's watches that are due
+        and park the others."""
+        store, watches = self.store, self.watches
+        woken: list[list[bytes]] = []
+        now = time.monotonic()
+        with store.read() as txn:
+            for key in watches.watching(written):
+                for watch in watches.take(key, store.latest(txn, key).version):
+                    woken.append([watch.identity, self._watch_answer(watch, txn, None)])
+            for out, index, request_id, request, identity in pending:
+                try:
+                    version = store.latest(txn, request.key).version
+                    if due(request, version) or not request.wait_ms:
+                        out[index] = self._watch_frame(request_id, request, txn, version)
+                    else:
+                        watches.park(ParkedWatch(identity, request_id, request,
+                                                 now + request.wait_ms / 1000, now))
+                except KvError as e:
+                    self.counters[f"errors.{type(e).__name__}"] += 1
+                    out[index] = error_frame(request_id, e)
+        return woken
+
+    def _watch_frame(self, request_id: int, request: Any, txn: lmdb.Transaction,
+                     version: int) -> bytes:
+        """The answer of a watch: what changed if the key at `version` is past it, else "no
+        change yet"."""
+        reply = read_watch(self.store, txn, request) if due(request, version) \
+            else unchanged(version)
+        return _encode_frame(_RESPONSE, 0, request_id, 0, _encode(reply))
+
+    def _watch_answer(self, watch: ParkedWatch, txn: lmdb.Transaction,
+                      error: KvError | None) -> bytes:
+        try:
+            if error is not None:
+                raise error
+            version = self.store.latest(txn, watch.request.key).version
+            return self._watch_frame(watch.request_id, watch.request, txn, version)
+        except KvError as e:
+            self.counters[f"errors.{type(e).__name__}"] += 1
+            return error_frame(watch.request_id, e)
+        except Exception:  # as for any request: a bug costs one watch, never the node
+            log.exception("watch %d failed", watch.request_id)
+            return error_frame(watch.request_id, Internal("internal error"))
+
+    def expire_watches(self, now: float) -> list[list[bytes]]:
+        """The answers of the watches whose wait ended ("no change yet"), [identity, frame]."""
+        expired = self.watches.expired(now)
+        if not expired:
+            return []
+        with self.store.read() as txn:
+            return [[w.identity, self._watch_answer(w, txn, None)] for w in expired]
+
+    def stop_watches(self) -> list[list[bytes]]:
+        """A stopping node answers its parked watches Unavailable: the client asks another
+        replica, or this one once it is back."""
+        error = Unavailable(f"node {self.name} is stopping; watch again", field="node")
+        return [[w.identity, self._watch_answer(w, None, error)]
+                for w in self.watches.take_all()]
 
     def _answer_reads(self, reads: list[tuple[list[Any], int, int, int, Any]]) -> None:
         with self.store.read() as txn:
@@ -265,7 +353,11 @@ class Node:
             while not self.stopping:
                 if time.monotonic() >= self.next_client_sweep:
                     self.sweep_idle_clients()
-                if not socket.poll(NODE_POLL_INTERVAL_MS):
+                if self.watches.count:
+                    for answer in self.expire_watches(time.monotonic()):
+                        with contextlib.suppress(again):   # the client is not reading
+                            send(answer, zmq.NOBLOCK)
+                if not socket.poll(self._poll_ms()):
                     continue
                 messages: list[list[bytes]] = []
                 received = 0
@@ -289,10 +381,21 @@ class Node:
                 self.monitor.add(monitor_ids.NODE_BYTES_OUT, sent)
                 self.observe_latency(time.perf_counter() - started, self.round_requests)
         finally:
+            for answer in self.stop_watches():
+                with contextlib.suppress(zmq.ZMQError):
+                    send(answer, zmq.NOBLOCK)
             socket.close()
             context.term()
             self.store.close()
             log.info("node %s stopped", self.name)
+
+    def _poll_ms(self) -> int:
+        """How long the serve loop waits for requests: until the next watch's wait ends."""
+        deadline = self.watches.next_deadline() if self.watches.count else None
+        if deadline is None:
+            return NODE_POLL_INTERVAL_MS
+        wait_ms = int((deadline - time.monotonic()) * 1000) + 1
+        return max(0, min(NODE_POLL_INTERVAL_MS, wait_ms))
 
 
 def _package_version() -> str:

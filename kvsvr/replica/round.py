@@ -39,6 +39,7 @@ from kvsvr.replica.network import Network
 from kvsvr.replica.peers import Peer, Peers
 from kvsvr.replica.sending import QuorumSender
 from kvsvr.replica.stream import Page, Pulled, Stream
+from kvsvr.replica.watches import ReplicaWatches
 from kvsvr.replica.work import Work
 from kvsvr.single import METHOD_COUNTER, Node
 from kvsvr.store import Meta, Store
@@ -53,6 +54,7 @@ _encode_frame = _core.encode_frame
 _PEER_METHODS = protocol.PEER_METHODS
 _QUORUM = Method.QUORUM
 _FAULTS = Method.FAULTS
+_WATCH = Method.WATCH
 _STREAM_METHODS = (Method.PULL, Method.SNAPSHOT)
 _LOCAL_METHODS = (Method.PING, Method.STATUS)
 _pull_reply_decoder = msgspec.msgpack.Decoder(PullReply)
@@ -97,6 +99,9 @@ class ReplicaNode(Node):
         self.checkpoints.on_commit_end = self.work.commit_ended
         self.barriers = Barriers(name, self.peers, self.life, self.checkpoints, self.work,
                                  self.edge)
+        self.replica_watches = ReplicaWatches(
+            name, self.group.name, store, self.peers, self.life, self.checkpoints, self.edge,
+            self.counters, self.watches, check_owned=self.check_owned)
         self.round_at = 0.0
         self._open_checked = 0.0
         self._peers_watched = 0.0
@@ -184,6 +189,7 @@ class ReplicaNode(Node):
         if clean:
             self.checkpoints.checkpoint(durable=True, all_held=True)
             self.work.answer_waiting_on_stop()
+            self.replica_watches.stop()
             self.edge.flush()   # (and local reads that waited for the checkpoint)
         else:
             self.checkpoints.abandon()
@@ -265,6 +271,8 @@ class ReplicaNode(Node):
             work.expire(now)
         if stream.serving:
             stream.expire_sessions(now)
+        if self.watches.count:
+            self.replica_watches.tick(now)
         self.edge.flush()
         checkpoints.maybe_checkpoint(now)
         # A sync wakes this loop only while messages of its own wait for one (the sync
@@ -307,6 +315,10 @@ class ReplicaNode(Node):
                 elif method in _LOCAL_METHODS:
                     self.monitor.add(monitor_ids.NODE_REQUESTS, 1)
                     result = self._read(method, request, txn)
+                elif method == _WATCH:
+                    self.monitor.add(monitor_ids.NODE_REQUESTS, 1)
+                    self.replica_watches.request(identity, request_id, request, txn, now)
+                    continue
                 else:
                     self.monitor.add(monitor_ids.NODE_REQUESTS, 1)  # clients' requests only
                     work.client_request(identity, request_id, method, request,
@@ -486,6 +498,8 @@ class ReplicaNode(Node):
             touched |= later
             checkpoints.apply_later = set()
         touched = self._apply(logged, pulled, pages, touched, durable_now, now)
+        if self.watches.count:
+            self.replica_watches.applied(touched)
         self.counters["apply_us"] += int((time.perf_counter() - started) * 1e6)
         if quorum is not None:
             if durable_now:
@@ -602,7 +616,8 @@ class ReplicaNode(Node):
                 "open_instances": quorum.instances if quorum else 0,
                 "fast_path": bool(quorum.fast_path) if quorum else False,
             },
-            "waiting": {"keys": len(self.work.keys), "barriers": len(self.barriers.pending)},
+            "waiting": {"keys": len(self.work.keys), "barriers": len(self.barriers.pending),
+                        "watches": self.watches.count},
             "vote_log": self.sender.status(),
             "checkpoint": self.checkpoints.status(),
         })
