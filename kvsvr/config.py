@@ -17,7 +17,7 @@ from msgspec import Meta, Struct
 
 from kvsvr import _core
 from kvsvr.errors import ConfigError, InvalidArgument
-from kvsvr.limits import BINLOG_RECORDS_MAX, PEER_SECRET_BYTES_MIN
+from kvsvr.limits import BINLOG_RECORDS_MAX, MONITOR_MAX_IDS_DEFAULT, PEER_SECRET_BYTES_MIN
 
 Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 _ADDRESS = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:]+:(\d{1,5})|ipc://.+)$")
@@ -88,8 +88,11 @@ class MonitorConfig(Struct, forbid_unknown_fields=True):
     """[monitor]: the machine's counters file, its agent and the monitor center."""
 
     enabled: bool = True            # false: nodes count nothing (NullCounters)
-    counters_path: str = ""         # "": /dev/shm/kvsvr-counters-<user> (per machine)
-    max_ids: Annotated[int, Meta(ge=1, le=_core.MONITOR_IDS_MAX)] = _core.MONITOR_IDS_DEFAULT
+    # "": /dev/shm/kvsvr-counters-<user>-<cluster name>-<hash of its node addresses>, one
+    # file per machine and cluster (kvsvr.monitor.counters.cluster_counters_path)
+    counters_path: str = ""
+    # ids 1..max_ids have a slot; the default holds every id (the file is sparse)
+    max_ids: Annotated[int, Meta(ge=1, le=_core.MONITOR_IDS_MAX)] = MONITOR_MAX_IDS_DEFAULT
     window_s: Annotated[int, Meta(ge=_core.WINDOW_S_MIN,
                                   le=_core.WINDOW_S_MAX)] = _core.WINDOW_S_DEFAULT
     registry: list[str] = []        # id registry files (relative to the config file)
@@ -100,6 +103,13 @@ class MonitorConfig(Struct, forbid_unknown_fields=True):
     agent_period_s: Annotated[int, Meta(ge=1, le=3600)] = 60
     agent_state_dir: Annotated[str, Meta(min_length=1)] = "kvsvr-data/agent"
     machine: Annotated[str, Meta(max_length=64)] = ""   # "": the host name
+    # Labels of the Prometheus exposition (/metrics): "" for datacenter is the cluster's
+    # name; "" for campus is the campus of this machine's replicas when they share one, else
+    # "unknown".
+    datacenter: Annotated[str, Meta(max_length=64)] = ""
+    campus: Annotated[str, Meta(max_length=64)] = ""
+    # HOST:PORT where kvsvr-agent serves this machine's counters as /metrics ("": off)
+    agent_metrics: str = ""
 
 
 class SecurityConfig(Struct, forbid_unknown_fields=True):
@@ -283,6 +293,9 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
     problem = web_address_problem(monitor.web)
     if problem:
         raise ConfigError(f"monitor.web: {problem}")
+    problem = monitor.agent_metrics and web_address_problem(monitor.agent_metrics)
+    if problem:
+        raise ConfigError(f"monitor.agent_metrics: {problem} (or \"\" for none)")
     # The agent must find a second still in the window after a failed send and a retry.
     if monitor.window_s < 2 * monitor.agent_period_s + 10:
         raise ConfigError(

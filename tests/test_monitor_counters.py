@@ -235,7 +235,8 @@ def test_format_and_validate_agree_on_the_layout():
 
 @pytest.mark.parametrize(("text", "message"), [
     ('[[ids]]\nid = 1000\nname = "' + "a" * 65 + '"\ndescription = "d"', "name: 65 bytes"),
-    ('[[ids]]\nid = 5\nname = "x.y"\ndescription = "d"', "id: 5, expected 1000"),
+    ('[[ids]]\nid = 5\nname = "x.y"\ndescription = "d"',
+     "id: 5 is in KVSvr's own range 1..999, expected 1000"),
     ('[[ids]]\nid = 1000\nname = "Bad Name"\ndescription = "d"', "lowercase"),
     ('[[ids]]\nid = 1000\nname = "x.y"\ndescription = ""', "description: 0 bytes"),
     ('[[ids]]\nid = 1000\nname = "x.y"\ndescription = "d"\nkind = "histogram"', "kind"),

@@ -11,8 +11,10 @@ from kvsvr.monitor.counters import (
     CountersError,
     CounterSink,
     NullCounters,
+    cluster_counters_path,
     default_path,
     open_counters,
+    open_reader,
 )
 from kvsvr.monitor.registry import MonitorId, Registry, load_registry, parse_registry
 
@@ -23,8 +25,10 @@ __all__ = [
     "MonitorId",
     "NullCounters",
     "Registry",
+    "cluster_counters_path",
     "default_path",
     "load_registry",
     "open_counters",
+    "open_reader",
     "parse_registry",
 ]

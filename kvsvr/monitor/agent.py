@@ -29,12 +29,16 @@ moves its cursor back to two periods before now, so those seconds are read and s
 (the center overwrites them: no count lost or doubled).
 
 The agent never creates the counters file (a file of the default sizing would shut out the
-nodes configured with another one): it waits for the counters' owners to create it.
+nodes configured with another one): it waits for the counters' owners to create it. It reads
+only the slots of registered ids (kvsvr.monitor.counters.CountersReader), never the whole
+sparse file.
+
+With `[monitor] agent_metrics = "HOST:PORT"` (or --metrics) it also serves this machine's
+counters as Prometheus text on http://HOST:PORT/metrics (kvsvr/monitor/exporter.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -43,15 +47,22 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import zmq
 
 from kvsvr import _core, protocol
-from kvsvr.config import address_problem, load
+from kvsvr.config import ClusterConfig, address_problem, load, web_address_problem
 from kvsvr.errors import ConfigError, InvalidArgument
-from kvsvr.monitor.counters import CountersError, CountersMissing, open_counters
+from kvsvr.monitor.counters import (
+    CountersError,
+    CountersMissing,
+    CountersReader,
+    cluster_counters_path,
+    open_reader,
+)
+from kvsvr.monitor.prometheus import CAMPUS_UNKNOWN
 from kvsvr.monitor.registry import Registry, load_registry
 from kvsvr.monitor.report import (
     BLOCK_HEADER,
@@ -67,7 +78,13 @@ from kvsvr.monitor.report import (
     encode_report,
     machine_problem,
 )
-from kvsvr.process import add_log_level, on_stop_signals, setup_logging
+from kvsvr.process import (
+    add_config_argument,
+    add_log_level,
+    on_stop_signals,
+    program_parser,
+    setup_logging,
+)
 
 log = logging.getLogger("kvsvr.agent")
 
@@ -119,9 +136,19 @@ def split_catalog(catalog: list[CatalogEntry]) -> list[list[CatalogEntry]]:
     return parts
 
 
-def build_reports(counters: _core.Counters, machine: str, cursor: int, now: float,
+class SecondsSource(Protocol):
+    """What reports are built from: a CountersReader (the agent) or `_core.Counters`."""
+
+    @property
+    def window_s(self) -> int: ...
+    def snapshot(self, second: int) -> bytes: ...
+    def registered(self) -> list[tuple[int, int]]: ...
+
+
+# long: one pass that cuts the span into reports by seconds, bytes and catalog parts
+def build_reports(counters: SecondsSource, machine: str, cursor: int, now: float,
                   catalog: list[CatalogEntry],
-                  lost: Sequence[tuple[int, int]] = ()) -> list[Report]:
+                  lost: Sequence[tuple[int, int]] = (), campus: str = "") -> list[Report]:
     """The reports that ship everything after `cursor` (empty: nothing complete yet).
 
     `catalog` goes in parts, one per report (the span is cut into at least as many reports
@@ -155,6 +182,8 @@ def build_reports(counters: _core.Counters, machine: str, cursor: int, now: floa
         blocks.append((second, block))
         size += BLOCK_HEADER.size + len(block)
     reports.append(Report(machine, start, through, blocks))
+    for report in reports:
+        report.campus = campus
     for report, part in zip(reports, parts, strict=False):
         report.catalog = part
     gaps = [g for g in lost if g[1] < first] + ([gap] if gap is not None else [])
@@ -174,7 +203,7 @@ def rewound_cursor(cursor: int, now: float, period_s: float, window_s: int) -> i
     return max(second - int(2 * period_s) - GRACE_S, oldest) - 1
 
 
-def catalog_of(counters: _core.Counters, registry: Registry) -> list[CatalogEntry]:
+def catalog_of(counters: SecondsSource, registry: Registry) -> list[CatalogEntry]:
     """Names of the ids registered in the counters file that the registry knows."""
     out: list[CatalogEntry] = []
     for id, kind in counters.registered():
@@ -286,8 +315,8 @@ class CenterLink:
 
 
 class Agent:
-    def __init__(self, counters: _core.Counters, machine: str, centers: list[str],
-                 state_dir: Path, period_s: float, registry: Registry):
+    def __init__(self, counters: CountersReader, machine: str, centers: list[str],
+                 state_dir: Path, period_s: float, registry: Registry, campus: str = ""):
         problem = machine_problem(machine)
         if problem:
             raise ConfigError(problem)
@@ -300,6 +329,7 @@ class Agent:
         self.machine = machine
         self.period_s = period_s
         self.registry = registry
+        self.campus = campus
         state_dir.mkdir(parents=True, exist_ok=True)
         self.context = zmq.Context(io_threads=1)
         self.links = [CenterLink(self.context, a, state_dir, machine) for a in centers]
@@ -307,6 +337,7 @@ class Agent:
 
     def ship(self, now: float) -> bool:
         """Ship everything complete to every center; True if all of it was acknowledged."""
+        self.counters.refresh()      # ids registered since the last round
         catalog = catalog_of(self.counters, self.registry)
         all_done = True
         for link in self.links:
@@ -318,7 +349,7 @@ class Agent:
                 link.save_cursor(rewound)
             unsent = [e for e in catalog if e not in link.catalog_acked]
             for report in build_reports(self.counters, self.machine, link.cursor, now,
-                                        unsent, link.lost):
+                                        unsent, link.lost, self.campus):
                 for gap in report.gaps:
                     if gap not in link.lost:
                         log.warning("seconds %d..%d left the counters window before they "
@@ -361,13 +392,13 @@ class Agent:
             self.context.term()
 
 
-def wait_for_counters(path: str | None, stopping: list[bool]) -> _core.Counters | None:
+def wait_for_counters(path: str | Path, stopping: list[bool]) -> CountersReader | None:
     """Open the counters file, waiting (and saying so every WAIT_LOG_S) until a counting
     process has created it; None if asked to stop meanwhile."""
     logged_at: float | None = None
     while not stopping:
         try:
-            return open_counters(path, create=False)
+            return open_reader(path)
         except CountersMissing as e:
             if logged_at is None or time.monotonic() - logged_at >= WAIT_LOG_S:
                 log.warning("%s; waiting for a node (or an instrumented program) to create "
@@ -377,41 +408,78 @@ def wait_for_counters(path: str | None, stopping: list[bool]) -> _core.Counters 
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="kvsvr-agent", description="Ship this machine's counters to the monitor center.")
-    parser.add_argument("--config", help="cluster TOML; its [monitor] section is used")
+def machine_campus(config: ClusterConfig) -> str:
+    """This machine's campus label: [monitor] campus, else the campus of the config's nodes
+    whose address is on this machine when they share one, else "unknown"."""
+    if config.monitor.campus:
+        return config.monitor.campus
+    names = {"localhost", "0.0.0.0", "*", "[::]", "[::1]", socket_module.gethostname()}
+    try:
+        names.add(socket_module.getfqdn())
+        names.update(socket_module.gethostbyname_ex(socket_module.gethostname())[2])
+    except OSError:
+        pass
+    campuses = set()
+    for member in [r for g in config.groups for r in g.replicas] + [
+            s for g in config.queue_groups for s in g.servers]:
+        host = member.address.removeprefix("tcp://").rpartition(":")[0]
+        if host in names or host.startswith("127."):
+            campuses.add(member.campus)
+    return campuses.pop() if len(campuses) == 1 else CAMPUS_UNKNOWN
+
+
+def _parser() -> Any:
+    parser = program_parser("kvsvr-agent",
+                            "Ship this machine's counters to the monitor center.")
+    add_config_argument(parser, "cluster TOML; its [monitor] section is used")
     parser.add_argument("--center", action="append", default=None,
                         help="center address (repeatable; default: monitor.center)")
-    parser.add_argument("--counters", help="counters file (default: monitor.counters_path)")
+    parser.add_argument("--counters", help="counters file (default: monitor.counters_path, "
+                        "else the cluster's file in /dev/shm)")
     parser.add_argument("--machine", help="this machine's name (default: the host name)")
+    parser.add_argument("--campus", help="this machine's campus label for /metrics "
+                        "(default: monitor.campus, else the campus of its nodes)")
     parser.add_argument("--period", type=float, help="seconds between shipments "
                         "(default: monitor.agent_period_s, 60)")
     parser.add_argument("--state-dir", help="where cursors are kept "
                         "(default: monitor.agent_state_dir)")
     parser.add_argument("--registry", action="append", default=None,
                         help="id registry TOML (repeatable; default: monitor.registry)")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve this machine's counters as Prometheus /metrics here "
+                        "(default: monitor.agent_metrics; off when empty)")
     parser.add_argument("--list-ids", action="store_true",
                         help="list the registered ids (registry and counters file) and exit")
     add_log_level(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _list_ids(path: Path, registry: Registry) -> None:
+    reader = open_reader(path)
+    registered = dict(reader.registered())
+    reader.close()
+    for entry in registry.list():
+        mark = "registered" if entry.id in registered else "not in counters file"
+        print(f"{entry.id}\t{entry.name}\t{entry.kind}\t{mark}\t{entry.description}")
+    for id, kind in sorted(registered.items()):
+        if id not in registry:
+            print(f"{id}\tid.{id}\t{'gauge' if kind == 2 else 'counter'}\t"
+                  "registered\t(no registry entry)")
+
+
+# long: the command line, its checks and the run, with one error path for each kind of failure
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     setup_logging(args.log_level)
+    exporter: Any = None
     try:
         config = load(args.config)
         monitor = config.monitor
         registry = load_registry(args.registry if args.registry is not None
                                  else [config.path(p) for p in monitor.registry])
-        path = args.counters or (str(config.path(monitor.counters_path))
-                                 if monitor.counters_path else None)
+        path = Path(args.counters) if args.counters else cluster_counters_path(config)
         if args.list_ids:
-            registered = dict(open_counters(path, create=False).registered())
-            for entry in registry.list():
-                mark = "registered" if entry.id in registered else "not in counters file"
-                print(f"{entry.id}\t{entry.name}\t{entry.kind}\t{mark}\t{entry.description}")
-            for id, kind in sorted(registered.items()):
-                if id not in registry:
-                    print(f"{id}\tid.{id}\t{'gauge' if kind == 2 else 'counter'}\t"
-                          "registered\t(no registry entry)")
+            _list_ids(path, registry)
             return 0
         centers = args.center or [monitor.center]
         for address in centers:
@@ -422,6 +490,11 @@ def main(argv: list[str] | None = None) -> int:
         problem = machine_problem(machine)
         if problem:
             raise ConfigError(problem)
+        campus = args.campus or machine_campus(config)
+        metrics_address = args.metrics if args.metrics is not None else monitor.agent_metrics
+        problem = metrics_address and web_address_problem(metrics_address)
+        if problem:
+            raise ConfigError(f"--metrics: {problem}")
         stopping: list[bool] = []
         agent: Agent | None = None
 
@@ -431,18 +504,32 @@ def main(argv: list[str] | None = None) -> int:
                 agent.stopping = True
 
         on_stop_signals(stop)
+        log.info("counters file: %s", path)
         found = wait_for_counters(path, stopping)
         if found is None:
             return 0
         agent = Agent(found, machine, centers, Path(args.state_dir) if args.state_dir
                       else config.path(monitor.agent_state_dir),
-                      args.period or monitor.agent_period_s, registry)
+                      args.period or monitor.agent_period_s, registry, campus)
+        if metrics_address:
+            from kvsvr.monitor.exporter import MetricsExporter
+
+            exporter = MetricsExporter(found, registry, (config.name, monitor.datacenter
+                                                         or config.name, campus, machine))
+            exporter.serve(metrics_address)
         if stopping:
             return 0
     except (ConfigError, CountersError) as e:
         print(f"kvsvr-agent: {e}", file=sys.stderr)
         return 2
-    agent.run()
+    except OSError as e:
+        print(f"kvsvr-agent: cannot serve /metrics: {e}", file=sys.stderr)
+        return 1
+    try:
+        agent.run()
+    finally:
+        if exporter is not None:
+            exporter.close()
     return 0
 
 

@@ -8,7 +8,6 @@ is handled start to end (decode, one LMDB transaction, ack) before the next one 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
@@ -24,6 +23,7 @@ import zmq.asyncio
 from kvsvr import _core, protocol
 from kvsvr.config import ClusterConfig, address_problem, load, web_address_problem
 from kvsvr.errors import ConfigError, Internal, InvalidArgument, KvError, Unavailable
+from kvsvr.monitor import prometheus
 from kvsvr.monitor import rules as rules_module
 from kvsvr.monitor.registry import FIRST_USER_ID, MonitorId, Registry, id_problem, load_registry
 from kvsvr.monitor.report import (
@@ -36,7 +36,7 @@ from kvsvr.monitor.report import (
 )
 from kvsvr.monitor.rules import ABSENT_FOR_S_MAX, ResolvedRule, samples_needed
 from kvsvr.monitor.series import SERIES_SECONDS_MAX, AlertEvent, SeriesStore
-from kvsvr.process import add_log_level, setup_logging
+from kvsvr.process import add_config_argument, add_log_level, program_parser, setup_logging
 from kvsvr.sockets import bind_router
 
 log = logging.getLogger("kvsvr.monitor")
@@ -59,11 +59,22 @@ class Center:
     """The center's logic over its store (no sockets here: `handle` takes a message)."""
 
     def __init__(self, store: SeriesStore, rules: list[ResolvedRule], registry: Registry,
-                 *, live_s: float = LIVE_S_DEFAULT):
+                 *, live_s: float = LIVE_S_DEFAULT, cluster: str = "local",
+                 datacenter: str = "", rules_source: str = ""):
         self.store = store
         self.rules = rules
         self.registry = registry
         self.live_s = live_s
+        self.cluster = cluster
+        self.datacenter = datacenter or cluster
+        self.rules_source = rules_source     # what the rules were loaded from (the page says)
+        # For /metrics, since this center started: per machine, the running sum of every
+        # second it received (a value block; gauges' entries are not shown), the newest value
+        # of each gauge, and the campus its agent reports.
+        self.totals: dict[str, bytes] = {}
+        self.gauge_values: dict[str, dict[int, int]] = {}
+        self.campus: dict[str, str] = {}
+        self._gauges: set[int] | None = None
         self.findings: dict[tuple[str, str], rules_module.Finding] = {}
         self.counters = {"reports": 0, "values": 0, "rejected": 0, "internal_errors": 0,
                          "catalog_refused": 0}
@@ -130,11 +141,13 @@ class Center:
                 f"{CLOCK_SKEW_S_MAX} s): check the clocks of {report.machine} and the center",
                 field="through_second")
         report.catalog = self._accepted_catalog(report.machine, report.catalog)
+        previous = self.store.machines().get(report.machine)
         try:
             through = self.store.ingest(report, now)
         except OverflowError as e:
             raise InvalidArgument(f"report: {e}", field="report") from None
         self._note_values(report)
+        self._note_totals(report, previous.through if previous is not None else -1)
         self.counters["reports"] += 1
         self.counters["values"] += report.values
         return _core.encode_frame(_RESPONSE, 0, request_id, 0,
@@ -174,6 +187,81 @@ class Center:
                     if _core.block_value(block, id) is not None:
                         self.last_value[key] = second
                         break
+
+    def gauge_ids(self) -> set[int]:
+        if self._gauges is None:
+            self._gauges = {e.id for e in self.registry.list() if e.kind == "gauge"} | {
+                id for id, (kind, _n, _d) in self.store.catalog().items()
+                if kind == _core.KIND_GAUGE}
+        return self._gauges
+
+    def _note_totals(self, report: Report, old_through: int) -> None:
+        """Add the report's new seconds (after what the machine covered before: a resend
+        adds nothing) to the machine's running totals, and note its gauges' newest values."""
+        if report.catalog:
+            self._gauges = None
+        if report.campus:
+            self.campus[report.machine] = report.campus
+        fresh = [(s, b) for s, b in report.blocks if s > old_through]
+        if not fresh:
+            return
+        total = self.totals.get(report.machine, b"")
+        try:
+            for _second, block in fresh:
+                total = _core.merge_blocks(total, block)
+        except OverflowError:
+            total = b""            # a counter reset, as a scraper sees a restart
+        self.totals[report.machine] = total
+        newest = self.gauge_values.setdefault(report.machine, {})
+        for id in self.gauge_ids():
+            for _second, block in reversed(fresh):
+                value = _core.block_value(block, id)
+                if value is not None:
+                    newest[id] = value
+                    break
+
+    def metric_ids(self) -> list[int]:
+        """Every id /metrics shows: registered here, named by an agent, or with values."""
+        ids = set(self.registry.by_id) | set(self.store.catalog())
+        for total in self.totals.values():
+            ids.update(_core.decode_block(total))
+        return sorted(ids)
+
+    def prometheus(self, now: float) -> str:
+        """The /metrics text: every id per machine, then the center's own metrics."""
+        machines = self.store.machines()
+        labels: dict[str, tuple[str, ...]] = {m: (self.cluster, self.datacenter,
+                      self.campus.get(m, prometheus.CAMPUS_UNKNOWN), m) for m in machines}
+        totals = {m: _core.decode_block(self.totals.get(m, b"")) for m in machines}
+        families = []
+        samples: dict[tuple[str, ...], int | float]
+        for id in self.metric_ids():
+            name, kind, description = self.id_name(id)
+            if kind == "gauge":
+                samples = {labels[m]: self.gauge_values[m][id] for m in machines
+                           if id in self.gauge_values.get(m, {})}
+            else:
+                samples = {labels[m]: totals[m].get(id, 0) for m in machines}
+            families.append(prometheus.Family(id, name, kind, description or name, samples))
+        own: tuple[str, ...] = (self.cluster, self.datacenter)
+        own_names = ("cluster", "datacenter")
+        per_machine: dict[tuple[str, ...], int | float] = {
+            labels[m]: state.through for m, state in machines.items()}
+        families += [
+            prometheus.Family(None, "monitor.reports", "counter",
+                              "Reports the monitor center stored", {own: self.counters["reports"]},
+                              own_names),
+            prometheus.Family(None, "monitor.reports_rejected", "counter",
+                              "Reports the monitor center refused",
+                              {own: self.counters["rejected"]}, own_names),
+            prometheus.Family(None, "monitor.alerts_firing", "gauge",
+                              "Alerts firing now", {own: len(self.firing)}, own_names),
+            prometheus.Family(None, "monitor.rules_loaded", "gauge",
+                              "Alert rules loaded", {own: len(self.rules)}, own_names),
+            prometheus.Family(None, "monitor.covered_through_seconds", "gauge",
+                              "Newest second a machine's agent shipped (unix time)",
+                              per_machine)]
+        return prometheus.render(families)
 
     def _reject(self, request_id: int, error: KvError) -> bytes:
         self.counters["rejected"] += 1
@@ -379,15 +467,16 @@ async def serve(center: Center, listen: str, web_address: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="kvsvr-monitor", description="The monitor center: stores agents' reports, "
-        "evaluates alert rules, serves curves on a web page and a JSON API.")
-    parser.add_argument("--config", help="cluster TOML; its [monitor] section is used "
-                        "(default: the embedded config)")
+    parser = program_parser(
+        "kvsvr-monitor", "The monitor center: stores agents' reports, evaluates alert rules, "
+        "serves curves on a web page, a JSON API and Prometheus /metrics.")
+    add_config_argument(parser, "cluster TOML; its [monitor] section is used "
+                        "(else the embedded config)")
     parser.add_argument("--listen", help="ZeroMQ address for reports (default: monitor.center)")
     parser.add_argument("--web", help="HOST:PORT of the web page (default: monitor.web)")
     parser.add_argument("--data-dir", help="LMDB directory (default: monitor.data_dir)")
-    parser.add_argument("--rules", help="alert rules TOML (default: monitor.rules)")
+    parser.add_argument("--rules", help="alert rules TOML, or 'none' (default: monitor.rules; "
+                        "unset there: the default rules for KVSvr's own ids)")
     parser.add_argument("--registry", action="append", default=None,
                         help="id registry TOML (repeatable; default: monitor.registry)")
     parser.add_argument("--retention-s", type=int, default=RETENTION_S_DEFAULT,
@@ -413,8 +502,9 @@ def main(argv: list[str] | None = None) -> int:
         problem = web_address_problem(web)
         if problem:
             raise ConfigError(f"--web: {problem}")
-        rules_path = args.rules or (str(config.path(monitor.rules)) if monitor.rules else None)
-        rules = rules_module.load_rules(rules_path, registry) if rules_path else []
+        setting = args.rules or (monitor.rules if monitor.rules in ("", rules_module.NO_RULES)
+                                 else str(config.path(monitor.rules)))
+        rules, rules_source = rules_module.configured_rules(setting, registry)
         if args.retention_s < 60:
             raise ConfigError(f"--retention-s: {args.retention_s}, expected >= 60")
         data_dir = Path(args.data_dir) if args.data_dir else config.path(monitor.data_dir)
@@ -425,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"kvsvr-monitor: cannot open the store: {e}", file=sys.stderr)
         return 1
-    center = Center(store, rules, registry, live_s=2 * monitor.agent_period_s + LIVE_SLACK_S)
+    center = Center(store, rules, registry, live_s=2 * monitor.agent_period_s + LIVE_SLACK_S,
+                    cluster=config.name, datacenter=monitor.datacenter,
+                    rules_source=rules_source)
     if args.forget:
         for machine in args.forget:
             found = center.forget(machine)

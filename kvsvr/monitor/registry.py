@@ -25,11 +25,12 @@ import msgspec
 from kvsvr import _core
 from kvsvr.config import decode_toml
 from kvsvr.errors import ConfigError
+from kvsvr.limits import MONITOR_FIRST_USER_ID
 
 NAME_BYTES_MAX = _core.MONITOR_NAME_BYTES_MAX
 DESCRIPTION_BYTES_MAX = _core.MONITOR_DESCRIPTION_BYTES_MAX
 IDS_MAX = _core.MONITOR_IDS_MAX
-FIRST_USER_ID = 1000          # ids below belong to KVSvr's own programs
+FIRST_USER_ID = MONITOR_FIRST_USER_ID   # ids below belong to KVSvr's own programs
 KINDS = {"counter": _core.KIND_COUNTER, "gauge": _core.KIND_GAUGE}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 _NAME = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")
@@ -52,8 +53,13 @@ def id_problem(entry: MonitorId, *, builtin: bool = False) -> str | None:
     """Why `entry` cannot be registered (the field first), or None."""
     low = 1 if builtin else FIRST_USER_ID
     high = FIRST_USER_ID - 1 if builtin else IDS_MAX
+    if entry.id == 0:
+        return f"id: 0 is reserved (ids start at 1), expected {low}..{high}"
+    if not builtin and 1 <= entry.id < FIRST_USER_ID:
+        return (f"id: {entry.id} is in KVSvr's own range 1..{FIRST_USER_ID - 1}, expected "
+                f"{low}..{high}")
     if not low <= entry.id <= high:
-        return f"id: {entry.id}, expected {low}..{high}"
+        return f"id: {entry.id} is outside the id range, expected {low}..{high}"
     name_bytes = len(entry.name.encode())
     if not 1 <= name_bytes <= NAME_BYTES_MAX:
         return f"name: {name_bytes} bytes, expected 1..{NAME_BYTES_MAX}"

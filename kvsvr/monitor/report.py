@@ -17,7 +17,9 @@ saying what was wrong (then nothing of it was stored). Layout, little-endian, la
       44    4 reserved       0
       48      machine        UTF-8 name of the reporting machine
               meta           msgpack {"catalog": [[id, kind, name, description], ...],
-                                      "gaps": [[first, last], ...]} (may be empty)
+                                      "gaps": [[first, last], ...],
+                                      "campus": the machine's campus label, optional}
+                             (may be empty)
               blocks         block_count times: u64 second, u32 byte_len, u32 reserved (0),
                              then byte_len bytes of value block (see kvsvr/_counters.pxi);
                              seconds strictly ascending inside [first, through]
@@ -44,6 +46,7 @@ HEADER = struct.Struct("<QIHHQQIIII")
 BLOCK_HEADER = struct.Struct("<QII")
 assert HEADER.size == 48 and BLOCK_HEADER.size == 16
 MACHINE_BYTES_MAX = 64
+CAMPUS_BYTES_MAX = 64
 META_BYTES_MAX = 1 << 20      # the catalog of a full table: 65,536 ids x ~330 bytes is more;
 #                               a machine with that many names ships them over several reports
 REPORT_SECONDS_MAX = 3600
@@ -68,6 +71,7 @@ class _Meta(msgspec.Struct, forbid_unknown_fields=True):
     gaps: Annotated[list[tuple[Annotated[int, Meta(ge=0, le=SECOND_MAX)],
                                Annotated[int, Meta(ge=0, le=SECOND_MAX)]]],
                     Meta(max_length=GAPS_MAX)] = []
+    campus: Annotated[str, Meta(max_length=CAMPUS_BYTES_MAX)] = ""
 
 
 _meta_decoder = msgspec.msgpack.Decoder(_Meta)
@@ -81,6 +85,7 @@ class Report(msgspec.Struct):
     blocks: list[tuple[int, bytes]]          # (second, value block), ascending seconds
     catalog: list[CatalogEntry] = []
     gaps: list[tuple[int, int]] = []
+    campus: str = ""                         # the machine's campus (a /metrics label)
 
     @property
     def values(self) -> int:
@@ -107,8 +112,11 @@ def encode_report(report: Report) -> bytes:
     if len(report.blocks) > REPORT_SECONDS_MAX:
         raise ValueError(f"blocks: {len(report.blocks)}, at most {REPORT_SECONDS_MAX}")
     meta = b""
-    if report.catalog or report.gaps:
-        meta = _meta_encoder.encode({"catalog": report.catalog, "gaps": report.gaps})
+    if report.catalog or report.gaps or report.campus:
+        fields: dict[str, object] = {"catalog": report.catalog, "gaps": report.gaps}
+        if report.campus:
+            fields["campus"] = report.campus
+        meta = _meta_encoder.encode(fields)
     if len(meta) > META_BYTES_MAX:
         raise ValueError(f"meta: {len(meta)} bytes, at most {META_BYTES_MAX}")
     machine = report.machine.encode()
@@ -204,7 +212,8 @@ def decode_report(buf: bytes | memoryview) -> Report:
         pos += byte_len
     if pos != size:
         raise ReportError(f"{size - pos} trailing bytes after the last block")
-    return Report(machine, first, through, blocks, list(meta.catalog), list(meta.gaps))
+    return Report(machine, first, through, blocks, list(meta.catalog), list(meta.gaps),
+                  meta.campus)
 
 
 class Ack(msgspec.Struct):

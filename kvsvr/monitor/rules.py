@@ -95,6 +95,21 @@ def parse_rules(text: str | bytes, registry: Registry, *,
     return resolved
 
 
+DEFAULT_RULES_PATH = Path(__file__).with_name("default_rules.toml")
+NO_RULES = "none"             # [monitor] rules = "none": load no rules at all
+
+
+def configured_rules(setting: str | Path | None,
+                     registry: Registry) -> tuple[list[ResolvedRule], str]:
+    """(rules, where they came from) for a [monitor] rules setting: "" or None loads the
+    default set shipped with KVSvr (DEFAULT_RULES_PATH), "none" no rules, else that file."""
+    if setting is None or str(setting) == "":
+        return load_rules(DEFAULT_RULES_PATH, registry), "the default rules"
+    if str(setting) == NO_RULES:
+        return [], "none (rules = \"none\")"
+    return load_rules(setting, registry), str(setting)
+
+
 def load_rules(path: str | Path, registry: Registry) -> list[ResolvedRule]:
     try:
         text = Path(path).read_bytes()
@@ -175,5 +190,6 @@ def transition(was_firing: bool, finding: Finding) -> str | None:
     return None
 
 
-__all__ = ["Finding", "ResolvedRule", "Rule", "evaluate", "load_rules", "parse_rules",
-           "samples_needed", "transition"]
+__all__ = ["DEFAULT_RULES_PATH", "NO_RULES", "Finding", "ResolvedRule", "Rule",
+           "configured_rules", "evaluate", "load_rules", "parse_rules", "samples_needed",
+           "transition"]

@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from kvsvr import _core
-from kvsvr.monitor import charts
+from kvsvr.monitor import charts, prometheus
 from kvsvr.monitor.series import SERIES_SECONDS_MAX
 
 RANGES_S = (300, 900, 3600, 6 * 3600, 86_400)
@@ -257,6 +257,12 @@ async def api_machines(request: web.Request) -> web.Response:
         "center": center.status()})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    center = request.app[CENTER_KEY]
+    return web.Response(body=center.prometheus(time.time()).encode(),
+                        headers={"Content-Type": prometheus.CONTENT_TYPE})
+
+
 def make_app(center: Any) -> web.Application:
     app = web.Application()
     app[CENTER_KEY] = center
@@ -267,6 +273,7 @@ def make_app(center: Any) -> web.Application:
     app.router.add_get("/api/series", api_series)
     app.router.add_get("/api/alerts", api_alerts)
     app.router.add_get("/api/machines", api_machines)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
