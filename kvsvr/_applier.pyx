@@ -6,11 +6,12 @@ rolling flush of the key states a replica holds back (kvsvr/store/states.py).
 Every replica applies every write, so this runs once per write on each of them, where the
 general Python path (plan, encode, write, remember) spends most of its time outside LMDB.
 This path takes only what that general path would do for a *plain* record: puts and deletes
-of the key's value, no rows, no compaction, on a key whose state is kept in memory and held
-back from LMDB's keys table (Store's defer_key_states), with no bound of the binlog or of
-the held states reached. It checks all of that before writing anything and answers None when
-one does not hold, and the caller then takes the general path. What it writes is byte for
-byte what the general path writes (tests/test_applier.py compares the two).
+of the key's value, no rows, no compaction, no expiry, on a key whose state is kept in
+memory and held back from LMDB's keys table (Store's defer_key_states), with no bound of the
+binlog or of the held states reached. It checks all of that before writing anything and
+answers None when one does not hold, and the caller then takes the general path. What it
+writes is byte for byte what the general path writes (tests/test_applier.py compares the
+two).
 
 Like the core, no threads and no clock; unlike it, it writes to LMDB (through py-lmdb).
 """
@@ -22,7 +23,7 @@ from libc.string cimport memcpy
 import msgspec
 from xxhash import xxh64_intdigest
 
-from kvsvr._core import OP_DELETE, OP_PUT, encode_record
+from kvsvr._core import OP_DELETE, OP_EXPIRE, OP_PURGE, OP_PUT, encode_record
 from kvsvr.limits import OPS_TRIM_STEP, STATE_CACHE_VALUE_BYTES
 from kvsvr.protocol import MutateReply
 
@@ -30,6 +31,9 @@ _encoder = msgspec.msgpack.Encoder()
 
 cdef int _PUT = OP_PUT
 cdef int _DELETE = OP_DELETE
+cdef int _EXPIRE = OP_EXPIRE
+cdef int _PURGE = OP_PURGE
+cdef bytes _ZERO_INSTANT = bytes(8)
 cdef Py_ssize_t _VALUE_MAX = STATE_CACHE_VALUE_BYTES
 cdef uint64_t _TRIM_STEP = OPS_TRIM_STEP
 
@@ -44,13 +48,19 @@ cdef bytes _remembered(digest, reply):
 
 def encode_state(state) -> bytes:
     """A key state as the keys table holds it (KeyState.encode): u64 version, u64 next_seq,
-    u64 compacted_through, u8 has_value, little-endian, then the value."""
+    u64 compacted_through, u8 flags (1: a value, 2: it expires), little-endian, then the
+    u64 expiry instant of an expiring value, then the value."""
     return _encode_state(state)
 
 
 def request_digest(bytes key, ops) -> int:
     """Identifies a request (its key and ops), so an op id reused for another one is caught.
-    The ops table stores it: it must never change for data already written."""
+    The ops table stores it: it must never change for data already written. The instants
+    of expire and purge ops are left out: each node that takes a retry stamps its own, and
+    the retry is still the same request (a lone op has none: puts are alone most often)."""
+    if len(ops) > 1:
+        ops = [(kind, row, _ZERO_INSTANT + value[8:]) if kind == _EXPIRE or kind == _PURGE
+               else (kind, row, value) for kind, row, value in ops]
     return _digest(key, ops)
 
 
@@ -77,14 +87,18 @@ cdef bytes _encode_state(state):
     value = state.value
     cdef bytes data = b"" if value is None else value   # (a checked cast: bytes or TypeError)
     cdef Py_ssize_t n = len(data)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, 25 + n)
+    cdef uint64_t expires_ms = state.expires_ms if value is not None else 0
+    cdef Py_ssize_t head = 33 if expires_ms else 25
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, head + n)
     cdef uint8_t* p = <uint8_t*> PyBytes_AS_STRING(out)
     _store_le64(p, state.version)
     _store_le64(p + 8, state.next_seq)
     _store_le64(p + 16, state.compacted_through)
-    p[24] = value is not None
+    p[24] = (value is not None) | (2 if expires_ms else 0)
+    if expires_ms:
+        _store_le64(p + 25, expires_ms)
     if n:
-        memcpy(p + 25, PyBytes_AS_STRING(data), n)
+        memcpy(p + head, PyBytes_AS_STRING(data), n)
     return out
 
 
@@ -132,8 +146,10 @@ cdef class Applier:
         be written: its first op, or a trim step), or None having changed nothing."""
         store = self.store
         cdef uint64_t old_version = state.version
-        if old_version < 1 or key not in self.states:
-            return None   # a first write goes through to the keys table
+        if old_version < 1 or key not in self.states or state.expires_ms:
+            # A first write goes through to the keys table; so does one replacing a value
+            # that expires (its expiry table entry goes).
+            return None
         cdef uint64_t version = old_version + 1
         value = state.value
         cdef int kind

@@ -56,13 +56,20 @@ OP_ROW_PUT = 4      # rows[row] := value
 OP_ROW_DELETE = 5   # rows[row] := tombstone              (value empty)
 OP_APPEND = 6       # rows[u64be(next_seq)] := value; next_seq += 1   (row empty)
 OP_COMPACT = 7      # drop tombstones of versions <= value (8-byte u64)  (row empty)
+# The value (row empty) or the row written earlier in the same batch expires at an instant:
+# value = u64 at_ms (unix ms, set by the node that takes the request; 0 on the wire), u64 ttl_ms
+OP_EXPIRE = 8
+# Removes the value (row empty) or the row if its recorded instant is still <= value (u64 unix
+# ms): a replica's background removal of expired data, alone in its batch
+OP_PURGE = 9
 cdef enum:
-    _OP_KIND_MAX = 7
+    _OP_KIND_MAX = 9
+    _EXPIRE_VALUE_BYTES = 16
 
 OP_NAMES = {
     OP_PUT: "put", OP_DELETE: "delete", OP_INCR: "incr",
     OP_ROW_PUT: "row_put", OP_ROW_DELETE: "row_delete", OP_APPEND: "append",
-    OP_COMPACT: "compact",
+    OP_COMPACT: "compact", OP_EXPIRE: "expire", OP_PURGE: "purge",
 }
 
 # Frame kinds.

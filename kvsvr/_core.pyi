@@ -24,6 +24,8 @@ OP_ROW_PUT: int
 OP_ROW_DELETE: int
 OP_APPEND: int
 OP_COMPACT: int
+OP_EXPIRE: int
+OP_PURGE: int
 OP_NAMES: dict[int, str]
 FRAME_REQUEST: int
 FRAME_RESPONSE: int

@@ -70,12 +70,16 @@ cpdef check_op(int kind, bytes row, bytes value):
     if kind == OP_ROW_PUT or kind == OP_ROW_DELETE:
         if len(row) == 0:
             raise ValueError(f"op.row: {OP_NAMES[kind]} needs a non-empty row key")
-    elif len(row) != 0:
+    elif len(row) != 0 and kind != OP_EXPIRE and kind != OP_PURGE:
         raise ValueError(f"op.row: {OP_NAMES[kind]} takes no row key")
     if kind == OP_INCR and len(value) != 8:
         raise ValueError("op.value: incr carries an 8-byte signed delta")
     if kind == OP_COMPACT and len(value) != 8:
         raise ValueError("op.value: compact carries an 8-byte version")
+    if kind == OP_EXPIRE and len(value) != _EXPIRE_VALUE_BYTES:
+        raise ValueError("op.value: expire carries a u64 instant and a u64 ttl (16 bytes)")
+    if kind == OP_PURGE and len(value) != 8:
+        raise ValueError("op.value: purge carries an 8-byte instant")
     if (kind == OP_DELETE or kind == OP_ROW_DELETE) and len(value) != 0:
         raise ValueError(f"op.value: {OP_NAMES[kind]} takes no value")
 

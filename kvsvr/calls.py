@@ -101,8 +101,11 @@ def mutate(key: Any, ops: list[p.Op], expected_version: Any, op_id: tuple[int, i
     return CallSpec(k, p.Method.MUTATE, request, finish)
 
 
-def put(key: Any, value: Any, expected_version: Any, op_id: tuple[int, int]) -> CallSpec:
-    return mutate(key, [p.put_op(value)], expected_version, op_id, _version)
+def put(key: Any, value: Any, expected_version: Any, op_id: tuple[int, int],
+        ttl: Any = None) -> CallSpec:
+    """`ttl`: seconds the value lives after a node takes the write (None: for ever)."""
+    ops = [p.put_op(value)] if ttl is None else [p.put_op(value), p.expire_op(ttl)]
+    return mutate(key, ops, expected_version, op_id, _version)
 
 
 def delete(key: Any, expected_version: Any, op_id: tuple[int, int]) -> CallSpec:
@@ -114,8 +117,12 @@ def incr(key: Any, delta: Any, expected_version: Any, op_id: tuple[int, int]) ->
 
 
 def row_put(key: Any, row: Any, value: Any, expected_version: Any,
-            op_id: tuple[int, int]) -> CallSpec:
-    return mutate(key, [p.row_put_op(row, value)], expected_version, op_id, _version)
+            op_id: tuple[int, int], ttl: Any = None) -> CallSpec:
+    """`ttl`: seconds the row lives after a node takes the write (None: for ever)."""
+    ops = [p.row_put_op(row, value)]
+    if ttl is not None:
+        ops.append(p.expire_op(ttl, ops[0].row))
+    return mutate(key, ops, expected_version, op_id, _version)
 
 
 def row_delete(key: Any, row: Any, expected_version: Any, op_id: tuple[int, int]) -> CallSpec:

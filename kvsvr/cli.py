@@ -35,6 +35,8 @@ from kvsvr.limits import (
     CLI_STATUS_TIMEOUT_S,
     SCAN_ROWS_DEFAULT,
     TIMEOUT_S_DEFAULT,
+    TTL_S_MAX,
+    TTL_S_MIN,
     VALUE_BYTES_MAX,
     WATCH_WAIT_S_DEFAULT,
     WATCH_WAIT_S_MAX,
@@ -227,6 +229,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ttl_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ttl", type=float, default=None, metavar="SECONDS",
+                   help=f"expire it this many seconds after the write ({TTL_S_MIN}.."
+                        f"{TTL_S_MAX}); then it reads as absent and is removed")
+
+
 def _add_commands(commands: Any) -> None:
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help_text, description=help_text)
@@ -254,6 +262,7 @@ def _add_commands(commands: Any) -> None:
     p.add_argument("key", type=os.fsencode)
     p.add_argument("value", type=value_argument, help=VALUE_HELP)
     expect(p)
+    _ttl_option(p)
     p = command("delete", "remove a key's value; prints the new version")
     p.add_argument("key", type=os.fsencode)
     expect(p)
@@ -273,6 +282,7 @@ def _add_commands(commands: Any) -> None:
     p.add_argument("row", type=row_argument, help=row_help)
     p.add_argument("value", type=value_argument, help=VALUE_HELP)
     expect(p)
+    _ttl_option(p)
     p = command("row-delete", "delete a row (a tombstone is kept); prints the new version")
     p.add_argument("key", type=os.fsencode)
     p.add_argument("row", type=row_argument, help=row_help)
@@ -340,7 +350,7 @@ def run(args: argparse.Namespace, client: Client) -> Any:
     if c == "get":
         return client.get(args.key, consistency=consistency)
     if c == "put":
-        return client.put(args.key, args.value, expected_version=expected)
+        return client.put(args.key, args.value, expected_version=expected, ttl=args.ttl)
     if c == "delete":
         return client.delete(args.key, expected_version=expected)
     if c == "incr":
@@ -348,7 +358,8 @@ def run(args: argparse.Namespace, client: Client) -> Any:
     if c == "row-get":
         return client.row_get(args.key, args.row, consistency=consistency)
     if c == "row-put":
-        return client.row_put(args.key, args.row, args.value, expected_version=expected)
+        return client.row_put(args.key, args.row, args.value, expected_version=expected,
+                              ttl=args.ttl)
     if c == "row-delete":
         return client.row_delete(args.key, args.row, expected_version=expected)
     if c == "scan":

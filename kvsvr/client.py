@@ -130,9 +130,11 @@ class _Api:
         possibly stale; the version says what was read)."""
         return self._run(calls.get(key, consistency))
 
-    def put(self, key: Any, value: Any, *, expected_version: int | None = None) -> Any:
-        """Store `value`; returns the key's new version. CAS if `expected_version` is given."""
-        return self._run(calls.put(key, value, expected_version, self._op_id()))
+    def put(self, key: Any, value: Any, *, expected_version: int | None = None,
+            ttl: float | None = None) -> Any:
+        """Store `value`; returns the key's new version. CAS if `expected_version` is given.
+        `ttl`: seconds until it expires (reads as absent), else it never does."""
+        return self._run(calls.put(key, value, expected_version, self._op_id(), ttl))
 
     def delete(self, key: Any, *, expected_version: int | None = None) -> Any:
         """Remove the value (the key keeps its version); returns the new version."""
@@ -147,8 +149,8 @@ class _Api:
         return self._run(calls.row_get(key, row, consistency))
 
     def row_put(self, key: Any, row: Any, value: Any, *,
-                expected_version: int | None = None) -> Any:
-        return self._run(calls.row_put(key, row, value, expected_version, self._op_id()))
+                expected_version: int | None = None, ttl: float | None = None) -> Any:
+        return self._run(calls.row_put(key, row, value, expected_version, self._op_id(), ttl))
 
     def row_delete(self, key: Any, row: Any, *, expected_version: int | None = None) -> Any:
         return self._run(calls.row_delete(key, row, expected_version, self._op_id()))
@@ -203,8 +205,10 @@ class Batch:
         self._expected_version = expected_version
         self.ops: list[p.Op] = []
 
-    def put(self, value: Any) -> Batch:
+    def put(self, value: Any, *, ttl: float | None = None) -> Batch:
         self.ops.append(p.put_op(value))
+        if ttl is not None:
+            self.ops.append(p.expire_op(ttl))
         return self
 
     def delete(self) -> Batch:
@@ -215,8 +219,10 @@ class Batch:
         self.ops.append(p.incr_op(delta))
         return self
 
-    def row_put(self, row: Any, value: Any) -> Batch:
+    def row_put(self, row: Any, value: Any, *, ttl: float | None = None) -> Batch:
         self.ops.append(p.row_put_op(row, value))
+        if ttl is not None:
+            self.ops.append(p.expire_op(ttl, self.ops[-1].row))
         return self
 
     def row_delete(self, row: Any) -> Batch:

@@ -100,6 +100,16 @@ WATCH_WAIT_S_DEFAULT = 10.0          # what the clients ask for each poll unless
 WATCH_REPLY_GRACE_S = 2.0            # a poll unanswered this long past its wait fails over
 WATCHES_PARKED_MAX = 50_000          # watches one node holds at once; more are refused
 
+# Keys and rows that expire (TTL; kvsvr/expiry.py), and their removal in the background.
+TTL_S_MIN = 1                        # a put's time to live, in seconds ...
+TTL_S_MAX = 10 * 365 * 86_400        # ... at most about ten years
+PURGE_INTERVAL_S = 1.0               # how often a node looks for expired entries to remove
+PURGE_KEYS_MAX = 256                 # keys one look proposes removals for (bounded work)
+PURGE_ENTRIES_READ_MAX = 4_096       # ... from at most this many due entries of the index
+PURGE_STAGGER_S = 2.0                # replica i removes what expired i times this long ago,
+                                     # so the replicas of a group rarely remove the same key
+PURGE_RETRY_S = 10.0                 # a key proposed for removal waits this long to be again
+
 # Held key states are pinned in the state cache, which must keep room for others.
 assert DEFERRED_RECORDS_MAX <= STATE_CACHE_KEYS // 2
 # A page of at least one maximal row must still fit in one frame.
@@ -161,6 +171,11 @@ __all__ = [
     "PULL_RECORDS_MAX",
     "PULL_TIMEOUT_S",
     "PULL_TIMEOUT_S_MAX",
+    "PURGE_ENTRIES_READ_MAX",
+    "PURGE_INTERVAL_S",
+    "PURGE_KEYS_MAX",
+    "PURGE_RETRY_S",
+    "PURGE_STAGGER_S",
     "QUORUM_FRAME_BYTES_MAX",
     "QUORUM_FRAME_MESSAGES_MAX",
     "REQUEST_WAIT_S_MAX",
@@ -179,6 +194,8 @@ __all__ = [
     "STORE_MAP_SIZE_MIB_DEFAULT",
     "TIMEOUT_S_DEFAULT",
     "TRIM_RECORDS_PER_ROUND_MAX",
+    "TTL_S_MAX",
+    "TTL_S_MIN",
     "VALUE_BYTES_MAX",
     "VOTE_LOG_BYTES",
     "WAKE_YIELDS",

@@ -28,6 +28,8 @@ from kvsvr.limits import (
     ROW_KEY_BYTES_MAX,
     SCAN_ROWS_DEFAULT,
     SCAN_ROWS_MAX,
+    TTL_S_MAX,
+    TTL_S_MIN,
     VALUE_BYTES_MAX,
     WATCH_WAIT_S_MAX,
 )
@@ -73,7 +75,7 @@ RowBound = Annotated[bytes, Meta(max_length=ROW_KEY_BYTES_MAX)]
 Value = Annotated[bytes, Meta(max_length=VALUE_BYTES_MAX)]
 U64 = Annotated[int, Meta(ge=0)]  # msgpack itself caps it at 2^64-1
 Limit = Annotated[int, Meta(ge=1, le=SCAN_ROWS_MAX)]
-OpKind = Annotated[int, Meta(ge=_core.OP_PUT, le=_core.OP_COMPACT)]
+OpKind = Annotated[int, Meta(ge=_core.OP_PUT, le=_core.OP_EXPIRE)]  # purge: replicas only
 RecordBytes = Annotated[bytes, Meta(min_length=1, max_length=FRAME_BYTES_MAX)]
 ReplicaIndex = Annotated[int, Meta(ge=0, lt=_core.REPLICAS_MAX)]
 
@@ -647,6 +649,46 @@ def decode_version(value: bytes) -> int:
 
 def append_op(value: Any) -> Op:
     return Op(_core.OP_APPEND, b"", as_bytes("value", value, max_length=VALUE_BYTES_MAX))
+
+
+_EXPIRY = struct.Struct("<QQ")   # an expire op's value: at_ms (0 until a node sets it), ttl_ms
+
+
+def as_ttl(ttl: Any) -> int:
+    """A time to live in seconds (int or float, TTL_S_MIN..TTL_S_MAX) as milliseconds."""
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl != ttl \
+            or not TTL_S_MIN <= ttl <= TTL_S_MAX:
+        raise InvalidArgument(f"ttl: expected seconds {TTL_S_MIN}..{TTL_S_MAX}, got {ttl!r}",
+                              field="ttl")
+    return round(ttl * 1000)
+
+
+def expire_op(ttl: Any, row: Any = b"") -> Op:
+    """The value (row empty) or the row put just before it in the batch expires `ttl`
+    seconds after a node takes the request (see kvsvr/expiry.py)."""
+    return Op(_core.OP_EXPIRE,
+              as_bytes("row", row, max_length=ROW_KEY_BYTES_MAX), _EXPIRY.pack(0, as_ttl(ttl)))
+
+
+def expiry_of(value: bytes) -> tuple[int, int]:
+    """(at_ms, ttl_ms) of an expire op's value."""
+    at_ms, ttl_ms = _EXPIRY.unpack(value)
+    return int(at_ms), int(ttl_ms)
+
+
+def stamped_expiry(at_ms: int, ttl_ms: int) -> bytes:
+    """An expire op's value with its instant set."""
+    return _EXPIRY.pack(at_ms, ttl_ms)
+
+
+def purge_op(instant_ms: int, row: bytes = b"") -> Op:
+    """Remove the value (row empty) or the row if it expired at or before `instant_ms`."""
+    return Op(_core.OP_PURGE, row, _U64LE.pack(instant_ms))
+
+
+def decode_instant(value: bytes) -> int:
+    """The instant (unix ms) at the head of an expire or purge op's value."""
+    return int(_U64LE.unpack_from(value)[0])
 
 
 def limit_arg(limit: Any) -> int:

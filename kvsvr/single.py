@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lmdb
@@ -29,12 +30,15 @@ from kvsvr.errors import (
     StorageFull,
     Unavailable,
 )
+from kvsvr.expiry import Purger, needs_stamp, stamp
 from kvsvr.limits import (
     CLIENT_SWEEP_INTERVAL_S,
     GROUP_COMMIT_OPS_MAX,
     NODE_POLL_INTERVAL_MS,
     NODE_ROUND_BYTES_MAX,
     NODE_ROUND_MESSAGES_MAX,
+    PURGE_ENTRIES_READ_MAX,
+    PURGE_INTERVAL_S,
 )
 from kvsvr.monitor import registry as monitor_ids
 from kvsvr.monitor.counters import counters_for
@@ -93,6 +97,8 @@ class Node:
         self.next_client_sweep = time.monotonic() + CLIENT_SWEEP_INTERVAL_S
         self._client_sweep_from = b""
         self.watches = Watches()   # parked WATCH requests (kvsvr/watches.py)
+        self.purger = Purger()     # which expired entries to remove (kvsvr/expiry.py)
+        self.next_purge = 0.0
         store = self.store
         self._readers: dict[int, Any] = {
             Method.GET: lambda r, txn: store.get(txn, r.key),
@@ -159,6 +165,7 @@ class Node:
                             if method in _KEYED:
                                 self.check_owned(request.key)
                             if method == _MUTATE:
+                                self.stamp_write(request)
                                 writes.append((out, len(out), request_id, request))
                                 written.add(request.key)
                                 out.append(None)
@@ -311,6 +318,41 @@ class Node:
             for out, index, request_id, _ in writes:
                 out[index] = error_frame(request_id, error)
 
+    # --- expiry (kvsvr/expiry.py) ------------------------------------------------------------
+    # Expiry instants are unix time (replicas compare them with their own wall clocks).
+    wall_clock: Callable[[], float] = time.time
+
+    def stamp_write(self, request: MutateRequest) -> None:
+        """A write's TTLs become instants on this node's wall clock before it is planned or
+        proposed: the instant is part of what every replica applies."""
+        if needs_stamp(request.ops):
+            stamp(request.ops, int(self.wall_clock() * 1000))
+
+    def purge_expired(self) -> list[list[bytes]]:
+        """Remove expired values and rows, a bounded batch of keys per PURGE_INTERVAL_S, in a
+        transaction of their own; the answers of the watches the removals woke."""
+        now = time.monotonic()
+        self.next_purge = now + PURGE_INTERVAL_S
+        now_ms = int(self.wall_clock() * 1000)
+        store, purger = self.store, self.purger
+        try:
+            with store.read() as txn:
+                entries = store.expiring(txn, purger.through_ms(now_ms), PURGE_ENTRIES_READ_MAX)
+            chosen = purger.choose(entries, now_ms, now)
+            if not chosen:
+                return []
+            with store.write() as batch:
+                for key, ops in chosen:
+                    batch.mutate(key, ops)
+        except Exception:  # housekeeping must never take the node down (retried later)
+            log.exception("removing expired entries failed")
+            return []
+        for key, _ in chosen:
+            purger.done(key)
+        self.counters["purges"] += len(chosen)
+        self.counters["mutations"] += len(chosen)
+        return self._serve_watches([], {key for key, _ in chosen})
+
     def observe_latency(self, seconds: float, requests: int = 1) -> None:
         """Count `requests` answered after `seconds` in their latency bucket id."""
         self.monitor.add(monitor_ids.latency_id(seconds), requests)
@@ -353,6 +395,10 @@ class Node:
             while not self.stopping:
                 if time.monotonic() >= self.next_client_sweep:
                     self.sweep_idle_clients()
+                if time.monotonic() >= self.next_purge:
+                    for answer in self.purge_expired():   # (watches the removals woke)
+                        with contextlib.suppress(again):
+                            send(answer, zmq.NOBLOCK)
                 if self.watches.count:
                     for answer in self.expire_watches(time.monotonic()):
                         with contextlib.suppress(again):   # the client is not reading

@@ -37,6 +37,7 @@ from kvsvr.replica.edge import Edge
 from kvsvr.replica.lives import Life
 from kvsvr.replica.network import Network
 from kvsvr.replica.peers import Peer, Peers
+from kvsvr.replica.purges import propose_purges
 from kvsvr.replica.sending import QuorumSender
 from kvsvr.replica.stream import Page, Pulled, Stream
 from kvsvr.replica.watches import ReplicaWatches
@@ -269,6 +270,7 @@ class ReplicaNode(Node):
         if now >= self._expire_at:
             self._expire_at = now + EXPIRE_INTERVAL_S
             work.expire(now)
+        propose_purges(self, now)   # expired values and rows (kvsvr/replica/purges.py)
         if stream.serving:
             stream.expire_sessions(now)
         if self.watches.count:
@@ -321,6 +323,8 @@ class ReplicaNode(Node):
                     continue
                 else:
                     self.monitor.add(monitor_ids.NODE_REQUESTS, 1)  # clients' requests only
+                    if method == Method.MUTATE:
+                        self.stamp_write(request)   # its TTLs become instants (expiry.py)
                     work.client_request(identity, request_id, method, request,
                                         now + min(budget_ms / 1000 or REQUEST_WAIT_S_MAX,
                                                   REQUEST_WAIT_S_MAX), txn, now)

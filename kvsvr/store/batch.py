@@ -25,8 +25,18 @@ from kvsvr.limits import (
     STATE_CACHE_VALUE_BYTES,
 )
 from kvsvr.protocol import MutateReply, Op
-from kvsvr.store.layout import ROW_META, U64BE, KeyState, Meta, key_prefix
-from kvsvr.store.planner import plan
+from kvsvr.store.layout import (
+    ROW_DELETED,
+    ROW_EXPIRING,
+    U64BE,
+    KeyState,
+    Meta,
+    encode_row,
+    expiry_entry,
+    key_prefix,
+    row_expires_ms,
+)
+from kvsvr.store.planner import RowTimes, plan
 from kvsvr.store.snapshots import SnapshotItem
 
 if TYPE_CHECKING:
@@ -203,13 +213,15 @@ class WriteBatch:
                     return fast[0]
         except lmdb.MapFullError:
             raise StorageFull("the node's LMDB map is full (storage.map_size_mib)") from None
-        new_state, row_writes, results = plan(state, ops)
+        new_state, row_writes, results, row_times = plan(state, ops)
         version = new_state.version
         reply = MutateReply(version, results)
         record = _core.encode_record(store.last_lsn + 1, version, client_id, client_seq,
                                      key, ops)
         try:
-            self._write(key, new_state, row_writes, record, state.compacted_through)
+            if new_state.expires_ms != state.expires_ms:
+                self._move_expiry(key, b"", state.expires_ms, new_state.expires_ms)
+            self._write(key, new_state, row_writes, record, state.compacted_through, row_times)
             if client_id:
                 self._op_ids.remember(self.txn, key, ops, client_id, client_seq, reply)
         except lmdb.MapFullError:
@@ -217,10 +229,23 @@ class WriteBatch:
         self.applied += 1
         return reply
 
+    def _move_expiry(self, key: bytes, row: bytes, old_ms: int, new_ms: int) -> None:
+        """Keep the expiry index in step: the entry of `key`'s value or row moves from
+        `old_ms` to `new_ms` (0: none)."""
+        txn, expiry = self.txn, self._tables.expiry
+        if old_ms:
+            txn.delete(expiry_entry(old_ms, key, row), db=expiry)
+        if new_ms:
+            txn.put(expiry_entry(new_ms, key, row), b"", db=expiry)
+
+    # long: the key state, each row with its change index and expiry, the binlog and its bound
     def _write(self, key: bytes, state: KeyState, row_writes: dict[bytes, bytes | None],
-               record: bytes, compacted_before: int) -> None:
+               record: bytes, compacted_before: int, row_times: RowTimes | None) -> None:
         store, txn, tables, states = self.store, self.txn, self._tables, self._states
+        if row_times is not None:
+            self._purge_rows(key, state.version, row_times.purges)
         if store.defers_key_states and state.version > 1 and not row_writes \
+                and row_times is None \
                 and state.compacted_through == compacted_before \
                 and (state.value is None or len(state.value) <= STATE_CACHE_VALUE_BYTES):
             # Held in memory (see Store): the binlog record below is what LMDB gets now.
@@ -237,17 +262,21 @@ class WriteBatch:
             prefix = key_prefix(key)
             stamp = U64BE.pack(state.version)
             rows, changes = tables.rows, tables.changes
+            expiry = row_times.expiry if row_times is not None else {}
             for row, row_value in row_writes.items():
                 row_key = prefix + row
                 old = txn.get(row_key, db=rows)
                 if old is None and row_value is None:
                     continue  # deleting a row that never existed leaves no tombstone
+                expires_ms = expiry.get(row, 0)
                 if old is not None:
                     old_stamp = old[:8][::-1]  # little-endian u64 -> big-endian index order
                     txn.delete(prefix + old_stamp + row, db=changes)
-                deleted = row_value is None
-                txn.put(row_key, ROW_META.pack(state.version, deleted) + (row_value or b""),
-                        db=rows)
+                    if old[8] == ROW_EXPIRING or expires_ms:
+                        self._move_expiry(key, row, row_expires_ms(old), expires_ms)
+                elif expires_ms:
+                    self._move_expiry(key, row, 0, expires_ms)
+                txn.put(row_key, encode_row(state.version, row_value, expires_ms), db=rows)
                 txn.put(prefix + stamp + row, b"", db=changes)
         store.last_lsn += 1
         txn.put(U64BE.pack(store.last_lsn), record, db=tables.binlog, append=True)
@@ -265,6 +294,20 @@ class WriteBatch:
             store.first_lsn += 1
             trimmed += 1
 
+    def _purge_rows(self, key: bytes, version: int, purges: dict[bytes, int]) -> None:
+        """Rows whose recorded instant is still at or before their purge's become tombstones
+        at `version` (so changes() reports them); a row put again since is left alone."""
+        txn, rows, changes = self.txn, self._tables.rows, self._tables.changes
+        prefix = key_prefix(key)
+        for row, instant in purges.items():
+            old = txn.get(prefix + row, db=rows)
+            if old is None or old[8] != ROW_EXPIRING or row_expires_ms(old) > instant:
+                continue
+            txn.delete(prefix + old[:8][::-1] + row, db=changes)
+            self._move_expiry(key, row, row_expires_ms(old), 0)
+            txn.put(prefix + row, encode_row(version, None), db=rows)
+            txn.put(prefix + U64BE.pack(version) + row, b"", db=changes)
+
     def _drop_tombstones(self, key: bytes, after: int, through: int) -> None:
         """Delete the tombstones of `key` last changed in versions (after, through]."""
         txn, rows, changes = self.txn, self._tables.rows, self._tables.changes
@@ -278,7 +321,7 @@ class WriteBatch:
                     break
                 row_key = prefix + index_key[len(prefix) + 8:]
                 raw = txn.get(row_key, db=rows)
-                if raw is not None and raw[8]:  # a tombstone (live rows stay)
+                if raw is not None and raw[8] == ROW_DELETED:  # (live rows stay)
                     doomed.append((index_key, row_key))
         for index_key, row_key in doomed:
             txn.delete(index_key, db=changes)

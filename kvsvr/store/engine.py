@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,20 +40,34 @@ from kvsvr.protocol import (
 from kvsvr.store.batch import WriteBatch
 from kvsvr.store.exactly_once import OpIds
 from kvsvr.store.layout import (
+    KEY_EXPIRES,
     KEY_STATE,
     KEY_STATE_HAS_VALUE_OFFSET,
+    ROW_DELETED,
+    ROW_EXPIRING,
+    ROW_LIVE,
     ROW_META,
     SCHEMA,
+    SCHEMA_UPGRADABLE,
     SCHEMA_VERSION,
     U64BE,
+    U64LE,
     KeyState,
     Meta,
     Tables,
     key_prefix,
+    row_expires_ms,
+    row_value,
+    split_expiry_entry,
 )
 from kvsvr.store.quorum import QuorumState
 from kvsvr.store.snapshots import SnapshotItem, SnapshotPosition, Snapshots
 from kvsvr.store.states import KeyStates, replay_into
+
+
+def now_ms() -> int:
+    """This node's wall clock in unix milliseconds: what expiry instants are compared with."""
+    return int(time.time() * 1000)
 
 
 class StoreLocked(RuntimeError):
@@ -132,7 +147,9 @@ class Store:
         meta = self.tables.meta
         with self.env.begin(write=True) as txn:
             schema = txn.get(Meta.SCHEMA, db=meta)
-            if schema is None:
+            if schema is None or SCHEMA.unpack(schema)[0] in SCHEMA_UPGRADABLE:
+                # New, or of a version this one only adds to: version 2 lacks the expiry
+                # table, made (empty: nothing expires in it) when the tables were opened.
                 txn.put(Meta.SCHEMA, SCHEMA.pack(SCHEMA_VERSION), db=meta)
             elif SCHEMA.unpack(schema)[0] != SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path}: schema {SCHEMA.unpack(schema)[0]}, "
@@ -234,24 +251,32 @@ class Store:
         return self.env.begin()
 
     def get(self, txn: lmdb.Transaction, key: bytes) -> Versioned:
+        """The key's value; NotFound if it holds none, or the value expired by this node's
+        clock."""
         states = self.states
         if states.held_or_flushing(key):
             state = states.kept[key]
-            if state.value is None:
+            if state.value is None or (state.expires_ms and state.expires_ms <= now_ms()):
                 raise NotFound("key holds no value", field="key", version=state.version)
             return Versioned(state.version, state.value)
         raw = txn.get(key, db=self.tables.keys)
         if raw is None or not raw[KEY_STATE_HAS_VALUE_OFFSET]:
             version = KEY_STATE.unpack_from(raw)[0] if raw is not None else 0
             raise NotFound("key holds no value", field="key", version=version)
+        if raw[KEY_STATE_HAS_VALUE_OFFSET] & KEY_EXPIRES:
+            if U64LE.unpack_from(raw, KEY_STATE.size)[0] <= now_ms():
+                raise NotFound("key holds no value", field="key",
+                               version=KEY_STATE.unpack_from(raw)[0])
+            return Versioned(KEY_STATE.unpack_from(raw)[0], raw[KEY_STATE.size + 8:])
         return Versioned(KEY_STATE.unpack_from(raw)[0], raw[KEY_STATE.size:])
 
     def row_get(self, txn: lmdb.Transaction, key: bytes, row: bytes) -> RowValue:
         state = self.key_state(txn, key)
         raw = txn.get(key_prefix(key) + row, db=self.tables.rows)
-        if raw is None or raw[8]:
+        if raw is None or raw[8] == ROW_DELETED \
+                or (raw[8] == ROW_EXPIRING and row_expires_ms(raw) <= now_ms()):
             raise NotFound("row holds no value", field="row", version=state.version)
-        return RowValue(state.version, ROW_META.unpack_from(raw)[0], raw[ROW_META.size:])
+        return RowValue(state.version, ROW_META.unpack_from(raw)[0], row_value(raw))
 
     def scan(self, txn: lmdb.Transaction, key: bytes, start: bytes, end: bytes | None,
              limit: int) -> ScanPage:
@@ -261,6 +286,7 @@ class Store:
         next_start = None
         visited = 0
         size = 0
+        now = now_ms()
         cursor = txn.cursor(db=self.tables.rows)
         if cursor.set_range(prefix + start):
             for raw_key, raw in cursor:
@@ -272,8 +298,9 @@ class Store:
                     next_start = row  # more remain: continue from here
                     break
                 visited += 1
-                if not raw[8]:
-                    rows.append(Row(row, ROW_META.unpack_from(raw)[0], raw[ROW_META.size:]))
+                state = raw[8]
+                if state == ROW_LIVE or (state == ROW_EXPIRING and row_expires_ms(raw) > now):
+                    rows.append(Row(row, ROW_META.unpack_from(raw)[0], row_value(raw)))
                     size += len(raw_key) + len(raw)
         return ScanPage(self.key_state(txn, key).version, rows, next_start)
 
@@ -301,6 +328,7 @@ class Store:
         changes: list[Change] = []
         resume = None
         size = 0
+        now = now_ms()
         rows = self.tables.rows
         cursor = txn.cursor(db=self.tables.changes)
         if cursor.set_range(start):
@@ -316,7 +344,10 @@ class Store:
                 raw = txn.get(prefix + row, db=rows)
                 assert raw is not None and ROW_META.unpack_from(raw)[0] == version, \
                     "change index out of step with rows"
-                changes.append(Change(row, version, bool(raw[8]), raw[ROW_META.size:]))
+                if raw[8] == ROW_EXPIRING and row_expires_ms(raw) <= now:
+                    changes.append(Change(row, version, True, b""))   # expired: as deleted
+                else:
+                    changes.append(Change(row, version, raw[8] == ROW_DELETED, row_value(raw)))
                 size += len(index_key) + len(raw)
         return ChangesPage(self.key_state(txn, key).version, changes, resume)
 
@@ -349,6 +380,20 @@ class Store:
                     if len(records) == max_records:
                         break
         return records
+
+    def expiring(self, txn: lmdb.Transaction, through_ms: int,
+                 limit: int) -> list[tuple[int, bytes, bytes]]:
+        """Entries of the expiry index due at or before `through_ms`, in instant order, at
+        most `limit`: (expires_ms, key, row), row empty for the key's value."""
+        entries: list[tuple[int, bytes, bytes]] = []
+        cursor = txn.cursor(db=self.tables.expiry)
+        if cursor.first():
+            for entry in cursor.iternext(keys=True, values=False):
+                due = split_expiry_entry(entry)
+                if due[0] > through_ms or len(entries) == limit:
+                    break
+                entries.append(due)
+        return entries
 
     def remembered(self, txn: lmdb.Transaction, key: bytes, ops: list[Op], client_id: int,
                    client_seq: int) -> MutateReply | None:
@@ -429,6 +474,7 @@ class Store:
                 "keys": txn.stat(tables.keys)["entries"],
                 "keys_deferred": len(self.states.held),
                 "rows": txn.stat(tables.rows)["entries"],
+                "expiring": txn.stat(tables.expiry)["entries"],
                 "binlog_first_lsn": self.first_lsn,
                 "binlog_last_lsn": self.last_lsn,
                 # What a power cut cannot undo (what peers may pull): behind last_lsn while a

@@ -14,7 +14,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from kvsvr.store.layout import U64BE, KeyState, Meta, Tables, key_prefix
+from kvsvr.store.layout import (
+    ROW_EXPIRING,
+    U64BE,
+    KeyState,
+    Meta,
+    Tables,
+    expiry_entry,
+    key_prefix,
+    row_expires_ms,
+)
 from kvsvr.store.states import KeyStates
 
 SnapshotItem = tuple[int, bytes, bytes | None, bytes]      # db, key, row, raw
@@ -109,15 +118,27 @@ class Snapshots:
             if installing:
                 txn.put(prefix + row, raw, db=tables.rows)
                 txn.put(prefix + raw[:8][::-1] + row, b"", db=tables.changes)
+                if raw[8] == ROW_EXPIRING:
+                    txn.put(expiry_entry(row_expires_ms(raw), key, row), b"", db=tables.expiry)
             return installing
         theirs = KeyState.decode(raw)
-        ours = latest(key).version
-        if theirs.version < ours or (theirs.version == ours and key not in repair):
+        ours = latest(key)
+        if theirs.version < ours.version or (theirs.version == ours.version
+                                             and key not in repair):
             return False  # ours is as new: keep it
+        # Ours goes whole, with its entries in the expiry index; theirs come with the items.
+        if ours.expires_ms:
+            txn.delete(expiry_entry(ours.expires_ms, key, b""), db=tables.expiry)
+        if theirs.expires_ms:
+            txn.put(expiry_entry(theirs.expires_ms, key, b""), b"", db=tables.expiry)
         for db_handle in (tables.rows, tables.changes):
             cursor = txn.cursor(db=db_handle)
             found = cursor.set_range(prefix)
             while found and cursor.key()[:len(prefix)] == prefix:
+                if db_handle is tables.rows and cursor.value()[8] == ROW_EXPIRING:
+                    txn.delete(expiry_entry(row_expires_ms(cursor.value()), key,
+                                            bytes(cursor.key()[len(prefix):])),
+                               db=tables.expiry)
                 found = cursor.delete()
         txn.put(key, raw, db=tables.keys)
         self._states.held.pop(key, None)

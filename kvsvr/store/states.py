@@ -144,8 +144,9 @@ def replay_into(kept: dict[bytes, KeyState], held: dict[bytes, int], txn: Any,
                 f"{where}: binlog lsn {lsn} has {key!r} v{record.version}, the "
                 f"keys table v{state.version}: a held state is missing")
         if record.version == state.version + 1:
-            new_state, row_writes, _ = plan(state, record.ops)
-            if row_writes or new_state.compacted_through != state.compacted_through:
+            new_state, row_writes, _, row_times = plan(state, record.ops)
+            if row_writes or row_times is not None \
+                    or new_state.compacted_through != state.compacted_through:
                 raise RuntimeError(
                     f"{where}: binlog lsn {lsn} ({key!r} v{record.version}) "
                     "changes rows, yet the keys table does not have it")
