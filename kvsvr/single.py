@@ -217,12 +217,13 @@ class Node:
         message of its own, are returned), then answer this round's watches that are due
         and park the others."""
         store, watches = self.store, self.watches
-        woken: list[list[bytes]] = []
+        woken: dict[bytes, list[bytes]] = {}
         now = time.monotonic()
         with store.read() as txn:
             for key in watches.watching(written):
                 for watch in watches.take(key, store.latest(txn, key).version):
-                    woken.append([watch.identity, self._watch_answer(watch, txn, None)])
+                    woken.setdefault(watch.identity, []).append(
+                        self._watch_answer(watch, txn, None))
             for out, index, request_id, request, identity in pending:
                 try:
                     version = store.latest(txn, request.key).version
@@ -234,7 +235,7 @@ class Node:
                 except KvError as e:
                     self.counters[f"errors.{type(e).__name__}"] += 1
                     out[index] = error_frame(request_id, e)
-        return woken
+        return _packed(woken)
 
     def _watch_frame(self, request_id: int, request: Any, txn: lmdb.Transaction,
                      version: int) -> bytes:
@@ -263,15 +264,22 @@ class Node:
         expired = self.watches.expired(now)
         if not expired:
             return []
+        answers: dict[bytes, list[bytes]] = {}
         with self.store.read() as txn:
-            return [[w.identity, self._watch_answer(w, txn, None)] for w in expired]
+            for watch in expired:
+                answers.setdefault(watch.identity, []).append(
+                    self._watch_answer(watch, txn, None))
+        return _packed(answers)
 
     def stop_watches(self) -> list[list[bytes]]:
         """A stopping node answers its parked watches Unavailable: the client asks another
         replica, or this one once it is back."""
         error = Unavailable(f"node {self.name} is stopping; watch again", field="node")
-        return [[w.identity, self._watch_answer(w, None, error)]
-                for w in self.watches.take_all()]
+        answers: dict[bytes, list[bytes]] = {}
+        for watch in self.watches.take_all():
+            answers.setdefault(watch.identity, []).append(
+                self._watch_answer(watch, None, error))
+        return _packed(answers)
 
     def _answer_reads(self, reads: list[tuple[list[Any], int, int, int, Any]]) -> None:
         with self.store.read() as txn:
@@ -442,6 +450,13 @@ class Node:
             return NODE_POLL_INTERVAL_MS
         wait_ms = int((deadline - time.monotonic()) * 1000) + 1
         return max(0, min(NODE_POLL_INTERVAL_MS, wait_ms))
+
+
+def _packed(answers: dict[bytes, list[bytes]]) -> list[list[bytes]]:
+    """Answer frames by client as [identity, message], as few messages as the limits allow
+    (thousands of watches of one client woken at once must not overflow its queue)."""
+    return [[identity, message] for identity, frames in answers.items()
+            for message in protocol.pack(frames)]
 
 
 def _package_version() -> str:
