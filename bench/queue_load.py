@@ -56,20 +56,19 @@ def _produce_worker(config: str, batch: int, in_flight: int, start: float, durat
             while time.time() < start:
                 await asyncio.sleep(0.001)
             end = start + duration
-            pending: set[asyncio.Future[Any]] = set()
+            messages = [MESSAGE] * batch
 
-            def done(future: asyncio.Future[Any]) -> None:
+            # `in_flight` loops each awaiting its batch, as the JetStream publishers do: a
+            # batch's latency_s runs from its submit call, which never waits for a slot here.
+            async def publisher() -> None:
                 nonlocal acked
-                pending.discard(future)
-                committed = future.result()
-                if time.time() < end:
-                    acked += committed.count
-                    latencies.extend([committed.latency_s] * committed.count)
+                while time.time() < end:
+                    committed = await (await producer.submit(messages))
+                    if time.time() < end:
+                        acked += committed.count
+                        latencies.extend([committed.latency_s] * committed.count)
 
-            while time.time() < end:
-                future = await producer.submit([MESSAGE] * batch)
-                pending.add(future)
-                future.add_done_callback(done)
+            await asyncio.gather(*(publisher() for _ in range(in_flight)))
             await producer.flush()
         return acked, latencies
 

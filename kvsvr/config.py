@@ -166,7 +166,8 @@ class QueueSettings(Struct, forbid_unknown_fields=True):
 
 
 class ClusterConfig(Struct, forbid_unknown_fields=True):
-    groups: Annotated[list[GroupConfig], Meta(min_length=1)]
+    # KV groups, queue groups, or both: a queue-only cluster has no [[groups]].
+    groups: list[GroupConfig] = msgspec.field(default_factory=list)
     name: Name = "local"
     virtual_shards: Annotated[int, Meta(ge=1, le=1 << 20)] = 4096
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
@@ -177,7 +178,21 @@ class ClusterConfig(Struct, forbid_unknown_fields=True):
     # Where the file was read from; relative data_dirs resolve against `base_dir`.
     base_dir: str = "."
 
+    def require_kv_groups(self) -> None:
+        """ConfigError unless the config has KV groups (a KV program given a queue-only one)."""
+        if not self.groups:
+            raise ConfigError("groups: the config has no KV groups ([[groups]]), only queue "
+                              "groups; a KV program needs a config with [[groups]]")
+
+    def require_queue_groups(self) -> None:
+        """ConfigError unless the config has queue groups (a queue program given a KV-only
+        one, such as the embedded default)."""
+        if not self.queue_groups:
+            raise ConfigError("queue_groups: the config has no queue groups "
+                              "([[queue_groups]]); a queue program needs a config with them")
+
     def replica(self, node: str) -> tuple[GroupConfig, ReplicaConfig]:
+        self.require_kv_groups()
         for group in self.groups:
             for replica in group.replicas:
                 if replica.node == node:
@@ -204,6 +219,7 @@ class ClusterConfig(Struct, forbid_unknown_fields=True):
 
     def shard_table(self) -> list[int]:
         """shard -> index of the group that owns it (validated to cover every shard once)."""
+        self.require_kv_groups()
         owner = [-1] * self.virtual_shards
         for g_index, group in enumerate(self.groups):
             for r_index, text in enumerate(group.shards):
@@ -276,7 +292,11 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
         group_names.add(queue_group.name)
         _check_members(config, f"queue_groups[{g_index}].servers", queue_group.servers,
                        f"queue group {queue_group.name!r}", "server", seen)
-    config.shard_table()
+    if not config.groups and not config.queue_groups:
+        raise ConfigError("groups: the config has neither KV groups ([[groups]]) nor queue "
+                          "groups ([[queue_groups]]); expected at least one of them")
+    if config.groups:
+        config.shard_table()
     secret = config.security.peer_secret
     if secret and len(secret.encode()) < PEER_SECRET_BYTES_MIN:
         raise ConfigError(f"security.peer_secret: {len(secret.encode())} bytes, expected at "

@@ -81,3 +81,18 @@ def test_the_monitor_center_address_must_not_be_a_servers():
             "queue_groups[0].servers[0]") in str(error.value)
     cfg = config.parse(BASE + clash + "\n[monitor]\nenabled = false\n")
     assert cfg.queue_groups[0].servers[0].address == "tcp://127.0.0.1:7500"
+
+
+def test_a_queue_only_config_loads_and_kv_use_of_it_is_refused_clearly():
+    """Only [[queue_groups]]: fine for the queue; asking it for KV replicas or shards names
+    the missing [[groups]]. A config with neither kind of group is refused."""
+    cfg = config.parse(queue_group())
+    assert cfg.groups == [] and [g.name for g in cfg.queue_groups] == ["q1"]
+    cfg.require_queue_groups()
+    for use in (cfg.require_kv_groups, cfg.shard_table, lambda: cfg.replica("qa")):
+        with pytest.raises(ConfigError, match=r"groups: the config has no KV groups"):
+            use()
+    with pytest.raises(ConfigError, match=r"queue_groups: the config has no queue groups"):
+        config.default().require_queue_groups()
+    with pytest.raises(ConfigError, match=r"groups: the config has neither KV groups"):
+        config.parse('name = "empty"\n')

@@ -20,6 +20,32 @@ def test_batch_outcome(acks, failures, outcome):
     assert quorum.batch_outcome(acks, failures) == outcome
 
 
+@pytest.mark.parametrize("current, backoff_until, now, picked", [
+    (0, (0.0, 0.0), 5.0, 0),            # no back-off: stay
+    (0, (9.0, 0.0), 5.0, 1),            # current backs off: the next one
+    (1, (0.0, 9.0), 5.0, 0),            # ... wrapping around
+    (0, (9.0, 7.0), 5.0, 1),            # every group backs off: the one that ends first
+    (2, (9.0, 9.0, 8.0), 5.0, 2),
+])
+def test_pick_group(current, backoff_until, now, picked):
+    assert quorum.pick_group(current, backoff_until, now) == picked
+
+
+@pytest.mark.parametrize("picked, backoff_until, reachable, connecting, chosen", [
+    (0, (0.0, 0.0), (True, True), False, 0),
+    (0, (0.0, 0.0), (False, True), False, 1),            # move to a group that can take it
+    (0, (9.0, 9.0), (False, False), False, quorum.NO_GROUP),   # nobody: fail fast
+    (0, (0.0,), (False,), True, quorum.WAIT_CONNECTING),       # sockets may still connect
+    (0, (0.0, 0.0), (False, True), True, quorum.WAIT_CONNECTING),
+    (0, (9.0, 9.0, 7.0), (False, True, True), False, 2),  # the one out of back-off first
+    (1, (9.0, 9.0, 9.0, 9.0), (True, False, True, True), False, 2),   # nearest after picked
+])
+def test_choose_group(picked, backoff_until, reachable, connecting, chosen):
+    """A batch goes where 2 servers are connected; none such: NO_GROUP (Unavailable at
+    once) unless the producer's sockets may still be connecting."""
+    assert quorum.choose_group(picked, backoff_until, reachable, 5.0, connecting) == chosen
+
+
 @pytest.mark.parametrize("up, whole, chosen, safe", [
     ((True, True, True), (True, True, True), [0, 1], True),
     ((False, True, True), (True, True, True), [1, 2], True),

@@ -171,15 +171,16 @@ def test_a_handler_error_loses_nothing(cluster):
 
 
 def test_a_down_server_never_hangs_the_cli_or_the_launcher(tmp_path):
-    """With no server running, `quorumq --timeout 1 status` returns promptly and reports
-    every server DOWN, and LocalQueueCluster.wait_ready gives up on a server that is not
-    there instead of blocking on the send."""
+    """With no server running, `quorumq --timeout 1 status` returns promptly, reports
+    every server DOWN and exits 4 (the group is unavailable), and
+    LocalQueueCluster.wait_ready gives up on a server that is not there instead of blocking
+    on the send."""
     config = write_queue_config(tmp_path)
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "quorumq.cli", "--config", str(config),
                              "--timeout", "1", "status"], capture_output=True, text=True,
                             timeout=30, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 4, result.stderr
     assert result.stdout.count("DOWN") == 3
     assert time.monotonic() - started < 10   # three servers, 1 s each, plus start-up
     queue = LocalQueueCluster(config)
@@ -190,14 +191,17 @@ def test_a_down_server_never_hangs_the_cli_or_the_launcher(tmp_path):
 
 
 def test_close_returns_when_a_batch_cannot_commit(cluster):
-    """Every server killed: a batch can never commit. close(timeout) returns, and the batch's
-    caller gets Timeout saying it was NOT acknowledged; without a timeout, close() still
-    returns once the batch's lifetime is over."""
+    """Every server stopped (SIGSTOP: connected, never answering): a batch cannot commit.
+    close(timeout) returns, and the batch's caller gets Timeout saying it was NOT
+    acknowledged; without a timeout, close() still returns once the batch's lifetime is
+    over. (Killed servers would fail the batch at once with Unavailable instead.)"""
     config = cluster.config_path
     producer = Producer(config, "t")
     other = Producer(config, "t")
+    producer.send_batch([b"connected"])
+    other.send_batch([b"connected"])
     for node in cluster.nodes:
-        cluster.kill(node)
+        cluster.signal(node, signal.SIGSTOP)
     with pytest.raises(Timeout):
         producer.send_batch([b"x"], timeout=0.5)
     pending = producer.submit_batch([b"y"])

@@ -7,6 +7,17 @@ committed message in per-producer order.
 
 from quorumq.consumer import Consumer, Delivery
 from quorumq.exactly_once import ExactlyOnce
-from quorumq.producer import AsyncProducer, Committed, Producer
+from quorumq.producer import (
+    AsyncProducer,
+    Committed,
+    Producer,
+    PublishFailed,
+    PublishNotFound,
+    PublishTimeout,
+    PublishUnavailable,
+    Unacknowledged,
+)
 
-__all__ = ["AsyncProducer", "Committed", "Consumer", "Delivery", "ExactlyOnce", "Producer"]
+__all__ = ["AsyncProducer", "Committed", "Consumer", "Delivery", "ExactlyOnce", "Producer",
+           "PublishFailed", "PublishNotFound", "PublishTimeout", "PublishUnavailable",
+           "Unacknowledged"]

@@ -5,7 +5,6 @@ Used by the tests, the benchmark and by hand (`quorumq-cluster --config cluster.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 from kvsvr.config import ClusterConfig, load
 from kvsvr.errors import ConfigError, KvError
 from kvsvr.launcher import ChildProcesses, free_port, stop_requested
+from kvsvr.process import add_config_argument, program_parser
 from quorumq import protocol
 from quorumq.limits import SERVER_READY_TIMEOUT_S
 from quorumq.protocol import QMethod
@@ -23,19 +23,23 @@ from quorumq.transport import call
 
 def write_queue_config(directory: str | Path, *, groups: int = 1, sync: bool = True,
                        ack_deadline_ms: int = 2000, clock_skew_ms: int = 200,
-                       segment_mib: int = 64, batch_lifetime_ms: int | None = None) -> Path:
-    """`directory/cluster.toml`: a one-node KVSvr group (a config needs one) and `groups`
-    queue groups of 3 servers (campuses a, b, c) on free loopback ports, data under
-    `directory/data/NODE`. A batch lives 3 ack deadlines unless `batch_lifetime_ms` says."""
+                       segment_mib: int = 64, batch_lifetime_ms: int | None = None,
+                       kv_group: bool = True) -> Path:
+    """`directory/cluster.toml`: a one-node KVSvr group (unless `kv_group` is false: a
+    queue-only config) and `groups` queue groups of 3 servers (campuses a, b, c) on free
+    loopback ports, data under `directory/data/NODE`. A batch lives 3 ack deadlines unless
+    `batch_lifetime_ms` says."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    lines = ['name = "local"', "", "[[groups]]", 'name = "g1"', 'shards = ["0-4095"]', "",
-             "[[groups.replicas]]", 'node = "n1"', 'campus = "a"',
-             f'address = "tcp://127.0.0.1:{free_port()}"', 'data_dir = "data/n1"', "",
-             "[queue]", f"sync = {'true' if sync else 'false'}",
-             f"ack_deadline_ms = {ack_deadline_ms}", f"clock_skew_ms = {clock_skew_ms}",
-             f"batch_lifetime_ms = {batch_lifetime_ms or 3 * ack_deadline_ms}",
-             f"segment_mib = {segment_mib}", ""]
+    lines = ['name = "local"', ""]
+    if kv_group:
+        lines += ["[[groups]]", 'name = "g1"', 'shards = ["0-4095"]', "",
+                  "[[groups.replicas]]", 'node = "n1"', 'campus = "a"',
+                  f'address = "tcp://127.0.0.1:{free_port()}"', 'data_dir = "data/n1"', ""]
+    lines += ["[queue]", f"sync = {'true' if sync else 'false'}",
+              f"ack_deadline_ms = {ack_deadline_ms}", f"clock_skew_ms = {clock_skew_ms}",
+              f"batch_lifetime_ms = {batch_lifetime_ms or 3 * ack_deadline_ms}",
+              f"segment_mib = {segment_mib}", ""]
     for g in range(groups):
         lines += ["[[queue_groups]]", f'name = "q{g + 1}"', ""]
         for s in range(3):
@@ -56,6 +60,7 @@ class LocalQueueCluster(ChildProcesses):
         super().__init__(log_dir)
         self.config_path = str(config_path)
         self.config: ClusterConfig = load(config_path)
+        self.config.require_queue_groups()
 
     @property
     def nodes(self) -> list[str]:
@@ -110,9 +115,8 @@ class LocalQueueCluster(ChildProcesses):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quorumq-cluster",
-                                     description="Run every queue server of a config locally.")
-    parser.add_argument("--config", required=True, help="cluster TOML with [[queue_groups]]")
+    parser = program_parser("quorumq-cluster", "Run every queue server of a config locally.")
+    add_config_argument(parser, "cluster TOML with [[queue_groups]]")
     args = parser.parse_args(argv)
     try:
         cluster = LocalQueueCluster(args.config)

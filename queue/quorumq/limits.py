@@ -45,13 +45,26 @@ GROUP_BACKOFF_S_MAX = 10.0             # ... doubling up to this
 # README "Known limits".)
 CONSUMER_TRACKED_PRODUCERS_MAX = 100_000  # producers whose next seq a group remembers
 CONSUMER_COMMIT_INTERVAL_S = 0.2        # offsets are committed at most this often
-REQUEST_TIMEOUT_S = 5.0                 # CLI, status and admin calls
+REQUEST_TIMEOUT_S = 5.0                 # admin calls that write (create a topic)
+# status, lag and topic look-ups ask every server at once and wait this long for each: an
+# unreachable server costs this, whatever the number of servers
+ADMIN_CALL_TIMEOUT_S = 1.0
+# A producer's sockets may still be connecting this long after it started (or after a
+# server came back): until then a batch waits for 2 servers of a group to connect;
+# after it, a batch no group can take (fewer than 2 servers connected in each) fails
+# at once with Unavailable instead of being retried for its whole lifetime.
+PRODUCER_CONNECT_GRACE_S = 1.0
+PRODUCER_CONNECT_POLL_S = 0.005        # how often a batch looks while sockets connect
+# Failed batches a producer remembers so that they can be retried under their own
+# message ids (`retry_of`); older ones can only be sent again as new messages.
+PRODUCER_RETRYABLE_BATCHES_MAX = 4_096
 
 assert PRODUCE_BATCH_BYTES_MAX + QUEUE_BATCH_MESSAGES_MAX * 8 + 4096 <= FRAME_BYTES_MAX
 assert FETCH_BYTES_MAX + 4096 <= FRAME_BYTES_MAX <= MESSAGE_BYTES_MAX
 assert QUEUE_MESSAGE_BYTES_MAX <= PRODUCE_BATCH_BYTES_MAX
 
 __all__ = [
+    "ADMIN_CALL_TIMEOUT_S",
     "CLIENT_ROUND_REPLY_BYTES",
     "CONSUMER_COMMIT_INTERVAL_S",
     "CONSUMER_TRACKED_PRODUCERS_MAX",
@@ -64,8 +77,11 @@ __all__ = [
     "OFFSETS_LOG_BYTES_MAX",
     "PARKED_FETCHES_MAX",
     "PRODUCER_BATCHES_IN_FLIGHT_MAX",
+    "PRODUCER_CONNECT_GRACE_S",
+    "PRODUCER_CONNECT_POLL_S",
     "PRODUCER_LINGER_MS",
     "PRODUCER_MAP_BYTES_MAX",
+    "PRODUCER_RETRYABLE_BATCHES_MAX",
     "PRODUCE_BATCH_BYTES_MAX",
     "QUEUE_BATCH_MESSAGES_MAX",
     "QUEUE_CLIENT_SOCKET_MESSAGES",

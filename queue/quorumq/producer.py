@@ -22,13 +22,32 @@ fails it with Timeout (NOT acknowledged: its messages may or may not be delivere
 then it is retried. Consumers rely on that bound to give up gaps and to count a new disk
 whole again (consumer.py). `send_batch` returns when it committed (or raises after
 `timeout`, while the retrying goes on); `close(timeout)` fails what is still open.
+
+The producer connects in the background: a batch waits up to PRODUCER_CONNECT_GRACE_S after
+the start for 2 servers of a group to connect; after that, a batch that no group can take
+(each has fewer than 2 servers connected) fails at once with Unavailable, not after its
+lifetime. (A server that is connected but does not answer, stopped say, is only found out
+by its ack deadline.)
+
+**Retry under the same ids.** A failed batch raises a `PublishFailed` (PublishTimeout,
+PublishUnavailable or PublishNotFound) whose `unacknowledged` names its (producer_id,
+first_seq, count). `send_batch(values, retry_of=error)` on the same producer sends the same
+values again under those ids, with a new lifetime: if the first try did commit after all,
+consumers drop the retry as a duplicate, so the message is delivered once, in its place in
+the producer's order. The retry must reach the servers before consumers may give the gap up:
+once a later batch of the producer was submitted, its lifetime is capped at that submit +
+batch lifetime (the instant from which consumers count; consumer.py, 5), and past that the
+retry is refused (send the values as new messages then). A batch that never had a later one
+can be retried at any time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
+import hashlib
 import secrets
 import threading
 import time
@@ -40,7 +59,7 @@ from typing import Any
 import zmq.asyncio
 
 from kvsvr.config import ClusterConfig, QueueGroupConfig, load
-from kvsvr.errors import ConfigError, InvalidArgument, KvError, NotFound, Timeout
+from kvsvr.errors import ConfigError, InvalidArgument, KvError, NotFound, Timeout, Unavailable
 from kvsvr.protocol import as_bytes
 from quorumq import protocol, quorum
 from quorumq.limits import (
@@ -48,7 +67,10 @@ from quorumq.limits import (
     GROUP_BACKOFF_S_MAX,
     PRODUCE_BATCH_BYTES_MAX,
     PRODUCER_BATCHES_IN_FLIGHT_MAX,
+    PRODUCER_CONNECT_GRACE_S,
+    PRODUCER_CONNECT_POLL_S,
     PRODUCER_LINGER_MS,
+    PRODUCER_RETRYABLE_BATCHES_MAX,
     QUEUE_BATCH_MESSAGES_MAX,
     QUEUE_MESSAGE_BYTES_MAX,
     REQUEST_TIMEOUT_S,
@@ -57,13 +79,14 @@ from quorumq.protocol import QMethod
 from quorumq.storage import now_ms
 from quorumq.transport import AsyncConnection
 
-CONNECT_WAIT_S = 2.0
 ABANDONED = -1   # an attempt given up because another one found its group failed
 
 
 @dataclass(frozen=True)
 class Committed:
-    """Where a batch committed: its message ids are (producer_id, first_seq + i)."""
+    """Where a batch committed: its message ids are (producer_id, first_seq + i);
+    `latency_s` runs from the publish call (send_batch, or a message's send) to the
+    acknowledgement, waits for a free in-flight slot and retries included."""
 
     group: str
     producer_id: int
@@ -71,6 +94,46 @@ class Committed:
     count: int
     attempts: int
     latency_s: float
+
+
+@dataclass(frozen=True)
+class Unacknowledged:
+    """The ids of a batch that failed: (producer_id, first_seq + i) for i < count."""
+
+    producer_id: int
+    first_seq: int
+    count: int
+
+
+class PublishFailed(KvError):
+    """A batch was NOT acknowledged (its messages may or may not be delivered);
+    `unacknowledged` names its ids, for `send_batch(values, retry_of=error)`."""
+
+    def __init__(self, message: str, unacknowledged: Unacknowledged, *,
+                 field: str | None = None):
+        super().__init__(message, field=field)
+        self.unacknowledged = unacknowledged
+
+
+class PublishTimeout(Timeout, PublishFailed):
+    """Not committed within its lifetime (or the producer was closed first)."""
+
+
+class PublishUnavailable(Unavailable, PublishFailed):
+    """No queue group could take it: each has fewer than 2 servers connected."""
+
+
+class PublishNotFound(NotFound, PublishFailed):
+    """The topic exists in no queue group."""
+
+
+def messages_digest(messages: list[bytes]) -> bytes:
+    """What a retry is checked against: the same values, in the same order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for message in messages:
+        digest.update(len(message).to_bytes(8, "little"))
+        digest.update(message)
+    return digest.digest()
 
 
 def as_message(index: int, value: Any) -> bytes:
@@ -109,6 +172,10 @@ class _Batch:
     not_found_groups: set[int] = field(default_factory=set)
     expires_ms: int = 0            # wall clock, sent with every attempt
     expires_at: float = 0.0        # the same instant on this process's monotonic clock
+    # Wall-clock ms when the producer's next batch (a higher seq) was submitted: consumers
+    # may give this batch's seqs up from then + lifetime, so a retry must be done by then.
+    later_ms: int | None = None
+    digest: bytes = b""            # of the messages, kept once the batch failed
 
 
 class AsyncProducer:
@@ -152,47 +219,29 @@ class AsyncProducer:
         self._context: zmq.asyncio.Context | None = None
         self._connections: list[list[AsyncConnection]] = []
         self._slots: asyncio.Semaphore | None = None
-        self._pending: list[tuple[bytes, asyncio.Future[Committed]]] = []
+        self._pending: list[tuple[bytes, asyncio.Future[Committed], float]] = []
         self._linger: asyncio.TimerHandle | None = None
         self._open: set[asyncio.Task[Any]] = set()
         self._settings: protocol.CreateTopicRequest | None = None
+        self._grace_until = 0.0
+        # Batches without a later one yet (the last submitted, retries of such batches).
+        self._awaiting_later: list[_Batch] = []
+        # Failed batches that may be retried under their ids, by first seq (oldest first).
+        self._failed: collections.OrderedDict[int, _Batch] = collections.OrderedDict()
         self.counters = {"batches": 0, "messages": 0, "retries": 0, "group_moves": 0,
                          "group_failures": 0}
 
     async def start(self) -> AsyncProducer:
+        """Open the sockets; they connect in the background (nothing here waits for a
+        server: the first batches do, up to PRODUCER_CONNECT_GRACE_S)."""
         self._context = zmq.asyncio.Context()
         self._connections = [[AsyncConnection(self._context, s.address) for s in g.servers]
                              for g in self.groups]
         self._slots = asyncio.Semaphore(self.max_in_flight)
         loop = asyncio.get_running_loop()
         self._group_failed = [loop.create_future() for _ in self.groups]
-        await self._connect()
+        self._grace_until = time.monotonic() + PRODUCER_CONNECT_GRACE_S
         return self
-
-    async def _connect(self) -> None:
-        """Wait (up to CONNECT_WAIT_S) until 2 servers of every group answer, so the first
-        batches do not fail on sockets still connecting; learn the topic's settings."""
-        deadline = time.monotonic() + CONNECT_WAIT_S
-        answered: set[tuple[int, int]] = set()
-        while time.monotonic() < deadline:
-            for g, connections in enumerate(self._connections):
-                for s, connection in enumerate(connections):
-                    if (g, s) in answered:
-                        continue
-                    try:
-                        topics = await connection.request(QMethod.TOPICS,
-                                                          protocol.TopicsRequest(), 0.5)
-                    except KvError:
-                        continue
-                    answered.add((g, s))
-                    for info in topics:
-                        if info.topic == self.topic and self._settings is None:
-                            self._settings = protocol.CreateTopicRequest(
-                                self.topic, info.retention_bytes, info.retention_s)
-            if all(sum((g, s) in answered for s in range(len(c))) >= quorum.WRITE_QUORUM
-                   for g, c in enumerate(self._connections)):
-                return
-            await asyncio.sleep(0.02)
 
     async def __aenter__(self) -> AsyncProducer:
         return await self.start()
@@ -201,32 +250,53 @@ class AsyncProducer:
         await self.close()
 
     # --- the API ------------------------------------------------------------------------------
-    async def send_batch(self, values: Iterable[Any], *,
-                         timeout: float | None = None) -> Committed:
-        """Send one batch; returns once 2 servers of a group have it durably."""
-        future = await self.submit(check_batch(values))
+    async def send_batch(self, values: Iterable[Any], *, timeout: float | None = None,
+                         retry_of: PublishFailed | Unacknowledged | None = None,
+                         called: float | None = None) -> Committed:
+        """Send one batch; returns once 2 servers of a group have it durably. `retry_of`:
+        a failed batch of this producer, sent again under its ids (the same values).
+        `called`: the monotonic time of the publish call, if it was before this one."""
+        called = time.monotonic() if called is None else called
+        future = await self.submit(check_batch(values), retry_of=retry_of, called=called)
         if timeout is None:
             return await future
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
+            # It goes on; whatever it ends with is taken here, never left unretrieved.
+            future.add_done_callback(_retrieve)
             raise Timeout(f"batch not committed in {timeout} s (still being retried)") from None
 
-    async def submit(self, messages: list[bytes]) -> asyncio.Future[Committed]:
+    async def submit(self, messages: list[bytes], *,
+                     retry_of: PublishFailed | Unacknowledged | None = None,
+                     called: float | None = None) -> asyncio.Future[Committed]:
         """Start a checked batch (waits for a free in-flight slot); the future resolves
         when it committed."""
         assert self._slots is not None, "start() the producer first"
+        called = time.monotonic() if called is None else called
+        retried = None if retry_of is None else self._retried(messages, retry_of)
         await self._slots.acquire()
-        if self._next_seq + len(messages) > protocol.SEQ_LIMIT:
-            self._slots.release()
-            raise InvalidArgument("next_seq: this producer id has used every seq",
-                                  field="next_seq")
-        batch = _Batch(messages, self._next_seq)
-        self._next_seq += len(messages)
+        wall = now_ms()
+        if retried is not None:
+            try:
+                batch = self._retry_batch(retried, messages, wall)
+            except InvalidArgument:
+                self._slots.release()
+                raise
+        else:
+            if self._next_seq + len(messages) > protocol.SEQ_LIMIT:
+                self._slots.release()
+                raise InvalidArgument("next_seq: this producer id has used every seq",
+                                      field="next_seq")
+            batch = _Batch(messages, self._next_seq)
+            self._next_seq += len(messages)
+            batch.expires_ms = wall + self.lifetime_ms
+            for earlier in self._awaiting_later:
+                earlier.later_ms = wall
+            self._awaiting_later = [batch]
         batch.future = asyncio.get_running_loop().create_future()
-        batch.started = time.monotonic()
-        batch.expires_at = batch.started + self.lifetime_ms / 1000
-        batch.expires_ms = now_ms() + self.lifetime_ms
+        batch.started = called
+        batch.expires_at = time.monotonic() + (batch.expires_ms - wall) / 1000
         task = asyncio.get_running_loop().create_task(self._run(batch))
         self._open.add(task)
         task.add_done_callback(self._open.discard)
@@ -237,9 +307,9 @@ class AsyncProducer:
         full). The future resolves when its batch committed."""
         message = as_message(0, value)
         future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
-        self._pending.append((message, future))
+        self._pending.append((message, future, time.monotonic()))
         if len(self._pending) >= QUEUE_BATCH_MESSAGES_MAX or \
-                sum(len(m) for m, _ in self._pending) >= PRODUCE_BATCH_BYTES_MAX // 2:
+                sum(len(m) for m, _, _ in self._pending) >= PRODUCE_BATCH_BYTES_MAX // 2:
             await self._flush_pending()
         elif self._linger is None:
             loop = asyncio.get_running_loop()
@@ -267,6 +337,9 @@ class AsyncProducer:
             for connections in self._connections:
                 for connection in connections:
                     connection.close()
+            for connections in self._connections:
+                for connection in connections:
+                    await connection.closed()
             if self._context is not None:
                 self._context.term()
                 self._context = None
@@ -285,8 +358,8 @@ class AsyncProducer:
                 size += len(pending[end][0])
                 end += 1
             chunk, pending = pending[:end], pending[end:]
-            batch_future = await self.submit([m for m, _ in chunk])
-            futures = [f for _, f in chunk]
+            batch_future = await self.submit([m for m, _, _ in chunk], called=chunk[0][2])
+            futures = [f for _, f, _ in chunk]
 
             def fan_out(done: asyncio.Future[Committed],
                         futures: list[asyncio.Future[Committed]] = futures) -> None:
@@ -302,38 +375,115 @@ class AsyncProducer:
 
             batch_future.add_done_callback(fan_out)
 
-    def _pick_group(self) -> int:
-        """The current group, unless it is in back-off: then the next one that is not (or
-        the one whose back-off ends first)."""
-        now = time.monotonic()
-        count = len(self.groups)
-        for step in range(count):
-            index = (self.group_index + step) % count
-            if self._backoff_until[index] <= now:
-                if index != self.group_index:
-                    self.group_index = index
-                    self.counters["group_moves"] += 1
-                return index
-        return min(range(count), key=lambda i: self._backoff_until[i])
+    def _reachable(self, group: int) -> bool:
+        return sum(c.writable() for c in self._connections[group]) >= quorum.WRITE_QUORUM
+
+    async def _choose_group(self) -> int:
+        """The group for the next attempt (quorum.pick_group, then choose_group), or
+        quorum.NO_GROUP. Connections are looked at only while they may still be connecting
+        or when the group is in back-off: the common case costs nothing."""
+        while True:
+            now = time.monotonic()
+            picked = quorum.pick_group(self.group_index, self._backoff_until, now)
+            connecting = now < self._grace_until
+            if connecting or self._backoff_until[picked] > now:
+                reachable = [self._reachable(g) for g in range(len(self.groups))]
+                picked = quorum.choose_group(picked, self._backoff_until, reachable, now,
+                                             connecting)
+                if picked == quorum.WAIT_CONNECTING:
+                    await asyncio.sleep(PRODUCER_CONNECT_POLL_S)
+                    continue
+            if picked >= 0 and picked != self.group_index:
+                self.group_index = picked
+                self.counters["group_moves"] += 1
+            return picked
+
+    def _fail(self, batch: _Batch, error_class: type[PublishFailed], reason: str, *,
+              field: str | None = None) -> None:
+        """Fail the batch (NOT acknowledged) and remember it for a retry under its ids."""
+        assert batch.future is not None
+        if batch.future.done():
+            return
+        count = len(batch.messages)
+        batch.future.set_exception(error_class(
+            f"batch of producer {self.producer_id:016x} seq {batch.first_seq}.."
+            f"{batch.first_seq + count - 1}: {reason}; NOT acknowledged (after "
+            f"{batch.attempts} attempt(s); its messages may or may not be delivered: retry "
+            "with retry_of to keep their ids)",
+            Unacknowledged(self.producer_id, batch.first_seq, count), field=field))
+        batch.digest = messages_digest(batch.messages)
+        batch.messages = [b""] * count   # only their number and digest are kept
+        batch.body_by_group = {}
+        self._failed.pop(batch.first_seq, None)
+        self._failed[batch.first_seq] = batch
+        while len(self._failed) > PRODUCER_RETRYABLE_BATCHES_MAX:
+            self._failed.popitem(last=False)
+
+    def _retried(self, messages: list[bytes],
+                 retry_of: PublishFailed | Unacknowledged) -> _Batch:
+        """The failed batch `retry_of` names, checked: this producer's, remembered, and
+        with these values."""
+        ids = retry_of.unacknowledged if isinstance(retry_of, PublishFailed) else retry_of
+        if not isinstance(ids, Unacknowledged):
+            raise InvalidArgument("retry_of: expected the PublishFailed error of a failed "
+                                  "batch (or its .unacknowledged)", field="retry_of")
+        if ids.producer_id != self.producer_id:
+            raise InvalidArgument(f"retry_of: a batch of producer {ids.producer_id:016x}; "
+                                  f"this producer is {self.producer_id:016x} (retry through "
+                                  "the producer that sent it)", field="retry_of")
+        failed = self._failed.get(ids.first_seq)
+        if failed is None or len(failed.messages) != ids.count:
+            raise InvalidArgument(f"retry_of: seq {ids.first_seq} is not a failed batch this "
+                                  "producer can retry (it committed on a retry already, is "
+                                  "being retried, or is older than the last "
+                                  f"{PRODUCER_RETRYABLE_BATCHES_MAX} failures)",
+                                  field="retry_of")
+        if messages_digest(messages) != failed.digest:
+            raise InvalidArgument(f"retry_of: the values are not the failed batch's "
+                                  f"({ids.count} message(s), in the same order)",
+                                  field="retry_of")
+        return failed
+
+    def _retry_batch(self, failed: _Batch, messages: list[bytes], wall: int) -> _Batch:
+        """A new attempt of `failed` under its ids; its lifetime ends where consumers may
+        start giving its seqs up (the next batch's submit + lifetime), if sooner."""
+        if self._failed.get(failed.first_seq) is not failed:
+            raise InvalidArgument(f"retry_of: seq {failed.first_seq} is already being "
+                                  "retried", field="retry_of")
+        expires_ms = wall + self.lifetime_ms
+        if failed.later_ms is not None:
+            expires_ms = min(expires_ms, failed.later_ms + self.lifetime_ms)
+        if expires_ms <= wall:
+            raise InvalidArgument(
+                f"retry_of: too late to retry seq {failed.first_seq} under its ids: this "
+                "producer sent a later batch more than batch_lifetime_ms ago, so consumers "
+                "may have given these seqs up; send the values as new messages",
+                field="retry_of")
+        del self._failed[failed.first_seq]
+        batch = _Batch(messages, failed.first_seq, later_ms=failed.later_ms)
+        batch.expires_ms = expires_ms
+        if batch.later_ms is None:
+            self._awaiting_later.append(batch)
+        return batch
 
     def _expire(self, batch: _Batch) -> None:
-        assert batch.future is not None
-        if not batch.future.done():
-            last = batch.first_seq + len(batch.messages) - 1
-            batch.future.set_exception(Timeout(
-                f"batch of producer {self.producer_id:016x} seq {batch.first_seq}..{last} not "
-                f"committed within batch_lifetime_ms ({self.lifetime_ms}); NOT acknowledged "
-                f"(after {batch.attempts} attempt(s); its messages may or may not be "
-                "delivered)"))
+        self._fail(batch, PublishTimeout,
+                   f"not committed within batch_lifetime_ms ({self.lifetime_ms})")
 
     async def _run(self, batch: _Batch) -> None:
         assert batch.future is not None and self._slots is not None
         try:
             while True:
-                group = self._pick_group()
+                group = await self._choose_group()
+                if group == quorum.NO_GROUP:
+                    self._fail(batch, PublishUnavailable, "no queue group can take it (each "
+                               "has fewer than 2 servers connected)")
+                    return
                 wait = min(self._backoff_until[group], batch.expires_at) - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
+                    if time.monotonic() < batch.expires_at:
+                        continue   # choose again: the group may have gone meanwhile
                 if time.monotonic() >= batch.expires_at:
                     self._expire(batch)
                     return
@@ -351,17 +501,15 @@ class AsyncProducer:
                     return
                 self.counters["retries"] += 1
                 if len(batch.not_found_groups) == len(self.groups):
-                    batch.future.set_exception(NotFound(
-                        f"topic: {self.topic!r} does not exist in any queue group (create it "
-                        "with `quorumq create-topic`)", field="topic"))
+                    self._fail(batch, PublishNotFound, f"topic: {self.topic!r} does not exist "
+                               "in any queue group (create it with `quorumq create-topic`)",
+                               field="topic")
                     return
                 if outcome == quorum.FAILED:
                     self._group_down(group)
         except asyncio.CancelledError:
-            if not batch.future.done():   # close() gave up on it
-                batch.future.set_exception(Timeout(
-                    f"batch of producer {self.producer_id:016x} from seq {batch.first_seq}: "
-                    "the producer was closed before it committed; NOT acknowledged"))
+            # close() gave up on it
+            self._fail(batch, PublishTimeout, "the producer was closed before it committed")
             raise
         except Exception as e:   # a bug must fail this batch's caller, not hang it
             if not batch.future.done():
@@ -461,6 +609,12 @@ class AsyncProducer:
         return None
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Take a future's outcome (nobody else will) so it is not reported as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 class Producer:
     """The blocking producer: an AsyncProducer on its own event-loop thread.
 
@@ -495,16 +649,25 @@ class Producer:
     def group(self) -> str:
         return self._engine.groups[self._engine.group_index].name
 
-    def send_batch(self, values: Iterable[Any], *, timeout: float | None = None) -> Committed:
+    def send_batch(self, values: Iterable[Any], *, timeout: float | None = None,
+                   retry_of: PublishFailed | Unacknowledged | None = None) -> Committed:
+        """Blocks until committed; raises a PublishFailed (not acknowledged: retry it with
+        `retry_of=error` to keep its ids), or Timeout after `timeout`."""
+        called = time.monotonic()
         messages = check_batch(values)
-        return self._call(self._engine.send_batch(messages, timeout=timeout))
+        return self._call(self._engine.send_batch(messages, timeout=timeout,
+                                                  retry_of=retry_of, called=called))
 
-    def submit_batch(self, values: Iterable[Any]) -> concurrent.futures.Future[Committed]:
+    def submit_batch(self, values: Iterable[Any], *,
+                     retry_of: PublishFailed | Unacknowledged | None = None
+                     ) -> concurrent.futures.Future[Committed]:
         """Start a batch without waiting for it; the future resolves when it committed."""
+        called = time.monotonic()
         messages = check_batch(values)
 
         async def start() -> Committed:
-            return await (await self._engine.submit(messages))
+            return await (await self._engine.submit(messages, retry_of=retry_of,
+                                                    called=called))
 
         return asyncio.run_coroutine_threadsafe(start(), self._loop)
 

@@ -30,13 +30,14 @@ from quorumq.limits import (
 
 class QMethod(enum.IntEnum):
     STATUS = 100          # the server's incarnation, topics, recovery report, counters
-    CREATE_TOPIC = 101    # idempotent; retention of an existing topic is updated
+    CREATE_TOPIC = 101    # idempotent; an existing topic keeps its settings
     PRODUCE = 102         # append a batch; answered once it is fdatasynced
     FETCH = 103           # records from an offset (long poll: wait_ms)
     COMMIT = 104          # a consumer group's offset on this server (durable when answered)
     OFFSETS = 105         # a consumer group's committed offset on this server
     TIME_OFFSET = 106     # the first offset appended at or after a time
     TOPICS = 107          # every topic's settings and bounds
+    UPDATE_TOPIC = 108    # create, or change an existing topic's settings
 
 
 OK = 0
@@ -149,6 +150,7 @@ REQUEST_TYPES: dict[int, type[Struct]] = {
     QMethod.OFFSETS: OffsetsRequest,
     QMethod.TIME_OFFSET: TimeOffsetRequest,
     QMethod.TOPICS: TopicsRequest,
+    QMethod.UPDATE_TOPIC: CreateTopicRequest,
 }
 
 REPLY_TYPES: dict[int, Any] = {
@@ -160,6 +162,7 @@ REPLY_TYPES: dict[int, Any] = {
     QMethod.OFFSETS: OffsetsReply,
     QMethod.TIME_OFFSET: TimeOffsetReply,
     QMethod.TOPICS: list[TopicInfo],
+    QMethod.UPDATE_TOPIC: TopicInfo,
 }
 
 

@@ -68,3 +68,37 @@ def gap_may_be_skipped(held_since: float, margin_s: float,
         return False
     limit = held_since + margin_s
     return all(at is not None and at >= limit for at in caught_up_at)
+
+
+NO_GROUP = -1          # choose_group: no group can take a batch now
+WAIT_CONNECTING = -2   # choose_group: sockets may still be connecting: look again shortly
+
+
+def pick_group(current: int, backoff_until: Sequence[float], now: float) -> int:
+    """The producer's group for the next attempt by back-off alone: `current` unless it is in
+    back-off, then the next one (in order) that is not, else the one whose back-off ends
+    first."""
+    count = len(backoff_until)
+    for step in range(count):
+        index = (current + step) % count
+        if backoff_until[index] <= now:
+            return index
+    return min(range(count), key=lambda i: backoff_until[i])
+
+
+def choose_group(picked: int, backoff_until: Sequence[float], reachable: Sequence[bool],
+                 now: float, connecting: bool) -> int:
+    """`picked` (pick_group's answer) if at least 2 of its servers are connected
+    (`reachable`); while the producer's sockets may still be connecting, WAIT_CONNECTING;
+    else the reachable group that is out of back-off (or leaves it first), nearest after
+    `picked`; NO_GROUP when no group is reachable (the batch fails fast: retrying it for
+    its whole lifetime would only hide the outage)."""
+    if reachable[picked]:
+        return picked
+    if connecting:
+        return WAIT_CONNECTING
+    count = len(reachable)
+    others = [g for g in range(count) if reachable[g]]
+    if not others:
+        return NO_GROUP
+    return min(others, key=lambda g: (max(backoff_until[g] - now, 0.0), (g - picked) % count))

@@ -11,8 +11,8 @@ ever see synced records. The servers of a group never talk to each other.
 
 from __future__ import annotations
 
-import argparse
 import collections
+import functools
 import logging
 import os
 import sys
@@ -34,7 +34,13 @@ from kvsvr.errors import (
     Timeout,
     Unavailable,
 )
-from kvsvr.process import add_log_level, on_stop_signals, setup_logging
+from kvsvr.process import (
+    add_config_argument,
+    add_log_level,
+    on_stop_signals,
+    program_parser,
+    setup_logging,
+)
 from kvsvr.protocol import pack
 from quorumq import protocol
 from quorumq.limits import (
@@ -101,6 +107,7 @@ class QueueServer:
         self._handlers: dict[int, Any] = {
             QMethod.STATUS: self._status,
             QMethod.CREATE_TOPIC: self._create_topic,
+            QMethod.UPDATE_TOPIC: functools.partial(self._create_topic, update=True),
             QMethod.OFFSETS: self._offsets,
             QMethod.TIME_OFFSET: self._time_offset,
             QMethod.TOPICS: self._topics,
@@ -247,10 +254,10 @@ class QueueServer:
             "sync_mean_us": round(self.counters["sync_us"] / syncs) if syncs else 0,
         }
 
-    def _create_topic(self, request: Any) -> protocol.TopicInfo:
+    def _create_topic(self, request: Any, *, update: bool = False) -> protocol.TopicInfo:
         try:
             topic = self.store.create_topic(request.topic, TopicSettings(
-                request.retention_bytes, request.retention_s))
+                request.retention_bytes, request.retention_s), update=update)
         except ValueError as e:
             raise InvalidArgument(str(e), field="topic") from None
         return self._topic_info(request.topic, topic)
@@ -461,15 +468,15 @@ class QueueServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quorumq-server",
-                                     description="Serve one log server of a queue group.")
-    parser.add_argument("--config", help="cluster TOML with [[queue_groups]]")
+    parser = program_parser("quorumq-server", "Serve one log server of a queue group.")
+    add_config_argument(parser, "cluster TOML with [[queue_groups]]")
     parser.add_argument("--node", required=True, help="queue server name in the config")
     add_log_level(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
         config = load(args.config)
+        config.require_queue_groups()
         server = QueueServer(config, args.node)
     except ConfigError as e:
         print(f"quorumq-server: config error: {e}", file=sys.stderr)

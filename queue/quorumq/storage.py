@@ -452,10 +452,13 @@ class ServerStore:
         return incarnation
 
     # --- topics --------------------------------------------------------------------------------
-    def create_topic(self, name: str, settings: TopicSettings) -> Topic:
+    def create_topic(self, name: str, settings: TopicSettings, *,
+                     update: bool = False) -> Topic:
+        """The topic, created with `settings` if it is new; an existing one takes `settings`
+        only when `update` says so."""
         topic = self.topics.get(name)
         if topic is not None:
-            if topic.settings != settings:
+            if update and topic.settings != settings:
                 _write_record_file(topic.directory / "topic", _encode(settings))
                 topic.settings = settings
             return topic

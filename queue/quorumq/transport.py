@@ -119,6 +119,12 @@ class AsyncConnection:
             sent.add_done_callback(lambda f: f.cancelled() or f.exception())
         return future
 
+    def writable(self) -> bool:
+        """Connected to its server (IMMEDIATE: a socket takes messages only then), without
+        sending anything."""
+        events: int = self.socket.get(zmq.EVENTS)  # type: ignore[assignment]
+        return bool(events & zmq.POLLOUT)
+
     def forget(self, future: asyncio.Future[tuple[int, bytes]]) -> None:
         self._waiting.pop(future.request_id, None)  # type: ignore[attr-defined]
 
@@ -151,6 +157,11 @@ class AsyncConnection:
                 future.cancel()
         self._waiting.clear()
         self.socket.close(linger=0)
+
+    async def closed(self) -> None:
+        """After close(): until the reader task has ended (a task left pending when its
+        loop closes is reported as destroyed)."""
+        await asyncio.gather(self._reader, return_exceptions=True)
 
 
 def error_of(status: int, body: bytes, method: int) -> KvError | None:
