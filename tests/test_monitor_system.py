@@ -266,15 +266,17 @@ def test_the_page_in_headless_chromium_shows_curves_and_the_firing_alert(system,
     dom = index.stdout
     assert "id=\"firing\"" in dom and "level-high" in dom
     assert "test.heartbeat" in dom and "<polyline" in dom
-    page = _browse(chromium, tmp_path / "profile", "--dump-dom",
+    page = _browse(chromium, tmp_path / "profile", "--virtual-time-budget=3000", "--dump-dom",
                    system.url("/id/test.heartbeat?range=300"))
     assert page.returncode == 0, page.stderr
     chart = page.stdout.split('id="sum"', 1)[1].split("</svg>", 1)[0]
     points = chart.split('points="', 1)[1].split('"', 1)[0].split()
     assert len(points) >= 5, "the heartbeat curve has too few points"
-    assert f'data-machine="{MACHINE}"' in page.stdout
+    machines = page.stdout.split('id="machines"', 1)[1]
+    assert f'data-series="{MACHINE}"' in machines
     screenshot = tmp_path / "monitor-id-page.png"
-    shot = _browse(chromium, tmp_path / "profile", f"--screenshot={screenshot}",
+    shot = _browse(chromium, tmp_path / "profile", "--virtual-time-budget=3000",
+                   f"--screenshot={screenshot}",
                    "--window-size=1100,900", system.url("/id/test.heartbeat?range=300"))
     assert shot.returncode == 0, shot.stderr
     data = screenshot.read_bytes()

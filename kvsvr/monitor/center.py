@@ -163,7 +163,9 @@ class Center:
                               "gauge" if kind == _core.KIND_GAUGE else "counter")
             problem = id_problem(entry, builtin=id < FIRST_USER_ID)
             known = self.registry.by_id.get(id) or self.registry.by_name.get(name)
-            if problem is None and known is not None and known != entry:
+            # Agents do not ship units: compare what they do ship.
+            if problem is None and known is not None and \
+                    msgspec.structs.replace(known, unit="") != entry:
                 problem = (f"the center's registry has id {known.id} as {known.name!r} "
                            f"({known.kind}); it wins")
             if problem is None:
@@ -222,7 +224,7 @@ class Center:
 
     def metric_ids(self) -> list[int]:
         """Every id /metrics shows: registered here, named by an agent, or with values."""
-        ids = set(self.registry.by_id) | set(self.store.catalog())
+        ids = set(self.all_ids())
         for total in self.totals.values():
             ids.update(_core.decode_block(total))
         return sorted(ids)
@@ -348,6 +350,15 @@ class Center:
             kind, name, description = entry
             return name, "gauge" if kind == _core.KIND_GAUGE else "counter", description
         return f"id.{id}", "counter", ""
+
+    def unit_of(self, id: int) -> str:
+        """What one count of `id` is ("requests"), from the center's registry ("" unknown)."""
+        known = self.registry.by_id.get(id)
+        return known.unit if known is not None else ""
+
+    def all_ids(self) -> list[int]:
+        """Every id the center knows: registered here, named by an agent, or with values."""
+        return sorted(set(self.registry.by_id) | set(self.store.ids()))
 
     def resolve_id(self, text: str) -> int | None:
         """The id a page or query names (a number or a name), or None if it is not known

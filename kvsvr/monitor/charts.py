@@ -73,11 +73,37 @@ def _lines(runs: list[list[tuple[float, float]]], color: str, stroke_width: floa
     return "".join(parts)
 
 
-def sparkline(values: Series, *, width: int = 160, height: int = 28) -> str:
+def sparkline(values: Series, *, width: int = 160, height: int = 28, unit: str = "",
+              span_s: int | None = None) -> str:
+    """A small chart of a series. With `span_s` (what it covers, ending now) it has axes: the
+    lowest and highest value with `unit` on the left, the time span below."""
     low, high = _scale(values)
-    lines = _lines(_runs(values, width - 2, height - 2, low, high, 1, 1), "#2a6fdb", 1.2, 1.5)
+    if span_s is None:
+        lines = _lines(_runs(values, width - 2, height - 2, low, high, 1, 1), "#2a6fdb", 1.2,
+                       1.5)
+        return (f'<svg class="sparkline" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+                f'height="{height}" viewBox="0 0 {width} {height}">{lines}</svg>')
+    width, height, left, bottom = 300, 58, 58, 14
+    plot_w, plot_h = width - left - 4, height - bottom - 6
+    lines = _lines(_runs(values, plot_w, plot_h, low, high, left, 4), "#2a6fdb", 1.2, 1.5)
+    label = escape(unit)
+    ago = f"-{span_s // 60} min" if span_s >= 60 else f"-{span_s} s"
     return (f'<svg class="sparkline" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-            f'height="{height}" viewBox="0 0 {width} {height}">{lines}</svg>')
+            f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="last {ago[1:]}, in {label}">'
+            f'<line x1="{left}" x2="{left}" y1="4" y2="{4 + plot_h}" stroke="#999"/>'
+            f'<line x1="{left}" x2="{width - 4}" y1="{4 + plot_h}" y2="{4 + plot_h}" '
+            f'stroke="#999"/>'
+            f'<text class="ymax" x="{left - 4}" y="11" font-size="10" text-anchor="end">'
+            f'{_label(high)}</text>'
+            f'<text class="ymin" x="{left - 4}" y="{4 + plot_h}" font-size="10" '
+            f'text-anchor="end">{_label(low)}</text>'
+            f'<text class="unit" x="{left - 4}" y="{height - 2}" font-size="9" '
+            f'text-anchor="end" fill="#666">{label}</text>'
+            f'<text class="xstart" x="{left}" y="{height - 2}" font-size="9" fill="#666">'
+            f'{ago}</text>'
+            f'<text class="xend" x="{width - 4}" y="{height - 2}" font-size="9" '
+            f'text-anchor="end" fill="#666">now</text>{lines}</svg>')
 
 
 def _label(value: float) -> str:

@@ -11,6 +11,7 @@ up, in a registry file:
     name = "chat.messages_sent"
     kind = "counter"            # "counter": add(id, delta); "gauge": set(id, value)
     description = "Messages accepted from clients"
+    unit = "messages"           # optional: what is counted (charts say "messages/s")
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kvsvr.limits import MONITOR_FIRST_USER_ID
 NAME_BYTES_MAX = _core.MONITOR_NAME_BYTES_MAX
 DESCRIPTION_BYTES_MAX = _core.MONITOR_DESCRIPTION_BYTES_MAX
 IDS_MAX = _core.MONITOR_IDS_MAX
+UNIT_BYTES_MAX = 32
 FIRST_USER_ID = MONITOR_FIRST_USER_ID   # ids below belong to KVSvr's own programs
 KINDS = {"counter": _core.KIND_COUNTER, "gauge": _core.KIND_GAUGE}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
@@ -43,6 +45,7 @@ class MonitorId(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     description: str
     kind: Kind = "counter"
+    unit: str = ""          # what one count is ("requests", "bytes"); "" says "count"
 
     @property
     def kind_code(self) -> int:
@@ -69,6 +72,8 @@ def id_problem(entry: MonitorId, *, builtin: bool = False) -> str | None:
     description_bytes = len(entry.description.encode())
     if not 1 <= description_bytes <= DESCRIPTION_BYTES_MAX:
         return f"description: {description_bytes} bytes, expected 1..{DESCRIPTION_BYTES_MAX}"
+    if len(entry.unit.encode()) > UNIT_BYTES_MAX or not entry.unit.isprintable():
+        return f"unit: {entry.unit!r}, expected at most {UNIT_BYTES_MAX} printable bytes"
     if entry.kind not in KINDS:
         return f"kind: {entry.kind!r}, expected one of {sorted(KINDS)}"
     return None
@@ -172,23 +177,37 @@ def latency_id(seconds: float) -> int:
 
 
 BUILTIN = (
-    MonitorId(NODE_REQUESTS, "node.requests", "Requests received by kvsvr-node (all methods)"),
-    MonitorId(NODE_FAILURES, "node.failures", "Requests answered with an error"),
-    MonitorId(NODE_BYTES_IN, "node.bytes_in", "Bytes of client and peer messages received"),
-    MonitorId(NODE_BYTES_OUT, "node.bytes_out", "Bytes of answers sent to clients"),
-    MonitorId(NODE_GROUP_COMMITS, "node.group_commits", "Durable LMDB commits (group commits)"),
-    MonitorId(NODE_MUTATIONS, "node.mutations", "Mutations applied by group commits"),
+    MonitorId(NODE_REQUESTS, "node.requests", "Requests received by kvsvr-node (all methods)",
+              unit="requests"),
+    MonitorId(NODE_FAILURES, "node.failures", "Requests answered with an error",
+              unit="errors"),
+    MonitorId(NODE_BYTES_IN, "node.bytes_in", "Bytes of client and peer messages received",
+              unit="bytes"),
+    MonitorId(NODE_BYTES_OUT, "node.bytes_out", "Bytes of answers sent to clients",
+              unit="bytes"),
+    MonitorId(NODE_GROUP_COMMITS, "node.group_commits", "Durable LMDB commits (group commits)",
+              unit="commits"),
+    MonitorId(NODE_MUTATIONS, "node.mutations", "Mutations applied by group commits",
+              unit="mutations"),
     MonitorId(NODE_QUORUM_RETRIES, "node.quorum_retries",
-              "Versions another proposer took: the write is retried at the next version"),
+              "Versions another proposer took: the write is retried at the next version",
+              unit="retries"),
     MonitorId(NODE_BINLOG_LAG, "node.binlog_lag",
-              "Binlog records the most-behind peer stream still has to pull (gauge)", "gauge"),
-    MonitorId(NODE_BAD_FRAMES, "node.bad_frames", "Malformed frames received"),
-    MonitorId(NODE_LATENCY_1MS, "node.latency.le_1ms", "Requests answered within 1 ms"),
-    MonitorId(NODE_LATENCY_5MS, "node.latency.le_5ms", "Requests answered in 1-5 ms"),
-    MonitorId(NODE_LATENCY_20MS, "node.latency.le_20ms", "Requests answered in 5-20 ms"),
-    MonitorId(NODE_LATENCY_100MS, "node.latency.le_100ms", "Requests answered in 20-100 ms"),
-    MonitorId(NODE_LATENCY_1S, "node.latency.le_1s", "Requests answered in 100 ms-1 s"),
-    MonitorId(NODE_LATENCY_SLOWER, "node.latency.gt_1s", "Requests answered after 1 s"),
+              "Binlog records the most-behind peer stream still has to pull (gauge)", "gauge",
+              unit="records"),
+    MonitorId(NODE_BAD_FRAMES, "node.bad_frames", "Malformed frames received", unit="frames"),
+    MonitorId(NODE_LATENCY_1MS, "node.latency.le_1ms", "Requests answered within 1 ms",
+              unit="requests"),
+    MonitorId(NODE_LATENCY_5MS, "node.latency.le_5ms", "Requests answered in 1-5 ms",
+              unit="requests"),
+    MonitorId(NODE_LATENCY_20MS, "node.latency.le_20ms", "Requests answered in 5-20 ms",
+              unit="requests"),
+    MonitorId(NODE_LATENCY_100MS, "node.latency.le_100ms", "Requests answered in 20-100 ms",
+              unit="requests"),
+    MonitorId(NODE_LATENCY_1S, "node.latency.le_1s", "Requests answered in 100 ms-1 s",
+              unit="requests"),
+    MonitorId(NODE_LATENCY_SLOWER, "node.latency.gt_1s", "Requests answered after 1 s",
+              unit="requests"),
 )
 
 

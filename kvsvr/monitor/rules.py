@@ -106,7 +106,7 @@ def configured_rules(setting: str | Path | None,
     if setting is None or str(setting) == "":
         return load_rules(DEFAULT_RULES_PATH, registry), "the default rules"
     if str(setting) == NO_RULES:
-        return [], "none (rules = \"none\")"
+        return [], "[monitor] rules = \"none\""
     return load_rules(setting, registry), str(setting)
 
 
