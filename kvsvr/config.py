@@ -17,7 +17,7 @@ from msgspec import Meta, Struct
 
 from kvsvr import _core
 from kvsvr.errors import ConfigError, InvalidArgument
-from kvsvr.limits import BINLOG_RECORDS_MAX, MONITOR_MAX_IDS_DEFAULT, PEER_SECRET_BYTES_MIN
+from kvsvr.limits import BINLOG_RECORDS_MAX, COUNTERS_FILE_IDS_DEFAULT, PEER_SECRET_BYTES_MIN
 
 Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 _ADDRESS = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:]+:(\d{1,5})|ipc://.+)$")
@@ -92,7 +92,7 @@ class MonitorConfig(Struct, forbid_unknown_fields=True):
     # file per machine and cluster (kvsvr.monitor.counters.cluster_counters_path)
     counters_path: str = ""
     # ids 1..max_ids have a slot; the default holds every id (the file is sparse)
-    max_ids: Annotated[int, Meta(ge=1, le=_core.MONITOR_IDS_MAX)] = MONITOR_MAX_IDS_DEFAULT
+    max_ids: Annotated[int, Meta(ge=1, le=_core.MONITOR_IDS_MAX)] = COUNTERS_FILE_IDS_DEFAULT
     window_s: Annotated[int, Meta(ge=_core.WINDOW_S_MIN,
                                   le=_core.WINDOW_S_MAX)] = _core.WINDOW_S_DEFAULT
     registry: list[str] = []        # id registry files (relative to the config file)

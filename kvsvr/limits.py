@@ -209,5 +209,5 @@ __all__ = [
 # Monitoring (kvsvr/monitor). A counters file indexes slots by id, so the default sizing holds
 # every id (1..MONITOR_IDS_MAX): the file is sparse, and only the pages of registered ids are
 # ever touched (the agent finds them with SEEK_DATA), so its memory follows the ids in use.
-MONITOR_MAX_IDS_DEFAULT = 65_536     # [monitor] max_ids: the core's MONITOR_IDS_MAX
+COUNTERS_FILE_IDS_DEFAULT = 65_536     # [monitor] max_ids: the core's MONITOR_IDS_MAX
 MONITOR_FIRST_USER_ID = 1000         # ids below belong to KVSvr's own programs

@@ -11,7 +11,7 @@ import zmq
 
 from kvsvr import _core
 from kvsvr.launcher import LocalCluster, write_cluster_config
-from kvsvr.limits import MONITOR_MAX_IDS_DEFAULT
+from kvsvr.limits import COUNTERS_FILE_IDS_DEFAULT
 from kvsvr.monitor import registry as ids
 from kvsvr.monitor.counters import open_counters
 
@@ -131,7 +131,7 @@ def test_a_node_keeps_serving_and_counting_after_the_clock_went_back(tmp_path):
     stepped back by more than the window leaves): the node used to fail each request on its
     first add() and then exit. Now it serves every request and counts them at its clock."""
     counters_path = tmp_path / "counters"
-    counters = open_counters(counters_path, max_ids=MONITOR_MAX_IDS_DEFAULT,
+    counters = open_counters(counters_path, max_ids=COUNTERS_FILE_IDS_DEFAULT,
                              window_s=_core.WINDOW_S_DEFAULT, registry=ids.builtin_registry())
     window = counters.window_s
     ahead = counters.now_s() + window + 5

@@ -31,7 +31,7 @@ from typing import Protocol
 from kvsvr import _core
 from kvsvr.config import ClusterConfig, default, load
 from kvsvr.errors import ConfigError
-from kvsvr.limits import MONITOR_FIRST_USER_ID, MONITOR_MAX_IDS_DEFAULT
+from kvsvr.limits import COUNTERS_FILE_IDS_DEFAULT, MONITOR_FIRST_USER_ID
 from kvsvr.monitor.registry import Registry, load_registry
 
 log = logging.getLogger("kvsvr.monitor")
@@ -99,7 +99,7 @@ def id_refusal(id: int, max_ids: int, path: str | Path = "the counters file") ->
         return f"id: {id} is outside the id range 1..{_core.MONITOR_IDS_MAX}"
     if id > max_ids:
         return (f"id: {id} is above max_ids ({max_ids}) of {path}: set [monitor] max_ids "
-                f"to at least {id} (the default, {MONITOR_MAX_IDS_DEFAULT}, holds every id), "
+                f"to at least {id} (the default, {COUNTERS_FILE_IDS_DEFAULT}, holds every id), "
                 "then stop the processes using the file and remove it, so that it is made "
                 "again at the new size")
     return None
@@ -146,7 +146,7 @@ def _map(path: str | Path | None, max_ids: int | None, window_s: int | None, cre
         except FileNotFoundError:
             if not create:
                 raise CountersMissing(f"{path}: no counters file (yet)") from None
-            _create(path, max_ids or MONITOR_MAX_IDS_DEFAULT, window_s or WINDOW_S_DEFAULT)
+            _create(path, max_ids or COUNTERS_FILE_IDS_DEFAULT, window_s or WINDOW_S_DEFAULT)
             continue
         except OSError as e:
             raise CountersError(f"{path}: cannot open ({e.strerror})") from None

@@ -95,16 +95,16 @@ def parse_rules(text: str | bytes, registry: Registry, *,
     return resolved
 
 
-DEFAULT_RULES_PATH = Path(__file__).with_name("default_rules.toml")
+RULES_PATH_DEFAULT = Path(__file__).with_name("default_rules.toml")
 NO_RULES = "none"             # [monitor] rules = "none": load no rules at all
 
 
 def configured_rules(setting: str | Path | None,
                      registry: Registry) -> tuple[list[ResolvedRule], str]:
     """(rules, where they came from) for a [monitor] rules setting: "" or None loads the
-    default set shipped with KVSvr (DEFAULT_RULES_PATH), "none" no rules, else that file."""
+    default set shipped with KVSvr (RULES_PATH_DEFAULT), "none" no rules, else that file."""
     if setting is None or str(setting) == "":
-        return load_rules(DEFAULT_RULES_PATH, registry), "the default rules"
+        return load_rules(RULES_PATH_DEFAULT, registry), "the default rules"
     if str(setting) == NO_RULES:
         return [], "[monitor] rules = \"none\""
     return load_rules(setting, registry), str(setting)
@@ -190,6 +190,16 @@ def transition(was_firing: bool, finding: Finding) -> str | None:
     return None
 
 
-__all__ = ["DEFAULT_RULES_PATH", "NO_RULES", "Finding", "ResolvedRule", "Rule",
-           "configured_rules", "evaluate", "load_rules", "parse_rules", "samples_needed",
-           "transition"]
+__all__ = [
+    "NO_RULES",
+    "RULES_PATH_DEFAULT",
+    "Finding",
+    "ResolvedRule",
+    "Rule",
+    "configured_rules",
+    "evaluate",
+    "load_rules",
+    "parse_rules",
+    "samples_needed",
+    "transition",
+]
