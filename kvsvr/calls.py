@@ -137,6 +137,12 @@ def append(key: Any, value: Any, op_id: tuple[int, int]) -> CallSpec:
     return mutate(key, [p.append_op(value)], None, op_id, _first_result)
 
 
+def list_keys(routes: list[bytes], request: p.ListRequest) -> list[CallSpec]:
+    """LIST asked of every group: `routes` holds a key that routes to each group (the reply
+    says nothing of it; kvsvr/listing.py finds them and merges the groups' pages)."""
+    return [CallSpec(route, p.Method.LIST, request, _same) for route in routes]
+
+
 # The fields of the refusals a mutation's plan draws from the key's value
 # (kvsvr/store/planner.py): an incr of a value that is not a decimal integer ("key") or whose
 # sum overflows ("delta"), a compact through a version the key has not reached

@@ -33,7 +33,9 @@ from kvsvr.errors import (
 )
 from kvsvr.limits import (
     CLI_STATUS_TIMEOUT_S,
+    LIST_KEYS_DEFAULT,
     SCAN_ROWS_DEFAULT,
+    SCAN_ROWS_MAX,
     TIMEOUT_S_DEFAULT,
     TTL_S_MAX,
     TTL_S_MIN,
@@ -41,7 +43,7 @@ from kvsvr.limits import (
     WATCH_WAIT_S_DEFAULT,
     WATCH_WAIT_S_MAX,
 )
-from kvsvr.protocol import ChangesPage, RowValue, ScanPage, Versioned
+from kvsvr.protocol import ChangesPage, KeysPage, RowValue, ScanPage, Versioned
 from kvsvr.store import seq_row
 from kvsvr.watching import WatchEvent
 
@@ -141,6 +143,9 @@ def _jsonable(result: Any) -> Any:
                          for r in result.rows],
                 "next_start": (None if result.next_start is None
                                else _row_text(result.next_start))}
+    if isinstance(result, KeysPage):
+        return {"keys": [_key_fields(key) for key in result.keys],
+                "next_after": None if result.next_after is None else _b64(result.next_after)}
     if isinstance(result, ChangesPage):
         return {"version": result.version,
                 "changes": [{"row": _row_text(c.row), "row_base64": _b64(c.row),
@@ -171,6 +176,40 @@ def _line_value(row: bytes, value: bytes, encoded: bool) -> str:
     return text
 
 
+def _key_fields(key: bytes) -> dict[str, str]:
+    """A key in JSON: "key_base64" always, "key" too when it is valid UTF-8."""
+    text = _utf8(key)
+    return {**({} if text is None else {"key": text}), "key_base64": _b64(key)}
+
+
+def _key_line(key: bytes, encoded: bool) -> str:
+    """A key on a line of its own: base64 with --base64, else printable text only."""
+    if encoded:
+        return _b64(key)
+    text = _utf8(key)
+    if text is None or not text.isprintable():
+        raise InvalidArgument(f"key: {key!r} is not printable text; ask again with --base64 "
+                              "or --json", field="key")
+    return text
+
+
+def list_keys_through(client: Client, prefix: bytes, limit: int) -> KeysPage:
+    """Up to `limit` keys with `prefix`, following pages (the CLI's `keys`)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidArgument(f"limit: expected a positive integer, got {limit!r}",
+                              field="limit")
+    keys: list[bytes] = []
+    after = None
+    while len(keys) < limit:
+        page = client.list_keys(prefix, after=after, limit=min(limit - len(keys),
+                                                              SCAN_ROWS_MAX))
+        keys += page.keys
+        after = page.next_after
+        if after is None:
+            break
+    return KeysPage(keys, after if len(keys) >= limit else None)
+
+
 def _print_text(command: str, result: Any, encoded: bool = False) -> None:
     """Text output. A single value (get, row-get) is written as its bytes, with a newline
     only when standard output is a terminal, or as one base64 line with --base64."""
@@ -185,6 +224,10 @@ def _print_text(command: str, result: Any, encoded: bool = False) -> None:
         print("".join(line + "\n" for line in lines), end="")
         if result.next_start is not None:
             print(f"# more rows: --start {_row_text(result.next_start)}", file=sys.stderr)
+    elif isinstance(result, KeysPage):
+        print("".join(_key_line(key, encoded) + "\n" for key in result.keys), end="")
+        if result.next_after is not None:
+            print(f"# more keys after {_b64(result.next_after)} (base64)", file=sys.stderr)
     elif isinstance(result, ChangesPage):
         lines = [f"{c.version}\t{_row_text(c.row)}\t{'deleted' if c.deleted else 'put'}\t"
                  f"{_line_value(c.row, c.value, encoded)}" for c in result.changes]
@@ -227,6 +270,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--base64", action="store_true", help=BASE64_HELP)
     _add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return parser
+
+
+KEYS_HELP = ("list the keys that start with PREFIX and hold a value or live rows (expired "
+             "ones left out), in key order, one a line (text when printable, else use "
+             "--base64 or --json); each group's replica answers from its own applied state")
+
+
+def _keys_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prefix", nargs="?", type=os.fsencode, default=b"")
+    p.add_argument("--limit", type=int, default=LIST_KEYS_DEFAULT,
+                   help="at most this many keys (several pages are asked for if needed)")
 
 
 def _ttl_option(p: argparse.ArgumentParser) -> None:
@@ -293,6 +347,9 @@ def _add_commands(commands: Any) -> None:
     p.add_argument("--end", type=row_argument, default=None, help=row_help)
     p.add_argument("--limit", type=int, default=SCAN_ROWS_DEFAULT)
     local(p)
+    encoded(p)
+    p = command("keys", KEYS_HELP)
+    _keys_options(p)
     encoded(p)
     p = command("append", "append a row (an inbox message); prints its sequence number")
     p.add_argument("key", type=os.fsencode)
@@ -366,6 +423,8 @@ def run(args: argparse.Namespace, client: Client) -> Any:
         return client.scan(args.key, args.start, args.end, args.limit, consistency=consistency)
     if c == "append":
         return client.append(args.key, args.value)
+    if c == "keys":
+        return list_keys_through(client, args.prefix, args.limit)
     if c == "changes":
         return client.changes(args.key, args.since_version, after_row=args.after_row,
                               limit=args.limit, consistency=consistency)

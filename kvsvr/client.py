@@ -45,6 +45,7 @@ from kvsvr.limits import (
     TIMEOUT_S_DEFAULT,
     WATCH_WAIT_S_DEFAULT,
 )
+from kvsvr.listing import KeyListing
 from kvsvr.protocol import MutateReply
 from kvsvr.sharding import Router
 from kvsvr.watching import WatchEvent, watch_events
@@ -114,7 +115,7 @@ def client_id_or_new(client_id: Any) -> int:
     return client_id
 
 
-class _Api:
+class _Api(KeyListing):
     """The calls every client offers; subclasses say how a CallSpec is run."""
 
     def _run(self, spec: CallSpec) -> Any:

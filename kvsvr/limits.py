@@ -100,6 +100,9 @@ WATCH_WAIT_S_DEFAULT = 10.0          # what the clients ask for each poll unless
 WATCH_REPLY_GRACE_S = 2.0            # a poll unanswered this long past its wait fails over
 WATCHES_PARKED_MAX = 50_000          # watches one node holds at once; more are refused
 
+LIST_KEYS_DEFAULT = 1_000            # keys in one list_keys page unless told (<= SCAN_ROWS_MAX)
+LIST_ROUTE_PROBES_MAX = 1 << 20      # keys a client hashes to find one routed to each group
+
 # Keys and rows that expire (TTL; kvsvr/expiry.py), and their removal in the background.
 TTL_S_MIN = 1                        # a put's time to live, in seconds ...
 TTL_S_MAX = 10 * 365 * 86_400        # ... at most about ten years
@@ -148,6 +151,8 @@ __all__ = [
     "KEY_BYTES_MAX",
     "KEY_FLUSH_CYCLE_S",
     "KEY_FLUSH_IDLE_S",
+    "LIST_KEYS_DEFAULT",
+    "LIST_ROUTE_PROBES_MAX",
     "LMDB_READERS_MAX",
     "MESSAGE_BYTES_MAX",
     "NODE_POLL_INTERVAL_MS",

@@ -23,6 +23,7 @@ from kvsvr.limits import (
     FRAME_BYTES_MAX,
     FRAMES_PER_MESSAGE_MAX,
     KEY_BYTES_MAX,
+    LIST_KEYS_DEFAULT,
     MESSAGE_BYTES_MAX,
     OPS_PER_BATCH_MAX,
     ROW_KEY_BYTES_MAX,
@@ -53,6 +54,7 @@ class Method(enum.IntEnum):
     HELLO = 33      # replica to replica: what do you know of my past lives (bootstrap)
     SNAPSHOT = 34   # replica to replica: a page of a consistent copy of the data
     WATCH = 14      # a long poll: answered once the key is applied past a version
+    LIST = 15       # a group's keys by prefix, in key order (one replica of each group)
 
 
 PEER_METHODS = frozenset({Method.QUORUM, Method.VERSIONS, Method.PULL, Method.HELLO,
@@ -128,6 +130,15 @@ class WatchRequest(Struct, array_like=True, forbid_unknown_fields=True):
     after_row: RowBound
     wait_ms: WatchWaitMs
     limit: Limit = SCAN_ROWS_DEFAULT
+
+
+class ListRequest(Struct, array_like=True, forbid_unknown_fields=True):
+    """The group's keys that start with `prefix` and hold a value or live rows, after
+    `after` (None: from the first), at most `limit`; from the replica's applied state."""
+
+    prefix: Annotated[bytes, Meta(max_length=KEY_BYTES_MAX)]
+    after: Key | None
+    limit: Limit
 
 
 class Op(Struct, array_like=True, forbid_unknown_fields=True):
@@ -240,6 +251,7 @@ REQUEST_TYPES: dict[int, type[Struct]] = {
     Method.SCAN: ScanRequest,
     Method.CHANGES: ChangesRequest,
     Method.WATCH: WatchRequest,
+    Method.LIST: ListRequest,
     Method.MUTATE: MutateRequest,
     Method.FAULTS: FaultsRequest,
     Method.VERSIONS: VersionsRequest,
@@ -309,6 +321,14 @@ class WatchReply(Struct, array_like=True):
     resume: tuple[int, bytes] | None
 
 
+class KeysPage(Struct, array_like=True):
+    """Keys in key order; `next_after`: continue after it (list_keys(after=...)) while it is
+    not None (None: no more keys with the prefix)."""
+
+    keys: list[bytes]
+    next_after: bytes | None
+
+
 class MutateReply(Struct, array_like=True, gc=False):
     """The key's new version and per-op results (incr: new value, append: seq, else None)."""
 
@@ -330,6 +350,7 @@ REPLY_TYPES: dict[int, Any] = {
     Method.SCAN: ScanPage,
     Method.CHANGES: ChangesPage,
     Method.WATCH: WatchReply,
+    Method.LIST: KeysPage,
     Method.MUTATE: MutateReply,
     Method.FAULTS: dict[str, Any],
     Method.VERSIONS: VersionsReply,
@@ -730,6 +751,18 @@ def watch_request(key: Any, since_version: Any, after_row: Any = b"", wait: Any 
     return WatchRequest(as_key(key), since,
                         as_bytes("after_row", after_row, max_length=ROW_KEY_BYTES_MAX),
                         int(wait * 1000), limit_arg(limit))
+
+
+def list_request(prefix: Any = b"", after: Any = None,
+                 limit: Any = LIST_KEYS_DEFAULT) -> ListRequest:
+    """A LIST request: keys starting with `prefix`, after `after` (None: from the first)."""
+    return ListRequest(as_bytes("prefix", prefix, max_length=KEY_BYTES_MAX),
+                       None if after is None else as_key_named("after", after),
+                       limit_arg(limit))
+
+
+def as_key_named(name: str, key: Any) -> bytes:
+    return as_bytes(name, key, min_length=1, max_length=KEY_BYTES_MAX)
 
 
 def parse_reply(method: int, status: int, body: Any) -> Any:

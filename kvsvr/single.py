@@ -108,6 +108,7 @@ class Node:
                                                          r.after_row, r.limit),
             Method.PING: lambda r, txn: {"node": self.name},
             Method.STATUS: lambda r, txn: self.status(),
+            Method.LIST: self._list_keys,
         }
 
     # --- request handling (no sockets here) ------------------------------------------------
@@ -325,6 +326,14 @@ class Node:
             self.monitor.add(monitor_ids.NODE_FAILURES, len(writes))
             for out, index, request_id, _ in writes:
                 out[index] = error_frame(request_id, error)
+
+    def _list_keys(self, request: Any, txn: lmdb.Transaction) -> Any:
+        """LIST: this group's keys from this node's applied state (as a local read is)."""
+        life = getattr(self, "life", None)   # a replica's: only one that votes has every key
+        if life is not None and not life.voting:
+            raise Unavailable(f"node {self.name} is {life.role}; try another replica",
+                              field="node")
+        return self.store.list_keys(txn, request.prefix, request.after, request.limit)
 
     # --- expiry (kvsvr/expiry.py) ------------------------------------------------------------
     # Expiry instants are unix time (replicas compare them with their own wall clocks).

@@ -30,6 +30,7 @@ from kvsvr.limits import (
 from kvsvr.protocol import (
     Change,
     ChangesPage,
+    KeysPage,
     MutateReply,
     Op,
     Row,
@@ -68,6 +69,20 @@ from kvsvr.store.states import KeyStates, replay_into
 def now_ms() -> int:
     """This node's wall clock in unix milliseconds: what expiry instants are compared with."""
     return int(time.time() * 1000)
+
+
+def _live_row(cursor: Any, prefix: bytes, now: int) -> tuple[bool, int]:
+    """Whether the key of `prefix` has a live row (a `rows` cursor), and how many rows were
+    looked at to tell (tombstones and expired rows are passed over)."""
+    looked = 0
+    found = cursor.set_range(prefix)
+    while found and cursor.key()[:len(prefix)] == prefix:
+        looked += 1
+        raw = cursor.value()
+        if raw[8] == ROW_LIVE or (raw[8] == ROW_EXPIRING and row_expires_ms(raw) > now):
+            return True, looked
+        found = cursor.next()
+    return False, looked
 
 
 class StoreLocked(RuntimeError):
@@ -303,6 +318,39 @@ class Store:
                     rows.append(Row(row, ROW_META.unpack_from(raw)[0], row_value(raw)))
                     size += len(raw_key) + len(raw)
         return ScanPage(self.key_state(txn, key).version, rows, next_start)
+
+    def list_keys(self, txn: lmdb.Transaction, prefix: bytes, after: bytes | None,
+                  limit: int) -> KeysPage:
+        """Keys starting with `prefix`, after `after`, that hold a value or a live row (not
+        expired by this node's clock), in key order, at most `limit`; `next_after` is where
+        to go on (the last key looked at) while some may remain. Bounded work: at most
+        SCAN_ENTRIES_VISITED_MAX keys and rows are looked at."""
+        now = now_ms()
+        start = prefix if after is None or after < prefix else after + b"\x00"
+        keys: list[bytes] = []
+        visited = 0
+        last = None
+        cursor = txn.cursor(db=self.tables.keys)
+        rows = txn.cursor(db=self.tables.rows)
+        found = cursor.set_range(start)
+        while found:
+            key = cursor.key()
+            if not key.startswith(prefix):
+                return KeysPage(keys, None)
+            if len(keys) == limit or visited >= SCAN_ENTRIES_VISITED_MAX:
+                return KeysPage(keys, last)
+            state = self.key_state(txn, key)
+            visited += 1
+            if state.value is not None and (not state.expires_ms or state.expires_ms > now):
+                keys.append(key)
+            else:
+                live, looked = _live_row(rows, key_prefix(key), now)
+                visited += looked
+                if live:
+                    keys.append(key)
+            last = key
+            found = cursor.next()
+        return KeysPage(keys, None)
 
     def changes(self, txn: lmdb.Transaction, key: bytes, since_version: int, after_row: bytes,
                 limit: int) -> ChangesPage:
