@@ -68,8 +68,8 @@ def test_the_constructor_does_not_block_and_a_publish_no_group_can_take_fails_fa
 
 def test_latency_runs_from_the_publish_call(cluster):
     """One batch in flight at a time; two servers SIGSTOPped for 1.5 s. The second batch
-    waits for the first's slot the whole time: its latency covers that wait (it used to be
-    measured from when it got the slot, reading ~0)."""
+    (and a single message sent after it) waits for the first's slot the whole time: its
+    latency covers that wait (it used to be measured from when it got the slot, ~0)."""
     producer = Producer(cluster.config_path, "t", max_in_flight=1)
     try:
         producer.send_batch([b"warm"])
@@ -77,11 +77,13 @@ def test_latency_runs_from_the_publish_call(cluster):
             cluster.signal(node, signal.SIGSTOP)
         first = producer.submit_batch([b"a"])
         second = producer.submit_batch([b"b"])
+        single = producer.send(b"c")
         time.sleep(1.5)
         for node in ("q1a", "q1b"):
             cluster.signal(node, signal.SIGCONT)
         assert first.result(timeout=20).latency_s >= 1.4
         assert second.result(timeout=20).latency_s >= 1.4
+        assert single.result(timeout=20).latency_s >= 1.4
     finally:
         producer.close()
 

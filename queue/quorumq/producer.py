@@ -219,7 +219,8 @@ class AsyncProducer:
         self._context: zmq.asyncio.Context | None = None
         self._connections: list[list[AsyncConnection]] = []
         self._slots: asyncio.Semaphore | None = None
-        self._pending: list[tuple[bytes, asyncio.Future[Committed], float]] = []
+        self._pending: list[tuple[bytes, asyncio.Future[Committed]]] = []
+        self._pending_since = 0.0   # the send() call of the first message pending
         self._linger: asyncio.TimerHandle | None = None
         self._open: set[asyncio.Task[Any]] = set()
         self._settings: protocol.CreateTopicRequest | None = None
@@ -307,9 +308,11 @@ class AsyncProducer:
         full). The future resolves when its batch committed."""
         message = as_message(0, value)
         future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
-        self._pending.append((message, future, time.monotonic()))
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.append((message, future))
         if len(self._pending) >= QUEUE_BATCH_MESSAGES_MAX or \
-                sum(len(m) for m, _, _ in self._pending) >= PRODUCE_BATCH_BYTES_MAX // 2:
+                sum(len(m) for m, _ in self._pending) >= PRODUCE_BATCH_BYTES_MAX // 2:
             await self._flush_pending()
         elif self._linger is None:
             loop = asyncio.get_running_loop()
@@ -350,6 +353,7 @@ class AsyncProducer:
             self._linger.cancel()
             self._linger = None
         pending, self._pending = self._pending, []
+        since = self._pending_since
         while pending:
             size = 0
             end = 0
@@ -358,8 +362,8 @@ class AsyncProducer:
                 size += len(pending[end][0])
                 end += 1
             chunk, pending = pending[:end], pending[end:]
-            batch_future = await self.submit([m for m, _, _ in chunk], called=chunk[0][2])
-            futures = [f for _, f, _ in chunk]
+            batch_future = await self.submit([m for m, _ in chunk], called=since)
+            futures = [f for _, f in chunk]
 
             def fan_out(done: asyncio.Future[Committed],
                         futures: list[asyncio.Future[Committed]] = futures) -> None:
