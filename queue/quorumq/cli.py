@@ -233,7 +233,7 @@ def status(config: ClusterConfig, args: argparse.Namespace) -> int:
     for row in rows:
         _print_status(row)
     for g in groups:
-        state = ("whole" if g["servers_up"] == g["servers"] else "DEGRADED (still takes "
+        state = ("ok" if g["servers_up"] == g["servers"] else "DEGRADED (still takes "
                  "writes)" if g["available"] else "UNAVAILABLE (fewer than 2 servers up)")
         print(f"group {g['group']}: {g['servers_up']}/{g['servers']} servers up: {state}")
     return code
