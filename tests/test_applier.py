@@ -11,11 +11,14 @@ import pytest
 from kvsvr import _core
 from kvsvr.errors import KvError, StorageFull
 from kvsvr.limits import OPS_TRIM_STEP
-from kvsvr.protocol import Op
+from kvsvr.protocol import Op, stamped_expiry
 from kvsvr.store import Store
 from kvsvr.store import states as states_module
 
-TABLES = ("keys", "rows", "changes", "binlog", "ops", "clients", "meta")
+TABLES = ("keys", "rows", "changes", "binlog", "ops", "clients", "meta", "expiry")
+# An expiry instant far ahead: a value that expires takes the general path, and so does the
+# plain put that replaces it (its expiry table entry goes).
+LATER_MS = 2**62
 
 
 def _tables(store: Store) -> dict[str, list[tuple[bytes, bytes]]]:
@@ -38,8 +41,11 @@ def _random_ops(rng: random.Random) -> list[tuple[int, bytes, bytes]]:
         return [(_core.OP_PUT, b"", b"w" * 513)]
     if roll < 0.88:
         return [(_core.OP_INCR, b"", (rng.randrange(-5, 5)).to_bytes(8, "little", signed=True))]
-    if roll < 0.94:
+    if roll < 0.92:
         return [(_core.OP_ROW_PUT, b"r%d" % rng.randrange(3), b"x")]
+    if roll < 0.96:
+        return [(_core.OP_PUT, b"", b"e"),
+                (_core.OP_EXPIRE, b"", stamped_expiry(LATER_MS + rng.randrange(3), 1000))]
     return [(_core.OP_APPEND, b"", b"y")]
 
 
@@ -148,3 +154,9 @@ def test_a_key_state_encodes_to_the_layout_the_keys_table_reads():
         assert KeyState.decode(raw) == state
     with pytest.raises(TypeError):
         KeyState(1, 0, "not bytes", 0).encode()
+    expiring = KeyState(3, 0, b"value", 0, 1_700_000_000_000)
+    raw = expiring.encode()
+    assert raw[24] == 3 and struct.unpack_from("<Q", raw, 25)[0] == expiring.expires_ms
+    assert raw[33:] == b"value" and KeyState.decode(raw) == expiring
+    # No value, no expiry: an instant left on a state without a value is not written.
+    assert KeyState.decode(KeyState(3, 0, None, 0, 5).encode()) == KeyState(3, 0, None, 0)

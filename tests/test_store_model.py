@@ -1,6 +1,8 @@
 """The LMDB engine against a plain-Python model: random sequences of Key-Value and Key-Table
-mutations (CAS, incr, deletes, appends, multi-op batches), reads, paged scans and paged
-`changes(since)`, retried op ids and store reopens, checked after every step."""
+mutations (CAS, incr, deletes, appends, multi-op batches, expiry and purges), reads, paged
+scans and paged `changes(since)`, retried op ids and store reopens, checked after every step.
+Expiry instants are far in the past (expired) or far in the future, purges at the present, so
+the model needs no clock."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from dataclasses import dataclass, field
 
 import lmdb
@@ -21,7 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from kvsvr import _core
 from kvsvr.errors import Compacted, InvalidArgument, KvError, NotFound, VersionConflict
-from kvsvr.protocol import Op, decode_delta, encode_delta
+from kvsvr.protocol import Op, decode_delta, decode_instant, encode_delta, purge_op, stamped_expiry
 from kvsvr.store import KeyState, Meta, Store, seq_row
 from kvsvr.store import states as states_module
 
@@ -29,6 +32,8 @@ KEYS = [b"alice", b"bob", b"k\x00\xff"]
 ROWS = [b"a", b"b", b"b\x00", b"zz"]
 DECIMAL = re.compile(rb"-?[0-9]{1,19}")
 
+NOW_MS = int(time.time() * 1000)          # purges happen now ...
+PAST_MS, FUTURE_MS = NOW_MS - 10**7, NOW_MS + 10**11   # ... what expired long ago or never will
 values = st.sampled_from([b"", b"1", b"-7", b"x", b"hello", b"9223372036854775806"])
 op_strategy = st.one_of(
     st.builds(lambda v: Op(_core.OP_PUT, b"", v), values),
@@ -39,6 +44,9 @@ op_strategy = st.one_of(
     st.builds(lambda r: Op(_core.OP_ROW_DELETE, r), st.sampled_from(ROWS)),
     st.builds(lambda v: Op(_core.OP_APPEND, b"", v), values),
     st.builds(lambda t: Op(_core.OP_COMPACT, b"", t.to_bytes(8, "little")), st.integers(0, 10)),
+    st.builds(lambda r, at: Op(_core.OP_EXPIRE, r, stamped_expiry(at, 1000)),
+              st.sampled_from([b"", *ROWS]), st.sampled_from([PAST_MS, FUTURE_MS])),
+    st.builds(lambda r: purge_op(NOW_MS, r), st.sampled_from([b"", *ROWS])),
 )
 
 
@@ -49,6 +57,18 @@ class ModelKey:
     value: bytes | None = None
     rows: dict[bytes, tuple[int, bytes | None]] = field(default_factory=dict)  # None: tombstone
     compacted_through: int = 0
+    expires: int = 0        # the value's instant (0: none)
+    row_expiry: dict[bytes, int] = field(default_factory=dict)   # live rows' instants
+
+    def value_now(self) -> bytes | None:
+        return None if self.expires and self.expires <= NOW_MS else self.value
+
+    def row_now(self, row: bytes) -> tuple[int, bytes | None] | None:
+        """The row as reads see it: an expired row is a deletion."""
+        entry = self.rows.get(row)
+        if entry is not None and entry[1] is not None and 0 < self.row_expiry.get(row, 0) <= NOW_MS:
+            return entry[0], None
+        return entry
 
 
 def model_mutate(state: ModelKey, ops: list[Op], expected: int | None):
@@ -57,23 +77,43 @@ def model_mutate(state: ModelKey, ops: list[Op], expected: int | None):
         raise VersionConflict("")
     value, next_seq, writes, results = state.value, state.next_seq, {}, []
     compacted = state.compacted_through
+    expires, value_set, expiry, purges = state.expires, False, {}, {}
     for op in ops:
         result = None
         if op.kind == _core.OP_PUT:
-            value = op.value
+            value, expires, value_set = op.value, 0, True
         elif op.kind == _core.OP_DELETE:
-            value = None
+            value, expires, value_set = None, 0, False
+        elif op.kind == _core.OP_EXPIRE:
+            if (not op.row and not value_set) or (op.row and writes.get(op.row) is None):
+                raise InvalidArgument("")
+            if op.row:
+                expiry[op.row] = decode_instant(op.value)
+            else:
+                expires = decode_instant(op.value)
+        elif op.kind == _core.OP_PURGE:
+            instant = decode_instant(op.value)
+            if not op.row:
+                if value is not None and 0 < expires <= instant:
+                    value, expires, value_set = None, 0, False
+            elif op.row in writes:
+                if writes[op.row] is not None and 0 < expiry.get(op.row, 0) <= instant:
+                    writes[op.row] = None
+                    expiry.pop(op.row)
+            else:
+                purges[op.row] = instant
+            continue   # a purge has no result
         elif op.kind == _core.OP_INCR:
             if value is not None and not DECIMAL.fullmatch(value):
                 raise InvalidArgument("")
             result = int(value or b"0") + decode_delta(op.value)
             if not -(2**63) <= result < 2**63:
                 raise InvalidArgument("")
-            value = str(result).encode()
-        elif op.kind == _core.OP_ROW_PUT:
-            writes[op.row] = op.value
-        elif op.kind == _core.OP_ROW_DELETE:
-            writes[op.row] = None
+            value, value_set = str(result).encode(), True
+        elif op.kind in (_core.OP_ROW_PUT, _core.OP_ROW_DELETE):
+            writes[op.row] = op.value if op.kind == _core.OP_ROW_PUT else None
+            expiry.pop(op.row, None)
+            purges.pop(op.row, None)
         elif op.kind == _core.OP_APPEND:
             writes[seq_row(next_seq)] = op.value
             result = next_seq
@@ -86,12 +126,22 @@ def model_mutate(state: ModelKey, ops: list[Op], expected: int | None):
         results.append(result)
     version = state.version + 1
     rows = dict(state.rows)
+    row_expiry = dict(state.row_expiry)
+    for row, instant in purges.items():
+        entry = rows.get(row)
+        if entry is not None and entry[1] is not None and 0 < row_expiry.get(row, 0) <= instant:
+            rows[row] = (version, None)
+            del row_expiry[row]
     for row, row_value in writes.items():
         if row not in rows and row_value is None:
             continue
         rows[row] = (version, row_value)
+        row_expiry.pop(row, None)
+        if expiry.get(row):
+            row_expiry[row] = expiry[row]
     rows = {r: (v, val) for r, (v, val) in rows.items() if val is not None or v > compacted}
-    return ModelKey(version, next_seq, value, rows, compacted), results
+    return ModelKey(version, next_seq, value, rows, compacted,
+                    expires if value is not None else 0, row_expiry), results
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -110,6 +160,19 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(key=st.sampled_from(KEYS), ops=st.lists(op_strategy, min_size=1, max_size=4),
           expect=st.sampled_from([None, None, 0, -1, 1]))
     def mutate(self, key, ops, expect):
+        self._mutate(key, ops, expect)
+
+    @rule(key=st.sampled_from(KEYS), row=st.sampled_from([b"", *ROWS]), value=values,
+          at=st.sampled_from([PAST_MS, FUTURE_MS]), purge=st.booleans())
+    def put_with_expiry(self, key, row, value, at, purge):
+        """A put or row_put with its expire op (long expired, or far ahead), then perhaps
+        its purge (what a replica proposes once it is due)."""
+        first = Op(_core.OP_ROW_PUT, row, value) if row else Op(_core.OP_PUT, b"", value)
+        self._mutate(key, [first, Op(_core.OP_EXPIRE, row, stamped_expiry(at, 1000))], None)
+        if purge:
+            self._mutate(key, [purge_op(NOW_MS, row)], None)
+
+    def _mutate(self, key, ops, expect):
         state = self.model[key]
         expected = None if expect is None else max(0, state.version + expect)
         self.client_seq += 1
@@ -153,7 +216,8 @@ class StoreMachine(RuleBasedStateMachine):
                 assert len(page.rows) <= limit
                 got.extend((r.row, r.version, r.value) for r in page.rows)
                 cursor = page.next_start
-        rows = self.model[key].rows
+        model = self.model[key]
+        rows = {r: model.row_now(r) for r in model.rows}
         expected = sorted((r, v, val) for r, (v, val) in rows.items()
                           if val is not None and r >= start)
         assert got == expected
@@ -171,7 +235,8 @@ class StoreMachine(RuleBasedStateMachine):
             while page.resume is not None:
                 page = self.store.changes(txn, key, page.resume[0], page.resume[1], limit)
                 got.extend(page.changes)
-        rows = self.model[key].rows
+        model = self.model[key]
+        rows = {r: model.row_now(r) for r in model.rows}
         expected = sorted((v, r) for r, (v, _) in rows.items() if v > since)
         assert [(c.version, c.row) for c in got] == expected
         for c in got:
@@ -184,11 +249,11 @@ class StoreMachine(RuleBasedStateMachine):
             for key, state in self.model.items():
                 try:
                     got = self.store.get(txn, key)
-                    assert (got.version, got.value) == (state.version, state.value)
+                    assert (got.version, got.value) == (state.version, state.value_now())
                 except NotFound as e:
-                    assert state.value is None and e.version == state.version
+                    assert state.value_now() is None and e.version == state.version
                 for row in ROWS:
-                    entry = state.rows.get(row)
+                    entry = state.row_now(row)
                     try:
                         got_row = self.store.row_get(txn, key, row)
                         assert entry is not None and entry[1] is not None
@@ -245,7 +310,8 @@ class DeferredStoreMachine(StoreMachine):
                 reply = batch.mutate(key, [Op(_core.OP_PUT, b"", b"burst%d" % i)])
                 state = self.model[key]
                 self.model[key] = ModelKey(state.version + 1, state.next_seq,
-                                           b"burst%d" % i, state.rows, state.compacted_through)
+                                           b"burst%d" % i, state.rows, state.compacted_through,
+                                           0, state.row_expiry)
                 assert reply.version == self.model[key].version
 
     @rule(share=st.sampled_from([0.1, 0.5, 1.0]))
