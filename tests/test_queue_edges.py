@@ -174,3 +174,19 @@ def test_programs_have_version(module, prog):
 def test_a_mistyped_command_gets_a_suggestion():
     result = run("quorumq.cli", "stauts", timeout=20)
     assert result.returncode == 2 and "did you mean 'status'?" in result.stderr
+
+
+@pytest.mark.parametrize("args, field", [
+    (["tail", "t", "--idle", "-1"], "--idle"),
+    (["tail", "t", "--max", "0"], "--max"),
+    (["tail", "t", "--group", "a/b"], "group"),
+    (["produce", "t", "x", "--batch", "0"], "--batch"),
+    (["create-topic", "t", "--retention-s", "-1"], "--retention-s"),
+    (["create-topic", "t", "--update"], "--update"),
+    (["create-topic", "bad/name"], "topic"),
+])
+def test_bad_arguments_are_refused_before_any_server_is_asked(tmp_path, args, field):
+    """No server runs: a bad argument is still exit 2 naming it (not a wait and exit 4)."""
+    config = write_queue_config(tmp_path)
+    result = quorumq(config, *args)
+    assert result.returncode == 2 and field in result.stderr, result

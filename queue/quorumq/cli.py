@@ -176,6 +176,11 @@ def tail(config: ClusterConfig, args: argparse.Namespace) -> int:
              f"{d.producer_id:016x}:{d.seq}\t{d.value.decode(errors='replace')}")
 
     topic = protocol.check_topic(args.topic)
+    protocol.check_group(args.group)
+    if args.max is not None and args.max < 1:
+        raise InvalidArgument("--max: expected a number of messages >= 1", field="max")
+    if not args.idle > 0:
+        raise InvalidArgument("--idle: expected seconds > 0", field="idle")
     answers = ask_all(config, QMethod.TOPICS, protocol.TopicsRequest(), args.timeout)
     if all(a.error is not None for a in answers):
         raise Unavailable(f"no queue server answered in {args.timeout} s")
