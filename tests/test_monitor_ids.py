@@ -182,3 +182,56 @@ def test_agent_list_ids_reads_the_clusters_file(tmp_path):
         assert "1\tnode.requests\tcounter\tregistered" in out.stdout
     finally:
         path.unlink(missing_ok=True)
+
+
+HOLDER = """
+import sys, time
+from kvsvr.monitor.counters import open_counters
+open_counters(sys.argv[1], window_s=8)
+print("open", flush=True)
+time.sleep(60)
+"""
+
+
+def test_stale_cluster_files_are_swept_when_a_new_one_is_made(tmp_path, monkeypatch):
+    """Making a new default-named counters file removes the others that no process holds and
+    that are older than their window (a cluster long gone); a file a live process maps is
+    kept whatever its age, and so is a file of another kind."""
+    import getpass
+    import signal
+
+    from kvsvr.monitor import counters as counters_module
+
+    prefix = f"kvsvr-counters-{getpass.getuser()}"
+    stale, live = tmp_path / f"{prefix}-stale-1", tmp_path / f"{prefix}-live-2"
+    other = tmp_path / f"{prefix}-notes"
+    other.write_text("not a counters file")
+    subprocess.run([sys.executable, "-c", HOLDER.replace("time.sleep(60)", ""), str(stale)],
+                   check=True, timeout=60, cwd=ROOT)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(live)],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        real_time = counters_module.time.time
+        monkeypatch.setattr(counters_module.time, "time", lambda: real_time() + 3600)
+        open_counters(tmp_path / f"{prefix}-new-3", window_s=8)
+        assert not stale.exists(), "the stale file was kept"
+        assert live.exists() and other.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    open_counters(tmp_path / f"{prefix}-new-4", window_s=8)
+    assert not live.exists(), "a file whose last holder died was kept"
+
+
+def test_a_young_file_nobody_holds_yet_is_kept(tmp_path):
+    """A file just made by a cluster that has not mapped it yet (younger than its window) is
+    not swept by another cluster's start."""
+    import getpass
+
+    prefix = f"kvsvr-counters-{getpass.getuser()}"
+    young = tmp_path / f"{prefix}-young"
+    subprocess.run([sys.executable, "-c", HOLDER.replace("time.sleep(60)", ""), str(young)],
+                   check=True, timeout=60, cwd=ROOT)
+    open_counters(tmp_path / f"{prefix}-other", window_s=8)
+    assert young.exists()

@@ -16,8 +16,8 @@ among the file's allocated pages (SEEK_DATA) and reads only those.
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import fcntl
 import getpass
 import hashlib
 import logging
@@ -150,6 +150,9 @@ def _map(path: str | Path | None, max_ids: int | None, window_s: int | None, cre
             continue
         except OSError as e:
             raise CountersError(f"{path}: cannot open ({e.strerror})") from None
+        if not _hold(fd, path):
+            os.close(fd)          # swept away as we opened it: make it again
+            continue
         try:
             size = os.fstat(fd).st_size
             if size < _core.COUNTERS_HEADER_BYTES:
@@ -291,11 +294,77 @@ def _create(path: Path, max_ids: int, window_s: int) -> None:
         os.ftruncate(fd, size)        # zero-filled: every slot free, every bucket empty
         with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mapped:
             _core.format_counters(mapped, max_ids, window_s, int(time.time()))
-        with contextlib.suppress(FileExistsError):   # another process published first: use it
+        try:
             os.link(temporary, path)
+        except FileExistsError:          # another process published first: use it
+            return
     finally:
         os.close(fd)
         os.unlink(temporary)
+    _sweep(path)
+
+
+# Default-named counters files (one per cluster, in shared memory) are never removed by their
+# users, so each process that maps one holds a shared lock on it for its life, and making a
+# new one removes the others nobody holds that are older than their window: no process of
+# their cluster is left, and nothing in them could still be shipped.
+_HELD: dict[tuple[int, int], int] = {}     # (device, inode) -> a descriptor holding LOCK_SH
+
+
+def _default_named(path: Path) -> bool:
+    return path.name.startswith(f"kvsvr-counters-{getpass.getuser()}")
+
+
+def _hold(fd: int, path: Path) -> bool:
+    """Hold a shared lock on a default-named file for this process's life; False if the
+    path no longer names the file opened (a sweep removed it meanwhile)."""
+    if not _default_named(path):
+        return True
+    status = os.fstat(fd)
+    key = (status.st_dev, status.st_ino)
+    if key not in _HELD:
+        held = os.dup(fd)
+        fcntl.flock(held, fcntl.LOCK_SH)     # waits only while a sweep looks at this file
+        _HELD[key] = held
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        now = None
+    if now is None or (now.st_dev, now.st_ino) != key:
+        os.close(_HELD.pop(key))
+        return False
+    return True
+
+
+def _sweep(made: Path) -> None:
+    """Remove the default-named counters files beside `made` that no process holds and that
+    are older than their window (see _HELD)."""
+    if not _default_named(made):
+        return
+    for candidate in made.parent.glob(f"kvsvr-counters-{getpass.getuser()}*"):
+        if candidate == made:
+            continue
+        try:
+            fd = os.open(candidate, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            status = os.fstat(fd)
+            if status.st_size < _core.COUNTERS_HEADER_BYTES:
+                continue
+            with mmap.mmap(fd, status.st_size, mmap.MAP_SHARED, mmap.PROT_READ) as mapped:
+                if _core.counters_invalid(mapped) is not None:
+                    continue               # not a counters file: not ours to remove
+                window_s = int.from_bytes(mapped[12:16], "little")
+            if time.time() - status.st_ctime > window_s:
+                candidate.unlink()
+                log.info("removed %s: no process uses it and its last %d s are past",
+                         candidate, window_s)
+        except OSError:
+            continue                       # held (BlockingIOError) or gone: leave it
+        finally:
+            os.close(fd)
 
 
 __all__ = ["CounterSink", "Counters", "CountersError", "CountersMissing", "CountersReader",
