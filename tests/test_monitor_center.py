@@ -173,6 +173,10 @@ def test_catalog_entries_are_validated_and_the_centers_registry_wins(center):
     ("/api/series?id=1000&end=99999999999", 400, "end:"),
     ("/api/series?id=1000&machine=nobody", 404, "machine:"),
     ("/id/1000?range=%C2%B2", 400, "range:"),
+    ("/api/chart", 400, "id: missing"),
+    ("/api/chart?id=99999999999", 404, "is not a known id"),
+    ("/api/chart?id=1000&range=5", 400, "range:"),
+    ("/api/chart?id=1000&end=abc", 400, "end:"),
 ])
 def test_bad_http_queries_get_400_or_404_with_the_reason(center, path, status, says):
     """Malformed parameters are 400 naming the parameter; unknown ids and machines are 404;
