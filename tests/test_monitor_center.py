@@ -263,3 +263,27 @@ def test_alerts_of_removed_rules_clear_at_startup(tmp_path):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def _metric(center: CenterProcess, name: str, machine: str) -> float | None:
+    status, text = center.http("/metrics")
+    assert status == 200
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'machine="{machine}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_metrics_totals_count_each_second_once(center):
+    """A counter's /metrics total adds each second a machine reports once: a resent report
+    (the agent's retry after a lost ack) adds nothing, the next seconds add theirs, and the
+    campus a report carries becomes the machine's label."""
+    second = int(time.time()) - 100
+    machine = "totals"
+    assert center.send(_report(machine, second, [(1000, 5)], campus="c9"))[0] == 0
+    assert _metric(center, "kvsvr_test_hits_total", machine) == 5
+    assert center.send(_report(machine, second, [(1000, 5)], campus="c9"))[0] == 0
+    assert _metric(center, "kvsvr_test_hits_total", machine) == 5
+    assert center.send(_report(machine, second + 1, [(1000, 7)], campus="c9"))[0] == 0
+    assert _metric(center, "kvsvr_test_hits_total", machine) == 12
+    assert 'campus="c9"' in center.http("/metrics")[1]
