@@ -265,7 +265,7 @@ def test_auto_refresh_fetches_new_data_pauses_and_the_range_picker_changes_the_r
         monitor, tmp_path):
     """In real time: the id page fetches again by itself and the newest second it shows moves
     on (the agents keep shipping); unticking auto-refresh stops the fetches; clicking "1 h"
-    fetches and draws an hour, and puts it in the address."""
+    fetches and draws an hour, and puts it in the address; "earlier" and "newest" move it."""
     async def scenario(page: Page) -> None:
         await page.open(monitor.url("/id/test.hits?range=900"))
         await page.until("the first drawing", "document.body.dataset.fetches >= 1")
@@ -286,6 +286,13 @@ def test_auto_refresh_fetches_new_data_pauses_and_the_range_picker_changes_the_r
         first = int(await page.value("document.body.dataset.first"))
         last = int(await page.value("document.body.dataset.last"))
         assert last - first + 1 == 3600
+        # "earlier" shows the hour before, "newest" comes back.
+        await page.value("document.getElementById('earlier').click()")
+        await page.until("the hour before", f"document.body.dataset.last == '{first - 1}'")
+        assert f"end={first - 1}" in await page.value("location.href")
+        assert await page.value("document.body.dataset.range") == "3600"
+        await page.value("document.getElementById('newest').click()")
+        await page.until("the newest hour", f"Number(document.body.dataset.last) >= {last}")
 
     run_in_browser(tmp_path, scenario)
 

@@ -222,8 +222,13 @@ KV.curvePage = () => {
   const state = {range: cfg.range, end: cfg.end, fetches: 0};
   const body = document.body;
   const mark = () => {
-    for (const b of document.querySelectorAll(".picker button"))
+    let chosen = false;
+    for (const b of document.querySelectorAll(".picker button[data-range]")) {
       b.classList.toggle("active", Number(b.dataset.range) === state.range);
+      chosen = chosen || Number(b.dataset.range) === state.range;
+    }
+    document.getElementById("custom-range").textContent = chosen ? "" :
+      `(${state.range} s) `;
     const url = new URL(location.href);
     url.searchParams.set("range", state.range);
     if (state.end) url.searchParams.set("end", state.end); else url.searchParams.delete("end");
@@ -261,7 +266,7 @@ KV.curvePage = () => {
                                     values: data.machines[m]}))});
     KV.times(document); KV.stamp();
   };
-  for (const b of document.querySelectorAll(".picker button")) {
+  for (const b of document.querySelectorAll(".picker button[data-range]")) {
     b.addEventListener("click", () => { state.range = Number(b.dataset.range); mark(); load(); });
   }
   document.getElementById("earlier").addEventListener("click", () => {

@@ -232,7 +232,8 @@ async def id_page(request: web.Request) -> web.Response:
                                  ("machines", f"{name} per machine")))
     body = (f"{_firing_box(center)}<h1>{escape(name)}</h1><p>{escape(description)} "
             f"({kind}, id {id}; values in {escape(label)}).</p>"
-            f"<p class='picker'>Range: {choices} <button type='button' id='earlier'>"
+            f"<p class='picker'>Range: {choices}<span id='custom-range'></span>"
+            f"<button type='button' id='earlier'>"
             f"&larr; earlier</button><button type='button' id='newest'>newest</button></p>"
             f"<p class='note' id='span'></p><p class='error' id='chart-error'></p>{cards}"
             f"<noscript>{fallback}</noscript>"
@@ -273,11 +274,13 @@ async def alerts_page(request: web.Request) -> web.Response:
     rules = "".join(
         f"<tr><td>{escape(r.rule.name)}</td><td>{escape(r.id_name)}</td>"
         f"<td>{r.rule.kind}</td><td>{r.rule.scope}</td></tr>" for r in center.rules)
-    body = (_firing_box(center) + "<h1>Alerts</h1><h2>History</h2><table id='history'>"
-            "<tr><th>at</th><th>rule</th><th>scope</th><th>state</th><th>finding</th></tr>"
-            f"{rows}</table><h2>Rules ({escape(center.rules_source or 'none')})</h2>"
-            "<table id='rules'><tr><th>rule</th><th>id</th><th>kind</th><th>scope</th></tr>"
-            f"{rules}</table>")
+    history = ("<table id='history'><tr><th>at</th><th>rule</th><th>scope</th><th>state</th>"
+               f"<th>finding</th></tr>{rows}</table>" if rows
+               else "<p class='note' id='history'>No alert has fired or cleared yet.</p>")
+    loaded = ("<table id='rules'><tr><th>rule</th><th>id</th><th>kind</th><th>scope</th>"
+              f"</tr>{rules}</table>" if rules else "<p class='note' id='rules'>None.</p>")
+    body = (f"{_firing_box(center)}<h1>Alerts</h1><h2>History</h2>{history}"
+            f"<h2>Rules ({escape(center.rules_source or 'none')})</h2>{loaded}")
     return _main_part(request, "alerts", body)
 
 
