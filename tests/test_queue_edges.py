@@ -190,3 +190,26 @@ def test_bad_arguments_are_refused_before_any_server_is_asked(tmp_path, args, fi
     config = write_queue_config(tmp_path)
     result = quorumq(config, *args)
     assert result.returncode == 2 and field in result.stderr, result
+
+
+def test_ctrl_c_ends_tail_follow_cleanly_with_a_last_commit(tmp_path):
+    """SIGINT to `tail --follow`: exit 0 at once, no traceback, and what it printed is
+    committed (the group's next tail gets nothing again)."""
+    config = write_queue_config(tmp_path)
+    with LocalQueueCluster(config, log_dir=tmp_path / "logs"):
+        assert quorumq(config, "create-topic", "f").returncode == 0
+        assert quorumq(config, "produce", "f", "one", "two").returncode == 0
+        follower = subprocess.Popen([sys.executable, "-m", "quorumq.cli", "--config",
+                                     str(config), "tail", "f", "--group", "g", "--follow"],
+                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+        assert follower.stdout is not None and follower.stderr is not None
+        lines = [follower.stdout.readline(), follower.stdout.readline()]
+        assert [line.split("\t")[1].strip() for line in lines] == ["one", "two"]
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(timeout=10) == 0
+        stderr = follower.stderr.read()
+        for leak in LEAKS:
+            assert leak not in stderr, stderr
+        again = quorumq(config, "tail", "f", "--group", "g", "--idle", "1")
+        assert again.returncode == 0 and again.stdout == ""

@@ -11,6 +11,7 @@ import argparse
 import concurrent.futures
 import json
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ import zmq
 
 from kvsvr.config import ClusterConfig, load
 from kvsvr.errors import ConfigError, InvalidArgument, KvError, NotFound, Timeout, Unavailable
-from kvsvr.process import add_config_argument, program_parser
+from kvsvr.process import add_config_argument, on_stop_signals, program_parser
 from quorumq import protocol, quorum
 from quorumq.consumer import Consumer, Delivery
 from quorumq.limits import ADMIN_CALL_TIMEOUT_S, REQUEST_TIMEOUT_S
@@ -35,8 +36,10 @@ EXIT_PARTIAL = 3         # status: a server is down, every group still has 2 up;
 EXIT_UNAVAILABLE = 4     # status: a group has fewer than 2 servers up; produce: NOT
 #                          acknowledged; any command: no server answered
 EXIT_OTHER = 5
+EXIT_INTERRUPTED = 130   # Ctrl-C (128 + SIGINT, as a shell reports it)
 EXIT_CODES = {EXIT_OK: "ok", EXIT_NOT_FOUND: "not found", EXIT_INVALID: "invalid argument",
-              EXIT_PARTIAL: "partial", EXIT_UNAVAILABLE: "unavailable", EXIT_OTHER: "error"}
+              EXIT_PARTIAL: "partial", EXIT_UNAVAILABLE: "unavailable", EXIT_OTHER: "error",
+              EXIT_INTERRUPTED: "interrupted"}
 
 
 @dataclass
@@ -187,8 +190,11 @@ def tail(config: ClusterConfig, args: argparse.Namespace) -> int:
     if not any(info.topic == topic for a in answers if a.error is None for info in a.result):
         raise NotFound(f"topic: {topic!r} does not exist on any queue server that answered "
                        "(create it with `quorumq create-topic`)", field="topic")
+    # Ctrl-C or SIGTERM ends the tail after the current poll, with a last commit.
+    stopping = threading.Event()
+    on_stop_signals(stopping.set)
     with Consumer(config, topic, args.group) as consumer:
-        consumer.run(show, max_messages=args.max,
+        consumer.run(show, max_messages=args.max, stop=stopping.is_set,
                      idle_timeout=None if args.follow else args.idle)
     return EXIT_OK
 
@@ -349,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, type(e).__name__.lower(), e, EXIT_UNAVAILABLE)
     except KvError as e:
         return _fail(args, type(e).__name__, e, EXIT_OTHER)
+    except KeyboardInterrupt:   # Ctrl-C (produce: batches still open are NOT acknowledged)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
