@@ -31,18 +31,18 @@ from kvsvr.client import (
     _Api,
     check_timeout,
     client_id_or_new,
-    close_sockets,
-    connect,
     first_client_seq,
     make_router,
-    send_frames,
 )
 from kvsvr.config import ClusterConfig
+from kvsvr.connecting import Parked, close_sockets, connect, frames_through, unreachable
 from kvsvr.errors import Internal, KvError, Timeout, Unavailable
-from kvsvr.health import Health
+from kvsvr.health import HEALTHY, Health
 from kvsvr.limits import (
     ASYNC_CLIENT_SWEEP_INTERVAL_S,
     CLIENT_ATTEMPT_TIMEOUT_S,
+    CONNECT_CHECK_S,
+    CONNECT_WAIT_S,
     TIMEOUT_S_DEFAULT,
     WATCH_WAIT_S_DEFAULT,
 )
@@ -68,8 +68,8 @@ class _Call:
     (see kvsvr.client._Exchange)."""
 
     __slots__ = ("address", "attempt_deadline", "body", "deadline", "exclude", "future",
-                 "loose", "refusal", "request_id", "resend_at", "route", "spec", "timeout",
-                 "tried", "unanswered")
+                 "loose", "park", "refusal", "request_id", "resend_at", "route", "spec",
+                 "timeout", "tried", "unanswered")
 
     def __init__(self, spec: CallSpec, route: tuple[str, ...], future: asyncio.Future[Any],
                  now: float, timeout: float):
@@ -82,6 +82,7 @@ class _Call:
         self.attempt_deadline = self.deadline
         self.address: str | None = None
         self.request_id = 0
+        self.park: Parked | None = None   # its last wait for a connection (see connecting)
         self.resend_at = 0.0
         self.exclude: str | None = None
         self.tried: list[str] = []
@@ -128,6 +129,7 @@ class _Connection:
         self.socket: Any = connect(client._context, address, client._sockets)
         self.pending: dict[int, _Call] = {}
         self.outbox: list[bytes] = []
+        self.outbox_ids: list[int] = []   # the request id of each frame in the outbox
         self.next_id = 1
         self.loop = asyncio.get_running_loop()
         self.reader = self.loop.create_task(self._read())
@@ -147,10 +149,19 @@ class _Connection:
         if not self.outbox:
             self.loop.call_soon(self._flush)
         self.outbox.append(frame)
+        self.outbox_ids.append(request_id)
 
     def _flush(self) -> None:
         frames, self.outbox = self.outbox, []
-        send_frames(self.socket, frames)  # what does not fit now, the sweeper resends
+        ids, self.outbox_ids = self.outbox_ids, []
+        sent = 0
+        for message in p.pack(frames):
+            # The asyncio socket answers a send that cannot go out now with a failed future,
+            # not an exception: zmq.Again, nothing sent (see kvsvr.connecting).
+            if self.socket.send(message, zmq.NOBLOCK).exception() is not None:
+                self.client._unsent(self, ids[sent:])
+                return
+            sent = frames_through(frames, sent, message)
 
     def sweep(self, now: float, unanswered: list[_Call]) -> bool:
         """Drop finished calls, fail those past their deadline, and collect in `unanswered`
@@ -256,6 +267,8 @@ class AsyncClient(_Api):
         self._sockets: list[zmq.Socket] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._waiting: list[_Call] = []  # refused; resent when a back-off ends
+        self._parked: list[_Call] = []   # not sent: waiting for a connection
+        self._unpark_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._finalizer = weakref.finalize(self, close_sockets, self._context, self._sockets,
                                            os.getpid())
@@ -294,6 +307,69 @@ class AsyncClient(_Api):
             return
         self._connection(address).send(call, now)
         self.health.sending(address, now, attempt_s(call.spec, self.attempt_timeout))
+
+    def _unsent(self, connection: _Connection, ids: list[int]) -> None:
+        """The attempts `ids` could not leave `connection`: their calls wait for one."""
+        now = time.monotonic()
+        address = connection.address
+        for request_id in ids:
+            call = connection.pending.pop(request_id, None)
+            if call is None or call.future.done() or call.address != address \
+                    or call.request_id != request_id:
+                continue
+            call.address = None
+            if call.park is None or now >= call.park.until:
+                call.park = Parked(address, now, min(call.deadline, now + CONNECT_WAIT_S))
+            call.park.candidates[address] = None
+            self._parked.append(call)
+        if self._parked and self._unpark_timer is None:
+            self._unpark_timer = connection.loop.call_later(CONNECT_CHECK_S, self._unpark)
+
+    def _writable(self, address: str) -> bool:
+        # (the asyncio socket's get(EVENTS) also wakes its reader if an answer is waiting)
+        connection = self._connection(address)
+        return bool(int(connection.socket.get(zmq.EVENTS)) & zmq.POLLOUT)
+
+    def _unpark(self) -> None:
+        """As the blocking client's _Exchange._unpark: send each parked call to its first
+        choice once connected, after CONNECT_FAILOVER_S to any replica of its key that is;
+        a call none connected to in time fails Unavailable (nothing of it was sent), unless
+        an earlier attempt may still apply it (then Timeout at its deadline)."""
+        self._unpark_timer = None
+        if self._closed:
+            return
+        now = time.monotonic()
+        parked, self._parked = self._parked, []
+        for call in parked:
+            park = call.park
+            if call.future.done() or park is None:
+                continue
+            choice = park.first if self._writable(park.first) else None
+            if choice is None and now >= park.spread_at:
+                park.candidates.update(dict.fromkeys(call.route))
+                ready = [a for a in call.route if self._writable(a)]
+                healthy = [a for a in ready if self.health.state(a, now) == HEALTHY]
+                choice = (healthy or ready)[0] if ready else None
+                if choice is not None:
+                    self.health.failed(park.first, now)
+            if choice is not None:
+                self._connection(choice).send(call, now)
+                self.health.sending(choice, now, attempt_s(call.spec, self.attempt_timeout))
+            elif now >= park.until:
+                for address in park.candidates:
+                    self.health.failed(address, now)
+                if call.unanswered:   # an earlier attempt may still apply it
+                    call.resend_at = call.deadline
+                    call.exclude = None
+                    self._waiting.append(call)
+                else:
+                    call.future.set_exception(unreachable(
+                        list(park.candidates), call.spec.method, now - park.since))
+            else:
+                self._parked.append(call)
+        if self._parked:
+            self._unpark_timer = asyncio.get_running_loop().call_later(CONNECT_CHECK_S,
+                                                                       self._unpark)
 
     async def _sweep(self) -> None:
         while True:
@@ -362,10 +438,13 @@ class AsyncClient(_Api):
         for connection in self._connections.values():
             connection.close()
         self._connections.clear()
-        for call in self._waiting:
+        if self._unpark_timer is not None:
+            self._unpark_timer.cancel()
+        for call in self._waiting + self._parked:
             if not call.future.done():
                 call.future.set_exception(Unavailable("client closed"))
         self._waiting.clear()
+        self._parked.clear()
         self._finalizer()
 
     async def __aenter__(self) -> AsyncClient:

@@ -36,11 +36,12 @@ from kvsvr import _core, calls
 from kvsvr import protocol as p
 from kvsvr.calls import CallSpec
 from kvsvr.config import ClusterConfig, check_client_address, load
+from kvsvr.connecting import Parked, close_sockets, connect, send_frames, unreachable
 from kvsvr.errors import Internal, InvalidArgument, KvError, Timeout, Unavailable
-from kvsvr.health import Health
+from kvsvr.health import HEALTHY, Health
 from kvsvr.limits import (
     CLIENT_ATTEMPT_TIMEOUT_S,
-    CLIENT_QUEUE_MESSAGES,
+    CONNECT_WAIT_S,
     SCAN_ROWS_DEFAULT,
     TIMEOUT_S_DEFAULT,
     WATCH_WAIT_S_DEFAULT,
@@ -79,21 +80,6 @@ def make_router(config: ClusterConfig | str | Path | None, address: str | None) 
     if not isinstance(config, ClusterConfig):
         config = load(config)
     return Router(config)
-
-
-def close_sockets(context: zmq.Context, sockets: list[zmq.Socket], pid: int) -> None:
-    """Close `sockets` (dropping what they queue), then `context`. A client registers this
-    with weakref.finalize, so it also runs when the client is dropped without close(): the
-    garbage collector calls it before any finalizer of the cycle the client was in, that is
-    before ZeroMQ's Context.__del__, which would otherwise wait forever in zmq_ctx_term for
-    sockets it could no longer see. Nothing is closed in a forked child."""
-    if os.getpid() != pid:
-        return
-    for socket in sockets:
-        socket.close(linger=0)
-    sockets.clear()
-    if not context.closed:
-        context.term()
 
 
 def first_client_seq() -> int:
@@ -365,9 +351,11 @@ class _Exchange:
     last Unavailable, as soon as no replica can be asked again before the deadline (the
     replicas said no; nothing is left in flight); if any attempt went unanswered or was
     answered Timeout, with Timeout at the deadline (that replica may have applied a write).
-    A refusal that holds only at the key's present version is raised as Timeout if an attempt
-    at another replica that went unanswered, or was answered Timeout, may still apply the
-    write once the key moves on (kvsvr.calls.refusal_outcome)."""
+    If no attempt could be sent at all (no replica of the key had a connection within
+    CONNECT_WAIT_S: see Parked), with Unavailable naming the replicas tried, as soon as that
+    wait ends. A refusal that holds only at the key's present version is raised as Timeout
+    if an attempt at another replica that went unanswered, or was answered Timeout, may
+    still apply the write once the key moves on (kvsvr.calls.refusal_outcome)."""
 
     def __init__(self, client: Client, specs: list[CallSpec], timeout: float | None):
         self.client = client
@@ -396,6 +384,7 @@ class _Exchange:
         self.sockets: dict[str, tuple[zmq.Socket, dict[int, int]]] = {}
         self.poller: zmq.Poller | None = None
         self.silent: set[str] = set()   # addresses that left an attempt unanswered
+        self.parked: dict[int, Parked] = {}   # index -> its wait for a connection
 
     def run(self) -> list[Any]:
         now = time.monotonic()
@@ -411,8 +400,12 @@ class _Exchange:
                 wake = min(wake, attempt.end)
             for at, _ in self.waiting.values():
                 wake = min(wake, at)
+            for park in self.parked.values():
+                wake = min(wake, park.wake(now))
             self._wait(wake - now)
             self._receive()
+            if self.parked:
+                self._unpark(time.monotonic())
         for address in self.silent:
             # What this exchange sent there may still sit in the socket's queue (a replica
             # that is down: ZeroMQ holds it for the reconnect). It was answered elsewhere or
@@ -456,26 +449,97 @@ class _Exchange:
         ids = entry[1]
         budget_ms = max(1, min(int((self.deadline - now) * 1000), 0xFFFFFFFF))
         frames = []
-        request_id = next_id[0]
-        specs, bodies, current = self.specs, self.bodies, self.current
+        first_id = request_id = next_id[0]
+        specs, bodies = self.specs, self.bodies
         for index in indexes:
             frames.append(_encode_frame(_REQUEST, specs[index].method, request_id, budget_ms,
                                         bodies[index]))
-            ids[request_id] = index
-            current[index] = (address, request_id)
             request_id += 1
         next_id[0] = request_id
+        sent = send_frames(socket, frames)
+        if sent < len(frames):   # provably not sent (see send_frames): wait for a connection
+            self._park(indexes[sent:], address, now)
+            if not sent:
+                return
+            indexes = indexes[:sent]
+        current = self.current
+        for k, index in enumerate(indexes):
+            ids[first_id + k] = index
+            current[index] = (address, first_id + k)
         attempt_s = client.attempt_timeout
         for index in indexes:   # a long poll waits longer than the client's usual attempt
             own = specs[index].attempt_timeout
             if own is not None and own > attempt_s:
                 attempt_s = own
-        attempt = _Attempt(address, min(self.deadline, now + attempt_s), indexes,
-                           request_id - len(indexes))
+        attempt = _Attempt(address, min(self.deadline, now + attempt_s), indexes, first_id)
         self.attempts.append(attempt)
         self.tried.append(attempt)
         self.health.sending(address, now, attempt_s)
-        send_frames(socket, frames)
+
+    # --- connecting ------------------------------------------------------------------------
+    def _park(self, indexes: list[int], address: str, now: float) -> None:
+        """`indexes` could not be sent to `address` (no connection there yet, or it broke):
+        they wait for one, and after CONNECT_FAILOVER_S for any replica of their key."""
+        for index in indexes:
+            park = self.parked.get(index)
+            if park is None:
+                park = self.parked[index] = Parked(address, now,
+                                                    min(self.deadline, now + CONNECT_WAIT_S))
+            park.candidates[address] = None
+
+    def _writable(self, address: str) -> bool:
+        events = int(self.client._socket(address)[0].get(zmq.EVENTS))
+        return bool(events & zmq.POLLOUT)
+
+    def _unpark(self, now: float) -> None:
+        """Send each parked request to a replica of its key that has a connection now: its
+        first choice, or after CONNECT_FAILOVER_S any (healthy ones first); a request none
+        connected to within CONNECT_WAIT_S fails Unavailable (see _unreachable)."""
+        by_address: dict[str, list[int]] = {}
+        for index, park in list(self.parked.items()):
+            if self.done[index]:
+                del self.parked[index]
+                continue
+            choice = park.first if self._writable(park.first) else None
+            if choice is None and now >= park.spread_at:
+                route = self.routes[index]
+                park.candidates.update(dict.fromkeys(route))
+                ready = [a for a in route if self._writable(a)]
+                healthy = [a for a in ready if self.health.state(a, now) == HEALTHY]
+                choice = (healthy or ready)[0] if ready else None
+                if choice is not None:
+                    self.health.failed(park.first, now)
+            if choice is not None:
+                del self.parked[index]
+                by_address.setdefault(choice, []).append(index)
+            elif now >= park.until:
+                del self.parked[index]
+                self._unreachable(index, park, now)
+        for address, group in by_address.items():
+            self._send(address, group, now)
+
+    def _unreachable(self, index: int, park: Parked, now: float) -> None:
+        """No replica of the request's key took a connection in time. Unless an earlier
+        attempt of it may still be applied somewhere (then it ends as Timeout at the
+        deadline), it fails now as Unavailable: nothing of it was sent."""
+        for address in park.candidates:
+            self.health.failed(address, now)
+        if index not in self.unanswered:
+            self._finish(index, unreachable(list(park.candidates), self.specs[index].method,
+                                            now - park.since))
+
+    def _wait_connecting(self, timeout_ms: int) -> None:
+        """Poll for answers and for the connections parked requests wait for."""
+        poller = zmq.Poller()
+        flags: dict[zmq.Socket, int] = {socket: zmq.POLLIN
+                                        for socket, _ in self.sockets.values()}
+        for park in self.parked.values():
+            for address in park.candidates:
+                socket = self.client._socket(address)[0]
+                flags[socket] = flags.get(socket, 0) | zmq.POLLOUT
+        for socket, flag in flags.items():
+            poller.register(socket, flag)
+        poller.poll(timeout_ms)
 
     def _check_timers(self, now: float) -> None:
         if self.waiting:
@@ -506,8 +570,10 @@ class _Exchange:
 
     # --- receiving -------------------------------------------------------------------------
     def _wait(self, seconds: float) -> None:
-        timeout_ms = int(seconds * 1000) + 1
-        if self.poller is not None:
+        timeout_ms = max(0, int(seconds * 1000)) + 1
+        if self.parked:
+            self._wait_connecting(timeout_ms)
+        elif self.poller is not None:
             self.poller.poll(timeout_ms)
         else:
             next(iter(self.sockets.values()))[0].poll(timeout_ms)
@@ -590,6 +656,11 @@ class _Exchange:
             if done:
                 continue
             reason = self.refusals.get(index)
+            park = self.parked.get(index)
+            if park is not None and index not in self.unanswered:   # never sent anywhere
+                self.results[index] = unreachable(list(park.candidates),
+                                                  self.specs[index].method, now - park.since)
+                continue
             if (reason is not None and index not in self.unanswered
                     and self.current[index] is None):
                 self.results[index] = reason   # every attempt answered: Unavailable
@@ -599,33 +670,6 @@ class _Exchange:
                 f"({p.Method(self.specs[index].method).name.lower()}; tried "
                 f"{', '.join(tried.get(index, ())) or 'no replica'}"
                 + (f"; last answer: {reason}" if reason else "") + ")")
-
-
-def send_frames(socket: zmq.Socket, frames: list[bytes]) -> None:
-    """Send frames in as few messages as the limits allow; never block."""
-    for message in p.pack(frames):
-        try:
-            socket.send(message, zmq.NOBLOCK)
-        except zmq.Again:
-            return  # queue full or no peer yet: the attempt timer resends
-
-
-def connect(context: zmq.Context, address: str, register: list[zmq.Socket]) -> zmq.Socket:
-    """A DEALER socket connected to `address`, registered before connecting so that close()
-    always finds it; a bad address is an InvalidArgument, not a hang."""
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.SNDHWM, CLIENT_QUEUE_MESSAGES)
-    socket.setsockopt(zmq.RCVHWM, CLIENT_QUEUE_MESSAGES)
-    register.append(socket)
-    try:
-        socket.connect(address)
-    except zmq.ZMQError as e:
-        register.remove(socket)
-        socket.close(linger=0)
-        raise InvalidArgument(f"address: cannot connect to {address!r} ({e})",
-                              field="address") from None
-    return socket
 
 
 class Pipeline(_Api):

@@ -93,6 +93,12 @@ BACKOFF_S_MAX = 10.0                 # ... doubling per consecutive failure, up 
 ASYNC_CLIENT_SWEEP_INTERVAL_S = 0.05  # the asyncio client looks for expired attempts this often
 CLI_STATUS_TIMEOUT_S = 1.0           # `kvsvr status` waits this long for each node by default
 NODE_READY_TIMEOUT_S = 30.0          # the launcher waits this long for a node to serve
+CONNECT_WAIT_S = 1.0                 # a call no replica of its key has a connection for
+                                     # fails this long after (Unavailable: nothing was sent)
+CONNECT_FAILOVER_S = 0.1             # a request waits this long for its first choice of
+                                     # replica to connect before any other of its key will do
+CONNECT_CHECK_S = 0.002              # the asyncio client looks this often whether a request
+                                     # waiting for a connection has one
 
 # Watches: a long poll on a key, parked on the node until the key is applied past a version.
 WATCH_WAIT_S_MAX = 30.0              # longest a node holds a watch before "no change yet"
@@ -136,6 +142,9 @@ __all__ = [
     "CLIENT_SWEEP_BATCH",
     "CLIENT_SWEEP_INTERVAL_S",
     "CLI_STATUS_TIMEOUT_S",
+    "CONNECT_CHECK_S",
+    "CONNECT_FAILOVER_S",
+    "CONNECT_WAIT_S",
     "DEFERRED_RECORDS_MAX",
     "DISK_FULL_BELOW_BYTES",
     "EXPIRE_INTERVAL_S",

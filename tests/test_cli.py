@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -90,7 +91,7 @@ def test_cli_status_asks_every_node_and_reports_the_silent_ones(tmp_path):
         assert one_down.returncode == 4
         rows = json.loads(one_down.stdout)
         assert [(r["node"], r["up"]) for r in rows] == [("n1", True), ("n2", False)]
-        assert rows[0]["store"]["binlog_last_lsn"] == 0 and "no answer" in rows[1]["error"]
+        assert rows[0]["store"]["binlog_last_lsn"] == 0 and "no node answered" in rows[1]["error"]
         text = status("--timeout", "0.5")
         assert text.returncode == 4
         assert text.stdout.splitlines()[1].split("\t")[:5] == [
@@ -99,11 +100,17 @@ def test_cli_status_asks_every_node_and_reports_the_silent_ones(tmp_path):
         cluster.stop()
 
 
-def test_cli_timeout_when_nothing_listens():
+def test_cli_unavailable_when_nothing_listens():
+    """Nothing listens: exit 4 within the connect wait, saying nothing was sent and how to
+    start a cluster (not a Timeout: the put provably did not leave)."""
+    started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "kvsvr.cli", "--address",
-                             "tcp://127.0.0.1:9", "--timeout", "0.3", "get", "k"],
+                             "tcp://127.0.0.1:9", "put", "k", "v"],
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 4 and "timeout" in result.stderr
+    assert result.returncode == 4, result.stderr
+    assert time.monotonic() - started < 2 + 1   # (an interpreter's start included)
+    assert "unavailable: no node answered" in result.stderr
+    assert "tcp://127.0.0.1:9" in result.stderr and "kvsvr-cluster --config" in result.stderr
 
 
 def test_cli_faults_on_a_replica_and_status_of_a_group(tmp_path):
