@@ -43,6 +43,7 @@ from kvsvr.limits import (
     WATCH_WAIT_S_DEFAULT,
     WATCH_WAIT_S_MAX,
 )
+from kvsvr.process import ADDRESS_ENV, CONFIG_ENV, add_config_argument, program_parser
 from kvsvr.protocol import ChangesPage, KeysPage, RowValue, ScanPage, Versioned
 from kvsvr.store import seq_row
 from kvsvr.watching import WatchEvent
@@ -255,14 +256,19 @@ LINES_HELP = ("ROW: text, #N (appended row N) or hex:HEXDIGITS. VALUE: the value
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kvsvr", description="KVSvr command-line client.",
+    parser = program_parser(
+        "kvsvr", "KVSvr command-line client.",
         epilog="exit status: 0 ok, 1 not found, 2 bad usage or argument, 3 version conflict, "
                "4 timeout or unavailable (status: some node did not answer), 5 other errors, "
-               "6 compacted (resync from version 0)")
+               f"6 compacted (resync from version 0). Which cluster: --config or --address "
+               f"when given (not both), else ${ADDRESS_ENV} if set, else ${CONFIG_ENV} if "
+               "set, else the embedded config.")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--config", help="cluster TOML (default: the embedded config)")
-    target.add_argument("--address", help="talk to one node, e.g. tcp://127.0.0.1:7400")
+    add_config_argument(target, "cluster TOML")
+    target.add_argument("--address", help="talk to one node, e.g. tcp://127.0.0.1:7400 "
+                                          f"(default: ${ADDRESS_ENV}, which wins over "
+                                          f"${CONFIG_ENV} when both are set)")
+    parser.set_defaults(config=None)   # None: not given (the environment is read in main)
     parser.add_argument("--timeout", type=positive_seconds, default=None,
                         help=f"seconds to wait for an answer (default {TIMEOUT_S_DEFAULT}; "
                              f"status: {CLI_STATUS_TIMEOUT_S} per node)")
@@ -570,8 +576,18 @@ def _watch(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def choose_target(args: argparse.Namespace) -> None:
+    """--config or --address as given; with neither, $KVSVR_ADDRESS (one node, the narrower
+    choice) if set, else $KVSVR_CONFIG if set, else the embedded config (config None)."""
+    if args.config is None and args.address is None:
+        args.address = os.environ.get(ADDRESS_ENV) or None
+        if args.address is None:
+            args.config = os.environ.get(CONFIG_ENV) or None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    choose_target(args)
     try:
         _read_values(args)
         if args.command == "status":

@@ -27,6 +27,7 @@ from kvsvr.aio import AsyncClient
 from kvsvr.client import Client
 from kvsvr.errors import NotFound
 from kvsvr.launcher import LocalCluster, write_default_config
+from kvsvr.process import program_parser
 
 CONCURRENCY = 32
 VICTIM = "n1"            # the replica the demo kills halfway
@@ -191,7 +192,7 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvsvr-demo", description=__doc__.splitlines()[0])
+    parser = program_parser("kvsvr-demo", __doc__.splitlines()[0])
     parser.add_argument("--dir", default="kvsvr-demo", help="demo directory (default %(default)s)")
     parser.add_argument("--users", type=_at_least(1), default=2000)
     parser.add_argument("--messages", type=_at_least(0), default=20000)

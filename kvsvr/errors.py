@@ -40,7 +40,9 @@ class Timeout(KvError):
 
 
 class Unavailable(KvError):
-    """The node cannot serve now (shutting down, not ready)."""
+    """The call was not taken: the node cannot serve now (shutting down, not ready), or no
+    node of the key's group could be reached (no connection within the client's connect
+    wait), so nothing was sent. Either way nothing was changed."""
 
     code = 5
 

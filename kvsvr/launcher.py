@@ -6,7 +6,6 @@ Used by the demo, the tests and the benchmarks (`LocalCluster`), and by hand:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from kvsvr.client import Client
 from kvsvr.config import ClusterConfig, default_text, load
 from kvsvr.errors import ConfigError, KvError
 from kvsvr.limits import NODE_READY_TIMEOUT_S
-from kvsvr.process import on_stop_signals
+from kvsvr.process import add_config_argument, on_stop_signals, program_parser
 
 _handed_out: set[int] = set()
 
@@ -240,9 +239,8 @@ class LocalCluster(ChildProcesses):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvsvr-cluster",
-                                     description="Run every node of a cluster config locally.")
-    parser.add_argument("--config", help="cluster TOML (default: the embedded config)")
+    parser = program_parser("kvsvr-cluster", "Run every node of a cluster config locally.")
+    add_config_argument(parser, "cluster TOML")
     parser.add_argument("--monitor", action="store_true",
                         help="also run the monitor center (kvsvr-monitor) and this machine's "
                              "agent (kvsvr-agent) from the config's [monitor] section")

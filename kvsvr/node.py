@@ -7,7 +7,6 @@ the binlog stream). `main` picks which from the config.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import sys
@@ -16,7 +15,13 @@ import lmdb
 
 from kvsvr.config import load
 from kvsvr.errors import ConfigError
-from kvsvr.process import add_log_level, on_stop_signals, setup_logging
+from kvsvr.process import (
+    add_config_argument,
+    add_log_level,
+    on_stop_signals,
+    program_parser,
+    setup_logging,
+)
 from kvsvr.replica import ReplicaNode
 from kvsvr.single import Node
 from kvsvr.store import StoreLocked
@@ -26,9 +31,8 @@ log = logging.getLogger("kvsvr.node")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvsvr-node", description="Serve one KVSvr node.")
-    parser.add_argument("--config", help="cluster TOML (default: the embedded config: one "
-                                         "group of 3 replicas)")
+    parser = program_parser("kvsvr-node", "Serve one KVSvr node.")
+    add_config_argument(parser, "cluster TOML (the embedded config: one group of 3 replicas)")
     parser.add_argument("--node", help="node name in the config (default: the first node)")
     add_log_level(parser)
     args = parser.parse_args(argv)
