@@ -38,17 +38,17 @@ def needs_stamp(ops: list[Op]) -> bool:
 def stamp(ops: list[Op], now_ms: int) -> None:
     """Set the instant of every expire op of a write taken at `now_ms` (unix ms), in place;
     an incr first removes a value that expired by then (a purge op ahead of the batch), so it
-    counts from zero, as a get would show. A stamped op keeps its instant (a retry of a
-    write already stamped). Raises InvalidArgument naming `ttl` for a ttl out of range."""
+    counts from zero, as a get would show. An instant a client sent is replaced: the node's
+    clock decides, never the caller's. Raises InvalidArgument naming `ttl` for a ttl out of
+    range."""
     incr = False
     for op in ops:
         if op.kind == _EXPIRE:
-            at_ms, ttl_ms = expiry_of(op.value)
+            ttl_ms = expiry_of(op.value)[1]
             if not TTL_MS_MIN <= ttl_ms <= TTL_MS_MAX:
                 raise InvalidArgument(f"ttl: {ttl_ms} ms, expected {TTL_MS_MIN}..{TTL_MS_MAX}",
                                       field="ttl")
-            if not at_ms:
-                op.value = stamped_expiry(now_ms + ttl_ms, ttl_ms)
+            op.value = stamped_expiry(now_ms + ttl_ms, ttl_ms)
         elif op.kind == _INCR:
             incr = True
     if incr and ops[0].kind != _core.OP_PURGE and len(ops) < OPS_PER_BATCH_MAX:

@@ -165,6 +165,10 @@ def test_bad_expire_ops_are_refused_naming_the_field(tmp_path: Path) -> None:
         with pytest.raises(InvalidArgument) as refused:   # no node set its instant
             batch.mutate(b"k", [put_op(b"v"), expire_op(5)])
         assert refused.value.field == "ops"
+    # The node's clock decides the instant, never the caller's.
+    chosen = stamped([put_op(b"v"), protocol.Op(_core.OP_EXPIRE, b"",
+                                                 protocol.stamped_expiry(1, 60_000))], 5_000)
+    assert protocol.expiry_of(chosen[1].value) == (65_000, 60_000)
     bad = [put_op(b"v"), protocol.Op(_core.OP_EXPIRE, b"", (0).to_bytes(8, "little") * 2)]
     with pytest.raises(InvalidArgument) as refused:
         expiry.stamp(bad, now_ms())
