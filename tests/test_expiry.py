@@ -7,6 +7,7 @@ Real processes, real LMDB."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -336,3 +337,57 @@ def test_expiry_on_every_replica_across_sigkill_and_restart(group: LocalCluster)
                              for n in nodes), what="every index emptied")
         assert client.put(b"k", b"back") == version + 2   # a re-put after it is plain
         assert client.get(b"k").value == b"back"
+
+
+def test_a_re_put_racing_the_removal_and_a_stopped_first_purger(group: LocalCluster) -> None:
+    """A group of 3 with its first replica (the first to remove) SIGSTOPped: the next one
+    removes what expired once its stagger passed. A key put again and again, with a ttl and
+    without, while the removals run keeps its newest value on every replica (the rule that a
+    removal takes only what is still expired is tested on the store above)."""
+    nodes = group.nodes
+    with group.client(timeout=10.0) as client:
+        gone = client.put(b"gone", b"v", ttl=1)
+        client.put(b"raced", b"v0", ttl=1)
+        group.signal(nodes[0], signal.SIGSTOP)
+        try:
+            last = b"v0"
+            deadline = time.monotonic() + 4.5   # past the instant and two staggers
+            i = 0
+            while time.monotonic() < deadline:
+                i += 1
+                last = b"v%d" % i
+                client.put(b"raced", last, ttl=1 if i % 2 else None)
+                time.sleep(0.05)
+            wait_for(lambda: all(local_absent(group, n, b"gone") == gone + 1
+                                 for n in nodes[1:]), what="removed without the first")
+            if i % 2:   # the last put expires: it may read absent already, never older
+                client.put(b"raced", last)
+        finally:
+            group.signal(nodes[0], signal.SIGCONT)
+        wait_for(lambda: local_absent(group, nodes[0], b"gone") == gone + 1,
+                 what="the stopped replica catches up")
+        time.sleep(1.5)   # any removal still under way lands
+        for node in nodes:
+            with replica_client(group, node) as c:
+                assert c.get(b"raced", consistency="local").value == last
+
+
+def test_instants_survive_a_sigkill_of_a_single_node(cluster: LocalCluster) -> None:
+    """What a SIGKILLed node acknowledged keeps its instant: a value still live comes back
+    live and then expires on time; one expired reads absent from the restart on."""
+    with cluster.client(timeout=10.0) as client:
+        client.put(b"short", b"v", ttl=1)
+        client.put(b"long", b"v", ttl=3)
+        client.row_put(b"t", b"r", b"v", ttl=3)
+        started = time.monotonic()
+    cluster.kill("n1")
+    time.sleep(1.1)
+    cluster.start("n1")
+    with cluster.client(timeout=10.0) as client:
+        assert absent_version(client, b"short") is not None
+        assert client.get(b"long").value == b"v"
+        assert client.row_get(b"t", b"r").value == b"v"
+        time.sleep(max(0.0, started + 3.1 - time.monotonic()))
+        assert absent_version(client, b"long") is not None
+        with pytest.raises(NotFound):
+            client.row_get(b"t", b"r")
