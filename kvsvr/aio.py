@@ -19,7 +19,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
@@ -28,7 +28,8 @@ from kvsvr import _core, calls
 from kvsvr import protocol as p
 from kvsvr.calls import CallSpec
 from kvsvr.client import (
-    _Api,
+    ClientCalls,
+    MutationBatch,
     check_timeout,
     client_id_or_new,
     first_client_seq,
@@ -46,6 +47,8 @@ from kvsvr.limits import (
     TIMEOUT_S_DEFAULT,
     WATCH_WAIT_S_DEFAULT,
 )
+from kvsvr.listing import KeyListing
+from kvsvr.typed import awaiting
 from kvsvr.watching import WatchEvent, watch_events_async
 
 _encode = p.encode
@@ -251,7 +254,35 @@ class _Connection:
         return current
 
 
-class AsyncClient(_Api):
+class AsyncBatch(MutationBatch):
+    """A batch of the asyncio client: `await batch.commit()`."""
+
+    if TYPE_CHECKING:   # (see kvsvr.typed)
+        commit = awaiting(p.MutateReply)(MutationBatch.commit)
+
+
+class AsyncClient(ClientCalls):
+    if TYPE_CHECKING:   # each call gives an awaitable of the blocking client's result
+        get = awaiting(p.Versioned)(ClientCalls.get)
+        put = awaiting(int)(ClientCalls.put)
+        delete = awaiting(int)(ClientCalls.delete)
+        incr = awaiting(int)(ClientCalls.incr)
+        row_get = awaiting(p.RowValue)(ClientCalls.row_get)
+        row_put = awaiting(int)(ClientCalls.row_put)
+        row_delete = awaiting(int)(ClientCalls.row_delete)
+        scan = awaiting(p.ScanPage)(ClientCalls.scan)
+        append = awaiting(int)(ClientCalls.append)
+        compact = awaiting(int)(ClientCalls.compact)
+        changes = awaiting(p.ChangesPage)(ClientCalls.changes)
+        ping = awaiting(dict)(ClientCalls.ping)
+        status = awaiting(dict)(ClientCalls.status)
+        faults = awaiting(dict)(ClientCalls.faults)
+        list_keys = awaiting(p.KeysPage)(KeyListing.list_keys)
+
+    def batch(self, key: Any, *, expected_version: int | None = None) -> AsyncBatch:
+        """Collect mutations of one key; `await commit()` applies them atomically."""
+        return AsyncBatch(self, key, expected_version)
+
     def __init__(self, config: ClusterConfig | str | Path | None = None, *,
                  address: str | None = None, timeout: float = TIMEOUT_S_DEFAULT,
                  attempt_timeout: float = CLIENT_ATTEMPT_TIMEOUT_S,

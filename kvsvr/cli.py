@@ -17,6 +17,7 @@ import json
 import os
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from kvsvr.client import Client
@@ -295,85 +296,7 @@ def _ttl_option(p: argparse.ArgumentParser) -> None:
                         f"{TTL_S_MAX}); then it reads as absent and is removed")
 
 
-def _add_commands(commands: Any) -> None:
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help_text, description=help_text)
-
-    def local(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--local", action="store_true",
-                       help="read the replica's own copy without asking a majority first "
-                            "(faster, possibly stale; --json shows the version read)")
-
-    def encoded(p: argparse.ArgumentParser) -> None:
-        # SUPPRESS: given after the command it sets the flag, absent it keeps the global one
-        p.add_argument("--base64", action="store_true", default=argparse.SUPPRESS,
-                       help=BASE64_HELP)
-
-    def expect(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--expect-version", type=int, default=None,
-                       help="apply only if the key is at this version (compare-and-set)")
-
-    p = command("get", "write a key's value to standard output: its bytes as they are "
-                       "(a newline added only on a terminal), or one base64 line with --base64")
-    p.add_argument("key", type=os.fsencode)
-    local(p)
-    encoded(p)
-    p = command("put", "store a value; prints the new version")
-    p.add_argument("key", type=os.fsencode)
-    p.add_argument("value", type=value_argument, help=VALUE_HELP)
-    expect(p)
-    _ttl_option(p)
-    p = command("delete", "remove a key's value; prints the new version")
-    p.add_argument("key", type=os.fsencode)
-    expect(p)
-    p = command("incr", "add to an integer value; prints the new value")
-    p.add_argument("key", type=os.fsencode)
-    p.add_argument("delta", nargs="?", type=int, default=1)
-    expect(p)
-    row_help = "row key: text, #N for appended row N, or hex:HEXDIGITS"
-    p = command("row-get", "write a row's value of a key's table to standard output (as "
-                           "get does)")
-    p.add_argument("key", type=os.fsencode)
-    p.add_argument("row", type=row_argument, help=row_help)
-    local(p)
-    encoded(p)
-    p = command("row-put", "store a row; prints the key's new version")
-    p.add_argument("key", type=os.fsencode)
-    p.add_argument("row", type=row_argument, help=row_help)
-    p.add_argument("value", type=value_argument, help=VALUE_HELP)
-    expect(p)
-    _ttl_option(p)
-    p = command("row-delete", "delete a row (a tombstone is kept); prints the new version")
-    p.add_argument("key", type=os.fsencode)
-    p.add_argument("row", type=row_argument, help=row_help)
-    expect(p)
-    p = command("scan", "list rows, one line each: ROW<TAB>VERSION<TAB>VALUE. " + LINES_HELP)
-    p.add_argument("key", type=os.fsencode)
-    p.add_argument("--start", type=row_argument, default=b"", help=row_help)
-    p.add_argument("--end", type=row_argument, default=None, help=row_help)
-    p.add_argument("--limit", type=int, default=SCAN_ROWS_DEFAULT)
-    local(p)
-    encoded(p)
-    p = command("keys", KEYS_HELP)
-    _keys_options(p)
-    encoded(p)
-    p = command("append", "append a row (an inbox message); prints its sequence number")
-    p.add_argument("key", type=os.fsencode)
-    p.add_argument("value", type=value_argument, help=VALUE_HELP)
-    p = command("changes", "rows changed after a version, one line each: "
-                           "VERSION<TAB>ROW<TAB>put|deleted<TAB>VALUE. " + LINES_HELP)
-    p.add_argument("key", type=os.fsencode)
-    p.add_argument("since_version", type=int)
-    p.add_argument("--after-row", type=row_argument, default=b"",
-                   help="continue a page: " + row_help)
-    p.add_argument("--limit", type=int, default=SCAN_ROWS_DEFAULT)
-    local(p)
-    encoded(p)
-    p = command("watch", "print a key's changes as they are applied, until interrupted (or "
-                         "--duration ends): one line per changed row, VERSION<TAB>ROW<TAB>"
-                         "put|deleted<TAB>VALUE, and after each poll's rows the key's value, "
-                         "VERSION<TAB><TAB>value|none<TAB>VALUE (values between two polls are "
-                         "coalesced; VERSION says how far the watch got). " + LINES_HELP)
+def _watch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("key", type=os.fsencode)
     p.add_argument("--since", type=int, default=0,
                    help="changes after this version (default 0: everything the key holds)")
@@ -385,7 +308,105 @@ def _add_commands(commands: Any) -> None:
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                    help="one JSON object per line per event: version, complete, changes, and "
                         "the value (null: none) as get --json gives it")
-    encoded(p)
+
+
+def _faults_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("node", help="the replica whose outgoing links get the faults")
+    p.add_argument("--peer", default="", help="only the link to this node (default: all)")
+    p.add_argument("--drop", type=float, default=0.0, help="chance a message is lost, 0..1")
+    p.add_argument("--delay-ms", type=int, default=0,
+                   help="hold each message up to this long (uniform, so they reorder)")
+    p.add_argument("--commit-delay-ms", type=int, default=0,
+                   help="a slow disk: each checkpoint commit of the node waits this long "
+                        "first (node-wide; 0 heals)")
+
+
+def _local(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--local", action="store_true",
+                   help="read the replica's own copy without asking a majority first "
+                        "(faster, possibly stale; --json shows the version read)")
+
+def _encoded(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: given after the command it sets the flag, absent it keeps the global one
+    p.add_argument("--base64", action="store_true", default=argparse.SUPPRESS,
+                   help=BASE64_HELP)
+
+def _expect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expect-version", type=int, default=None,
+                   help="apply only if the key is at this version (compare-and-set)")
+
+
+def _add_table_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    row_help = "row key: text, #N for appended row N, or hex:HEXDIGITS"
+    p = command("row-get", "write a row's value of a key's table to standard output (as "
+                           "get does)")
+    p.add_argument("key", type=os.fsencode)
+    p.add_argument("row", type=row_argument, help=row_help)
+    _local(p)
+    _encoded(p)
+    p = command("row-put", "store a row; prints the key's new version")
+    p.add_argument("key", type=os.fsencode)
+    p.add_argument("row", type=row_argument, help=row_help)
+    p.add_argument("value", type=value_argument, help=VALUE_HELP)
+    _expect(p)
+    _ttl_option(p)
+    p = command("row-delete", "delete a row (a tombstone is kept); prints the new version")
+    p.add_argument("key", type=os.fsencode)
+    p.add_argument("row", type=row_argument, help=row_help)
+    _expect(p)
+    p = command("scan", "list rows, one line each: ROW<TAB>VERSION<TAB>VALUE. " + LINES_HELP)
+    p.add_argument("key", type=os.fsencode)
+    p.add_argument("--start", type=row_argument, default=b"", help=row_help)
+    p.add_argument("--end", type=row_argument, default=None, help=row_help)
+    p.add_argument("--limit", type=int, default=SCAN_ROWS_DEFAULT)
+    _local(p)
+    _encoded(p)
+    p = command("changes", "rows changed after a version, one line each: "
+                           "VERSION<TAB>ROW<TAB>put|deleted<TAB>VALUE. " + LINES_HELP)
+    p.add_argument("key", type=os.fsencode)
+    p.add_argument("since_version", type=int)
+    p.add_argument("--after-row", type=row_argument, default=b"",
+                   help="continue a page: " + row_help)
+    p.add_argument("--limit", type=int, default=SCAN_ROWS_DEFAULT)
+    _local(p)
+    _encoded(p)
+
+
+def _add_commands(commands: Any) -> None:
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text)
+
+    p = command("get", "write a key's value to standard output: its bytes as they are "
+                       "(a newline added only on a terminal), or one base64 line with --base64")
+    p.add_argument("key", type=os.fsencode)
+    _local(p)
+    _encoded(p)
+    p = command("put", "store a value; prints the new version")
+    p.add_argument("key", type=os.fsencode)
+    p.add_argument("value", type=value_argument, help=VALUE_HELP)
+    _expect(p)
+    _ttl_option(p)
+    p = command("delete", "remove a key's value; prints the new version")
+    p.add_argument("key", type=os.fsencode)
+    _expect(p)
+    p = command("incr", "add to an integer value; prints the new value")
+    p.add_argument("key", type=os.fsencode)
+    p.add_argument("delta", nargs="?", type=int, default=1)
+    _expect(p)
+    _add_table_commands(command)
+    p = command("keys", KEYS_HELP)
+    _keys_options(p)
+    _encoded(p)
+    p = command("append", "append a row (an inbox message); prints its sequence number")
+    p.add_argument("key", type=os.fsencode)
+    p.add_argument("value", type=value_argument, help=VALUE_HELP)
+    p = command("watch", "print a key's changes as they are applied, until interrupted (or "
+                         "--duration ends): one line per changed row, VERSION<TAB>ROW<TAB>"
+                         "put|deleted<TAB>VALUE, and after each poll's rows the key's value, "
+                         "VERSION<TAB><TAB>value|none<TAB>VALUE (values between two polls are "
+                         "coalesced; VERSION says how far the watch got). " + LINES_HELP)
+    _watch_options(p)
+    _encoded(p)
     p = command("compact", "drop a key's tombstones up to a version; prints the new version")
     p.add_argument("key", type=os.fsencode)
     p.add_argument("through_version", type=int)
@@ -396,14 +417,7 @@ def _add_commands(commands: Any) -> None:
     p = command("faults", "inject faults on the links from one replica to its peers (for "
                           "drills and tests): drop messages, delay and reorder them; "
                           "--drop 0 --delay-ms 0 heals")
-    p.add_argument("node", help="the replica whose outgoing links get the faults")
-    p.add_argument("--peer", default="", help="only the link to this node (default: all)")
-    p.add_argument("--drop", type=float, default=0.0, help="chance a message is lost, 0..1")
-    p.add_argument("--delay-ms", type=int, default=0,
-                   help="hold each message up to this long (uniform, so they reorder)")
-    p.add_argument("--commit-delay-ms", type=int, default=0,
-                   help="a slow disk: each checkpoint commit of the node waits this long "
-                        "first (node-wide; 0 heals)")
+    _faults_options(p)
 
 
 def run(args: argparse.Namespace, client: Client) -> Any:

@@ -28,7 +28,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 import zmq
 
@@ -49,6 +49,7 @@ from kvsvr.limits import (
 from kvsvr.listing import KeyListing
 from kvsvr.protocol import MutateReply
 from kvsvr.sharding import Router
+from kvsvr.typed import queued, returning
 from kvsvr.watching import WatchEvent, watch_events
 
 LINEARIZABLE = calls.LINEARIZABLE
@@ -101,7 +102,7 @@ def client_id_or_new(client_id: Any) -> int:
     return client_id
 
 
-class _Api(KeyListing):
+class ClientCalls(KeyListing):
     """The calls every client offers; subclasses say how a CallSpec is run."""
 
     def _run(self, spec: CallSpec) -> Any:
@@ -161,7 +162,7 @@ class _Api(KeyListing):
         """Rows changed or deleted after `since_version` (tombstones included)."""
         return self._run(calls.changes(key, since_version, after_row, limit, consistency))
 
-    def batch(self, key: Any, *, expected_version: int | None = None) -> Batch:
+    def batch(self, key: Any, *, expected_version: int | None = None) -> MutationBatch:
         """Collect mutations of one key; `commit()` applies them atomically as one version."""
         return Batch(self, key, expected_version)
 
@@ -183,44 +184,44 @@ class _Api(KeyListing):
         return self._run(calls.faults(address, peer, drop, delay_ms, commit_delay_ms))
 
 
-class Batch:
+class MutationBatch:
     """Mutations of one key, committed atomically as one version by `commit()`."""
 
-    def __init__(self, client: _Api, key: Any, expected_version: int | None):
+    def __init__(self, client: ClientCalls, key: Any, expected_version: int | None):
         self._client = client
         self._key = key
         self._expected_version = expected_version
         self.ops: list[p.Op] = []
 
-    def put(self, value: Any, *, ttl: float | None = None) -> Batch:
+    def put(self, value: Any, *, ttl: float | None = None) -> Self:
         self.ops.append(p.put_op(value))
         if ttl is not None:
             self.ops.append(p.expire_op(ttl))
         return self
 
-    def delete(self) -> Batch:
+    def delete(self) -> Self:
         self.ops.append(p.delete_op())
         return self
 
-    def incr(self, delta: int = 1) -> Batch:
+    def incr(self, delta: int = 1) -> Self:
         self.ops.append(p.incr_op(delta))
         return self
 
-    def row_put(self, row: Any, value: Any, *, ttl: float | None = None) -> Batch:
+    def row_put(self, row: Any, value: Any, *, ttl: float | None = None) -> Self:
         self.ops.append(p.row_put_op(row, value))
         if ttl is not None:
             self.ops.append(p.expire_op(ttl, self.ops[-1].row))
         return self
 
-    def row_delete(self, row: Any) -> Batch:
+    def row_delete(self, row: Any) -> Self:
         self.ops.append(p.row_delete_op(row))
         return self
 
-    def append(self, value: Any) -> Batch:
+    def append(self, value: Any) -> Self:
         self.ops.append(p.append_op(value))
         return self
 
-    def compact(self, through_version: int) -> Batch:
+    def compact(self, through_version: int) -> Self:
         self.ops.append(p.compact_op(through_version))
         return self
 
@@ -232,7 +233,31 @@ class Batch:
         return self._client._run(spec)
 
 
-class Client(_Api):
+class Batch(MutationBatch):
+    """A batch of the blocking client: `commit()` returns the MutateReply."""
+
+    if TYPE_CHECKING:   # (see kvsvr.typed)
+        commit = returning(MutateReply)(MutationBatch.commit)
+
+
+class Client(ClientCalls):
+    if TYPE_CHECKING:   # what each call gives (see kvsvr.typed)
+        get = returning(p.Versioned)(ClientCalls.get)
+        put = returning(int)(ClientCalls.put)
+        delete = returning(int)(ClientCalls.delete)
+        incr = returning(int)(ClientCalls.incr)
+        row_get = returning(p.RowValue)(ClientCalls.row_get)
+        row_put = returning(int)(ClientCalls.row_put)
+        row_delete = returning(int)(ClientCalls.row_delete)
+        scan = returning(p.ScanPage)(ClientCalls.scan)
+        append = returning(int)(ClientCalls.append)
+        compact = returning(int)(ClientCalls.compact)
+        changes = returning(p.ChangesPage)(ClientCalls.changes)
+        ping = returning(dict)(ClientCalls.ping)
+        status = returning(dict)(ClientCalls.status)
+        faults = returning(dict)(ClientCalls.faults)
+        batch = returning(Batch)(ClientCalls.batch)
+        list_keys = returning(p.KeysPage)(KeyListing.list_keys)
     def __init__(self, config: ClusterConfig | str | Path | None = None, *,
                  address: str | None = None, timeout: float = TIMEOUT_S_DEFAULT,
                  attempt_timeout: float = CLIENT_ATTEMPT_TIMEOUT_S,
@@ -672,7 +697,7 @@ class _Exchange:
                 + (f"; last answer: {reason}" if reason else "") + ")")
 
 
-class Pipeline(_Api):
+class Pipeline(ClientCalls):
     """Calls queued and sent together per replica; `execute()` returns results in call order,
     each a result or the KvError it raised (or raises the first with raise_errors=True)."""
 
@@ -682,6 +707,23 @@ class Pipeline(_Api):
 
     def _run(self, spec: CallSpec) -> None:
         self._specs.append(spec)
+
+    if TYPE_CHECKING:   # each call is queued: its result comes from execute() (kvsvr.typed)
+        get = queued(ClientCalls.get)
+        put = queued(ClientCalls.put)
+        delete = queued(ClientCalls.delete)
+        incr = queued(ClientCalls.incr)
+        row_get = queued(ClientCalls.row_get)
+        row_put = queued(ClientCalls.row_put)
+        row_delete = queued(ClientCalls.row_delete)
+        scan = queued(ClientCalls.scan)
+        append = queued(ClientCalls.append)
+        compact = queued(ClientCalls.compact)
+        changes = queued(ClientCalls.changes)
+        ping = queued(ClientCalls.ping)
+        status = queued(ClientCalls.status)
+        faults = queued(ClientCalls.faults)
+        list_keys = queued(KeyListing.list_keys)
 
     def _op_id(self) -> tuple[int, int]:
         return self._client._op_id()
@@ -707,4 +749,4 @@ class Pipeline(_Api):
         return results
 
 
-__all__ = ["Batch", "Client", "MutateReply", "Pipeline"]
+__all__ = ["Batch", "Client", "ClientCalls", "MutateReply", "MutationBatch", "Pipeline"]

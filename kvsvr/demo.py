@@ -142,9 +142,9 @@ def _verify(cluster: LocalCluster, acked_inbox: dict[int, list[tuple[int, bytes]
                 problems.append(f"user {u}: unread counter {unread}, "
                                 f"{len(acked_inbox[u])} messages")
         busiest = max(acked_inbox, key=lambda u: len(acked_inbox[u]))  # users >= 1
-        page = check.changes(f"user:{busiest}:inbox", since_version=0, limit=5)
-        sync_line = (f"user {busiest}: inbox at version {page.version}, first "
-                     f"{len(page.changes)} changes since version 0 synced")
+        changed = check.changes(f"user:{busiest}:inbox", since_version=0, limit=5)
+        sync_line = (f"user {busiest}: inbox at version {changed.version}, first "
+                     f"{len(changed.changes)} changes since version 0 synced")
     return problems, sync_line
 
 
