@@ -391,3 +391,17 @@ def test_instants_survive_a_sigkill_of_a_single_node(cluster: LocalCluster) -> N
         assert absent_version(client, b"long") is not None
         with pytest.raises(NotFound):
             client.row_get(b"t", b"r")
+
+
+def test_a_watcher_sees_the_removal_as_a_version(cluster: LocalCluster,
+                                                 client: Client) -> None:
+    """The background removal is a new version of the key: a watch parked on the node wakes
+    with it (the value gone), and a table's watcher gets the row as deleted."""
+    version = client.put(b"w", b"v", ttl=1)
+    table = client.row_put(b"wt", b"r", b"v", ttl=1)
+    started = time.monotonic()
+    event = next(client.watch(b"w", version, timeout=10.0, wait=5.0))
+    assert event.version == version + 1 and event.value is None
+    assert time.monotonic() - started < 4.0   # woken by the removal, not its poll's end
+    row_event = next(client.watch(b"wt", table, timeout=10.0, wait=5.0))
+    assert [(c.row, c.deleted) for c in row_event.changes] == [(b"r", True)]
