@@ -165,6 +165,61 @@ class QueueSettings(Struct, forbid_unknown_fields=True):
     batch_lifetime_ms: Annotated[int, Meta(ge=100, le=3_600_000)] = 30_000
 
 
+class ServiceInstanceConfig(Struct, forbid_unknown_fields=True):
+    """One instance of an RPC service (kvsvr.rpc): where it listens and in which campus."""
+
+    node: Name
+    campus: Name
+    address: str
+
+
+class ServiceConfig(Struct, forbid_unknown_fields=True):
+    """[[services]]: an RPC service (kvsvr.rpc) and its instances; callers find them here."""
+
+    name: Name
+    instances: Annotated[list[ServiceInstanceConfig], Meta(min_length=1, max_length=1024)]
+    # FastReject: refuse by priority when the average queuing time of a window is above
+    # queuing_ms_max (false: admit everything; the level is still measured)
+    fast_reject: bool = True
+    queuing_ms_max: Annotated[int, Meta(ge=1, le=60_000)] = 20
+    # The first of the service's block of monitor ids (kvsvr.rpc.metrics); 0: the default
+    # block for its place in [[services]]
+    monitor_ids_first: Annotated[int, Meta(ge=0, le=65_535)] = 0
+
+
+# A business priority (kvsvr.rpc): 0 is the most important; the table maps an entry method,
+# "service.method", to one.
+BusinessPriority = Annotated[int, Meta(ge=0, le=63)]
+
+
+def _check_services(config: ClusterConfig, seen: dict[str, dict[str, str]]) -> None:
+    """Service names used once; instances with valid addresses used nowhere else in the
+    config; the business-priority table naming methods as service.method."""
+    names: set[str] = set()
+    for s_index, entry in enumerate(config.services):
+        field = f"services[{s_index}]"
+        if entry.name in names:
+            raise ConfigError(f"{field}.name: {entry.name!r} is used twice")
+        names.add(entry.name)
+        for index, instance in enumerate(entry.instances):
+            where = f"{field}.instances[{index}]"
+            problem = address_problem(instance.address)
+            if problem:
+                raise ConfigError(f"{where}.address: {problem}")
+            for attribute, value, same in (
+                    ("node", instance.node, instance.node),
+                    ("address", instance.address, _same_socket_key(instance.address))):
+                if same in seen[attribute]:
+                    raise ConfigError(f"{where}.{attribute}: {value!r} is already used by "
+                                      f"{seen[attribute][same]}")
+                seen[attribute][same] = where
+    for method in config.business_priorities:
+        service, dot, name = method.partition(".")
+        if not dot or not service or not name:
+            raise ConfigError(f"business_priorities.{method}: expected a method named "
+                              "SERVICE.METHOD (e.g. \"account.login\")")
+
+
 class ClusterConfig(Struct, forbid_unknown_fields=True):
     # KV groups, queue groups, or both: a queue-only cluster has no [[groups]].
     groups: list[GroupConfig] = msgspec.field(default_factory=list)
@@ -175,6 +230,9 @@ class ClusterConfig(Struct, forbid_unknown_fields=True):
     queue_groups: list[QueueGroupConfig] = msgspec.field(default_factory=list)
     queue: QueueSettings = msgspec.field(default_factory=QueueSettings)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    # RPC services (kvsvr.rpc) and the business priority of each entry method
+    services: list[ServiceConfig] = msgspec.field(default_factory=list)
+    business_priorities: dict[str, BusinessPriority] = msgspec.field(default_factory=dict)
     # Where the file was read from; relative data_dirs resolve against `base_dir`.
     base_dir: str = "."
 
@@ -281,6 +339,7 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
         group_names.add(group.name)
         _check_members(config, f"groups[{g_index}].replicas", group.replicas,
                        f"group {group.name!r}", "replica", seen)
+    _check_services(config, seen)
     if config.queue.batch_lifetime_ms < config.queue.ack_deadline_ms:
         raise ConfigError(f"queue.batch_lifetime_ms: {config.queue.batch_lifetime_ms} is "
                           f"shorter than queue.ack_deadline_ms ({config.queue.ack_deadline_ms});"

@@ -1,0 +1,80 @@
+"""Services for examples, tests and benchmarks: `echo` answers at once, `burn` spends a
+given CPU time per request (a service with a fixed capacity), and `relay` calls `burn` from
+its handler (deadline and priority inheritance, one hop down)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import msgspec
+
+from kvsvr.errors import InvalidArgument
+from kvsvr.rpc.context import remaining_s
+from kvsvr.rpc.service import Service
+
+
+class SayRequest(msgspec.Struct):
+    text: str
+
+
+class SayReply(msgspec.Struct):
+    text: str
+
+
+echo = Service("echo")
+
+
+@echo.method(code=1, idempotent=True)
+async def say(request: SayRequest) -> SayReply:
+    return SayReply(request.text)
+
+
+@echo.method(code=2)
+async def fail(request: SayRequest) -> SayReply:
+    """Raises what the text asks for: a typed error or a bug (for the tests)."""
+    if request.text == "invalid":
+        raise InvalidArgument("text: 'invalid' is refused on purpose", field="text")
+    raise RuntimeError(f"a handler bug: {request.text}")
+
+
+class WorkRequest(msgspec.Struct):
+    cpu_us: int = 1000
+    tag: str = ""
+
+
+class WorkReply(msgspec.Struct):
+    pid: int
+    tag: str
+    remaining_ms: float       # the budget the handler saw left when it started
+
+
+burn = Service("burn")
+
+
+@burn.method(code=1, idempotent=True)
+async def work(request: WorkRequest) -> WorkReply:
+    left = remaining_s()
+    end = time.perf_counter() + request.cpu_us / 1e6
+    while time.perf_counter() < end:
+        pass
+    return WorkReply(os.getpid(), request.tag, -1.0 if left is None else left * 1000)
+
+
+relay = Service("relay")
+_burn_stubs: dict[str, object] = {}
+
+
+@relay.method(code=1)
+async def forward(request: WorkRequest) -> WorkReply:
+    from kvsvr.rpc.stub import AsyncStub
+
+    stub = _burn_stubs.get("burn")
+    if stub is None:
+        stub = _burn_stubs["burn"] = AsyncStub(burn, os.environ["KVSVR_CONFIG"])
+    assert isinstance(stub, AsyncStub)
+    reply: WorkReply = await stub.work(request)
+    return reply
+
+
+__all__ = ["SayReply", "SayRequest", "WorkReply", "WorkRequest", "burn", "echo", "relay"]

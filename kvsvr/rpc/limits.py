@@ -1,0 +1,55 @@
+"""Limits and tunables of the RPC kit (kvsvr.rpc), named in one place with the qualifier last.
+
+Time is in seconds unless the name says otherwise.
+"""
+
+from kvsvr.limits import FRAME_BYTES_MAX, FRAME_HEADER_BYTES
+
+# Priorities (after DAGOR): lower numbers are more important. A request's compound priority
+# is business * USER_PRIORITY_LEVELS + user, so one integer orders them all.
+BUSINESS_PRIORITY_LEVELS = 64        # business priorities 0 (most important) .. 63
+BUSINESS_PRIORITY_DEFAULT = 32       # an entry method missing from the config's table
+USER_PRIORITY_LEVELS = 128           # user priorities 0 .. 127, from an hourly-rotated hash
+USER_HASH_ROTATE_S = 3600            # the user hash changes its seed this often
+PRIORITY_LEVELS = BUSINESS_PRIORITY_LEVELS * USER_PRIORITY_LEVELS
+ADMIT_ALL = PRIORITY_LEVELS - 1      # the admission level that admits everything
+
+# Admission (FastReject): overload is read from the average queuing time of a window.
+WINDOW_S = 1.0                       # a window ends after this long ...
+WINDOW_REQUESTS_MAX = 2_000          # ... or this many started requests, whichever first
+QUEUING_MS_MAX_DEFAULT = 20          # average queuing time above this: overloaded
+SHED_FRACTION = 0.05                 # an overloaded window sheds this much of what it admitted
+                                     # times its queuing time over the threshold ...
+SHED_FRACTION_MAX = 0.5              # ... at most this much
+RESTORE_FRACTION = 0.01              # a calm window admits this much more
+
+# Callers.
+LEVEL_CACHE_S = 1.0                  # a level an instance reported is honoured this long
+RETRY_BUDGET_RATIO = 0.1             # retries at most this fraction of calls ...
+RETRY_TOKENS_MAX = 10.0              # ... with this many saved up at most (a burst)
+CALL_TIMEOUT_S_DEFAULT = 5.0         # a call's deadline unless told (or inherited)
+ATTEMPT_TIMEOUT_S_DEFAULT = 1.0      # an attempt unanswered this long counts as a failure
+FAILURES_TO_EJECT = 3                # consecutive failures that eject an instance
+EJECT_FIRST_S = 0.5                  # an ejected instance is skipped this long first, ...
+EJECT_S_MAX = 10.0                   # ... doubling per failed probe, up to this
+EJECT_DOUBLINGS_MAX = 16             # (no huge powers of two)
+CALLER_QUEUE_MESSAGES = 10_000       # ZeroMQ messages queued per stub socket, each way
+SWEEP_INTERVAL_S = 0.02              # a stub looks for attempts past their timeout this often
+
+# Shielding: the switch is a key in KVSvr; callers read it this often.
+SHIELD_POLL_S = 1.0
+SHIELD_KEY_PREFIX = "__kvsvr/shield/"
+
+# Servers.
+SERVER_QUEUE_MESSAGES = 100_000      # ZeroMQ messages queued on an instance's socket, each way
+SERVER_ROUND_MESSAGES_MAX = 512      # messages an instance takes before it lets handlers run
+IN_FLIGHT_MAX = 20_000               # requests one instance runs at once; more: Overloaded
+RPC_PREFIX_BYTES = 8                 # the RPC prefix of every request and response body
+BODY_BYTES_MAX = FRAME_BYTES_MAX - FRAME_HEADER_BYTES - RPC_PREFIX_BYTES
+METHODS_PER_SERVICE_MAX = 63         # method codes 1 .. this
+
+# Monitor ids (kvsvr.rpc.metrics): a block per method code, block 0 for the whole instance.
+MONITOR_IDS_PER_METHOD = 16
+MONITOR_IDS_PER_SERVICE = (METHODS_PER_SERVICE_MAX + 1) * MONITOR_IDS_PER_METHOD
+MONITOR_IDS_FIRST_DEFAULT = 16_384   # the n-th [[services]] entry's block starts at
+                                     # this + n * MONITOR_IDS_PER_SERVICE unless configured

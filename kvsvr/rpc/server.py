@@ -1,0 +1,301 @@
+"""An instance of a service: a ROUTER socket at its address, each request a coroutine.
+
+The socket is read from the event loop's reader callback, which drains up to
+SERVER_ROUND_MESSAGES_MAX messages a turn; for each request it decides at once what needs no
+handler (a bad frame or prefix, an unknown method, a refusal by FastReject) and otherwise
+starts a task. The task's first step measures the request's queuing time (arrival to start),
+drops it if its budget ran out meanwhile, decodes the body and runs the handler with the
+request's deadline and priority in context (kvsvr.rpc.context). Answers leave in one send
+per caller per loop turn, each carrying the admission level.
+
+Overload shows as queuing time: a handler that burns CPU holds the loop, the tasks started
+by the next drain wait behind it, and the admission window (kvsvr.rpc.admission) sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+import zmq
+
+from kvsvr import _core
+from kvsvr.errors import Internal, InvalidArgument, KvError, Timeout, UnknownMethod
+from kvsvr.limits import MESSAGE_BYTES_MAX
+from kvsvr.protocol import ErrorReply, pack
+from kvsvr.rpc import metrics as m
+from kvsvr.rpc.admission import Admission, compound, split
+from kvsvr.rpc.context import deadline_var, priority_var
+from kvsvr.rpc.errors import Overloaded
+from kvsvr.rpc.limits import (
+    BUSINESS_PRIORITY_LEVELS,
+    IN_FLIGHT_MAX,
+    RPC_PREFIX_BYTES,
+    SERVER_QUEUE_MESSAGES,
+    SERVER_ROUND_MESSAGES_MAX,
+    USER_PRIORITY_LEVELS,
+)
+from kvsvr.rpc.metrics import ServiceMetrics
+from kvsvr.rpc.service import REQUEST_PREFIX, RESPONSE_PREFIX, Method, Service, encode_body
+
+log = logging.getLogger("kvsvr.rpc.server")
+
+_REQUEST = _core.FRAME_REQUEST
+_RESPONSE = _core.FRAME_RESPONSE
+_encode_frame = _core.encode_frame
+_decode_frames = _core.decode_frames
+_unpack_request = REQUEST_PREFIX.unpack_from
+_pack_response = RESPONSE_PREFIX.pack
+_TICK_S = 0.1   # how often an idle instance closes its admission window and sets its gauges
+
+
+class Server:
+    """Serves `service` at `address` (see the module docstring). `await serve()` runs until
+    `stop()`; `bound` is set once the socket listens."""
+
+    def __init__(self, service: Service, address: str, *, admission: Admission | None = None,
+                 metrics: ServiceMetrics | None = None, in_flight_max: int = IN_FLIGHT_MAX):
+        self.service = service
+        self.address = address
+        self.admission = admission or Admission(now=time.monotonic())
+        self.metrics = metrics or ServiceMetrics.off()
+        self.in_flight_max = in_flight_max
+        self.in_flight = 0
+        self.bound = asyncio.Event()
+        self._stopped: asyncio.Future[None] | None = None
+        self._encoder = msgspec.msgpack.Encoder()
+        self._outbox: dict[bytes, list[bytes]] = {}
+        self._logged: set[tuple[str, str, str]] = set()   # tracebacks logged once each
+        self._context: zmq.Context[Any] | None = None
+        self._socket: zmq.Socket[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        self._stopped = loop.create_future()
+        context = self._context = zmq.Context()
+        socket = self._socket = context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, MESSAGE_BYTES_MAX)
+        socket.setsockopt(zmq.SNDHWM, SERVER_QUEUE_MESSAGES)
+        socket.setsockopt(zmq.RCVHWM, SERVER_QUEUE_MESSAGES)
+        try:
+            socket.bind(self.address)
+        except zmq.ZMQError as e:
+            socket.close()
+            context.term()
+            raise OSError(f"cannot listen on {self.address}: {e}") from None
+        fd: int = socket.getsockopt(zmq.FD)  # type: ignore[assignment]
+        loop.add_reader(fd, self._drain)
+        ticker = loop.create_task(self._tick())
+        self.bound.set()
+        self._drain()   # what arrived before the reader was added
+        try:
+            await self._stopped
+        finally:
+            ticker.cancel()
+            loop.remove_reader(fd)
+            for task in list(self._tasks):
+                task.cancel()
+            socket.close()
+            context.term()
+
+    def stop(self) -> None:
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    async def _tick(self) -> None:
+        counters = self.metrics.counters
+        base = self.metrics.first
+        while True:
+            await asyncio.sleep(_TICK_S)
+            window = self.admission.tick(time.monotonic())
+            if window is not None and window.overloaded:
+                counters.add(base + m.OVERLOADED_WINDOWS, 1)
+            counters.set(base + m.ADMISSION_LEVEL, max(self.admission.level, 0))
+            counters.set(base + m.IN_FLIGHT, self.in_flight)
+
+    # --- reading -----------------------------------------------------------------------
+    def _drain(self) -> None:
+        """Take what the socket holds (at most a round's worth, then yield to handlers)."""
+        self._drain_scheduled = False
+        socket = self._socket
+        if socket is None or socket.closed:
+            return
+        arrival = time.monotonic()
+        for _ in range(SERVER_ROUND_MESSAGES_MAX):
+            try:
+                parts = socket.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            if len(parts) != 2:
+                self.metrics.counters.add(self.metrics.first + m.BAD_FRAMES, 1)
+                continue
+            self._message(parts[0], parts[1], arrival)
+        self._schedule_drain()
+
+    def _schedule_drain(self) -> None:
+        # ZeroMQ's descriptor is edge-triggered: what is left (or arrived while we sent) must
+        # be looked for again, not waited for.
+        if not self._drain_scheduled and self._loop is not None:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _message(self, peer: bytes, payload: bytes, arrival: float) -> None:
+        frames, error, error_request_id = _decode_frames(payload)
+        for kind, code, request_id, budget_ms, body in frames:
+            if kind != _REQUEST:
+                self._bad(peer, request_id, "frame.kind: a response sent to a server")
+                continue
+            self._request(peer, code, request_id, budget_ms, body, arrival)
+        if error is not None:
+            self._bad(peer, error_request_id, error)
+
+    def _bad(self, peer: bytes, request_id: int, why: str) -> None:
+        self.metrics.counters.add(self.metrics.first + m.BAD_FRAMES, 1)
+        field = why.partition(":")[0]
+        self._answer_error(peer, request_id, InvalidArgument(why, field=field))
+
+    # long: the arrival checks of one request in order (prefix, method, priority, admission),
+    # each answering at once; split up, the hot path would pay for extra calls
+    def _request(self, peer: bytes, code: int, request_id: int, budget_ms: int,
+                 body: memoryview, arrival: float) -> None:
+        if len(body) < RPC_PREFIX_BYTES:
+            self._bad(peer, request_id, f"body: {len(body)} bytes, an RPC body starts with "
+                      f"a {RPC_PREFIX_BYTES}-byte prefix")
+            return
+        tag, business, user, reserved = _unpack_request(body)
+        if tag != self.service.tag:
+            self._answer_error(peer, request_id, UnknownMethod(
+                f"service: this instance serves {self.service.name!r} (tag {self.service.tag})"
+                f", not tag {tag}", field="service"))
+            return
+        method = self.service.by_code.get(code)
+        if method is None:
+            self._answer_error(peer, request_id, UnknownMethod(
+                f"method: {self.service.name} has no method {code} (it has "
+                f"{sorted(self.service.by_code)})", field="method"))
+            return
+        if business >= BUSINESS_PRIORITY_LEVELS or user >= USER_PRIORITY_LEVELS or reserved:
+            self._bad(peer, request_id, f"priority: business {business}, user {user}, "
+                      f"reserved {reserved}; expected < {BUSINESS_PRIORITY_LEVELS}, < "
+                      f"{USER_PRIORITY_LEVELS}, 0")
+            return
+        counters = self.metrics.counters
+        base = self.metrics.first + code * m.MONITOR_IDS_PER_METHOD
+        counters.add(base + m.REQUESTS, 1)
+        priority = compound(business, user)
+        if not self.admission.admit(priority) or self.in_flight >= self.in_flight_max:
+            counters.add(base + m.OVERLOADED, 1)
+            self._answer_error(peer, request_id, Overloaded(
+                f"{method.full_name}: over capacity; priority {business}/{user} is below the "
+                f"admission level {'/'.join(map(str, split(max(self.admission.level, 0))))}"))
+            return
+        deadline = arrival + budget_ms / 1000.0 if budget_ms else None
+        self.in_flight += 1
+        task = self._loop.create_task(  # type: ignore[union-attr]
+            self._run(peer, method, request_id, body[RPC_PREFIX_BYTES:], arrival, deadline,
+                      (business, user), base))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- running -----------------------------------------------------------------------
+    async def _run(self, peer: bytes, method: Method[Any, Any], request_id: int,
+                   body: memoryview, arrival: float, deadline: float | None,
+                   priority: tuple[int, int], base: int) -> None:
+        counters = self.metrics.counters
+        try:
+            start = time.monotonic()
+            queuing_s = start - arrival
+            window = self.admission.started(queuing_s, start)
+            if window is not None and window.overloaded:
+                counters.add(self.metrics.first + m.OVERLOADED_WINDOWS, 1)
+            counters.add(base + m.QUEUING_MS, int(queuing_s * 1000))
+            if deadline is not None and start >= deadline:
+                counters.add(base + m.DEADLINE_DROPS, 1)
+                self._answer_error(peer, request_id, Timeout(
+                    f"{method.full_name}: the call's budget ran out after {queuing_s * 1000:.0f}"
+                    " ms in the instance's queue; not started"))
+                return
+            try:
+                request = method.decode_request(body)
+                deadline_var.set(deadline)
+                priority_var.set(priority)
+                response = await method.handler(request)
+                if type(response) is not method.response_type:
+                    raise TypeError(f"{method.full_name} returned {type(response).__name__}, "
+                                    f"declared {method.response_type.__name__}")
+                payload = encode_body(_pack_response(self._level(), 0, 0), response,
+                                      self._encoder)
+            except KvError as e:
+                counters.add(base + m.FAILURES, 1)
+                self._answer_error(peer, request_id, e)
+                return
+            except Exception as e:
+                counters.add(base + m.FAILURES, 1)
+                self._internal(method, e)
+                self._answer_error(peer, request_id, Internal(
+                    f"{method.full_name}: the handler raised {type(e).__name__}"))
+                return
+            counters.add(base + self.metrics.latency_offset(time.monotonic() - arrival), 1)
+            self._send(peer, _encode_frame(_RESPONSE, 0, request_id, 0, payload))
+        finally:
+            self.in_flight -= 1
+
+    def _internal(self, method: Method[Any, Any], error: Exception) -> None:
+        """Log a handler's exception with its traceback once per (method, type, place)."""
+        trace = error.__traceback__
+        while trace is not None and trace.tb_next is not None:
+            trace = trace.tb_next
+        place = f"{trace.tb_frame.f_code.co_filename}:{trace.tb_lineno}" if trace else ""
+        key = (method.full_name, type(error).__name__, place)
+        if key in self._logged:
+            return
+        if len(self._logged) < 1000:
+            self._logged.add(key)
+        log.error("%s: the handler raised (answered Internal; later ones like it are only "
+                  "counted)", method.full_name, exc_info=error)
+
+    def _level(self) -> int:
+        level = self.admission.level
+        return level if level >= 0 else 0xFFFF
+
+    # --- answering ---------------------------------------------------------------------
+    def _answer_error(self, peer: bytes, request_id: int, error: KvError) -> None:
+        body = encode_body(_pack_response(self._level(), 0, 0),
+                           ErrorReply(error.message, error.field, error.version), self._encoder)
+        self._send(peer, _encode_frame(_RESPONSE, error.code, request_id, 0, body))
+
+    def _send(self, peer: bytes, frame: bytes) -> None:
+        outbox = self._outbox
+        if not outbox:
+            self._loop.call_soon(self._flush)  # type: ignore[union-attr]
+        queued = outbox.get(peer)
+        if queued is None:
+            outbox[peer] = [frame]
+        else:
+            queued.append(frame)
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        socket = self._socket
+        if socket is None or socket.closed:
+            return
+        for peer, frames in outbox.items():
+            for message in pack(frames):
+                try:
+                    socket.send_multipart((peer, message), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    # A caller that left, or one whose queue is full: its calls time out.
+                    break
+        self._schedule_drain()
+
+
+__all__ = ["Server"]
