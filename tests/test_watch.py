@@ -21,9 +21,14 @@ from kvsvr import _core
 from kvsvr import protocol as p
 from kvsvr.aio import AsyncClient
 from kvsvr.client import Client
-from kvsvr.errors import Compacted, InvalidArgument, KvError, ResourceExhausted
+from kvsvr.errors import Compacted, InvalidArgument, KvError, ResourceExhausted, Unavailable
 from kvsvr.launcher import LocalCluster, write_cluster_config
-from kvsvr.limits import KEY_BYTES_MAX, WATCH_WAIT_S_MAX, WATCHES_PARKED_MAX
+from kvsvr.limits import (
+    KEY_BYTES_MAX,
+    PEER_DOWN_AFTER_S,
+    WATCH_WAIT_S_MAX,
+    WATCHES_PARKED_MAX,
+)
 from kvsvr.protocol import Change, WatchReply, WatchRequest
 from kvsvr.sharding import home_index
 from kvsvr.watches import ParkedWatch, Watches, due
@@ -459,3 +464,27 @@ def test_a_watch_parked_on_a_stopped_replica_fails_over(group: LocalCluster):
             group.signal("n1", signal.SIGCONT)
     assert got and got[0].version == version and got[0].value == b"after"
     assert elapsed < 1.0 + 2.0 + 2.0 + SLACK_S   # wait + grace + the next replica's answer
+
+
+def test_a_replica_cut_off_from_its_group_sends_watchers_elsewhere(group: LocalCluster):
+    """With both peers SIGSTOPped, the remaining replica cannot learn of any change: it
+    refuses watches Unavailable (once its peers are silent past PEER_DOWN_AFTER_S) instead
+    of answering "no change" for ever, and serves them again once they are back."""
+    key = _key_with_home(0, "cut")
+    address = group.address("n1")
+    with Client(group.config, timeout=5.0) as client:
+        client.put(key, "v")
+    with Client(address=address, timeout=3.0, attempt_timeout=0.5) as client:
+        for node in ("n2", "n3"):
+            group.signal(node, signal.SIGSTOP)
+        try:
+            time.sleep(PEER_DOWN_AFTER_S + 0.5)
+            with pytest.raises(Unavailable) as refused:
+                next(client.watch(key, 1, wait=0.5, timeout=5))
+            assert "no majority" in str(refused.value)
+        finally:
+            for node in ("n2", "n3"):
+                group.signal(node, signal.SIGCONT)
+        time.sleep(1.0)
+        assert list(client.watch(key, 1, wait=0.3, timeout=0.6)) == []
+        assert next(client.watch(key, 0, wait=0.3, timeout=2)).value == b"v"
