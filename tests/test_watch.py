@@ -488,3 +488,25 @@ def test_a_replica_cut_off_from_its_group_sends_watchers_elsewhere(group: LocalC
         time.sleep(1.0)
         assert list(client.watch(key, 1, wait=0.3, timeout=0.6)) == []
         assert next(client.watch(key, 0, wait=0.3, timeout=2)).value == b"v"
+
+
+def test_a_stopping_replica_hands_its_watches_on_at_once(group: LocalCluster):
+    """SIGTERM on the replica a watch is parked on: it answers the watch Unavailable as it
+    stops, so the watcher asks the next replica at once instead of waiting out its poll
+    (10 s here), and gets the change made meanwhile."""
+    key = _key_with_home(0, "term")
+    with Client(group.config, timeout=10.0, attempt_timeout=0.5) as client:
+        client.put(key, "before")
+        events = client.watch(key, 1, wait=10.0, timeout=30)
+        got: list[WatchEvent] = []
+        thread = threading.Thread(target=lambda: got.append(next(events)))
+        thread.start()
+        time.sleep(0.3)                       # parked on the home now
+        started = time.monotonic()
+        group.stop("n1")
+        with Client(group.config, timeout=10.0, attempt_timeout=0.3) as writer:
+            version = writer.put(key, "after")
+        thread.join(15)
+        elapsed = time.monotonic() - started
+    assert got and got[0].version == version and got[0].value == b"after"
+    assert elapsed < 4.0
