@@ -230,3 +230,22 @@ def _utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def test_cli_get_adds_a_newline_only_on_a_terminal(cluster, kv):
+    """On a terminal the value ends its line (the prompt comes back on the next); in a pipe
+    or file the bytes are the value's alone (see test_cli_values_round_trip_as_bytes)."""
+    import os
+    import pty
+
+    kv("put", "greeting", "hello")
+    leader, follower = pty.openpty()
+    try:
+        result = subprocess.run([sys.executable, "-m", "kvsvr.cli", "--config",
+                                 cluster.config_path, "get", "greeting"], stdout=follower,
+                                stderr=subprocess.PIPE, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert os.read(leader, 100).replace(b"\r\n", b"\n") == b"hello\n"
+    finally:
+        os.close(leader)
+        os.close(follower)
