@@ -187,9 +187,9 @@ class ServiceConfig(Struct, forbid_unknown_fields=True):
     monitor_ids_first: Annotated[int, Meta(ge=0, le=65_535)] = 0
 
 
-# A business priority (kvsvr.rpc): 0 is the most important; the table maps an entry method,
-# "service.method", to one.
-BusinessPriority = Annotated[int, Meta(ge=0, le=63)]
+# Business priorities (kvsvr.rpc): 0 is the most important; the table maps an entry method,
+# "service.method", to one (checked in _check_services, so that the error names the method).
+BUSINESS_PRIORITY_MAX = 63
 
 
 def _check_services(config: ClusterConfig, seen: dict[str, dict[str, str]]) -> None:
@@ -213,11 +213,14 @@ def _check_services(config: ClusterConfig, seen: dict[str, dict[str, str]]) -> N
                     raise ConfigError(f"{where}.{attribute}: {value!r} is already used by "
                                       f"{seen[attribute][same]}")
                 seen[attribute][same] = where
-    for method in config.business_priorities:
+    for method, priority in config.business_priorities.items():
         service, dot, name = method.partition(".")
         if not dot or not service or not name:
             raise ConfigError(f"business_priorities.{method}: expected a method named "
                               "SERVICE.METHOD (e.g. \"account.login\")")
+        if not 0 <= priority <= BUSINESS_PRIORITY_MAX:
+            raise ConfigError(f"business_priorities.{method}: {priority}, expected 0 (most "
+                              f"important) .. {BUSINESS_PRIORITY_MAX}")
 
 
 class ClusterConfig(Struct, forbid_unknown_fields=True):
@@ -232,7 +235,7 @@ class ClusterConfig(Struct, forbid_unknown_fields=True):
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     # RPC services (kvsvr.rpc) and the business priority of each entry method
     services: list[ServiceConfig] = msgspec.field(default_factory=list)
-    business_priorities: dict[str, BusinessPriority] = msgspec.field(default_factory=dict)
+    business_priorities: dict[str, int] = msgspec.field(default_factory=dict)
     # Where the file was read from; relative data_dirs resolve against `base_dir`.
     base_dir: str = "."
 

@@ -37,7 +37,7 @@ from kvsvr.rpc.limits import (
     ADMIT_ALL,
     BUSINESS_PRIORITY_LEVELS,
     PRIORITY_LEVELS,
-    QUEUING_MS_MAX_DEFAULT,
+    QUEUING_THRESHOLD_MS_DEFAULT,
     RESTORE_FRACTION,
     RETRY_BUDGET_RATIO,
     RETRY_TOKENS_MAX,
@@ -120,9 +120,9 @@ class Admission:
     -1 nothing. With `enabled` false nothing is refused, but windows are still measured.
     """
 
-    def __init__(self, *, queuing_ms_max: float = QUEUING_MS_MAX_DEFAULT, enabled: bool = True,
-                 window_s: float = WINDOW_S, window_requests_max: int = WINDOW_REQUESTS_MAX,
-                 now: float = 0.0):
+    def __init__(self, *, queuing_ms_max: float = QUEUING_THRESHOLD_MS_DEFAULT,
+                 enabled: bool = True, window_s: float = WINDOW_S,
+                 window_requests_max: int = WINDOW_REQUESTS_MAX, now: float = 0.0):
         if queuing_ms_max <= 0:
             raise ValueError(f"queuing_ms_max: {queuing_ms_max}, expected > 0")
         self.queuing_s_max = queuing_ms_max / 1000.0

@@ -1,9 +1,10 @@
-"""Services for examples, tests and benchmarks: `echo` answers at once, `burn` spends a
-given CPU time per request (a service with a fixed capacity), and `relay` calls `burn` from
-its handler (deadline and priority inheritance, one hop down)."""
+"""Services for examples, tests and benchmarks: `echo` answers at once (or after a nap),
+`burn` spends a given CPU time per request (a service with a fixed capacity), and `relay`
+calls `burn` from its handler (deadline and priority inheritance, one hop down)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -36,6 +37,22 @@ async def fail(request: SayRequest) -> SayReply:
     if request.text == "invalid":
         raise InvalidArgument("text: 'invalid' is refused on purpose", field="text")
     raise RuntimeError(f"a handler bug: {request.text}")
+
+
+class NapRequest(msgspec.Struct):
+    ms: int
+
+
+class NapReply(msgspec.Struct):
+    pid: int
+
+
+@echo.method(code=3, idempotent=True)
+async def nap(request: NapRequest) -> NapReply:
+    """Waits (without holding the loop) `ms` milliseconds: many such calls are in flight at
+    once, none of them queuing."""
+    await asyncio.sleep(request.ms / 1000)
+    return NapReply(os.getpid())
 
 
 class WorkRequest(msgspec.Struct):
@@ -77,4 +94,5 @@ async def forward(request: WorkRequest) -> WorkReply:
     return reply
 
 
-__all__ = ["SayReply", "SayRequest", "WorkReply", "WorkRequest", "burn", "echo", "relay"]
+__all__ = ["NapReply", "NapRequest", "SayReply", "SayRequest", "WorkReply", "WorkRequest",
+           "burn", "echo", "relay"]

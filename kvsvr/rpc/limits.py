@@ -3,11 +3,13 @@
 Time is in seconds unless the name says otherwise.
 """
 
+from kvsvr.config import BUSINESS_PRIORITY_MAX
 from kvsvr.limits import FRAME_BYTES_MAX, FRAME_HEADER_BYTES
 
 # Priorities (after DAGOR): lower numbers are more important. A request's compound priority
 # is business * USER_PRIORITY_LEVELS + user, so one integer orders them all.
-BUSINESS_PRIORITY_LEVELS = 64        # business priorities 0 (most important) .. 63
+BUSINESS_PRIORITY_LEVELS = BUSINESS_PRIORITY_MAX + 1   # 0 (most important) .. 63, as
+                                     # the config's table allows
 BUSINESS_PRIORITY_DEFAULT = 32       # an entry method missing from the config's table
 USER_PRIORITY_LEVELS = 128           # user priorities 0 .. 127, from an hourly-rotated hash
 USER_HASH_ROTATE_S = 3600            # the user hash changes its seed this often
@@ -17,7 +19,7 @@ ADMIT_ALL = PRIORITY_LEVELS - 1      # the admission level that admits everythin
 # Admission (FastReject): overload is read from the average queuing time of a window.
 WINDOW_S = 1.0                       # a window ends after this long ...
 WINDOW_REQUESTS_MAX = 2_000          # ... or this many started requests, whichever first
-QUEUING_MS_MAX_DEFAULT = 20          # average queuing time above this: overloaded
+QUEUING_THRESHOLD_MS_DEFAULT = 20          # average queuing time above this: overloaded
 SHED_FRACTION = 0.05                 # an overloaded window sheds this much of what it admitted
                                      # times its queuing time over the threshold ...
 SHED_FRACTION_MAX = 0.5              # ... at most this much
@@ -41,8 +43,8 @@ SHIELD_POLL_S = 1.0
 SHIELD_KEY_PREFIX = "__kvsvr/shield/"
 
 # Servers.
-SERVER_QUEUE_MESSAGES = 100_000      # ZeroMQ messages queued on an instance's socket, each way
-SERVER_ROUND_MESSAGES_MAX = 512      # messages an instance takes before it lets handlers run
+INSTANCE_QUEUE_MESSAGES = 100_000      # ZeroMQ messages queued on an instance's socket, each way
+INSTANCE_ROUND_MESSAGES_MAX = 512      # messages an instance takes before it lets handlers run
 IN_FLIGHT_MAX = 20_000               # requests one instance runs at once; more: Overloaded
 RPC_PREFIX_BYTES = 8                 # the RPC prefix of every request and response body
 BODY_BYTES_MAX = FRAME_BYTES_MAX - FRAME_HEADER_BYTES - RPC_PREFIX_BYTES

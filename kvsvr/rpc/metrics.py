@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 # Offsets inside a method's block.
 REQUESTS = 0
 FAILURES = 1
-OVERLOADED = 2
+REFUSALS = 2
 DEADLINE_DROPS = 3
 QUEUING_MS = 4                  # summed: divided by REQUESTS it is the average
 LATENCY_FIRST = 5               # LATENCY_FIRST + i: answered within LATENCY_BOUNDS_S[i]
@@ -38,7 +38,7 @@ _METHOD_IDS: tuple[tuple[int, str, str, Any, str], ...] = (
     (REQUESTS, "requests", "Requests that reached the method (admitted or not)", "counter",
      "requests"),
     (FAILURES, "failures", "Requests answered with an error", "counter", "errors"),
-    (OVERLOADED, "overloaded", "Requests refused by FastReject (Overloaded)", "counter",
+    (REFUSALS, "overloaded", "Requests refused by FastReject (Overloaded)", "counter",
      "requests"),
     (DEADLINE_DROPS, "deadline_drops", "Requests dropped: their budget ran out in the queue",
      "counter", "requests"),

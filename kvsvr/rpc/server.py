@@ -1,7 +1,7 @@
 """An instance of a service: a ROUTER socket at its address, each request a coroutine.
 
 The socket is read from the event loop's reader callback, which drains up to
-SERVER_ROUND_MESSAGES_MAX messages a turn; for each request it decides at once what needs no
+INSTANCE_ROUND_MESSAGES_MAX messages a turn; for each request it decides at once what needs no
 handler (a bad frame or prefix, an unknown method, a refusal by FastReject) and otherwise
 starts a task. The task's first step measures the request's queuing time (arrival to start),
 drops it if its budget ran out meanwhile, decodes the body and runs the handler with the
@@ -33,9 +33,9 @@ from kvsvr.rpc.errors import Overloaded
 from kvsvr.rpc.limits import (
     BUSINESS_PRIORITY_LEVELS,
     IN_FLIGHT_MAX,
+    INSTANCE_QUEUE_MESSAGES,
+    INSTANCE_ROUND_MESSAGES_MAX,
     RPC_PREFIX_BYTES,
-    SERVER_QUEUE_MESSAGES,
-    SERVER_ROUND_MESSAGES_MAX,
     USER_PRIORITY_LEVELS,
 )
 from kvsvr.rpc.metrics import ServiceMetrics
@@ -82,8 +82,8 @@ class Server:
         socket = self._socket = context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, MESSAGE_BYTES_MAX)
-        socket.setsockopt(zmq.SNDHWM, SERVER_QUEUE_MESSAGES)
-        socket.setsockopt(zmq.RCVHWM, SERVER_QUEUE_MESSAGES)
+        socket.setsockopt(zmq.SNDHWM, INSTANCE_QUEUE_MESSAGES)
+        socket.setsockopt(zmq.RCVHWM, INSTANCE_QUEUE_MESSAGES)
         try:
             socket.bind(self.address)
         except zmq.ZMQError as e:
@@ -128,7 +128,7 @@ class Server:
         if socket is None or socket.closed:
             return
         arrival = time.monotonic()
-        for _ in range(SERVER_ROUND_MESSAGES_MAX):
+        for _ in range(INSTANCE_ROUND_MESSAGES_MAX):
             try:
                 parts = socket.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
@@ -193,7 +193,7 @@ class Server:
         counters.add(base + m.REQUESTS, 1)
         priority = compound(business, user)
         if not self.admission.admit(priority) or self.in_flight >= self.in_flight_max:
-            counters.add(base + m.OVERLOADED, 1)
+            counters.add(base + m.REFUSALS, 1)
             self._answer_error(peer, request_id, Overloaded(
                 f"{method.full_name}: over capacity; priority {business}/{user} is below the "
                 f"admission level {'/'.join(map(str, split(max(self.admission.level, 0))))}"))
