@@ -4,7 +4,7 @@ The public surface: `Client` (blocking), `AsyncClient` (asyncio), their result t
 typed errors. Everything else is implementation behind it.
 """
 
-from kvsvr.aio import AsyncClient
+from kvsvr.aio import AsyncBatch, AsyncClient
 from kvsvr.client import Batch, Client, Pipeline
 from kvsvr.errors import (
     Compacted,
@@ -13,18 +13,30 @@ from kvsvr.errors import (
     InvalidArgument,
     KvError,
     NotFound,
+    ResourceExhausted,
     StorageFull,
     Timeout,
     Unavailable,
     UnknownMethod,
     VersionConflict,
 )
-from kvsvr.protocol import Change, ChangesPage, MutateReply, Row, RowValue, ScanPage, Versioned
+from kvsvr.protocol import (
+    Change,
+    ChangesPage,
+    KeysPage,
+    MutateReply,
+    Row,
+    RowValue,
+    ScanPage,
+    Versioned,
+)
 from kvsvr.store import seq_of_row, seq_row
+from kvsvr.watching import WatchEvent
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "AsyncBatch",
     "AsyncClient",
     "Batch",
     "Change",
@@ -34,10 +46,12 @@ __all__ = [
     "ConfigError",
     "Internal",
     "InvalidArgument",
+    "KeysPage",
     "KvError",
     "MutateReply",
     "NotFound",
     "Pipeline",
+    "ResourceExhausted",
     "Row",
     "RowValue",
     "ScanPage",
@@ -47,6 +61,7 @@ __all__ = [
     "UnknownMethod",
     "VersionConflict",
     "Versioned",
+    "WatchEvent",
     "seq_of_row",
     "seq_row",
 ]

@@ -28,7 +28,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, NoReturn, Self
 
 import zmq
 
@@ -42,6 +42,7 @@ from kvsvr.health import HEALTHY, Health
 from kvsvr.limits import (
     CLIENT_ATTEMPT_TIMEOUT_S,
     CONNECT_WAIT_S,
+    LIST_KEYS_DEFAULT,
     SCAN_ROWS_DEFAULT,
     TIMEOUT_S_DEFAULT,
     WATCH_WAIT_S_DEFAULT,
@@ -723,10 +724,16 @@ class Pipeline(ClientCalls):
         ping = queued(ClientCalls.ping)
         status = queued(ClientCalls.status)
         faults = queued(ClientCalls.faults)
-        list_keys = queued(KeyListing.list_keys)
 
     def _op_id(self) -> tuple[int, int]:
         return self._client._op_id()
+
+    def list_keys(self, prefix: Any = b"", *, after: Any = None,
+                  limit: int = LIST_KEYS_DEFAULT) -> NoReturn:
+        """Not in a pipeline: a listing asks every group and merges their pages, which is
+        not one queued call."""
+        raise InvalidArgument("list_keys: not available in a pipeline (it asks every group "
+                              "and merges the pages); call it on the client", field="list_keys")
 
     def __len__(self) -> int:
         return len(self._specs)

@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cluster = LocalCluster(args.config)
+        cluster.config.require_kv_groups()
     except ConfigError as e:
         print(f"kvsvr-cluster: config error: {e}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         config = load(args.config)
+        config.require_kv_groups()
         name = args.node or config.groups[0].replicas[0].node
         group, _ = config.replica(name)
         if len(group.replicas) > 1:
