@@ -104,10 +104,36 @@ def test_windows_move_the_level_down_when_queuing_and_up_when_calm() -> None:
         assert highest_admitted(admission.level) == expected, (index, admission.last)
         assert decisions.count(False) == sum(c for p, c in mix.items() if p > before)
         before = admission.level
-    # in an avalanche (queuing 50x the threshold) a window sheds up to half at once
-    run_window(admission, mix, 1000, 7.0)
+    # at three times capacity (a third of what was admitted ran, the rest was dropped for
+    # its budget) one window sheds down to what ran, less 5%, not 5% at a time
+    for priority, count in mix.items():
+        for index in range(count):
+            assert admission.admit(priority)
+            admission.started(0.5, 6.5, ran=index % 3 == 0)
+    admission.tick(7.0)
     admitted = sum(c for p, c in mix.items() if p <= admission.level)
-    assert 0.5 * 180 - 20 <= admitted <= 0.5 * 180   # half, to the nearest priority (20)
+    assert 60 * 0.95 - 20 <= admitted <= 60 * 0.95   # to the nearest priority (20 calls)
+    # and the shed is at most SHED_FRACTION_MAX (80%) of what a window admitted
+    admission = Admission(queuing_ms_max=20, now=0.0)
+    for priority, count in mix.items():
+        for _ in range(count):
+            admission.admit(priority)
+            admission.started(0.5, 0.5, ran=False)
+    admission.tick(1.0)
+    assert sum(c for p, c in mix.items() if p <= admission.level) >= 180 * 0.2 - 20
+
+
+def test_samples_stand_for_the_calls_their_caller_dropped() -> None:
+    """A caller that dropped calls above the level locally sends one in SAMPLE_EVERY as a
+    sample of weight SAMPLE_EVERY: the calm window then plans its raise on the demand."""
+    admission = Admission(queuing_ms_max=20, now=0.0)
+    admission.level = compound(1, 127)
+    for _ in range(100):
+        admission.admit(compound(1, 0))
+        admission.started(0.001, 0.1)
+    assert not admission.admit(compound(2, 0), weight=16)    # refused, but counted as 16
+    admission.tick(1.0)
+    assert admission.level == compound(2, 0)               # 10% more than 100 admitted
 
 
 def test_a_window_ends_after_its_request_count() -> None:

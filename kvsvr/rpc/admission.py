@@ -16,14 +16,18 @@ histogram counts every arrival by priority, admitted or not, so that both direct
 planned from it:
 
     overloaded: the level moves down until the requests at or under it are at most
-                (1 - shed) of those admitted in the window, where shed is SHED_FRACTION
-                (DAGOR's 5%) times the window's average queuing time over the threshold,
-                at most SHED_FRACTION_MAX. Near the threshold that is DAGOR's step; in an
-                avalanche (queuing at 50 times the threshold) a fixed 5% per one-second
-                window would take some twenty windows to shed a 3x overload, all of them
-                spent serving requests past their deadline, so the step grows with it;
-    calm:       it moves up until they are at least (1 + RESTORE_FRACTION) of them (at least
-                one more); if the window holds no such request, every priority is admitted.
+                (1 - shed) of those admitted in the window. DAGOR sheds a fixed 5%; here
+                shed is at least SHED_FRACTION (5%) and at least what brings the admitted
+                down to what the instance ran in the window less 5%, at most
+                SHED_FRACTION_MAX. Near capacity that is DAGOR's step; at three times
+                capacity a fixed 5% per one-second window would need some twenty windows,
+                every one spent queuing requests past their deadline;
+    calm:       it moves up until they are at least (1 + restore) of them (at least one
+                more), where restore is RESTORE_FRACTION (DAGOR's 1%) times the threshold
+                over the window's queuing time, at most RESTORE_FRACTION_MAX: an instance
+                far below its threshold has room, and creeping up 1% a second would leave it
+                idle for a minute after an overshoot. If the window holds no request above
+                the level, every priority is admitted.
 
 A request whose priority is above the level is refused at once (`Overloaded`); every response
 carries the level so callers refuse locally what this instance would refuse.
@@ -39,6 +43,7 @@ from kvsvr.rpc.limits import (
     PRIORITY_LEVELS,
     QUEUING_THRESHOLD_MS_DEFAULT,
     RESTORE_FRACTION,
+    RESTORE_FRACTION_MAX,
     RETRY_BUDGET_RATIO,
     RETRY_TOKENS_MAX,
     SHED_FRACTION,
@@ -134,17 +139,21 @@ class Admission:
         self.window_start = now
         self.queuing_s_sum = 0.0
         self.started_count = 0
+        self.ran_count = 0
         self.last: Window | None = None
 
-    def admit(self, priority: int) -> bool:
-        """A request of `priority` arrived: True to run it, False to refuse it (Overloaded)."""
-        self.histogram[priority] += 1
+    def admit(self, priority: int, weight: int = 1) -> bool:
+        """A request of `priority` arrived, standing for `weight` calls (a caller's sample of
+        those it dropped locally): True to run it, False to refuse it (Overloaded)."""
+        self.histogram[priority] += weight
         return priority <= self.level or not self.enabled
 
-    def started(self, queuing_s: float, now: float) -> Window | None:
-        """A request began after queuing `queuing_s`; the window it closed, if any."""
+    def started(self, queuing_s: float, now: float, ran: bool = True) -> Window | None:
+        """A request began after queuing `queuing_s` (`ran`: it was handled, not dropped for
+        its budget); the window it closed, if any."""
         self.queuing_s_sum += queuing_s
         self.started_count += 1
+        self.ran_count += ran
         if (self.started_count >= self.window_requests_max
                 or now - self.window_start >= self.window_s):
             return self.close(now)
@@ -162,15 +171,20 @@ class Admission:
         average_s = self.queuing_s_sum / count if count else 0.0
         overloaded = average_s > self.queuing_s_max
         if overloaded:
-            shed = min(SHED_FRACTION_MAX, SHED_FRACTION * average_s / self.queuing_s_max)
+            admitted = sum(self.histogram[:self.level + 1])
+            over = 1.0 - self.ran_count * (1.0 - SHED_FRACTION) / admitted if admitted else 0.0
+            shed = min(SHED_FRACTION_MAX, max(SHED_FRACTION, over))
             self.level = lowered_level(self.histogram, self.level, shed)
         elif self.level < ADMIT_ALL:
-            self.level = raised_level(self.histogram, self.level)
+            headroom = self.queuing_s_max / max(average_s, 1e-9)
+            restore = min(RESTORE_FRACTION_MAX, RESTORE_FRACTION * headroom)
+            self.level = raised_level(self.histogram, self.level, restore)
         self.last = Window(count, average_s * 1000.0, overloaded, self.level)
         self.histogram = [0] * PRIORITY_LEVELS
         self.window_start = now
         self.queuing_s_sum = 0.0
         self.started_count = 0
+        self.ran_count = 0
         return self.last
 
 

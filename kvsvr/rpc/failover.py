@@ -37,6 +37,7 @@ from kvsvr.rpc.limits import (
 SHIELDED = "shielded"
 OVERLOADED = "overloaded"
 EXHAUSTED = "exhausted"
+SAMPLED = "sampled"       # chosen although its level refuses the call: a sample
 
 
 def eject_s(probes_failed: int) -> float:
@@ -86,18 +87,22 @@ class Failover:
         """Send nothing to instances of `campuses` from now on (and to the others again)."""
         self.shielded = campuses
 
-    def choose(self, now: float, priority: int = 0,
-               exclude: Sequence[str] = ()) -> tuple[Instance | None, str]:
+    def choose(self, now: float, priority: int = 0, exclude: Sequence[str] = (),
+               sample: bool = False) -> tuple[Instance | None, str]:
         """(instance, "") to send a call of `priority` to, or (None, why): SHIELDED (every
         instance not excluded is in a shielded campus), OVERLOADED (the rest reported a level
-        that refuses `priority`) or EXHAUSTED (none left). An ejected instance whose back-off
-        ended is taken in its turn as the probe; when every candidate is ejected, the one
-        whose back-off ends first is tried anyway (a call never refuses to try)."""
+        that refuses `priority`) or EXHAUSTED (none left). With `sample` (the caller's one
+        call in SAMPLE_EVERY), an instance whose level refuses the call is taken anyway and
+        the answer is (instance, SAMPLED): the call goes out flagged as a sample. An ejected
+        instance whose back-off ended is taken in its turn as the probe; when every
+        candidate is ejected, the one whose back-off ends first is tried anyway (a call
+        never refuses to try)."""
         self.turn += 1
         turn = self.turn
         shielded = self.shielded
         saw_overloaded = saw_shielded = False
         fallback: Instance | None = None
+        refusing: Instance | None = None
         for tier in self.tiers:
             count = len(tier)
             for step in range(count):
@@ -109,6 +114,8 @@ class Failover:
                     continue
                 if priority > instance.level and now < instance.level_until:
                     saw_overloaded = True
+                    if refusing is None and instance.failures < self.failures_to_eject:
+                        refusing = instance
                     continue
                 if instance.failures >= self.failures_to_eject:
                     if now >= instance.until:
@@ -121,6 +128,8 @@ class Failover:
         if fallback is not None:
             return fallback, ""
         if saw_overloaded:
+            if sample and refusing is not None:
+                return refusing, SAMPLED
             return None, OVERLOADED
         if saw_shielded:
             return None, SHIELDED
@@ -173,4 +182,4 @@ class Failover:
             "probe due" if now >= instance.until else "ejected")
 
 
-__all__ = ["EXHAUSTED", "OVERLOADED", "SHIELDED", "Failover", "Instance", "eject_s"]
+__all__ = ["EXHAUSTED", "OVERLOADED", "SAMPLED", "SHIELDED", "Failover", "Instance", "eject_s"]

@@ -20,13 +20,21 @@ ADMIT_ALL = PRIORITY_LEVELS - 1      # the admission level that admits everythin
 WINDOW_S = 1.0                       # a window ends after this long ...
 WINDOW_REQUESTS_MAX = 2_000          # ... or this many started requests, whichever first
 QUEUING_THRESHOLD_MS_DEFAULT = 20          # average queuing time above this: overloaded
-SHED_FRACTION = 0.05                 # an overloaded window sheds this much of what it admitted
-                                     # times its queuing time over the threshold ...
-SHED_FRACTION_MAX = 0.5              # ... at most this much
-RESTORE_FRACTION = 0.01              # a calm window admits this much more
+SHED_FRACTION = 0.05                 # an overloaded window sheds at least this much of what
+                                     # it admitted, or down to what it ran less this much ...
+SHED_FRACTION_MAX = 0.8              # ... at most this much
+RESTORE_FRACTION = 0.01              # a calm window admits this much more, times the
+                                     # threshold over its queuing time ...
+RESTORE_FRACTION_MAX = 0.1           # ... at most this much
 
 # Callers.
-LEVEL_CACHE_S = 1.0                  # a level an instance reported is honoured this long
+LEVEL_CACHE_S = 0.5                  # a level an instance reported is honoured this long:
+                                     # half a window, so every window sees what callers would
+                                     # send above the level, and can plan raising it
+SAMPLE_EVERY = 16                    # a call the caller would drop for a reported level goes
+                                     # out anyway one time in this many, flagged as standing
+                                     # for that many: the instance still sees the demand above
+                                     # its level, and can plan raising it
 RETRY_BUDGET_RATIO = 0.1             # retries at most this fraction of calls ...
 RETRY_TOKENS_MAX = 10.0              # ... with this many saved up at most (a burst)
 CALL_TIMEOUT_S_DEFAULT = 5.0         # a call's deadline unless told (or inherited)
@@ -45,7 +53,11 @@ SHIELD_KEY_PREFIX = "__kvsvr/shield/"
 # Servers.
 INSTANCE_QUEUE_MESSAGES = 100_000      # ZeroMQ messages queued on an instance's socket, each way
 INSTANCE_ROUND_MESSAGES_MAX = 512      # messages an instance takes before it lets handlers run
-IN_FLIGHT_MAX = 20_000               # requests one instance runs at once; more: Overloaded
+IN_FLIGHT_MAX = 20_000               # requests one instance holds (queued or running); more:
+                                     # Overloaded at once
+STARTS_PER_TURN_MAX = 512            # handlers an instance starts per loop turn, at most ...
+TURN_S_TARGET = 0.002                # ... fewer while a turn takes longer than this, so the
+                                     # socket is read (and arrivals timed) every few ms
 RPC_PREFIX_BYTES = 8                 # the RPC prefix of every request and response body
 BODY_BYTES_MAX = FRAME_BYTES_MAX - FRAME_HEADER_BYTES - RPC_PREFIX_BYTES
 METHODS_PER_SERVICE_MAX = 63         # method codes 1 .. this

@@ -1,20 +1,24 @@
 """An instance of a service: a ROUTER socket at its address, each request a coroutine.
 
 The socket is read from the event loop's reader callback, which drains up to
-INSTANCE_ROUND_MESSAGES_MAX messages a turn; for each request it decides at once what needs no
-handler (a bad frame or prefix, an unknown method, a refusal by FastReject) and otherwise
-starts a task. The task's first step measures the request's queuing time (arrival to start),
-drops it if its budget ran out meanwhile, decodes the body and runs the handler with the
-request's deadline and priority in context (kvsvr.rpc.context). Answers leave in one send
-per caller per loop turn, each carrying the admission level.
+INSTANCE_ROUND_MESSAGES_MAX messages a turn, stamping their arrival; for each request it
+decides at once what needs no handler (a bad frame or prefix, an unknown method, a refusal by
+FastReject) and otherwise queues it. A dispatcher starts queued requests as tasks, a few per
+loop turn: as many as keep a turn near TURN_S_TARGET, so that the socket is read every few
+milliseconds even while handlers burn CPU. Were every request started at once, a busy
+instance would read its socket only after running all of them, the real queue would sit
+unseen in ZeroMQ's buffers, and queuing time would read low exactly when it is high.
 
-Overload shows as queuing time: a handler that burns CPU holds the loop, the tasks started
-by the next drain wait behind it, and the admission window (kvsvr.rpc.admission) sees it.
+A task's first step measures the request's queuing time (arrival to start), drops it if its
+budget ran out meanwhile, decodes the body and runs the handler with the request's deadline
+and priority in context (kvsvr.rpc.context). Answers leave in one send per caller per loop
+turn, each carrying the admission level.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from typing import Any
@@ -31,15 +35,26 @@ from kvsvr.rpc.admission import Admission, compound, split
 from kvsvr.rpc.context import deadline_var, priority_var
 from kvsvr.rpc.errors import Overloaded
 from kvsvr.rpc.limits import (
+    ADMIT_ALL,
     BUSINESS_PRIORITY_LEVELS,
     IN_FLIGHT_MAX,
     INSTANCE_QUEUE_MESSAGES,
     INSTANCE_ROUND_MESSAGES_MAX,
     RPC_PREFIX_BYTES,
+    SAMPLE_EVERY,
+    STARTS_PER_TURN_MAX,
+    TURN_S_TARGET,
     USER_PRIORITY_LEVELS,
 )
 from kvsvr.rpc.metrics import ServiceMetrics
-from kvsvr.rpc.service import REQUEST_PREFIX, RESPONSE_PREFIX, Method, Service, encode_body
+from kvsvr.rpc.service import (
+    FLAG_SAMPLE,
+    REQUEST_PREFIX,
+    RESPONSE_PREFIX,
+    Method,
+    Service,
+    encode_body,
+)
 
 log = logging.getLogger("kvsvr.rpc.server")
 
@@ -74,6 +89,14 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # Admitted, not started: a heap by (priority, arrival order), so that the most
+        # important start first and a backlog of the least important rots (and is dropped
+        # when its budget ends) rather than delaying everything behind it.
+        self._queue: list[tuple[int, int, tuple[Any, ...]]] = []
+        self._queued = 0
+        self._dispatch_scheduled = False
+        self._starts_per_turn = STARTS_PER_TURN_MAX
+        self._last_dispatch = 0.0
 
     async def serve(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
@@ -116,7 +139,7 @@ class Server:
             await asyncio.sleep(_TICK_S)
             window = self.admission.tick(time.monotonic())
             if window is not None and window.overloaded:
-                counters.add(base + m.OVERLOADED_WINDOWS, 1)
+                self._overloaded_window()
             counters.set(base + m.ADMISSION_LEVEL, max(self.admission.level, 0))
             counters.set(base + m.IN_FLIGHT, self.in_flight)
 
@@ -171,7 +194,7 @@ class Server:
             self._bad(peer, request_id, f"body: {len(body)} bytes, an RPC body starts with "
                       f"a {RPC_PREFIX_BYTES}-byte prefix")
             return
-        tag, business, user, reserved = _unpack_request(body)
+        tag, business, user, flags = _unpack_request(body)
         if tag != self.service.tag:
             self._answer_error(peer, request_id, UnknownMethod(
                 f"service: this instance serves {self.service.name!r} (tag {self.service.tag})"
@@ -183,16 +206,17 @@ class Server:
                 f"method: {self.service.name} has no method {code} (it has "
                 f"{sorted(self.service.by_code)})", field="method"))
             return
-        if business >= BUSINESS_PRIORITY_LEVELS or user >= USER_PRIORITY_LEVELS or reserved:
+        if business >= BUSINESS_PRIORITY_LEVELS or user >= USER_PRIORITY_LEVELS or flags > 1:
             self._bad(peer, request_id, f"priority: business {business}, user {user}, "
-                      f"reserved {reserved}; expected < {BUSINESS_PRIORITY_LEVELS}, < "
-                      f"{USER_PRIORITY_LEVELS}, 0")
+                      f"flags {flags}; expected < {BUSINESS_PRIORITY_LEVELS}, < "
+                      f"{USER_PRIORITY_LEVELS}, 0 or {FLAG_SAMPLE}")
             return
         counters = self.metrics.counters
         base = self.metrics.first + code * m.MONITOR_IDS_PER_METHOD
         counters.add(base + m.REQUESTS, 1)
         priority = compound(business, user)
-        if not self.admission.admit(priority) or self.in_flight >= self.in_flight_max:
+        if (not self.admission.admit(priority, SAMPLE_EVERY if flags else 1)
+                or self.in_flight >= self.in_flight_max):
             counters.add(base + m.REFUSALS, 1)
             self._answer_error(peer, request_id, Overloaded(
                 f"{method.full_name}: over capacity; priority {business}/{user} is below the "
@@ -200,11 +224,63 @@ class Server:
             return
         deadline = arrival + budget_ms / 1000.0 if budget_ms else None
         self.in_flight += 1
-        task = self._loop.create_task(  # type: ignore[union-attr]
-            self._run(peer, method, request_id, body[RPC_PREFIX_BYTES:], arrival, deadline,
-                      (business, user), base))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._queued += 1
+        # FastReject off: first come, first served (priority orders nothing)
+        heapq.heappush(self._queue, (priority if self.admission.enabled else 0, self._queued, (
+            peer, method, request_id, body[RPC_PREFIX_BYTES:], arrival, deadline,
+            (business, user), base)))
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            self._last_dispatch = time.monotonic()
+            self._loop.call_soon(self._dispatch)  # type: ignore[union-attr]
+
+    def _overloaded_window(self) -> None:
+        """The level went down: what waits above it was admitted by an older level that the
+        instance could not keep; it is refused now (Overloaded, at once) rather than left to
+        queue until its budget ends and keep the next window overloaded."""
+        self.metrics.counters.add(self.metrics.first + m.OVERLOADED_WINDOWS, 1)
+        level = self.admission.level
+        if not self.admission.enabled or not self._queue:
+            return
+        keep = []
+        counters = self.metrics.counters
+        for entry in self._queue:
+            if entry[0] <= level:
+                keep.append(entry)
+                continue
+            peer, method, request_id, _, _, _, _, base = entry[2]
+            self.in_flight -= 1
+            counters.add(base + m.REFUSALS, 1)
+            self._answer_error(peer, request_id, Overloaded(
+                f"{method.full_name}: over capacity; refused while queued (the admission "
+                "level went down)"))
+        heapq.heapify(keep)
+        self._queue = keep
+
+    def _dispatch(self) -> None:
+        """Start some queued requests: fewer when the last turn ran long (handlers burning
+        CPU), more when it was quick, so the socket is read again soon either way."""
+        now = time.monotonic()
+        turn_s = now - self._last_dispatch
+        self._last_dispatch = now
+        starts = self._starts_per_turn
+        if turn_s > TURN_S_TARGET:
+            starts = max(1, starts // 2)
+        elif turn_s < TURN_S_TARGET / 2:
+            starts = min(STARTS_PER_TURN_MAX, starts * 2)
+        self._starts_per_turn = starts
+        queue = self._queue
+        loop = self._loop
+        assert loop is not None
+        tasks = self._tasks
+        for _ in range(min(starts, len(queue))):
+            task = loop.create_task(self._run(*heapq.heappop(queue)[2]))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if queue:
+            loop.call_soon(self._dispatch)
+        else:
+            self._dispatch_scheduled = False
 
     # --- running -----------------------------------------------------------------------
     async def _run(self, peer: bytes, method: Method[Any, Any], request_id: int,
@@ -214,11 +290,12 @@ class Server:
         try:
             start = time.monotonic()
             queuing_s = start - arrival
-            window = self.admission.started(queuing_s, start)
+            expired = deadline is not None and start >= deadline
+            window = self.admission.started(queuing_s, start, ran=not expired)
             if window is not None and window.overloaded:
-                counters.add(self.metrics.first + m.OVERLOADED_WINDOWS, 1)
+                self._overloaded_window()
             counters.add(base + m.QUEUING_MS, int(queuing_s * 1000))
-            if deadline is not None and start >= deadline:
+            if expired:
                 counters.add(base + m.DEADLINE_DROPS, 1)
                 self._answer_error(peer, request_id, Timeout(
                     f"{method.full_name}: the call's budget ran out after {queuing_s * 1000:.0f}"
@@ -264,6 +341,8 @@ class Server:
                   "counted)", method.full_name, exc_info=error)
 
     def _level(self) -> int:
+        if not self.admission.enabled:
+            return ADMIT_ALL   # callers must not drop locally what this instance takes
         level = self.admission.level
         return level if level >= 0 else 0xFFFF
 

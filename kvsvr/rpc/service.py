@@ -17,7 +17,8 @@ with an 8-byte RPC prefix followed by the msgpack of the request or response str
 ErrorReply when the response's status is not 0):
 
     request prefix   u32 service tag (crc32 of the service name), u8 business priority,
-                     u8 user priority, u16 reserved (0)
+                     u8 user priority, u16 flags (bit 0: a sample, standing for
+                     SAMPLE_EVERY calls its caller dropped locally; others reserved, 0)
     response prefix  u16 admission level of the instance, u16 reserved (0), u32 reserved (0)
 """
 
@@ -37,6 +38,7 @@ from kvsvr.protocol import describe_validation_error
 from kvsvr.rpc.limits import BODY_BYTES_MAX, METHODS_PER_SERVICE_MAX, RPC_PREFIX_BYTES
 
 REQUEST_PREFIX = struct.Struct("<IBBH")
+FLAG_SAMPLE = 1
 RESPONSE_PREFIX = struct.Struct("<HHI")
 assert REQUEST_PREFIX.size == RESPONSE_PREFIX.size == RPC_PREFIX_BYTES
 
@@ -148,6 +150,7 @@ def encode_body(prefix: bytes, value: Any, encoder: msgspec.msgpack.Encoder) -> 
 
 
 __all__ = [
+    "FLAG_SAMPLE",
     "REQUEST_PREFIX",
     "RESPONSE_PREFIX",
     "Method",

@@ -46,17 +46,25 @@ from kvsvr.protocol import ErrorReply, pack
 from kvsvr.rpc.admission import RetryBudget, compound, user_priority
 from kvsvr.rpc.context import deadline_var, priority_var
 from kvsvr.rpc.errors import RPC_ERRORS_BY_CODE, Overloaded
-from kvsvr.rpc.failover import OVERLOADED, SHIELDED, Failover
+from kvsvr.rpc.failover import OVERLOADED, SAMPLED, SHIELDED, Failover
 from kvsvr.rpc.limits import (
     ATTEMPT_TIMEOUT_S_DEFAULT,
     BUSINESS_PRIORITY_DEFAULT,
     CALL_TIMEOUT_S_DEFAULT,
     CALLER_QUEUE_MESSAGES,
     RPC_PREFIX_BYTES,
+    SAMPLE_EVERY,
     SHIELD_POLL_S,
     USER_PRIORITY_LEVELS,
 )
-from kvsvr.rpc.service import REQUEST_PREFIX, RESPONSE_PREFIX, Method, Service, encode_body
+from kvsvr.rpc.service import (
+    FLAG_SAMPLE,
+    REQUEST_PREFIX,
+    RESPONSE_PREFIX,
+    Method,
+    Service,
+    encode_body,
+)
 
 log = logging.getLogger("kvsvr.rpc.stub")
 
@@ -302,7 +310,14 @@ class AsyncStub:
                 raise last if isinstance(last, Overloaded | Unavailable) else Timeout(
                     f"{method.full_name}: no answer within its budget (tried "
                     f"{', '.join(tried) or 'no instance'})")
-            instance, why = failover.choose(now, priority, tried)
+            instance, why = failover.choose(now, priority, tried,
+                                            random.randrange(SAMPLE_EVERY) == 0)
+            if why == SAMPLED:
+                sample_body = bytearray(body)
+                sample_body[6] = FLAG_SAMPLE   # the flags' low byte (see kvsvr.rpc.service)
+                frame_body: bytes | bytearray = sample_body
+            else:
+                frame_body = body
             if instance is None:
                 if last is not None:
                     raise last
@@ -321,7 +336,7 @@ class AsyncStub:
             link = self._links[address]
             link.pending[request_id] = future
             budget_ms = max(1, min(int((deadline - now) * 1000), 0xFFFFFFFF))
-            link.send(_encode_frame(_REQUEST, method.code, request_id, budget_ms, body))
+            link.send(_encode_frame(_REQUEST, method.code, request_id, budget_ms, frame_body))
             timer = loop.call_later(attempt_s, _expire, future)
             answer = await future
             timer.cancel()
