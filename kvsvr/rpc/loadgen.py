@@ -111,6 +111,10 @@ async def run(config: str, *, rate: float, duration: float, cpu_us: int, high_sh
     result: dict[str, Any] = {name: value.summary() for name, value in stats.items()}
     result["goodput_per_s"] = round(
         (stats["high"].ok + stats["low"].ok) / measured, 1) if measured > 0 else None
+    everything = ClassStats()
+    everything.latencies = stats["high"].latencies + stats["low"].latencies
+    everything.calls = 1
+    result["p99_ms"] = everything.summary()["p99_ms"]   # of the calls that succeeded
     return result
 
 
