@@ -21,6 +21,7 @@ from kvsvr.errors import ConfigError, Internal, InvalidArgument, Timeout, Unknow
 from kvsvr.launcher import write_single_node_config
 from kvsvr.limits import MESSAGE_BYTES_MAX
 from kvsvr.monitor.counters import open_counters
+from kvsvr.monitor.registry import load_registry
 from kvsvr.rpc import AsyncStub, Stub
 from kvsvr.rpc import metrics as m
 from kvsvr.rpc.examples import (
@@ -229,6 +230,21 @@ def test_each_method_counts_in_its_monitor_ids(services: ServiceInstances) -> No
     assert total(m.REQUESTS) - before == 20
     assert sum(total(m.LATENCY_FIRST + i) for i in range(6)) >= 20
     assert counters.kind(first + m.ADMISSION_LEVEL) == _core.KIND_GAUGE
+
+
+def test_the_printed_registry_names_every_id_of_the_service(
+        services: ServiceInstances, tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "kvsvr.rpc.instance", "--config",
+                          services.config_path, "--print-registry", "kvsvr.rpc.examples:echo"],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    (tmp_path / "echo.toml").write_text(run.stdout)
+    registry = load_registry([tmp_path / "echo.toml"])
+    first = monitor_ids_first(services.config, "echo")
+    say = first + 1 * m.MONITOR_IDS_PER_METHOD
+    assert registry.by_id[say + m.REQUESTS].name == "rpc.echo.say.requests"
+    assert registry.by_id[say + m.LATENCY_FIRST].name == "rpc.echo.say.latency.le_1ms"
+    assert registry.by_id[first + m.ADMISSION_LEVEL].kind == "gauge"
 
 
 def test_config_and_program_errors_name_the_field(tmp_path: Path) -> None:
