@@ -1,7 +1,7 @@
 """Svrkit's overload curve: goodput and p99 with FastReject on and off, offered 0.5x to 5x
 the measured capacity of a CPU-bound service, open-loop.
 
-    python bench/rpc_overload.py                      # 0.5 1 2 3 5 x, 8 s each, plot file
+    python bench/rpc_overload.py                      # 0.5 1 2 3 5 x, 12 s each, plot file
     python bench/rpc_overload.py --multiples 1 3 --seconds 6 --svg /tmp/curve.svg --json
 
 Two `burn` instances (kvsvr.rpc.examples:burn, --cpu-us of CPU per call), one with
@@ -9,9 +9,9 @@ FastReject, one without (first come, first served). Capacity is measured first: 
 loop of 16 calls in flight on the instance without FastReject, calls/s. Then, for each
 multiple, alternating on and off, `python -m kvsvr.rpc.loadgen` offers Poisson arrivals at
 that multiple of the capacity (a fifth from an important entry method, each call with a 1 s
-deadline) and counts, after the first --skip seconds: goodput (calls answered within their
-deadline per second), the p99 of those calls, and the important calls' success rate. The
-curve is written as an SVG file (no plotting library needed).
+deadline) and counts, after the first --skip seconds (the level settles): goodput (calls
+answered within their deadline per second), the p99 of those calls, and the important
+calls' success rate. The curve is written as an SVG file (no plotting library needed).
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def svg(curve: list[dict[str, Any]], capacity_per_s: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--multiples", type=float, nargs="+", default=[0.5, 1, 2, 3, 5])
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--skip", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--skip", type=float, default=4.0)
     parser.add_argument("--cpu-us", type=int, default=2000)
     parser.add_argument("--svg", default="bench/rpc_overload.svg")
     parser.add_argument("--json", action="store_true")

@@ -19,7 +19,7 @@ from kvsvr import _core
 from kvsvr.config import parse
 from kvsvr.errors import ConfigError, Internal, InvalidArgument, Timeout, UnknownMethod
 from kvsvr.launcher import write_single_node_config
-from kvsvr.limits import MESSAGE_BYTES_MAX
+from kvsvr.limits import FRAME_BYTES_MAX, MESSAGE_BYTES_MAX
 from kvsvr.monitor.counters import open_counters
 from kvsvr.monitor.registry import load_registry
 from kvsvr.rpc import AsyncStub, Stub
@@ -94,6 +94,9 @@ def test_typed_calls_through_both_stubs(services: ServiceInstances) -> None:
         with pytest.raises(InvalidArgument) as refused:
             stub.say(SayReply("a response, not a request"))
         assert refused.value.field == "request"
+        with pytest.raises(InvalidArgument) as oversize:
+            stub.say(SayRequest("x" * FRAME_BYTES_MAX))
+        assert oversize.value.field == "body"
 
     async def run() -> SayReply:
         async with AsyncStub(echo, services.config_path, follow_shield=False) as stub:
