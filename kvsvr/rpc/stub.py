@@ -115,7 +115,8 @@ class _Link:
                 self.socket.send(message, zmq.NOBLOCK)
             except zmq.ZMQError:
                 break   # its queue is full: those calls time out and go elsewhere
-        self.schedule_drain()
+        if int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self.schedule_drain()
 
     def schedule_drain(self) -> None:
         # The descriptor is edge-triggered: look again rather than wait for the next edge.
@@ -129,7 +130,11 @@ class _Link:
         if socket.closed:
             return
         pending = self.pending
+        events: Callable[[int], int] = socket.getsockopt
         for _ in range(512):
+            # Asking first is cheaper than the exception an empty socket's recv raises.
+            if not events(zmq.EVENTS) & zmq.POLLIN:
+                return
             try:
                 payload = socket.recv(zmq.NOBLOCK, copy=True)
             except zmq.ZMQError:
