@@ -245,10 +245,14 @@ cdef class Counters:
                             + 8 + 8 * (second % self.window_s))
 
     cdef _refuse(self, int id, uint32_t wanted):
-        if id < 1 or id > self.max_ids:
+        if id == 0:
+            return CountersError("id: 0 is reserved (ids start at 1)")
+        if id < 0 or id > _MONITOR_IDS_MAX:
+            return CountersError(f"id: {id} is outside the id range 1..{_MONITOR_IDS_MAX}")
+        if id > self.max_ids:
             return CountersError(
-                f"id: {id} is outside this counters file (ids 1..{self.max_ids}); the table "
-                "is full at max_ids: make the file again with a larger monitor.max_ids")
+                f"id: {id} is past this counters file's max_ids {self.max_ids}: raise "
+                "[monitor] max_ids and remove the file so that it is made again")
         kind = kvsvr_load32(self._kind(id))
         if kind == _KIND_FREE:
             return CountersError(f"id: {id} is not registered in this counters file")

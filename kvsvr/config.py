@@ -99,7 +99,7 @@ class MonitorConfig(Struct, forbid_unknown_fields=True):
     center: str = "tcp://127.0.0.1:7500"   # where agents send and the center listens
     web: str = "127.0.0.1:7580"     # HOST:PORT of the center's page (checked in validate)
     data_dir: Annotated[str, Meta(min_length=1)] = "kvsvr-data/monitor"
-    rules: str = ""                 # alert rules file ("": none)
+    rules: str = ""                 # alert rules file ("": the default rules, "none": none)
     agent_period_s: Annotated[int, Meta(ge=1, le=3600)] = 60
     agent_state_dir: Annotated[str, Meta(min_length=1)] = "kvsvr-data/agent"
     machine: Annotated[str, Meta(max_length=64)] = ""   # "": the host name

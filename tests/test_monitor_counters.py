@@ -151,15 +151,16 @@ def test_seconds_have_their_own_buckets_and_leave_the_window(tmp_path):
 
 @pytest.mark.parametrize(("call", "message"), [
     (lambda c: c.add(1010, 1), "id: 1010 is not registered"),
-    (lambda c: c.add(2000, 1), r"outside this counters file \(ids 1..1024\)"),
-    (lambda c: c.add(0, 1), "outside this counters file"),
-    (lambda c: c.add(-5, 1), "outside this counters file"),
+    (lambda c: c.add(2000, 1), "past this counters file's max_ids 1024: raise"),
+    (lambda c: c.add(0, 1), "id: 0 is reserved"),
+    (lambda c: c.add(-5, 1), r"outside the id range 1..65536"),
+    (lambda c: c.add(70000, 1), r"outside the id range 1..65536"),
     (lambda c: c.add(LEVEL, 1), "registered as a gauge, not a counter"),
     (lambda c: c.set(HITS, 1), "registered as a counter, not a gauge"),
     (lambda c: c.add(HITS, 1 << 43), "outside"),
     (lambda c: c.register(1010, 7), "kind: 7"),
     (lambda c: c.register(LEVEL, _core.KIND_COUNTER), "already registered as a gauge"),
-    (lambda c: c.register(5000, _core.KIND_COUNTER), "table is full"),
+    (lambda c: c.register(5000, _core.KIND_COUNTER), "past this counters file.s max_ids"),
 ])
 def test_bad_calls_are_refused_and_change_nothing(tmp_path, call, message):
     """Unknown ids, a full table, a kind clash and out-of-range values raise an error that
