@@ -115,3 +115,26 @@ def test_failing_instance_is_left_within_two_seconds_and_used_again(
     # after the recovery, probes bring a back: the last calls are answered by it
     last = [o for o in outcomes if o.sent >= 12.0]
     assert last and sum(o.pid == new_near for o in last) >= 0.9 * len(last)
+
+
+def test_a_stopping_instance_finishes_its_work_and_loses_no_call(
+        pair: ServiceInstances) -> None:
+    """SIGTERM under load: running calls finish, queued ones are answered Unavailable and
+    go to the other instance at once; no call fails and the instance exits 0."""
+    burn_cpu_us = 3000      # enough that a queue forms behind the running call
+
+    async def run() -> list[WorkReply | BaseException]:
+        async with AsyncStub(burn, pair.config_path, campus="a", timeout=5.0,
+                             attempt_timeout=3.0, follow_shield=False) as stub:
+            calls = [asyncio.get_running_loop().create_task(
+                stub.work(WorkRequest(cpu_us=burn_cpu_us))) for _ in range(200)]
+            await asyncio.sleep(0.1)
+            pair.signal("burn-1", signal.SIGTERM)
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, WorkReply) for r in results), [
+        r for r in results if not isinstance(r, WorkReply)][:3]
+    pids = {r.pid for r in results if isinstance(r, WorkReply)}
+    assert len(pids) == 2          # both instances answered: the queue moved over
+    assert pair.processes["burn-1"].wait(10) == 0

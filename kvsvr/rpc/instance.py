@@ -83,6 +83,9 @@ def load_service(text: str) -> Service:
     if not colon or not module_name or not attribute:
         raise ConfigError(f"service: {text!r}, expected MODULE:ATTRIBUTE "
                           "(e.g. kvsvr.rpc.examples:echo)")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        # `kvsvr-service greeter:greeter` run where greeter.py is, as `python -m` would
+        sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

@@ -58,6 +58,7 @@ IN_FLIGHT_MAX = 20_000               # requests one instance holds (queued or ru
 STARTS_PER_TURN_MAX = 512            # handlers an instance starts per loop turn, at most ...
 TURN_S_TARGET = 0.002                # ... fewer while a turn takes longer than this, so the
                                      # socket is read (and arrivals timed) every few ms
+STOP_WAIT_S = 2.0                    # a stopping instance lets running handlers finish this long
 RPC_PREFIX_BYTES = 8                 # the RPC prefix of every request and response body
 BODY_BYTES_MAX = FRAME_BYTES_MAX - FRAME_HEADER_BYTES - RPC_PREFIX_BYTES
 METHODS_PER_SERVICE_MAX = 63         # method codes 1 .. this

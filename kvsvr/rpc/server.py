@@ -28,7 +28,14 @@ import msgspec
 import zmq
 
 from kvsvr import _core
-from kvsvr.errors import Internal, InvalidArgument, KvError, Timeout, UnknownMethod
+from kvsvr.errors import (
+    Internal,
+    InvalidArgument,
+    KvError,
+    Timeout,
+    Unavailable,
+    UnknownMethod,
+)
 from kvsvr.limits import MESSAGE_BYTES_MAX
 from kvsvr.protocol import ErrorReply, pack
 from kvsvr.rpc import metrics as m
@@ -44,6 +51,7 @@ from kvsvr.rpc.limits import (
     RPC_PREFIX_BYTES,
     SAMPLE_EVERY,
     STARTS_PER_TURN_MAX,
+    STOP_WAIT_S,
     TURN_S_TARGET,
     USER_PRIORITY_LEVELS,
 )
@@ -98,7 +106,8 @@ class Server:
         self._queue: list[tuple[int, int, tuple[Any, ...]]] = []
         self._queued = 0
         self._dispatch_scheduled = False
-        self._starts_per_turn = STARTS_PER_TURN_MAX
+        self._stopping = False
+        self._starts_per_turn = 1   # doubles each quick turn
         self._last_dispatch = 0.0
 
     async def serve(self) -> None:
@@ -123,6 +132,9 @@ class Server:
         self._drain()   # what arrived before the reader was added
         try:
             await self._stopped
+            self._stopping = True
+            loop.remove_reader(fd)
+            await self._finish()
         finally:
             ticker.cancel()
             loop.remove_reader(fd)
@@ -130,6 +142,20 @@ class Server:
                 task.cancel()
             socket.close()
             context.term()
+
+    async def _finish(self) -> None:
+        """Stopping: what waits is answered Unavailable (nothing was done, so its callers
+        go to another instance at once), what runs gets STOP_WAIT_S to finish, and the
+        answers leave before the socket closes."""
+        for _, _, entry in self._queue:
+            peer, method, request_id = entry[0], entry[1], entry[2]
+            self.in_flight -= 1
+            self._answer_error(peer, request_id, Unavailable(
+                f"{method.full_name}: the instance is stopping; not started"))
+        self._queue = []
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=STOP_WAIT_S)
+        self._flush()
 
     def stop(self) -> None:
         if self._stopped is not None and not self._stopped.done():
@@ -151,7 +177,7 @@ class Server:
         """Take what the socket holds (at most a round's worth, then yield to handlers)."""
         self._drain_scheduled = False
         socket = self._socket
-        if socket is None or socket.closed:
+        if socket is None or socket.closed or self._stopping:
             return
         arrival = time.monotonic()
         events: Callable[[int], int] = socket.getsockopt  # type: ignore[assignment]

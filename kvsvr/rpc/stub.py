@@ -4,8 +4,9 @@ twin for scripts and command lines.
 A call picks an instance with the caller's Failover (own campus first, ejected and shielded
 ones skipped, and those whose last reported admission level would refuse the call), sends one
 frame carrying the remaining budget and the call's priority, and waits at most an attempt
-timeout. A refusal that did no work (Overloaded, Unavailable) goes to another instance while
-the retry budget allows; a timed-out attempt does so only for an idempotent method. Every
+timeout. A refusal that did no work goes to another instance: Overloaded while the retry
+budget allows, Unavailable (a stopping instance) always, once per instance; a timed-out
+attempt does so only for an idempotent method, within the budget. Every
 call ends with its response or a typed error: Timeout, Overloaded, Unavailable, or the
 error the handler raised.
 
@@ -376,7 +377,9 @@ class AsyncStub:
                 failover.succeeded(address, now, level)
                 raise error
             last = error
-            if not self.retry_budget.spend():
+            # Unavailable (the instance took nothing: stopping) goes to the next instance
+            # without spending the budget: it adds no load, and each instance is tried once.
+            if isinstance(error, Overloaded) and not self.retry_budget.spend():
                 raise error
 
 
