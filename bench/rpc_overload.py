@@ -91,6 +91,13 @@ def svg(curve: list[dict[str, Any]], capacity_per_s: float) -> str:
             _, y = xy(0, y_max / 1.1 * fraction)
             out.append(f'<text x="{left + pad - 5}" y="{y + 4}" font-size="11" '
                        f'text-anchor="end">{y_max / 1.1 * fraction:.0f}</text>')
+        if key == "goodput_per_s":   # the measured capacity, dashed
+            x0, y = xy(0, capacity_per_s)
+            x1, _ = xy(x_max, capacity_per_s)
+            out.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}" stroke="gray" '
+                       'stroke-dasharray="4 4"/>')
+            out.append(f'<text x="{x1}" y="{y - 4:.1f}" font-size="11" text-anchor="end" '
+                       'fill="gray">measured capacity</text>')
         for mode, color in (("on", "#1f77b4"), ("off", "#d62728")):
             points = sorted((p["multiple"], p[key] or 0.0) for p in curve if p["mode"] == mode)
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(m, v) for m, v in points))
