@@ -46,7 +46,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceInstan
     """echo, burn and relay instances (one each, campus a), running for the module."""
     directory = tmp_path_factory.mktemp("rpc")
     path = add_services(write_single_node_config(directory),
-                        {"echo": ["a"], "burn": ["a"], "relay": ["a"]})
+                        {"echo": ["a"], "burn": ["a"], "relay": ["a"]},
+                        business_priorities={"burn.work": 3, "relay.forward": 7})
     instances = ServiceInstances(path, log_dir=directory / "logs")
     for target, name in (("kvsvr.rpc.examples:echo", "echo"),
                          ("kvsvr.rpc.examples:burn", "burn"),
@@ -140,11 +141,16 @@ def test_a_call_past_its_deadline_is_a_timeout_not_a_hang(services: ServiceInsta
         assert time.monotonic() - start < 1.0
 
 
-def test_downstream_calls_inherit_the_remaining_budget(services: ServiceInstances) -> None:
+def test_downstream_calls_inherit_the_budget_and_business_priority(
+        services: ServiceInstances) -> None:
     with Stub(relay, services.config_path, follow_shield=False) as stub:
         reply: WorkReply = stub.forward(WorkRequest(cpu_us=0, tag="down"), timeout=2.0)
-    # burn saw what relay had left of the caller's 2 s, not its own default of 5 s
+    # burn saw what relay had left of the caller's 2 s, not its own default of 5 s, and the
+    # business priority of the entry method (relay.forward: 7), not its own row (3)
     assert reply.tag == "down" and 1000 < reply.remaining_ms <= 2000
+    assert reply.business == 7
+    with Stub(burn, services.config_path, follow_shield=False) as stub:
+        assert stub.work(WorkRequest(cpu_us=0)).business == 3      # an entry call itself
 
 
 def test_work_whose_budget_ran_out_in_the_queue_is_dropped(services: ServiceInstances) -> None:

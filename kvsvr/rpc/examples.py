@@ -11,7 +11,7 @@ import time
 import msgspec
 
 from kvsvr.errors import InvalidArgument
-from kvsvr.rpc.context import remaining_s
+from kvsvr.rpc.context import priority_var, remaining_s
 from kvsvr.rpc.service import Service
 
 
@@ -64,6 +64,7 @@ class WorkReply(msgspec.Struct):
     pid: int
     tag: str
     remaining_ms: float       # the budget the handler saw left when it started
+    business: int = -1        # the business priority the request carried
 
 
 burn = Service("burn")
@@ -75,7 +76,9 @@ async def work(request: WorkRequest) -> WorkReply:
     end = time.perf_counter() + request.cpu_us / 1e6
     while time.perf_counter() < end:
         pass
-    return WorkReply(os.getpid(), request.tag, -1.0 if left is None else left * 1000)
+    priority = priority_var.get()
+    return WorkReply(os.getpid(), request.tag, -1.0 if left is None else left * 1000,
+                     -1 if priority is None else priority[0])
 
 
 relay = Service("relay")
