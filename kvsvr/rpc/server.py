@@ -255,6 +255,13 @@ class Server:
             return
         deadline = arrival + budget_ms / 1000.0 if budget_ms else None
         self.in_flight += 1
+        if self.in_flight == 1:   # nothing else waits or runs: start it without a turn
+            task = self._loop.create_task(self._run(  # type: ignore[union-attr]
+                peer, method, request_id, body[RPC_PREFIX_BYTES:], arrival, deadline,
+                (business, user), base))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
         self._queued += 1
         # FastReject off: first come, first served (priority orders nothing)
         heapq.heappush(self._queue, (priority if self.admission.enabled else 0, self._queued, (
@@ -386,6 +393,10 @@ class Server:
     def _send(self, peer: bytes, frame: bytes) -> None:
         outbox = self._outbox
         if not outbox:
+            if self.in_flight <= 1 and not self._queue:   # alone: out now, a turn saved
+                outbox[peer] = [frame]
+                self._flush()
+                return
             self._loop.call_soon(self._flush)  # type: ignore[union-attr]
         queued = outbox.get(peer)
         if queued is None:
