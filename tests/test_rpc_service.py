@@ -275,3 +275,33 @@ def test_config_and_program_errors_name_the_field(tmp_path: Path) -> None:
                           "--node", "echo-1", "kvsvr.rpc.examples:nothing"],
                          capture_output=True, text=True, timeout=30)
     assert run.returncode == 2 and "is not a kvsvr.rpc.Service" in run.stderr
+
+
+def test_mutated_frames_are_answered_or_dropped_and_the_instance_serves_on(
+        services: ServiceInstances) -> None:
+    """Random byte flips in valid requests (header, prefix or body): each message gets at
+    most two answers (a shortened body_len leaves a second, bad frame behind the first), the
+    instance never stops, and a clean call works after."""
+    import random
+
+    rng = random.Random(23)
+    valid = request_frame(1, SayRequest("mutate me"), request_id=99)
+    raw = Raw(services.address("echo-1"))
+    try:
+        sent = 0
+        for _ in range(2000):
+            message = bytearray(valid)
+            for _ in range(rng.randint(1, 4)):
+                message[rng.randrange(len(message))] = rng.randrange(256)
+            raw.socket.send(bytes(message))
+            sent += 1
+        answers = 0
+        while raw.socket.poll(500):
+            frames, _, _ = _core.decode_frames(raw.socket.recv())
+            answers += len(frames)
+        assert 0 < answers <= 2 * sent
+    finally:
+        raw.close()
+    with Stub(echo, services.config_path, follow_shield=False) as stub:
+        assert stub.say(SayRequest("after")) == SayReply("after")
+    assert services.processes["echo-1"].poll() is None
