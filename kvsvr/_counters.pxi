@@ -16,7 +16,7 @@
 #       16    4 slot_bytes     8 + 8 * window_s
 #       20    4 reserved       0
 #       24    8 file_bytes     64 + max_ids * slot_bytes: the exact file size
-#       32    8 created_s      unix second the file was made (for people; never read back)
+#       32    8 created_s      unix second the file was made (nothing is counted before it)
 #       40   16 reserved       0
 #       56    8 checksum       xxh3_64 of bytes [0, 56): the header is written once, then only
 #                              read, so a mismatch means the file is not ours or was damaged
@@ -224,6 +224,7 @@ cdef class Counters:
     cdef uint8_t* _base
     cdef readonly int max_ids
     cdef readonly int window_s
+    cdef readonly int64_t created_s
     cdef Py_ssize_t _slot_bytes
 
     def __cinit__(self, buf):
@@ -234,6 +235,7 @@ cdef class Counters:
         self._base = &self._view[0]
         self.max_ids = _load32(self._base + 8)
         self.window_s = _load32(self._base + 12)
+        self.created_s = <int64_t> _load64(self._base + 32)
         self._slot_bytes = 8 + 8 * <Py_ssize_t> self.window_s
 
     cdef inline uint32_t* _kind(self, int id) noexcept nogil:

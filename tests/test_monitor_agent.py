@@ -54,6 +54,16 @@ def test_readable_span(cursor, window, expected):
     assert readable_span(cursor, NOW, window) == expected
 
 
+def test_a_new_file_is_shipped_from_its_creation():
+    """A file made 5 s ago is shipped from then, not from the start of its window (those
+    seconds were never counted; shipped as empty they made absent rules fire at start)."""
+    created = int(NOW) - 5
+    assert readable_span(0, NOW, 60, created) == (created, int(NOW) - GRACE_S, None)
+    assert readable_span(0, NOW, 60, int(NOW) - 500)[0] == int(NOW) - 60 + GRACE_S
+    assert readable_span(0, NOW, 60, int(NOW) + 30)[0] == int(NOW) - 60 + GRACE_S  # clock
+    assert readable_span(1_700_000_090, NOW, 60, int(NOW))[0] == 1_700_000_091  # has cursor
+
+
 def _counters(tmp_path, ids: int = 1024):
     registry = builtin_registry()
     for i in range(1000, ids + 1):

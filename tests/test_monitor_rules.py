@@ -90,6 +90,23 @@ def test_absent_rule(for_s, now, last, firing):
     assert finding.firing is firing, finding.message
 
 
+@pytest.mark.parametrize(("for_s", "now", "last", "covered_from", "firing"), [
+    # a machine reporting since second 990 has not been silent for more than 10 s at 1000
+    (10, 1000.0, None, 990, False),
+    (10, 1000.0, None, 989, True),
+    (10, 1000.0, 985, 995, False),     # the later of the last value and the coverage counts
+    (10, 1000.0, 985, 989, True),
+    (180, 1000.0, None, 999, False),   # a cluster just started: no alert
+])
+def test_absent_rule_counts_silence_from_the_first_report(for_s, now, last, covered_from,
+                                                          firing):
+    """Before, a machine whose first report held no value yet fired at once ("no value for
+    more than 180 s") as the cluster started."""
+    resolved = _rule(id="node.requests", kind="absent", for_s=for_s)
+    finding = evaluate(resolved, [], now, last, covered_from)
+    assert finding.firing is firing, finding.message
+
+
 def test_a_series_fires_then_clears_exactly_once_each():
     """Walking a threshold rule along a series gives one 'firing' event where it crosses and
     one 'cleared' where it falls back, nothing in between."""

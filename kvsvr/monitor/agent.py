@@ -98,20 +98,24 @@ WAIT_LOG_S = 30.0               # how often "waiting for the counters file" is l
 _ack_decoder = msgspec.msgpack.Decoder(Ack)
 
 
-def readable_span(cursor: int, now: float,
-                  window_s: int) -> tuple[int, int, tuple[int, int] | None]:
+def readable_span(cursor: int, now: float, window_s: int,
+                  created_s: int = 0) -> tuple[int, int, tuple[int, int] | None]:
     """(first, through, gap) of the seconds to ship now, given the last acknowledged second.
 
     `through` is the newest complete second; `first` the one after the cursor unless that has
     left the window, in which case the seconds in between are the gap (and are gone). A
-    cursor of 0 (never shipped) starts at the oldest second still in the window.
+    cursor of 0 (never shipped) starts at the oldest second still in the window, or at the
+    file's creation (`created_s`) if later: seconds before the file existed were never
+    counted, and shipping them as empty would tell the center that every id was silent then
+    (an absent rule would fire as the cluster starts). A creation after `now` (the clock
+    was stepped back since) is not believed.
     """
     second = int(now)
     through = second - GRACE_S
     # Writers may be in second `second` (or one before, on a coarse clock): a bucket is safe
     # to read while s + window > second + 1.
     oldest = second - window_s + GRACE_S
-    first = cursor + 1 if cursor else oldest
+    first = cursor + 1 if cursor else max(oldest, created_s if created_s <= through else 0)
     gap = None
     if first < oldest:
         gap = (first, oldest - 1)
@@ -141,6 +145,8 @@ class SecondsSource(Protocol):
 
     @property
     def window_s(self) -> int: ...
+    @property
+    def created_s(self) -> int: ...
     def snapshot(self, second: int) -> bytes: ...
     def registered(self) -> list[tuple[int, int]]: ...
 
@@ -156,7 +162,7 @@ def build_reports(counters: SecondsSource, machine: str, cursor: int, now: float
     `lost`: spans already known lost (refused reports), put on the first report with the
     gap of seconds that left the window.
     """
-    first, through, gap = readable_span(cursor, now, counters.window_s)
+    first, through, gap = readable_span(cursor, now, counters.window_s, counters.created_s)
     if first > through:
         return []
     parts = split_catalog(catalog)

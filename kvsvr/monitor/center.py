@@ -310,6 +310,14 @@ class Center:
                 self.last_value[key] = found
         return self.last_value[key]
 
+    def _covered_from(self, machine: str) -> int | None:
+        """The first second `machine` (or, for "", any machine) ever reported."""
+        machines = self.store.machines()
+        if machine:
+            state = machines.get(machine)
+            return state.first if state is not None else None
+        return min((m.first for m in machines.values()), default=None)
+
     def evaluate_rules(self, now: float) -> list[AlertEvent]:
         events: list[AlertEvent] = []
         for resolved in self.rules:
@@ -319,10 +327,12 @@ class Center:
                 needed = samples_needed(rule)
                 samples = self.store.series(resolved.id, through - needed + 1, through, scope) \
                     if needed and through else []
-                last_value = None
+                last_value = covered_from = None
                 if rule.kind == "absent":
                     last_value = self._last_value_second(resolved, machine, through, now)
-                finding = rules_module.evaluate(resolved, samples, now, last_value)
+                    covered_from = self._covered_from(machine)
+                finding = rules_module.evaluate(resolved, samples, now, last_value,
+                                                covered_from)
                 key = (rule.name, machine)
                 self.findings[key] = finding
                 change = rules_module.transition(key in self.firing, finding)

@@ -222,6 +222,7 @@ class CountersReader:
         self.max_ids = counters.max_ids
         self._fd = fd
         self._slot_bytes = 8 + 8 * counters.window_s
+        self.created_s = counters.created_s   # nothing was counted before it
         self.ids: list[tuple[int, int]] = []
         self.refresh()
 

@@ -141,21 +141,24 @@ def _mean(values: Sequence[int | None], counter: bool) -> float | None:
 
 
 def evaluate(resolved: ResolvedRule, samples: Sequence[int | None], now: float,
-             last_value_second: int | None) -> Finding:
+             last_value_second: int | None, covered_from: int | None = None) -> Finding:
     """Judge one rule on one scope.
 
     `samples`: the per-second values of the rule's id over the `samples_needed` seconds
     ending at the newest second the scope is covered through (oldest first; None: no value).
     `last_value_second`: the newest second with a value of the id in this scope, looking back
     at least `for_s` seconds from `now` (None: none there). `now`: unix seconds (absent only).
+    `covered_from`: the first second the scope was ever reported (absent only): a silence
+    counts from then at the earliest, so a machine that just started reporting is not absent.
     """
     rule = resolved.rule
     compare = OPERATORS[rule.op]
     if rule.kind == "absent":
-        if last_value_second is None:
+        if last_value_second is None and (covered_from is None
+                                          or now - covered_from > rule.for_s):
             return Finding(True, None, f"{resolved.id_name}: no value for more than "
                            f"{rule.for_s} s")
-        silent = now - last_value_second
+        silent = now - max(s for s in (last_value_second, covered_from) if s is not None)
         if silent > rule.for_s:
             return Finding(True, silent, f"{resolved.id_name}: no value for {silent:.0f} s "
                            f"(> {rule.for_s} s)")
