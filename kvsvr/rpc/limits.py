@@ -41,10 +41,10 @@ CALL_TIMEOUT_S_DEFAULT = 5.0         # a call's deadline unless told (or inherit
 ATTEMPT_TIMEOUT_S_DEFAULT = 1.0      # an attempt unanswered this long counts as a failure
 FAILURES_TO_EJECT = 3                # consecutive failures that eject an instance
 EJECT_FIRST_S = 0.5                  # an ejected instance is skipped this long first, ...
-EJECT_S_MAX = 10.0                   # ... doubling per failed probe, up to this
+EJECT_S_MAX = 4.0                    # ... doubling per failed probe, up to this: a recovered
+                                     # instance gets its traffic back within seconds
 EJECT_DOUBLINGS_MAX = 16             # (no huge powers of two)
 CALLER_QUEUE_MESSAGES = 10_000       # ZeroMQ messages queued per stub socket, each way
-SWEEP_INTERVAL_S = 0.02              # a stub looks for attempts past their timeout this often
 
 # Shielding: the switch is a key in KVSvr; callers read it this often.
 SHIELD_POLL_S = 1.0
