@@ -138,3 +138,29 @@ def test_a_stopping_instance_finishes_its_work_and_loses_no_call(
     pids = {r.pid for r in results if isinstance(r, WorkReply)}
     assert len(pids) == 2          # both instances answered: the queue moved over
     assert pair.processes["burn-1"].wait(10) == 0
+
+
+@pytest.mark.soak
+def test_repeated_faults_on_both_instances_lose_no_call(pair: ServiceInstances) -> None:
+    """A minute of SIGSTOP/SIGCONT and SIGKILL/restart cycles on either instance in turn:
+    every call ends, almost all of them answered."""
+    events: dict[float, object] = {}
+    for cycle in range(6):
+        node = ("burn-1", "burn-2")[cycle % 2]
+        at = 2.0 + 10.0 * cycle
+        if cycle % 4 < 2:
+            events[at] = lambda node=node: pair.signal(node, signal.SIGSTOP)
+            events[at + 3.0] = lambda node=node: pair.signal(node, signal.SIGCONT)
+        else:
+            events[at] = lambda node=node: pair.kill(node)
+            events[at + 3.0] = lambda node=node: pair.start(node)
+
+    async def run() -> list[Outcome]:
+        async with AsyncStub(burn, pair.config_path, campus="a", timeout=3.0,
+                             attempt_timeout=0.3, follow_shield=False) as stub:
+            return await stream(stub, 64.0, events)
+
+    outcomes = asyncio.run(run())
+    assert len(outcomes) == int(64.0 * RATE_PER_S)
+    errors = [o for o in outcomes if not isinstance(o.result, WorkReply)]
+    assert len(errors) <= 0.02 * len(outcomes), [repr(o.result) for o in errors[:5]]
