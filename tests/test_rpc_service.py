@@ -267,6 +267,15 @@ def test_config_and_program_errors_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"services\[0\]\.instances\[0\]\.address"):
         parse(text.replace('address = "tcp://127.0.0.1:', 'address = "tcp://x:99999', 2)
               .replace('tcp://x:99999', 'tcp://127.0.0.1:', 1))
+    with pytest.raises(ConfigError, match=r"services\[0\]\.monitor_ids_first: the block "
+                                          r"500\.\.1523 is outside"):
+        monitor_ids_first(parse(text.replace('name = "echo"', 'name = "echo"\n'
+                                             'monitor_ids_first = 500')), "echo")
+    two = add_services(write_single_node_config(tmp_path / "two"), {"a": ["x"], "b": ["x"]})
+    overlapping = two.read_text().replace('name = "b"', 'name = "b"\nmonitor_ids_first = 16400')
+    with pytest.raises(ConfigError, match=r"services\[1\]\.monitor_ids_first: .* overlaps "
+                                          r"that of services\[0\]"):
+        monitor_ids_first(parse(overlapping), "b")
     run = subprocess.run([sys.executable, "-m", "kvsvr.rpc.instance", "--config", str(path),
                           "--node", "nope", "kvsvr.rpc.examples:echo"],
                          capture_output=True, text=True, timeout=30)

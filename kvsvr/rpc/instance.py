@@ -21,7 +21,9 @@ from pathlib import Path
 from kvsvr import config as config_module
 from kvsvr.config import ClusterConfig, ServiceConfig, ServiceInstanceConfig
 from kvsvr.errors import ConfigError
+from kvsvr.limits import MONITOR_FIRST_USER_ID
 from kvsvr.monitor.counters import counters_for
+from kvsvr.monitor.registry import IDS_MAX
 from kvsvr.process import (
     add_config_argument,
     add_log_level,
@@ -56,9 +58,23 @@ def instance_config(entry: ServiceConfig, node: str) -> ServiceInstanceConfig:
 
 
 def monitor_ids_first(config: ClusterConfig, name: str) -> int:
-    """The first monitor id of the block of service `name`."""
-    index, entry = service_config(config, name)
-    return entry.monitor_ids_first or MONITOR_IDS_FIRST_DEFAULT + index * MONITOR_IDS_PER_SERVICE
+    """The first monitor id of the block of service `name`; ConfigError if its block does
+    not fit the id space or overlaps another service's."""
+    blocks = [(entry.monitor_ids_first or MONITOR_IDS_FIRST_DEFAULT
+               + index * MONITOR_IDS_PER_SERVICE, index) for index, entry in
+              enumerate(config.services)]
+    index, _ = service_config(config, name)
+    first = blocks[index][0]
+    field = f"services[{index}].monitor_ids_first"
+    if first < MONITOR_FIRST_USER_ID or first + MONITOR_IDS_PER_SERVICE - 1 > IDS_MAX:
+        raise ConfigError(f"{field}: the block {first}..{first + MONITOR_IDS_PER_SERVICE - 1}"
+                          f" is outside the ids a program may use ({MONITOR_FIRST_USER_ID}.."
+                          f"{IDS_MAX}); set monitor_ids_first explicitly")
+    for other, other_index in blocks:
+        if other_index != index and abs(other - first) < MONITOR_IDS_PER_SERVICE:
+            raise ConfigError(f"{field}: the block of {MONITOR_IDS_PER_SERVICE} ids from "
+                              f"{first} overlaps that of services[{other_index}] (from {other})")
+    return first
 
 
 def make_server(service: Service, config: ClusterConfig, node: str) -> Server:

@@ -13,7 +13,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from kvsvr.monitor.counters import CounterSink, NullCounters
-from kvsvr.monitor.registry import MonitorId
+from kvsvr.monitor.registry import IDS_MAX, MonitorId
 from kvsvr.rpc.limits import MONITOR_IDS_PER_METHOD, MONITOR_IDS_PER_SERVICE
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class ServiceMetrics:
     def __init__(self, counters: CounterSink, first: int):
         self.counters = counters
         self.first = first
-        assert first + MONITOR_IDS_PER_SERVICE - 1 <= 65_535
+        assert first == 0 or first + MONITOR_IDS_PER_SERVICE - 1 <= IDS_MAX
 
     @classmethod
     def off(cls) -> ServiceMetrics:
