@@ -247,3 +247,19 @@ def test_reported_level_drops_calls_locally_until_it_expires() -> None:
     failover.succeeded(A, 2.0, level=ADMIT_ALL)
     assert failover.choose(2.0, high)[0] is not None
     assert failover.choose(2.0, exclude=[A]) == (None, EXHAUSTED)
+
+
+def test_shielded_health_skips_shielded_replicas_unless_all_are() -> None:
+    """The storage client's Health with shields (for it to adopt): a key's replicas in a
+    shielded campus are skipped, all of them kept when every one is shielded."""
+    from kvsvr.rpc.shield import ShieldedHealth
+
+    health = ShieldedHealth({A: "a", B: "b", C: "c"})
+    assert health.choose([A, B, C], 0.0) == (A, 0.0)
+    health.shield(frozenset({"a"}))
+    assert health.choose([A, B, C], 0.0) == (B, 0.0)
+    health.shield(frozenset({"a", "b", "c"}))
+    assert health.choose([A, B, C], 0.0) == (A, 0.0)
+    health.shield(frozenset({"a"}))
+    health.failed(B, 0.0)
+    assert health.choose([A, B, C], 0.1) == (C, 0.1)

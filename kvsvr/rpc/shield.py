@@ -13,12 +13,13 @@ fails keeps the last state read: losing the store must not unshield a campus by 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from kvsvr import config as config_module
 from kvsvr.errors import ConfigError, KvError, NotFound
+from kvsvr.health import Health
 from kvsvr.process import add_config_argument, program_parser
 from kvsvr.rpc.limits import SHIELD_KEY_PREFIX
 
@@ -56,6 +57,38 @@ def set_shielded(client: Any, campus: str, on: bool) -> None:
         client.put(shield_key(campus), SHIELD_ON)
     else:
         client.delete(shield_key(campus))
+
+
+class ShieldedHealth(Health):
+    """The storage client's Health (kvsvr.health) that also skips replicas of shielded
+    campuses, for the storage client to adopt in place of Health: `shield()` is fed by a
+    poller of `read_shielded` (the stubs' way) or `is_shielded`. When every candidate of a
+    key is shielded they are all kept: the store must still answer, and shielding is for
+    spreading traffic, not for refusing it."""
+
+    def __init__(self, campus_of: dict[str, str]):
+        """`campus_of`: replica address -> campus (from the config's groups)."""
+        super().__init__()
+        self.campus_of = campus_of
+        self.shielded: frozenset[str] = frozenset()
+
+    def shield(self, campuses: frozenset[str]) -> None:
+        self.shielded = campuses
+
+    def choose(self, candidates: Sequence[str], now: float,
+               exclude: str | None = None) -> tuple[str, float]:
+        shielded = self.shielded
+        if shielded:
+            kept = [a for a in candidates if self.campus_of.get(a) not in shielded]
+            if kept:
+                candidates = kept
+        return super().choose(candidates, now, exclude)
+
+
+def replica_campuses(config: config_module.ClusterConfig) -> dict[str, str]:
+    """Replica address -> campus, for ShieldedHealth."""
+    return {replica.address: replica.campus for group in config.groups
+            for replica in group.replicas}
 
 
 def campuses_of(config: config_module.ClusterConfig) -> list[str]:
@@ -103,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["campuses_of", "is_shielded", "main", "read_shielded", "set_shielded",
-           "shield_key"]
+__all__ = ["ShieldedHealth", "campuses_of", "is_shielded", "main", "read_shielded",
+           "replica_campuses", "set_shielded", "shield_key"]
 
 
 if __name__ == "__main__":
