@@ -14,13 +14,14 @@ from kvsvr.rpc.admission import (
     split,
     user_priority,
 )
-from kvsvr.rpc.failover import EXHAUSTED, OVERLOADED, SHIELDED, Failover, eject_s
+from kvsvr.rpc.failover import EXHAUSTED, OVERLOADED, SAMPLED, SHIELDED, Failover, eject_s
 from kvsvr.rpc.limits import (
     ADMIT_ALL,
     EJECT_FIRST_S,
     EJECT_S_MAX,
     LEVEL_CACHE_S,
     PRIORITY_LEVELS,
+    SAMPLE_EVERY,
     USER_PRIORITY_LEVELS,
 )
 
@@ -243,6 +244,9 @@ def test_reported_level_drops_calls_locally_until_it_expires() -> None:
     failover.failed(A, 0.0, level=compound(5, 0))       # Overloaded, level 5/0
     assert failover.choose(0.1, low)[0] is not None
     assert failover.choose(0.1, high) == (None, OVERLOADED)
+    # one refused call in SAMPLE_EVERY goes out anyway, as a sample
+    outcomes = [failover.choose(0.1, high)[1] for _ in range(SAMPLE_EVERY * 3)]
+    assert outcomes.count(SAMPLED) == 3 and outcomes.count(OVERLOADED) == 3 * SAMPLE_EVERY - 3
     assert failover.choose(LEVEL_CACHE_S + 0.01, high)[0] is not None   # asks again
     failover.succeeded(A, 2.0, level=ADMIT_ALL)
     assert failover.choose(2.0, high)[0] is not None

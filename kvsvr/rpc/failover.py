@@ -31,6 +31,7 @@ from kvsvr.rpc.limits import (
     EJECT_S_MAX,
     FAILURES_TO_EJECT,
     LEVEL_CACHE_S,
+    SAMPLE_EVERY,
 )
 
 # Why no instance was chosen.
@@ -81,19 +82,20 @@ class Failover:
         others = [i for i in self.instances.values() if i.campus != campus]
         self.tiers = [tier for tier in (own, others) if tier]
         self.turn = 0                # round robin inside a tier
+        self.dropped = 0             # calls refused here for a reported level
         self.shielded: frozenset[str] = frozenset()
 
     def shield(self, campuses: frozenset[str]) -> None:
         """Send nothing to instances of `campuses` from now on (and to the others again)."""
         self.shielded = campuses
 
-    def choose(self, now: float, priority: int = 0, exclude: Sequence[str] = (),
-               sample: bool = False) -> tuple[Instance | None, str]:
+    def choose(self, now: float, priority: int = 0,
+               exclude: Sequence[str] = ()) -> tuple[Instance | None, str]:
         """(instance, "") to send a call of `priority` to, or (None, why): SHIELDED (every
         instance not excluded is in a shielded campus), OVERLOADED (the rest reported a level
-        that refuses `priority`) or EXHAUSTED (none left). With `sample` (the caller's one
-        call in SAMPLE_EVERY), an instance whose level refuses the call is taken anyway and
-        the answer is (instance, SAMPLED): the call goes out flagged as a sample. An ejected
+        that refuses `priority`) or EXHAUSTED (none left). One call in SAMPLE_EVERY that
+        would be refused so is sent anyway: the answer is (instance, SAMPLED), and the call
+        goes out flagged as a sample standing for that many. An ejected
         instance whose back-off ended is taken in its turn as the probe; when every
         candidate is ejected, the one whose back-off ends first is tried anyway (a call
         never refuses to try)."""
@@ -128,7 +130,8 @@ class Failover:
         if fallback is not None:
             return fallback, ""
         if saw_overloaded:
-            if sample and refusing is not None:
+            self.dropped += 1
+            if refusing is not None and self.dropped % SAMPLE_EVERY == 0:
                 return refusing, SAMPLED
             return None, OVERLOADED
         if saw_shielded:

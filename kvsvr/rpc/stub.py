@@ -54,7 +54,6 @@ from kvsvr.rpc.limits import (
     CALL_TIMEOUT_S_DEFAULT,
     CALLER_QUEUE_MESSAGES,
     RPC_PREFIX_BYTES,
-    SAMPLE_EVERY,
     SHIELD_POLL_S,
     USER_PRIORITY_LEVELS,
 )
@@ -322,8 +321,7 @@ class AsyncStub:
                 raise last if isinstance(last, Overloaded | Unavailable) else Timeout(
                     f"{method.full_name}: no answer within its budget (tried "
                     f"{', '.join(tried) or 'no instance'})")
-            instance, why = failover.choose(now, priority, tried,
-                                            random.randrange(SAMPLE_EVERY) == 0)
+            instance, why = failover.choose(now, priority, tried)
             if why == SAMPLED:
                 sample_body = bytearray(body)
                 sample_body[6] = FLAG_SAMPLE   # the flags' low byte (see kvsvr.rpc.service)
