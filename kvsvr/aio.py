@@ -395,7 +395,7 @@ class AsyncClient(ClientCalls):
                     self._waiting.append(call)
                 else:
                     call.future.set_exception(unreachable(
-                        list(park.candidates), call.spec.method, now - park.since))
+                        list(park.candidates), calls.call_name(call.spec), now - park.since))
             else:
                 self._parked.append(call)
         if self._parked:

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from kvsvr import _core
 from kvsvr import protocol as p
 from kvsvr.config import check_client_address
 from kvsvr.errors import Internal, InvalidArgument, KvError, Timeout, VersionConflict
@@ -26,6 +27,20 @@ class CallSpec(NamedTuple):
     finish: Callable[[Any], Any]
     address: str | None = None  # this node only, no failover (status of every node)
     attempt_timeout: float | None = None  # this call's own (a long poll's); None: the client's
+
+
+def call_name(spec: CallSpec) -> str:
+    """The client call a spec came from, as the user wrote it (`put`, `row_put`, `batch`,
+    `list_keys`): an error about the call names it, not the wire method that carried it."""
+    if spec.method == p.Method.LIST:
+        return "list_keys"
+    if spec.method != p.Method.MUTATE:
+        return p.Method(spec.method).name.lower()
+    kinds = [op.kind for op in spec.request.ops]
+    if (len(kinds) == 2 and kinds[1] == _core.OP_EXPIRE
+            and kinds[0] in (_core.OP_PUT, _core.OP_ROW_PUT)):
+        kinds = kinds[:1]   # put(ttl=) and row_put(ttl=) carry their expiry as a second op
+    return _core.OP_NAMES.get(kinds[0], "batch") if len(kinds) == 1 else "batch"
 
 
 def _same(reply: Any) -> Any:

@@ -551,8 +551,9 @@ class _Exchange:
         for address in park.candidates:
             self.health.failed(address, now)
         if index not in self.unanswered:
-            self._finish(index, unreachable(list(park.candidates), self.specs[index].method,
-                                            now - park.since))
+            self._finish(index, unreachable(
+                list(park.candidates), calls.call_name(self.specs[index]),
+                now - park.since))
 
     def _wait_connecting(self, timeout_ms: int) -> None:
         """Poll for answers and for the connections parked requests wait for."""
@@ -685,7 +686,8 @@ class _Exchange:
             park = self.parked.get(index)
             if park is not None and index not in self.unanswered:   # never sent anywhere
                 self.results[index] = unreachable(list(park.candidates),
-                                                  self.specs[index].method, now - park.since)
+                                                  calls.call_name(self.specs[index]),
+                                                  now - park.since)
                 continue
             if (reason is not None and index not in self.unanswered
                     and self.current[index] is None):

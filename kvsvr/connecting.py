@@ -104,11 +104,12 @@ class Parked:
         return self.spread_at if now < self.spread_at < self.until else self.until
 
 
-def unreachable(addresses: list[str], method: int, waited_s: float) -> Unavailable:
-    """The error of a request that could not be sent anywhere."""
+def unreachable(addresses: list[str], call: str, waited_s: float) -> Unavailable:
+    """The error of a request that could not be sent anywhere; `call`: the client call's
+    name (calls.call_name)."""
     return Unavailable(
         f"no node answered: no connection to {', '.join(addresses)} within {waited_s:.2g} s, "
-        f"so the {p.Method(method).name.lower()} was not sent (nothing was changed). Is the "
+        f"so the {call} was not sent (nothing was changed). Is the "
         "cluster running? Start it with `kvsvr-cluster --config FILE` (every node of a "
         "config on this machine) or `kvsvr-node --config FILE --node NAME`")
 

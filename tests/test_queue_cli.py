@@ -3,6 +3,7 @@ and lag; bad input and bad configs exit with status 2 and say which field."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,15 @@ def test_bad_config_is_refused_naming_the_field(tmp_path):
         'campus = "b"', 'campus = "a"', 2))
     result = quorumq(config, "status")
     assert result.returncode == 2 and "queue_groups[0].servers[1].campus" in result.stderr
+
+
+def test_a_stopped_group_fails_produce_fast_saying_unavailable(tmp_path):
+    """No server up: produce exits 4 within seconds, the error's kind is "unavailable"
+    (a subclass's lowered name ran into the message), and --json gives an object."""
+    config = write_queue_config(tmp_path, kv_group=False)
+    produced = quorumq(config, "produce", "t", "one")
+    assert produced.returncode == 4
+    assert produced.stderr.startswith("quorumq: unavailable: "), produced.stderr
+    as_json = quorumq(config, "--json", "produce", "t", "one")
+    assert as_json.returncode == 4
+    assert json.loads(as_json.stderr)["error"] == "unavailable"

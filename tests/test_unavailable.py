@@ -81,6 +81,30 @@ def test_the_cli_says_no_node_answered_and_how_to_start_one(tmp_path: Path):
     assert "kvsvr-cluster --config" in result.stderr
 
 
+def test_unavailable_names_the_call_the_user_made(tmp_path: Path):
+    """The message names `put`, `row_put`, `list_keys` or `batch`, not the wire method
+    (MUTATE, LIST) that would have carried it; blocking and asyncio clients alike."""
+    config = write_single_node_config(tmp_path)
+    with Client(config, timeout=5.0) as client:
+        calls = {"put": lambda: client.put("k", "v", ttl=60),
+                 "row_put": lambda: client.row_put("k", "r", "v"),
+                 "incr": lambda: client.incr("k", 1),
+                 "list_keys": lambda: client.list_keys(""),
+                 "batch": lambda: client.batch("k").put(b"v").incr(1).commit(),
+                 "get": lambda: client.get("k")}
+        for name, call in calls.items():
+            with pytest.raises(Unavailable) as raised:
+                call()
+            assert f"so the {name} was not sent" in str(raised.value), (name, raised.value)
+
+    async def asynchronous() -> None:
+        async with AsyncClient(config, timeout=5.0) as async_client:
+            with pytest.raises(Unavailable, match="so the append was not sent"):
+                await async_client.append("k", "v")
+
+    asyncio.run(asynchronous())
+
+
 def test_a_connected_node_that_does_not_answer_is_a_timeout(tmp_path: Path):
     """SIGSTOPped after the client connected: the request left, so the answer is Timeout
     ("may or may not have been applied"), for the blocking and the asyncio client."""

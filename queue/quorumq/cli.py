@@ -352,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     except NotFound as e:
         return _fail(args, "not found", e, EXIT_NOT_FOUND)
     except (Timeout, Unavailable) as e:
-        return _fail(args, type(e).__name__.lower(), e, EXIT_UNAVAILABLE)
+        # by the base class: a subclass's name (PublishUnavailable) is no kind to print
+        kind = "timeout" if isinstance(e, Timeout) else "unavailable"
+        return _fail(args, kind, e, EXIT_UNAVAILABLE)
     except KvError as e:
         return _fail(args, type(e).__name__, e, EXIT_OTHER)
     except KeyboardInterrupt:   # Ctrl-C (produce: batches still open are NOT acknowledged)
