@@ -88,6 +88,24 @@ def row_argument(text: str) -> bytes:
     return os.fsencode(text)   # the bytes given, even when they are not UTF-8
 
 
+def key_argument(text: str) -> bytes:
+    """A key where the CLI may print one back (`keys --after`): text, or hex:HEXDIGITS."""
+    if text.startswith("hex:"):
+        try:
+            return bytes.fromhex(text[4:])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: hex: needs hex digits") from None
+    return os.fsencode(text)
+
+
+def _key_text(key: bytes) -> str:
+    """A key as key_argument reads it back."""
+    text = _utf8(key)
+    if text is not None and text.isprintable() and not text.startswith("hex:"):
+        return text
+    return "hex:" + key.hex()
+
+
 VALUE_HELP = "the value; - reads it from standard input (bytes as they are, up to the value limit)"
 
 
@@ -195,13 +213,14 @@ def _key_line(key: bytes, encoded: bool) -> str:
     return text
 
 
-def list_keys_through(client: Client, prefix: bytes, limit: int) -> KeysPage:
-    """Up to `limit` keys with `prefix`, following pages (the CLI's `keys`)."""
+def list_keys_through(client: Client, prefix: bytes, limit: int,
+                      after: bytes | None = None) -> KeysPage:
+    """Up to `limit` keys with `prefix` (those past `after`), following pages (the CLI's
+    `keys`)."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise InvalidArgument(f"limit: expected a positive integer, got {limit!r}",
                               field="limit")
     keys: list[bytes] = []
-    after = None
     while len(keys) < limit:
         page = client.list_keys(prefix, after=after, limit=min(limit - len(keys),
                                                               SCAN_ROWS_MAX))
@@ -229,7 +248,7 @@ def _print_text(command: str, result: Any, encoded: bool = False) -> None:
     elif isinstance(result, KeysPage):
         print("".join(_key_line(key, encoded) + "\n" for key in result.keys), end="")
         if result.next_after is not None:
-            print(f"# more keys after {_b64(result.next_after)} (base64)", file=sys.stderr)
+            print(f"# more keys: --after {_key_text(result.next_after)}", file=sys.stderr)
     elif isinstance(result, ChangesPage):
         lines = [f"{c.version}\t{_row_text(c.row)}\t{'deleted' if c.deleted else 'put'}\t"
                  f"{_line_value(c.row, c.value, encoded)}" for c in result.changes]
@@ -288,6 +307,9 @@ def _keys_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("prefix", nargs="?", type=os.fsencode, default=b"")
     p.add_argument("--limit", type=int, default=LIST_KEYS_DEFAULT,
                    help="at most this many keys (several pages are asked for if needed)")
+    p.add_argument("--after", type=key_argument, default=None, metavar="KEY",
+                   help="only keys after this one (text or hex:HEXDIGITS), to go on from "
+                        "where a listing stopped (it prints \"# more keys: --after KEY\")")
 
 
 def _ttl_option(p: argparse.ArgumentParser) -> None:
@@ -403,7 +425,8 @@ def _add_commands(commands: Any) -> None:
     p = command("watch", "print a key's changes as they are applied, until interrupted (or "
                          "--duration ends): one line per changed row, VERSION<TAB>ROW<TAB>"
                          "put|deleted<TAB>VALUE, and after each poll's rows the key's value, "
-                         "VERSION<TAB><TAB>value|none<TAB>VALUE (values between two polls are "
+                         "VERSION<TAB><TAB>value|none<TAB>VALUE, when the key holds a value, "
+                         "held one before or no row changed (values between two polls are "
                          "coalesced; VERSION says how far the watch got). " + LINES_HELP)
     _watch_options(p)
     _encoded(p)
@@ -444,7 +467,7 @@ def run(args: argparse.Namespace, client: Client) -> Any:
     if c == "append":
         return client.append(args.key, args.value)
     if c == "keys":
-        return list_keys_through(client, args.prefix, args.limit)
+        return list_keys_through(client, args.prefix, args.limit, args.after)
     if c == "changes":
         return client.changes(args.key, args.since_version, after_row=args.after_row,
                               limit=args.limit, consistency=consistency)
@@ -557,14 +580,19 @@ def _read_values(args: argparse.Namespace) -> None:
     args.value = data
 
 
-def _watch_lines(event: WatchEvent, encoded: bool) -> str:
-    """An event as text lines: its rows as `changes` prints them, then the key's value."""
+def _watch_lines(event: WatchEvent, encoded: bool, held: bool) -> str:
+    """An event as text lines: its rows as `changes` prints them, then the key's value when
+    it has one, or had one (`held`: a value line was printed before), or when no row changed
+    (the version moved for the value alone, a delete say). A table key's polls thus print
+    only their rows, not an empty value line each."""
     lines = [f"{c.version}\t{_row_text(c.row)}\t{'deleted' if c.deleted else 'put'}\t"
              f"{_line_value(c.row, c.value, encoded)}\n" for c in event.changes]
     if event.complete:
         value = event.value
-        lines.append(f"{event.version}\t\tnone\t\n" if value is None else
-                     f"{event.version}\t\tvalue\t{_line_value(b'', value, encoded)}\n")
+        if value is not None:
+            lines.append(f"{event.version}\t\tvalue\t{_line_value(b'', value, encoded)}\n")
+        elif held or not event.changes:
+            lines.append(f"{event.version}\t\tnone\t\n")
     return "".join(lines)
 
 
@@ -576,13 +604,15 @@ def _watch_json(event: WatchEvent) -> dict[str, Any]:
 
 def _watch(args: argparse.Namespace, client: Client) -> int:
     """Print each event of a watch as it comes; 0 when --duration ends (or ^C)."""
+    held = False   # a value line was printed: a later "none" line says it went
     try:
         for event in client.watch(args.key, args.since, timeout=args.duration,
                                   wait=args.wait):
             if args.json:
                 print(json.dumps(_watch_json(event)), flush=True)
             else:
-                print(_watch_lines(event, args.base64), end="", flush=True)
+                print(_watch_lines(event, args.base64, held), end="", flush=True)
+                held = held or (event.complete and event.value is not None)
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:   # the reader stopped: not an error

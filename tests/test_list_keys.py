@@ -132,7 +132,8 @@ def test_the_asyncio_client_lists_too(two_groups: LocalCluster) -> None:
 
 
 def test_keys_through_the_cli(two_groups: LocalCluster) -> None:
-    """`kvsvr keys [PREFIX] [--limit N]`: one key a line; --json carries key_base64; a
+    """`kvsvr keys [PREFIX] [--limit N] [--after KEY]`: one key a line, a cut listing
+    saying the --after that goes on; --json carries key_base64; a
     binary key needs --base64 or --json; a bad --limit fails naming it."""
     def kv(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "kvsvr.cli", "--config",
@@ -144,7 +145,13 @@ def test_keys_through_the_cli(two_groups: LocalCluster) -> None:
             client.put(b"cli/%d" % i, b"v")
     listed = kv("keys", "cli/")
     assert listed.returncode == 0 and listed.stdout.split() == [f"cli/{i}" for i in range(5)]
-    assert kv("keys", "cli/", "--limit", "2").stdout.split() == ["cli/0", "cli/1"]
+    first = kv("keys", "cli/", "--limit", "2")
+    assert first.stdout.split() == ["cli/0", "cli/1"]
+    assert "# more keys: --after cli/1" in first.stderr   # a hint the CLI can take
+    rest = kv("keys", "cli/", "--after", "cli/1")
+    assert rest.returncode == 0 and rest.stdout.split() == ["cli/2", "cli/3", "cli/4"]
+    assert kv("keys", "cli/", "--after", "hex:636c692f33").stdout.split() == ["cli/4"]
+    assert kv("keys", "--after", "hex:zz").returncode == 2
     assert '"key_base64": "Y2xpLzA="' in kv("--json", "keys", "cli/", "--limit", "1").stdout
     refused = kv("keys", "--limit", "0")
     assert refused.returncode != 0 and "limit" in refused.stderr

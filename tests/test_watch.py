@@ -345,6 +345,28 @@ def test_the_cli_prints_each_change_as_it_comes(cluster: LocalCluster, tmp_path:
     assert bad.returncode == 2 and "--since" in bad.stderr
 
 
+def test_the_cli_prints_a_value_line_only_for_a_key_that_holds_or_held_one(
+        cluster: LocalCluster):
+    """A table key's polls print their rows alone (no "VERSION<TAB><TAB>none" line after
+    each); a value key's delete still prints its "none" line."""
+    address = cluster.address(cluster.nodes[0])
+    command = [sys.executable, "-m", "kvsvr.cli", "--address", address, "watch",
+               "--duration", "3", "--wait", "1"]
+    with Client(address=address) as client:
+        table = subprocess.Popen([*command, "tbl"], stdout=subprocess.PIPE, text=True)
+        value = subprocess.Popen([*command, "val"], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.2)
+        client.row_put("tbl", "a", "x")
+        client.put("val", "one")
+        time.sleep(0.3)
+        client.row_delete("tbl", "a")
+        client.delete("val")
+        table_out, _ = table.communicate(timeout=10)
+        value_out, _ = value.communicate(timeout=10)
+    assert table_out.splitlines() == ["1\ta\tput\tx", "2\ta\tdeleted\t"]
+    assert value_out.splitlines() == ["1\t\tvalue\tone", "2\t\tnone\t"]
+
+
 # --- a replicated group --------------------------------------------------------------------
 def _group(tmp_path: Path) -> Iterator[LocalCluster]:
     cluster = LocalCluster(write_cluster_config(tmp_path, replicas=3, sync=False),
