@@ -17,7 +17,14 @@ import zmq
 
 from kvsvr import _core
 from kvsvr.config import parse
-from kvsvr.errors import ConfigError, Internal, InvalidArgument, Timeout, UnknownMethod
+from kvsvr.errors import (
+    ConfigError,
+    Internal,
+    InvalidArgument,
+    Timeout,
+    Unavailable,
+    UnknownMethod,
+)
 from kvsvr.launcher import write_single_node_config
 from kvsvr.limits import FRAME_BYTES_MAX, MESSAGE_BYTES_MAX
 from kvsvr.monitor.counters import open_counters
@@ -314,3 +321,14 @@ def test_mutated_frames_are_answered_or_dropped_and_the_instance_serves_on(
     with Stub(echo, services.config_path, follow_shield=False) as stub:
         assert stub.say(SayRequest("after")) == SayReply("after")
     assert services.processes["echo-1"].poll() is None
+
+
+def test_a_service_with_no_instance_up_fails_fast_as_unavailable(tmp_path: Path) -> None:
+    """Nothing listens: the call is refused in about a second (the connect wait), not at its
+    deadline, as Unavailable saying nothing was sent."""
+    path = add_services(write_single_node_config(tmp_path), {"echo": ["a", "b"]})
+    with Stub(echo, path, follow_shield=False, timeout=10.0) as stub:
+        start = time.monotonic()
+        with pytest.raises(Unavailable, match="nothing was sent"):
+            stub.say(SayRequest("anyone?"))
+        assert time.monotonic() - start < 2.0

@@ -45,6 +45,8 @@ EJECT_S_MAX = 4.0                    # ... doubling per failed probe, up to this
                                      # instance gets its traffic back within seconds
 EJECT_DOUBLINGS_MAX = 16             # (no huge powers of two)
 CALLER_QUEUE_MESSAGES = 10_000       # ZeroMQ messages queued per stub socket, each way
+CONNECT_RETRY_S = 0.005              # a call no instance had a connection for looks again
+                                     # this often, for kvsvr.limits.CONNECT_WAIT_S
 
 # Shielding: the switch is a key in KVSvr; callers read it this often.
 SHIELD_POLL_S = 1.0

@@ -34,6 +34,7 @@ import zmq
 from kvsvr import _core
 from kvsvr import config as config_module
 from kvsvr.config import ClusterConfig
+from kvsvr.connecting import send_frames
 from kvsvr.errors import (
     Internal,
     InvalidArgument,
@@ -42,8 +43,8 @@ from kvsvr.errors import (
     Unavailable,
     UnknownMethod,
 )
-from kvsvr.limits import MESSAGE_BYTES_MAX
-from kvsvr.protocol import ErrorReply, pack
+from kvsvr.limits import CONNECT_WAIT_S, MESSAGE_BYTES_MAX
+from kvsvr.protocol import ErrorReply
 from kvsvr.rpc.admission import RetryBudget, compound, user_priority
 from kvsvr.rpc.context import deadline_var, priority_var
 from kvsvr.rpc.errors import RPC_ERRORS_BY_CODE, Overloaded
@@ -53,6 +54,7 @@ from kvsvr.rpc.limits import (
     BUSINESS_PRIORITY_DEFAULT,
     CALL_TIMEOUT_S_DEFAULT,
     CALLER_QUEUE_MESSAGES,
+    CONNECT_RETRY_S,
     RPC_PREFIX_BYTES,
     SHIELD_POLL_S,
     USER_PRIORITY_LEVELS,
@@ -75,6 +77,7 @@ _unpack_response = RESPONSE_PREFIX.unpack_from
 _LEVEL_NONE = 0xFFFF                 # an instance that admits nothing reports this
 _error_decoder = msgspec.msgpack.Decoder(ErrorReply)
 _TIMED_OUT: Any = object()           # an attempt's future result: no answer in time
+_UNSENT: Any = object()              # ... not sent: no connection to the instance (yet)
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
@@ -92,35 +95,46 @@ class _Link:
         socket.setsockopt(zmq.MAXMSGSIZE, MESSAGE_BYTES_MAX)
         socket.setsockopt(zmq.SNDHWM, CALLER_QUEUE_MESSAGES)
         socket.setsockopt(zmq.RCVHWM, CALLER_QUEUE_MESSAGES)
+        # Queue only to a live connection: a call to a dead instance is refused at once (and
+        # goes elsewhere) instead of waiting in ZeroMQ's pipe to reach its next life, budget
+        # intact, long after its caller gave up.
+        socket.setsockopt(zmq.IMMEDIATE, 1)
         socket.connect(address)
+        self.created = time.monotonic()
         self.address = address
         self.loop = loop
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.outbox: list[bytes] = []
+        self.outbox_ids: list[int] = []   # the request id of each frame in the outbox
         self.drain_scheduled = False
         self.fd = socket.getsockopt(zmq.FD)
         loop.add_reader(self.fd, self.drain)
 
-    def send(self, frame: bytes) -> None:
+    def send(self, request_id: int, frame: bytes) -> None:
+        self.outbox.append(frame)
+        self.outbox_ids.append(request_id)
         # Alone in flight: out now (a loop turn saved). Else with this turn's others, in one
         # message.
-        if not self.outbox and len(self.pending) == 1:
-            self.outbox.append(frame)
-            self.flush()
-            return
-        if not self.outbox:
-            self.loop.call_soon(self.flush)
-        self.outbox.append(frame)
+        if len(self.outbox) == 1:
+            if len(self.pending) == 1:
+                self.flush()
+            else:
+                self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         frames, self.outbox = self.outbox, []
+        ids, self.outbox_ids = self.outbox_ids, []
         if self.socket.closed:
             return
-        for message in pack(frames):
-            try:
-                self.socket.send(message, zmq.NOBLOCK)
-            except zmq.ZMQError:
-                break   # its queue is full: those calls time out and go elsewhere
+        try:
+            sent = send_frames(self.socket, frames)
+        except zmq.ZMQError:
+            sent = 0
+        # What did not go out (no connection, or a full queue) is answered so at once.
+        for request_id in ids[sent:]:
+            future = self.pending.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result(_UNSENT)
         if int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self.schedule_drain()
 
@@ -314,6 +328,8 @@ class AsyncStub:
                            request, self._encoder)
         self.retry_budget.called()
         failover = self.failover
+        started = now
+        unsent: list[str] = []   # tried, but nothing could be sent there
         tried: list[str] = []
         last: KvError | None = None
         while True:
@@ -322,6 +338,13 @@ class AsyncStub:
                     f"{method.full_name}: no answer within its budget (tried "
                     f"{', '.join(tried) or 'no instance'})")
             instance, why = failover.choose(now, priority, tried)
+            if instance is None and unsent and now - started < CONNECT_WAIT_S:
+                # Connections may still be coming up: try those instances again shortly.
+                await asyncio.sleep(CONNECT_RETRY_S)
+                now = time.monotonic()
+                tried = [address for address in tried if address not in unsent]
+                unsent.clear()
+                continue
             if why == SAMPLED:
                 sample_body = bytearray(body)
                 sample_body[6] = FLAG_SAMPLE   # the flags' low byte (see kvsvr.rpc.service)
@@ -346,12 +369,22 @@ class AsyncStub:
             link = self._links[address]
             link.pending[request_id] = future
             budget_ms = max(1, min(int((deadline - now) * 1000), 0xFFFFFFFF))
-            link.send(_encode_frame(_REQUEST, method.code, request_id, budget_ms, frame_body))
+            link.send(request_id,
+                      _encode_frame(_REQUEST, method.code, request_id, budget_ms, frame_body))
             timer = loop.call_later(attempt_s, _expire, future)
             answer = await future
             timer.cancel()
             now = time.monotonic()
             tried.append(address)
+            if answer is _UNSENT:
+                # Nothing was sent: the next instance, outside the retry budget. A link
+                # younger than CONNECT_WAIT_S may still be connecting: no failure counted.
+                if now - link.created >= CONNECT_WAIT_S:
+                    failover.failed(address, now)
+                unsent.append(address)
+                last = Unavailable(f"{method.full_name}: no connection to {address}; "
+                                   "nothing was sent")
+                continue
             if answer is _TIMED_OUT:
                 link.pending.pop(request_id, None)
                 failover.failed(address, now)
