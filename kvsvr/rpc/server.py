@@ -73,8 +73,8 @@ _encode_frame = _core.encode_frame
 _decode_frames = _core.decode_frames
 _unpack_request = REQUEST_PREFIX.unpack_from
 _pack_response = RESPONSE_PREFIX.pack
-_EVENTS = zmq.EVENTS
-_POLLIN = zmq.POLLIN
+_EVENTS = int(zmq.EVENTS)   # plain ints: pyzmq's enums make each `&` a Python call
+_POLLIN = int(zmq.POLLIN)
 _TICK_S = 0.1   # how often an idle instance closes its admission window and sets its gauges
 
 

@@ -74,6 +74,8 @@ _REQUEST = _core.FRAME_REQUEST
 _encode_frame = _core.encode_frame
 _decode_frames = _core.decode_frames
 _unpack_response = RESPONSE_PREFIX.unpack_from
+_EVENTS = int(zmq.EVENTS)   # plain ints: pyzmq's enums make each `&` a Python call
+_POLLIN = int(zmq.POLLIN)
 _LEVEL_NONE = 0xFFFF                 # an instance that admits nothing reports this
 _error_decoder = msgspec.msgpack.Decoder(ErrorReply)
 _TIMED_OUT: Any = object()           # an attempt's future result: no answer in time
@@ -135,7 +137,7 @@ class _Link:
             future = self.pending.pop(request_id, None)
             if future is not None and not future.done():
                 future.set_result(_UNSENT)
-        if int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        if int(self.socket.getsockopt(_EVENTS)) & _POLLIN:
             self.schedule_drain()
 
     def schedule_drain(self) -> None:
@@ -153,7 +155,7 @@ class _Link:
         events: Callable[[int], int] = socket.getsockopt
         for _ in range(512):
             # Asking first is cheaper than the exception an empty socket's recv raises.
-            if not events(zmq.EVENTS) & zmq.POLLIN:
+            if not events(_EVENTS) & _POLLIN:
                 return
             try:
                 payload = socket.recv(zmq.NOBLOCK, copy=True)
