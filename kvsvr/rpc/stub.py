@@ -190,7 +190,9 @@ def _instances_of(service: Service, config: ClusterConfig) -> list[tuple[str, st
 class AsyncStub:
     """Calls `service` (see the module docstring). `config` (a ClusterConfig, a path, or
     None for instances given as (address, campus) pairs) lists its instances and the
-    business priorities; with KV groups in it, the stub also follows campus shielding."""
+    business priorities; with KV groups in it, the stub also follows campus shielding.
+    Its sockets are made on its first call and belong to that call's event loop: one stub
+    per loop (a Stub runs its own)."""
 
     def __init__(self, service: Service, config: ClusterConfig | str | Path | None = None, *,
                  instances: Sequence[tuple[str, str]] | None = None, campus: str | None = None,
