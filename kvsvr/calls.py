@@ -14,6 +14,7 @@ from kvsvr import _core
 from kvsvr import protocol as p
 from kvsvr.config import check_client_address
 from kvsvr.errors import Internal, InvalidArgument, KvError, Timeout, VersionConflict
+from kvsvr.expiry import check_incr_room
 from kvsvr.limits import SCAN_ROWS_DEFAULT, WATCH_REPLY_GRACE_S
 
 LINEARIZABLE = "linearizable"
@@ -111,6 +112,7 @@ def mutate(key: Any, ops: list[p.Op], expected_version: Any, op_id: tuple[int, i
         raise p.InvalidArgument(f"ops: {len(ops)} operations, the limit is {p.OPS_PER_BATCH_MAX}",
                                 field="ops")
     p.check_ops(ops)   # as the node will (a batch over the byte limit would not even encode)
+    check_incr_room(ops)
     request = p.MutateRequest(k, ops, p.as_version("expected_version", expected_version),
                               op_id[0], op_id[1])
     return CallSpec(k, p.Method.MUTATE, request, finish)

@@ -51,8 +51,18 @@ def stamp(ops: list[Op], now_ms: int) -> None:
             op.value = stamped_expiry(now_ms + ttl_ms, ttl_ms)
         elif op.kind == _INCR:
             incr = True
-    if incr and ops[0].kind != _core.OP_PURGE and len(ops) < OPS_PER_BATCH_MAX:
+    if incr and ops[0].kind != _core.OP_PURGE:
+        check_incr_room(ops)
         ops.insert(0, purge_op(now_ms))
+
+
+def check_incr_room(ops: list[Op]) -> None:
+    """A batch holding an incr leaves room for the purge op a node puts ahead of it (without
+    it the incr would count from an expired value): at most OPS_PER_BATCH_MAX - 1 ops."""
+    if len(ops) >= OPS_PER_BATCH_MAX and any(op.kind == _INCR for op in ops):
+        raise InvalidArgument(f"ops: {len(ops)} operations with an incr, the limit is "
+                              f"{OPS_PER_BATCH_MAX - 1} (a node adds one that removes an "
+                              "expired value before the incr counts)", field="ops")
 
 
 class Purger:
@@ -101,4 +111,4 @@ class Purger:
         self.proposed.pop(key, None)
 
 
-__all__ = ["TTL_MS_MAX", "TTL_MS_MIN", "Purger", "needs_stamp", "stamp"]
+__all__ = ["TTL_MS_MAX", "TTL_MS_MIN", "Purger", "check_incr_room", "needs_stamp", "stamp"]

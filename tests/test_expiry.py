@@ -149,6 +149,39 @@ def test_incr_of_an_expired_value_counts_from_zero(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_full_batch_with_an_incr_is_refused_not_counted_from_an_expired_value(
+        cluster: LocalCluster, client: Client) -> None:
+    """A node puts a purge ahead of an incr; a batch of OPS_PER_BATCH_MAX ops had no room
+    for it, so its incr counted from the expired value (and the result, keeping the old
+    instant, read absent). Such a batch is refused naming ops, by the client and by the
+    node's stamp, nothing written; one op fewer counts from zero."""
+    ops_max = _core.OPS_PER_BATCH_MAX
+    client.put(b"full", b"100", ttl=1)
+    time.sleep(1.1)
+    with pytest.raises(InvalidArgument) as refused:
+        batch = client.batch(b"full")
+        for i in range(ops_max - 1):
+            batch.row_put(b"r%d" % i, b"x")
+        batch.incr(1).commit()
+    assert refused.value.field == "ops" and str(ops_max - 1) in str(refused.value)
+    ops = [row_put_op(b"r%d" % i, b"x") for i in range(ops_max - 1)] + [protocol.incr_op(1)]
+    with pytest.raises(InvalidArgument) as refused:
+        expiry.stamp(ops, now_ms())
+    assert refused.value.field == "ops" and len(ops) == ops_max
+    version = absent_version(client, b"full")
+    assert version is not None and not client.scan(b"full").rows
+    batch = client.batch(b"full")
+    for i in range(ops_max - 2):
+        batch.row_put(b"r%d" % i, b"x")
+    assert batch.incr(1).commit().results[-1] == 1
+    assert client.get(b"full").value == b"1"
+    batch = client.batch(b"rows")   # a full batch without an incr still goes through
+    for i in range(ops_max):
+        batch.row_put(b"r%d" % i, b"x")
+    batch.commit()
+    assert len(client.scan(b"rows").rows) == ops_max
+
+
 def test_bad_expire_ops_are_refused_naming_the_field(tmp_path: Path) -> None:
     """An expire with no put before it, a ttl out of range, an unstamped expire: refused
     with the field named, nothing written."""
