@@ -29,7 +29,7 @@ from kvsvr.launcher import write_single_node_config
 from kvsvr.limits import FRAME_BYTES_MAX, MESSAGE_BYTES_MAX
 from kvsvr.monitor.counters import open_counters
 from kvsvr.monitor.registry import load_registry
-from kvsvr.rpc import AsyncStub, Stub
+from kvsvr.rpc import AsyncStub, Overloaded, Stub
 from kvsvr.rpc import metrics as m
 from kvsvr.rpc.examples import (
     NapRequest,
@@ -123,6 +123,12 @@ def test_handler_errors_are_typed_and_a_raising_handler_is_logged_once(
             with pytest.raises(Internal, match=r"echo\.fail: the handler raised RuntimeError"):
                 stub.fail(SayRequest("boom"))
         assert stub.say(SayRequest("still serving")) == SayReply("still serving")
+        # a downstream refusal passed up by the handler is final, and not held against the
+        # instance: it stays healthy (a refusal of its own would eject it after three)
+        for _ in range(5):
+            with pytest.raises(Overloaded, match="downstream"):
+                stub.fail(SayRequest("overloaded"))
+        assert stub.failover.state(services.address("echo-1"), time.monotonic()) == "healthy"
     log = (Path(services.log_dir or ".") / "echo-1.log").read_text()
     assert log.count("RuntimeError: a handler bug: boom") == 1
 

@@ -12,6 +12,7 @@ import msgspec
 
 from kvsvr.errors import InvalidArgument
 from kvsvr.rpc.context import priority_var, remaining_s
+from kvsvr.rpc.errors import Overloaded
 from kvsvr.rpc.service import Service
 
 
@@ -36,6 +37,8 @@ async def fail(request: SayRequest) -> SayReply:
     """Raises what the text asks for: a typed error or a bug (for the tests)."""
     if request.text == "invalid":
         raise InvalidArgument("text: 'invalid' is refused on purpose", field="text")
+    if request.text == "overloaded":   # as a downstream call's refusal passed up would be
+        raise Overloaded("a downstream service is over capacity")
     raise RuntimeError(f"a handler bug: {request.text}")
 
 

@@ -57,6 +57,7 @@ from kvsvr.rpc.limits import (
 )
 from kvsvr.rpc.metrics import ServiceMetrics
 from kvsvr.rpc.service import (
+    FLAG_FROM_HANDLER,
     FLAG_SAMPLE,
     REQUEST_PREFIX,
     RESPONSE_PREFIX,
@@ -246,12 +247,17 @@ class Server:
         base = self.metrics.first + code * m.MONITOR_IDS_PER_METHOD
         counters.add(base + m.REQUESTS, 1)
         priority = compound(business, user)
-        if (not self.admission.admit(priority, SAMPLE_EVERY if flags else 1)
-                or self.in_flight >= self.in_flight_max):
+        if not self.admission.admit(priority, SAMPLE_EVERY if flags else 1):
             counters.add(base + m.REFUSALS, 1)
             self._answer_error(peer, request_id, Overloaded(
                 f"{method.full_name}: over capacity; priority {business}/{user} is below the "
                 f"admission level {'/'.join(map(str, split(max(self.admission.level, 0))))}"))
+            return
+        if self.in_flight >= self.in_flight_max:
+            counters.add(base + m.REFUSALS, 1)
+            self._answer_error(peer, request_id, Overloaded(
+                f"{method.full_name}: {self.in_flight} requests held, the most an instance "
+                "holds"))
             return
         deadline = arrival + budget_ms / 1000.0 if budget_ms else None
         self.in_flight += 1
@@ -351,7 +357,9 @@ class Server:
                                       self._encoder)
             except KvError as e:
                 counters.add(base + m.FAILURES, 1)
-                self._answer_error(peer, request_id, e)
+                # Flagged: a downstream Overloaded or Unavailable passed up by the handler
+                # says nothing about this instance, which its callers must not eject.
+                self._answer_error(peer, request_id, e, FLAG_FROM_HANDLER)
                 return
             except Exception as e:
                 counters.add(base + m.FAILURES, 1)
@@ -385,8 +393,9 @@ class Server:
         return level if level >= 0 else 0xFFFF
 
     # --- answering ---------------------------------------------------------------------
-    def _answer_error(self, peer: bytes, request_id: int, error: KvError) -> None:
-        body = encode_body(_pack_response(self._level(), 0, 0),
+    def _answer_error(self, peer: bytes, request_id: int, error: KvError,
+                      flags: int = 0) -> None:
+        body = encode_body(_pack_response(self._level(), flags, 0),
                            ErrorReply(error.message, error.field, error.version), self._encoder)
         self._send(peer, _encode_frame(_RESPONSE, error.code, request_id, 0, body))
 

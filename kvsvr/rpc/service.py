@@ -19,7 +19,9 @@ ErrorReply when the response's status is not 0):
     request prefix   u32 service tag (crc32 of the service name), u8 business priority,
                      u8 user priority, u16 flags (bit 0: a sample, standing for
                      SAMPLE_EVERY calls its caller dropped locally; others reserved, 0)
-    response prefix  u16 admission level of the instance, u16 reserved (0), u32 reserved (0)
+    response prefix  u16 admission level of the instance, u16 flags (bit 0: the error came
+                     from the handler, e.g. a downstream call's Overloaded, not from this
+                     instance's own refusal), u32 reserved (0)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from kvsvr.rpc.limits import BODY_BYTES_MAX, METHODS_PER_SERVICE_MAX, RPC_PREFIX
 
 REQUEST_PREFIX = struct.Struct("<IBBH")
 FLAG_SAMPLE = 1
+FLAG_FROM_HANDLER = 1   # in a response's flags
 RESPONSE_PREFIX = struct.Struct("<HHI")
 assert REQUEST_PREFIX.size == RESPONSE_PREFIX.size == RPC_PREFIX_BYTES
 
@@ -150,6 +153,7 @@ def encode_body(prefix: bytes, value: Any, encoder: msgspec.msgpack.Encoder) -> 
 
 
 __all__ = [
+    "FLAG_FROM_HANDLER",
     "FLAG_SAMPLE",
     "REQUEST_PREFIX",
     "RESPONSE_PREFIX",

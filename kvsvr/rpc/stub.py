@@ -60,6 +60,7 @@ from kvsvr.rpc.limits import (
     USER_PRIORITY_LEVELS,
 )
 from kvsvr.rpc.service import (
+    FLAG_FROM_HANDLER,
     FLAG_SAMPLE,
     REQUEST_PREFIX,
     RESPONSE_PREFIX,
@@ -399,8 +400,9 @@ class AsyncStub:
                 continue
             status, payload = answer
             level = _LEVEL_NONE
+            flags = 0
             if len(payload) >= RPC_PREFIX_BYTES:
-                level = _unpack_response(payload)[0]
+                level, flags, _ = _unpack_response(payload)
             level = -1 if level == _LEVEL_NONE else level
             if status == 0:
                 failover.succeeded(address, now, level)
@@ -410,6 +412,9 @@ class AsyncStub:
                     raise Internal(f"{method.full_name}: unreadable response from {address}: "
                                   f"{e}") from None
             error = _error(status, payload)
+            if flags & FLAG_FROM_HANDLER:   # the handler's (a downstream refusal): final
+                failover.succeeded(address, now, level)
+                raise error
             if isinstance(error, Overloaded):
                 failover.failed(address, now, level)
             elif isinstance(error, Unavailable):
