@@ -79,6 +79,13 @@ class ResourceExhausted(KvError):
     code = 10
 
 
+class WatchesFull(ResourceExhausted, Unavailable):
+    """A replica parks as many watches as it may: as an Unavailable, the client asks the
+    next replica of the key (raised to the caller only when none took the watch in time)."""
+
+    code = ResourceExhausted.code
+
+
 class ConfigError(ValueError):
     """A cluster config is invalid; the message names the field."""
 
@@ -103,4 +110,5 @@ __all__ = [
     "Unavailable",
     "UnknownMethod",
     "VersionConflict",
+    "WatchesFull",
 ]

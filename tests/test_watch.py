@@ -401,6 +401,57 @@ def _all_changes(client: Client, key: str) -> list[tuple[int, bytes]]:
         since, after = page.resume
 
 
+def _fill_with_watches(address: str) -> tuple[zmq.Context, zmq.Socket]:
+    """Park WATCHES_PARKED_MAX raw watches on the node at `address` (on key b"many")."""
+    body = p.encode(WatchRequest(b"many", 0, b"", 20_000))
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, 0)
+    socket.setsockopt(zmq.RCVHWM, 0)
+    socket.connect(address)
+    rids = range(1, WATCHES_PARKED_MAX + 1)
+    for start in range(0, len(rids), 1000):
+        socket.send(b"".join(_core.encode_frame(_core.FRAME_REQUEST, p.Method.WATCH, rid, 0,
+                                                body) for rid in rids[start:start + 1000]))
+    return context, socket
+
+
+def test_a_replica_full_of_watches_sends_the_watcher_to_another(group: LocalCluster):
+    """The key's home replica parks as many watches as it may and refuses the next one
+    ResourceExhausted: the client asks the next replica instead of raising, blocking and
+    asyncio clients alike; raw requests still see ResourceExhausted, as a WatchesFull."""
+    key = _key_with_home(0, "full")
+    home = group.address(group.nodes[0])
+    context, socket = _fill_with_watches(home)
+    try:
+        with Client(address=home) as one:
+            deadline = time.monotonic() + 30
+            while one.status()["counters"].get("requests.watch", 0) < WATCHES_PARKED_MAX:
+                assert time.monotonic() < deadline, "the watches were not parked"
+                time.sleep(0.1)
+            with pytest.raises(ResourceExhausted) as refused:   # one node, nowhere else
+                next(one.watch(key, 0, wait=0.5, timeout=2))
+            assert refused.value.field == "watch"
+        with Client(group.config, timeout=10.0) as client:
+            client.put(key, "v")
+            event = next(client.watch(key, 0, wait=1.0, timeout=10))
+            assert (event.version, event.value) == (1, b"v")
+
+            async def asynchronous() -> WatchEvent:
+                async with AsyncClient(group.config, timeout=10.0) as async_client:
+                    async for seen in async_client.watch(key, 1, wait=1.0, timeout=10):
+                        return seen
+                raise AssertionError("no event")
+
+            threading.Timer(1.0, lambda: client.put(key, "w")).start()
+            moved = asyncio.run(asynchronous())
+            assert (moved.version, moved.value) == (2, b"w")
+    finally:
+        socket.close(linger=0)
+        context.term()
+
+
 def test_a_table_watcher_sees_every_change_once_in_order_while_replicas_are_killed(
         group: LocalCluster):
     """Rows are appended to a Key-Table key while each replica in turn is SIGKILLed and
