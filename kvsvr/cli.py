@@ -165,7 +165,8 @@ def _jsonable(result: Any) -> Any:
                                else _row_text(result.next_start))}
     if isinstance(result, KeysPage):
         return {"keys": [_key_fields(key) for key in result.keys],
-                "next_after": None if result.next_after is None else _b64(result.next_after)}
+                "next_after": (None if result.next_after is None   # as --after takes it
+                               else _key_text(result.next_after))}
     if isinstance(result, ChangesPage):
         return {"version": result.version,
                 "changes": [{"row": _row_text(c.row), "row_base64": _b64(c.row),

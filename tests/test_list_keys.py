@@ -7,6 +7,7 @@ tombstones are left out; bad input is refused naming the field."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -152,6 +153,8 @@ def test_keys_through_the_cli(two_groups: LocalCluster) -> None:
     assert rest.returncode == 0 and rest.stdout.split() == ["cli/2", "cli/3", "cli/4"]
     assert kv("keys", "cli/", "--after", "hex:636c692f33").stdout.split() == ["cli/4"]
     assert kv("keys", "--after", "hex:zz").returncode == 2
+    cut = json.loads(kv("--json", "keys", "cli/", "--limit", "2").stdout)
+    assert cut["next_after"] == "cli/1"   # in the notation --after takes, as next_start is
     assert '"key_base64": "Y2xpLzA="' in kv("--json", "keys", "cli/", "--limit", "1").stdout
     refused = kv("keys", "--limit", "0")
     assert refused.returncode != 0 and "limit" in refused.stderr
