@@ -652,7 +652,9 @@ def main(argv: list[str] | None = None) -> int:
         if code == 2:
             kind = "invalid"
         version = getattr(e, "version", None)
-        detail = f" (key version {version})" if version is not None else ""
+        detail = "" if version is None else (
+            f" (compacted through version {version})" if isinstance(e, Compacted)
+            else f" (key version {version})")   # a Compacted carries its horizon
         if args.json:
             print(json.dumps({"error": type(e).__name__, "message": str(e),
                               "field": getattr(e, "field", None),

@@ -50,6 +50,9 @@ def test_cli_compaction_and_resync(kv):
     assert kv("compact", "contacts", "2").stdout == "version 4\n"
     stale = kv("changes", "contacts", "1")
     assert stale.returncode == 6 and "resync from version 0" in stale.stderr
+    # the error carries the horizon, not the key's version (4): said as such
+    assert "(compacted through version 2)" in stale.stderr
+    assert "key version" not in stale.stderr
     assert kv("changes", "contacts", "0").stdout.splitlines() == ["3\teve\tput\tcolleague"]
     assert kv("changes", "contacts", "2").stdout.splitlines() == ["3\teve\tput\tcolleague"]
     too_far = kv("compact", "contacts", "99")
