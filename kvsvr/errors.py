@@ -96,6 +96,13 @@ ERRORS_BY_CODE: dict[int, type[KvError]] = {
                 UnknownMethod, Internal, Compacted, ResourceExhausted)
 }
 
+def error_class(status: int, *, watch: bool = False) -> type[KvError]:
+    """The error an answer's status carries; for a watch (`watch`), a full replica's refusal
+    is WatchesFull, so the client asks another replica."""
+    found = ERRORS_BY_CODE.get(status, KvError)
+    return WatchesFull if watch and found is ResourceExhausted else found
+
+
 __all__ = [
     "ERRORS_BY_CODE",
     "Compacted",
@@ -111,4 +118,5 @@ __all__ = [
     "UnknownMethod",
     "VersionConflict",
     "WatchesFull",
+    "error_class",
 ]

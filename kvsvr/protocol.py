@@ -17,16 +17,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-from kvsvr import _core
-from kvsvr.errors import (
-    ERRORS_BY_CODE,
-    Internal,
-    InvalidArgument,
-    KvError,
-    ResourceExhausted,
-    UnknownMethod,
-    WatchesFull,
-)
+from kvsvr import _core, errors
+from kvsvr.errors import Internal, InvalidArgument, KvError, UnknownMethod
 from kvsvr.limits import (
     FRAME_BYTES_MAX,
     FRAMES_PER_MESSAGE_MAX,
@@ -780,9 +772,7 @@ def parse_reply(method: int, status: int, body: Any) -> Any:
             return _reply_decoders[method].decode(body)
         except msgspec.DecodeError as e:
             raise Internal(f"malformed reply to {Method(method).name}: {e}") from None
-    error_class = ERRORS_BY_CODE.get(status, KvError)
-    if error_class is ResourceExhausted and method == Method.WATCH:
-        error_class = WatchesFull   # another replica may take it: the client fails over
+    error_class = errors.error_class(status, watch=method == Method.WATCH)
     try:
         reply = _error_decoder.decode(body)
     except msgspec.DecodeError:
