@@ -109,8 +109,10 @@ def mutate(key: Any, ops: list[p.Op], expected_version: Any, op_id: tuple[int, i
     if not ops:
         raise p.InvalidArgument("ops: a batch needs at least one operation", field="ops")
     if len(ops) > p.OPS_PER_BATCH_MAX:
-        raise p.InvalidArgument(f"ops: {len(ops)} operations, the limit is {p.OPS_PER_BATCH_MAX}",
-                                field="ops")
+        ttls = sum(op.kind == _core.OP_EXPIRE for op in ops)   # a ttl rides as an op of its own
+        raise p.InvalidArgument(f"ops: {len(ops)} operations, the limit is {p.OPS_PER_BATCH_MAX}"
+                                + (f" ({ttls} of them the ttls: each ttl counts as an operation)"
+                                   if ttls else ""), field="ops")
     p.check_ops(ops)   # as the node will (a batch over the byte limit would not even encode)
     check_incr_room(ops)
     request = p.MutateRequest(k, ops, p.as_version("expected_version", expected_version),

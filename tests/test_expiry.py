@@ -175,6 +175,13 @@ def test_a_full_batch_with_an_incr_is_refused_not_counted_from_an_expired_value(
         batch.row_put(b"r%d" % i, b"x")
     assert batch.incr(1).commit().results[-1] == 1
     assert client.get(b"full").value == b"1"
+    batch = client.batch(b"ttls")   # each ttl is an op of its own: the refusal says so
+    for i in range(ops_max // 2 + 1):
+        batch.row_put(b"r%d" % i, b"x", ttl=60)
+    with pytest.raises(InvalidArgument) as refused:
+        batch.commit()
+    assert refused.value.field == "ops" and "each ttl counts as an operation" in str(
+        refused.value)
     batch = client.batch(b"rows")   # a full batch without an incr still goes through
     for i in range(ops_max):
         batch.row_put(b"r%d" % i, b"x")
