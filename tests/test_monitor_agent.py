@@ -321,3 +321,16 @@ def test_a_real_agent_survives_bad_acks_and_refusals_and_waits_for_its_file(tmp_
     text = log.read_text()
     assert "unreadable ack" in text and "REFUSED the report" in text
     assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("period", ["0", "-1", "nan", "x", "3601"])
+def test_a_bad_period_is_refused_at_once_naming_it(tmp_path, period):
+    """--period 0 was taken as "not given" (the config's period was used) and any other
+    bad one was refused only once the counters file appeared; now at once, exit 2."""
+    result = subprocess.run(
+        [sys.executable, "-m", "kvsvr.monitor.agent", "--center", "tcp://127.0.0.1:9",
+         "--counters", str(tmp_path / "absent"), "--period", period,
+         "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "--period" in result.stderr, result.stderr
+    assert "1..3600" in result.stderr

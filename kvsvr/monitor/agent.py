@@ -39,6 +39,7 @@ counters as Prometheus text on http://HOST:PORT/metrics (kvsvr/monitor/exporter.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -434,6 +435,17 @@ def machine_campus(config: ClusterConfig) -> str:
     return campuses.pop() if len(campuses) == 1 else CAMPUS_UNKNOWN
 
 
+def period_argument(text: str) -> float:
+    """--period: seconds 1..3600, refused at once (not after the counters file appears)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds 1..3600")
+    return value
+
+
 def _parser() -> Any:
     parser = program_parser("kvsvr-agent",
                             "Ship this machine's counters to the monitor center.")
@@ -445,7 +457,7 @@ def _parser() -> Any:
     parser.add_argument("--machine", help="this machine's name (default: the host name)")
     parser.add_argument("--campus", help="this machine's campus label for /metrics "
                         "(default: monitor.campus, else the campus of its nodes)")
-    parser.add_argument("--period", type=float, help="seconds between shipments "
+    parser.add_argument("--period", type=period_argument, help="seconds between shipments "
                         "(default: monitor.agent_period_s, 60)")
     parser.add_argument("--state-dir", help="where cursors are kept "
                         "(default: monitor.agent_state_dir)")
@@ -516,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         agent = Agent(found, machine, centers, Path(args.state_dir) if args.state_dir
                       else config.path(monitor.agent_state_dir),
-                      args.period or monitor.agent_period_s, registry, campus)
+                      monitor.agent_period_s if args.period is None else args.period, registry,
+                      campus)
         if metrics_address:
             from kvsvr.monitor.exporter import MetricsExporter
 
