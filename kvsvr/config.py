@@ -126,6 +126,7 @@ class ReplicaConfig(Struct, forbid_unknown_fields=True):
     campus: Name
     address: str
     data_dir: Annotated[str, Meta(min_length=1)]
+    metrics: str = ""    # HOST:PORT where the node serves its own /metrics ("": off)
 
 
 class GroupConfig(Struct, forbid_unknown_fields=True):
@@ -378,6 +379,22 @@ def _validate(config: ClusterConfig) -> ClusterConfig:
     problem = monitor.agent_metrics and web_address_problem(monitor.agent_metrics)
     if problem:
         raise ConfigError(f"monitor.agent_metrics: {problem} (or \"\" for none)")
+    metrics_users: dict[str, str] = {}
+    if monitor.agent_metrics:
+        metrics_users[monitor.agent_metrics] = "monitor.agent_metrics"
+    metrics_users[monitor.web] = "monitor.web"
+    for g_index, group in enumerate(config.groups):
+        for r_index, replica in enumerate(group.replicas):
+            if not replica.metrics:
+                continue
+            field = f"groups[{g_index}].replicas[{r_index}].metrics"
+            problem = web_address_problem(replica.metrics)
+            if problem:
+                raise ConfigError(f"{field}: {problem} (or \"\" for none)")
+            if replica.metrics in metrics_users:
+                raise ConfigError(f"{field}: {replica.metrics!r} is already used by "
+                                  f"{metrics_users[replica.metrics]}")
+            metrics_users[replica.metrics] = field
     # The agent must find a second still in the window after a failed send and a retry.
     if monitor.window_s < 2 * monitor.agent_period_s + 10:
         raise ConfigError(

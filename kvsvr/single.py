@@ -42,6 +42,7 @@ from kvsvr.limits import (
 )
 from kvsvr.monitor import registry as monitor_ids
 from kvsvr.monitor.counters import counters_for
+from kvsvr.monitor.node_metrics import NodeMetrics, node_labels, started
 from kvsvr.protocol import Method, MutateRequest
 from kvsvr.sharding import shard_of
 from kvsvr.sockets import bind_router, node_context
@@ -97,6 +98,7 @@ class Node:
         self.next_client_sweep = time.monotonic() + CLIENT_SWEEP_INTERVAL_S
         self._client_sweep_from = b""
         self.watches = Watches()   # parked WATCH requests (kvsvr/watches.py)
+        self.metrics: NodeMetrics | None = None   # its own /metrics, once serving
         self.purger = Purger()     # which expired entries to remove (kvsvr/expiry.py)
         self.next_purge = 0.0
         store = self.store
@@ -408,10 +410,12 @@ class Node:
                  self.name, self.group.name, self.replica.campus, self.replica.address,
                  self.store.path, self.store.first_lsn, self.store.last_lsn)
         recv, send, again = socket.recv_multipart, socket.send_multipart, zmq.Again
+        self.start_metrics()
         try:
             while not self.stopping:
                 if time.monotonic() >= self.next_client_sweep:
                     self.sweep_idle_clients()
+                self.publish_metrics(time.monotonic())
                 if time.monotonic() >= self.next_purge:
                     for answer in self.purge_expired():   # (watches the removals woke)
                         with contextlib.suppress(again):
@@ -449,8 +453,26 @@ class Node:
                     send(answer, zmq.NOBLOCK)
             socket.close()
             context.term()
+            self.stop_metrics()
             self.store.close()
             log.info("node %s stopped", self.name)
+
+    def start_metrics(self) -> None:
+        """Serve this node's own /metrics if its config names an address for it."""
+        if self.replica.metrics:
+            self.metrics = started(self.replica.metrics,
+                                   node_labels(self.config, self.replica.campus, self.name))
+
+    def publish_metrics(self, now: float) -> None:
+        """Hand the metrics endpoint a status snapshot, at most once a second."""
+        metrics = self.metrics
+        if metrics is not None and metrics.due(now):
+            metrics.publish(self.status(), now)
+
+    def stop_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     def _poll_ms(self) -> int:
         """How long the serve loop waits for requests: until the next watch's wait ends."""

@@ -172,6 +172,7 @@ class ReplicaNode(Node):
         self.votes.start(edge.wake_fd)
         self.committer.wake_fd = edge.wake_fd
         edge.hand_vote_sockets()   # (once the sync thread runs)
+        self.start_metrics()
         clean = False
         try:
             edge.run(self)
@@ -179,6 +180,7 @@ class ReplicaNode(Node):
         finally:
             self.stop_serving(clean)
             edge.close()
+            self.stop_metrics()
             store.close()
             log.info("node %s stopped", self.name)
 
@@ -238,6 +240,8 @@ class ReplicaNode(Node):
         """Handle what arrived, move work on, commit, send. True if more work is ready."""
         self.counters["rounds"] += 1
         self.round_at = now
+        if self.metrics is not None:
+            self.publish_metrics(now)
         now_ms = now * 1000   # the quorum core's time unit
         checkpoints, work, stream, sender = self.checkpoints, self.work, self.stream, self.sender
         if checkpoints.committing is not None:
