@@ -13,9 +13,10 @@ import pytest
 
 from kvsvr.errors import KvError
 from quorumq import Consumer, Delivery, Producer, protocol
-from quorumq.launcher import LocalQueueCluster, write_queue_config
+from quorumq.launcher import LocalQueueCluster
 from quorumq.protocol import QMethod
 from quorumq.transport import call
+from tests.queue_clusters import running_queue
 
 ACK_DEADLINE_MS = 500
 BATCH_LIFETIME_MS = 1500
@@ -27,16 +28,9 @@ BATCH = 20
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalQueueCluster]:
     """One queue group q1 (q1a, q1b, q1c) with short deadlines, topic "t"."""
-    config = write_queue_config(tmp_path, ack_deadline_ms=ACK_DEADLINE_MS,
-                                clock_skew_ms=CLOCK_SKEW_MS,
-                                batch_lifetime_ms=BATCH_LIFETIME_MS)
-    queue = LocalQueueCluster(config, log_dir=tmp_path / "logs")
-    queue.start()
-    queue.create_topic("t")
-    try:
+    with running_queue(tmp_path, ack_deadline_ms=ACK_DEADLINE_MS,
+                       clock_skew_ms=CLOCK_SKEW_MS, batch_lifetime_ms=BATCH_LIFETIME_MS) as queue:
         yield queue
-    finally:
-        queue.stop()
 
 
 def produce(producer: Producer, tag: str, batches: int) -> list[int]:

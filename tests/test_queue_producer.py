@@ -15,34 +15,21 @@ import pytest
 
 from kvsvr.errors import InvalidArgument, Unavailable
 from quorumq import (
-    Consumer,
     Producer,
     PublishFailed,
     PublishUnavailable,
     Unacknowledged,
 )
 from quorumq.launcher import LocalQueueCluster, write_queue_config
+from tests.queue_clusters import consume_topic, running_queue
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalQueueCluster]:
     """One queue group, the default 30 s batch lifetime (so failing fast is visible)."""
-    config = write_queue_config(tmp_path, ack_deadline_ms=2000, clock_skew_ms=200,
-                                batch_lifetime_ms=30_000)
-    queue = LocalQueueCluster(config, log_dir=tmp_path / "logs")
-    queue.start()
-    queue.create_topic("t")
-    try:
+    with running_queue(tmp_path, ack_deadline_ms=2000, clock_skew_ms=200,
+                       batch_lifetime_ms=30_000) as queue:
         yield queue
-    finally:
-        queue.stop()
-
-
-def consume(config: str, idle: float = 1.5) -> list[tuple[int, int, bytes]]:
-    got: list[tuple[int, int, bytes]] = []
-    with Consumer(config, "t", "cg", wait_ms=100) as consumer:
-        consumer.run(lambda d: got.append((d.producer_id, d.seq, d.value)), idle_timeout=idle)
-    return got
 
 
 def test_the_constructor_does_not_block_and_a_publish_no_group_can_take_fails_fast(cluster):
@@ -111,7 +98,7 @@ def test_a_failed_publish_retried_under_its_ids_is_delivered_once_in_order(clust
         producer.send_batch([b"c"])
     finally:
         producer.close()
-    got = consume(cluster.config_path)
+    got = consume_topic(cluster.config_path)
     assert got == [(producer.producer_id, seq, value)
                    for seq, value in enumerate([b"a", b"b1", b"b2", b"c"])]
 

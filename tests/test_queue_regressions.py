@@ -18,6 +18,7 @@ import pytest
 from kvsvr.errors import InvalidArgument, Timeout
 from quorumq import Consumer, Producer
 from quorumq.launcher import LocalQueueCluster, write_queue_config
+from tests.queue_clusters import consume_topic, running_queue
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,22 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalQueueCluster]:
     """One queue group (3 servers) with short deadlines, topic "t"."""
-    config = write_queue_config(tmp_path, ack_deadline_ms=500, clock_skew_ms=0,
-                                batch_lifetime_ms=1500)
-    queue = LocalQueueCluster(config, log_dir=tmp_path / "logs")
-    queue.start()
-    queue.create_topic("t")
-    try:
+    with running_queue(tmp_path, ack_deadline_ms=500, clock_skew_ms=0,
+                       batch_lifetime_ms=1500) as queue:
         yield queue
-    finally:
-        queue.stop()
-
-
-def consume_all(config: str, idle: float = 1.5) -> list[tuple[int, int, bytes]]:
-    got: list[tuple[int, int, bytes]] = []
-    with Consumer(config, "t", "cg", wait_ms=100) as consumer:
-        consumer.run(lambda d: got.append((d.producer_id, d.seq, d.value)), idle_timeout=idle)
-    return got
 
 
 def test_a_batch_retried_past_the_gap_rule_is_never_acknowledged(tmp_path):
@@ -137,7 +125,7 @@ def test_producer_ids_are_never_reused_by_accident(cluster):
     assert ids[0] != ids[1]
     with Producer(config, "t", producer_id=ids[0], next_seq=3) as producer:
         assert producer.send_batch([b"resumed"]).first_seq == 3
-    got = consume_all(config)
+    got = consume_topic(config)
     assert sorted(got) == sorted(
         [(ids[0], i, f"life0-{i}".encode()) for i in range(3)] + [(ids[0], 3, b"resumed")]
         + [(ids[1], i, f"life1-{i}".encode()) for i in range(3)])
@@ -167,7 +155,7 @@ def test_a_handler_error_loses_nothing(cluster):
     assert sorted(set(handled)) == list(range(10))
     after = handled[3:]   # from the last commit on, in order, through to the end
     assert after[0] <= 3 and after == list(range(after[0], 10))
-    assert consume_all(config, idle=1.0) == []
+    assert consume_topic(config, idle=1.0) == []
 
 
 def test_a_down_server_never_hangs_the_cli_or_the_launcher(tmp_path):
@@ -273,7 +261,7 @@ def test_a_stopped_group_costs_one_ack_deadline_not_one_per_batch(tmp_path):
         assert latencies[-1] < deadline_s + slack_s
         for node in queue.group_nodes("q1"):
             queue.signal(node, signal.SIGCONT)
-        got = consume_all(config)
+        got = consume_topic(config)
         expected = sorted((results[0].producer_id, r.first_seq + k, values[k])
                     for (_, values, _), r in zip(submitted, results, strict=True)
                     for k in range(len(values)))

@@ -15,12 +15,12 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import ThreadingHTTPServer
 
 from kvsvr import _core
 from kvsvr.monitor import prometheus
 from kvsvr.monitor.counters import CountersReader
+from kvsvr.monitor.metrics_http import serve_metrics
 from kvsvr.monitor.registry import Registry
 
 log = logging.getLogger("kvsvr.agent")
@@ -101,37 +101,7 @@ class MetricsExporter:
 
     def serve(self, address: str) -> None:
         """Listen on HOST:PORT in a daemon thread (OSError if the port cannot be bound)."""
-        host, _, port = address.rpartition(":")
-        exporter = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] != "/metrics":
-                    self._answer(404, "text/plain; charset=utf-8",
-                                 b"not found: this agent serves /metrics only\n")
-                    return
-                try:
-                    body = exporter.text(time.time()).encode()
-                except Exception as e:   # a bug must cost a scrape, never the agent
-                    log.exception("/metrics failed")
-                    self._answer(500, "text/plain; charset=utf-8", f"{e}\n".encode())
-                    return
-                self._answer(200, prometheus.CONTENT_TYPE, body)
-
-            def _answer(self, status: int, content_type: str, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass           # scrapes are not worth a log line each
-
-        self.server = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, name="metrics",
-                         daemon=True).start()
+        self.server = serve_metrics(address, lambda: self.text(time.time()), "this agent")
         log.info("this machine's counters as Prometheus text on http://%s/metrics", address)
 
     def close(self) -> None:

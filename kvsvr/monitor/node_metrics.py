@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from kvsvr.config import ClusterConfig
 from kvsvr.monitor import prometheus
+from kvsvr.monitor.metrics_http import serve_metrics
 from kvsvr.monitor.prometheus import Family
 
 log = logging.getLogger("kvsvr.metrics")
@@ -136,31 +136,7 @@ class NodeMetrics:
 
     def serve(self, address: str) -> None:
         """Listen on HOST:PORT in a daemon thread (OSError if the port cannot be bound)."""
-        host, _, port = address.rpartition(":")
-        metrics = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] != "/metrics":
-                    self._answer(404, "text/plain; charset=utf-8",
-                                 b"not found: a node serves /metrics only\n")
-                    return
-                self._answer(200, prometheus.CONTENT_TYPE, metrics.text().encode())
-
-            def _answer(self, status: int, content_type: str, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass           # scrapes are not worth a log line each
-
-        self._server = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="metrics",
-                         daemon=True).start()
+        self._server = serve_metrics(address, self.text, "a node")
         log.info("this node's metrics on http://%s/metrics", address)
 
     def close(self) -> None:

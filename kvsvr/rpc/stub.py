@@ -188,6 +188,21 @@ def _instances_of(service: Service, config: ClusterConfig) -> list[tuple[str, st
     return [(instance.address, instance.campus) for instance in found[0].instances]
 
 
+def _method_caller(stub: Any, name: str) -> Callable[..., Any]:
+    """`stub.NAME(request, timeout=, user=)` for a method of the stub's service (both stubs'
+    `__getattr__`): `stub.call` with that method."""
+    service: Service = stub.service
+    method = service.by_name.get(name) if not name.startswith("_") else None
+    if method is None:
+        raise AttributeError(f"{service.name} has no method {name!r} (it has "
+                             f"{sorted(service.by_name)})")
+
+    def call(request: Any, *, timeout: float | None = None,
+             user: str | int | bytes | None = None) -> Any:
+        return stub.call(method, request, timeout=timeout, user=user)
+    return call
+
+
 class AsyncStub:
     """Calls `service` (see the module docstring). `config` (a ClusterConfig, a path, or
     None for instances given as (address, campus) pairs) lists its instances and the
@@ -230,15 +245,7 @@ class AsyncStub:
         self._closed = False
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = self.service.by_name.get(name) if not name.startswith("_") else None
-        if method is None:
-            raise AttributeError(f"{self.service.name} has no method {name!r} (it has "
-                                 f"{sorted(self.service.by_name)})")
-
-        def call(request: Any, *, timeout: float | None = None,
-                 user: str | int | bytes | None = None) -> Any:
-            return self.call(method, request, timeout=timeout, user=user)
-        return call
+        return _method_caller(self, name)
 
     def _start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
@@ -464,15 +471,7 @@ class Stub:
         return future.result()
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = self.service.by_name.get(name) if not name.startswith("_") else None
-        if method is None:
-            raise AttributeError(f"{self.service.name} has no method {name!r} (it has "
-                                 f"{sorted(self.service.by_name)})")
-
-        def call(request: Any, *, timeout: float | None = None,
-                 user: str | int | bytes | None = None) -> Any:
-            return self.call(method, request, timeout=timeout, user=user)
-        return call
+        return _method_caller(self, name)
 
     def close(self) -> None:
         if self._loop.is_closed():
