@@ -242,16 +242,23 @@ async def id_page(request: web.Request) -> web.Response:
     return _page(name, body, script=assets.CHART_SCRIPT)
 
 
-async def api_chart(request: web.Request) -> web.Response:
-    """What an id's page draws: the sum and each machine over the range, as drawn (covered
-    seconds of a counter without a value are 0, unknown ones null), at most 3,600 points."""
-    center = request.app[CENTER_KEY]
+def _queried_series(request: web.Request, center: Any, now: float) -> tuple[int, int, int]:
+    """The id (`id=`, a number or a name) and the seconds (`range=`, `end=`) an API query
+    asks for; 400 naming the parameter otherwise."""
     text = request.query.get("id", "")
     if not text:
         raise _bad("id: missing, expected an id number or name")
     id = _id(center, text)
-    now = time.time()
     first, last = _window(request, center, now)
+    return id, first, last
+
+
+async def api_chart(request: web.Request) -> web.Response:
+    """What an id's page draws: the sum and each machine over the range, as drawn (covered
+    seconds of a counter without a value are 0, unknown ones null), at most 3,600 points."""
+    center = request.app[CENTER_KEY]
+    now = time.time()
+    id, first, last = _queried_series(request, center, now)
     name, kind, description = center.id_name(id)
     values, gaps = _drawn(center, id, first, last, None, now)
     total, step = charts.downsample(values)
@@ -299,12 +306,8 @@ async def api_ids(request: web.Request) -> web.Response:
 
 async def api_series(request: web.Request) -> web.Response:
     center = request.app[CENTER_KEY]
-    text = request.query.get("id", "")
-    if not text:
-        raise _bad("id: missing, expected an id number or name")
-    id = _id(center, text)
     now = time.time()
-    first, last = _window(request, center, now)
+    id, first, last = _queried_series(request, center, now)
     machine = request.query.get("machine") or None
     machines = center.store.machines()
     if machine is not None and machine not in machines:
